@@ -1,0 +1,174 @@
+/*
+ * pykvm guest ABI: the one source of truth shared by the VMM and guests.
+ *
+ * The VMM reads this very file with cffi (pykvm/boot/abi.py), so it must stay
+ * within what cffi's cdef parser accepts: plain integer #defines (decimal or
+ * hex, no suffixes, no expressions) and structs of fixed-width integer types.
+ * Include guards and #include lines are stripped by the VMM before parsing.
+ */
+#ifndef PYKVM_ABI_H
+#define PYKVM_ABI_H
+
+/* Assembly sources (firmware stubs, guest crt0) include this header too:
+ * only the #defines are visible to them, the structs are C-only. */
+#if !defined(PYKVM_HOST_PARSER) && !defined(__ASSEMBLER__)
+#include <stdint.h>
+#endif
+
+#define PYKVM_ABI_VERSION 1
+/* "PKVM" little-endian; passed in RSI at entry and stored in the boot info */
+#define PYKVM_BOOT_MAGIC 0x4d564b50
+
+/* ---- I/O ports ---- */
+#define PYKVM_PORT_COM1 0x3f8
+#define PYKVM_PORT_DEBUG_EXIT 0xf4
+#define PYKVM_PORT_PVPANIC 0x505
+#define PYKVM_PORT_FWCFG_CTL 0x510
+#define PYKVM_PORT_FWCFG_DATA 0x511
+/* The firmware exception stubs write here after pushing a trap frame (an
+ * 8-bit out of the vector number; RSP/ESP then points at the frame). */
+#define PYKVM_PORT_FW_TRAP 0x5f0
+/* Clean power-off: a 16-bit write of PYKVM_POWEROFF_VALUE (QEMU's ACPI
+ * PM1a_CNT with SLP_EN) makes the VMM exit with status 0. */
+#define PYKVM_PORT_POWEROFF 0x604
+#define PYKVM_POWEROFF_VALUE 0x2000
+/* Never claimed by any pykvm device: the exits guest probes it with 1-, 2-
+ * and 4-byte and string accesses (reads return all ones, writes are dropped). */
+#define PYKVM_PORT_UNCLAIMED 0x7e0
+/* QEMU's ACPI PM1a control: outw(0x604, 0x2000) (SLP_EN) powers off, exit 0 */
+#define PYKVM_PORT_POWEROFF 0x604
+#define PYKVM_POWEROFF_VALUE 0x2000
+
+/* pvpanic events (QEMU semantics) */
+#define PYKVM_PVPANIC_PANICKED 1
+#define PYKVM_PVPANIC_CRASH_LOADED 2
+
+/* fw_cfg selectors answered (QEMU numbering; MAX_RAM as kvm-unit-tests uses it) */
+#define PYKVM_FWCFG_SIGNATURE 0x00
+#define PYKVM_FWCFG_ID 0x01
+#define PYKVM_FWCFG_RAM_SIZE 0x03
+#define PYKVM_FWCFG_NB_CPUS 0x05
+#define PYKVM_FWCFG_MAX_CPUS 0x0f
+#define PYKVM_FWCFG_MAX_RAM 0x11
+
+/* ---- guest-physical layout of the firmware area ---- */
+/* [0, FW_BASE) is free for guests (AP trampolines live there); the firmware
+ * area is reported as reserved in every memory map. */
+#define PYKVM_FW_BASE 0x10000
+#define PYKVM_GDT_ADDR 0x10000
+#define PYKVM_TSS_ADDR 0x10800
+#define PYKVM_IDT64_ADDR 0x11000
+#define PYKVM_IDT32_ADDR 0x12000
+#define PYKVM_BOOTINFO_ADDR 0x13000
+#define PYKVM_CMDLINE_ADDR 0x14000
+#define PYKVM_CMDLINE_MAX 4096
+#define PYKVM_MBI_ADDR 0x15000
+#define PYKVM_STUBS_ADDR 0x16000
+#define PYKVM_STUBS_MAX 0x2000
+/* IST stack for #DF, NMI and #MC: a stack overflow still reports */
+#define PYKVM_IST_STACK_TOP 0x1c000
+/* RSP at 64-bit entry */
+#define PYKVM_BOOT_STACK_TOP 0x20000
+#define PYKVM_PAGETABLE_ADDR 0x20000
+#define PYKVM_FW_END 0x9f000
+
+/* Start of the MMIO hole below 4 GiB; RAM beyond it continues at 4 GiB. */
+#define PYKVM_MMIO_HOLE 0xc0000000
+#define PYKVM_LAPIC_BASE 0xfee00000
+/* A guest-physical address in the hole that no device claims: the exits guest
+ * reads it (all ones at every width) and writes it (dropped). */
+#define PYKVM_MMIO_UNCLAIMED 0xd0000000
+/* Where the bundled SMP guest puts its real-mode AP trampoline (SIPI vector
+ * 0x08); any page below PYKVM_FW_BASE works. */
+#define PYKVM_AP_TRAMPOLINE_ADDR 0x8000
+
+/* ---- GDT selectors set up for 64-bit and multiboot entry ---- */
+#define PYKVM_SEL_CODE64 0x08
+#define PYKVM_SEL_DATA 0x10
+#define PYKVM_SEL_CODE32 0x18
+#define PYKVM_SEL_TSS 0x20
+
+/* Each exception stub is this many bytes; stub for vector v = table + v * stride */
+#define PYKVM_STUB_STRIDE 16
+
+/* ---- boot information (64-bit ELF entry: RDI = &boot_info, RSI = magic) ---- */
+#define PYKVM_MMAP_RAM 1
+#define PYKVM_MMAP_RESERVED 2
+#define PYKVM_MAX_MMAP 16
+
+#ifndef __ASSEMBLER__
+struct pykvm_mmap_entry {
+    uint64_t addr;
+    uint64_t len;
+    uint32_t type;
+    uint32_t reserved;
+};
+
+struct pykvm_boot_info {
+    uint32_t magic;            /* PYKVM_BOOT_MAGIC */
+    uint32_t version;          /* PYKVM_ABI_VERSION */
+    uint32_t size;             /* sizeof(struct pykvm_boot_info) */
+    uint32_t nr_cpus;
+    uint64_t cmdline_addr;     /* guest-physical, NUL-terminated */
+    uint32_t cmdline_len;      /* without the NUL */
+    uint32_t nr_mmap;
+    uint64_t ram_top;          /* end of the highest RAM range */
+    uint64_t initrd_addr;      /* 0 when none */
+    uint64_t initrd_len;
+    /* Written by the guest, read by the VMM when it dies: a vmcoreinfo-style
+     * text blob (KEY=VALUE lines) that lands in the crash core. */
+    uint64_t crash_info_addr;  /* guest-physical */
+    uint32_t crash_info_len;   /* bytes, at most PYKVM_CRASH_INFO_MAX */
+    uint32_t reserved0;
+    struct pykvm_mmap_entry mmap[16];
+};
+#endif
+#define PYKVM_CRASH_INFO_MAX 4096
+
+/* ---- trap frames pushed by the firmware stubs, lowest address first ---- */
+#ifndef __ASSEMBLER__
+struct pykvm_trap_frame64 {
+    uint64_t r15;
+    uint64_t r14;
+    uint64_t r13;
+    uint64_t r12;
+    uint64_t r11;
+    uint64_t r10;
+    uint64_t r9;
+    uint64_t r8;
+    uint64_t rbp;
+    uint64_t rdi;
+    uint64_t rsi;
+    uint64_t rdx;
+    uint64_t rcx;
+    uint64_t rbx;
+    uint64_t rax;
+    uint64_t vector;
+    uint64_t error_code;       /* 0 for vectors without one */
+    uint64_t rip;              /* pushed by the CPU from here on */
+    uint64_t cs;
+    uint64_t rflags;
+    uint64_t rsp;
+    uint64_t ss;
+};
+
+/* 32-bit stubs use pusha; esp_pusha is the stub's own and is ignored. The
+ * interrupted ESP is the address just past eflags (same-privilege frame). */
+struct pykvm_trap_frame32 {
+    uint32_t edi;
+    uint32_t esi;
+    uint32_t ebp;
+    uint32_t esp_pusha;
+    uint32_t ebx;
+    uint32_t edx;
+    uint32_t ecx;
+    uint32_t eax;
+    uint32_t vector;
+    uint32_t error_code;
+    uint32_t eip;
+    uint32_t cs;
+    uint32_t eflags;
+};
+#endif
+
+#endif

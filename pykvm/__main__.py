@@ -1,0 +1,5 @@
+"""`python -m pykvm` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""boot layer of pykvm (see DESIGN.md)."""

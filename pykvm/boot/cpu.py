@@ -1,0 +1,91 @@
+"""CPU set-up at boot: CPUID per vCPU and the BSP's registers for long, protected or real mode."""
+
+from __future__ import annotations
+
+from .. import abi
+from .loader import EntryState
+
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+CR4_OSFXSR = 1 << 9
+CR4_OSXMMEXCPT = 1 << 10
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+SEG_CODE = 0xB   # execute/read, accessed
+SEG_DATA = 0x3   # read/write, accessed
+SEG_TSS_BUSY = 0xB
+
+
+def cpuid_for_vcpu(supported, index: int, ffi):
+    """A copy of KVM's supported CPUID with this vCPU's APIC ids and the hypervisor bit filled in."""
+    n = supported.nent
+    out = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+    ffi.memmove(out.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
+    for i in range(n):
+        e = out.entries[i]
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (index << 24)
+            e.ecx |= 1 << 31                       # running under a hypervisor
+        elif e.function in (0xB, 0x1F):
+            e.edx = index                          # x2APIC id
+    return out
+
+
+def nx_supported(supported) -> bool:
+    """True when CPUID 0x80000001 EDX.NX is offered."""
+    for i in range(supported.nent):
+        e = supported.entries[i]
+        if e.function == 0x80000001:
+            return bool(e.edx & (1 << 20))
+    return False
+
+
+def _seg(s, selector: int, base: int, limit: int, type_: int, *, s_flag=1, db=0, l=0, g=1, present=1):
+    s.selector, s.base, s.limit, s.type = selector, base, limit, type_
+    s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl = present, 0, db, s_flag, l, g, 0
+    s.unusable = 0 if present else 1
+
+
+def apply_entry(vcpu, entry: EntryState, nx: bool) -> None:
+    """Load the BSP with the entry state: segments, control registers, descriptor tables, GPRs."""
+    sregs = vcpu.get_sregs()
+    regs = vcpu.get_regs()
+    if entry.mode == "real":
+        seg = (entry.rip >> 4) & 0xF000
+        for s in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            _seg(s, seg, seg << 4, 0xFFFF, SEG_CODE if s is sregs.cs else SEG_DATA, g=0)
+        regs.rip = entry.rip - (seg << 4)
+        regs.rflags = 0x2
+    else:
+        long_mode = entry.mode == "long"
+        _seg(sregs.cs, abi.PYKVM_SEL_CODE64 if long_mode else abi.PYKVM_SEL_CODE32, 0, 0xFFFFFFFF,
+             SEG_CODE, db=0 if long_mode else 1, l=1 if long_mode else 0)
+        for s in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            _seg(s, abi.PYKVM_SEL_DATA, 0, 0xFFFFFFFF, SEG_DATA, db=1)
+        _seg(sregs.tr, abi.PYKVM_SEL_TSS, abi.PYKVM_TSS_ADDR, 0x67, SEG_TSS_BUSY, s_flag=0, g=0)
+        sregs.gdt.base, sregs.gdt.limit = abi.PYKVM_GDT_ADDR, abi.PYKVM_SEL_TSS + 15
+        if long_mode:
+            sregs.idt.base, sregs.idt.limit = abi.PYKVM_IDT64_ADDR, 256 * 16 - 1
+            sregs.cr3 = entry.cr3
+            sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+            sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+            sregs.efer = EFER_LME | EFER_LMA | (EFER_NXE if nx else 0)
+        else:
+            sregs.idt.base, sregs.idt.limit = abi.PYKVM_IDT32_ADDR, 256 * 8 - 1
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_NE
+            sregs.cr4 = 0
+            sregs.efer = 0
+        regs.rip = entry.rip
+        regs.rsp = entry.rsp
+        regs.rflags = 0x2
+    for name, value in entry.gprs.items():
+        setattr(regs, name, value)
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)

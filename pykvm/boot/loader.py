@@ -1,0 +1,113 @@
+"""Places a kernel, its modules, the firmware and the boot tables in guest RAM and says how to enter it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import abi
+from ..errors import ImageDoesNotFitError
+from ..memory import GuestMemory
+from . import bootinfo, tables
+from .firmware import Firmware
+from .image import PROTOCOL_FLAT, PROTOCOL_MULTIBOOT, KernelImage, LoadSegment
+from .paging import build_boot_page_tables
+
+PAGE = 4096
+MBI_NAMES_OFFSET = 2048
+
+
+@dataclass
+class EntryState:
+    """The BSP's register state at entry, independent of KVM structures."""
+
+    mode: str                    # "long", "protected" or "real"
+    rip: int
+    rsp: int = 0
+    cr3: int = 0
+    gprs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class BootPlan:
+    """What the loader did: the entry state and what a crash report wants to know."""
+
+    entry: EntryState
+    image: KernelImage
+    modules: list[bootinfo.Module]
+    memory_map: list[tuple[int, int, int]]
+    cmdline: bytes
+
+
+def _check_fits(mem: GuestMemory, seg: LoadSegment, what: str) -> None:
+    lo, hi = abi.PYKVM_FW_BASE, abi.PYKVM_FW_END
+    if seg.paddr < hi and seg.pend > lo:
+        raise ImageDoesNotFitError(f"{what} at {seg.paddr:#x}-{seg.pend:#x} overlaps pykvm's firmware area "
+                                   f"{lo:#x}-{hi:#x}; link it at 1 MiB or above")
+    if not mem.is_ram(seg.paddr, seg.memsz):
+        need = (seg.pend + (1 << 20) - 1) >> 20
+        raise ImageDoesNotFitError(f"{what} needs guest RAM at {seg.paddr:#x}-{seg.pend:#x} but the VM has "
+                                   f"{mem.size >> 20} MiB ({', '.join(f'{r.gpa:#x}-{r.end:#x}' for r in mem.regions)}); "
+                                   f"try --mem {max(need + 1, 2)}M or more")
+
+
+def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
+    mem.write(seg.paddr, seg.data)
+    if seg.memsz > len(seg.data):  # bss; RAM may hold an earlier boot's bytes when reused
+        mem.view(seg.paddr + len(seg.data), seg.memsz - len(seg.data))[:] = bytes(seg.memsz - len(seg.data))
+
+
+def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
+         argv0: str = "", initrd: Path | None = None) -> BootPlan:
+    """Write everything the guest needs at boot into `mem` and return the BSP's entry state."""
+    for i, seg in enumerate(image.segments):
+        _check_fits(mem, seg, f"kernel segment {i}")
+    for seg in firmware.segments:
+        _load_segment(mem, seg)
+    for seg in image.segments:
+        _load_segment(mem, seg)
+
+    modules = []
+    if initrd is not None:
+        data = Path(initrd).read_bytes()
+        addr = (max(image.physical_end, 1 << 20) + PAGE - 1) & ~(PAGE - 1)
+        seg = LoadSegment(addr, addr, data, max(len(data), 1))
+        _check_fits(mem, seg, f"initrd {initrd}")
+        _load_segment(mem, seg)
+        modules.append(bootinfo.Module(addr, len(data), str(initrd)))
+
+    mmap = bootinfo.memory_map([(r.gpa, r.size) for r in mem.regions])
+    if image.protocol == PROTOCOL_MULTIBOOT:
+        # QEMU's -kernel convention: argv[0] is the kernel's name, then the user's command line
+        line = " ".join(p for p in (argv0 or image.path, cmdline) if p)
+    else:
+        line = cmdline
+    raw = line.encode()
+    if len(raw) >= abi.PYKVM_CMDLINE_MAX:
+        raise ImageDoesNotFitError(f"command line is {len(raw)} bytes; at most {abi.PYKVM_CMDLINE_MAX - 1} fit")
+    mem.write(abi.PYKVM_CMDLINE_ADDR, raw + b"\0")
+
+    mem.write(abi.PYKVM_GDT_ADDR, tables.gdt())
+    mem.write(abi.PYKVM_TSS_ADDR, tables.tss64())
+    mem.write(abi.PYKVM_IDT64_ADDR, tables.idt64(firmware.stubs64))
+    mem.write(abi.PYKVM_IDT32_ADDR, tables.idt32(firmware.stubs32))
+
+    if image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
+        info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR, modules,
+                                              abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET)
+        if len(info) > MBI_NAMES_OFFSET or len(names) > PAGE - MBI_NAMES_OFFSET:
+            raise ImageDoesNotFitError("multiboot information (memory map, module names) exceeds its 4 KiB page")
+        mem.write(abi.PYKVM_MBI_ADDR, info)
+        mem.write(abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET, names)
+        mode = "real" if image.bits == 16 else "protected"
+        entry = EntryState(mode, image.entry,
+                           gprs={"rax": bootinfo.MB_INFO_MAGIC, "rbx": abi.PYKVM_MBI_ADDR})
+    else:
+        virt = [(s.vaddr, s.paddr, s.memsz) for s in image.segments]
+        cr3, pt = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt)
+        mem.write(abi.PYKVM_PAGETABLE_ADDR, pt)
+        mem.write(abi.PYKVM_BOOTINFO_ADDR,
+                  bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None))
+        entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
+                           gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
+    return BootPlan(entry, image, modules, mmap, raw)

@@ -1,0 +1,1 @@
+"""bus layer of pykvm (see DESIGN.md)."""

@@ -1,0 +1,68 @@
+"""Errors meant for people, each with its own process exit status.
+
+Exit statuses of `pykvm run` (also in README.md):
+  0        the guest powered off cleanly
+  odd      the guest's own exit code through the debug-exit port: (value << 1) | 1
+  even     pykvm's verdicts below
+"""
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_KVM_UNAVAILABLE = 4
+EXIT_BAD_IMAGE = 6
+EXIT_IMAGE_DOES_NOT_FIT = 8
+EXIT_DEVICE_CONFIG = 10
+EXIT_UNKNOWN_GUEST = 12
+EXIT_TOOLCHAIN = 14
+EXIT_GUEST_CRASH = 16
+EXIT_TIMEOUT = 18
+EXIT_VMM_ERROR = 20
+EXIT_BAD_MEMORY_SIZE = 22
+
+
+class PykvmError(Exception):
+    """An error with a one-line message for the user and a distinct exit status."""
+
+    exit_status = EXIT_VMM_ERROR
+
+
+class UsageError(PykvmError):
+    """A bad option value."""
+
+    exit_status = EXIT_USAGE
+
+
+class BadImageError(PykvmError):
+    """The kernel file is not something pykvm can boot (truncated, not x86, unknown format)."""
+
+    exit_status = EXIT_BAD_IMAGE
+
+
+class ImageDoesNotFitError(PykvmError):
+    """The kernel (or initrd) does not fit in guest RAM or collides with the firmware area."""
+
+    exit_status = EXIT_IMAGE_DOES_NOT_FIT
+
+
+class DeviceConfigError(PykvmError):
+    """Devices that cannot be wired as asked (overlapping ranges, unknown options)."""
+
+    exit_status = EXIT_DEVICE_CONFIG
+
+
+class UnknownGuestError(PykvmError):
+    """A bundled guest name that does not exist."""
+
+    exit_status = EXIT_UNKNOWN_GUEST
+
+
+class ToolchainError(PykvmError):
+    """gcc/binutils/make missing or a firmware/guest build failed."""
+
+    exit_status = EXIT_TOOLCHAIN
+
+
+class MemorySizeError(PykvmError):
+    """A guest memory size that is not usable (zero, not a page multiple, too small)."""
+
+    exit_status = EXIT_BAD_MEMORY_SIZE

@@ -1,0 +1,103 @@
+"""Guest-physical address space: the RAM regions of one VM and bounds-checked access to them."""
+
+from __future__ import annotations
+
+import bisect
+import struct
+
+from .region import PAGE_SIZE, GuestMemoryError, MemoryRegion
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def plan_ram(size: int, hole_start: int, hole_end: int = 4 * GIB) -> list[tuple[int, int]]:
+    """Split `size` bytes of RAM around the MMIO hole: [(gpa, length), ...]."""
+    if size <= 0 or size % PAGE_SIZE:
+        raise GuestMemoryError(f"memory size {size} is not a positive multiple of the {PAGE_SIZE}-byte page size")
+    low = min(size, hole_start)
+    spans = [(0, low)]
+    if size > low:
+        spans.append((hole_end, size - low))
+    return spans
+
+
+class GuestMemory:
+    """All RAM regions of a VM, sorted by address, with checked read/write by guest-physical address."""
+
+    def __init__(self, regions: list[MemoryRegion]):
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.end > b.gpa:
+                raise GuestMemoryError(f"RAM regions {a.name} and {b.name} overlap")
+        self._starts = [r.gpa for r in self.regions]
+
+    @classmethod
+    def create(cls, size: int, hole_start: int) -> "GuestMemory":
+        """Allocate `size` bytes of RAM laid out around the MMIO hole."""
+        regions = []
+        try:
+            for i, (gpa, length) in enumerate(plan_ram(size, hole_start)):
+                regions.append(MemoryRegion(gpa, length, name=f"ram{i}"))
+        except BaseException:
+            for r in regions:
+                r.close()
+            raise
+        return cls(regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of RAM."""
+        return sum(r.size for r in self.regions)
+
+    @property
+    def top(self) -> int:
+        """Guest-physical address just past the highest RAM byte."""
+        return self.regions[-1].end
+
+    def region_of(self, gpa: int, length: int = 1) -> MemoryRegion | None:
+        """The region holding all of [gpa, gpa+length), or None."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0:
+            return None
+        r = self.regions[i]
+        return r if length >= 0 and r.contains(gpa, length) else None
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        """True when the whole range is RAM."""
+        return self.region_of(gpa, length) is not None
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM; raises GuestMemoryError when the range is not all RAM."""
+        r = self.region_of(gpa, length)
+        if r is None:
+            raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
+        off = gpa - r.gpa
+        return r.view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy `length` bytes of guest RAM at `gpa`."""
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy `data` into guest RAM at `gpa`."""
+        self.view(gpa, len(data))[:] = data
+
+    def read_u64(self, gpa: int) -> int:
+        """Little-endian 64-bit read."""
+        return struct.unpack("<Q", self.view(gpa, 8))[0]
+
+    def read_cstring(self, gpa: int, limit: int) -> bytes:
+        """Bytes at `gpa` up to (not including) a NUL, at most `limit`, clipped to RAM."""
+        r = self.region_of(gpa)
+        if r is None:
+            raise GuestMemoryError(f"guest-physical address {gpa:#x} is not RAM")
+        n = min(limit, r.end - gpa)
+        raw = self.read(gpa, n)
+        nul = raw.find(b"\0")
+        return raw if nul < 0 else raw[:nul]
+
+    def close(self) -> None:
+        """Release every region."""
+        for r in self.regions:
+            r.close()
