@@ -1,0 +1,198 @@
+"""The `pykvm` command: run guests, report KVM capabilities, inspect crash cores."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import click
+
+from . import __version__
+from .errors import EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, MemorySizeError, PykvmError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'128M', '1G', '65536K' -> bytes; a bare number means MiB (as QEMU's -m)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise MemorySizeError(f"--mem {text!r}: expected a size like 128M, 1G or 65536K")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number (decimal or 0x-prefixed hex)") from None
+
+
+def _fail(e: BaseException, debug: bool, status: int) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exception(e)
+    click.echo(f"pykvm: error: {e}", err=True)
+    sys.exit(status)
+
+
+def _guard(fn, debug: bool):
+    """Run fn, turning known errors into one line and a distinct status (traceback only with --debug)."""
+    from .kvm.errors import KvmUnavailable
+
+    try:
+        return fn()
+    except PykvmError as e:
+        _fail(e, debug, e.exit_status)
+    except KvmUnavailable as e:
+        _fail(e, debug, EXIT_KVM_UNAVAILABLE)
+    except click.exceptions.Exit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # a pykvm bug: say so, keep the status distinct
+        if not debug:
+            click.echo(f"pykvm: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)", err=True)
+            sys.exit(EXIT_VMM_ERROR)
+        _fail(e, debug, EXIT_VMM_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pykvm")
+def main():
+    """pykvm: run tiny x86-64 guest kernels on /dev/kvm.
+
+    \b
+    Exit statuses of `pykvm run`:
+      0    guest powered off (outw 0x604, 0x2000)
+      odd  guest wrote v to the debug-exit port: status (v << 1) | 1
+      2    bad option           4  /dev/kvm unavailable   6  bad kernel image
+      8    kernel/initrd doesn't fit in RAM               10 device configuration error
+      12   unknown bundled guest                          14 toolchain missing / build failed
+      16   guest crashed        18 timeout                20 pykvm internal error
+      22   bad memory size      130 interrupted
+    """
+
+
+@main.command()
+@click.argument("kernel")
+@click.option("--mem", "-m", default="128M", show_default=True, help="Guest RAM, e.g. 64M, 1G (bare number = MiB).")
+@click.option("--cpus", "-c", default=1, show_default=True, type=click.IntRange(1, 255), help="Number of vCPUs.")
+@click.option("--cmdline", "-a", default="", help="Kernel command line.")
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False), help="File passed as multiboot module 0 / initrd.")
+@click.option("--serial", default="stdio", show_default=True,
+              help="Where COM1 output goes: stdio, none, or a file path.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds.")
+@click.option("--exit-port", default="0xf4", show_default=True, help="isa-debug-exit port.")
+@click.option("--irqchip", type=click.Choice(["split", "full"]), default="split", show_default=True,
+              help="split: LAPIC in kernel; full: also IOAPIC, PIC and PIT in kernel (slower to create).")
+@click.option("--trace-io", is_flag=True, help="Print accesses to ports/MMIO no device claims.")
+@click.option("--strict-io", is_flag=True, help="Treat accesses to unclaimed ports/MMIO as a guest crash.")
+@click.option("--load-addr", default=None, help="Treat KERNEL as a flat binary loaded (and entered) here.")
+@click.option("--entry-mode", type=click.Choice(["64", "32", "16"]), default="64", show_default=True,
+              help="CPU mode for flat binaries.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
+        load_addr, entry_mode, debug):
+    """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
+    exit_port_n = _int(exit_port)
+    if not 0 <= exit_port_n <= 0xFFFC:
+        raise click.BadParameter(f"{exit_port} is not an I/O port", param_hint="--exit-port")
+    flat_addr = _int(load_addr) if load_addr is not None else None
+
+    def go():
+        from pathlib import Path
+
+        from .artifacts import resolve_kernel
+        from .machine import Machine, MachineConfig
+
+        size = parse_size(mem)
+        serial_out, close_fd = _serial_sink(serial)
+        serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
+        cfg = MachineConfig(kernel=resolve_kernel(kernel), kernel_name=kernel, mem=size, cpus=cpus,
+                            cmdline=cmdline, initrd=Path(initrd) if initrd else None, serial_out=serial_out,
+                            serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
+                            trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode))
+        try:
+            with Machine(cfg) as m:
+                outcome = m.run()
+                if trace_io and m.devices.unclaimed:
+                    for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
+                        click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
+        finally:
+            if close_fd is not None:
+                os.close(close_fd)
+        if outcome.kind not in ("exit", "poweroff"):
+            click.echo(f"pykvm: {outcome.message}", err=True)
+            if debug and "traceback" in outcome.details:
+                click.echo(outcome.details["traceback"], err=True)
+        sys.exit(outcome.status)
+
+    _guard(go, debug)
+
+
+def _serial_sink(spec: str):
+    """(fd for guest serial output or None, fd to close afterwards or None)."""
+    if spec == "stdio":
+        return 1, None
+    if spec == "none":
+        return None, None
+    try:
+        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise click.BadParameter(f"cannot open {spec}: {e.strerror}", param_hint="--serial") from None
+    return fd, fd
+
+
+@main.command()
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def info(debug):
+    """Show the KVM capabilities pykvm relies on, with a verdict."""
+
+    def go():
+        from .kvm import Kvm
+        from .kvm import constants as C
+
+        needed = [("KVM_CAP_USER_MEMORY", True), ("KVM_CAP_SET_TSS_ADDR", True), ("KVM_CAP_EXT_CPUID", True),
+                  ("KVM_CAP_IMMEDIATE_EXIT", True), ("KVM_CAP_SPLIT_IRQCHIP", True), ("KVM_CAP_MP_STATE", True),
+                  ("KVM_CAP_IRQCHIP", False), ("KVM_CAP_PIT2", False), ("KVM_CAP_IOEVENTFD", False),
+                  ("KVM_CAP_IRQFD", False), ("KVM_CAP_COALESCED_MMIO", False), ("KVM_CAP_READONLY_MEM", False),
+                  ("KVM_CAP_SET_GUEST_DEBUG", False), ("KVM_CAP_NR_VCPUS", False), ("KVM_CAP_MAX_VCPUS", False)]
+        with Kvm.open() as kvm:
+            click.echo(f"/dev/kvm: API version {kvm.api_version()}, vCPU mmap size {kvm.vcpu_mmap_size()}")
+            missing = []
+            for name, required in needed:
+                value = kvm.check_extension(getattr(C, name))
+                tag = "required" if required else "optional"
+                click.echo(f"  {name:28} {value:>6}  ({tag})")
+                if required and not value:
+                    missing.append(name)
+            cpuid = kvm.supported_cpuid()
+            click.echo(f"  supported CPUID entries      {cpuid.nent:>6}")
+        if missing:
+            click.echo(f"verdict: NOT usable: missing {', '.join(missing)}")
+            sys.exit(EXIT_KVM_UNAVAILABLE)
+        click.echo("verdict: OK: pykvm can run guests on this host")
+
+    _guard(go, debug)
+
+
+@main.command()
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def guests(debug):
+    """List the bundled guests (built from source on first use)."""
+
+    def go():
+        from .artifacts import bundled_guests
+
+        for name, path in bundled_guests().items():
+            click.echo(f"{name:16} {path}")
+
+    _guard(go, debug)
+
+
+if __name__ == "__main__":
+    main()

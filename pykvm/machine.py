@@ -1,0 +1,442 @@
+"""Assembles a VM from a config (memory, CPUs, devices, kernel) and runs one thread per vCPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import abi, errors
+from .boot import cpu as cpu_setup
+from .boot import trapframe
+from .boot.firmware import load_firmware
+from .boot.image import load_image
+from .boot.loader import BootPlan, load
+from .devices import DeviceManager, FirmwareTrap, GuestCrash, GuestExit, State, VmEvent
+from .devices.fwcfg import FwCfg
+from .devices.serial import Serial16550
+from .devices.simple import DebugExit, FirmwareTrapPort, PowerOff, PvPanic
+from .kvm import Kvm, KvmError, constants as C
+from .memory import GuestMemory, GuestMemoryError
+
+TSS_ADDR = 0xFFFBD000          # three pages KVM needs on Intel for real-mode emulation
+IDENTITY_MAP_ADDR = 0xFFFBC000
+KICK_SIGNAL = signal.SIGUSR2   # interrupts a vCPU thread blocked in KVM_RUN
+MIN_MEMORY = 2 << 20
+
+_io_hdr = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
+_mmio_hdr = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
+_u32 = struct.Struct("<I")
+_SIZED = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+
+
+@dataclass
+class MachineConfig:
+    """Everything that describes one VM run."""
+
+    kernel: Path
+    kernel_name: str = ""            # argv[0] for multiboot command lines (what the user typed)
+    mem: int = 128 << 20
+    cpus: int = 1
+    cmdline: str = ""
+    initrd: Path | None = None
+    serial_out: int | None = 1       # fd, or None to discard
+    serial_in: int | None = None
+    timeout: float | None = None
+    exit_port: int = abi.PYKVM_PORT_DEBUG_EXIT
+    irqchip: str = "split"           # "split" (LAPIC in kernel) or "full" (+IOAPIC, PIC, PIT)
+    trace_io: bool = False
+    strict_io: bool = False
+    flat_addr: int | None = None
+    flat_bits: int = 64
+    crash_dir: Path | None = None
+
+
+@dataclass
+class Outcome:
+    """How the run ended: an exit status and the words that go with it."""
+
+    status: int
+    kind: str                        # "exit", "poweroff", "reset", "crash", "timeout", "interrupted", "vmm-error"
+    message: str
+    vcpu: int | None = None
+    trigger: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+class Machine:
+    """One VM: build with a config, then run() until the guest exits, crashes or times out."""
+
+    def __init__(self, config: MachineConfig):
+        self.config = config
+        self.kvm = self.vm = self.memory = None
+        self.vcpus = []
+        self.threads: list[threading.Thread] = []
+        self.outcome: Outcome | None = None
+        self._outcome_lock = threading.Lock()
+        self._done = threading.Event()
+        self.stopping = False
+        self.exit_counts: list[dict[int, int]] = []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- build
+    def _build(self) -> None:
+        cfg = self.config
+        if cfg.mem < MIN_MEMORY or cfg.mem % 4096:
+            raise errors.MemorySizeError(
+                f"memory size {cfg.mem} bytes: must be a multiple of 4096 and at least {MIN_MEMORY >> 20} MiB")
+        if not 1 <= cfg.cpus <= 255:
+            raise errors.UsageError(f"--cpus {cfg.cpus}: must be between 1 and 255")
+        from .artifacts import firmware_path
+
+        image = load_image(cfg.kernel, flat_addr=cfg.flat_addr, flat_bits=cfg.flat_bits)
+        firmware = load_firmware(firmware_path())
+
+        self.kvm = Kvm.open()
+        max_vcpus = self.kvm.check_extension(C.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(C.KVM_CAP_NR_VCPUS)
+        if cfg.cpus > max_vcpus:
+            raise errors.UsageError(f"--cpus {cfg.cpus}: this host's KVM allows at most {max_vcpus}")
+        self.vm = self.kvm.create_vm()
+        try:
+            self.memory = GuestMemory.create(cfg.mem, abi.PYKVM_MMIO_HOLE)
+        except GuestMemoryError as e:
+            raise errors.MemorySizeError(str(e)) from None
+        except OSError as e:
+            raise errors.MemorySizeError(f"cannot allocate {cfg.mem >> 20} MiB of guest memory: {e.strerror}") from None
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        if cfg.irqchip == "full":
+            self.vm.create_irqchip()
+            self.vm.create_pit2(C.KVM_PIT_SPEAKER_DUMMY)
+        else:
+            self.vm.enable_split_irqchip()
+
+        self.devices = self._build_devices()
+        self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
+                                   argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd)
+
+        supported = self.kvm.supported_cpuid()
+        nx = cpu_setup.nx_supported(supported)
+        from .kvm.abi import ffi as kffi
+
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid2(cpu_setup.cpuid_for_vcpu(supported, i, kffi))
+        cpu_setup.apply_entry(self.vcpus[0], self.plan.entry, nx)
+        self.exit_counts = [dict() for _ in self.vcpus]
+
+    def _build_devices(self) -> DeviceManager:
+        cfg = self.config
+        trace = (lambda msg: print(f"pykvm: io: {msg}", file=sys.stderr)) if cfg.trace_io else None
+        dm = DeviceManager(trace_io=trace, strict_io=cfg.strict_io)
+        irq4 = (lambda level: self.vm.irq_line(4, level)) if cfg.irqchip == "full" else None
+        self.serial = dm.add(Serial16550(out_fd=cfg.serial_out, in_fd=cfg.serial_in, irq=irq4))
+        dm.add(DebugExit(port=cfg.exit_port))
+        self.pvpanic = dm.add(PvPanic(on_crash_loaded=self._pvpanic_crash_loaded))
+        dm.add(PowerOff())
+        dm.add(FwCfg(self.memory.size, self.memory.top, cfg.cpus))
+        dm.add(FirmwareTrapPort())
+        return dm
+
+    def _pvpanic_crash_loaded(self, value: int) -> None:
+        print(f"pykvm: guest reported pvpanic 'crash loaded' (event {value:#x}); continuing", file=sys.stderr)
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> Outcome:
+        """Start every vCPU thread and wait until one of them (or the timeout) ends the VM."""
+        self._install_kick_handler()
+        self.devices.start_all()
+        try:
+            for vcpu in self.vcpus:
+                t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
+                self.threads.append(t)
+                t.start()
+            deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
+            try:
+                while not self._done.wait(0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self._finish(Outcome(errors.EXIT_TIMEOUT, "timeout",
+                                             f"guest still running after --timeout {self.config.timeout:g}s; stopped",
+                                             trigger="timeout"))
+                        break
+            except KeyboardInterrupt:
+                self._finish(Outcome(130, "interrupted", "interrupted by the user (Ctrl-C)"))
+            self._stop_vcpus()
+        finally:
+            self.devices.stop_all()
+        return self.outcome
+
+    def _install_kick_handler(self) -> None:
+        # A no-op Python handler is enough: its C-level handler is installed without SA_RESTART,
+        # so a kicked thread's KVM_RUN returns EINTR.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+
+    def _stop_vcpus(self) -> None:
+        self.stopping = True
+        for vcpu in self.vcpus:
+            vcpu.immediate_exit = 1
+        for _ in range(200):
+            alive = [t for t in self.threads if t.is_alive()]
+            if not alive:
+                break
+            for t in alive:
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+            for t in alive:
+                t.join(0.01)
+
+    def _finish(self, outcome: Outcome) -> bool:
+        """Record the first outcome only; later ones (other vCPUs stopping) are dropped."""
+        with self._outcome_lock:
+            if self.outcome is not None:
+                return False
+            self.outcome = outcome
+        self.stopping = True
+        self._done.set()
+        return True
+
+    # ---------------------------------------------------------------- vCPU loop
+    def _vcpu_thread(self, vcpu) -> None:
+        try:
+            self._vcpu_loop(vcpu)
+        except Exception as e:  # a VMM or device-model bug: report it as such, never hang
+            import traceback
+
+            self._finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error",
+                                 f"internal error on vCPU {vcpu.index}: {type(e).__name__}: {e}",
+                                 vcpu=vcpu.index, trigger="vmm-error",
+                                 details={"traceback": traceback.format_exc()}))
+
+    def _vcpu_loop(self, vcpu) -> None:
+        while not self.stopping:
+            try:
+                self._run_fast(vcpu)
+            except VmEvent as ev:
+                self._handle_event(vcpu, ev)
+
+    def _run_fast(self, vcpu) -> None:
+        """The hot loop: port and MMIO exits to D0 devices are handled inline, all else goes slow."""
+        run = vcpu.run
+        mm = vcpu.run_mmap
+        reason_at = _u32.unpack_from
+        io_at = _io_hdr.unpack_from
+        mmio_at = _mmio_hdr.unpack_from
+        sized = _SIZED
+        port_map = self.devices.port_map
+        mmio_lookup = self.devices.mmio_lookup
+        D0 = State.D0
+        EXIT_IO, EXIT_MMIO = C.KVM_EXIT_IO, C.KVM_EXIT_MMIO
+        counts = self.exit_counts[vcpu.index]
+        while not self.stopping:
+            if run():
+                continue  # EINTR/EAGAIN: a kick; the loop condition decides
+            reason = reason_at(mm, 8)[0]
+            if reason == EXIT_IO:
+                direction, size, port, count, off = io_at(mm, 32)
+                ent = port_map.get(port)
+                if count == 1 and ent is not None and ent[0].state is D0 and size in sized:
+                    dev, base = ent
+                    s = sized[size]
+                    if direction:
+                        dev.io_write(port - base, size, s.unpack_from(mm, off)[0])
+                    else:
+                        s.pack_into(mm, off, dev.io_read(port - base, size) & ((1 << (8 * size)) - 1))
+                else:
+                    self._io_slow(mm, direction, size, port, count, off, ent)
+            elif reason == EXIT_MMIO:
+                addr, data, length, is_write = mmio_at(mm, 32)
+                self._mmio(mm, addr, data, length, is_write, mmio_lookup(addr))
+            else:
+                counts[reason] = counts.get(reason, 0) + 1
+                self._other_exit(vcpu, reason)
+
+    def _io_slow(self, mm, direction, size, port, count, off, ent) -> None:
+        """String I/O, odd sizes, unclaimed ports and devices outside D0."""
+        if size not in _SIZED or count > 4096 or off + size * count > len(mm):
+            raise GuestCrash("internal-error", f"KVM reported malformed port I/O (port {port:#x} size {size} count {count})")
+        s = _SIZED[size]
+        mask = (1 << (8 * size)) - 1
+        dm = self.devices
+        for i in range(count):
+            at = off + i * size
+            if ent is None:
+                value = s.unpack_from(mm, at)[0] if direction else 0
+                result = dm.unclaimed_access("port", port, size, bool(direction), value)
+                if not direction:
+                    s.pack_into(mm, at, result & mask)
+                continue
+            dev, base = ent
+            if dev.state is not State.D0:
+                result = dm.inactive_access(dev, size, bool(direction))
+                if not direction:
+                    s.pack_into(mm, at, result & mask)
+            elif direction:
+                dev.io_write(port - base, size, s.unpack_from(mm, at)[0])
+            else:
+                s.pack_into(mm, at, dev.io_read(port - base, size) & mask)
+
+    def _mmio(self, mm, addr, data, length, is_write, ent) -> None:
+        if length not in _SIZED:
+            raise GuestCrash("internal-error", f"KVM reported an MMIO access of {length} bytes at {addr:#x}")
+        s = _SIZED[length]
+        mask = (1 << (8 * length)) - 1
+        value = s.unpack_from(data)[0]
+        if ent is None:
+            result = self.devices.unclaimed_access("mmio", addr, length, bool(is_write), value)
+        else:
+            dev, base = ent
+            if dev.state is not State.D0:
+                result = self.devices.inactive_access(dev, length, bool(is_write))
+            elif is_write:
+                dev.mmio_write(addr - base, length, value)
+                return
+            else:
+                result = dev.mmio_read(addr - base, length)
+        if not is_write:
+            buf = bytearray(8)
+            s.pack_into(buf, 0, result & mask)
+            mm[40:48] = buf
+
+    def _other_exit(self, vcpu, reason: int) -> None:
+        """Every exit reason besides port and MMIO I/O."""
+        run = vcpu.run_ptr
+        if reason == C.KVM_EXIT_HLT:
+            time.sleep(0.001)  # only without an in-kernel LAPIC, which pykvm always creates
+        elif reason in (C.KVM_EXIT_INTR, C.KVM_EXIT_IRQ_WINDOW_OPEN, C.KVM_EXIT_IOAPIC_EOI):
+            pass
+        elif reason == C.KVM_EXIT_SHUTDOWN:
+            self._crash(vcpu, "triple-fault", "triple fault (KVM_EXIT_SHUTDOWN): the guest faulted while "
+                        "handling a fault, with no usable IDT or stack")
+        elif reason == C.KVM_EXIT_FAIL_ENTRY:
+            why = run.fail_entry.hardware_entry_failure_reason
+            self._crash(vcpu, "fail-entry", f"VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {why:#x}): "
+                        "the guest's CPU state is invalid")
+        elif reason == C.KVM_EXIT_INTERNAL_ERROR:
+            sub = run.internal.suberror
+            name = C.INTERNAL_ERROR_NAMES.get(sub, f"suberror {sub}")
+            hint = (" — this host's KVM could not emulate the instruction (nested or software-assisted "
+                    "KVM cannot emulate e.g. int3, movbe, xrstor, lock cmpxchg16b)"
+                    if sub == C.KVM_INTERNAL_ERROR_EMULATION else "")
+            self._crash(vcpu, "internal-error", f"KVM internal error ({name}){hint}")
+        elif reason == C.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == C.KVM_SYSTEM_EVENT_CRASH:
+                self._crash(vcpu, "system-event-crash", "the host reported a guest crash (KVM_SYSTEM_EVENT_CRASH)")
+            elif kind == C.KVM_SYSTEM_EVENT_RESET:
+                self._finish(Outcome(errors.EXIT_OK, "reset", "guest requested a reset; pykvm stops instead of rebooting",
+                                     vcpu=vcpu.index))
+            else:
+                self._finish(Outcome(errors.EXIT_OK, "poweroff", "guest powered off", vcpu=vcpu.index))
+        else:
+            name = C.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+            self._crash(vcpu, "unhandled-exit", f"unhandled exit {name} ({reason})")
+
+    # ---------------------------------------------------------------- events and crashes
+    def _handle_event(self, vcpu, ev: VmEvent) -> None:
+        self.serial.flush()
+        if isinstance(ev, GuestExit):
+            kind = "poweroff" if ev.how == "power-off" else "exit"
+            self._finish(Outcome(ev.status, kind, f"guest exited: {ev.how}", vcpu=vcpu.index))
+        elif isinstance(ev, FirmwareTrap):
+            self._firmware_trap(vcpu)
+        elif isinstance(ev, GuestCrash):
+            self._crash(vcpu, ev.trigger, ev.reason)
+        else:  # StrictIoViolation and any other policy stop
+            self._crash(vcpu, "strict-io", str(ev))
+
+    def _rip_text(self, vcpu) -> str:
+        try:
+            regs = vcpu.get_regs()
+            sregs = vcpu.get_sregs()
+            rip = regs.rip
+            text = f"RIP {rip:#x}"
+            code = self._code_bytes(vcpu, sregs.cs.base + rip)
+            if code:
+                text += f" (bytes {code.hex(' ')})"
+            return text
+        except KvmError:
+            return "RIP unavailable"
+
+    def _code_bytes(self, vcpu, linear: int, n: int = 16) -> bytes:
+        """Up to n instruction bytes at a linear address, via the vCPU's own translation; b'' if unmapped."""
+        try:
+            phys, valid, _w = vcpu.translate(linear)
+        except KvmError:
+            return b""
+        if not valid:
+            return b""
+        r = self.memory.region_of(phys)
+        if r is None:
+            return b""
+        return self.memory.read(phys, min(n, r.end - phys))
+
+    def _crash(self, vcpu, trigger: str, reason: str, **details) -> None:
+        where = self._rip_text(vcpu)
+        self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed on vCPU {vcpu.index}: {reason}; {where}",
+                             vcpu=vcpu.index, trigger=trigger, details=details))
+
+    def _firmware_trap(self, vcpu) -> None:
+        """Read the stub's trap frame and report the exception at the faulting instruction."""
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        long_mode = bool(sregs.efer & cpu_setup.EFER_LMA)
+        size = trapframe.frame_size(long_mode)
+        rsp = regs.rsp if long_mode else regs.rsp & 0xFFFFFFFF
+        try:
+            phys, valid, _w = vcpu.translate(sregs.ss.base + rsp)
+            raw = self.memory.read(phys, size) if valid else None
+        except (KvmError, GuestMemoryError):
+            raw = None
+        if raw is None:
+            self._crash(vcpu, "exception", f"firmware stub reported an exception but its trap frame at "
+                        f"RSP {rsp:#x} is unreadable")
+            return
+        frame = trapframe.parse(raw, long_mode, rsp)
+        vec, err = frame["vector"], frame["error_code"]
+        name = trapframe.exception_name(vec)
+        text = f"exception {name} (vector {vec}, error code {err:#x}) at RIP {frame['rip']:#x}"
+        if vec == 14:
+            text += f", CR2 {sregs.cr2:#x}"
+        code = self._code_bytes(vcpu, frame["rip"] + (sregs.cs.base if not long_mode else 0))
+        if code:
+            text += f" (bytes {code.hex(' ')})"
+        self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed on vCPU {vcpu.index}: {text}",
+                             vcpu=vcpu.index, trigger="exception",
+                             details={"vector": vec, "error_code": err, "frame": frame, "cr2": sregs.cr2}))
+
+    # ---------------------------------------------------------------- teardown
+    def close(self) -> None:
+        """Release vCPUs, the VM, guest memory and /dev/kvm."""
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

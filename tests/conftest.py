@@ -1,0 +1,41 @@
+"""Shared test set-up: the `kvm` marker skips locally without /dev/kvm and fails in CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def kvm_problem() -> str | None:
+    """Why /dev/kvm cannot be used here, or None."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+def require_tool(name: str) -> str:
+    """Path of a host tool a test needs; skip locally, fail in CI when missing."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{msg} (CI must have it)")
+        pytest.skip(msg)
+    return path
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("kvm") is None:
+        return
+    problem = kvm_problem()
+    if problem is None:
+        return
+    if IN_CI:
+        pytest.fail(f"{problem}: CI runs must have KVM (see README: enabling /dev/kvm on CI runners)")
+    pytest.skip(f"needs KVM: {problem}")
