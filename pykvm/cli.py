@@ -9,7 +9,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, MemorySizeError, PykvmError
+from .errors import EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, MemorySizeError, PykvmError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -94,9 +94,12 @@ def main():
 @click.option("--load-addr", default=None, help="Treat KERNEL as a flat binary loaded (and entered) here.")
 @click.option("--entry-mode", type=click.Choice(["64", "32", "16"]), default="64", show_default=True,
               help="CPU mode for flat binaries.")
+@click.option("--crash-dir", default="crashes", show_default=True, type=click.Path(file_okay=False),
+              help="Where crash cores are written.")
+@click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, debug):
+        load_addr, entry_mode, crash_dir, no_dump, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -115,9 +118,14 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
         cfg = MachineConfig(kernel=resolve_kernel(kernel), kernel_name=kernel, mem=size, cpus=cpus,
                             cmdline=cmdline, initrd=Path(initrd) if initrd else None, serial_out=serial_out,
                             serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
-                            trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode))
+                            trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
+                            crash_dir=None if no_dump else Path(crash_dir))
         try:
             with Machine(cfg) as m:
+                import signal
+
+                # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
+                signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
                 outcome = m.run()
                 if trace_io and m.devices.unclaimed:
                     for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
@@ -129,6 +137,11 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
             click.echo(f"pykvm: {outcome.message}", err=True)
             if debug and "traceback" in outcome.details:
                 click.echo(outcome.details["traceback"], err=True)
+        if outcome.core_path:
+            click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path}"
+                       f"{' --kernel ' + str(cfg.kernel) if cfg.kernel.suffix == '.elf' else ''})", err=True)
+        elif outcome.core_error:
+            click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
         sys.exit(outcome.status)
 
     _guard(go, debug)
@@ -178,6 +191,49 @@ def info(debug):
         click.echo("verdict: OK: pykvm can run guests on this host")
 
     _guard(go, debug)
+
+
+@main.command()
+@click.argument("core", type=click.Path(exists=True, dir_okay=False))
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False), help="The guest's ELF, for symbols.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def inspect(core, kernel, as_json, debug):
+    """Explain a crash core: trigger, registers, code around RIP, backtrace, serial tail."""
+
+    def go():
+        from .crash.inspect import build_report, render_text
+        from .crash.reader import CoreFormatError
+
+        try:
+            report = build_report(core, kernel)
+        except CoreFormatError as e:
+            raise BadCoreError(str(e)) from None
+        if as_json:
+            import json
+
+            click.echo(json.dumps(report, indent=2, default=str))
+        else:
+            click.echo(render_text(report), nl=False)
+
+    _guard(go, debug)
+
+
+@main.command()
+@click.argument("pid", type=int)
+def dump(pid):
+    """Ask the running `pykvm run` with this PID to write a core without stopping its guest."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        click.echo(f"pykvm: error: no process {pid}", err=True)
+        sys.exit(EXIT_USAGE)
+    except PermissionError:
+        click.echo(f"pykvm: error: not allowed to signal process {pid}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"pykvm: asked process {pid} for a core; it prints the path on its stderr")
 
 
 @main.command()

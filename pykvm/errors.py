@@ -18,6 +18,7 @@ EXIT_GUEST_CRASH = 16
 EXIT_TIMEOUT = 18
 EXIT_VMM_ERROR = 20
 EXIT_BAD_MEMORY_SIZE = 22
+EXIT_BAD_CORE = 24
 
 
 class PykvmError(Exception):
@@ -66,3 +67,9 @@ class MemorySizeError(PykvmError):
     """A guest memory size that is not usable (zero, not a page multiple, too small)."""
 
     exit_status = EXIT_BAD_MEMORY_SIZE
+
+
+class BadCoreError(PykvmError):
+    """A file given to `pykvm inspect` that is not a readable pykvm core."""
+
+    exit_status = EXIT_BAD_CORE

@@ -20,7 +20,7 @@ from .boot.loader import BootPlan, load
 from .devices import DeviceManager, FirmwareTrap, GuestCrash, GuestExit, State, VmEvent
 from .devices.fwcfg import FwCfg
 from .devices.serial import Serial16550
-from .devices.simple import DebugExit, FirmwareTrapPort, PowerOff, PvPanic
+from .devices.simple import DebugExit, FirmwareTrapPort, PostCode, PowerOff, PvPanic
 from .kvm import Kvm, KvmError, constants as C
 from .memory import GuestMemory, GuestMemoryError
 
@@ -31,8 +31,18 @@ MIN_MEMORY = 2 << 20
 
 _io_hdr = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
 _mmio_hdr = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
-_u32 = struct.Struct("<I")
+_exit_hdr = struct.Struct("<I20xBBHIQ")     # exit_reason, then kvm_run.io at offset 32
 _SIZED = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+
+
+def _bad_port_size(*_args):
+    raise GuestCrash("internal-error", "KVM reported port I/O of a size other than 1, 2 or 4 bytes")
+
+
+# Indexed by kvm_run.io.size (a byte): sizes a port access cannot have stop the VM cleanly.
+_UNPACK = [_SIZED[n].unpack_from if n in (1, 2, 4) else _bad_port_size for n in range(256)]
+_PACK = [_SIZED[n].pack_into if n in (1, 2, 4) else _bad_port_size for n in range(256)]
+_MASK = [(1 << (8 * n)) - 1 for n in range(256)]
 
 
 @dataclass
@@ -54,7 +64,7 @@ class MachineConfig:
     strict_io: bool = False
     flat_addr: int | None = None
     flat_bits: int = 64
-    crash_dir: Path | None = None
+    crash_dir: Path | None = None    # where cores go; None disables dumping
 
 
 @dataclass
@@ -67,6 +77,8 @@ class Outcome:
     vcpu: int | None = None
     trigger: str | None = None
     details: dict = field(default_factory=dict)
+    core_path: Path | None = None
+    core_error: str | None = None
 
 
 class Machine:
@@ -82,6 +94,13 @@ class Machine:
         self._done = threading.Event()
         self.stopping = False
         self.exit_counts: list[dict[int, int]] = []
+        self.plan = None
+        # pausing every vCPU (host-requested dumps) without stopping the guest
+        self._pausing = False
+        self._parked = 0
+        self._park_cond = threading.Condition()
+        self.dump_requested = threading.Event()
+        self.dumps: list[Path] = []
         try:
             self._build()
         except BaseException:
@@ -146,6 +165,7 @@ class Machine:
         dm.add(DebugExit(port=cfg.exit_port))
         self.pvpanic = dm.add(PvPanic(on_crash_loaded=self._pvpanic_crash_loaded))
         dm.add(PowerOff())
+        dm.add(PostCode())
         dm.add(FwCfg(self.memory.size, self.memory.top, cfg.cpus))
         dm.add(FirmwareTrapPort())
         return dm
@@ -165,7 +185,10 @@ class Machine:
                 t.start()
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
             try:
-                while not self._done.wait(0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))):
+                while not self._done.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))):
+                    if self.dump_requested.is_set():
+                        self.dump_requested.clear()
+                        self._host_requested_dump()
                     if deadline is not None and time.monotonic() >= deadline:
                         self._finish(Outcome(errors.EXIT_TIMEOUT, "timeout",
                                              f"guest still running after --timeout {self.config.timeout:g}s; stopped",
@@ -174,6 +197,8 @@ class Machine:
             except KeyboardInterrupt:
                 self._finish(Outcome(130, "interrupted", "interrupted by the user (Ctrl-C)"))
             self._stop_vcpus()
+            if self.outcome.kind in ("crash", "timeout", "vmm-error"):
+                self._dump_outcome(self.outcome)
         finally:
             self.devices.stop_all()
         return self.outcome
@@ -199,6 +224,94 @@ class Machine:
                     pass
             for t in alive:
                 t.join(0.01)
+
+    # ---------------------------------------------------------------- pause / dump
+    def _park(self, vcpu) -> None:
+        """Called by a kicked vCPU thread: wait outside KVM_RUN until the pause ends."""
+        with self._park_cond:
+            self._parked += 1
+            self._park_cond.notify_all()
+            while self._pausing and not self.stopping:
+                self._park_cond.wait(0.1)
+            self._parked -= 1
+        vcpu.immediate_exit = 0
+
+    def pause(self, timeout: float = 2.0) -> bool:
+        """Get every running vCPU out of KVM_RUN and parked; True when all parked in time."""
+        self._pausing = True
+        for vcpu in self.vcpus:
+            vcpu.immediate_exit = 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = [t for t in self.threads if t.is_alive()]
+            with self._park_cond:
+                if self._parked >= len(alive):
+                    return True
+            for t in alive:
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except (ProcessLookupError, OSError):
+                    pass
+            with self._park_cond:
+                self._park_cond.wait(0.005)
+        return False
+
+    def resume(self) -> None:
+        """Let parked vCPUs re-enter the guest."""
+        with self._park_cond:
+            self._pausing = False
+            self._park_cond.notify_all()
+
+    def request_dump(self) -> None:
+        """Ask for a core of the running guest without stopping it (safe from a signal handler)."""
+        self.dump_requested.set()
+
+    def _host_requested_dump(self) -> None:
+        if not self.pause():
+            self.resume()
+            print("pykvm: dump requested but a vCPU did not stop in time; no core written", file=sys.stderr)
+            return
+        try:
+            out = Outcome(0, "dump", "core requested by the host while the guest runs", trigger="host-request")
+            path, err = self._write_core(out)
+            print(f"pykvm: host-requested core: {path if path else 'failed: ' + err}", file=sys.stderr)
+        finally:
+            self.resume()
+
+    def _dump_outcome(self, outcome: Outcome) -> None:
+        outcome.core_path, outcome.core_error = self._write_core(outcome)
+
+    def _write_core(self, outcome: Outcome) -> tuple[Path | None, str | None]:
+        """Snapshot every vCPU and guest RAM into a core; (path, None) or (None, why not)."""
+        if self.config.crash_dir is None:
+            return None, None
+        from .capture import apply_trap_frame, guest_crash_info, vcpu_state
+        from .crash.core import CoreWriteError, write_core
+        from .crash.snapshot import CrashSnapshot
+
+        try:
+            states = [vcpu_state(v) for v in self.vcpus]
+            frame = outcome.details.get("frame")
+            crashing = outcome.vcpu if outcome.vcpu is not None else 0
+            if frame is not None:
+                apply_trap_frame(states[crashing], frame)
+            cfg = self.config
+            snap = CrashSnapshot(
+                trigger=outcome.trigger or outcome.kind, reason=outcome.message, vcpus=states,
+                crashing_vcpu=crashing, memory=self.memory,
+                vector=outcome.details.get("vector"), error_code=outcome.details.get("error_code"),
+                exit_reason=outcome.details.get("exit_reason"), serial_tail=self.serial.output_tail(),
+                config={"kernel": str(cfg.kernel), "mem": cfg.mem, "cpus": cfg.cpus, "cmdline": cfg.cmdline,
+                        "irqchip": cfg.irqchip, "protocol": self.plan.image.protocol if self.plan else None,
+                        "pvpanic_events": list(self.pvpanic.events)},
+                crash_info=guest_crash_info(self.memory, self.plan))
+            path = write_core(snap, cfg.crash_dir)
+        except CoreWriteError as e:
+            return None, str(e)
+        except KvmError as e:
+            return None, f"cannot read vCPU state: {e}"
+        self.dumps.append(path)
+        return path, None
 
     def _finish(self, outcome: Outcome) -> bool:
         """Record the first outcome only; later ones (other vCPUs stopping) are dropped."""
@@ -229,41 +342,51 @@ class Machine:
             except VmEvent as ev:
                 self._handle_event(vcpu, ev)
 
+
     def _run_fast(self, vcpu) -> None:
-        """The hot loop: port and MMIO exits to D0 devices are handled inline, all else goes slow."""
+        """The hot loop: single port I/O to a D0 device is handled inline, all else goes slow."""
         run = vcpu.run
         mm = vcpu.run_mmap
-        reason_at = _u32.unpack_from
-        io_at = _io_hdr.unpack_from
-        mmio_at = _mmio_hdr.unpack_from
-        sized = _SIZED
-        port_map = self.devices.port_map
-        mmio_lookup = self.devices.mmio_lookup
-        D0 = State.D0
-        EXIT_IO, EXIT_MMIO = C.KVM_EXIT_IO, C.KVM_EXIT_MMIO
-        counts = self.exit_counts[vcpu.index]
-        while not self.stopping:
+        header = _exit_hdr.unpack_from
+        unpack = _UNPACK
+        pack = _PACK
+        masks = _MASK
+        reads = self.devices.live_port_reads
+        writes = self.devices.live_port_writes
+        EXIT_IO = C.KVM_EXIT_IO
+        while True:
             if run():
-                continue  # EINTR/EAGAIN: a kick; the loop condition decides
-            reason = reason_at(mm, 8)[0]
-            if reason == EXIT_IO:
-                direction, size, port, count, off = io_at(mm, 32)
-                ent = port_map.get(port)
-                if count == 1 and ent is not None and ent[0].state is D0 and size in sized:
-                    dev, base = ent
-                    s = sized[size]
-                    if direction:
-                        dev.io_write(port - base, size, s.unpack_from(mm, off)[0])
-                    else:
-                        s.pack_into(mm, off, dev.io_read(port - base, size) & ((1 << (8 * size)) - 1))
+                if self.stopping:  # EINTR/EAGAIN from a kick
+                    return
+                if self._pausing:
+                    self._park(vcpu)
+                continue
+            reason, direction, size, port, count, off = header(mm, 8)
+            if reason == EXIT_IO and count == 1:
+                if direction:
+                    h = writes.get(port)
+                    if h is not None:
+                        h[0](port - h[1], size, unpack[size](mm, off)[0])
+                        continue
                 else:
-                    self._io_slow(mm, direction, size, port, count, off, ent)
-            elif reason == EXIT_MMIO:
-                addr, data, length, is_write = mmio_at(mm, 32)
-                self._mmio(mm, addr, data, length, is_write, mmio_lookup(addr))
-            else:
-                counts[reason] = counts.get(reason, 0) + 1
-                self._other_exit(vcpu, reason)
+                    h = reads.get(port)
+                    if h is not None:
+                        pack[size](mm, off, h[0](port - h[1], size) & masks[size])
+                        continue
+            self._exit_slow(vcpu, mm, reason)
+
+    def _exit_slow(self, vcpu, mm, reason: int) -> None:
+        """Exits the hot loop does not take: string or unclaimed I/O, MMIO, and the rest."""
+        if reason == C.KVM_EXIT_IO:
+            direction, size, port, count, off = _io_hdr.unpack_from(mm, 32)
+            self._io_slow(mm, direction, size, port, count, off, self.devices.port_map.get(port))
+        elif reason == C.KVM_EXIT_MMIO:
+            addr, data, length, is_write = _mmio_hdr.unpack_from(mm, 32)
+            self._mmio(mm, addr, data, length, is_write, self.devices.mmio_lookup(addr))
+        else:
+            counts = self.exit_counts[vcpu.index]
+            counts[reason] = counts.get(reason, 0) + 1
+            self._other_exit(vcpu, reason)
 
     def _io_slow(self, mm, direction, size, port, count, off, ent) -> None:
         """String I/O, odd sizes, unclaimed ports and devices outside D0."""
@@ -386,6 +509,7 @@ class Machine:
         return self.memory.read(phys, min(n, r.end - phys))
 
     def _crash(self, vcpu, trigger: str, reason: str, **details) -> None:
+        details.setdefault("exit_reason", C.EXIT_REASON_NAMES.get(vcpu.run_ptr.exit_reason))
         where = self._rip_text(vcpu)
         self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed on vCPU {vcpu.index}: {reason}; {where}",
                              vcpu=vcpu.index, trigger=trigger, details=details))

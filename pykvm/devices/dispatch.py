@@ -21,6 +21,10 @@ class DeviceManager:
     def __init__(self, trace_io=None, strict_io: bool = False):
         self.devices: list[Device] = []
         self.port_map: dict[int, tuple[Device, int]] = {}
+        # Hot-path tables: port -> (bound callback, range base), holding only devices in D0,
+        # so the vCPU loop needs no state check; anything else takes the slow path.
+        self.live_port_reads: dict[int, tuple] = {}
+        self.live_port_writes: dict[int, tuple] = {}
         self._mmio_starts: list[int] = []
         self._mmio: list[tuple[int, int, Device]] = []
         self.unclaimed: Counter = Counter()
@@ -65,6 +69,8 @@ class DeviceManager:
         for dev in reversed(self.devices):
             if dev.state is State.D0:
                 self._transition(dev, dev.d0_exit, State.D0, State.STOPPED, quiet=True)
+            if dev.state is not State.D0:
+                self._relink(dev)
             if dev.state in (State.PREPARED, State.STOPPED, State.FAILED):
                 try:
                     dev.release_hardware()
@@ -79,11 +85,25 @@ class DeviceManager:
             callback()
         except Exception as e:
             dev.state = State.FAILED
+            self._relink(dev)
             if quiet:
                 print(f"pykvm: {dev.name}: {callback.__name__} failed: {e}", file=sys.stderr)
                 return
             raise DeviceConfigError(f"{dev.name}: {callback.__name__} failed: {e}") from e
         dev.state = to
+        self._relink(dev)
+
+    def _relink(self, dev: Device) -> None:
+        """Put the device's ports in (D0) or take them out of (any other state) the hot-path tables."""
+        live = dev.state is State.D0
+        for base, length in dev.ports:
+            for p in range(base, base + length):
+                if live:
+                    self.live_port_reads[p] = (dev.io_read, base)
+                    self.live_port_writes[p] = (dev.io_write, base)
+                else:
+                    self.live_port_reads.pop(p, None)
+                    self.live_port_writes.pop(p, None)
 
     def mmio_lookup(self, addr: int) -> tuple[Device, int] | None:
         """(device, base) decoding this guest-physical address, or None."""

@@ -70,6 +70,25 @@ class PowerOff(Device):
             raise GuestExit(0, "power-off")
 
 
+class PostCode(Device):
+    """Port 0x80, the POST-code port: writes are latched and otherwise ignored (Linux uses it as an I/O delay)."""
+
+    name = "post-code"
+
+    def __init__(self, port: int = 0x80):
+        super().__init__()
+        self.ports = [(port, 1)]
+        self.last = 0
+
+    def io_read(self, offset: int, size: int) -> int:
+        """The last code written."""
+        return self.last
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        """Latch the code."""
+        self.last = value
+
+
 class FirmwareTrapPort(Device):
     """Where pykvm's exception stubs report; the vCPU loop reads the trap frame from the stack."""
 
