@@ -1,0 +1,16 @@
+"""KVM bindings: cffi declarations of linux/kvm.h and thin objects for the KVM fds.
+
+Layers above use ``Kvm.open()`` -> ``Kvm.create_vm()`` -> ``Vm.create_vcpu()``; see
+abi.py (structs), ioctls.py (request numbers), constants.py (KVM_* values).
+"""
+
+from .abi import ffi
+from .errors import KvmError, KvmUnavailable
+from .system import Kvm
+from .vcpu import RUN_OFFSETS, Vcpu, regs_to_dict, sregs_to_dict
+from .vm import Vm, irqchip_route, msi_route
+
+__all__ = [
+    "Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "ffi",
+    "RUN_OFFSETS", "regs_to_dict", "sregs_to_dict", "irqchip_route", "msi_route",
+]
