@@ -174,7 +174,7 @@ def info(debug):
                   ("KVM_CAP_IRQCHIP", False), ("KVM_CAP_PIT2", False), ("KVM_CAP_IOEVENTFD", False),
                   ("KVM_CAP_IRQFD", False), ("KVM_CAP_COALESCED_MMIO", False), ("KVM_CAP_READONLY_MEM", False),
                   ("KVM_CAP_SET_GUEST_DEBUG", False), ("KVM_CAP_NR_VCPUS", False), ("KVM_CAP_MAX_VCPUS", False)]
-        with Kvm.open() as kvm:
+        with Kvm.open(os.environ.get("PYKVM_DEV_KVM", "/dev/kvm")) as kvm:
             click.echo(f"/dev/kvm: API version {kvm.api_version()}, vCPU mmap size {kvm.vcpu_mmap_size()}")
             missing = []
             for name, required in needed:

@@ -120,7 +120,7 @@ class Machine:
         image = load_image(cfg.kernel, flat_addr=cfg.flat_addr, flat_bits=cfg.flat_bits)
         firmware = load_firmware(firmware_path())
 
-        self.kvm = Kvm.open()
+        self.kvm = Kvm.open(os.environ.get("PYKVM_DEV_KVM", "/dev/kvm"))
         max_vcpus = self.kvm.check_extension(C.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(C.KVM_CAP_NR_VCPUS)
         if cfg.cpus > max_vcpus:
             raise errors.UsageError(f"--cpus {cfg.cpus}: this host's KVM allows at most {max_vcpus}")

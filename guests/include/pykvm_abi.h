@@ -35,9 +35,6 @@
 /* Never claimed by any pykvm device: the exits guest probes it with 1-, 2-
  * and 4-byte and string accesses (reads return all ones, writes are dropped). */
 #define PYKVM_PORT_UNCLAIMED 0x7e0
-/* QEMU's ACPI PM1a control: outw(0x604, 0x2000) (SLP_EN) powers off, exit 0 */
-#define PYKVM_PORT_POWEROFF 0x604
-#define PYKVM_POWEROFF_VALUE 0x2000
 
 /* pvpanic events (QEMU semantics) */
 #define PYKVM_PVPANIC_PANICKED 1
