@@ -100,7 +100,9 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
         mem.write(abi.PYKVM_MBI_ADDR, info)
         mem.write(abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET, names)
         mode = "real" if image.bits == 16 else "protected"
-        entry = EntryState(mode, image.entry,
+        # Multiboot leaves ESP undefined; a valid one lets a fault before the kernel sets up
+        # its own stack reach the firmware stubs instead of triple-faulting.
+        entry = EntryState(mode, image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP if mode == "protected" else 0,
                            gprs={"rax": bootinfo.MB_INFO_MAGIC, "rbx": abi.PYKVM_MBI_ADDR})
     else:
         virt = [(s.vaddr, s.paddr, s.memsz) for s in image.segments]
