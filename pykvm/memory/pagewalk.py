@@ -37,7 +37,10 @@ PTE_NX = 1 << 63
 _ADDR_MASK = 0x000F_FFFF_FFFF_F000
 _U64 = (1 << 64) - 1
 
-DEFAULT_MAX_TABLES = 16384  # 16384 page tables map 32 GiB with 4 KiB pages
+# 8192 page tables map 16 GiB with 4 KiB pages. Tables that map one contiguous
+# block cost ~25 us each; a hostile fragmented tree costs ~0.3 ms per table, so
+# the worst case stays around 3 s.
+DEFAULT_MAX_TABLES = 8192
 DEFAULT_MAX_ENTRIES = 65536  # merged runs; a sane kernel needs far fewer
 
 
@@ -84,6 +87,10 @@ def _canonical(vaddr: int, bits: int) -> int:
     return vaddr
 
 
+# Run flags, packed in an int while a run is being built.
+_FW, _FU, _FNX = 1, 2, 4
+
+
 class _Walker:
     """One bounded walk over a page-table tree."""
 
@@ -97,8 +104,10 @@ class _Walker:
         self.max_entries = max_entries
         self.stats = stats
         self.out: list[Mapping] = []
+        self.run: list[int] | None = None  # [vaddr, paddr, size, flags] being extended
         self.path: set[int] = set()
         self.ram = [(r.gpa, r.end) for r in mem.regions]
+        self.ram_hit = self.ram[0] if self.ram else (0, 0)
 
     # -- table access -------------------------------------------------------
     def _table(self, paddr: int, count: int, fmt: str) -> tuple | None:
@@ -113,56 +122,109 @@ class _Walker:
         return struct.unpack_from(f"<{count}{fmt}", self.mem.view(paddr, count * width))
 
     # -- output -------------------------------------------------------------
-    def _emit(self, vaddr: int, paddr: int, size: int, w: bool, u: bool, nx: bool) -> None:
-        """Record a leaf page (clipped to RAM), merging it into the previous run when contiguous."""
+    def _emit(self, vaddr: int, paddr: int, size: int, flags: int) -> None:
+        """Record a leaf page, clipped to RAM."""
+        lo, hi = self.ram_hit
+        if lo <= paddr and paddr + size <= hi:  # the common case: same region as last time
+            self._add(vaddr, paddr, size, flags)
+            return
         end = paddr + size
         for lo, hi in self.ram:
             if hi <= paddr or lo >= end:
                 continue
+            self.ram_hit = (lo, hi)
             a, b = max(lo, paddr), min(hi, end)
-            self._append(vaddr + (a - paddr), a, b - a, w, u, nx)
+            self._add(vaddr + (a - paddr), a, b - a, flags)
 
-    def _append(self, vaddr: int, paddr: int, size: int, w: bool, u: bool, nx: bool) -> None:
-        out = self.out
-        if out:
-            p = out[-1]
-            if (p.vaddr + p.size == vaddr and p.paddr + p.size == paddr
-                    and p.writable == w and p.user == u and p.nx == nx):
-                out[-1] = p._replace(size=p.size + size)
-                return
-        if len(out) >= self.max_entries:
+    def _add(self, vaddr: int, paddr: int, size: int, flags: int) -> None:
+        """Extend the current run when contiguous with the same rights, else start a new one."""
+        r = self.run
+        if r is not None and r[0] + r[2] == vaddr and r[1] + r[2] == paddr and r[3] == flags:
+            r[2] += size
+            return
+        self.flush()
+        self.run = [vaddr, paddr, size, flags]
+
+    def flush(self) -> None:
+        """Move the current run to the output, within the mapping budget."""
+        r = self.run
+        if r is None:
+            return
+        if len(self.out) >= self.max_entries:
             raise _Budget
-        out.append(Mapping(vaddr, paddr, size, w, u, nx))
+        self.out.append(Mapping(r[0], r[1], r[2], bool(r[3] & _FW), bool(r[3] & _FU), bool(r[3] & _FNX)))
+        self.run = None
+
+    def _uniform(self, entries: tuple, relevant: int) -> int | None:
+        """First entry when a page table maps one contiguous block with identical rights, else None.
+
+        Checked with list operations that run in C: walking a typical kernel
+        direct map entry by entry in Python would cost a second per few GiB.
+        """
+        masked = [e & relevant for e in entries]
+        first = masked[0]
+        if first & PTE_P and masked == list(range(first, first + len(entries) * PAGE_SIZE, PAGE_SIZE)):
+            return first
+        return None
 
     # -- 64-bit formats (long mode, PAE) ------------------------------------
-    def walk64(self, table: int, level: int, vbase: int, w: bool, u: bool, nx: bool) -> None:
+    def walk64(self, table: int, level: int, vbase: int, flags: int) -> None:
         """Walk a table of 512 64-bit entries; level 1 holds 4 KiB PTEs."""
         entries = self._table(table, 512, "Q")
         if entries is None:
+            return
+        if level == 1:
+            self._leaf64(entries, vbase, flags)
             return
         shift = 12 + 9 * (level - 1)
         self.path.add(table)
         try:
             for i, e in enumerate(entries):
-                if not e & PTE_P:
-                    continue
-                self._entry64(e, level, vbase | (i << shift), shift, w, u, nx)
+                if e & PTE_P:
+                    self._entry64(e, level, vbase | (i << shift), shift, flags)
         finally:
             self.path.discard(table)
 
-    def _entry64(self, e: int, level: int, va: int, shift: int, w: bool, u: bool, nx: bool) -> None:
-        ew, eu = w and bool(e & PTE_RW), u and bool(e & PTE_US)
-        enx = nx or (self.nxe and bool(e & PTE_NX))
-        if level == 1:
-            self._emit(self._virt(va), e & _ADDR_MASK, PAGE_SIZE, ew, eu, enx)
-        elif e & PTE_PS:
+    def _combine(self, e: int, flags: int) -> int:
+        """Rights of a mapping through entry e: write/user need every level, NX any level."""
+        if not e & PTE_RW:
+            flags &= ~_FW
+        if not e & PTE_US:
+            flags &= ~_FU
+        if self.nxe and e & PTE_NX:
+            flags |= _FNX
+        return flags
+
+    def _entry64(self, e: int, level: int, va: int, shift: int, flags: int) -> None:
+        flags = self._combine(e, flags)
+        if e & PTE_PS:
             # Large pages exist only at the PDPT (1 GiB) and PD (2 MiB) levels;
             # PS is reserved higher up, so such an entry faults: skip it.
             if level <= 3:
                 size = 1 << shift
-                self._emit(self._virt(va), e & _ADDR_MASK & ~(size - 1), size, ew, eu, enx)
+                self._emit(self._virt(va), e & _ADDR_MASK & ~(size - 1), size, flags)
         else:
-            self.walk64(e & _ADDR_MASK, level - 1, va, ew, eu, enx)
+            self.walk64(e & _ADDR_MASK, level - 1, va, flags)
+
+    def _leaf64(self, entries: tuple, vbase: int, flags: int) -> None:
+        relevant = PTE_P | PTE_RW | PTE_US | _ADDR_MASK | (PTE_NX if self.nxe else 0)
+        first = self._uniform(entries, relevant)
+        if first is not None:
+            self._emit(self._virt(vbase), first & _ADDR_MASK, 512 * PAGE_SIZE, self._combine(first, flags))
+            return
+        # Per-entry work inlined: this loop is the walk's hot spot on fragmented tables.
+        v0 = self._virt(vbase)  # the index bits below 2 MiB never change the sign extension
+        nxe, emit = self.nxe, self._emit
+        for i, e in enumerate(entries):
+            if e & PTE_P:
+                f = flags
+                if not e & PTE_RW:
+                    f &= ~_FW
+                if not e & PTE_US:
+                    f &= ~_FU
+                if nxe and e & PTE_NX:
+                    f |= _FNX
+                emit(v0 | (i << 12), e & _ADDR_MASK, PAGE_SIZE, f)
 
     def _virt(self, va: int) -> int:
         if self.mode == "4level":
@@ -178,7 +240,7 @@ class _Walker:
             return
         for i, e in enumerate(pdpt):
             if e & PTE_P:
-                self.walk64(e & _ADDR_MASK, 2, i << 30, True, True, False)
+                self.walk64(e & _ADDR_MASK, 2, i << 30, _FW | _FU)
 
     # -- 32-bit non-PAE format ----------------------------------------------
     def walk32(self, cr3: int) -> None:
@@ -192,19 +254,22 @@ class _Walker:
             for i, e in enumerate(pd):
                 if not e & PTE_P:
                     continue
-                w, u = bool(e & PTE_RW), bool(e & PTE_US)
+                flags = self._combine(e & 0xFFF, _FW | _FU)
                 if e & PTE_PS and self.pse:
                     pa = (e & 0xFFC0_0000) | ((e >> 13) & 0xFF) << 32
-                    self._emit(i << 22, pa, 4 << 20, w, u, False)
+                    self._emit(i << 22, pa, 4 << 20, flags)
                     continue
-                pt_addr = e & 0xFFFF_F000
-                pt = self._table(pt_addr, 1024, "I")
+                pt = self._table(e & 0xFFFF_F000, 1024, "I")
                 if pt is None:
+                    continue
+                first = self._uniform(pt, PTE_P | PTE_RW | PTE_US | 0xFFFF_F000)
+                if first is not None:
+                    self._emit(i << 22, first & 0xFFFF_F000, 4 << 20, self._combine(first & 0xFFF, flags))
                     continue
                 for j, pte in enumerate(pt):
                     if pte & PTE_P:
                         self._emit((i << 22) | (j << 12), pte & 0xFFFF_F000, PAGE_SIZE,
-                                   w and bool(pte & PTE_RW), u and bool(pte & PTE_US), False)
+                                   self._combine(pte & 0xFFF, flags))
         finally:
             self.path.discard(pd_addr)
 
@@ -220,13 +285,14 @@ def walk(mem: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int,
     w = _Walker(mem, mode, cr4, efer, max_tables, max_entries, stats)
     try:
         if mode == "4level":
-            w.walk64(cr3 & _ADDR_MASK, 4, 0, True, True, False)
+            w.walk64(cr3 & _ADDR_MASK, 4, 0, _FW | _FU)
         elif mode == "5level":
-            w.walk64(cr3 & _ADDR_MASK, 5, 0, True, True, False)
+            w.walk64(cr3 & _ADDR_MASK, 5, 0, _FW | _FU)
         elif mode == "pae":
             w.walk_pae(cr3)
         else:
             w.walk32(cr3)
+        w.flush()
     except _Budget:
         stats.truncated = True
     stats.mappings = len(w.out)
@@ -239,23 +305,21 @@ def translate(mem: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int, vaddr: 
     vaddr &= _U64
     if mode == "none":
         return vaddr
-    try:
-        if mode in ("4level", "5level"):
-            levels = 5 if mode == "5level" else 4
-            bits = 12 + 9 * levels
-            if _canonical(vaddr & ((1 << bits) - 1), bits) != vaddr:
-                return None  # non-canonical
-            return _translate64(mem, cr3 & _ADDR_MASK, levels, vaddr)
-        if vaddr >> 32:
-            return None
-        if mode == "pae":
-            pdpte = _read(mem, (cr3 & 0xFFFF_FFE0) + 8 * (vaddr >> 30), "Q")
-            if pdpte is None or not pdpte & PTE_P:
-                return None
-            return _translate64(mem, pdpte & _ADDR_MASK, 2, vaddr)
-        return _translate32(mem, cr3, cr4, vaddr)
-    except Exception:  # garbage tables: treat as unmapped, never raise
+    # Every table read is bounds-checked by _read, so garbage only yields None.
+    if mode in ("4level", "5level"):
+        levels = 5 if mode == "5level" else 4
+        bits = 12 + 9 * levels
+        if _canonical(vaddr & ((1 << bits) - 1), bits) != vaddr:
+            return None  # non-canonical
+        return _translate64(mem, cr3 & _ADDR_MASK, levels, vaddr)
+    if vaddr >> 32:
         return None
+    if mode == "pae":
+        pdpte = _read(mem, (cr3 & 0xFFFF_FFE0) + 8 * (vaddr >> 30), "Q")
+        if pdpte is None or not pdpte & PTE_P:
+            return None
+        return _translate64(mem, pdpte & _ADDR_MASK, 2, vaddr)
+    return _translate32(mem, cr3, cr4, vaddr)
 
 
 def _read(mem: GuestMemory, paddr: int, fmt: str) -> int | None:

@@ -23,17 +23,19 @@ def nonzero_runs(region: MemoryRegion, chunk: int = CHUNK) -> Iterator[tuple[int
     run_start = run_end = -1
     for ext_off, ext_len in region.data_extents():
         # SEEK_DATA/SEEK_HOLE work in pages; widen to page boundaries anyway.
-        start = ext_off - ext_off % PAGE_SIZE
+        off = ext_off - ext_off % PAGE_SIZE
         end = min(region.size, -(-(ext_off + ext_len) // PAGE_SIZE) * PAGE_SIZE)
-        off = start
         while off < end:
             n = min(chunk, end - off)
-            if mm[off:off + n] == (zero_chunk if n == chunk else bytes(n)):
+            # Slicing a bytes object of the same length returns it without a copy.
+            if mm[off:off + n] == zero_chunk[:n]:
                 off += n
                 continue
-            for page in range(off, off + n, PAGE_SIZE):
-                if mm[page:page + PAGE_SIZE] == _ZERO_PAGE:
-                    continue
+            if n == PAGE_SIZE:  # common for scattered touches: already known non-zero
+                pages = (off,)
+            else:
+                pages = [p for p in range(off, off + n, PAGE_SIZE) if mm[p:p + PAGE_SIZE] != _ZERO_PAGE]
+            for page in pages:
                 if page == run_end:
                     run_end += PAGE_SIZE
                 else:

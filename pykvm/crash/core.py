@@ -1,0 +1,285 @@
+"""Write a CrashSnapshot as an ELF64 x86-64 core file that gdb and crash-style tools read.
+
+File layout: ELF header, program headers (PT_NOTE first, then PT_LOADs, see
+layout.py), the notes (see notes.py), an extended-numbering section header
+when there are 65535 or more program headers, padding to a page, then guest
+RAM region after region. The file is sized with ftruncate and only non-zero
+pages are written, so untouched guest memory stays a hole (copy cores with
+`cp --sparse=always` / `tar -S` to keep them small).
+
+The pykvm note (name "PYKVM", type NT_PYKVM) holds UTF-8 JSON with: format,
+trigger, reason, vector, vector_name, error_code, exit_reason, crashing_vcpu,
+signal, serial_tail, config, pykvm_version, created (UTC ISO 8601), vcpus (per
+vCPU index: mode, efer, cr8, apic_base, fpu), prstatus_order (vCPU index of each
+NT_PRSTATUS pair), qemu_note_order, memory (regions with their phdr index),
+address_spaces (cr3, paging, vcpus, phdr_first, phdr_count, walk statistics),
+dropped_segments, dropped_address_spaces (not walked: cap), bytes_written,
+crash_info_bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import itertools
+import json
+import os
+import struct
+import threading
+from pathlib import Path
+
+from ..memory.sparse import nonzero_runs
+from . import notes as N
+from .layout import Layout, plan
+from .snapshot import CRASH_INFO_MAX, SERIAL_TAIL_MAX, CrashSnapshot, VcpuState
+from .x86 import seg_flags, signal_for, vector_name
+
+FORMAT_VERSION = 1
+ET_CORE = 4
+EM_X86_64 = 62
+PT_LOAD = 1
+PT_NOTE = 4
+PN_XNUM = 0xFFFF
+EHDR_SIZE = 64
+PHDR_SIZE = 56
+SHDR_SIZE = 64
+DATA_ALIGN = 4096
+_MAX_PWRITE = 64 << 20
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+class CoreWriteError(Exception):
+    """The core file could not be written; nothing was left under the final name."""
+
+
+def write_core(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limits) -> Path:
+    """Write `snapshot` atomically to a new `<prefix>-<UTC time>-<pid>-<n>.core` in `crash_dir`; return its path.
+
+    `limits` are passed to layout.plan: max_segments, max_spaces, walk_max_entries, walk_max_tables.
+    """
+    crash_dir = Path(crash_dir)
+    try:
+        crash_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir}")) from e
+
+    layout = plan(snapshot, **limits)
+    runs = [list(nonzero_runs(r)) for r in snapshot.memory.regions]
+    written = sum(n for rr in runs for _, n in rr)
+    head, data_start = _headers(snapshot, layout, written)
+
+    tmp, fd = _create_temp(crash_dir, prefix)
+    try:
+        try:
+            os.ftruncate(fd, data_start + layout.data_size)
+            _pwrite_all(fd, memoryview(head), 0)
+            for region, relo, rr in zip(snapshot.memory.regions, layout.region_offsets, runs):
+                for off, n in rr:
+                    _pwrite_all(fd, region.view[off:off + n], data_start + relo + off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = _publish(tmp, crash_dir, prefix)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise CoreWriteError(_explain(e, f"cannot write core file in {crash_dir}")) from e
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return final
+
+
+# -- headers and notes -------------------------------------------------------
+
+def _headers(snap: CrashSnapshot, layout: Layout, written: int) -> tuple[bytes, int]:
+    """ELF header + program headers + notes (+ PN_XNUM section header), and where RAM data starts."""
+    note_blob = _notes(snap, layout, written)
+    phnum = 1 + len(layout.loads)
+    note_off = EHDR_SIZE + PHDR_SIZE * phnum
+    shoff = note_off + len(note_blob) if phnum >= PN_XNUM else 0
+    head_end = note_off + len(note_blob) + (SHDR_SIZE if shoff else 0)
+    data_start = -(-head_end // DATA_ALIGN) * DATA_ALIGN
+
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # ELFCLASS64, little-endian, SYSV
+    ehdr = ident + struct.pack("<HHIQQQIHHHHHH", ET_CORE, EM_X86_64, 1, 0, EHDR_SIZE, shoff, 0, EHDR_SIZE,
+                               PHDR_SIZE, min(phnum, PN_XNUM), SHDR_SIZE if shoff else 0, 1 if shoff else 0, 0)
+    phdrs = [struct.pack("<IIQQQQQQ", PT_NOTE, 0, note_off, 0, 0, len(note_blob), 0, 4)]
+    for ld in layout.loads:
+        phdrs.append(struct.pack("<IIQQQQQQ", PT_LOAD, ld.flags, data_start + ld.rel_offset,
+                                 ld.vaddr, ld.paddr, ld.size, ld.size, DATA_ALIGN))
+    # Extended numbering (as Linux does): section 0 carries the real count in sh_info.
+    shdr = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 1, 0, phnum, 0, 0) if shoff else b""
+    return ehdr + b"".join(phdrs) + note_blob + shdr, data_start
+
+
+def _ordered(snap: CrashSnapshot) -> list[VcpuState]:
+    """vCPUs with the crashing one first (gdb makes the first NT_PRSTATUS the current thread)."""
+    return sorted(snap.vcpus, key=lambda v: (v.index != snap.crashing_vcpu, v.index))
+
+
+def _notes(snap: CrashSnapshot, layout: Layout, written: int) -> bytes:
+    """All notes in order: per vCPU PRSTATUS+FPREGSET, per vCPU QEMU state, PYKVM JSON, VMCOREINFO."""
+    out = []
+    signo = signal_for(snap.trigger, snap.vector)
+    for v in _ordered(snap):
+        sig = signo if v.index == snap.crashing_vcpu else 0
+        out.append(N.note(N.NAME_CORE, N.NT_PRSTATUS,
+                          N.pack_prstatus(v.index + 1, sig, _user_regs(v), v.fpu is not None)))
+        out.append(N.note(N.NAME_CORE, N.NT_FPREGSET, N.pack_fpregset(v.fpu)))
+    by_index = sorted(snap.vcpus, key=lambda v: v.index)
+    for v in by_index:
+        out.append(N.note(N.NAME_QEMU, N.NT_QEMU, _qemu_state(v)))
+    out.append(N.note(N.NAME_PYKVM, N.NT_PYKVM, _json(snap, layout, written, signo).encode()))
+    info = bytes(snap.crash_info[:CRASH_INFO_MAX])
+    if info:
+        out.append(N.note(N.NAME_VMCOREINFO, N.NT_VMCOREINFO, info))
+    return b"".join(out)
+
+
+def _seg(sregs: dict, name: str) -> dict:
+    s = sregs.get(name)
+    return s if isinstance(s, dict) else {}
+
+
+def _user_regs(v: VcpuState) -> dict:
+    """user_regs_struct values for a vCPU: GPRs, selectors, fs/gs bases."""
+    r, s = v.regs, v.sregs
+    u = {k: r.get(k, 0) for k in N.USER_REGS if k in r}
+    u.update(eflags=r.get("rflags", 0), orig_rax=-1,
+             fs_base=_seg(s, "fs").get("base", 0), gs_base=_seg(s, "gs").get("base", 0))
+    for name in ("cs", "ss", "ds", "es", "fs", "gs"):
+        u[name] = _seg(s, name).get("selector", 0)
+    return u
+
+
+def _qemu_state(v: VcpuState) -> bytes:
+    """QEMUCPUState for a vCPU from its KVM regs/sregs."""
+    s = v.sregs
+    segs = {}
+    for name in ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr"):
+        d = _seg(s, name)
+        segs[name] = (d.get("selector", 0), d.get("limit", 0), seg_flags(d), d.get("base", 0))
+    for name in ("gdt", "idt"):
+        d = _seg(s, name)
+        segs[name] = (0, d.get("limit", 0), 0, d.get("base", 0))
+    crs = (s.get("cr0", 0), 0, s.get("cr2", 0), s.get("cr3", 0), s.get("cr4", 0))
+    return N.pack_qemu_cpustate(v.regs, segs, crs)
+
+
+def _json(snap: CrashSnapshot, layout: Layout, written: int, signo: int) -> str:
+    """The pykvm note's JSON text."""
+    phys_first = 1 + len(layout.loads) - len(snap.memory.regions)
+    doc = {
+        "format": FORMAT_VERSION,
+        "trigger": snap.trigger,
+        "reason": snap.reason,
+        "vector": snap.vector,
+        "vector_name": vector_name(snap.vector),
+        "error_code": snap.error_code,
+        "exit_reason": snap.exit_reason,
+        "crashing_vcpu": snap.crashing_vcpu,
+        "signal": signo,
+        "serial_tail": bytes(snap.serial_tail[-SERIAL_TAIL_MAX:]).decode("utf-8", errors="replace"),
+        "config": snap.config,
+        "pykvm_version": snap.pykvm_version,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "vcpus": [{"index": v.index, "mode": v.mode, "efer": N.u64(v.sregs.get("efer")),
+                   "cr8": N.u64(v.sregs.get("cr8")), "apic_base": N.u64(v.sregs.get("apic_base")),
+                   "fpu": v.fpu is not None} for v in sorted(snap.vcpus, key=lambda v: v.index)],
+        "prstatus_order": [v.index for v in _ordered(snap)],
+        "qemu_note_order": sorted(v.index for v in snap.vcpus),
+        "memory": {"regions": [{"gpa": r.gpa, "size": r.size, "name": r.name, "node": r.node,
+                                "phdr": phys_first + i} for i, r in enumerate(snap.memory.regions)]},
+        "address_spaces": layout.spaces,
+        "dropped_segments": layout.dropped_segments,
+        "dropped_address_spaces": layout.dropped_spaces,
+        "bytes_written": written,
+        "crash_info_bytes": min(len(snap.crash_info), CRASH_INFO_MAX),
+    }
+    # config comes from the caller and may hold paths or enums: stringify what JSON can't take.
+    return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+# -- file handling -----------------------------------------------------------
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """pwrite until everything is written (pwrite may write less than asked)."""
+    while len(buf):
+        n = os.pwrite(fd, buf[:_MAX_PWRITE], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        buf, offset = buf[n:], offset + n
+
+
+def _next_n() -> int:
+    with _counter_lock:
+        return next(_counter)
+
+
+def _stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _create_temp(crash_dir: Path, prefix: str) -> tuple[Path, int]:
+    """A new, exclusively created temporary file in crash_dir (same filesystem, so publishing is a link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    for _ in range(1000):
+        tmp = crash_dir / f".{prefix}-{os.getpid()}-{os.urandom(8).hex()}.core.tmp"
+        try:
+            return tmp, os.open(tmp, flags, 0o600)  # guest memory may be sensitive
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CoreWriteError(_explain(e, f"cannot create a core file in {crash_dir}")) from e
+    raise CoreWriteError(f"cannot find a free temporary name in {crash_dir}")
+
+
+def _publish(tmp: Path, crash_dir: Path, prefix: str) -> Path:
+    """Give the finished temp file a unique final name without ever replacing an existing file."""
+    stamp = _stamp()
+    for _ in range(1000):
+        final = crash_dir / f"{prefix}-{stamp}-{os.getpid()}-{_next_n()}.core"
+        try:
+            os.link(tmp, final)  # fails with EEXIST instead of overwriting
+        except FileExistsError:
+            continue
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or final.exists():
+                raise
+            os.rename(tmp, final)  # filesystem without hard links: checked, then renamed
+        else:
+            os.unlink(tmp)
+        _fsync_dir(crash_dir)
+        return final
+    raise CoreWriteError(f"cannot find a free core file name in {crash_dir}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _explain(e: OSError, what: str) -> str:
+    """A message that says what went wrong and what to do."""
+    hints = {
+        errno.ENOSPC: "the disk is full: free space or point the crash directory elsewhere",
+        errno.EDQUOT: "the disk quota is exhausted: free space or point the crash directory elsewhere",
+        errno.EACCES: "permission denied: make the crash directory writable or choose another",
+        errno.EPERM: "operation not permitted: make the crash directory writable or choose another",
+        errno.EROFS: "the filesystem is read-only: choose another crash directory",
+        errno.ENOTDIR: "a path component is not a directory",
+    }
+    hint = hints.get(e.errno, e.strerror or str(e))
+    return f"{what}: {hint} ({e})"
