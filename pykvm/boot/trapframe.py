@@ -22,7 +22,7 @@ GPR32 = ("edi", "esi", "ebp", "esp_pusha", "ebx", "edx", "ecx", "eax")
 
 def exception_name(vector: int) -> str:
     """'#PF page fault' style name of an exception vector."""
-    short, long_ = EXCEPTIONS.get(vector, (f"vector {vector}", "reserved"))
+    short, long_ = EXCEPTIONS.get(vector, (f"vector {vector}", "interrupt" if vector >= 32 else "reserved"))
     return f"{short} {long_}"
 
 

@@ -4,34 +4,11 @@ from __future__ import annotations
 
 import signal
 
+from ..boot.trapframe import EXCEPTIONS, exception_name
 from ..memory.pagewalk import CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA
 
-VECTORS = {
-    0: ("#DE", "divide error"),
-    1: ("#DB", "debug"),
-    2: ("NMI", "non-maskable interrupt"),
-    3: ("#BP", "breakpoint"),
-    4: ("#OF", "overflow"),
-    5: ("#BR", "bound range exceeded"),
-    6: ("#UD", "invalid opcode"),
-    7: ("#NM", "device not available"),
-    8: ("#DF", "double fault"),
-    9: ("#MP", "coprocessor segment overrun"),
-    10: ("#TS", "invalid TSS"),
-    11: ("#NP", "segment not present"),
-    12: ("#SS", "stack-segment fault"),
-    13: ("#GP", "general protection fault"),
-    14: ("#PF", "page fault"),
-    16: ("#MF", "x87 floating-point error"),
-    17: ("#AC", "alignment check"),
-    18: ("#MC", "machine check"),
-    19: ("#XM", "SIMD floating-point exception"),
-    20: ("#VE", "virtualization exception"),
-    21: ("#CP", "control protection exception"),
-    28: ("#HV", "hypervisor injection exception"),
-    29: ("#VC", "VMM communication exception"),
-    30: ("#SX", "security exception"),
-}
+# One table of exception names for the whole VMM; it lives with the firmware trap frames.
+VECTORS = EXCEPTIONS
 
 # What Linux would deliver to a process for the same fault; gdb prints it.
 _VECTOR_SIGNALS = {
@@ -63,10 +40,7 @@ RFLAGS_VM = 1 << 17
 
 def vector_name(vector: int | None) -> str | None:
     """'#PF page fault' style name, or None."""
-    if vector is None:
-        return None
-    mnemonic, text = VECTORS.get(vector, (f"vector {vector}", "interrupt" if vector >= 32 else "reserved"))
-    return f"{mnemonic} {text}"
+    return None if vector is None else exception_name(vector)
 
 
 def signal_for(trigger: str, vector: int | None) -> int:
