@@ -376,63 +376,40 @@ class Machine:
             self._exit_slow(vcpu, mm, reason)
 
     def _exit_slow(self, vcpu, mm, reason: int) -> None:
-        """Exits the hot loop does not take: string or unclaimed I/O, MMIO, and the rest."""
+        """Exits the hot loop does not take: string, unclaimed or inactive I/O, MMIO, and the rest."""
         if reason == C.KVM_EXIT_IO:
             direction, size, port, count, off = _io_hdr.unpack_from(mm, 32)
-            self._io_slow(mm, direction, size, port, count, off, self.devices.port_map.get(port))
+            self._io_slow(mm, direction, size, port, count, off)
         elif reason == C.KVM_EXIT_MMIO:
             addr, data, length, is_write = _mmio_hdr.unpack_from(mm, 32)
-            self._mmio(mm, addr, data, length, is_write, self.devices.mmio_lookup(addr))
+            self._mmio(mm, addr, data, length, is_write)
         else:
             counts = self.exit_counts[vcpu.index]
             counts[reason] = counts.get(reason, 0) + 1
             self._other_exit(vcpu, reason)
 
-    def _io_slow(self, mm, direction, size, port, count, off, ent) -> None:
-        """String I/O, odd sizes, unclaimed ports and devices outside D0."""
-        if size not in _SIZED or count > 4096 or off + size * count > len(mm):
+    def _io_slow(self, mm, direction, size, port, count, off) -> None:
+        """Port I/O through the device manager, one element at a time (string I/O has count > 1)."""
+        if size not in (1, 2, 4) or count > 4096 or off + size * count > len(mm):
             raise GuestCrash("internal-error", f"KVM reported malformed port I/O (port {port:#x} size {size} count {count})")
         s = _SIZED[size]
-        mask = (1 << (8 * size)) - 1
-        dm = self.devices
+        access = self.devices.port_access
         for i in range(count):
             at = off + i * size
-            if ent is None:
-                value = s.unpack_from(mm, at)[0] if direction else 0
-                result = dm.unclaimed_access("port", port, size, bool(direction), value)
-                if not direction:
-                    s.pack_into(mm, at, result & mask)
-                continue
-            dev, base = ent
-            if dev.state is not State.D0:
-                result = dm.inactive_access(dev, size, bool(direction))
-                if not direction:
-                    s.pack_into(mm, at, result & mask)
-            elif direction:
-                dev.io_write(port - base, size, s.unpack_from(mm, at)[0])
+            if direction:
+                access(port, size, True, s.unpack_from(mm, at)[0])
             else:
-                s.pack_into(mm, at, dev.io_read(port - base, size) & mask)
+                s.pack_into(mm, at, access(port, size, False))
 
-    def _mmio(self, mm, addr, data, length, is_write, ent) -> None:
+    def _mmio(self, mm, addr, data, length, is_write) -> None:
         if length not in _SIZED:
             raise GuestCrash("internal-error", f"KVM reported an MMIO access of {length} bytes at {addr:#x}")
         s = _SIZED[length]
-        mask = (1 << (8 * length)) - 1
-        value = s.unpack_from(data)[0]
-        if ent is None:
-            result = self.devices.unclaimed_access("mmio", addr, length, bool(is_write), value)
+        if is_write:
+            self.devices.mmio_access(addr, length, True, s.unpack_from(data)[0])
         else:
-            dev, base = ent
-            if dev.state is not State.D0:
-                result = self.devices.inactive_access(dev, length, bool(is_write))
-            elif is_write:
-                dev.mmio_write(addr - base, length, value)
-                return
-            else:
-                result = dev.mmio_read(addr - base, length)
-        if not is_write:
             buf = bytearray(8)
-            s.pack_into(buf, 0, result & mask)
+            s.pack_into(buf, 0, self.devices.mmio_access(addr, length, False))
             mm[40:48] = buf
 
     def _other_exit(self, vcpu, reason: int) -> None:

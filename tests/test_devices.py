@@ -24,8 +24,8 @@ class Recorder(Device):
             raise RuntimeError("boom")
 
     def prepare_hardware(self): self._cb("prepare")
-    def d0_entry(self): self._cb("d0_entry")
-    def d0_exit(self): self._cb("d0_exit")
+    def d0_entry(self, previous): self._cb("d0_entry")
+    def d0_exit(self, target): self._cb("d0_exit")
     def release_hardware(self): self._cb("release")
 
 

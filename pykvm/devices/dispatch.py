@@ -1,39 +1,52 @@
-"""Routes port and MMIO accesses to devices by address range; owns device lifecycles."""
+"""Routes port and MMIO accesses to devices by address range; owns device instances and their lifecycles."""
 
 from __future__ import annotations
 
 import bisect
 import sys
+import threading
 from collections import Counter
 
 from ..errors import DeviceConfigError
 from .device import Device, State
 from .events import StrictIoViolation
+from .lifecycle import CallbackFailed, Lifecycle
+
+
+def _all_ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
 
 
 class DeviceManager:
-    """All devices of a VM: range registration with overlap checks, lifecycle, and dispatch.
+    """All devices of a VM: range ownership with overlap checks, lifecycles, and dispatch tables.
 
-    Port lookups go through a dict keyed by port (ranges are small and the
-    16-bit space is bounded), so a port exit costs one dict lookup.
+    The vCPU loop reads `live_port_reads` / `live_port_writes` (port -> (callback, base)) without
+    locks. They hold only devices in D0, so an access to a device in any other state falls to the
+    slow path, which answers like an absent device and counts it. Tables change by dict.update /
+    pop, each atomic under the GIL, so a vCPU sees either the old or the new instance, never a mix
+    within one port.
     """
 
-    def __init__(self, trace_io=None, strict_io: bool = False):
+    def __init__(self, trace_io=None, strict_io: bool = False, access_filter=None):
         self.devices: list[Device] = []
+        self.lifecycles: dict[Device, Lifecycle] = {}
         self.port_map: dict[int, tuple[Device, int]] = {}
-        # Hot-path tables: port -> (bound callback, range base), holding only devices in D0,
-        # so the vCPU loop needs no state check; anything else takes the slow path.
         self.live_port_reads: dict[int, tuple] = {}
         self.live_port_writes: dict[int, tuple] = {}
         self._mmio_starts: list[int] = []
-        self._mmio: list[tuple[int, int, Device]] = []
+        self._mmio: list[list] = []               # [base, length, owner, read_cb | None, write_cb | None]
         self.unclaimed: Counter = Counter()
         self.outside_d0: Counter = Counter()
         self.trace = trace_io
         self.strict = strict_io
+        # access_filter.wrap(dev, kind, base, read_cb, write_cb) -> (read_cb, write_cb): the policy hook
+        self.access_filter = access_filter
+        self.lock = threading.RLock()
+        self.started = False
+        self.events: list[str] = []               # lifecycle/recovery log for the exit summary
 
-    def add(self, dev: Device) -> Device:
-        """Register a device's ranges; refuses any overlap with a clear error."""
+    # ------------------------------------------------------------ registration
+    def _check_free(self, dev: Device) -> None:
         for base, length in dev.ports:
             if length <= 0 or base < 0 or base + length > 0x10000:
                 raise DeviceConfigError(f"{dev.name}: I/O port range {base:#x}+{length} is outside 0-0xffff")
@@ -44,77 +57,189 @@ class DeviceManager:
         for base, length in dev.mmio:
             if length <= 0:
                 raise DeviceConfigError(f"{dev.name}: empty MMIO range at {base:#x}")
-            for b, n, other in self._mmio:
+            for b, n, other, *_ in self._mmio:
                 if base < b + n and b < base + length:
                     raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {other.name} "
                                             f"at {b:#x}+{n:#x}")
+        for w in dev.windows:
+            if not any(b <= w.gpa and w.gpa + w.size <= b + n for b, n in dev.mmio):
+                raise DeviceConfigError(f"{dev.name}: window {w.name} lies outside the device's MMIO ranges")
+
+    def add(self, dev: Device) -> Device:
+        """Register a device's ranges (refusing overlaps); it starts with the others, or now if running."""
+        with self.lock:
+            self._check_free(dev)
+            self._own(dev)
+            dev.manager = self
+            self.devices.append(dev)
+            self.lifecycles[dev] = Lifecycle(dev, link=self._link)
+            if self.started:
+                self._start(dev)
+        return dev
+
+    def _own(self, dev: Device) -> None:
         for base, length in dev.ports:
             for p in range(base, base + length):
                 self.port_map[p] = (dev, base)
         for base, length in dev.mmio:
             i = bisect.bisect(self._mmio_starts, base)
             self._mmio_starts.insert(i, base)
-            self._mmio.insert(i, (base, length, dev))
-        self.devices.append(dev)
-        return dev
+            self._mmio.insert(i, [base, length, dev, None, None])
 
-    def start_all(self) -> None:
-        """prepare_hardware then d0_entry for every device, in registration order."""
-        for dev in self.devices:
-            self._transition(dev, dev.prepare_hardware, State.ADDED, State.PREPARED)
-            self._transition(dev, dev.d0_entry, State.PREPARED, State.D0)
-
-    def stop_all(self) -> None:
-        """d0_exit then release_hardware, in reverse order; never twice, never after a failed D0 entry."""
-        for dev in reversed(self.devices):
-            if dev.state is State.D0:
-                self._transition(dev, dev.d0_exit, State.D0, State.STOPPED, quiet=True)
-            if dev.state is not State.D0:
-                self._relink(dev)
-            if dev.state in (State.PREPARED, State.STOPPED, State.FAILED):
-                try:
-                    dev.release_hardware()
-                except Exception as e:  # release must happen for all; report and go on
-                    print(f"pykvm: {dev.name}: release failed: {e}", file=sys.stderr)
-                dev.state = State.RELEASED
-
-    def _transition(self, dev: Device, callback, frm: State, to: State, quiet: bool = False) -> None:
-        if dev.state is not frm:
-            return
-        try:
-            callback()
-        except Exception as e:
-            dev.state = State.FAILED
-            self._relink(dev)
-            if quiet:
-                print(f"pykvm: {dev.name}: {callback.__name__} failed: {e}", file=sys.stderr)
-                return
-            raise DeviceConfigError(f"{dev.name}: {callback.__name__} failed: {e}") from e
-        dev.state = to
-        self._relink(dev)
-
-    def _relink(self, dev: Device) -> None:
-        """Put the device's ports in (D0) or take them out of (any other state) the hot-path tables."""
-        live = dev.state is State.D0
+    def _disown(self, dev: Device) -> None:
+        self._link(dev, False)
         for base, length in dev.ports:
             for p in range(base, base + length):
-                if live:
-                    self.live_port_reads[p] = (dev.io_read, base)
-                    self.live_port_writes[p] = (dev.io_write, base)
-                else:
+                if self.port_map.get(p, (None,))[0] is dev:
+                    del self.port_map[p]
+        keep = [(s, e) for s, e in zip(self._mmio_starts, self._mmio) if e[2] is not dev]
+        self._mmio_starts = [s for s, _ in keep]
+        self._mmio = [e for _, e in keep]
+
+    def _link(self, dev: Device, live: bool) -> None:
+        """Put (live) or take out the ranges `dev` owns in the hot tables."""
+        with self.lock:
+            reads, writes = {}, {}
+            for base, length in dev.ports:
+                if self.port_map.get(base, (None,))[0] is not dev:
+                    continue  # a replacement being prepared does not own its ranges yet
+                rd, wr = self._wrap(dev, "port", base, dev.io_read, dev.io_write)
+                for p in range(base, base + length):
+                    reads[p] = (rd, base)
+                    writes[p] = (wr, base)
+            if live:
+                self.live_port_reads.update(reads)
+                self.live_port_writes.update(writes)
+            else:
+                for p in reads:
                     self.live_port_reads.pop(p, None)
                     self.live_port_writes.pop(p, None)
+            for entry in self._mmio:
+                if entry[2] is dev:
+                    entry[3:5] = self._wrap(dev, "mmio", entry[0], dev.mmio_read, dev.mmio_write) if live else (None, None)
+
+    def _wrap(self, dev, kind, base, rd, wr):
+        if self.access_filter is None:
+            return rd, wr
+        return self.access_filter.wrap(dev, kind, base, rd, wr)
+
+    # ------------------------------------------------------------ lifecycle
+    def _log(self, msg: str) -> None:
+        self.events.append(msg)
+        print(f"pykvm: {msg}", file=sys.stderr)
+
+    def _start(self, dev: Device) -> None:
+        try:
+            self.lifecycles[dev].start()
+        except CallbackFailed as e:
+            raise DeviceConfigError(str(e)) from e
+
+    def start_all(self) -> None:
+        """Bring every device to D0, in registration order."""
+        with self.lock:
+            self.started = True
+            for dev in list(self.devices):
+                if dev.state is State.ADDED:
+                    self._start(dev)
+
+    def stop_all(self) -> None:
+        """Remove every device, newest first; release runs exactly once per instance."""
+        with self.lock:
+            for dev in reversed(list(self.devices)):
+                self._remove(dev, surprise=False, quiet=True)
+            self.started = False
+
+    def _remove(self, dev: Device, surprise: bool, quiet: bool = False) -> None:
+        try:
+            self.lifecycles[dev].remove(surprise=surprise)
+        except Exception as e:
+            print(f"pykvm: {dev.name}: removal: {e}", file=sys.stderr)
+        self._disown(dev)
+        if dev in self.devices:
+            self.devices.remove(dev)
+
+    def hot_remove(self, name: str, surprise: bool = False) -> Device:
+        """Take a device away while the guest runs; its ranges then read as all ones."""
+        with self.lock:
+            dev = self.find(name)
+            self._remove(dev, surprise)
+            self._log(f"{'surprise-' if surprise else ''}removed device {name}")
+            return dev
+
+    def hot_add(self, dev: Device) -> Device:
+        """Plug a device in while the guest runs."""
+        self.add(dev)
+        self._log(f"added device {dev.name}")
+        return dev
+
+    def find(self, name: str) -> Device:
+        """The current instance of the device called `name`."""
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise DeviceConfigError(f"no device named {name!r}; devices: {', '.join(d.name for d in self.devices)}")
+
+    def set_power(self, dev: Device, d0: bool) -> None:
+        """Power a device up to D0 or down to low power (guest- or host-requested)."""
+        lc = self.lifecycles[dev]
+        if d0 and dev.state is State.LOW_POWER:
+            lc.power_up()
+        elif not d0 and dev.state is State.D0:
+            lc.power_down()
+
+    def replace(self, old: Device, new: Device) -> None:
+        """Switch dispatch from `old` to an already-started `new` instance, atomically per port."""
+        with self.lock:
+            new.generation = old.generation + 1
+            new.manager = self
+            for base, length in old.ports:
+                for p in range(base, base + length):
+                    self.port_map[p] = (new, base)
+            for entry in self._mmio:
+                if entry[2] is old:
+                    entry[2] = new
+            self.devices[self.devices.index(old)] = new
+            if new.state is State.D0:
+                self._link(new, True)
+
+    # ------------------------------------------------------------ slow paths
+    def port_access(self, port: int, size: int, is_write: bool, value: int = 0) -> int:
+        """A port access the hot tables did not take: unclaimed, or a device outside D0."""
+        ent = self.port_map.get(port)
+        if ent is None:
+            return self.unclaimed_access("port", port, size, is_write, value)
+        dev, base = ent
+        live = (self.live_port_writes if is_write else self.live_port_reads).get(port)
+        if live is None:
+            return self.inactive_access(dev, size, is_write)
+        if is_write:
+            live[0](port - base, size, value)
+            return 0
+        return live[0](port - base, size) & _all_ones(size)
+
+    def mmio_access(self, addr: int, size: int, is_write: bool, value: int = 0) -> int:
+        """An MMIO access: to the owning device if it is in D0, else like nothing is there."""
+        i = bisect.bisect_right(self._mmio_starts, addr) - 1
+        if i >= 0:
+            base, length, dev, rd, wr = self._mmio[i]
+            if addr < base + length:
+                if rd is None:
+                    return self.inactive_access(dev, size, is_write)
+                if is_write:
+                    wr(addr - base, size, value)
+                    return 0
+                return rd(addr - base, size) & _all_ones(size)
+        return self.unclaimed_access("mmio", addr, size, is_write, value)
 
     def mmio_lookup(self, addr: int) -> tuple[Device, int] | None:
         """(device, base) decoding this guest-physical address, or None."""
         i = bisect.bisect_right(self._mmio_starts, addr) - 1
         if i >= 0:
-            base, length, dev = self._mmio[i]
+            base, length, dev, *_ = self._mmio[i]
             if addr < base + length:
                 return dev, base
         return None
 
-    # -- slow paths: unclaimed addresses and devices outside D0 --
     def unclaimed_access(self, kind: str, addr: int, size: int, is_write: bool, value: int = 0) -> int:
         """Real-hardware behaviour for an address no device decodes: reads all ones, writes dropped."""
         self.unclaimed[(kind, addr, "w" if is_write else "r")] += 1
@@ -123,9 +248,9 @@ class DeviceManager:
             self.trace(f"{kind} {addr:#x} size {size} {what}: unclaimed")
         if self.strict:
             raise StrictIoViolation(kind, addr, size, is_write, value)
-        return (1 << (8 * size)) - 1
+        return _all_ones(size)
 
     def inactive_access(self, dev: Device, size: int, is_write: bool) -> int:
         """A device outside D0 answers like nothing is there; the access is counted."""
         self.outside_d0[(dev.name, "w" if is_write else "r")] += 1
-        return (1 << (8 * size)) - 1
+        return _all_ones(size)
