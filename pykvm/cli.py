@@ -9,7 +9,8 @@ import sys
 import click
 
 from . import __version__
-from .errors import EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, MemorySizeError, PykvmError
+from .errors import (EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, MemorySizeError, PykvmError,
+                     UsageError)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -97,9 +98,11 @@ def main():
 @click.option("--crash-dir", default="crashes", show_default=True, type=click.Path(file_okay=False),
               help="Where crash cores are written.")
 @click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False),
+              help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, crash_dir, no_dump, debug):
+        load_addr, entry_mode, crash_dir, no_dump, control_path, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -126,7 +129,19 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
 
                 # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
                 signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
-                outcome = m.run()
+                server = None
+                if control_path:
+                    from .control import ControlServer
+
+                    try:
+                        server = ControlServer(m, control_path)
+                    except OSError as e:
+                        raise UsageError(f"--control {control_path}: {e.strerror}") from None
+                try:
+                    outcome = m.run()
+                finally:
+                    if server is not None:
+                        server.close()
                 if trace_io and m.devices.unclaimed:
                     for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
                         click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
@@ -217,6 +232,34 @@ def inspect(core, kernel, as_json, debug):
             click.echo(render_text(report), nl=False)
 
     _guard(go, debug)
+
+
+@main.command()
+@click.argument("socket_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("command")
+@click.argument("args", nargs=-1)
+def ctl(socket_path, command, args):
+    """Send COMMAND (dump, devices, stats, ...) with KEY=VALUE ARGS to a `pykvm run --control` socket."""
+    import json
+
+    from .control import request
+
+    req = {"cmd": command}
+    for a in args:
+        key, sep, value = a.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{a!r}: expected KEY=VALUE")
+        try:
+            req[key] = json.loads(value)
+        except ValueError:
+            req[key] = value
+    try:
+        reply = request(socket_path, req)
+    except OSError as e:
+        click.echo(f"pykvm: error: {socket_path}: {e.strerror or e}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(json.dumps(reply, indent=2))
+    sys.exit(0 if reply.get("ok") else 1)
 
 
 @main.command()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import struct
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +101,10 @@ class Machine:
         self._pausing = False
         self._parked = 0
         self._park_cond = threading.Condition()
-        self.dump_requested = threading.Event()
         self.dumps: list[Path] = []
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()   # (fn, Future | None) for the main thread
+        self._wake = threading.Event()
+        self._main_ident: int | None = None
         try:
             self._build()
         except BaseException:
@@ -184,18 +188,22 @@ class Machine:
                 self.threads.append(t)
                 t.start()
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
+            self._main_ident = threading.get_ident()
             try:
-                while not self._done.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))):
-                    if self.dump_requested.is_set():
-                        self.dump_requested.clear()
-                        self._host_requested_dump()
-                    if deadline is not None and time.monotonic() >= deadline:
+                while not self._done.is_set():
+                    self._wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    self._wake.clear()
+                    self._serve_requests()
+                    if deadline is not None and time.monotonic() >= deadline and not self._done.is_set():
                         self._finish(Outcome(errors.EXIT_TIMEOUT, "timeout",
                                              f"guest still running after --timeout {self.config.timeout:g}s; stopped",
                                              trigger="timeout"))
                         break
             except KeyboardInterrupt:
                 self._finish(Outcome(130, "interrupted", "interrupted by the user (Ctrl-C)"))
+            finally:
+                self._main_ident = None
+            self._serve_requests()  # answer callers still waiting, then refuse new ones
             self._stop_vcpus()
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
                 self._dump_outcome(self.outcome)
@@ -262,21 +270,58 @@ class Machine:
             self._pausing = False
             self._park_cond.notify_all()
 
+    def call(self, fn, timeout: float = 60.0):
+        """Run fn() on the thread that runs the machine (where pausing and dumping are safe)."""
+        if self._main_ident is None or threading.get_ident() == self._main_ident:
+            return fn()
+        fut: Future = Future()
+        self._requests.put((fn, fut))
+        self._wake.set()
+        return fut.result(timeout)
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                fn, fut = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn()
+            except BaseException as e:  # handed back to the caller, who reports it
+                if fut is not None:
+                    fut.set_exception(e)
+                continue
+            if fut is not None:
+                fut.set_result(result)
+
     def request_dump(self) -> None:
         """Ask for a core of the running guest without stopping it (safe from a signal handler)."""
-        self.dump_requested.set()
+        self._requests.put((self._signal_dump, None))
+        self._wake.set()
 
-    def _host_requested_dump(self) -> None:
+    def _signal_dump(self) -> None:
+        path, err = self.host_dump()
+        print(f"pykvm: host-requested core: {path if path else 'failed: ' + str(err)}", file=sys.stderr)
+
+    def host_dump(self) -> tuple[Path | None, str | None]:
+        """Pause every vCPU, write a 'host-request' core, resume; (path, None) or (None, why not)."""
         if not self.pause():
             self.resume()
-            print("pykvm: dump requested but a vCPU did not stop in time; no core written", file=sys.stderr)
-            return
+            return None, "a vCPU did not stop in time"
         try:
             out = Outcome(0, "dump", "core requested by the host while the guest runs", trigger="host-request")
-            path, err = self._write_core(out)
-            print(f"pykvm: host-requested core: {path if path else 'failed: ' + err}", file=sys.stderr)
+            return self._write_core(out)
         finally:
             self.resume()
+
+    def stats(self) -> dict:
+        """Counters for the control channel and the exit summary."""
+        return {
+            "exits": [{C.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in c.items()} for c in self.exit_counts],
+            "unclaimed": {f"{k} {a:#x} {rw}": n for (k, a, rw), n in self.devices.unclaimed.items()},
+            "outside_d0": {f"{d} {rw}": n for (d, rw), n in self.devices.outside_d0.items()},
+            "device_events": list(self.devices.events),
+        }
 
     def _dump_outcome(self, outcome: Outcome) -> None:
         outcome.core_path, outcome.core_error = self._write_core(outcome)
@@ -321,6 +366,7 @@ class Machine:
             self.outcome = outcome
         self.stopping = True
         self._done.set()
+        self._wake.set()
         return True
 
     # ---------------------------------------------------------------- vCPU loop

@@ -1,0 +1,128 @@
+"""Host control channel: a unix socket taking one JSON command per line while a guest runs.
+
+A request is {"cmd": NAME, ...args}; the reply is {"ok": true, ...} or {"ok": false, "error": "..."}.
+Commands run on the machine's main thread (Machine.call), never concurrently with each other.
+Built-in commands: dump, devices, stats; other layers register more with `command(name)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+MAX_REQUEST = 64 * 1024
+COMMANDS: dict = {}
+
+
+def command(name: str):
+    """Register `fn(machine, request) -> dict` as the handler of a control command."""
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+class ControlServer:
+    """Accepts connections on `path` and forwards each request to the machine's main thread."""
+
+    def __init__(self, machine, path: str):
+        self.machine = machine
+        self.path = path
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a dead pykvm
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o600)
+        self.sock.listen(4)
+        self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(30)
+                try:
+                    self._handle(conn)
+                except (OSError, ValueError):
+                    pass
+
+    def _handle(self, conn) -> None:
+        buf = b""
+        while True:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            buf += chunk
+            if len(buf) > MAX_REQUEST:
+                conn.sendall(b'{"ok": false, "error": "request too large"}\n')
+                return
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                conn.sendall(json.dumps(self.dispatch(line)).encode() + b"\n")
+
+    def dispatch(self, line: bytes) -> dict:
+        """Run one request line and build the reply."""
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ValueError("expected a JSON object with a string 'cmd'")
+        except ValueError as e:
+            return {"ok": False, "error": f"bad request: {e}"}
+        fn = COMMANDS.get(req["cmd"])
+        if fn is None:
+            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}"}
+        try:
+            result = self.machine.call(lambda: fn(self.machine, req))
+        except Exception as e:
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return {"ok": True, **(result or {})}
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file."""
+        try:
+            self.sock.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def request(path: str, req: dict, timeout: float = 60) -> dict:
+    """Client side: send one request to a running pykvm and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
+
+
+@command("dump")
+def _dump(machine, req) -> dict:
+    path, err = machine.host_dump()
+    if path is None:
+        raise RuntimeError(err or "no core written (dumping disabled with --no-dump?)")
+    return {"core": str(path)}
+
+
+@command("devices")
+def _devices(machine, req) -> dict:
+    return {"devices": [{"name": d.name, "state": d.state.value, "generation": d.generation,
+                         "describe": d.describe()} for d in machine.devices.devices]}
+
+
+@command("stats")
+def _stats(machine, req) -> dict:
+    return machine.stats()
