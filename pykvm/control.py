@@ -126,3 +126,50 @@ def _devices(machine, req) -> dict:
 @command("stats")
 def _stats(machine, req) -> dict:
     return machine.stats()
+
+
+# Device types the host may hot-add, by name; constructor keyword arguments come from the request.
+HOTPLUG_TYPES = {"mailbox": "pykvm.devices.mailbox:Mailbox"}
+
+
+def _device_class(kind: str):
+    import importlib
+
+    spec = HOTPLUG_TYPES.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown device type {kind!r}; hot-pluggable: {', '.join(sorted(HOTPLUG_TYPES))}")
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+@command("hot-add")
+def _hot_add(machine, req) -> dict:
+    cls = _device_class(str(req.get("type", "")))
+    args = {k: v for k, v in req.items() if k not in ("cmd", "type")}
+    dev = machine.devices.hot_add(cls(**args))
+    return {"device": dev.describe()}
+
+
+@command("hot-remove")
+def _hot_remove(machine, req) -> dict:
+    dev = machine.devices.hot_remove(str(req.get("name", "")), surprise=bool(req.get("surprise", False)))
+    return {"device": dev.name, "state": dev.state.value}
+
+
+@command("power")
+def _power(machine, req) -> dict:
+    dev = machine.devices.find(str(req.get("name", "")))
+    state = str(req.get("state", "")).lower()
+    if state not in ("d0", "d3"):
+        raise ValueError("state must be d0 or d3")
+    machine.devices.set_power(dev, state == "d0")
+    return {"device": dev.name, "state": dev.state.value}
+
+
+@command("inject")
+def _inject(machine, req) -> dict:
+    dev = machine.devices.find(str(req.get("name", "")))
+    if not hasattr(dev, "inject"):
+        raise ValueError(f"device {dev.name} takes no injected faults")
+    dev.inject(str(req.get("kind", "raise")))
+    return {"device": dev.name, "generation": dev.generation}

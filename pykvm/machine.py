@@ -22,7 +22,10 @@ from .boot.loader import BootPlan, load
 from .devices import DeviceManager, FirmwareTrap, GuestCrash, GuestExit, State, VmEvent
 from .devices.fwcfg import FwCfg
 from .devices.serial import Serial16550
+from .devices.mailbox import Mailbox
+from .devices.power import PowerControl
 from .devices.simple import DebugExit, FirmwareTrapPort, PostCode, PowerOff, PvPanic
+from .devices.supervisor import DeviceHung, Supervisor
 from .kvm import Kvm, KvmError, constants as C
 from .memory import GuestMemory, GuestMemoryError
 
@@ -67,6 +70,10 @@ class MachineConfig:
     flat_addr: int | None = None
     flat_bits: int = 64
     crash_dir: Path | None = None    # where cores go; None disables dumping
+    restart_intensity: int = 5       # device restarts allowed per restart_period before escalating
+    restart_period: float = 60.0
+    on_device_failure: str = "remove"  # past the intensity: "remove" (guest sees surprise removal) or "crash"
+    device_deadline: float = 0.5     # a device callback running longer than this has hung
 
 
 @dataclass
@@ -172,7 +179,15 @@ class Machine:
         dm.add(PostCode())
         dm.add(FwCfg(self.memory.size, self.memory.top, cfg.cpus))
         dm.add(FirmwareTrapPort())
+        dm.add(PowerControl())
+        dm.add(Mailbox())
+        self.supervisor = Supervisor(dm, intensity=cfg.restart_intensity, period=cfg.restart_period,
+                                     escalate=cfg.on_device_failure, on_escalate=self._device_failed_for_good,
+                                     deadline=cfg.device_deadline)
         return dm
+
+    def _device_failed_for_good(self, dev, message: str) -> None:
+        self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", message, trigger="device-failure"))
 
     def _pvpanic_crash_loaded(self, value: int) -> None:
         print(f"pykvm: guest reported pvpanic 'crash loaded' (event {value:#x}); continuing", file=sys.stderr)
@@ -182,11 +197,13 @@ class Machine:
         """Start every vCPU thread and wait until one of them (or the timeout) ends the VM."""
         self._install_kick_handler()
         self.devices.start_all()
+        self.supervisor.start()
         try:
             for vcpu in self.vcpus:
                 t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
                 self.threads.append(t)
                 t.start()
+                self.supervisor.vcpu_threads[t.ident] = vcpu.index
             deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
             self._main_ident = threading.get_ident()
             try:
@@ -208,6 +225,7 @@ class Machine:
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
                 self._dump_outcome(self.outcome)
         finally:
+            self.supervisor.stop()
             self.devices.stop_all()
         return self.outcome
 
@@ -387,6 +405,34 @@ class Machine:
                 self._run_fast(vcpu)
             except VmEvent as ev:
                 self._handle_event(vcpu, ev)
+            except DeviceHung:
+                self._complete_failed_access(vcpu)  # the supervisor already took the device out
+            except Exception as e:
+                dev = self._device_of_exit(vcpu)
+                if dev is None or not self.supervisor.report_failure(dev, f"{type(e).__name__}: {e}"):
+                    raise
+                self._complete_failed_access(vcpu)
+
+    def _device_of_exit(self, vcpu):
+        """The device the vCPU's current I/O exit is addressed to, or None."""
+        mm = vcpu.run_mmap
+        reason, _d, _s, port, _c, _o = _exit_hdr.unpack_from(mm, 8)
+        if reason == C.KVM_EXIT_IO:
+            ent = self.devices.port_map.get(port)
+            return ent[0] if ent else None
+        if reason == C.KVM_EXIT_MMIO:
+            hit = self.devices.mmio_lookup(_mmio_hdr.unpack_from(mm, 32)[0])
+            return hit[0] if hit else None
+        return None
+
+    def _complete_failed_access(self, vcpu) -> None:
+        """Answer the access that hit a failing model like an absent device: reads get all ones."""
+        mm = vcpu.run_mmap
+        reason, direction, size, _port, count, off = _exit_hdr.unpack_from(mm, 8)
+        if reason == C.KVM_EXIT_IO and not direction and size in (1, 2, 4) and off + size * count <= len(mm):
+            mm[off:off + size * count] = b"\xff" * (size * count)
+        elif reason == C.KVM_EXIT_MMIO and not _mmio_hdr.unpack_from(mm, 32)[3]:
+            mm[40:48] = b"\xff" * 8
 
 
     def _run_fast(self, vcpu) -> None:

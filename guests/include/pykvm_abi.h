@@ -36,6 +36,28 @@
  * and 4-byte and string accesses (reads return all ones, writes are dropped). */
 #define PYKVM_PORT_UNCLAIMED 0x7e0
 
+/* Power control: select a device by its base (I/O port, or low 32 bits of its
+ * MMIO base), then read its power state or write the state it should enter. */
+#define PYKVM_PORT_POWERCTL 0x5e0
+#define PYKVM_POWERCTL_SELECT 0
+#define PYKVM_POWERCTL_STATE 4
+#define PYKVM_POWERCTL_GENERATION 8
+#define PYKVM_POWER_D0 0
+#define PYKVM_POWER_D3 3
+#define PYKVM_POWER_FAILED 0xfe
+#define PYKVM_POWER_ABSENT 0xff
+
+/* Mailbox: 256 32-bit slots the guest writes and reads back; supervised by the
+ * VMM (a failed model is replaced, its slots restored from the last good state). */
+#define PYKVM_PORT_MAILBOX 0x5c0
+#define PYKVM_MAILBOX_INDEX 0
+#define PYKVM_MAILBOX_DATA 4
+#define PYKVM_MAILBOX_STATUS 8
+#define PYKVM_MAILBOX_HOST_FLAGS 12
+#define PYKVM_MAILBOX_SLOTS 256
+#define PYKVM_MAILBOX_MAGIC 0x4d42
+#define PYKVM_MAILBOX_FLAG_STOP 1
+
 /* pvpanic events (QEMU semantics) */
 #define PYKVM_PVPANIC_PANICKED 1
 #define PYKVM_PVPANIC_CRASH_LOADED 2
