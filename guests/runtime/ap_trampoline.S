@@ -1,14 +1,16 @@
 /*
- * AP trampoline: real mode -> protected mode -> long mode.
+ * AP trampoline [64]: real mode -> protected mode -> long mode.
  *
- * Linked and loaded (its own PT_LOAD) at PYKVM_AP_TRAMPOLINE_ADDR = 0x8000,
- * so SIPI vector 0x08 starts an AP here at CS:IP = 0x0800:0000.  Real-mode
- * data references use DS = 0 and the absolute (< 64 KiB) addresses.
+ * Linked and loaded (its own PT_LOAD, see ld/guest64.ld.S -DWITH_TRAMPOLINE)
+ * at PYKVM_AP_TRAMPOLINE_ADDR = 0x8000, so SIPI vector 0x08 starts an AP here
+ * at CS:IP = 0x0800:0000.  Real-mode data references use DS = 0 and the
+ * absolute (< 64 KiB) addresses.  Only linked into guests that call
+ * rt_ap_start() (runtime/ap.c).
  *
- * Before each SIPI the BSP fills smp_tramp_params (struct smp_tramp_params
- * in smp.c): its own CR0/CR3/CR4/EFER, this AP's stack top, the 64-bit entry
- * point and the CPU number (passed in RDI).  The GDT here uses the firmware
- * selector numbers (PYKVM_SEL_*).
+ * Before each SIPI, rt_ap_start() fills rt_ap_tramp_params (struct
+ * rt_ap_tramp_params in ap.c): the BSP's CR0/CR3/CR4/EFER, this AP's stack
+ * top, the 64-bit entry point and the CPU number (passed in RDI).  The GDT
+ * here uses the firmware selector numbers (PYKVM_SEL_*).
  */
 #include "pykvm_abi.h"
 
@@ -16,8 +18,8 @@
 
     .section .tramp16, "ax", @progbits
     .code16
-    .globl smp_trampoline
-smp_trampoline:
+    .globl rt_ap_trampoline
+rt_ap_trampoline:
     cli
     cld
     xor %ax, %ax
@@ -84,9 +86,9 @@ tramp_gdtr:
     .long tramp_gdt
 
     .balign 8
-    .globl smp_tramp_params
-    .type smp_tramp_params, @object
-smp_tramp_params:
+    .globl rt_ap_tramp_params
+    .type rt_ap_tramp_params, @object
+rt_ap_tramp_params:
 tramp_cr0:   .quad 0
 tramp_cr3:   .quad 0
 tramp_cr4:   .quad 0
@@ -94,6 +96,6 @@ tramp_efer:  .quad 0
 tramp_stack: .quad 0
 tramp_entry: .quad 0
 tramp_cpu:   .quad 0
-    .size smp_tramp_params, . - smp_tramp_params
+    .size rt_ap_tramp_params, . - rt_ap_tramp_params
 
     .section .note.GNU-stack, "", @progbits

@@ -19,7 +19,28 @@ void poweroff(void)
 }
 
 #ifdef __x86_64__
-static char panic_info[256];
+static char panic_info[1024];
+
+/* The crash info registered so far (identity-mapped physical address), then
+ * "PANIC=<msg>\n", in panic_info; returns the length. */
+static size_t panic_crash_info(const char *msg)
+{
+    const struct pykvm_boot_info *bi = rt_boot_info;
+    size_t have = 0;
+    if (bi->crash_info_addr && bi->crash_info_len && bi->crash_info_len < sizeof(panic_info) / 2) {
+        have = strnlen((const char *)(uintptr_t)bi->crash_info_addr, bi->crash_info_len);
+        memmove(panic_info, (const void *)(uintptr_t)bi->crash_info_addr, have);
+        if (have && panic_info[have - 1] != '\n')
+            panic_info[have++] = '\n';
+    }
+    int n = snprintf(panic_info + have, sizeof(panic_info) - have, "PANIC=%s\n", msg);
+    if (n < 0)
+        n = 0;
+    have += (size_t)n;
+    if (have >= sizeof(panic_info))
+        have = sizeof(panic_info) - 1;
+    return have;
+}
 #endif
 
 void panic(const char *fmt, ...)
@@ -33,12 +54,8 @@ void panic(const char *fmt, ...)
     va_end(ap);
     printf("PANIC: %s\n", msg);
 #ifdef __x86_64__
-    if (rt_boot_info && rt_boot_info->magic == PYKVM_BOOT_MAGIC) {
-        int n = snprintf(panic_info, sizeof(panic_info), "PANIC=%s\n", msg);
-        if (n >= (int)sizeof(panic_info))
-            n = sizeof(panic_info) - 1;
-        bootinfo_set_crash_info(panic_info, (size_t)n);
-    }
+    if (rt_boot_info && rt_boot_info->magic == PYKVM_BOOT_MAGIC)
+        bootinfo_set_crash_info(panic_info, panic_crash_info(msg));
 #endif
     outb(PYKVM_PORT_PVPANIC, PYKVM_PVPANIC_PANICKED);
     halt_forever();

@@ -53,9 +53,11 @@ int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap);
 RT_NORETURN void exit_code(uint32_t v);
 /* ACPI-style power-off (outw PYKVM_PORT_POWEROFF): the VMM exits 0. */
 RT_NORETURN void poweroff(void);
-/* Prints "PANIC: <message>\n", [64] records "PANIC=<message>" as the boot
- * info's crash info, then writes PYKVM_PVPANIC_PANICKED to the pvpanic port
- * (the VMM stops the VM as crashed and writes a core) and halts. */
+/* Prints "PANIC: <message>\n", [64] records "PANIC=<message>\n" as the boot
+ * info's crash info (appended to the crash info the guest registered with
+ * bootinfo_set_crash_info, if any and shorter than 512 bytes), then
+ * writes PYKVM_PVPANIC_PANICKED to the pvpanic port (the VMM stops the VM as
+ * crashed and writes a core) and halts. */
 RT_NORETURN void panic(const char *fmt, ...) RT_PRINTF(1, 2);
 
 /* ---- fw_cfg (QEMU-compatible, port interface) ---- */
@@ -90,6 +92,30 @@ void bootinfo_set_crash_info(const char *text, size_t len);
 /* Walk the live page tables (CR3; tables must be identity-mapped, as the
  * VMM's are) and return the physical address of va, or RT_NO_PHYS. */
 uint64_t va_to_pa(const void *va);
+/* Make the 4 KiB page holding va not-present in the live page tables,
+ * splitting the 1 GiB / 2 MiB mapping around it into smaller pages first
+ * (new tables come from a small static pool in .bss), then reload CR3.
+ * 0 on success, -1 if va was not mapped or the pool is exhausted.  Used by
+ * the crash guests to make page 0 and stack guard pages fault. */
+int page_unmap(const void *va);
+
+/* ---- application processors [64] ----
+ * rt_ap_start(cpu, entry) starts the AP with APIC id `cpu` (== vCPU index)
+ * with INIT, SIPI, SIPI.  The real-mode trampoline (runtime/ap_trampoline.S)
+ * must be linked at PYKVM_AP_TRAMPOLINE_ADDR: give the guest the `smp`
+ * linker script (<name>_LDS := smp).  The AP enters long mode on the BSP's
+ * CR0/CR3/CR4/EFER, loads its own GDT and TSS (IST stacks, so a #DF on an
+ * AP still reaches the firmware stubs) and the BSP's current IDT, then calls
+ * entry(cpu) from rt_ap_entry on its own 16 KiB stack (halts if entry
+ * returns).  Returns 0 once the IPIs are delivered, without waiting for the
+ * AP: the trampoline's parameters are shared, so have entry signal the BSP
+ * and wait for that before starting the next AP. */
+#define RT_MAX_CPUS 64
+#define RT_AP_NO_IPI (-1)      /* an IPI's delivery status never cleared */
+#define RT_AP_BAD_CPU (-2)     /* cpu is 0 or >= RT_MAX_CPUS */
+#define RT_AP_BAD_SETUP (-3)   /* trampoline not a SIPI target, or CR3 >= 4 GiB */
+extern char rt_ap_trampoline[];
+int rt_ap_start(unsigned cpu, void (*entry)(unsigned cpu));
 
 /* ---- interrupts [64] ----
  * idt_set_handler copies the current IDT (the firmware's exception

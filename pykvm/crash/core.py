@@ -124,7 +124,7 @@ def _notes(snap: CrashSnapshot, layout: Layout, written: int) -> bytes:
     out = []
     signo = signal_for(snap.trigger, snap.vector)
     for v in _ordered(snap):
-        sig = signo if v.index == snap.crashing_vcpu else 0
+        sig = signo  # every thread, as Linux does: BFD keeps the last NT_PRSTATUS's pr_cursig
         out.append(N.note(N.NAME_CORE, N.NT_PRSTATUS,
                           N.pack_prstatus(v.index + 1, sig, _user_regs(v), v.fpu is not None)))
         out.append(N.note(N.NAME_CORE, N.NT_FPREGSET, N.pack_fpregset(v.fpu)))

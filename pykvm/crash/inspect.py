@@ -156,7 +156,14 @@ def backtrace(core: CoreFile, v: dict, symbols: SymbolTable | None = None) -> di
     ss_base = 0 if bits == 64 else v["segments"].get("ss", {}).get("base", 0)
     fp = v["regs"]["rbp"] & mask
     stop = f"depth limit ({MAX_FRAMES} frames)"
-    for depth in range(1, MAX_FRAMES):
+    first = 1
+    # Frame 0 may not have a frame of its own (a leaf gcc left frameless, RIP in the prologue
+    # or at the ret): RBP is then still the caller's, and the rbp walk alone would skip the caller.
+    ret = _unframed_return(core, v, pc, bits, ss_base, symbols)
+    if ret is not None:
+        frames.append(_frame(1, ret, symbols, call_site=True))
+        first = 2
+    for depth in range(first, MAX_FRAMES):
         if fp == 0:
             stop = "end of frame-pointer chain"
             break
@@ -180,6 +187,76 @@ def backtrace(core: CoreFile, v: dict, symbols: SymbolTable | None = None) -> di
             break
         fp = next_fp
     return {"frames": frames, "stop": stop}
+
+
+def _unframed_return(core: CoreFile, v: dict, pc: int, bits: int, ss_base: int, symbols) -> int | None:
+    """Frame 0's return address when RBP is not (or no longer) its function's own frame pointer.
+
+    At a `ret` the return address is at RSP. Otherwise the function is decoded from its symbol
+    to RIP: if `mov rbp, rsp` has not run, the return address is at RSP plus what the pushes and
+    `sub rsp` so far reserved. Believed only when the bytes before it are a call instruction.
+    """
+    if symbols is None or bits == 16:
+        return None
+    start = symbols.start_of(pc)
+    if start is None or not 0 <= pc - start <= _FUNC_REACH:
+        return None
+    word = bits // 8
+    sp, bp = ("rsp", "rbp") if bits == 64 else ("esp", "ebp")
+    md = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODES[bits])
+    code = core.read_some(start, pc - start + 16, v["index"])
+    at = next(md.disasm(code[pc - start:], pc), None) if len(code) > pc - start else None
+    if at is None:
+        return None
+    adjust = 0
+    if at.mnemonic != "ret":
+        for insn in md.disasm(code[:pc - start], start):
+            ops = insn.op_str
+            if insn.mnemonic == "mov" and ops == f"{bp}, {sp}":
+                return None               # the frame is set up: RBP is this function's own
+            if insn.mnemonic == "push":
+                adjust += word
+            elif insn.mnemonic == "pop":
+                adjust -= word
+            elif insn.mnemonic in ("sub", "add") and ops.startswith(f"{sp}, "):
+                try:
+                    n = int(ops.split(", ", 1)[1], 0)
+                except ValueError:
+                    return None
+                adjust += n if insn.mnemonic == "sub" else -n
+            elif ops.startswith(sp) or insn.mnemonic in ("leave", "enter"):
+                return None               # RSP changed in a way this scan does not follow
+        else:
+            if _insn_end(md, code[:pc - start], start) != pc:
+                return None               # RIP is not on an instruction boundary of the function
+    if adjust < 0:
+        return None
+    rsp = v["regs"]["rsp"] & ((1 << bits) - 1)
+    raw = core.read((ss_base + rsp + adjust) & ((1 << 64) - 1), word, v["index"])
+    if raw is None:
+        return None
+    ret = int.from_bytes(raw, "little")
+    return ret if _follows_call(core, md, v["index"], ret) else None
+
+
+def _insn_end(md, code: bytes, start: int) -> int:
+    """Address just past the last instruction that decodes from code."""
+    end = start
+    for insn in md.disasm(code, start):
+        end = insn.address + insn.size
+    return end
+
+
+def _follows_call(core: CoreFile, md, vcpu: int, addr: int) -> bool:
+    """Whether the bytes just before `addr` decode as one call instruction ending at `addr`."""
+    for size in (5, 2, 3, 6, 7):          # call rel32; call reg; call [reg+d8]; call [rip+d32] ...
+        code = core.read(addr - size, size, vcpu)
+        if code is None:
+            continue
+        insns = list(md.disasm(code, addr - size))
+        if len(insns) == 1 and insns[0].mnemonic == "call" and insns[0].size == size:
+            return True
+    return False
 
 
 def _frame(depth: int, pc: int, symbols, call_site: bool, fp: int | None = None) -> dict:
