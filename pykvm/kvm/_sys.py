@@ -27,3 +27,17 @@ def ioctl(fd, request, arg=0, name=None):
         # safe to repeat, so an interruption is not an error for the caller.
         if err != errno.EINTR:
             raise KvmError(err, name or IOCTL_NAMES.get(request, f"ioctl {request:#x}"))
+
+
+class FdOwner:
+    """Base of the objects wrapping a KVM file descriptor: `with` closes it."""
+
+    def close(self):
+        """Release the descriptor (subclasses)."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

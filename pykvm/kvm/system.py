@@ -5,14 +5,14 @@ import os
 import stat
 
 from . import ioctls
-from ._sys import ioctl
+from ._sys import FdOwner, ioctl
 from .abi import ffi
 from .constants import KVM_API_VERSION
 from .errors import KvmError, KvmUnavailable
 from .vm import Vm
 
 
-class Kvm:
+class Kvm(FdOwner):
     """An open /dev/kvm: capability queries, CPUID/MSR lists, and VM creation."""
 
     def __init__(self, fd, path="/dev/kvm"):
@@ -55,12 +55,6 @@ class Kvm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<Kvm fd={self.fd} path={self.path!r}>"

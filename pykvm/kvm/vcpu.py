@@ -7,7 +7,7 @@ import os
 import cffi
 
 from . import ioctls
-from ._sys import ioctl
+from ._sys import FdOwner, ioctl
 from .abi import cdata_to_python, ffi, field_offsets, lib
 from .errors import KvmError
 
@@ -38,7 +38,7 @@ def _closed_run():
     raise KvmError(errno.EBADF, "KVM_RUN", "vCPU is closed")
 
 
-class Vcpu:
+class Vcpu(FdOwner):
     """A vCPU: ``run()`` enters the guest once; get/set methods move register state.
 
     ``run`` is a per-instance closure (built by _bind_run) rather than a method, so
@@ -92,12 +92,6 @@ class Vcpu:
         self.run_mmap.close()
         os.close(self.fd)
         self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<Vcpu {self.index} fd={self.fd}>"

@@ -4,7 +4,7 @@ import os
 
 from . import constants as C
 from . import ioctls
-from ._sys import ioctl
+from ._sys import FdOwner, ioctl
 from .abi import ffi
 from .vcpu import Vcpu
 
@@ -31,7 +31,7 @@ def _as_route(entry):
     raise ValueError(f"unknown GSI route kind {kind!r} (expected 'irqchip' or 'msi')")
 
 
-class Vm:
+class Vm(FdOwner):
     """A VM file descriptor; ``kvm`` is the Kvm it was created from."""
 
     def __init__(self, kvm, fd):
@@ -47,12 +47,6 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<Vm fd={self.fd} vcpus={len(self.vcpus)}>"
