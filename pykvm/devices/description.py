@@ -1,0 +1,313 @@
+"""Declarative device descriptions: one TOML file per device model, read with tomllib and validated strictly.
+
+A description names the device (its `Device.name`), lists its registers and says, per trust level,
+what a guest's access to each register gets. The schema (every key is required unless marked):
+
+    name = "serial"                      # the Device.name it describes
+    summary = "16550A UART (COM1)"
+    [[registers]]
+    name = "rbr_thr_dll"                 # unique within the file: letters, digits, _ . -
+    space = "port"                       # "port" or "mmio"
+    offset = 0                           # from the base of each range of that space, in bytes
+    width = 1                            # 1, 2, 4 (or 8: mmio only) bytes
+    access = "rw"                        # "r", "w" or "rw"
+    scope = "local"                      # "local" (this device only) or "system" (reset, interrupt routing,
+                                         #  DMA addresses, decode enables, anything beyond this device)
+    trusted = { action = "allow" }
+    untrusted = { action = "deny", read_value = 0xff }   # read_value optional: default all ones
+
+Actions: allow; deny (reads return read_value, writes are dropped); translate with exactly one of
+`mask = M` (writes reach the device as value & M), `clamp = [lo, hi]` (writes are clamped into
+[lo, hi]) or `shadow = true` (writes land in a shadow copy the guest reads back; the device never
+sees them). Translations act on writes, so they need a writable register; reads of mask/clamp
+registers reach the device, reads of a shadowed register return the shadow.
+
+Rules checked at load: no unknown keys, types and ranges of every value, unique names, no two
+registers of one space overlapping, values that fit the register width, and a system-scope register
+is never plainly allowed to an untrusted guest. `check_ranges` checks a description against a model
+instance: every register must lie inside each of the device's ranges of its space.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DeviceConfigError
+
+TRUST_LEVELS = ("trusted", "untrusted")
+SPACES = ("port", "mmio")
+ACCESSES = ("r", "w", "rw")
+SCOPES = ("local", "system")
+ACTIONS = ("allow", "deny", "translate")
+WIDTHS = {"port": (1, 2, 4), "mmio": (1, 2, 4, 8)}
+TOP_KEYS = ("name", "summary", "registers")
+REGISTER_KEYS = ("name", "space", "offset", "width", "access", "scope", "trusted", "untrusted")
+ACTION_KEYS = {"allow": ("action",), "deny": ("action", "read_value"),
+               "translate": ("action", "mask", "clamp", "shadow")}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+HERE = Path(__file__).resolve().parent
+
+
+class DescriptionError(DeviceConfigError):
+    """A device description that is malformed, or that does not match its device model."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """What one trust level gets for one register."""
+
+    action: str                           # "allow", "deny" or "translate"
+    read_value: int | None = None         # deny: what reads return (None: all ones)
+    mask: int | None = None               # translate: value & mask reaches the device
+    clamp: tuple[int, int] | None = None  # translate: value clamped into [lo, hi]
+    shadow: bool = False                  # translate: writes go to a shadow copy
+
+    @property
+    def kind(self) -> str:
+        """allow, deny, mask, clamp or shadow."""
+        if self.action != "translate":
+            return self.action
+        return "mask" if self.mask is not None else "clamp" if self.clamp is not None else "shadow"
+
+    def text(self) -> str:
+        """Short human form: `allow`, `deny (reads 0xff)`, `translate mask 0x1`, ..."""
+        if self.action == "deny":
+            return "deny" if self.read_value is None else f"deny (reads {self.read_value:#x})"
+        if self.action == "allow":
+            return "allow"
+        if self.mask is not None:
+            return f"translate mask {self.mask:#x}"
+        if self.clamp is not None:
+            return f"translate clamp [{self.clamp[0]:#x}, {self.clamp[1]:#x}]"
+        return "translate shadow"
+
+
+@dataclass(frozen=True)
+class Register:
+    """One register of a device, with what each trust level may do to it."""
+
+    name: str
+    space: str
+    offset: int
+    width: int
+    access: str
+    scope: str
+    trusted: Action
+    untrusted: Action
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.width
+
+    def action(self, trust: str) -> Action:
+        return self.trusted if trust == "trusted" else self.untrusted
+
+
+@dataclass(frozen=True)
+class Description:
+    """A device's declared registers; `path` names the file for messages."""
+
+    name: str
+    summary: str
+    registers: tuple[Register, ...]
+    path: str = "<description>"
+
+    def in_space(self, space: str) -> list[Register]:
+        return [r for r in self.registers if r.space == space]
+
+    def check_ranges(self, dev) -> None:
+        """Raise DescriptionError unless every register lies inside each of `dev`'s ranges of its space."""
+        ranges = {"port": list(dev.ports), "mmio": list(dev.mmio)}
+        for r in self.registers:
+            have = ranges[r.space]
+            if not have:
+                raise DescriptionError(f"{self.path}: register {r.name!r} is in {r.space} space, but device "
+                                       f"{dev.name} decodes no {'I/O ports' if r.space == 'port' else 'MMIO'}")
+            for base, length in have:
+                if r.end > length:
+                    kind = "I/O ports" if r.space == "port" else "MMIO"
+                    raise DescriptionError(
+                        f"{self.path}: register {r.name!r} (offset {r.offset:#x}, width {r.width}) lies outside "
+                        f"device {dev.name}'s {kind} {base:#x}+{length:#x}")
+
+    def render(self) -> str:
+        """The description as a table, for `pykvm devices --describe`."""
+        rows = [("register", "space", "offset", "width", "access", "scope", "trusted", "untrusted")]
+        for r in sorted(self.registers, key=lambda r: (r.space, r.offset)):
+            rows.append((r.name, r.space, f"{r.offset:#x}", str(r.width), r.access, r.scope,
+                         r.trusted.text(), r.untrusted.text()))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"{self.name}: {self.summary}", f"  from {self.path}"]
+        for row in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ parsing
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _unknown(where: str, table: dict, allowed) -> None:
+    extra = [k for k in table if k not in allowed]
+    if extra:
+        raise DescriptionError(f"{where}: unknown key{'s' if len(extra) > 1 else ''} "
+                               f"{', '.join(repr(k) for k in extra)} (allowed: {', '.join(allowed)})")
+
+
+def _parse_action(where: str, level: str, raw, width: int, access: str) -> Action:
+    where = f"{where}: {level}"
+    if not isinstance(raw, dict):
+        raise DescriptionError(f"{where}: expected a table like {{ action = \"allow\" }}, got {raw!r}")
+    act = raw.get("action")
+    if act not in ACTIONS:
+        raise DescriptionError(f"{where}: action {act!r} is not one of {', '.join(ACTIONS)}")
+    _unknown(where, raw, ACTION_KEYS[act])
+    top = (1 << (8 * width)) - 1
+
+    def fits(key, v):
+        if not _is_int(v) or not 0 <= v <= top:
+            raise DescriptionError(f"{where}: {key} {v!r} must be an integer in 0..{top:#x} (width {width})")
+        return v
+
+    if act == "allow":
+        return Action("allow")
+    if act == "deny":
+        rv = raw.get("read_value")
+        if rv is not None:
+            if "r" not in access:
+                raise DescriptionError(f"{where}: read_value on a write-only register (reads of it are "
+                                       "refused as a wrong-direction access anyway)")
+            fits("read_value", rv)
+        return Action("deny", read_value=rv)
+    present = [k for k in ("mask", "clamp", "shadow") if k in raw]
+    if len(present) != 1:
+        raise DescriptionError(f"{where}: translate needs exactly one of mask, clamp, shadow "
+                               f"(got {', '.join(present) or 'none'})")
+    if "w" not in access:
+        raise DescriptionError(f"{where}: translate acts on writes, but the register is read-only")
+    if "mask" in raw:
+        return Action("translate", mask=fits("mask", raw["mask"]))
+    if "clamp" in raw:
+        c = raw["clamp"]
+        if not isinstance(c, list) or len(c) != 2:
+            raise DescriptionError(f"{where}: clamp must be [lo, hi], got {c!r}")
+        lo, hi = fits("clamp lo", c[0]), fits("clamp hi", c[1])
+        if lo > hi:
+            raise DescriptionError(f"{where}: clamp [{lo:#x}, {hi:#x}] has lo > hi")
+        return Action("translate", clamp=(lo, hi))
+    if raw["shadow"] is not True:
+        raise DescriptionError(f"{where}: shadow must be true, got {raw['shadow']!r}")
+    return Action("translate", shadow=True)
+
+
+def _parse_register(path: str, i: int, raw) -> Register:
+    label = raw.get("name") if isinstance(raw, dict) else None
+    where = f"{path}: register {label!r}" if isinstance(label, str) else f"{path}: register #{i + 1}"
+    if not isinstance(raw, dict):
+        raise DescriptionError(f"{where}: expected a [[registers]] table")
+    _unknown(where, raw, REGISTER_KEYS)
+    missing = [k for k in REGISTER_KEYS if k not in raw]
+    if missing:
+        raise DescriptionError(f"{where}: missing {', '.join(missing)}")
+    name = raw["name"]
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DescriptionError(f"{where}: name must be letters, digits, '_', '.' or '-'")
+    space = raw["space"]
+    if space not in SPACES:
+        raise DescriptionError(f"{where}: space {space!r} is not one of {', '.join(SPACES)}")
+    offset, width = raw["offset"], raw["width"]
+    if not _is_int(offset) or offset < 0:
+        raise DescriptionError(f"{where}: offset {offset!r} must be a non-negative integer")
+    if not _is_int(width) or width not in WIDTHS[space]:
+        raise DescriptionError(f"{where}: width {width!r} must be one of "
+                               f"{', '.join(map(str, WIDTHS[space]))} for {space} registers")
+    access, scope = raw["access"], raw["scope"]
+    if access not in ACCESSES:
+        raise DescriptionError(f"{where}: access {access!r} is not one of {', '.join(ACCESSES)}")
+    if scope not in SCOPES:
+        raise DescriptionError(f"{where}: scope {scope!r} is not one of {', '.join(SCOPES)}")
+    trusted = _parse_action(where, "trusted", raw["trusted"], width, access)
+    untrusted = _parse_action(where, "untrusted", raw["untrusted"], width, access)
+    if scope == "system" and untrusted.action == "allow":
+        raise DescriptionError(f"{where}: a system-scope register must be denied or translated for "
+                               "untrusted guests, not allowed")
+    return Register(name, space, offset, width, access, scope, trusted, untrusted)
+
+
+def parse(text: str, path: str = "<description>") -> Description:
+    """A Description from TOML text; DescriptionError (naming `path` and the register) when invalid."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DescriptionError(f"{path}: not valid TOML: {e}") from None
+    _unknown(path, data, TOP_KEYS)
+    name, summary, regs = data.get("name"), data.get("summary"), data.get("registers")
+    if not isinstance(name, str) or not name:
+        raise DescriptionError(f"{path}: `name` (the Device.name described) must be a non-empty string")
+    if not isinstance(summary, str):
+        raise DescriptionError(f"{path}: `summary` must be a string")
+    if not isinstance(regs, list) or not regs:
+        raise DescriptionError(f"{path}: no [[registers]]: a description lists at least one register")
+    registers = [_parse_register(path, i, r) for i, r in enumerate(regs)]
+    seen: dict[str, Register] = {}
+    for r in registers:
+        if r.name in seen:
+            raise DescriptionError(f"{path}: register {r.name!r} is defined twice")
+        seen[r.name] = r
+    for space in SPACES:
+        ordered = sorted((r for r in registers if r.space == space), key=lambda r: r.offset)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.offset < a.end:
+                raise DescriptionError(f"{path}: register {b.name!r} ({space} {b.offset:#x}+{b.width}) overlaps "
+                                       f"register {a.name!r} ({space} {a.offset:#x}+{a.width})")
+    return Description(name, summary, tuple(registers), path)
+
+
+def load(path) -> Description:
+    """Read and validate one description file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DescriptionError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise DescriptionError(f"{path}: not UTF-8: {e}") from None
+    return parse(text, _display(path))
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(HERE.parent.parent))
+    except ValueError:
+        return str(path)
+
+
+def load_dir(directory) -> dict[str, Description]:
+    """Every *.toml description in `directory`, by device name (two files for one name is an error)."""
+    out: dict[str, Description] = {}
+    for p in sorted(Path(directory).glob("*.toml")):
+        d = load(p)
+        if d.name in out:
+            raise DescriptionError(f"{d.path}: describes device {d.name!r}, already described by {out[d.name].path}")
+        out[d.name] = d
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def shipped() -> dict[str, Description]:
+    """The descriptions shipped next to the device models (pykvm/devices/*.toml), loaded once."""
+    return load_dir(HERE)
+
+
+def for_device(dev, descriptions: dict[str, Description] | None = None) -> Description | None:
+    """The description of `dev`: by its instance name, else by its model's class-level name."""
+    table = shipped() if descriptions is None else descriptions
+    d = table.get(dev.name)
+    if d is None:
+        d = table.get(getattr(type(dev), "name", None))
+    return d
