@@ -74,7 +74,8 @@ def main():
       8    kernel/initrd doesn't fit in RAM               10 device configuration error
       12   unknown bundled guest                          14 toolchain missing / build failed
       16   guest crashed        18 timeout                20 pykvm internal error
-      22   bad memory size      130 interrupted
+      22   bad memory size      26 bad/incompatible state file (restore)
+      130  interrupted
     """
 
 
@@ -100,9 +101,11 @@ def main():
 @click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
               help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
+@click.option("--trust", type=click.Choice(["trusted", "untrusted"]), default="trusted", show_default=True,
+              help="Device access policy level (see `pykvm devices --describe NAME`).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, crash_dir, no_dump, control_path, debug):
+        load_addr, entry_mode, crash_dir, no_dump, control_path, trust, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -122,7 +125,7 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             cmdline=cmdline, initrd=Path(initrd) if initrd else None, serial_out=serial_out,
                             serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
-                            crash_dir=None if no_dump else Path(crash_dir))
+                            crash_dir=None if no_dump else Path(crash_dir), trust=trust)
         try:
             with Machine(cfg) as m:
                 import signal
@@ -142,6 +145,9 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                 finally:
                     if server is not None:
                         server.close()
+                policy_line = m.policy.summary()
+                if policy_line:
+                    click.echo(policy_line, err=True)
                 if trace_io and m.devices.unclaimed:
                     for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
                         click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
@@ -173,6 +179,70 @@ def _serial_sink(spec: str):
     except OSError as e:
         raise click.BadParameter(f"cannot open {spec}: {e.strerror}", param_hint="--serial") from None
     return fd, fd
+
+
+@main.command()
+@click.argument("state_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--serial", default="stdio", show_default=True,
+              help="Where COM1 output goes: stdio, none, or a file path.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds.")
+@click.option("--crash-dir", default="crashes", show_default=True, type=click.Path(file_okay=False),
+              help="Where crash cores are written.")
+@click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False),
+              help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, debug):
+    """Continue a VM saved with `pykvm ctl SOCK save path=STATE_FILE` (exit status 26: bad state file)."""
+
+    def go():
+        from pathlib import Path
+
+        from .machine import Machine
+        from .state import load_state
+
+        saved = load_state(state_file)
+        serial_out, close_fd = _serial_sink(serial)
+        serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
+        try:
+            cfg = saved.machine_config(serial_out=serial_out, serial_in=serial_in, timeout=timeout,
+                                       crash_dir=None if no_dump else Path(crash_dir))
+            with Machine(cfg, restore=saved) as m:
+                import signal
+
+                signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
+                server = None
+                if control_path:
+                    from .control import ControlServer
+
+                    try:
+                        server = ControlServer(m, control_path)
+                    except OSError as e:
+                        raise UsageError(f"--control {control_path}: {e.strerror}") from None
+                try:
+                    outcome = m.run()
+                finally:
+                    if server is not None:
+                        server.close()
+                policy_line = m.policy.summary()
+                if policy_line:
+                    click.echo(policy_line, err=True)
+        finally:
+            saved.close()
+            if close_fd is not None:
+                os.close(close_fd)
+        if outcome.kind not in ("exit", "poweroff"):
+            click.echo(f"pykvm: {outcome.message}", err=True)
+            if debug and "traceback" in outcome.details:
+                click.echo(outcome.details["traceback"], err=True)
+        if outcome.core_path:
+            click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path})",
+                       err=True)
+        elif outcome.core_error:
+            click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
+        sys.exit(outcome.status)
+
+    _guard(go, debug)
 
 
 @main.command()
@@ -277,6 +347,27 @@ def dump(pid):
         click.echo(f"pykvm: error: not allowed to signal process {pid}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(f"pykvm: asked process {pid} for a core; it prints the path on its stderr")
+
+
+@main.command()
+@click.option("--describe", "name", metavar="NAME", help="Print one device's registers and what each trust level gets.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def devices(name, debug):
+    """List the device descriptions the access policy enforces (pykvm/devices/*.toml)."""
+
+    def go():
+        from .devices import description
+
+        table = description.shipped()
+        if name is None:
+            for d in sorted(table.values(), key=lambda d: d.name):
+                click.echo(f"{d.name:16} {len(d.registers):3} registers  {d.summary}")
+            return
+        if name not in table:
+            raise UsageError(f"no device description named {name!r}; known: {', '.join(sorted(table))}")
+        click.echo(table[name].render(), nl=False)
+
+    _guard(go, debug)
 
 
 @main.command()

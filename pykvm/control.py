@@ -84,9 +84,15 @@ class ControlServer:
         return {"ok": True, **(result or {})}
 
     def close(self) -> None:
-        """Stop accepting and remove the socket file."""
+        """Stop accepting, let a reply in flight (e.g. to `save stop=true`) go out, remove the socket file."""
         try:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the serving thread
+            except OSError:
+                pass
             self.sock.close()
+            if self.thread is not threading.current_thread():
+                self.thread.join(2)
         finally:
             try:
                 os.unlink(self.path)
@@ -129,7 +135,7 @@ def _stats(machine, req) -> dict:
 
 
 # Device types the host may hot-add, by name; constructor keyword arguments come from the request.
-HOTPLUG_TYPES = {"mailbox": "pykvm.devices.mailbox:Mailbox"}
+HOTPLUG_TYPES = {"mailbox": "pykvm.devices.mailbox:Mailbox", "identity": "pykvm.devices.identity:Identity"}
 
 
 def _device_class(kind: str):
@@ -173,3 +179,16 @@ def _inject(machine, req) -> dict:
         raise ValueError(f"device {dev.name} takes no injected faults")
     dev.inject(str(req.get("kind", "raise")))
     return {"device": dev.name, "generation": dev.generation}
+
+
+@command("save")
+def _save(machine, req) -> dict:
+    """Save the VM to path=FILE (pykvm restore FILE continues it); stop=true ends this VM afterwards (a move)."""
+    from .state import save_vm
+
+    stop = req.get("stop", False)
+    if stop in ("true", "false"):
+        stop = stop == "true"
+    if not isinstance(stop, bool):
+        raise ValueError("stop must be true or false")
+    return save_vm(machine, str(req.get("path", "")), stop=stop)

@@ -19,6 +19,7 @@ EXIT_TIMEOUT = 18
 EXIT_VMM_ERROR = 20
 EXIT_BAD_MEMORY_SIZE = 22
 EXIT_BAD_CORE = 24
+EXIT_BAD_STATE = 26
 
 
 class PykvmError(Exception):
@@ -73,3 +74,9 @@ class BadCoreError(PykvmError):
     """A file given to `pykvm inspect` that is not a readable pykvm core."""
 
     exit_status = EXIT_BAD_CORE
+
+
+class BadStateError(PykvmError):
+    """A saved-VM file that is corrupt (bad magic, checksum, truncated) or incompatible (format version, devices)."""
+
+    exit_status = EXIT_BAD_STATE

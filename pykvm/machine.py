@@ -20,10 +20,14 @@ from .boot.firmware import load_firmware
 from .boot.image import load_image
 from .boot.loader import BootPlan, load
 from .devices import DeviceManager, FirmwareTrap, GuestCrash, GuestExit, State, VmEvent
+from .devices import memwindow
+from .devices.dma import Dma
 from .devices.fwcfg import FwCfg
+from .devices.identity import Identity
 from .devices.serial import Serial16550
 from .devices.mailbox import Mailbox
 from .devices.power import PowerControl
+from .devices.policy import PolicyAuthority
 from .devices.simple import DebugExit, FirmwareTrapPort, PostCode, PowerOff, PvPanic
 from .devices.supervisor import DeviceHung, Supervisor
 from .kvm import Kvm, KvmError, constants as C
@@ -33,6 +37,8 @@ TSS_ADDR = 0xFFFBD000          # three pages KVM needs on Intel for real-mode em
 IDENTITY_MAP_ADDR = 0xFFFBC000
 KICK_SIGNAL = signal.SIGUSR2   # interrupts a vCPU thread blocked in KVM_RUN
 MIN_MEMORY = 2 << 20
+WINDOW_SLOT_BASE = 64          # memslots of device windows; RAM (and vNUMA nodes) use 0..63
+COALESCED_DRAIN_PERIOD = 0.01  # how often queued coalesced writes are applied when nothing else exits
 
 _io_hdr = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
 _mmio_hdr = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
@@ -74,6 +80,7 @@ class MachineConfig:
     restart_period: float = 60.0
     on_device_failure: str = "remove"  # past the intensity: "remove" (guest sees surprise removal) or "crash"
     device_deadline: float = 0.5     # a device callback running longer than this has hung
+    trust: str = "trusted"           # device access policy level: "trusted" or "untrusted" (devices/policy.py)
 
 
 @dataclass
@@ -93,8 +100,20 @@ class Outcome:
 class Machine:
     """One VM: build with a config, then run() until the guest exits, crashes or times out."""
 
-    def __init__(self, config: MachineConfig):
+    def __init__(self, config: MachineConfig, restore=None):
         self.config = config
+        self._restore = restore          # a state.SavedState to resume instead of booting config.kernel
+        # memory-backed device windows and coalesced MMIO (see _window_hook)
+        self._win_lock = threading.RLock()
+        self._win_slots: dict[int, tuple] = {}      # id(window) -> (slot, window)
+        self._zones: dict[int, tuple] = {}          # id(device) -> (device, [(gpa, length)])
+        self._zone_list: list[tuple[int, int]] = []
+        self._ring_lock = threading.RLock()
+        self._ring_page = 0                         # KVM_COALESCED_MMIO_PAGE_OFFSET, 0 = unsupported
+        self._readonly_mem = False
+        self._drainer: threading.Thread | None = None
+        self.ring_stats = memwindow.RingStats()
+        self.pending_images: dict[tuple[str, str], bytes] = {}   # (device, window) -> bytes, from a restore
         self.kvm = self.vm = self.memory = None
         self.vcpus = []
         self.threads: list[threading.Thread] = []
@@ -112,6 +131,8 @@ class Machine:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()   # (fn, Future | None) for the main thread
         self._wake = threading.Event()
         self._main_ident: int | None = None
+        self._requests_closed = False   # after run(): calls execute directly, nothing serves a queue
+        self._requests_lock = threading.Lock()
         try:
             self._build()
         except BaseException:
@@ -126,10 +147,12 @@ class Machine:
                 f"memory size {cfg.mem} bytes: must be a multiple of 4096 and at least {MIN_MEMORY >> 20} MiB")
         if not 1 <= cfg.cpus <= 255:
             raise errors.UsageError(f"--cpus {cfg.cpus}: must be between 1 and 255")
-        from .artifacts import firmware_path
+        restoring = self._restore is not None
+        if not restoring:
+            from .artifacts import firmware_path
 
-        image = load_image(cfg.kernel, flat_addr=cfg.flat_addr, flat_bits=cfg.flat_bits)
-        firmware = load_firmware(firmware_path())
+            image = load_image(cfg.kernel, flat_addr=cfg.flat_addr, flat_bits=cfg.flat_bits)
+            firmware = load_firmware(firmware_path())
 
         self.kvm = Kvm.open(os.environ.get("PYKVM_DEV_KVM", "/dev/kvm"))
         max_vcpus = self.kvm.check_extension(C.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(C.KVM_CAP_NR_VCPUS)
@@ -144,6 +167,8 @@ class Machine:
             raise errors.MemorySizeError(f"cannot allocate {cfg.mem >> 20} MiB of guest memory: {e.strerror}") from None
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        self._readonly_mem = bool(self.vm.check_extension(C.KVM_CAP_READONLY_MEM))
+        self._ring_page = self.vm.check_extension(C.KVM_CAP_COALESCED_MMIO)
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         if cfg.irqchip == "full":
@@ -153,8 +178,9 @@ class Machine:
             self.vm.enable_split_irqchip()
 
         self.devices = self._build_devices()
-        self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
-                                   argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd)
+        if not restoring:
+            self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
+                                       argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd)
 
         supported = self.kvm.supported_cpuid()
         nx = cpu_setup.nx_supported(supported)
@@ -164,13 +190,20 @@ class Machine:
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
             vcpu.set_cpuid2(cpu_setup.cpuid_for_vcpu(supported, i, kffi))
-        cpu_setup.apply_entry(self.vcpus[0], self.plan.entry, nx)
         self.exit_counts = [dict() for _ in self.vcpus]
+        if restoring:
+            from .state import apply_state
+
+            apply_state(self, self._restore)
+        else:
+            cpu_setup.apply_entry(self.vcpus[0], self.plan.entry, nx)
 
     def _build_devices(self) -> DeviceManager:
         cfg = self.config
         trace = (lambda msg: print(f"pykvm: io: {msg}", file=sys.stderr)) if cfg.trace_io else None
-        dm = DeviceManager(trace_io=trace, strict_io=cfg.strict_io)
+        self.policy = PolicyAuthority(cfg.trust)
+        dm = DeviceManager(trace_io=trace, strict_io=cfg.strict_io, access_filter=self.policy)
+        dm.window_hook = self._window_hook
         irq4 = (lambda level: self.vm.irq_line(4, level)) if cfg.irqchip == "full" else None
         self.serial = dm.add(Serial16550(out_fd=cfg.serial_out, in_fd=cfg.serial_in, irq=irq4))
         dm.add(DebugExit(port=cfg.exit_port))
@@ -181,6 +214,11 @@ class Machine:
         dm.add(FirmwareTrapPort())
         dm.add(PowerControl())
         dm.add(Mailbox())
+        self.identity = dm.add(Identity())
+        pulse = ((lambda line: (self.vm.irq_line(line, 1), self.vm.irq_line(line, 0)))
+                 if cfg.irqchip == "full" else None)
+        self.dma = dm.add(Dma(memory=self.memory, irq=pulse))
+        self.policy.check(dm.devices)   # every description against its model's ranges, before anything runs
         self.supervisor = Supervisor(dm, intensity=cfg.restart_intensity, period=cfg.restart_period,
                                      escalate=cfg.on_device_failure, on_escalate=self._device_failed_for_good,
                                      deadline=cfg.device_deadline)
@@ -220,6 +258,8 @@ class Machine:
                 self._finish(Outcome(130, "interrupted", "interrupted by the user (Ctrl-C)"))
             finally:
                 self._main_ident = None
+                with self._requests_lock:
+                    self._requests_closed = True
             self._serve_requests()  # answer callers still waiting, then refuse new ones
             self._stop_vcpus()
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
@@ -260,7 +300,8 @@ class Machine:
             while self._pausing and not self.stopping:
                 self._park_cond.wait(0.1)
             self._parked -= 1
-        vcpu.immediate_exit = 0
+        if not self.stopping:  # a VM that stops while paused (save with stop) never re-enters the guest
+            vcpu.immediate_exit = 0
 
     def pause(self, timeout: float = 2.0) -> bool:
         """Get every running vCPU out of KVM_RUN and parked; True when all parked in time."""
@@ -271,8 +312,10 @@ class Machine:
         while time.monotonic() < deadline:
             alive = [t for t in self.threads if t.is_alive()]
             with self._park_cond:
-                if self._parked >= len(alive):
-                    return True
+                parked = self._parked >= len(alive)
+            if parked:
+                self.drain_coalesced()  # queued writes belong to the state being looked at
+                return True
             for t in alive:
                 try:
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
@@ -290,12 +333,16 @@ class Machine:
 
     def call(self, fn, timeout: float = 60.0):
         """Run fn() on the thread that runs the machine (where pausing and dumping are safe)."""
-        if self._main_ident is None or threading.get_ident() == self._main_ident:
+        # Before run() reaches its loop, requests wait in the queue: devices are still starting.
+        if threading.get_ident() == self._main_ident:
             return fn()
-        fut: Future = Future()
-        self._requests.put((fn, fut))
-        self._wake.set()
-        return fut.result(timeout)
+        with self._requests_lock:
+            queued = not self._requests_closed
+            if queued:
+                fut: Future = Future()
+                self._requests.put((fn, fut))
+                self._wake.set()
+        return fut.result(timeout) if queued else fn()
 
     def _serve_requests(self) -> None:
         while True:
@@ -339,6 +386,8 @@ class Machine:
             "unclaimed": {f"{k} {a:#x} {rw}": n for (k, a, rw), n in self.devices.unclaimed.items()},
             "outside_d0": {f"{d} {rw}": n for (d, rw), n in self.devices.outside_d0.items()},
             "device_events": list(self.devices.events),
+            "windows": self.window_info(),
+            "coalesced": self.ring_stats.as_dict(),
         }
 
     def _dump_outcome(self, outcome: Outcome) -> None:
@@ -348,6 +397,7 @@ class Machine:
         """Snapshot every vCPU and guest RAM into a core; (path, None) or (None, why not)."""
         if self.config.crash_dir is None:
             return None, None
+        self.drain_coalesced()
         from .capture import apply_trap_frame, guest_crash_info, vcpu_state
         from .crash.core import CoreWriteError, write_core
         from .crash.snapshot import CrashSnapshot
@@ -386,6 +436,151 @@ class Machine:
         self._done.set()
         self._wake.set()
         return True
+
+    # ---------------------------------------------------------------- device windows and coalesced MMIO
+    def _window_hook(self, dev, live: bool) -> None:
+        """DeviceManager.window_hook: make KVM match `dev`'s windows and coalesced registers.
+
+        live: map each "backed" window as a read-only memslot over its image (so reads cost no exit)
+        and unmap "trapped" ones (every access exits to the model); register the device's coalesced
+        zones. Not live (the device is leaving D0): apply what is queued, drop the zones, unmap all.
+        """
+        if self.vm is None:
+            return
+        if not live:
+            self.drain_coalesced(strict=False)
+        with self._win_lock:
+            if live and dev.windows and not self._readonly_mem and not getattr(self, "_warned_ro", False):
+                self._warned_ro = True
+                print("pykvm: warning: this KVM lacks KVM_CAP_READONLY_MEM: memory-backed device windows "
+                      "fall back to trapped mode (every read exits)", file=sys.stderr)
+            for w in dev.windows:
+                self._sync_window(dev, w, live)
+            dropped = self._sync_zones(dev, live)
+        if dropped:
+            self.drain_coalesced(strict=False)  # writes queued while the zones were being dropped
+            with self._win_lock:
+                self._zone_list = [z for _d, zs in self._zones.values() for z in zs]
+
+    def _sync_window(self, dev, w, live: bool) -> None:
+        key = id(w)
+        cur = self._win_slots.get(key)
+        if live:
+            pending = self.pending_images.pop((dev.name, w.name), None)
+            if pending is not None:
+                memwindow.load_image(w, pending)
+        want = live and w.mode == "backed" and self._readonly_mem
+        if want and cur is None:
+            region = memwindow.ensure_image(w)
+            used = {slot for slot, *_ in self._win_slots.values()}
+            slot = next(n for n in range(WINDOW_SLOT_BASE, WINDOW_SLOT_BASE + len(used) + 1) if n not in used)
+            try:
+                self.vm.set_user_memory_region(slot, w.gpa, w.size, region.host_addr, C.KVM_MEM_READONLY)
+            except KvmError as e:
+                print(f"pykvm: warning: {dev.name}: cannot map window {w.name} at {w.gpa:#x}: {e}; "
+                      "its reads exit instead", file=sys.stderr)
+                return
+            self._win_slots[key] = (slot, w, dev.name)
+        elif not want and cur is not None:
+            del self._win_slots[key]
+            self.vm.set_user_memory_region(cur[0], w.gpa, 0, 0)
+
+    def _sync_zones(self, dev, live: bool) -> bool:
+        """Register or unregister dev's coalesced zones; True when some were dropped (drain again)."""
+        key = id(dev)
+        cur = self._zones.get(key, (dev, []))[1]
+        want = []
+        if live and self._ring_page and self.vcpus:
+            ring_end = (self._ring_page + 1) * 4096
+            if len(self.vcpus[0].run_mmap) >= ring_end:
+                for gpa, length in getattr(dev, "coalesced", ()):
+                    if 1 <= length <= 8 and any(b <= gpa and gpa + length <= b + n for b, n in dev.mmio):
+                        want.append((gpa, length))
+        for gpa, length in cur:
+            if (gpa, length) not in want:
+                self.vm.unregister_coalesced_mmio(gpa, length)
+        for gpa, length in list(want):
+            if (gpa, length) not in cur:
+                try:
+                    self.vm.register_coalesced_mmio(gpa, length)
+                except KvmError as e:  # e.g. out of zones: the writes simply exit
+                    want.remove((gpa, length))
+                    print(f"pykvm: warning: {dev.name}: cannot coalesce writes at {gpa:#x}: {e}", file=sys.stderr)
+        if want:
+            self._zones[key] = (dev, want)
+        else:
+            self._zones.pop(key, None)
+        dropped = any(z not in want for z in cur)
+        if not dropped:
+            self._zone_list = [z for _d, zs in self._zones.values() for z in zs]
+        if self._zone_list and self._drainer is None:
+            self._drainer = threading.Thread(target=self._drain_loop, name="coalesced-drain", daemon=True)
+            self._drainer.start()
+        return dropped
+
+    def window_info(self) -> list[dict]:
+        """Mapped windows (memslot numbers) and coalesced zones, for stats and tests."""
+        with self._win_lock:
+            out = [{"device": name, "window": w.name, "gpa": w.gpa, "size": w.size, "slot": slot}
+                   for slot, w, name in sorted(self._win_slots.values(), key=lambda e: e[0])]
+            out += [{"device": d.name, "coalesced": gpa, "size": n} for d, zs in self._zones.values() for gpa, n in zs]
+        return out
+
+    def drain_coalesced(self, vcpu=None, strict: bool = True) -> int:
+        """Apply the writes KVM queued in the coalesced-MMIO ring, in order; returns how many.
+
+        Called before any slow exit is handled, when all vCPUs are paused (save, dump), when a
+        device with coalesced registers leaves D0, and every COALESCED_DRAIN_PERIOD from a thread.
+        """
+        if not self._zone_list or not self.vcpus or not self._ring_page:
+            return 0
+        mm = self.vcpus[0].run_mmap
+        if mm.closed:
+            return 0
+        with self._ring_lock:
+            return memwindow.drain_ring(mm, self._ring_page * 4096, self._zone_list,
+                                        lambda a, n, v: self._apply_coalesced(a, n, v, vcpu, strict),
+                                        self.ring_stats)
+
+    def _apply_coalesced(self, addr: int, length: int, value: int, vcpu, strict: bool) -> None:
+        try:
+            self.devices.mmio_access(addr, length, True, value)
+        except VmEvent as ev:
+            if vcpu is not None:
+                raise  # handled by the vCPU loop with this vCPU's context
+            self._event_outside_vcpu(ev)
+        except Exception as e:
+            hit = self.devices.mmio_lookup(addr)
+            dev = hit[0] if hit else None
+            why = f"{type(e).__name__}: {e}"
+            if not strict:  # the device is leaving D0 already
+                print(f"pykvm: {dev.name if dev else 'device'}: coalesced write at {addr:#x} failed: {why}",
+                      file=sys.stderr)
+            elif dev is None or not self.supervisor.report_failure(dev, why):
+                self._finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error",
+                                     f"internal error applying a coalesced write at {addr:#x}"
+                                     f"{' to ' + dev.name if dev else ''}: {why}", trigger="vmm-error"))
+
+    def _event_outside_vcpu(self, ev: VmEvent) -> None:
+        """A VM event raised by a coalesced write applied off the vCPU threads."""
+        self.serial.flush()
+        if isinstance(ev, GuestExit):
+            kind = "poweroff" if ev.how == "power-off" else "exit"
+            self._finish(Outcome(ev.status, kind, f"guest exited: {ev.how}"))
+        else:
+            trigger = ev.trigger if isinstance(ev, GuestCrash) else "strict-io"
+            self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed: {ev}", trigger=trigger))
+
+    def _drain_loop(self) -> None:
+        while not self._done.wait(COALESCED_DRAIN_PERIOD) and self.vm is not None:
+            if self.vcpus:
+                try:
+                    self.drain_coalesced()
+                except Exception as e:  # never let the drainer die silently
+                    self._finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error",
+                                         f"internal error draining coalesced MMIO: {type(e).__name__}: {e}",
+                                         trigger="vmm-error"))
+                    return
 
     # ---------------------------------------------------------------- vCPU loop
     def _vcpu_thread(self, vcpu) -> None:
@@ -469,6 +664,10 @@ class Machine:
 
     def _exit_slow(self, vcpu, mm, reason: int) -> None:
         """Exits the hot loop does not take: string, unclaimed or inactive I/O, MMIO, and the rest."""
+        counts = self.exit_counts[vcpu.index]
+        counts[reason] = counts.get(reason, 0) + 1
+        if self._zone_list:
+            self.drain_coalesced(vcpu)  # writes queued before this exit happened before it
         if reason == C.KVM_EXIT_IO:
             direction, size, port, count, off = _io_hdr.unpack_from(mm, 32)
             self._io_slow(mm, direction, size, port, count, off)
@@ -476,8 +675,6 @@ class Machine:
             addr, data, length, is_write = _mmio_hdr.unpack_from(mm, 32)
             self._mmio(mm, addr, data, length, is_write)
         else:
-            counts = self.exit_counts[vcpu.index]
-            counts[reason] = counts.get(reason, 0) + 1
             self._other_exit(vcpu, reason)
 
     def _io_slow(self, mm, direction, size, port, count, off) -> None:

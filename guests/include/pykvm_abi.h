@@ -97,6 +97,81 @@
 /* A guest-physical address in the hole that no device claims: the exits guest
  * reads it (all ones at every width) and writes it (dropped). */
 #define PYKVM_MMIO_UNCLAIMED 0xd0000000
+/* Identity device (pykvm/devices/identity.py, identity.toml): three pages of
+ * MMIO. Page 0 (window "ident") and page 1 (window "status") are memory-backed
+ * windows: reads are served from memory without an exit, writes trap. Page 2
+ * is plain MMIO: LOG is a coalesced write-only register, reading FLUSH exits
+ * (so queued LOG writes are applied first) and returns LOG_COUNT. Offsets are
+ * from PYKVM_IDENT_BASE. */
+#define PYKVM_IDENT_BASE 0xfe000000
+#define PYKVM_IDENT_SIZE 0x3000
+#define PYKVM_IDENT_VENDOR_ID 0x000
+#define PYKVM_IDENT_DEVICE_ID 0x004
+#define PYKVM_IDENT_VERSION 0x008
+#define PYKVM_IDENT_CAPS 0x00c
+#define PYKVM_IDENT_SERIAL 0x010
+#define PYKVM_IDENT_SERIAL_LEN 32
+#define PYKVM_IDENT_CONTROL 0x030
+#define PYKVM_IDENT_CONFIG_GEN 0x034
+#define PYKVM_IDENT_CONFIG 0x040
+#define PYKVM_IDENT_CONFIG_WORDS 16
+#define PYKVM_IDENT_STATUS_PAGE 0x1000
+#define PYKVM_IDENT_TICK 0x1000
+#define PYKVM_IDENT_STATUS 0x1008
+#define PYKVM_IDENT_TRAPPED_READS 0x100c
+#define PYKVM_IDENT_LOG_COUNT 0x1010
+#define PYKVM_IDENT_LOG_HASH 0x1014
+#define PYKVM_IDENT_LOG 0x2000
+#define PYKVM_IDENT_FLUSH 0x2004
+#define PYKVM_IDENT_VENDOR 0x7079
+#define PYKVM_IDENT_DEVICE 0x6b76
+#define PYKVM_IDENT_VERSION_VALUE 0x00010002
+/* CAPS bits */
+#define PYKVM_IDENT_CAP_BACKED 0x1
+#define PYKVM_IDENT_CAP_TRAPPED 0x2
+#define PYKVM_IDENT_CAP_COALESCED_LOG 0x4
+#define PYKVM_IDENT_CAP_TICK 0x8
+/* CONTROL bits: switch a window to trapped mode (every read exits) */
+#define PYKVM_IDENT_CTL_TRAP_STATUS 0x1
+#define PYKVM_IDENT_CTL_TRAP_IDENT 0x2
+/* STATUS bits */
+#define PYKVM_IDENT_ST_RUNNING 0x1
+#define PYKVM_IDENT_ST_STATUS_TRAPPED 0x2
+#define PYKVM_IDENT_ST_IDENT_TRAPPED 0x4
+/* LOG_HASH: FNV-1a over 32-bit words, h = (h ^ v) * prime mod 2^32 */
+#define PYKVM_IDENT_HASH_INIT 0x811c9dc5
+#define PYKVM_IDENT_HASH_PRIME 0x01000193
+
+/* DMA engine (pykvm/devices/dma.py; what each trust level may do: dma.toml):
+ * memory-to-memory copies inside guest RAM. 32-bit registers at
+ * PYKVM_PORT_DMA + offset; offsets 0x24..0x2f decode but hold no register. */
+#define PYKVM_PORT_DMA 0x6c0
+#define PYKVM_DMA_PORTS 0x30
+#define PYKVM_DMA_SRC_LO 0x00
+#define PYKVM_DMA_SRC_HI 0x04
+#define PYKVM_DMA_DST_LO 0x08
+#define PYKVM_DMA_DST_HI 0x0c
+#define PYKVM_DMA_LEN 0x10
+#define PYKVM_DMA_CTRL 0x14
+#define PYKVM_DMA_STATUS 0x18
+#define PYKVM_DMA_RESET 0x1c
+#define PYKVM_DMA_SCRATCH 0x20
+/* LEN is capped here by the engine */
+#define PYKVM_DMA_MAX_LEN 0x10000
+/* CTRL: START runs the copy (reads 0); ENABLE is the bus-master enable;
+ * IRQ_EN raises the line in bits 8-11 when a copy completes */
+#define PYKVM_DMA_CTRL_START 0x1
+#define PYKVM_DMA_CTRL_ENABLE 0x2
+#define PYKVM_DMA_CTRL_IRQ_EN 0x4
+#define PYKVM_DMA_CTRL_IRQ_SHIFT 8
+#define PYKVM_DMA_CTRL_IRQ_MASK 0xf00
+/* STATUS: DONE, ERROR, error code in bits 8-15 */
+#define PYKVM_DMA_STATUS_DONE 0x1
+#define PYKVM_DMA_STATUS_ERROR 0x2
+#define PYKVM_DMA_ERR_SHIFT 8
+#define PYKVM_DMA_ERR_DISABLED 1
+#define PYKVM_DMA_ERR_RANGE 2
+
 /* Where the bundled SMP guest puts its real-mode AP trampoline (SIPI vector
  * 0x08); any page below PYKVM_FW_BASE works. */
 #define PYKVM_AP_TRAMPOLINE_ADDR 0x8000

@@ -41,6 +41,9 @@ class DeviceManager:
         self.strict = strict_io
         # access_filter.wrap(dev, kind, base, read_cb, write_cb) -> (read_cb, write_cb): the policy hook
         self.access_filter = access_filter
+        # window_hook(dev, live): set by the machine; maps/unmaps dev's memory-backed windows (per their
+        # mode) and registers/drops its coalesced registers. Called after linking, before unlinking.
+        self.window_hook = None
         self.lock = threading.RLock()
         self.started = False
         self.events: list[str] = []               # lifecycle/recovery log for the exit summary
@@ -99,6 +102,11 @@ class DeviceManager:
     def _link(self, dev: Device, live: bool) -> None:
         """Put (live) or take out the ranges `dev` owns in the hot tables."""
         with self.lock:
+            hook = self.window_hook if dev.windows or getattr(dev, "coalesced", None) else None
+            if hook is not None and not any(e[2] is dev for e in self._mmio):
+                hook = None  # a replacement being prepared does not own its windows yet
+            if hook is not None and not live:
+                hook(dev, False)
             reads, writes = {}, {}
             for base, length in dev.ports:
                 if self.port_map.get(base, (None,))[0] is not dev:
@@ -117,6 +125,8 @@ class DeviceManager:
             for entry in self._mmio:
                 if entry[2] is dev:
                     entry[3:5] = self._wrap(dev, "mmio", entry[0], dev.mmio_read, dev.mmio_write) if live else (None, None)
+            if hook is not None and live:
+                hook(dev, True)
 
     def _wrap(self, dev, kind, base, rd, wr):
         if self.access_filter is None:

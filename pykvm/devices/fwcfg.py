@@ -25,7 +25,21 @@ class FwCfg(Device):
             abi.PYKVM_FWCFG_MAX_RAM: struct.pack("<Q", ram_top),
         }
         self.selected = b""
+        self.key = None
         self.offset = 0
+
+    def get_state(self) -> dict:
+        """The selected item and the read position in it."""
+        return {"key": self.key, "offset": self.offset}
+
+    def set_state(self, state: dict) -> None:
+        """Select the saved item again and seek to the saved position."""
+        key, offset = state.get("key"), state.get("offset", 0)
+        if (key is not None and not isinstance(key, int)) or not isinstance(offset, int) or offset < 0:
+            raise ValueError("fw_cfg state: key and offset must be integers")
+        self.key = key
+        self.selected = b"" if key is None else self.items.get(key, b"")
+        self.offset = offset
 
     def io_read(self, offset: int, size: int) -> int:
         """Data port: successive bytes of the selected item, zero past its end."""
@@ -41,5 +55,6 @@ class FwCfg(Device):
     def io_write(self, offset: int, size: int, value: int) -> None:
         """Selector port: choose an item and rewind."""
         if offset == 0:
-            self.selected = self.items.get(value & 0x3FFF, b"")
+            self.key = value & 0x3FFF
+            self.selected = self.items.get(self.key, b"")
             self.offset = 0

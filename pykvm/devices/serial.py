@@ -81,6 +81,24 @@ class Serial16550(Device):
             self.rx.extend(data)
             self._update_irq()
 
+    # -- state (saved VMs) --
+    def get_state(self) -> dict:
+        """Register values the guest programmed and unread input."""
+        return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr, "fcr": self.fcr,
+                "dll": self.dll, "dlm": self.dlm, "thr_irq_pending": self.thr_irq_pending, "rx": list(self.rx)}
+
+    def set_state(self, state: dict) -> None:
+        """Load registers saved by get_state() (validated: they may come from a file)."""
+        regs = {k: state.get(k, 0) for k in ("ier", "lcr", "mcr", "scr", "fcr", "dll", "dlm")}
+        rx = state.get("rx", [])
+        if not all(isinstance(v, int) and 0 <= v <= 0xFF for v in [*regs.values(), *rx]):
+            raise ValueError("serial state: registers and input must be bytes")
+        self.ier, self.lcr, self.mcr, self.scr = regs["ier"] & 0x0F, regs["lcr"], regs["mcr"] & 0x1F, regs["scr"]
+        self.fcr, self.dll, self.dlm = regs["fcr"] & 0xC9, regs["dll"], regs["dlm"]
+        self.thr_irq_pending = bool(state.get("thr_irq_pending", False))
+        self.rx.clear()
+        self.rx.extend(rx)
+
     # -- output --
     def _emit(self, byte: int) -> None:
         self.total_out += 1

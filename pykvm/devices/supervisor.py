@@ -160,6 +160,14 @@ class Supervisor:
     def _find_hangs(self) -> None:
         now = time.monotonic()
         frames = sys._current_frames()
+        try:
+            self._check_stacks(frames, now)
+        finally:
+            # the dict holds this thread's own frame: a cycle that would keep every vCPU
+            # frame (and the guest-memory views in their locals) alive until the next GC
+            frames.clear()
+
+    def _check_stacks(self, frames: dict, now: float) -> None:
         for ident in list(self.vcpu_threads):
             dev, frame = _device_frame(frames.get(ident))
             if dev is None:

@@ -1,0 +1,556 @@
+"""Save a running VM to a file and restore it in another pykvm process.
+
+What is saved (all vCPUs paused, coalesced MMIO drained, every device in D0):
+  - the machine configuration (MachineConfig fields that describe the VM, not the run);
+  - per vCPU: regs, sregs, fpu, xcrs, LAPIC, vcpu events (raw KVM structs), mp_state, and every
+    MSR of KVM_GET_MSR_INDEX_LIST that KVM lets us read; the VM's kvmclock;
+  - guest RAM, sparse: only page runs holding non-zero bytes (memory/sparse.py);
+  - per device: class, construction config, generation, get_state() and every window's image
+    and mode.
+
+File format, version 1 (all integers little-endian):
+
+    offset        size  field
+    0             8     magic b"PYKVMSAV"
+    8             4     format version (FORMAT_VERSION)
+    12            4     H: length of the header
+    16            8     P: length of the payload
+    24            H     header: UTF-8 JSON object (below)
+    24+H          P     payload: binary sections the header points into
+    24+H+P        32    SHA-256 of bytes [0, 24+H+P)
+
+The header holds "pykvm_version", "created" (UTC, ISO 8601), "config", "clock", "vcpus"
+(structs as hex strings, "msrs" as {"0xINDEX": value}), "memory" ({"regions": [{"gpa", "size",
+"runs": [[offset, length, payload_offset], ...]}]}), "devices" ([{"name", "class", "config",
+"generation", "state", "windows": [{"name", "gpa", "size", "mode", "payload": [offset, length]}]}])
+and "policy" (the access policy's shadow registers, devices/policy.py). Payload offsets are
+relative to the payload's start.
+
+Saving is refused while a device is not in D0, while a device's optional `save_refusal()`
+returns a reason (an operation in flight on its own thread), with --irqchip full (in-kernel
+PIC/IOAPIC/PIT state is not saved), or when a vCPU does not pause in time.
+
+A file is refused (BadStateError, exit status 26) when its magic is wrong, its format version is
+not FORMAT_VERSION, its length does not match the fixed header (truncated or padded), its
+checksum does not match, its header is malformed, or it does not fit this pykvm: a different
+RAM layout, device set, device class or window layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+from . import __version__
+from .devices import State, memwindow
+from .errors import BadStateError
+from .kvm import KvmError
+from .kvm import constants as C
+from .kvm import ioctls
+from .kvm._sys import ioctl
+from .kvm.abi import ffi
+from .memory.sparse import nonzero_runs
+
+MAGIC = b"PYKVMSAV"
+FORMAT_VERSION = 1
+FIXED = struct.Struct("<8sIIQ")            # magic, format version, header length, payload length
+DIGEST = 32
+MAX_HEADER = 64 << 20
+MSR_TSC_DEADLINE = 0x6E0
+# MachineConfig fields that belong to one run, not to the VM: never saved, given anew at restore
+RUN_ONLY = ("serial_out", "serial_in", "timeout", "crash_dir")
+PATH_FIELDS = ("kernel", "initrd")
+
+
+# ------------------------------------------------------------------ raw vCPU structs
+def _raw(cdata) -> bytes:
+    return bytes(ffi.buffer(cdata))
+
+
+def _struct(ctype: str, data: bytes):
+    obj = ffi.new(ctype + " *")
+    if len(data) != ffi.sizeof(ctype):
+        raise BadStateError(f"malformed state file: {ctype} of {len(data)} bytes, expected {ffi.sizeof(ctype)}")
+    ffi.memmove(obj, data, len(data))
+    return obj
+
+
+def read_msrs(vcpu, indices) -> dict[int, int]:
+    """Every MSR of `indices` KVM lets the host read (KVM stops at the first it refuses: skip it, go on)."""
+    out: dict[int, int] = {}
+    todo = list(indices)
+    while todo:
+        n = len(todo)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for entry, index in zip(msrs.entries, todo):
+            entry.index = index
+        done = ioctl(vcpu.fd, ioctls.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
+        for entry in msrs.entries[0:done]:
+            out[entry.index] = entry.data
+        todo = todo[done + 1:]
+    return out
+
+
+def write_msrs(vcpu, values: dict[int, int]) -> list[int]:
+    """Write MSRs, skipping ones KVM refuses; returns the refused indices."""
+    refused = []
+    items = list(values.items())
+    while items:
+        n = len(items)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for entry, (index, value) in zip(msrs.entries, items):
+            entry.index = index
+            entry.data = value
+        done = ioctl(vcpu.fd, ioctls.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
+        if done < n:
+            refused.append(items[done][0])
+        items = items[done + 1:]
+    return refused
+
+
+def capture_vcpu(vcpu, msr_indices) -> dict:
+    """One paused vCPU's state as JSON data."""
+    try:
+        xcrs = _raw(vcpu.get_xcrs()).hex()
+    except KvmError:
+        xcrs = None
+    return {
+        "index": vcpu.index,
+        "regs": _raw(vcpu.get_regs()).hex(),
+        "sregs": _raw(vcpu.get_sregs()).hex(),
+        "fpu": _raw(vcpu.get_fpu()).hex(),
+        "xcrs": xcrs,
+        "lapic": _raw(vcpu.get_lapic()).hex(),
+        "events": _raw(vcpu.get_vcpu_events()).hex(),
+        "mp_state": vcpu.get_mp_state(),
+        "msrs": {f"{i:#x}": v for i, v in read_msrs(vcpu, msr_indices).items()},
+    }
+
+
+def restore_vcpu(vcpu, st: dict) -> list[int]:
+    """Load a vCPU from capture_vcpu() data (the order follows QEMU's); returns MSRs KVM refused."""
+    h = bytes.fromhex
+    vcpu.set_sregs(_struct("struct kvm_sregs", h(st["sregs"])))
+    vcpu.set_regs(_struct("struct kvm_regs", h(st["regs"])))
+    vcpu.set_fpu(_struct("struct kvm_fpu", h(st["fpu"])))
+    if st.get("xcrs"):
+        vcpu.set_xcrs(_struct("struct kvm_xcrs", h(st["xcrs"])))
+    msrs = {int(k, 16): int(v) for k, v in st["msrs"].items()}
+    deadline = msrs.pop(MSR_TSC_DEADLINE, None)
+    refused = write_msrs(vcpu, msrs)
+    vcpu.set_mp_state(int(st["mp_state"]))
+    vcpu.set_lapic(_struct("struct kvm_lapic_state", h(st["lapic"])))
+    events = _struct("struct kvm_vcpu_events", h(st["events"]))
+    events.flags |= C.KVM_VCPUEVENT_VALID_NMI_PENDING | C.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    vcpu.set_vcpu_events(events)
+    if deadline is not None:  # after the LAPIC, whose timer mode it depends on
+        refused += write_msrs(vcpu, {MSR_TSC_DEADLINE: deadline})
+    return refused
+
+
+# ------------------------------------------------------------------ configuration
+def config_to_json(cfg) -> dict:
+    """The MachineConfig fields that describe the VM, as JSON data."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in RUN_ONLY:
+            continue
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # not data (a callable, an object): belongs to the run
+        out[f.name] = value
+    return out
+
+
+def config_from_json(data: dict, **run):
+    """A MachineConfig from saved fields plus the run-only ones (`run`); unknown saved fields are ignored."""
+    from .machine import MachineConfig
+
+    names = {f.name for f in dataclasses.fields(MachineConfig)}
+    kwargs = {k: v for k, v in data.items() if k in names and k not in RUN_ONLY}
+    for k in PATH_FIELDS:
+        if kwargs.get(k) is not None:
+            kwargs[k] = Path(kwargs[k])
+    if "kernel" not in kwargs:
+        raise BadStateError("malformed state file: the machine configuration names no kernel")
+    kwargs.update(run)
+    try:
+        return MachineConfig(**kwargs)
+    except TypeError as e:
+        raise BadStateError(f"malformed state file: machine configuration: {e}") from None
+
+
+def _class_name(obj) -> str:
+    return f"{type(obj).__module__}:{type(obj).__qualname__}"
+
+
+# ------------------------------------------------------------------ saving
+class SaveRefused(RuntimeError):
+    """The VM cannot be saved right now (a device not in D0, the VM stopping, ...)."""
+
+
+def _check_saveable(machine) -> None:
+    if machine.outcome is not None or machine.stopping:
+        raise SaveRefused("the VM is stopping; nothing to save")
+    if machine.config.irqchip != "split":
+        raise SaveRefused(f"cannot save a VM with --irqchip {machine.config.irqchip}: the in-kernel PIC/IOAPIC/PIT "
+                          "state is not saved (use --irqchip split)")
+    for dev in machine.devices.devices:
+        if dev.state is not State.D0:
+            raise SaveRefused(f"device {dev.name} is {dev.state.value}, not D0: saving needs every device "
+                              "operational (power it up or wait for its recovery to finish)")
+        busy = getattr(dev, "save_refusal", None)
+        why = busy() if callable(busy) else None
+        if why:  # a device with an operation in flight (its own thread) says so
+            raise SaveRefused(f"device {dev.name}: {why}; try again when it is done")
+    if machine.pending_images:
+        raise SaveRefused("a restored device window has not been mapped yet; try again")
+
+
+def capture(machine) -> tuple[dict, list]:
+    """The header and payload pieces of a paused machine (pieces may be views of guest RAM)."""
+    pieces: list = []
+    try:
+        return _capture(machine, pieces)
+    except BaseException:
+        _release(pieces)
+        raise
+
+
+def _capture(machine, pieces: list) -> tuple[dict, list]:
+    pos = 0
+
+    def add(data) -> int:
+        nonlocal pos
+        start = pos
+        pieces.append(data)
+        pos += len(data)
+        return start
+
+    msr_indices = machine.kvm.msr_index_list()
+    vcpus = [capture_vcpu(v, msr_indices) for v in machine.vcpus]
+    try:
+        clock = machine.vm.get_clock().clock
+    except KvmError:
+        clock = None
+    regions = []
+    for r in machine.memory.regions:
+        runs = []
+        for off, length in nonzero_runs(r):
+            runs.append([off, length, add(r.view[off:off + length])])
+        regions.append({"gpa": r.gpa, "size": r.size, "runs": runs})
+    devices = []
+    for dev in machine.devices.devices:
+        state = dev.get_state()
+        try:
+            json.dumps(state)
+        except (TypeError, ValueError) as e:
+            raise SaveRefused(f"device {dev.name}: get_state() is not JSON data: {e}") from None
+        try:
+            config = json.loads(json.dumps(dev.config))
+        except (TypeError, ValueError):
+            config = None
+        windows = []
+        for w in dev.windows:
+            img = memwindow.image_bytes(w)
+            windows.append({"name": w.name, "gpa": w.gpa, "size": w.size, "mode": w.mode,
+                            "payload": [add(img), len(img)]})
+        devices.append({"name": dev.name, "class": _class_name(dev), "config": config,
+                        "generation": dev.generation, "state": state, "windows": windows})
+    header = {
+        "pykvm_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": config_to_json(machine.config),
+        "clock": clock,
+        "vcpus": vcpus,
+        "memory": {"size": machine.memory.size, "regions": regions},
+        "devices": devices,
+    }
+    policy = getattr(machine, "policy", None)
+    if policy is not None and hasattr(policy, "get_state"):
+        header["policy"] = policy.get_state()   # shadow registers: guest-visible values the policy keeps
+    return header, pieces
+
+
+def write_file(path, header: dict, pieces) -> int:
+    """Write a state file atomically (temporary file, fsync, rename); returns its size.
+
+    memoryview pieces (views of guest RAM) are released as soon as they are written, so no stray
+    reference (a traceback, a sampled frame) can keep guest memory exported afterwards.
+    """
+    path = Path(path)
+    hdr = json.dumps(header, separators=(",", ":")).encode()
+    payload_len = sum(len(p) for p in pieces)
+    digest = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (FIXED.pack(MAGIC, FORMAT_VERSION, len(hdr), payload_len), hdr):
+                digest.update(chunk)
+                f.write(chunk)
+            for piece in pieces:
+                digest.update(piece)
+                f.write(piece)
+                if isinstance(piece, memoryview):
+                    piece.release()
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _release(pieces)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return FIXED.size + len(hdr) + payload_len + DIGEST
+
+
+def _release(pieces) -> None:
+    for piece in pieces:
+        if isinstance(piece, memoryview):
+            piece.release()
+
+
+def save_vm(machine, path: str, stop: bool = False) -> dict:
+    """Pause every vCPU, write the VM's state to `path`; then resume, or end the VM when `stop` (a move).
+
+    Runs on the machine's main thread (the `save` control command goes through Machine.call).
+    """
+    if not path:
+        raise SaveRefused("save needs path=FILE")
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise SaveRefused(f"cannot save to {path}: directory {target.parent} does not exist")
+    _check_saveable(machine)
+    if not machine.pause():
+        machine.resume()
+        raise SaveRefused("a vCPU did not stop in time; nothing saved")
+    stopped = False
+    try:
+        with machine.devices.lock:   # no hot-plug or recovery may interleave with the snapshot
+            _check_saveable(machine)
+            machine.serial.flush()
+            header, pieces = capture(machine)
+            try:
+                size = write_file(target, header, pieces)
+            finally:
+                _release(pieces)
+                del pieces
+        if stop:
+            from .machine import Outcome
+
+            stopped = machine._finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
+                                              f"(continue it with: pykvm restore {path})"))
+    finally:
+        if not stopped:
+            machine.resume()
+    return {"path": str(target), "bytes": size, "vcpus": len(header["vcpus"]),
+            "ram_bytes": sum(r[1] for reg in header["memory"]["regions"] for r in reg["runs"]),
+            "stopped": stopped}
+
+
+# ------------------------------------------------------------------ loading
+class SavedState:
+    """A verified state file: the parsed header, and payload sections read on demand."""
+
+    def __init__(self, path, header: dict, payload_at: int, payload_len: int):
+        self.path = Path(path)
+        self.header = header
+        self.payload_at = payload_at
+        self.payload_len = payload_len
+        self._f = open(self.path, "rb")
+
+    def section(self, offset: int, length: int) -> bytes:
+        """`length` payload bytes at `offset`, bounds-checked."""
+        if not (isinstance(offset, int) and isinstance(length, int) and 0 <= offset
+                and 0 <= length and offset + length <= self.payload_len):
+            raise BadStateError(f"malformed state file: section {offset}+{length} lies outside the payload")
+        self._f.seek(self.payload_at + offset)
+        data = self._f.read(length)
+        if len(data) != length:
+            raise BadStateError("state file changed while being restored (short read)")
+        return data
+
+    def read_into(self, offset: int, view) -> None:
+        """Fill a writable buffer from the payload at `offset`."""
+        length = len(view)
+        if not (isinstance(offset, int) and 0 <= offset and offset + length <= self.payload_len):
+            raise BadStateError(f"malformed state file: section {offset}+{length} lies outside the payload")
+        self._f.seek(self.payload_at + offset)
+        if self._f.readinto(view) != length:
+            raise BadStateError("state file changed while being restored (short read)")
+
+    def machine_config(self, **run):
+        """The saved MachineConfig with this run's serial, timeout and crash directory."""
+        return config_from_json(self.header.get("config") or {}, **run)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def load_state(path) -> SavedState:
+    """Open and verify a state file: magic, format version, length, SHA-256, header; else BadStateError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        f = open(path, "rb")
+    except OSError as e:
+        raise BadStateError(f"cannot read state file {path}: {e.strerror}") from None
+    with f:
+        fixed = f.read(FIXED.size)
+        if len(fixed) < len(MAGIC) or fixed[:len(MAGIC)] != MAGIC:
+            raise BadStateError(f"{path} is not a pykvm state file (wrong magic)")
+        if len(fixed) < FIXED.size:
+            raise BadStateError(f"{path}: state file truncated ({size} bytes)")
+        _magic, version, hlen, plen = FIXED.unpack(fixed)
+        if version != FORMAT_VERSION:
+            raise BadStateError(f"{path}: state format version {version} is not supported "
+                                f"(this pykvm {__version__} reads version {FORMAT_VERSION})")
+        want = FIXED.size + hlen + plen + DIGEST
+        if size < want:
+            raise BadStateError(f"{path}: state file truncated ({size} bytes, its header says {want})")
+        if size > want or hlen > MAX_HEADER:
+            raise BadStateError(f"{path}: state file corrupt (length {size} does not match its header)")
+        digest = hashlib.sha256(fixed)
+        left = hlen + plen
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                raise BadStateError(f"{path}: state file truncated while reading")
+            digest.update(chunk)
+            left -= len(chunk)
+        if f.read(DIGEST) != digest.digest():
+            raise BadStateError(f"{path}: state file corrupt (SHA-256 checksum mismatch)")
+        f.seek(FIXED.size)
+        try:
+            header = json.loads(f.read(hlen))
+            if not isinstance(header, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            raise BadStateError(f"{path}: malformed state header: {e}") from None
+    for key in ("config", "vcpus", "memory", "devices"):
+        if key not in header:
+            raise BadStateError(f"{path}: malformed state header: no {key!r}")
+    return SavedState(path, header, FIXED.size + hlen, plen)
+
+
+# ------------------------------------------------------------------ restoring
+def _incompatible(msg: str) -> BadStateError:
+    return BadStateError(f"incompatible state file: {msg}")
+
+
+def apply_state(machine, saved: SavedState) -> None:
+    """Load RAM, devices and vCPUs of a freshly built (not yet running) machine from `saved`."""
+    try:
+        _apply(machine, saved)
+    except BadStateError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise BadStateError(f"malformed state file {saved.path}: {type(e).__name__}: {e}") from None
+    except KvmError as e:
+        raise BadStateError(f"cannot load the saved vCPU state into KVM: {e}") from None
+
+
+def _apply(machine, saved: SavedState) -> None:
+    h = saved.header
+    # RAM: same layout, then the saved runs
+    layout = [(r.gpa, r.size) for r in machine.memory.regions]
+    saved_layout = [(int(r["gpa"]), int(r["size"])) for r in h["memory"]["regions"]]
+    if layout != saved_layout:
+        raise _incompatible(f"RAM layout {saved_layout} differs from this machine's {layout}")
+    for region, rs in zip(machine.memory.regions, h["memory"]["regions"]):
+        for off, length, at in rs["runs"]:
+            if not (0 <= off and 0 < length and off + length <= region.size):
+                raise BadStateError(f"malformed state file: RAM run {off:#x}+{length:#x} outside {region.name}")
+            view = region.view[off:off + length]
+            try:
+                saved.read_into(at, view)
+            finally:
+                view.release()
+    _apply_devices(machine, saved)
+    policy = getattr(machine, "policy", None)
+    if h.get("policy"):
+        if policy is None or not hasattr(policy, "set_state"):
+            raise _incompatible("the saved VM has access-policy shadow registers this pykvm cannot hold")
+        policy.set_state(h["policy"])
+    # vCPUs
+    if len(h["vcpus"]) != len(machine.vcpus):
+        raise _incompatible(f"{len(h['vcpus'])} vCPUs saved, this machine has {len(machine.vcpus)}")
+    refused = set()
+    for vcpu, st in zip(machine.vcpus, h["vcpus"]):
+        refused.update(restore_vcpu(vcpu, st))
+    if refused:
+        import sys
+
+        print(f"pykvm: warning: KVM refused to restore MSRs {', '.join(hex(i) for i in sorted(refused))}",
+              file=sys.stderr)
+    if h.get("clock") is not None:
+        try:
+            machine.vm.set_clock(int(h["clock"]))
+        except KvmError:
+            pass
+
+
+def _apply_devices(machine, saved: SavedState) -> None:
+    from .control import HOTPLUG_TYPES
+
+    dm = machine.devices
+    saved_devs = saved.header["devices"]
+    names = [d["name"] for d in saved_devs]
+    if len(set(names)) != len(names):
+        raise BadStateError("malformed state file: two devices share a name")
+    built = {d.name: d for d in dm.devices}
+    pluggable = set(HOTPLUG_TYPES.values())
+    for sd in saved_devs:        # hot-added in the saved VM: add again, if it is a hot-pluggable type
+        if sd["name"] in built:
+            continue
+        spec = sd["class"]
+        if spec not in pluggable or not isinstance(sd.get("config"), dict):
+            raise _incompatible(f"the saved VM has a device {sd['name']} ({spec}) this pykvm does not build "
+                                f"(devices here: {', '.join(built)})")
+        import importlib
+
+        module, _, cls = spec.partition(":")
+        dev = getattr(importlib.import_module(module), cls)(**sd["config"])
+        dm.add(dev)
+        built[dev.name] = dev
+    for name in [n for n in built if n not in names]:   # hot-removed in the saved VM
+        dm.hot_remove(name)
+        del built[name]
+    for sd in saved_devs:
+        dev = built[sd["name"]]
+        if _class_name(dev) != sd["class"]:
+            raise _incompatible(f"device {dev.name} is a {sd['class']} in the file, a {_class_name(dev)} here")
+        have = [(w.name, w.gpa, w.size) for w in dev.windows]
+        want = [(w["name"], int(w["gpa"]), int(w["size"])) for w in sd["windows"]]
+        if have != want:
+            raise _incompatible(f"device {dev.name}: window layout {_fmt_windows(want)} in the file, "
+                                f"{_fmt_windows(have)} here")
+        try:
+            dev.set_state(sd["state"])
+        except Exception as e:
+            raise BadStateError(f"device {dev.name} refused its saved state: {e}") from None
+        dev.generation = int(sd.get("generation", 0))
+        for w, sw in zip(dev.windows, sd["windows"]):
+            if sw["mode"] not in memwindow.MODES:
+                raise BadStateError(f"malformed state file: window {dev.name}/{w.name} mode {sw['mode']!r}")
+            w.mode = sw["mode"]
+            at, length = sw["payload"]
+            if length != w.size:
+                raise BadStateError(f"malformed state file: window {dev.name}/{w.name} image of {length} bytes")
+            machine.pending_images[(dev.name, w.name)] = saved.section(at, length)
+
+
+def _fmt_windows(ws) -> str:
+    return "[" + ", ".join(f"{n}@{g:#x}+{s:#x}" for n, g, s in ws) + "]" if ws else "[]"
