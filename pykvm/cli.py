@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
 import click
 
@@ -113,8 +114,6 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     flat_addr = _int(load_addr) if load_addr is not None else None
 
     def go():
-        from pathlib import Path
-
         from .artifacts import resolve_kernel
         from .machine import Machine, MachineConfig
 
@@ -128,44 +127,52 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             crash_dir=None if no_dump else Path(crash_dir), trust=trust)
         try:
             with Machine(cfg) as m:
-                import signal
-
-                # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
-                signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
-                server = None
-                if control_path:
-                    from .control import ControlServer
-
-                    try:
-                        server = ControlServer(m, control_path)
-                    except OSError as e:
-                        raise UsageError(f"--control {control_path}: {e.strerror}") from None
-                try:
-                    outcome = m.run()
-                finally:
-                    if server is not None:
-                        server.close()
-                policy_line = m.policy.summary()
-                if policy_line:
-                    click.echo(policy_line, err=True)
-                if trace_io and m.devices.unclaimed:
-                    for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
-                        click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
+                status = _run_machine(m, control_path, trace_io, debug)
         finally:
             if close_fd is not None:
                 os.close(close_fd)
-        if outcome.kind not in ("exit", "poweroff"):
-            click.echo(f"pykvm: {outcome.message}", err=True)
-            if debug and "traceback" in outcome.details:
-                click.echo(outcome.details["traceback"], err=True)
-        if outcome.core_path:
-            click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path}"
-                       f"{' --kernel ' + str(cfg.kernel) if cfg.kernel.suffix == '.elf' else ''})", err=True)
-        elif outcome.core_error:
-            click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
-        sys.exit(outcome.status)
+        sys.exit(status)
 
     _guard(go, debug)
+
+
+def _run_machine(m, control_path: str | None, trace_io: bool, debug: bool) -> int:
+    """Run a built Machine with the host hooks (SIGUSR1 dumps, --control), report, return its status."""
+    import signal
+
+    # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
+    signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
+    server = None
+    if control_path:
+        from .control import ControlServer
+
+        try:
+            server = ControlServer(m, control_path)
+        except OSError as e:
+            raise UsageError(f"--control {control_path}: {e.strerror}") from None
+    try:
+        outcome = m.run()
+    finally:
+        if server is not None:
+            server.close()
+    policy_line = m.policy.summary()
+    if policy_line:
+        click.echo(policy_line, err=True)
+    if trace_io and m.devices.unclaimed:
+        for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
+            click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
+    if outcome.kind not in ("exit", "poweroff"):
+        click.echo(f"pykvm: {outcome.message}", err=True)
+        if debug and "traceback" in outcome.details:
+            click.echo(outcome.details["traceback"], err=True)
+    if outcome.core_path:
+        kernel = m.config.kernel
+        hint = f" --kernel {kernel}" if kernel and Path(kernel).suffix == ".elf" else ""
+        click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path}{hint})",
+                   err=True)
+    elif outcome.core_error:
+        click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
+    return outcome.status
 
 
 def _serial_sink(spec: str):
@@ -196,8 +203,6 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, debug
     """Continue a VM saved with `pykvm ctl SOCK save path=STATE_FILE` (exit status 26: bad state file)."""
 
     def go():
-        from pathlib import Path
-
         from .machine import Machine
         from .state import load_state
 
@@ -208,39 +213,12 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, debug
             cfg = saved.machine_config(serial_out=serial_out, serial_in=serial_in, timeout=timeout,
                                        crash_dir=None if no_dump else Path(crash_dir))
             with Machine(cfg, restore=saved) as m:
-                import signal
-
-                signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
-                server = None
-                if control_path:
-                    from .control import ControlServer
-
-                    try:
-                        server = ControlServer(m, control_path)
-                    except OSError as e:
-                        raise UsageError(f"--control {control_path}: {e.strerror}") from None
-                try:
-                    outcome = m.run()
-                finally:
-                    if server is not None:
-                        server.close()
-                policy_line = m.policy.summary()
-                if policy_line:
-                    click.echo(policy_line, err=True)
+                status = _run_machine(m, control_path, False, debug)
         finally:
             saved.close()
             if close_fd is not None:
                 os.close(close_fd)
-        if outcome.kind not in ("exit", "poweroff"):
-            click.echo(f"pykvm: {outcome.message}", err=True)
-            if debug and "traceback" in outcome.details:
-                click.echo(outcome.details["traceback"], err=True)
-        if outcome.core_path:
-            click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path})",
-                       err=True)
-        elif outcome.core_error:
-            click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
-        sys.exit(outcome.status)
+        sys.exit(status)
 
     _guard(go, debug)
 

@@ -19,7 +19,7 @@ from .boot import trapframe
 from .boot.firmware import load_firmware
 from .boot.image import load_image
 from .boot.loader import BootPlan, load
-from .devices import DeviceManager, FirmwareTrap, GuestCrash, GuestExit, State, VmEvent
+from .devices import DeviceManager, FirmwareTrap, GuestCrash, GuestExit, VmEvent
 from .devices import memwindow
 from .devices.dma import Dma
 from .devices.fwcfg import FwCfg

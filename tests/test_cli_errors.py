@@ -1,6 +1,5 @@
 """Bad input gets one line naming the problem, a distinct exit status, and no traceback."""
 
-import struct
 
 import pytest
 

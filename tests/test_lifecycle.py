@@ -2,7 +2,7 @@
 
 import pytest
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pykvm.devices import Device, DeviceManager, State
 from pykvm.devices.lifecycle import TERMINAL, CallbackFailed, LifecycleError

@@ -8,7 +8,7 @@ import cffi
 
 from . import ioctls
 from ._sys import FdOwner, ioctl
-from .abi import cdata_to_python, ffi, field_offsets, lib
+from .abi import cdata_to_python, ffi, field_offsets
 from .errors import KvmError
 
 # Byte offsets of every kvm_run field ("exit_reason", "io.port", "mmio.data", ...) for
