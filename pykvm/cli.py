@@ -102,16 +102,24 @@ def main():
 @click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
               help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
+@click.option("--restart-intensity", default="5/60", show_default=True,
+              help="Device restarts allowed per period (N/SECONDS) before a failure escalates.")
+@click.option("--on-device-failure", type=click.Choice(["remove", "crash"]), default="remove", show_default=True,
+              help="Past the restart intensity: surprise-remove the device, or stop the VM with a core.")
 @click.option("--trust", type=click.Choice(["trusted", "untrusted"]), default="trusted", show_default=True,
               help="Device access policy level (see `pykvm devices --describe NAME`).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, crash_dir, no_dump, control_path, trust, debug):
+        load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
         raise click.BadParameter(f"{exit_port} is not an I/O port", param_hint="--exit-port")
     flat_addr = _int(load_addr) if load_addr is not None else None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*", restart_intensity)
+    if not m or float(m.group(2)) <= 0:
+        raise click.BadParameter(f"{restart_intensity!r}: expected N/SECONDS, e.g. 5/60", param_hint="--restart-intensity")
+    intensity, period = int(m.group(1)), float(m.group(2))
 
     def go():
         from .artifacts import resolve_kernel
@@ -124,7 +132,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             cmdline=cmdline, initrd=Path(initrd) if initrd else None, serial_out=serial_out,
                             serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
-                            crash_dir=None if no_dump else Path(crash_dir), trust=trust)
+                            crash_dir=None if no_dump else Path(crash_dir), trust=trust,
+                            restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure)
         try:
             with Machine(cfg) as m:
                 status = _run_machine(m, control_path, trace_io, debug)

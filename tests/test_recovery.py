@@ -205,3 +205,25 @@ def test_hot_add_through_the_control_channel(tmp_path):
     assert out == b"mailbox: work\nmailbox: device removed\n", err
     assert proc.returncode == 35
     assert b"recovered device mailbox: generation 1" in err
+
+
+def test_cli_restart_budget_and_escalation(tmp_path):
+    import subprocess
+    import sys
+
+    from pykvm.control import request
+
+    sock = str(tmp_path / "ctl.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--control", sock, "--timeout", "30",
+                             "--restart-intensity", "0/60", "--on-device-failure", "crash",
+                             "--crash-dir", str(tmp_path / "cores")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert request(sock, {"cmd": "inject", "name": "mailbox", "kind": "raise"})["ok"]
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 16, err
+    assert b"escalating: crash" in err and b"core written to" in err
