@@ -51,8 +51,6 @@ from .devices import State, memwindow
 from .errors import BadStateError
 from .kvm import KvmError
 from .kvm import constants as C
-from .kvm import ioctls
-from .kvm._sys import ioctl
 from .kvm.abi import ffi
 from .memory.sparse import nonzero_runs
 
@@ -80,39 +78,6 @@ def _struct(ctype: str, data: bytes):
     return obj
 
 
-def read_msrs(vcpu, indices) -> dict[int, int]:
-    """Every MSR of `indices` KVM lets the host read (KVM stops at the first it refuses: skip it, go on)."""
-    out: dict[int, int] = {}
-    todo = list(indices)
-    while todo:
-        n = len(todo)
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
-        for entry, index in zip(msrs.entries, todo):
-            entry.index = index
-        done = ioctl(vcpu.fd, ioctls.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
-        for entry in msrs.entries[0:done]:
-            out[entry.index] = entry.data
-        todo = todo[done + 1:]
-    return out
-
-
-def write_msrs(vcpu, values: dict[int, int]) -> list[int]:
-    """Write MSRs, skipping ones KVM refuses; returns the refused indices."""
-    refused = []
-    items = list(values.items())
-    while items:
-        n = len(items)
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
-        for entry, (index, value) in zip(msrs.entries, items):
-            entry.index = index
-            entry.data = value
-        done = ioctl(vcpu.fd, ioctls.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
-        if done < n:
-            refused.append(items[done][0])
-        items = items[done + 1:]
-    return refused
-
-
 def capture_vcpu(vcpu, msr_indices) -> dict:
     """One paused vCPU's state as JSON data."""
     try:
@@ -128,7 +93,7 @@ def capture_vcpu(vcpu, msr_indices) -> dict:
         "lapic": _raw(vcpu.get_lapic()).hex(),
         "events": _raw(vcpu.get_vcpu_events()).hex(),
         "mp_state": vcpu.get_mp_state(),
-        "msrs": {f"{i:#x}": v for i, v in read_msrs(vcpu, msr_indices).items()},
+        "msrs": {f"{i:#x}": v for i, v in vcpu.get_msrs(msr_indices, skip_unreadable=True).items()},
     }
 
 
@@ -142,14 +107,14 @@ def restore_vcpu(vcpu, st: dict) -> list[int]:
         vcpu.set_xcrs(_struct("struct kvm_xcrs", h(st["xcrs"])))
     msrs = {int(k, 16): int(v) for k, v in st["msrs"].items()}
     deadline = msrs.pop(MSR_TSC_DEADLINE, None)
-    refused = write_msrs(vcpu, msrs)
+    refused = vcpu.set_msrs(msrs, skip_refused=True)
     vcpu.set_mp_state(int(st["mp_state"]))
     vcpu.set_lapic(_struct("struct kvm_lapic_state", h(st["lapic"])))
     events = _struct("struct kvm_vcpu_events", h(st["events"]))
     events.flags |= C.KVM_VCPUEVENT_VALID_NMI_PENDING | C.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     vcpu.set_vcpu_events(events)
     if deadline is not None:  # after the LAPIC, whose timer mode it depends on
-        refused += write_msrs(vcpu, {MSR_TSC_DEADLINE: deadline})
+        refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
     return refused
 
 

@@ -186,30 +186,41 @@ class Vcpu(FdOwner):
         """KVM_SET_CPUID2 from a 'struct kvm_cpuid2 *' (e.g. Kvm.supported_cpuid(), edited)."""
         ioctl(self.fd, ioctls.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
-    def get_msrs(self, indices):
-        """KVM_GET_MSRS: {index: value}; raises KvmError(EINVAL) naming an MSR KVM refused."""
-        indices = list(indices)
-        n = len(indices)
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
-        for entry, index in zip(msrs.entries, indices):
-            entry.index = index
-        done = ioctl(self.fd, ioctls.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
-        # KVM stops at the first MSR it cannot read and returns how many it did.
-        if done < n:
-            raise KvmError(errno.EINVAL, "KVM_GET_MSRS", f"MSR {indices[done]:#x} not readable")
-        return {entry.index: entry.data for entry in msrs.entries}
-
-    def set_msrs(self, values):
-        """KVM_SET_MSRS from {index: value}; raises KvmError(EINVAL) naming an MSR KVM refused."""
-        items = list(values.items())
+    def _msr_batch(self, request, name, items):
+        """One KVM_GET/SET_MSRS over [(index, value)]; returns (entries, how many KVM processed)."""
         n = len(items)
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
         for entry, (index, data) in zip(msrs.entries, items):
             entry.index = index
             entry.data = data
-        done = ioctl(self.fd, ioctls.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
-        if done < n:
-            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"MSR {items[done][0]:#x} not writable")
+        # KVM stops at the first MSR it refuses and returns how many it did.
+        return msrs.entries, ioctl(self.fd, request, msrs, name)
+
+    def get_msrs(self, indices, skip_unreadable=False):
+        """KVM_GET_MSRS: {index: value}; an MSR KVM refuses raises KvmError(EINVAL), or is skipped."""
+        todo = [(index, 0) for index in indices]
+        out = {}
+        while todo:
+            entries, done = self._msr_batch(ioctls.KVM_GET_MSRS, "KVM_GET_MSRS", todo)
+            out.update((e.index, e.data) for e in entries[0:done])
+            if done < len(todo) and not skip_unreadable:
+                raise KvmError(errno.EINVAL, "KVM_GET_MSRS", f"MSR {todo[done][0]:#x} not readable")
+            todo = todo[done + 1:]
+        return out
+
+    def set_msrs(self, values, skip_refused=False):
+        """KVM_SET_MSRS from {index: value}; a refused MSR raises KvmError(EINVAL), or with
+        skip_refused is left out; returns the refused indices."""
+        todo = list(values.items())
+        refused = []
+        while todo:
+            _entries, done = self._msr_batch(ioctls.KVM_SET_MSRS, "KVM_SET_MSRS", todo)
+            if done < len(todo):
+                if not skip_refused:
+                    raise KvmError(errno.EINVAL, "KVM_SET_MSRS", f"MSR {todo[done][0]:#x} not writable")
+                refused.append(todo[done][0])
+            todo = todo[done + 1:]
+        return refused
 
     def translate(self, linear_addr):
         """KVM_TRANSLATE a linear address with the vCPU's paging: (gpa, valid, writeable)."""
