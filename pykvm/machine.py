@@ -32,6 +32,7 @@ from .devices.simple import DebugExit, FirmwareTrapPort, PostCode, PowerOff, PvP
 from .devices.supervisor import DeviceHung, Supervisor
 from .kvm import Kvm, KvmError, constants as C
 from .memory import GuestMemory, GuestMemoryError
+from .memory.pagewalk import EFER_LMA
 
 TSS_ADDR = 0xFFFBD000          # three pages KVM needs on Intel for real-mode emulation
 IDENTITY_MAP_ADDR = 0xFFFBC000
@@ -111,8 +112,12 @@ class Machine:
         self._ring_lock = threading.RLock()
         self._ring_page = 0                         # KVM_COALESCED_MMIO_PAGE_OFFSET, 0 = unsupported
         self._readonly_mem = False
+        self._warned_ro = False
         self._drainer: threading.Thread | None = None
         self.ring_stats = memwindow.RingStats()
+        # one applier per (on a vCPU thread, strict) so draining builds no closure per call
+        self._appliers = {(on_vcpu, strict): (lambda a, n, v, o=on_vcpu, st=strict: self._apply_coalesced(a, n, v, o, st))
+                          for on_vcpu in (False, True) for strict in (False, True)}
         self.pending_images: dict[tuple[str, str], bytes] = {}   # (device, window) -> bytes, from a restore
         self.kvm = self.vm = self.memory = None
         self.vcpus = []
@@ -127,7 +132,6 @@ class Machine:
         self._pausing = False
         self._parked = 0
         self._park_cond = threading.Condition()
-        self.dumps: list[Path] = []
         self._requests: queue.SimpleQueue = queue.SimpleQueue()   # (fn, Future | None) for the main thread
         self._wake = threading.Event()
         self._main_ident: int | None = None
@@ -423,7 +427,6 @@ class Machine:
             return None, str(e)
         except KvmError as e:
             return None, f"cannot read vCPU state: {e}"
-        self.dumps.append(path)
         return path, None
 
     def _finish(self, outcome: Outcome) -> bool:
@@ -450,7 +453,7 @@ class Machine:
         if not live:
             self.drain_coalesced(strict=False)
         with self._win_lock:
-            if live and dev.windows and not self._readonly_mem and not getattr(self, "_warned_ro", False):
+            if live and dev.windows and not self._readonly_mem and not self._warned_ro:
                 self._warned_ro = True
                 print("pykvm: warning: this KVM lacks KVM_CAP_READONLY_MEM: memory-backed device windows "
                       "fall back to trapped mode (every read exits)", file=sys.stderr)
@@ -526,7 +529,7 @@ class Machine:
             out += [{"device": d.name, "coalesced": gpa, "size": n} for d, zs in self._zones.values() for gpa, n in zs]
         return out
 
-    def drain_coalesced(self, vcpu=None, strict: bool = True) -> int:
+    def drain_coalesced(self, on_vcpu: bool = False, strict: bool = True) -> int:
         """Apply the writes KVM queued in the coalesced-MMIO ring, in order; returns how many.
 
         Called before any slow exit is handled, when all vCPUs are paused (save, dump), when a
@@ -539,16 +542,16 @@ class Machine:
             return 0
         with self._ring_lock:
             return memwindow.drain_ring(mm, self._ring_page * 4096, self._zone_list,
-                                        lambda a, n, v: self._apply_coalesced(a, n, v, vcpu, strict),
+                                        self._appliers[on_vcpu, strict],
                                         self.ring_stats)
 
-    def _apply_coalesced(self, addr: int, length: int, value: int, vcpu, strict: bool) -> None:
+    def _apply_coalesced(self, addr: int, length: int, value: int, on_vcpu: bool, strict: bool) -> None:
         try:
             self.devices.mmio_access(addr, length, True, value)
         except VmEvent as ev:
-            if vcpu is not None:
+            if on_vcpu:
                 raise  # handled by the vCPU loop with this vCPU's context
-            self._event_outside_vcpu(ev)
+            self._handle_event(None, ev)
         except Exception as e:
             hit = self.devices.mmio_lookup(addr)
             dev = hit[0] if hit else None
@@ -560,16 +563,6 @@ class Machine:
                 self._finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error",
                                      f"internal error applying a coalesced write at {addr:#x}"
                                      f"{' to ' + dev.name if dev else ''}: {why}", trigger="vmm-error"))
-
-    def _event_outside_vcpu(self, ev: VmEvent) -> None:
-        """A VM event raised by a coalesced write applied off the vCPU threads."""
-        self.serial.flush()
-        if isinstance(ev, GuestExit):
-            kind = "poweroff" if ev.how == "power-off" else "exit"
-            self._finish(Outcome(ev.status, kind, f"guest exited: {ev.how}"))
-        else:
-            trigger = ev.trigger if isinstance(ev, GuestCrash) else "strict-io"
-            self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed: {ev}", trigger=trigger))
 
     def _drain_loop(self) -> None:
         while not self._done.wait(COALESCED_DRAIN_PERIOD) and self.vm is not None:
@@ -667,7 +660,7 @@ class Machine:
         counts = self.exit_counts[vcpu.index]
         counts[reason] = counts.get(reason, 0) + 1
         if self._zone_list:
-            self.drain_coalesced(vcpu)  # writes queued before this exit happened before it
+            self.drain_coalesced(on_vcpu=True)  # writes queued before this exit happened before it
         if reason == C.KVM_EXIT_IO:
             direction, size, port, count, off = _io_hdr.unpack_from(mm, 32)
             self._io_slow(mm, direction, size, port, count, off)
@@ -737,10 +730,14 @@ class Machine:
 
     # ---------------------------------------------------------------- events and crashes
     def _handle_event(self, vcpu, ev: VmEvent) -> None:
+        """A device's VmEvent; vcpu is None for one raised off the vCPU threads (a drained coalesced write)."""
         self.serial.flush()
         if isinstance(ev, GuestExit):
             kind = "poweroff" if ev.how == "power-off" else "exit"
-            self._finish(Outcome(ev.status, kind, f"guest exited: {ev.how}", vcpu=vcpu.index))
+            self._finish(Outcome(ev.status, kind, f"guest exited: {ev.how}", vcpu=vcpu.index if vcpu else None))
+        elif vcpu is None:  # no vCPU context to read RIP from
+            trigger = ev.trigger if isinstance(ev, GuestCrash) else "strict-io"
+            self._finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed: {ev}", trigger=trigger))
         elif isinstance(ev, FirmwareTrap):
             self._firmware_trap(vcpu)
         elif isinstance(ev, GuestCrash):
@@ -784,7 +781,7 @@ class Machine:
         """Read the stub's trap frame and report the exception at the faulting instruction."""
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
-        long_mode = bool(sregs.efer & cpu_setup.EFER_LMA)
+        long_mode = bool(sregs.efer & EFER_LMA)
         size = trapframe.frame_size(long_mode)
         rsp = regs.rsp if long_mode else regs.rsp & 0xFFFFFFFF
         try:

@@ -18,7 +18,8 @@ from pykvm.kvm import (Kvm, KvmError, KvmUnavailable, RUN_OFFSETS, ffi, irqchip_
 from pykvm.kvm import constants as C
 from pykvm.kvm import ioctls
 from pykvm.kvm import system as kvm_system
-from pykvm.kvm.abi import buffer_address, field_offsets
+from pykvm.kvm.abi import field_offsets
+from pykvm.memory.region import buffer_address
 from pykvm.kvm.vcpu import RUN_SIZE
 from pykvm.kvm.vm import _as_route
 

@@ -94,8 +94,7 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @invariant()
     def callback_order(self):
-        log = [e for e in self.dev.log if not e.startswith("io:")]
-        calls = [e for e in log]
+        calls = [e for e in self.dev.log if not e.startswith("io:")]
         if "d0_entry" in calls:
             assert calls.index("prepare") < calls.index("d0_entry")
         assert calls.count("release") <= 1

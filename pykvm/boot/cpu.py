@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from .. import abi
+from ..memory.pagewalk import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE
 from .loader import EntryState
 
-CR0_PE = 1 << 0
+# Bits the page walker also needs come from memory.pagewalk; these matter only at boot.
 CR0_MP = 1 << 1
 CR0_ET = 1 << 4
 CR0_NE = 1 << 5
 CR0_WP = 1 << 16
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
 CR4_OSFXSR = 1 << 9
 CR4_OSXMMEXCPT = 1 << 10
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
 
 SEG_CODE = 0xB   # execute/read, accessed
 SEG_DATA = 0x3   # read/write, accessed

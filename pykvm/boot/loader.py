@@ -7,13 +7,13 @@ from pathlib import Path
 
 from .. import abi
 from ..errors import ImageDoesNotFitError
-from ..memory import GuestMemory
+from ..memory import PAGE_SIZE, GuestMemory
 from . import bootinfo, tables
 from .firmware import Firmware
 from .image import PROTOCOL_FLAT, PROTOCOL_MULTIBOOT, KernelImage, LoadSegment
 from .paging import build_boot_page_tables
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 MBI_NAMES_OFFSET = 2048
 
 

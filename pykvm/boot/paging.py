@@ -5,14 +5,12 @@ from __future__ import annotations
 import struct
 
 from ..errors import ImageDoesNotFitError
+from ..memory import PAGE_SIZE
+from ..memory.pagewalk import ADDR_MASK, PTE_P, PTE_PS, PTE_RW
 
-PTE_P = 1 << 0
-PTE_W = 1 << 1
-PTE_PS = 1 << 7
-ADDR_MASK = 0x000F_FFFF_FFFF_F000
 GIB = 1 << 30
 MIB2 = 1 << 21
-PAGE = 4096
+PAGE = PAGE_SIZE
 
 
 class PageTableBuilder:
@@ -51,8 +49,8 @@ class PageTableBuilder:
         if e & PTE_P:  # split a 2 MiB leaf into 4 KiB pages so part of it can be remapped
             phys = e & ADDR_MASK & ~(MIB2 - 1)
             for i in range(512):
-                self._set(child, i, (phys + i * PAGE) | PTE_P | PTE_W)
-        self._set(table, index, child | PTE_P | PTE_W)
+                self._set(child, i, (phys + i * PAGE) | PTE_P | PTE_RW)
+        self._set(table, index, child | PTE_P | PTE_RW)
         return child
 
     def map(self, vaddr: int, paddr: int, size: int) -> None:
@@ -63,11 +61,11 @@ class PageTableBuilder:
             pdpt = self._next(self.root, pml4)
             pd = self._next(pdpt, (vaddr >> 30) & 511)
             if vaddr % MIB2 == 0 and paddr % MIB2 == 0 and end - vaddr >= MIB2:
-                self._set(pd, (vaddr >> 21) & 511, paddr | PTE_P | PTE_W | PTE_PS)
+                self._set(pd, (vaddr >> 21) & 511, paddr | PTE_P | PTE_RW | PTE_PS)
                 step = MIB2
             else:
                 pt = self._next(pd, (vaddr >> 21) & 511)
-                self._set(pt, (vaddr >> 12) & 511, paddr | PTE_P | PTE_W)
+                self._set(pt, (vaddr >> 12) & 511, paddr | PTE_P | PTE_RW)
                 step = PAGE
             vaddr += step
             paddr += step

@@ -429,16 +429,6 @@ def field_offsets(ctype):
     return out
 
 
-def buffer_address(buf):
-    """Return the address of a writable buffer (mmap, bytearray) as an int."""
-    ptr = ffi.from_buffer(buf, require_writable=True)
-    try:
-        return int(ffi.cast("uintptr_t", ptr))
-    finally:
-        # Drop the buffer export at once so the mmap can still be closed later.
-        ffi.release(ptr)
-
-
 def cdata_to_python(value):
     """Convert a struct/array cdata to plain dicts, lists and ints (a deep copy)."""
     if not isinstance(value, ffi.CData):

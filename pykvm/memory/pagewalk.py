@@ -34,7 +34,7 @@ PTE_PS = 1 << 7
 PTE_NX = 1 << 63
 
 # Physical-address bits of a 64-bit entry (MAXPHYADDR is at most 52).
-_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
 _U64 = (1 << 64) - 1
 
 # 8192 page tables map 16 GiB with 4 KiB pages. Tables that map one contiguous
@@ -202,15 +202,15 @@ class _Walker:
             # PS is reserved higher up, so such an entry faults: skip it.
             if level <= 3:
                 size = 1 << shift
-                self._emit(self._virt(va), e & _ADDR_MASK & ~(size - 1), size, flags)
+                self._emit(self._virt(va), e & ADDR_MASK & ~(size - 1), size, flags)
         else:
-            self.walk64(e & _ADDR_MASK, level - 1, va, flags)
+            self.walk64(e & ADDR_MASK, level - 1, va, flags)
 
     def _leaf64(self, entries: tuple, vbase: int, flags: int) -> None:
-        relevant = PTE_P | PTE_RW | PTE_US | _ADDR_MASK | (PTE_NX if self.nxe else 0)
+        relevant = PTE_P | PTE_RW | PTE_US | ADDR_MASK | (PTE_NX if self.nxe else 0)
         first = self._uniform(entries, relevant)
         if first is not None:
-            self._emit(self._virt(vbase), first & _ADDR_MASK, 512 * PAGE_SIZE, self._combine(first, flags))
+            self._emit(self._virt(vbase), first & ADDR_MASK, 512 * PAGE_SIZE, self._combine(first, flags))
             return
         # Per-entry work inlined: this loop is the walk's hot spot on fragmented tables.
         v0 = self._virt(vbase)  # the index bits below 2 MiB never change the sign extension
@@ -224,7 +224,7 @@ class _Walker:
                     f &= ~_FU
                 if nxe and e & PTE_NX:
                     f |= _FNX
-                emit(v0 | (i << 12), e & _ADDR_MASK, PAGE_SIZE, f)
+                emit(v0 | (i << 12), e & ADDR_MASK, PAGE_SIZE, f)
 
     def _virt(self, va: int) -> int:
         if self.mode == "4level":
@@ -240,7 +240,7 @@ class _Walker:
             return
         for i, e in enumerate(pdpt):
             if e & PTE_P:
-                self.walk64(e & _ADDR_MASK, 2, i << 30, _FW | _FU)
+                self.walk64(e & ADDR_MASK, 2, i << 30, _FW | _FU)
 
     # -- 32-bit non-PAE format ----------------------------------------------
     def walk32(self, cr3: int) -> None:
@@ -285,9 +285,9 @@ def walk(mem: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int,
     w = _Walker(mem, mode, cr4, efer, max_tables, max_entries, stats)
     try:
         if mode == "4level":
-            w.walk64(cr3 & _ADDR_MASK, 4, 0, _FW | _FU)
+            w.walk64(cr3 & ADDR_MASK, 4, 0, _FW | _FU)
         elif mode == "5level":
-            w.walk64(cr3 & _ADDR_MASK, 5, 0, _FW | _FU)
+            w.walk64(cr3 & ADDR_MASK, 5, 0, _FW | _FU)
         elif mode == "pae":
             w.walk_pae(cr3)
         else:
@@ -311,14 +311,14 @@ def translate(mem: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int, vaddr: 
         bits = 12 + 9 * levels
         if _canonical(vaddr & ((1 << bits) - 1), bits) != vaddr:
             return None  # non-canonical
-        return _translate64(mem, cr3 & _ADDR_MASK, levels, vaddr)
+        return _translate64(mem, cr3 & ADDR_MASK, levels, vaddr)
     if vaddr >> 32:
         return None
     if mode == "pae":
         pdpte = _read(mem, (cr3 & 0xFFFF_FFE0) + 8 * (vaddr >> 30), "Q")
         if pdpte is None or not pdpte & PTE_P:
             return None
-        return _translate64(mem, pdpte & _ADDR_MASK, 2, vaddr)
+        return _translate64(mem, pdpte & ADDR_MASK, 2, vaddr)
     return _translate32(mem, cr3, cr4, vaddr)
 
 
@@ -337,10 +337,10 @@ def _translate64(mem: GuestMemory, table: int, level: int, vaddr: int) -> int | 
             return None
         if level == 1 or (e & PTE_PS and level <= 3):
             size = 1 << shift
-            return (e & _ADDR_MASK & ~(size - 1)) | (vaddr & (size - 1))
+            return (e & ADDR_MASK & ~(size - 1)) | (vaddr & (size - 1))
         if e & PTE_PS:
             return None  # reserved bit at PML4/PML5 level
-        table, level = e & _ADDR_MASK, level - 1
+        table, level = e & ADDR_MASK, level - 1
 
 
 def _translate32(mem: GuestMemory, cr3: int, cr4: int, vaddr: int) -> int | None:

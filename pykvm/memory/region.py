@@ -35,7 +35,7 @@ class MemoryRegion:
             os.close(self.fd)
             raise
         self.view = memoryview(self.mm)
-        self.host_addr = _buffer_address(self.mm)
+        self.host_addr = buffer_address(self.mm)
 
     @property
     def end(self) -> int:
@@ -71,7 +71,7 @@ class MemoryRegion:
         self.fd = -1
 
 
-def _buffer_address(buf) -> int:
+def buffer_address(buf) -> int:
     """Host virtual address of a writable buffer (for KVM_SET_USER_MEMORY_REGION)."""
     import ctypes
 
