@@ -153,7 +153,7 @@ def _run_machine(m, control_path: str | None, trace_io: bool, debug: bool) -> in
     signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
     server = None
     if control_path:
-        from .control import ControlServer
+        from .machine.control import ControlServer
 
         try:
             server = ControlServer(m, control_path)
@@ -213,7 +213,7 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, debug
 
     def go():
         from .machine import Machine
-        from .state import load_state
+        from .machine.state import load_state
 
         saved = load_state(state_file)
         serial_out, close_fd = _serial_sink(serial)
@@ -299,7 +299,7 @@ def ctl(socket_path, command, args):
     """Send COMMAND (dump, devices, stats, ...) with KEY=VALUE ARGS to a `pykvm run --control` socket."""
     import json
 
-    from .control import request
+    from .machine.control import request
 
     req = {"cmd": command}
     for a in args:

@@ -95,9 +95,14 @@ class RecordingDma(Dma):
 
 
 def run_probe(tmp_path, monkeypatch, trust):
-    import pykvm.machine as machine
+    import dataclasses
 
-    monkeypatch.setattr(machine, "Dma", RecordingDma)
+    import pykvm.machine as machine
+    from pykvm.devices import registry
+
+    dma = registry.TYPES["dma"]
+    monkeypatch.setitem(registry.TYPES, "dma", dataclasses.replace(
+        dma, build=lambda ctx, o: RecordingDma(memory=ctx.memory, irq=ctx.pulse(), **o)))
     log = tmp_path / f"serial-{trust}.log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:

@@ -173,7 +173,7 @@ def test_hot_add_through_the_control_channel(tmp_path):
     import subprocess
     import sys
 
-    from pykvm.control import request
+    from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--control", sock,
@@ -211,7 +211,7 @@ def test_cli_restart_budget_and_escalation(tmp_path):
     import subprocess
     import sys
 
-    from pykvm.control import request
+    from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--control", sock, "--timeout", "30",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pykvm import state as S
-from pykvm.control import request
+from pykvm.machine import state as S
+from pykvm.machine.control import request
 from pykvm.errors import EXIT_BAD_STATE, BadStateError
 
 from .helpers import ROOT, pykvm

@@ -366,7 +366,7 @@ def test_poll_guest_writes_land_in_the_image(tmp_path):
 @pytest.mark.kvm
 def test_without_readonly_memslots_windows_fall_back_to_trapped(tmp_path, capfd):
     def no_readonly(m):
-        m._readonly_mem = False
+        m.windows.readonly_mem = False
 
     outcome, out, mmio, _m = run_guest(tmp_path, "reads", prepare=no_readonly)
     assert out == b"window-poll: reads\n" + READS_OUTPUT

@@ -134,25 +134,17 @@ def _stats(machine, req) -> dict:
     return machine.stats()
 
 
-# Device types the host may hot-add, by name; constructor keyword arguments come from the request.
-HOTPLUG_TYPES = {"mailbox": "pykvm.devices.mailbox:Mailbox", "identity": "pykvm.devices.identity:Identity"}
-
-
-def _device_class(kind: str):
-    import importlib
-
-    spec = HOTPLUG_TYPES.get(kind)
-    if spec is None:
-        raise ValueError(f"unknown device type {kind!r}; hot-pluggable: {', '.join(sorted(HOTPLUG_TYPES))}")
-    module, _, cls = spec.partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
 @command("hot-add")
 def _hot_add(machine, req) -> dict:
-    cls = _device_class(str(req.get("type", "")))
-    args = {k: v for k, v in req.items() if k not in ("cmd", "type")}
-    dev = machine.devices.hot_add(cls(**args))
+    """Add a device of a hot-pluggable registry type: type=NAME plus its options."""
+    from ..devices import registry
+
+    kind = registry.lookup(str(req.get("type", "")))
+    if not kind.hotplug:
+        pluggable = ", ".join(sorted(t.name for t in registry.TYPES.values() if t.hotplug))
+        raise ValueError(f"device type {kind.name} cannot be hot-added (hot-pluggable: {pluggable})")
+    options = {k: v for k, v in req.items() if k not in ("cmd", "type")}
+    dev = machine.devices.hot_add(kind.make(machine.device_context, options))
     return {"device": dev.describe()}
 
 

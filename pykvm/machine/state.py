@@ -46,13 +46,13 @@ import os
 import struct
 from pathlib import Path
 
-from . import __version__
-from .devices import State, memwindow
-from .errors import BadStateError
-from .kvm import KvmError
-from .kvm import constants as C
-from .kvm.abi import ffi
-from .memory.sparse import nonzero_runs
+from .. import __version__
+from ..devices import State, memwindow
+from ..errors import BadStateError
+from ..kvm import KvmError
+from ..kvm import constants as C
+from ..kvm.abi import ffi
+from ..memory.sparse import nonzero_runs
 
 MAGIC = b"PYKVMSAV"
 FORMAT_VERSION = 1
@@ -138,7 +138,7 @@ def config_to_json(cfg) -> dict:
 
 def config_from_json(data: dict, **run):
     """A MachineConfig from saved fields plus the run-only ones (`run`); unknown saved fields are ignored."""
-    from .machine import MachineConfig
+    from .config import MachineConfig
 
     names = {f.name for f in dataclasses.fields(MachineConfig)}
     kwargs = {k: v for k, v in data.items() if k in names and k not in RUN_ONLY}
@@ -313,9 +313,9 @@ def save_vm(machine, path: str, stop: bool = False) -> dict:
                 _release(pieces)
                 del pieces
         if stop:
-            from .machine import Outcome
+            from .config import Outcome
 
-            stopped = machine._finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
+            stopped = machine.finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
                                               f"(continue it with: pykvm restore {path})"))
     finally:
         if not stopped:
@@ -468,7 +468,7 @@ def _apply(machine, saved: SavedState) -> None:
 
 
 def _apply_devices(machine, saved: SavedState) -> None:
-    from .control import HOTPLUG_TYPES
+    from ..devices import registry
 
     dm = machine.devices
     saved_devs = saved.header["devices"]
@@ -476,18 +476,18 @@ def _apply_devices(machine, saved: SavedState) -> None:
     if len(set(names)) != len(names):
         raise BadStateError("malformed state file: two devices share a name")
     built = {d.name: d for d in dm.devices}
-    pluggable = set(HOTPLUG_TYPES.values())
     for sd in saved_devs:        # hot-added in the saved VM: add again, if it is a hot-pluggable type
         if sd["name"] in built:
             continue
         spec = sd["class"]
-        if spec not in pluggable or not isinstance(sd.get("config"), dict):
+        kind = registry.by_class(spec)
+        if kind is None or not kind.hotplug or not isinstance(sd.get("config"), dict):
             raise _incompatible(f"the saved VM has a device {sd['name']} ({spec}) this pykvm does not build "
                                 f"(devices here: {', '.join(built)})")
-        import importlib
-
-        module, _, cls = spec.partition(":")
-        dev = getattr(importlib.import_module(module), cls)(**sd["config"])
+        try:
+            dev = kind.make(machine.device_context, sd["config"])
+        except (registry.DeviceSpecError, ValueError) as e:
+            raise BadStateError(f"malformed state file: device {sd['name']}: {e}") from None
         dm.add(dev)
         built[dev.name] = dev
     for name in [n for n in built if n not in names]:   # hot-removed in the saved VM

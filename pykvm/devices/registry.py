@@ -1,0 +1,205 @@
+"""Device types by name: what `--device NAME[,key=value...]`, hot-add and restore build.
+
+The machine does not hard-wire models: it asks the registry for the default set and for each
+device the user names. A type's factory receives a DeviceContext (what the machine lends a
+model: guest memory, interrupt lines, run options) and the validated options; it never sees
+the VM's file descriptors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import abi
+from .device import Device
+
+PORT_MAX = 0xFFFF
+ADDR_MAX = (1 << 52) - 1      # guest-physical addresses x86-64 can express
+
+
+class DeviceSpecError(ValueError):
+    """A device name or option the registry cannot accept."""
+
+
+@dataclass
+class DeviceContext:
+    """What the machine lends device factories."""
+
+    memory: Any = None                         # GuestMemory (DMA-capable models only)
+    cpus: int = 1
+    irq_line: Callable[[int, int], None] | None = None   # (line, level), only with the in-kernel PIC/IOAPIC
+    serial_out: int | None = 1
+    serial_in: int | None = None
+    exit_port: int = abi.PYKVM_PORT_DEBUG_EXIT
+    on_pvpanic_crash_loaded: Callable[[int], None] | None = None
+    extra: dict = field(default_factory=dict)  # per-type hooks a machine layer adds (e.g. the bus)
+
+    def pulse(self):
+        """An edge-triggered interrupt callable (line) -> None, or None without an irqchip."""
+        if self.irq_line is None:
+            return None
+        line_fn = self.irq_line
+        return lambda line: (line_fn(line, 1), line_fn(line, 0))
+
+
+def _port(v: int) -> int:
+    if not 0 <= v <= PORT_MAX:
+        raise DeviceSpecError(f"{v:#x} is not an I/O port (0..0xffff)")
+    return v
+
+
+def _addr(v: int) -> int:
+    if not 0 <= v <= ADDR_MAX:
+        raise DeviceSpecError(f"{v:#x} is not a guest-physical address")
+    return v
+
+
+def _name(v: str) -> str:
+    if not v or len(v) > 32 or not all(c.isalnum() or c in "-_." for c in v):
+        raise DeviceSpecError(f"{v!r} is not a device name (1-32 letters, digits, '-', '_', '.')")
+    return v
+
+
+def _text(v: str) -> str:
+    if len(v) > 64 or not v.isprintable():
+        raise DeviceSpecError("expected at most 64 printable characters")
+    return v
+
+
+def _seconds(v: float) -> float:
+    if not 0 < v <= 3600:
+        raise DeviceSpecError(f"{v} is not a duration in seconds (0 < s <= 3600)")
+    return v
+
+
+# option kinds: (python type the value must become, range/format check)
+KINDS: dict[str, tuple[type, Callable]] = {
+    "port": (int, _port), "addr": (int, _addr), "name": (str, _name), "seconds": (float, _seconds),
+    "text": (str, _text),
+}
+
+
+def parse_option(kind: str, raw) -> Any:
+    """One option value from text (command line) or JSON (control channel), typed and range-checked."""
+    typ, check = KINDS[kind]
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise DeviceSpecError(f"expected a {typ.__name__}, got {type(raw).__name__}")
+    if typ is int:
+        if isinstance(raw, float):
+            raise DeviceSpecError(f"expected an integer, got {raw!r}")
+        if isinstance(raw, str):
+            try:
+                raw = int(raw.strip(), 0)
+            except ValueError:
+                raise DeviceSpecError(f"expected an integer (decimal or 0x...), got {raw!r}") from None
+    elif typ is float:
+        try:
+            raw = float(raw)
+        except ValueError:
+            raise DeviceSpecError(f"expected a number, got {raw!r}") from None
+    elif not isinstance(raw, str):
+        raise DeviceSpecError(f"expected text, got {raw!r}")
+    return check(raw)
+
+
+@dataclass(frozen=True)
+class DeviceType:
+    """One buildable device type."""
+
+    name: str
+    summary: str
+    cls: str                                   # "module:Class", as saved state files name it
+    build: Callable[[DeviceContext, dict], Device]
+    options: dict[str, str] = field(default_factory=dict)   # option -> kind (KINDS)
+    default: bool = False                      # part of every VM
+    hotplug: bool = False                      # the host may add it while the guest runs
+
+    def make(self, ctx: DeviceContext, raw_options: dict) -> Device:
+        """Validate raw options and build an instance."""
+        opts = {}
+        for key, raw in raw_options.items():
+            kind = self.options.get(key)
+            if kind is None:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise DeviceSpecError(f"device {self.name}: unknown option {key!r} (options: {known})")
+            try:
+                opts[key] = parse_option(kind, raw)
+            except DeviceSpecError as e:
+                raise DeviceSpecError(f"device {self.name}: option {key}: {e}") from None
+        return self.build(ctx, opts)
+
+
+def _import(spec: str):
+    import importlib
+
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _simple(spec: str, **fixed):
+    return lambda ctx, opts: _import(spec)(**fixed, **opts)
+
+
+TYPES: dict[str, DeviceType] = {t.name: t for t in [
+    DeviceType("serial", "16550 UART (COM1, 0x3f8)", "pykvm.devices.serial:Serial16550",
+               lambda ctx, o: _import("pykvm.devices.serial:Serial16550")(
+                   out_fd=ctx.serial_out, in_fd=ctx.serial_in,
+                   irq=(lambda level: ctx.irq_line(4, level)) if ctx.irq_line else None),
+               default=True),
+    DeviceType("debug-exit", "isa-debug-exit: the guest ends the run with a status",
+               "pykvm.devices.simple:DebugExit",
+               lambda ctx, o: _import("pykvm.devices.simple:DebugExit")(port=ctx.exit_port), default=True),
+    DeviceType("pvpanic", "pvpanic (0x505): the guest reports a panic", "pykvm.devices.simple:PvPanic",
+               lambda ctx, o: _import("pykvm.devices.simple:PvPanic")(on_crash_loaded=ctx.on_pvpanic_crash_loaded),
+               default=True),
+    DeviceType("poweroff", "ACPI-style power-off port (0x604)", "pykvm.devices.simple:PowerOff",
+               _simple("pykvm.devices.simple:PowerOff"), default=True),
+    DeviceType("fw-cfg", "QEMU fw_cfg: RAM size and vCPU count", "pykvm.devices.fwcfg:FwCfg",
+               lambda ctx, o: _import("pykvm.devices.fwcfg:FwCfg")(ctx.memory.size, ctx.memory.top, ctx.cpus),
+               default=True),
+    DeviceType("firmware-trap", "where the exception stubs report a guest fault",
+               "pykvm.devices.simple:FirmwareTrapPort", _simple("pykvm.devices.simple:FirmwareTrapPort"),
+               default=True),
+    DeviceType("post-code", "POST code port 0x80 (keeps the last byte)", "pykvm.devices.simple:PostCode",
+               _simple("pykvm.devices.simple:PostCode"), {"port": "port"}, default=True),
+    DeviceType("power-control", "guest-requested device power changes (D0/D3)", "pykvm.devices.power:PowerControl",
+               _simple("pykvm.devices.power:PowerControl"), default=True),
+    DeviceType("mailbox", "256 supervised 32-bit slots (recovery demonstration)", "pykvm.devices.mailbox:Mailbox",
+               _simple("pykvm.devices.mailbox:Mailbox"),
+               {"base": "port", "name": "name", "hang_seconds": "seconds"}, default=True, hotplug=True),
+    DeviceType("identity", "memory-backed identity/status windows (no exit per read)",
+               "pykvm.devices.identity:Identity", _simple("pykvm.devices.identity:Identity"),
+               {"base": "addr", "name": "name", "serial": "text"}, default=True, hotplug=True),
+    DeviceType("dma", "a DMA engine bounded by the access policy", "pykvm.devices.dma:Dma",
+               lambda ctx, o: _import("pykvm.devices.dma:Dma")(memory=ctx.memory, irq=ctx.pulse(), **o),
+               {"base": "port"}, default=True),
+]}
+
+
+def lookup(name: str) -> DeviceType:
+    """The type called `name`, or DeviceSpecError listing the known ones."""
+    t = TYPES.get(name)
+    if t is None:
+        raise DeviceSpecError(f"unknown device {name!r} (known: {', '.join(sorted(TYPES))})")
+    return t
+
+
+def by_class(spec: str) -> DeviceType | None:
+    """The type whose model class is `spec` ("module:Class"), for restoring saved devices."""
+    return next((t for t in TYPES.values() if t.cls == spec), None)
+
+
+def parse_spec(text: str) -> tuple[str, dict[str, str]]:
+    """`NAME[,key=value...]` (the --device syntax) as (name, raw options)."""
+    name, *pairs = [p.strip() for p in text.split(",")]
+    opts: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise DeviceSpecError(f"--device {text!r}: expected NAME[,key=value...], got {pair!r}")
+        if key in opts:
+            raise DeviceSpecError(f"--device {text!r}: option {key!r} given twice")
+        opts[key] = value
+    lookup(name)
+    return name, opts

@@ -1,0 +1,52 @@
+"""What describes one VM run (MachineConfig) and how it ended (Outcome)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import abi
+
+MIN_MEMORY = 2 << 20
+
+
+@dataclass
+class MachineConfig:
+    """Everything that describes one VM run."""
+
+    kernel: Path
+    kernel_name: str = ""            # argv[0] for multiboot command lines (what the user typed)
+    mem: int = 128 << 20
+    cpus: int = 1
+    cmdline: str = ""
+    initrd: Path | None = None
+    serial_out: int | None = 1       # fd, or None to discard
+    serial_in: int | None = None
+    timeout: float | None = None
+    exit_port: int = abi.PYKVM_PORT_DEBUG_EXIT
+    irqchip: str = "split"           # "split" (LAPIC in kernel) or "full" (+IOAPIC, PIC, PIT)
+    trace_io: bool = False
+    strict_io: bool = False
+    flat_addr: int | None = None
+    flat_bits: int = 64
+    crash_dir: Path | None = None    # where cores go; None disables dumping
+    restart_intensity: int = 5       # device restarts allowed per restart_period before escalating
+    restart_period: float = 60.0
+    on_device_failure: str = "remove"  # past the intensity: "remove" (guest sees surprise removal) or "crash"
+    device_deadline: float = 0.5     # a device callback running longer than this has hung
+    trust: str = "trusted"           # device access policy level: "trusted" or "untrusted" (devices/policy.py)
+    devices: list = field(default_factory=list)   # extra devices: [(registry name, {option: raw value})]
+
+
+@dataclass
+class Outcome:
+    """How the run ended: an exit status and the words that go with it."""
+
+    status: int
+    kind: str                        # "exit", "poweroff", "reset", "crash", "timeout", "interrupted", "vmm-error"
+    message: str
+    vcpu: int | None = None
+    trigger: str | None = None
+    details: dict = field(default_factory=dict)
+    core_path: Path | None = None
+    core_error: str | None = None

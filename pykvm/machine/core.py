@@ -1,0 +1,263 @@
+"""One partition: builds a VM from a MachineConfig and runs it until the guest exits, crashes or times out.
+
+The Machine owns the KVM objects and the run's lifetime; each job lives in its own module and
+reaches the machine through the small public surface below (pause/resume, call, finish,
+handle_event, stats, host_dump and the attributes documented in __init__).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from .. import abi, errors
+from ..boot import cpu as cpu_setup
+from ..boot.firmware import load_firmware
+from ..boot.image import load_image
+from ..boot.loader import BootPlan, load
+from ..kvm import Kvm
+from ..kvm import constants as C
+from ..memory import GuestMemory, GuestMemoryError
+from . import device_set
+from .config import MIN_MEMORY, MachineConfig, Outcome
+from .dumps import Dumper
+from .faults import Faults
+from .pausing import Pauser, install_kick_handler
+from .requests import MainThreadQueue
+from .vcpu_loop import VcpuLoop
+from .windows import WindowSync
+
+TSS_ADDR = 0xFFFBD000          # three pages KVM needs on Intel for real-mode emulation
+IDENTITY_MAP_ADDR = 0xFFFBC000
+
+
+class Machine:
+    """One VM: build with a config, then run() until the guest exits, crashes or times out.
+
+    Public state other layers read: config, kvm, vm, memory, vcpus, threads, devices, policy,
+    supervisor, serial, pvpanic, plan, outcome, stopping, done (an Event), exit_counts,
+    windows (WindowSync), requests (MainThreadQueue).
+    """
+
+    def __init__(self, config: MachineConfig, restore=None):
+        self.config = config
+        self._restore = restore          # a state.SavedState to resume instead of booting config.kernel
+        self.kvm = self.vm = self.memory = None
+        self.vcpus = []
+        self.threads: list[threading.Thread] = []
+        self.outcome: Outcome | None = None
+        self._outcome_lock = threading.Lock()
+        self.done = threading.Event()
+        self.stopping = False
+        self.exit_counts: list[dict[int, int]] = []
+        self.plan = None
+        self.built: dict = {}
+        self.windows = WindowSync(self)
+        self.pauser = Pauser(self)
+        self.requests = MainThreadQueue()
+        self.faults = Faults(self)
+        self.dumper = Dumper(self)
+        self.loop = VcpuLoop(self)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- build
+    def _build(self) -> None:
+        cfg = self.config
+        if cfg.mem < MIN_MEMORY or cfg.mem % 4096:
+            raise errors.MemorySizeError(
+                f"memory size {cfg.mem} bytes: must be a multiple of 4096 and at least {MIN_MEMORY >> 20} MiB")
+        if not 1 <= cfg.cpus <= 255:
+            raise errors.UsageError(f"--cpus {cfg.cpus}: must be between 1 and 255")
+        restoring = self._restore is not None
+        if not restoring:
+            from ..artifacts import firmware_path
+
+            image = load_image(cfg.kernel, flat_addr=cfg.flat_addr, flat_bits=cfg.flat_bits)
+            firmware = load_firmware(firmware_path())
+
+        self.kvm = Kvm.open(os.environ.get("PYKVM_DEV_KVM", "/dev/kvm"))
+        max_vcpus = self.kvm.check_extension(C.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(C.KVM_CAP_NR_VCPUS)
+        if cfg.cpus > max_vcpus:
+            raise errors.UsageError(f"--cpus {cfg.cpus}: this host's KVM allows at most {max_vcpus}")
+        self.vm = self.kvm.create_vm()
+        try:
+            self.memory = GuestMemory.create(cfg.mem, abi.PYKVM_MMIO_HOLE)
+        except GuestMemoryError as e:
+            raise errors.MemorySizeError(str(e)) from None
+        except OSError as e:
+            raise errors.MemorySizeError(f"cannot allocate {cfg.mem >> 20} MiB of guest memory: {e.strerror}") from None
+        for slot, region in enumerate(self.memory.regions):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        self.windows.probe(self.vm)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        if cfg.irqchip == "full":
+            self.vm.create_irqchip()
+            self.vm.create_pit2(C.KVM_PIT_SPEAKER_DUMMY)
+        else:
+            self.vm.enable_split_irqchip()
+
+        self.devices = device_set.build_devices(self)
+        if not restoring:
+            self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
+                                       argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd)
+
+        supported = self.kvm.supported_cpuid()
+        nx = cpu_setup.nx_supported(supported)
+        from ..kvm.abi import ffi as kffi
+
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid2(cpu_setup.cpuid_for_vcpu(supported, i, kffi))
+        self.exit_counts = [dict() for _ in self.vcpus]
+        if restoring:
+            from .state import apply_state
+
+            apply_state(self, self._restore)
+        else:
+            cpu_setup.apply_entry(self.vcpus[0], self.plan.entry, nx)
+
+    @property
+    def identity(self):
+        """The identity device, when the VM has one."""
+        return self.built.get("identity")
+
+    @property
+    def dma(self):
+        """The DMA engine, when the VM has one."""
+        return self.built.get("dma")
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> Outcome:
+        """Start every vCPU thread and wait until one of them (or the timeout) ends the VM."""
+        install_kick_handler()
+        self.devices.start_all()
+        self.supervisor.start()
+        try:
+            for vcpu in self.vcpus:
+                t = threading.Thread(target=self.loop.thread, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
+                self.threads.append(t)
+                t.start()
+                self.supervisor.vcpu_threads[t.ident] = vcpu.index
+            self._main_loop()
+            self.requests.serve()  # answer callers still waiting, then refuse new ones
+            self.pauser.stop_all()
+            if self.outcome.kind in ("crash", "timeout", "vmm-error"):
+                self.outcome.core_path, self.outcome.core_error = self.dumper.write(self.outcome)
+        finally:
+            self.supervisor.stop()
+            self.devices.stop_all()
+        return self.outcome
+
+    def _main_loop(self) -> None:
+        deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
+        wake = self.requests.wake
+        self.requests.main_ident = threading.get_ident()
+        try:
+            while not self.done.is_set():
+                wake.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                wake.clear()
+                self.requests.serve()
+                if deadline is not None and time.monotonic() >= deadline and not self.done.is_set():
+                    self.finish(Outcome(errors.EXIT_TIMEOUT, "timeout",
+                                        f"guest still running after --timeout {self.config.timeout:g}s; stopped",
+                                        trigger="timeout"))
+                    break
+        except KeyboardInterrupt:
+            self.finish(Outcome(130, "interrupted", "interrupted by the user (Ctrl-C)"))
+        finally:
+            self.requests.main_ident = None
+            self.requests.close()
+
+    def finish(self, outcome: Outcome) -> bool:
+        """Record the first outcome only (later ones, other vCPUs stopping, are dropped); True if it was first."""
+        with self._outcome_lock:
+            if self.outcome is not None:
+                return False
+            self.outcome = outcome
+        self.stopping = True
+        self.done.set()
+        self.requests.wake.set()
+        return True
+
+    # ---------------------------------------------------------------- the public surface other layers use
+    def pause(self, timeout: float = 2.0) -> bool:
+        """Get every running vCPU out of KVM_RUN and parked; True when all parked in time."""
+        return self.pauser.pause(timeout)
+
+    def resume(self) -> None:
+        """Let parked vCPUs re-enter the guest."""
+        self.pauser.resume()
+
+    def call(self, fn, timeout: float = 60.0):
+        """Run fn() on the thread that runs the machine (where pausing and dumping are safe)."""
+        return self.requests.call(fn, timeout)
+
+    def request_dump(self) -> None:
+        """Ask for a core of the running guest without stopping it (safe from a signal handler)."""
+        self.dumper.request()
+
+    def host_dump(self):
+        """Pause every vCPU, write a 'host-request' core, resume; (path, None) or (None, why not)."""
+        return self.dumper.host_dump()
+
+    def handle_event(self, vcpu, ev) -> None:
+        """A device's VmEvent (vcpu None when raised off the vCPU threads)."""
+        self.faults.handle_event(vcpu, ev)
+
+    def drain_coalesced(self, on_vcpu: bool = False, strict: bool = True) -> int:
+        """Apply queued coalesced MMIO writes now."""
+        return self.windows.drain(on_vcpu, strict)
+
+    def window_info(self) -> list[dict]:
+        """Mapped windows and coalesced zones."""
+        return self.windows.info()
+
+    @property
+    def ring_stats(self):
+        """Counters of the coalesced-MMIO ring."""
+        return self.windows.ring_stats
+
+    @property
+    def pending_images(self) -> dict:
+        """Window images from a restore that are not mapped yet."""
+        return self.windows.pending_images
+
+    def stats(self) -> dict:
+        """Counters for the control channel and the exit summary."""
+        return {
+            "exits": [{C.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in c.items()} for c in self.exit_counts],
+            "unclaimed": {f"{k} {a:#x} {rw}": n for (k, a, rw), n in self.devices.unclaimed.items()},
+            "outside_d0": {f"{d} {rw}": n for (d, rw), n in self.devices.outside_d0.items()},
+            "device_events": list(self.devices.events),
+            "windows": self.windows.info(),
+            "coalesced": self.windows.ring_stats.as_dict(),
+        }
+
+    # ---------------------------------------------------------------- teardown
+    def close(self) -> None:
+        """Release vCPUs, the VM, guest memory and /dev/kvm."""
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,52 @@
+"""Builds a machine's devices from the registry: the default set plus the ones the config names."""
+
+from __future__ import annotations
+
+import sys
+
+from .. import errors
+from ..devices import DeviceManager
+from ..devices import registry
+from ..devices.policy import PolicyAuthority
+from ..devices.supervisor import Supervisor
+from .config import Outcome
+
+
+def build_devices(machine) -> DeviceManager:
+    """The DeviceManager (with policy and supervisor) for `machine`'s config."""
+    m = machine
+    cfg = m.config
+    trace = (lambda msg: print(f"pykvm: io: {msg}", file=sys.stderr)) if cfg.trace_io else None
+    m.policy = PolicyAuthority(cfg.trust)
+    dm = DeviceManager(trace_io=trace, strict_io=cfg.strict_io, access_filter=m.policy)
+    dm.window_hook = m.windows.hook
+    m.device_context = ctx = registry.DeviceContext(
+        memory=m.memory, cpus=cfg.cpus,
+        irq_line=(lambda line, level: m.vm.irq_line(line, level)) if cfg.irqchip == "full" else None,
+        serial_out=cfg.serial_out, serial_in=cfg.serial_in, exit_port=cfg.exit_port,
+        on_pvpanic_crash_loaded=_pvpanic_crash_loaded)
+    wanted = [(t.name, {}) for t in registry.TYPES.values() if t.default]
+    wanted += [(name, dict(opts)) for name, opts in cfg.devices]
+    m.built = {}    # registry name -> the first device of that type, as built (kept after stop)
+    try:
+        for name, opts in wanted:
+            dev = dm.add(registry.lookup(name).make(ctx, opts))
+            m.built.setdefault(name, dev)
+    except (registry.DeviceSpecError, ValueError) as e:
+        raise errors.DeviceConfigError(f"--device: {e}") from None
+    # the machine's own hooks into models it reports on (crash cores, serial flush, pvpanic events)
+    m.serial = m.built["serial"]
+    m.pvpanic = m.built["pvpanic"]
+    m.policy.check(dm.devices)   # every description against its model's ranges, before anything runs
+    m.supervisor = Supervisor(dm, intensity=cfg.restart_intensity, period=cfg.restart_period,
+                              escalate=cfg.on_device_failure, on_escalate=lambda dev, msg: _failed_for_good(m, msg),
+                              deadline=cfg.device_deadline)
+    return dm
+
+
+def _failed_for_good(machine, message: str) -> None:
+    machine.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", message, trigger="device-failure"))
+
+
+def _pvpanic_crash_loaded(value: int) -> None:
+    print(f"pykvm: guest reported pvpanic 'crash loaded' (event {value:#x}); continuing", file=sys.stderr)

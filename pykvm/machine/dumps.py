@@ -1,0 +1,69 @@
+"""Writing a core of the machine: at a crash, or on the host's request while the guest runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..kvm import KvmError
+from .config import Outcome
+
+
+class Dumper:
+    """Snapshots every vCPU and guest RAM into a core file in the configured crash directory."""
+
+    def __init__(self, machine):
+        self.machine = machine
+
+    def request(self) -> None:
+        """Ask for a core of the running guest without stopping it (safe from a signal handler)."""
+        self.machine.requests.post(self._signal_dump)
+
+    def _signal_dump(self) -> None:
+        path, err = self.host_dump()
+        print(f"pykvm: host-requested core: {path if path else 'failed: ' + str(err)}", file=sys.stderr)
+
+    def host_dump(self) -> tuple[Path | None, str | None]:
+        """Pause every vCPU, write a 'host-request' core, resume; (path, None) or (None, why not)."""
+        m = self.machine
+        if not m.pause():
+            m.resume()
+            return None, "a vCPU did not stop in time"
+        try:
+            out = Outcome(0, "dump", "core requested by the host while the guest runs", trigger="host-request")
+            return self.write(out)
+        finally:
+            m.resume()
+
+    def write(self, outcome: Outcome) -> tuple[Path | None, str | None]:
+        """Snapshot every vCPU and guest RAM into a core; (path, None) or (None, why not)."""
+        m = self.machine
+        cfg = m.config
+        if cfg.crash_dir is None:
+            return None, None
+        m.windows.drain()
+        from ..crash.core import CoreWriteError, write_core
+        from ..crash.snapshot import CrashSnapshot
+        from .capture import apply_trap_frame, guest_crash_info, vcpu_state
+
+        try:
+            states = [vcpu_state(v) for v in m.vcpus]
+            frame = outcome.details.get("frame")
+            crashing = outcome.vcpu if outcome.vcpu is not None else 0
+            if frame is not None:
+                apply_trap_frame(states[crashing], frame)
+            snap = CrashSnapshot(
+                trigger=outcome.trigger or outcome.kind, reason=outcome.message, vcpus=states,
+                crashing_vcpu=crashing, memory=m.memory,
+                vector=outcome.details.get("vector"), error_code=outcome.details.get("error_code"),
+                exit_reason=outcome.details.get("exit_reason"), serial_tail=m.serial.output_tail(),
+                config={"kernel": str(cfg.kernel), "mem": cfg.mem, "cpus": cfg.cpus, "cmdline": cfg.cmdline,
+                        "irqchip": cfg.irqchip, "protocol": m.plan.image.protocol if m.plan else None,
+                        "pvpanic_events": list(m.pvpanic.events)},
+                crash_info=guest_crash_info(m.memory, m.plan))
+            path = write_core(snap, cfg.crash_dir)
+        except CoreWriteError as e:
+            return None, str(e)
+        except KvmError as e:
+            return None, f"cannot read vCPU state: {e}"
+        return path, None

@@ -1,0 +1,102 @@
+"""Turning a guest's death into words: device events, exceptions caught by the firmware stubs, RIP and code bytes."""
+
+from __future__ import annotations
+
+from .. import errors
+from ..boot import trapframe
+from ..devices import FirmwareTrap, GuestCrash, GuestExit, VmEvent
+from ..kvm import KvmError
+from ..kvm import constants as C
+from ..memory import GuestMemoryError
+from ..memory.pagewalk import EFER_LMA
+from .config import Outcome
+
+
+class Faults:
+    """Builds the Outcome of a crash or exit from the vCPU that saw it."""
+
+    def __init__(self, machine):
+        self.machine = machine
+
+    def handle_event(self, vcpu, ev: VmEvent) -> None:
+        """A device's VmEvent; vcpu is None for one raised off the vCPU threads (a drained coalesced write)."""
+        m = self.machine
+        m.serial.flush()
+        if isinstance(ev, GuestExit):
+            kind = "poweroff" if ev.how == "power-off" else "exit"
+            m.finish(Outcome(ev.status, kind, f"guest exited: {ev.how}", vcpu=vcpu.index if vcpu else None))
+        elif vcpu is None:  # no vCPU context to read RIP from
+            trigger = ev.trigger if isinstance(ev, GuestCrash) else "strict-io"
+            m.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed: {ev}", trigger=trigger))
+        elif isinstance(ev, FirmwareTrap):
+            self.firmware_trap(vcpu)
+        elif isinstance(ev, GuestCrash):
+            self.crash(vcpu, ev.trigger, ev.reason)
+        else:  # StrictIoViolation and any other policy stop
+            self.crash(vcpu, "strict-io", str(ev))
+
+    def rip_text(self, vcpu) -> str:
+        """'RIP 0x... (bytes ..)' for messages, or why it is unavailable."""
+        try:
+            regs = vcpu.get_regs()
+            sregs = vcpu.get_sregs()
+            rip = regs.rip
+            text = f"RIP {rip:#x}"
+            code = self.code_bytes(vcpu, sregs.cs.base + rip)
+            if code:
+                text += f" (bytes {code.hex(' ')})"
+            return text
+        except KvmError:
+            return "RIP unavailable"
+
+    def code_bytes(self, vcpu, linear: int, n: int = 16) -> bytes:
+        """Up to n instruction bytes at a linear address, via the vCPU's own translation; b'' if unmapped."""
+        memory = self.machine.memory
+        try:
+            phys, valid, _w = vcpu.translate(linear)
+        except KvmError:
+            return b""
+        if not valid:
+            return b""
+        r = memory.region_of(phys)
+        if r is None:
+            return b""
+        return memory.read(phys, min(n, r.end - phys))
+
+    def crash(self, vcpu, trigger: str, reason: str, **details) -> None:
+        """End the VM as crashed on `vcpu`."""
+        details.setdefault("exit_reason", C.EXIT_REASON_NAMES.get(vcpu.run_ptr.exit_reason))
+        where = self.rip_text(vcpu)
+        self.machine.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash",
+                                    f"guest crashed on vCPU {vcpu.index}: {reason}; {where}",
+                                    vcpu=vcpu.index, trigger=trigger, details=details))
+
+    def firmware_trap(self, vcpu) -> None:
+        """Read the stub's trap frame and report the exception at the faulting instruction."""
+        m = self.machine
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        long_mode = bool(sregs.efer & EFER_LMA)
+        size = trapframe.frame_size(long_mode)
+        rsp = regs.rsp if long_mode else regs.rsp & 0xFFFFFFFF
+        try:
+            phys, valid, _w = vcpu.translate(sregs.ss.base + rsp)
+            raw = m.memory.read(phys, size) if valid else None
+        except (KvmError, GuestMemoryError):
+            raw = None
+        if raw is None:
+            self.crash(vcpu, "exception", f"firmware stub reported an exception but its trap frame at "
+                       f"RSP {rsp:#x} is unreadable")
+            return
+        frame = trapframe.parse(raw, long_mode, rsp)
+        vec, err = frame["vector"], frame["error_code"]
+        name = trapframe.exception_name(vec)
+        text = f"exception {name} (vector {vec}, error code {err:#x}) at RIP {frame['rip']:#x}"
+        if vec == 14:
+            text += f", CR2 {sregs.cr2:#x}"
+        code = self.code_bytes(vcpu, frame["rip"] + (sregs.cs.base if not long_mode else 0))
+        if code:
+            text += f" (bytes {code.hex(' ')})"
+        m.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed on vCPU {vcpu.index}: {text}",
+                         vcpu=vcpu.index, trigger="exception",
+                         details={"vector": vec, "error_code": err, "frame": frame, "cr2": sregs.cr2}))

@@ -1,0 +1,191 @@
+"""The vCPU thread: KVM_RUN, inline port I/O to devices in D0, and every other exit reason."""
+
+from __future__ import annotations
+
+import struct
+import time
+import traceback
+
+from .. import errors
+from ..devices import GuestCrash, VmEvent
+from ..devices.supervisor import DeviceHung
+from ..kvm import constants as C
+from .config import Outcome
+
+_io_hdr = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
+_mmio_hdr = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
+_exit_hdr = struct.Struct("<I20xBBHIQ")     # exit_reason, then kvm_run.io at offset 32
+_SIZED = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+
+
+def _bad_port_size(*_args):
+    raise GuestCrash("internal-error", "KVM reported port I/O of a size other than 1, 2 or 4 bytes")
+
+
+# Indexed by kvm_run.io.size (a byte): sizes a port access cannot have stop the VM cleanly.
+_UNPACK = [_SIZED[n].unpack_from if n in (1, 2, 4) else _bad_port_size for n in range(256)]
+_PACK = [_SIZED[n].pack_into if n in (1, 2, 4) else _bad_port_size for n in range(256)]
+_MASK = [(1 << (8 * n)) - 1 for n in range(256)]
+
+
+class VcpuLoop:
+    """Runs one machine's vCPUs; one instance serves every vCPU thread."""
+
+    def __init__(self, machine):
+        self.machine = machine
+
+    def thread(self, vcpu) -> None:
+        """A vCPU thread's body: run until the VM stops; a VMM bug ends the VM as such, never hangs it."""
+        m = self.machine
+        try:
+            self._loop(vcpu)
+        except Exception as e:
+            m.finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error",
+                             f"internal error on vCPU {vcpu.index}: {type(e).__name__}: {e}",
+                             vcpu=vcpu.index, trigger="vmm-error", details={"traceback": traceback.format_exc()}))
+
+    def _loop(self, vcpu) -> None:
+        m = self.machine
+        while not m.stopping:
+            try:
+                self._run_fast(vcpu)
+            except VmEvent as ev:
+                m.handle_event(vcpu, ev)
+            except DeviceHung:
+                self._complete_failed_access(vcpu)  # the supervisor already took the device out
+            except Exception as e:
+                dev = self._device_of_exit(vcpu)
+                if dev is None or not m.supervisor.report_failure(dev, f"{type(e).__name__}: {e}"):
+                    raise
+                self._complete_failed_access(vcpu)
+
+    def _device_of_exit(self, vcpu):
+        """The device the vCPU's current I/O exit is addressed to, or None."""
+        devices = self.machine.devices
+        mm = vcpu.run_mmap
+        reason, _d, _s, port, _c, _o = _exit_hdr.unpack_from(mm, 8)
+        if reason == C.KVM_EXIT_IO:
+            ent = devices.port_map.get(port)
+            return ent[0] if ent else None
+        if reason == C.KVM_EXIT_MMIO:
+            hit = devices.mmio_lookup(_mmio_hdr.unpack_from(mm, 32)[0])
+            return hit[0] if hit else None
+        return None
+
+    def _complete_failed_access(self, vcpu) -> None:
+        """Answer the access that hit a failing model like an absent device: reads get all ones."""
+        mm = vcpu.run_mmap
+        reason, direction, size, _port, count, off = _exit_hdr.unpack_from(mm, 8)
+        if reason == C.KVM_EXIT_IO and not direction and size in (1, 2, 4) and off + size * count <= len(mm):
+            mm[off:off + size * count] = b"\xff" * (size * count)
+        elif reason == C.KVM_EXIT_MMIO and not _mmio_hdr.unpack_from(mm, 32)[3]:
+            mm[40:48] = b"\xff" * 8
+
+    def _run_fast(self, vcpu) -> None:
+        """The hot loop: single port I/O to a D0 device is handled inline, all else goes slow."""
+        m = self.machine
+        run = vcpu.run
+        mm = vcpu.run_mmap
+        header = _exit_hdr.unpack_from
+        unpack = _UNPACK
+        pack = _PACK
+        masks = _MASK
+        reads = m.devices.live_port_reads
+        writes = m.devices.live_port_writes
+        EXIT_IO = C.KVM_EXIT_IO
+        while True:
+            if run():
+                if m.stopping:  # EINTR/EAGAIN from a kick
+                    return
+                if m.pauser.pausing:
+                    m.pauser.park(vcpu)
+                continue
+            reason, direction, size, port, count, off = header(mm, 8)
+            if reason == EXIT_IO and count == 1:
+                if direction:
+                    h = writes.get(port)
+                    if h is not None:
+                        h[0](port - h[1], size, unpack[size](mm, off)[0])
+                        continue
+                else:
+                    h = reads.get(port)
+                    if h is not None:
+                        pack[size](mm, off, h[0](port - h[1], size) & masks[size])
+                        continue
+            self._exit_slow(vcpu, mm, reason)
+
+    def _exit_slow(self, vcpu, mm, reason: int) -> None:
+        """Exits the hot loop does not take: string, unclaimed or inactive I/O, MMIO, and the rest."""
+        m = self.machine
+        counts = m.exit_counts[vcpu.index]
+        counts[reason] = counts.get(reason, 0) + 1
+        if m.windows.zone_list:
+            m.windows.drain(on_vcpu=True)  # writes queued before this exit happened before it
+        if reason == C.KVM_EXIT_IO:
+            direction, size, port, count, off = _io_hdr.unpack_from(mm, 32)
+            self._io_slow(mm, direction, size, port, count, off)
+        elif reason == C.KVM_EXIT_MMIO:
+            addr, data, length, is_write = _mmio_hdr.unpack_from(mm, 32)
+            self._mmio(mm, addr, data, length, is_write)
+        else:
+            self._other_exit(vcpu, reason)
+
+    def _io_slow(self, mm, direction, size, port, count, off) -> None:
+        """Port I/O through the device manager, one element at a time (string I/O has count > 1)."""
+        if size not in (1, 2, 4) or count > 4096 or off + size * count > len(mm):
+            raise GuestCrash("internal-error", f"KVM reported malformed port I/O (port {port:#x} size {size} count {count})")
+        s = _SIZED[size]
+        access = self.machine.devices.port_access
+        for i in range(count):
+            at = off + i * size
+            if direction:
+                access(port, size, True, s.unpack_from(mm, at)[0])
+            else:
+                s.pack_into(mm, at, access(port, size, False))
+
+    def _mmio(self, mm, addr, data, length, is_write) -> None:
+        devices = self.machine.devices
+        if length not in _SIZED:
+            raise GuestCrash("internal-error", f"KVM reported an MMIO access of {length} bytes at {addr:#x}")
+        s = _SIZED[length]
+        if is_write:
+            devices.mmio_access(addr, length, True, s.unpack_from(data)[0])
+        else:
+            buf = bytearray(8)
+            s.pack_into(buf, 0, devices.mmio_access(addr, length, False))
+            mm[40:48] = buf
+
+    def _other_exit(self, vcpu, reason: int) -> None:
+        """Every exit reason besides port and MMIO I/O."""
+        m = self.machine
+        run = vcpu.run_ptr
+        if reason == C.KVM_EXIT_HLT:
+            time.sleep(0.001)  # only without an in-kernel LAPIC, which pykvm always creates
+        elif reason in (C.KVM_EXIT_INTR, C.KVM_EXIT_IRQ_WINDOW_OPEN, C.KVM_EXIT_IOAPIC_EOI):
+            pass
+        elif reason == C.KVM_EXIT_SHUTDOWN:
+            m.faults.crash(vcpu, "triple-fault", "triple fault (KVM_EXIT_SHUTDOWN): the guest faulted while "
+                           "handling a fault, with no usable IDT or stack")
+        elif reason == C.KVM_EXIT_FAIL_ENTRY:
+            why = run.fail_entry.hardware_entry_failure_reason
+            m.faults.crash(vcpu, "fail-entry", f"VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {why:#x}): "
+                           "the guest's CPU state is invalid")
+        elif reason == C.KVM_EXIT_INTERNAL_ERROR:
+            sub = run.internal.suberror
+            name = C.INTERNAL_ERROR_NAMES.get(sub, f"suberror {sub}")
+            hint = (" — this host's KVM could not emulate the instruction (nested or software-assisted "
+                    "KVM cannot emulate e.g. int3, movbe, xrstor, lock cmpxchg16b)"
+                    if sub == C.KVM_INTERNAL_ERROR_EMULATION else "")
+            m.faults.crash(vcpu, "internal-error", f"KVM internal error ({name}){hint}")
+        elif reason == C.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == C.KVM_SYSTEM_EVENT_CRASH:
+                m.faults.crash(vcpu, "system-event-crash", "the host reported a guest crash (KVM_SYSTEM_EVENT_CRASH)")
+            elif kind == C.KVM_SYSTEM_EVENT_RESET:
+                m.finish(Outcome(errors.EXIT_OK, "reset", "guest requested a reset; pykvm stops instead of rebooting",
+                                 vcpu=vcpu.index))
+            else:
+                m.finish(Outcome(errors.EXIT_OK, "poweroff", "guest powered off", vcpu=vcpu.index))
+        else:
+            name = C.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+            m.faults.crash(vcpu, "unhandled-exit", f"unhandled exit {name} ({reason})")
