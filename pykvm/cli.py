@@ -108,9 +108,13 @@ def main():
               help="Past the restart intensity: surprise-remove the device, or stop the VM with a core.")
 @click.option("--trust", type=click.Choice(["trusted", "untrusted"]), default="trusted", show_default=True,
               help="Device access policy level (see `pykvm devices --describe NAME`).")
+@click.option("--bus", is_flag=True, help="Give the guest a partition bus (echo, shutdown, heartbeat services).")
+@click.option("--disk", "disks", multiple=True, metavar="FILE[,ro]",
+              help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust, debug):
+        load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
+        bus, disks, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -133,7 +137,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
                             crash_dir=None if no_dump else Path(crash_dir), trust=trust,
-                            restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure)
+                            restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure,
+                            bus=bus, disks=[_disk_spec(d) for d in disks])
         try:
             with Machine(cfg) as m:
                 status = _run_machine(m, control_path, trace_io, debug)
@@ -182,6 +187,14 @@ def _run_machine(m, control_path: str | None, trace_io: bool, debug: bool) -> in
     elif outcome.core_error:
         click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
     return outcome.status
+
+
+def _disk_spec(text: str) -> tuple[str, bool]:
+    """FILE[,ro] as (path, read_only)."""
+    path, sep, mode = text.rpartition(",")
+    if sep and mode in ("ro", "rw"):
+        return path, mode == "ro"
+    return text, False
 
 
 def _serial_sink(spec: str):

@@ -265,4 +265,204 @@ struct pykvm_trap_frame32 {
 };
 #endif
 
+/* ---- partition bus: connecting and channel management ----
+ * The guest connects once through trapped registers (PYKVM_PORT_BUS), giving
+ * the GPA of its management area: 2 * (1 + PYKVM_BUS_MGMT_DATA_PAGES) pages,
+ * the guest->host ring then the host->guest ring (layouts: "partition bus"
+ * rings). Everything after that is an in-band packet on channel 0 whose
+ * payload is a struct pykvm_bus_msg followed by the body for its type.
+ * Versions are major << 16 | minor. Channel ids (relids) start at 1. */
+#define PYKVM_PORT_BUS 0x580
+#define PYKVM_BUS_PORTS 16
+#define PYKVM_BUS_CTL_GPA_LO 0
+#define PYKVM_BUS_CTL_GPA_HI 4
+/* write: PYKVM_BUS_CMD_* | target vCPU << 8; read: PYKVM_BUS_STATE_* */
+#define PYKVM_BUS_CTL_COMMAND 8
+#define PYKVM_BUS_CMD_CONNECT 1
+#define PYKVM_BUS_CMD_DISCONNECT 2
+#define PYKVM_BUS_STATE_IDLE 0
+#define PYKVM_BUS_STATE_CONNECTED 1
+#define PYKVM_BUS_STATE_REFUSED 2
+#define PYKVM_BUS_MGMT_DATA_PAGES 4
+#define PYKVM_BUS_MGMT_RELID 0
+
+#define PYKVM_BUS_VERSION_1_0 0x10000
+#define PYKVM_BUS_VERSION_1_1 0x10001
+#define PYKVM_BUS_MAX_VERSIONS 8
+#define PYKVM_BUS_MAX_SERVICE_VERSIONS 4
+#define PYKVM_BUS_GPADL_PFNS_PER_MSG 60
+
+#define PYKVM_BUS_MSG_INITIATE_CONTACT 1
+#define PYKVM_BUS_MSG_VERSION_RESPONSE 2
+#define PYKVM_BUS_MSG_REQUEST_OFFERS 3
+#define PYKVM_BUS_MSG_OFFER 4
+#define PYKVM_BUS_MSG_ALL_OFFERS_DELIVERED 5
+#define PYKVM_BUS_MSG_RESCIND 6
+#define PYKVM_BUS_MSG_GPADL_HEADER 7
+#define PYKVM_BUS_MSG_GPADL_BODY 8
+#define PYKVM_BUS_MSG_GPADL_CREATED 9
+#define PYKVM_BUS_MSG_GPADL_TEARDOWN 10
+#define PYKVM_BUS_MSG_GPADL_TORNDOWN 11
+#define PYKVM_BUS_MSG_OPEN 12
+#define PYKVM_BUS_MSG_OPEN_RESULT 13
+#define PYKVM_BUS_MSG_CLOSE 14
+#define PYKVM_BUS_MSG_RELID_RELEASED 15
+#define PYKVM_BUS_MSG_UNLOAD 16
+#define PYKVM_BUS_MSG_UNLOAD_RESPONSE 17
+/* the host closed a channel on its own (a protocol violation, the service stopped) */
+#define PYKVM_BUS_MSG_CLOSED 18
+
+/* status codes in responses */
+#define PYKVM_BUS_OK 0
+#define PYKVM_BUS_E_VERSION 1
+#define PYKVM_BUS_E_INVALID 2
+#define PYKVM_BUS_E_LIMIT 3
+#define PYKVM_BUS_E_STATE 4
+#define PYKVM_BUS_E_NOT_FOUND 5
+#define PYKVM_BUS_E_IO 6
+#define PYKVM_BUS_E_READ_ONLY 7
+
+/* interface type ids (16-byte GUID-like, as two little-endian halves) */
+#define PYKVM_BUS_IF_ECHO_LO 0x4f48434550594b50
+#define PYKVM_BUS_IF_ECHO_HI 0x0000000000000001
+#define PYKVM_BUS_IF_BLOCK_LO 0x4b434f4c42594b50
+#define PYKVM_BUS_IF_BLOCK_HI 0x0000000000000002
+#define PYKVM_BUS_IF_SHUTDOWN_LO 0x4e574f4454594b50
+#define PYKVM_BUS_IF_SHUTDOWN_HI 0x0000000000000003
+#define PYKVM_BUS_IF_HEARTBEAT_LO 0x5452414548594b50
+#define PYKVM_BUS_IF_HEARTBEAT_HI 0x0000000000000004
+
+#ifndef __ASSEMBLER__
+struct pykvm_bus_msg {
+    uint32_t type;             /* PYKVM_BUS_MSG_* */
+    uint32_t size;             /* bytes of the body that follows */
+};
+
+struct pykvm_bus_initiate {
+    uint32_t count;            /* versions proposed, newest first */
+    uint32_t target_vcpu;      /* where management interrupts go */
+    uint32_t versions[8];
+};
+
+struct pykvm_bus_version_response {
+    uint32_t accepted;         /* 1: version is in force; 0: refused */
+    uint32_t version;
+    uint32_t count;            /* the versions the host supports */
+    uint32_t reserved;
+    uint32_t supported[8];
+};
+
+struct pykvm_bus_offer {
+    uint32_t relid;
+    uint32_t flags;
+    uint64_t interface_lo;
+    uint64_t interface_hi;
+    uint64_t instance_lo;
+    uint64_t instance_hi;
+    uint32_t version_count;
+    uint32_t reserved;
+    uint32_t versions[4];      /* service versions, newest first */
+};
+
+struct pykvm_bus_relid_msg {   /* RESCIND, CLOSE, RELID_RELEASED, CLOSED */
+    uint32_t relid;
+    uint32_t reason;           /* CLOSED: PYKVM_BUS_E_*; otherwise 0 */
+};
+
+struct pykvm_bus_gpadl_header {
+    uint32_t gpadl;            /* id chosen by the guest, not 0 */
+    uint32_t total;            /* pages in the whole GPADL */
+    uint32_t count;            /* pfns valid in this message */
+    uint32_t reserved;
+    uint64_t pfns[60];
+};
+
+struct pykvm_bus_gpadl_body {
+    uint32_t gpadl;
+    uint32_t count;
+    uint64_t pfns[60];
+};
+
+struct pykvm_bus_gpadl_result {  /* GPADL_CREATED, GPADL_TEARDOWN, GPADL_TORNDOWN */
+    uint32_t gpadl;
+    uint32_t status;
+};
+
+struct pykvm_bus_open {
+    uint32_t relid;
+    uint32_t ring_gpadl;
+    uint32_t inbound_offset;   /* page in the GPADL where the host->guest ring starts */
+    uint32_t target_vcpu;
+    uint32_t version_count;    /* service versions the driver speaks, newest first */
+    uint32_t reserved;
+    uint32_t versions[4];
+};
+
+struct pykvm_bus_open_result {
+    uint32_t relid;
+    uint32_t status;           /* PYKVM_BUS_OK or PYKVM_BUS_E_* */
+    uint32_t version;          /* the service version in force */
+    uint32_t count;            /* on a version refusal: what the service speaks */
+    uint32_t supported[4];
+};
+#endif
+
+/* ---- bus services' messages (payloads on their channels) ---- */
+/* echo: v1.0 returns each PYKVM_ECHO_OP_ECHO message; v1.1 adds
+ * PYKVM_ECHO_OP_COUNT, answered with the number echoed on the channel. */
+#define PYKVM_ECHO_V1_0 0x10000
+#define PYKVM_ECHO_V1_1 0x10001
+#define PYKVM_ECHO_OP_ECHO 1
+#define PYKVM_ECHO_OP_COUNT 2
+#define PYKVM_ECHO_MAX 4032
+
+/* block storage v1.0: requests are GPA-direct packets (the ranges name the
+ * data buffer) with a pykvm_blk_request payload; INFO and FLUSH may be
+ * in-band. Each is answered by a completion with a pykvm_blk_response. */
+#define PYKVM_BLOCK_V1_0 0x10000
+#define PYKVM_BLK_OP_READ 1
+#define PYKVM_BLK_OP_WRITE 2
+#define PYKVM_BLK_OP_FLUSH 3
+#define PYKVM_BLK_OP_INFO 4
+#define PYKVM_BLK_SECTOR 512
+#define PYKVM_BLK_MAX_SECTORS 256
+#define PYKVM_BLK_FLAG_READ_ONLY 1
+
+/* shutdown v1.0: the host sends PYKVM_SHUTDOWN_OP_REQUEST; the guest answers
+ * with a completion and powers off. heartbeat v1.0: the guest sends
+ * PYKVM_HEARTBEAT_OP_BEAT with a sequence number, unanswered. */
+#define PYKVM_SHUTDOWN_V1_0 0x10000
+#define PYKVM_SHUTDOWN_OP_REQUEST 1
+#define PYKVM_HEARTBEAT_V1_0 0x10000
+#define PYKVM_HEARTBEAT_OP_BEAT 1
+
+#ifndef __ASSEMBLER__
+struct pykvm_echo_msg {
+    uint32_t op;
+    uint32_t len;              /* bytes of data after this header */
+};
+
+struct pykvm_blk_request {
+    uint32_t op;
+    uint32_t reserved;
+    uint64_t sector;
+    uint32_t count;            /* sectors */
+    uint32_t reserved2;
+};
+
+struct pykvm_blk_response {
+    uint32_t status;           /* PYKVM_BUS_OK or PYKVM_BUS_E_* */
+    uint32_t flags;            /* PYKVM_BLK_FLAG_* */
+    uint64_t capacity;         /* sectors */
+    uint32_t sector_size;
+    uint32_t reserved;
+};
+
+struct pykvm_ic_msg {          /* shutdown and heartbeat */
+    uint32_t op;
+    uint32_t flags;
+    uint64_t seq;
+};
+#endif
+
 #endif

@@ -197,6 +197,7 @@ def _json(snap: CrashSnapshot, layout: Layout, written: int, signo: int) -> str:
         "dropped_address_spaces": layout.dropped_spaces,
         "bytes_written": written,
         "crash_info_bytes": min(len(snap.crash_info), CRASH_INFO_MAX),
+        "bus": snap.bus,
     }
     # config comes from the caller and may hold paths or enums: stringify what JSON can't take.
     return json.dumps(doc, default=str, ensure_ascii=False)

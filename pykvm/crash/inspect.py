@@ -51,6 +51,7 @@ def build_report(core_path, kernel_path=None) -> dict:
             "dropped_segments": info.get("dropped_segments", 0),
             "serial_tail": info.get("serial_tail", ""),
             "crash_info": core.vmcoreinfo.decode("utf-8", errors="replace"),
+            "bus": info.get("bus") if isinstance(info.get("bus"), dict) else None,
             "vcpus": [_vcpu_report(core, v, symbols) for v in core.vcpus],
         }
     return report
@@ -291,9 +292,42 @@ def render_text(report: dict) -> str:
     tail = report.get("serial_tail") or ""
     if tail:
         out += ["", "serial output (tail):"] + ["  " + line for line in tail.rstrip("\n").splitlines()[-40:]]
+    out += _bus_lines(report.get("bus"))
     if report.get("crash_info"):
         out += ["", "guest crash info:"] + ["  " + line for line in report["crash_info"].rstrip("\n").splitlines()]
     return "\n".join(out) + "\n"
+
+
+def _bus_lines(bus) -> list[str]:
+    """The partition bus section: connection, channels with ring indices, GPADLs (tolerates a bad note)."""
+    if not isinstance(bus, dict):
+        return []
+
+    def text(v) -> str:
+        return str(v)[:80] if isinstance(v, (str, int, float)) or v is None else "?"
+
+    out = ["", "partition bus:",
+           f"  state {text(bus.get('state'))}, version {text(bus.get('version'))}, "
+           f"{text(bus.get('violations'))} violations, {text(bus.get('refusals'))} refusals"]
+    channels = bus.get("channels") if isinstance(bus.get("channels"), list) else []
+    for ch in channels[:64]:
+        if not isinstance(ch, dict):
+            continue
+        line = (f"  channel {text(ch.get('relid'))} {text(ch.get('service'))}: {text(ch.get('state'))}"
+                f" v{text(ch.get('version'))} gpadl {text(ch.get('gpadl'))}"
+                f" in {text(ch.get('packets_in'))} out {text(ch.get('packets_out'))}")
+        for name in ("guest_to_host", "host_to_guest"):
+            ring = ch.get(name)
+            if isinstance(ring, dict):
+                line += f" {name} w={text(ring.get('write_index'))} r={text(ring.get('read_index'))}"
+        if ch.get("closed_reason"):
+            line += f" (closed: {text(ch.get('closed_reason'))})"
+        out.append(line)
+    gpadls = bus.get("gpadls") if isinstance(bus.get("gpadls"), list) else []
+    for g in gpadls[:64]:
+        if isinstance(g, dict):
+            out.append(f"  gpadl {text(g.get('id'))}: {text(g.get('pages'))} pages")
+    return out
 
 
 def _render_vcpu(v: dict, crashing: bool, page_fault: bool) -> list[str]:

@@ -75,6 +75,7 @@ class CrashSnapshot:
     serial_tail: bytes = b""
     config: dict = field(default_factory=dict)
     crash_info: bytes = b""
+    bus: dict | None = None          # the partition bus's state (bus.host.BusHost.snapshot()), if any
     pykvm_version: str = __version__
 
 

@@ -171,6 +171,8 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
     DeviceType("identity", "memory-backed identity/status windows (no exit per read)",
                "pykvm.devices.identity:Identity", _simple("pykvm.devices.identity:Identity"),
                {"base": "addr", "name": "name", "serial": "text"}, default=True, hotplug=True),
+    DeviceType("bus", "partition bus connect registers (added with --bus or --disk)", "pykvm.devices.busctl:BusControl",
+               lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.extra.get("bus"))),
     DeviceType("dma", "a DMA engine bounded by the access policy", "pykvm.devices.dma:Dma",
                lambda ctx, o: _import("pykvm.devices.dma:Dma")(memory=ctx.memory, irq=ctx.pulse(), **o),
                {"base": "port"}, default=True),

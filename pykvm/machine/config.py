@@ -36,6 +36,8 @@ class MachineConfig:
     device_deadline: float = 0.5     # a device callback running longer than this has hung
     trust: str = "trusted"           # device access policy level: "trusted" or "untrusted" (devices/policy.py)
     devices: list = field(default_factory=list)   # extra devices: [(registry name, {option: raw value})]
+    bus: bool = False                # give the guest a partition bus (implied by disks or --device bus)
+    disks: list = field(default_factory=list)     # block devices on the bus: [(path, read_only)]
 
 
 @dataclass

@@ -184,3 +184,26 @@ def _save(machine, req) -> dict:
     if not isinstance(stop, bool):
         raise ValueError("stop must be true or false")
     return save_vm(machine, str(req.get("path", "")), stop=stop)
+
+
+@command("shutdown")
+def _shutdown(machine, req) -> dict:
+    """Ask the guest to power off cleanly over the partition bus's shutdown service."""
+    if machine.bus is None:
+        raise ValueError("this VM has no partition bus (run it with --bus)")
+    machine.bus.with_session("shutdown", lambda s: s.request())
+    return {"requested": True}
+
+
+@command("rescind")
+def _rescind(machine, req) -> dict:
+    """Withdraw a bus channel from the guest: relid=N."""
+    if machine.bus is None:
+        raise ValueError("this VM has no partition bus (run it with --bus)")
+    relid = req.get("relid")
+    if isinstance(relid, str) and relid.isdigit():
+        relid = int(relid)
+    if not isinstance(relid, int) or isinstance(relid, bool):
+        raise ValueError("rescind needs relid=N")
+    machine.bus.rescind(relid)
+    return {"rescinded": relid}

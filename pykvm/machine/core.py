@@ -20,6 +20,7 @@ from ..kvm import Kvm
 from ..kvm import constants as C
 from ..memory import GuestMemory, GuestMemoryError
 from . import device_set
+from .bus_wiring import build_bus
 from .config import MIN_MEMORY, MachineConfig, Outcome
 from .dumps import Dumper
 from .faults import Faults
@@ -53,6 +54,8 @@ class Machine:
         self.exit_counts: list[dict[int, int]] = []
         self.plan = None
         self.built: dict = {}
+        self.bus = None                  # bus.host.BusHost when the config asks for a partition bus
+        self.bus_final: dict | None = None
         self.windows = WindowSync(self)
         self.pauser = Pauser(self)
         self.requests = MainThreadQueue()
@@ -102,6 +105,7 @@ class Machine:
         else:
             self.vm.enable_split_irqchip()
 
+        self.bus = build_bus(self)
         self.devices = device_set.build_devices(self)
         if not restoring:
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
@@ -151,9 +155,17 @@ class Machine:
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
                 self.outcome.core_path, self.outcome.core_error = self.dumper.write(self.outcome)
         finally:
+            self._close_bus()           # finishes the request in hand (a block write) first
             self.supervisor.stop()
             self.devices.stop_all()
         return self.outcome
+
+    def _close_bus(self) -> None:
+        bus = self.bus
+        if bus is not None:
+            self.bus = None
+            self.bus_final = bus.snapshot()   # what `stats` and tests can still read after the run
+            bus.close()
 
     def _main_loop(self) -> None:
         deadline = None if self.config.timeout is None else time.monotonic() + self.config.timeout
@@ -238,11 +250,13 @@ class Machine:
             "device_events": list(self.devices.events),
             "windows": self.windows.info(),
             "coalesced": self.windows.ring_stats.as_dict(),
+            "bus": self.bus.snapshot() if self.bus is not None else None,
         }
 
     # ---------------------------------------------------------------- teardown
     def close(self) -> None:
-        """Release vCPUs, the VM, guest memory and /dev/kvm."""
+        """Release the bus, vCPUs, the VM, guest memory and /dev/kvm."""
+        self._close_bus()
         for v in self.vcpus:
             v.close()
         self.vcpus = []

@@ -27,6 +27,10 @@ def build_devices(machine) -> DeviceManager:
         on_pvpanic_crash_loaded=_pvpanic_crash_loaded)
     wanted = [(t.name, {}) for t in registry.TYPES.values() if t.default]
     wanted += [(name, dict(opts)) for name, opts in cfg.devices]
+    if m.bus is not None:
+        ctx.extra["bus"] = m.bus
+        if not any(name == "bus" for name, _o in wanted):
+            wanted.append(("bus", {}))
     m.built = {}    # registry name -> the first device of that type, as built (kept after stop)
     try:
         for name, opts in wanted:

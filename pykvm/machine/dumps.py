@@ -60,7 +60,8 @@ class Dumper:
                 config={"kernel": str(cfg.kernel), "mem": cfg.mem, "cpus": cfg.cpus, "cmdline": cfg.cmdline,
                         "irqchip": cfg.irqchip, "protocol": m.plan.image.protocol if m.plan else None,
                         "pvpanic_events": list(m.pvpanic.events)},
-                crash_info=guest_crash_info(m.memory, m.plan))
+                crash_info=guest_crash_info(m.memory, m.plan),
+                bus=m.bus.snapshot() if m.bus is not None else m.bus_final)
             path = write_core(snap, cfg.crash_dir)
         except CoreWriteError as e:
             return None, str(e)

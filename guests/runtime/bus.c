@@ -1,0 +1,385 @@
+/* Guest driver of the partition bus: see bus.h. */
+#include "rt.h"
+#include "bus.h"
+
+#define PAGE 4096
+#define MGMT_RING_BYTES ((1 + PYKVM_BUS_MGMT_DATA_PAGES) * PAGE)
+#define SPIN_LIMIT 200000000ull
+
+uint32_t bus_version;
+uint32_t bus_last_status;
+uint32_t bus_host_versions[PYKVM_BUS_MAX_VERSIONS];
+uint32_t bus_host_nversions;
+int bus_nchannels;
+struct bus_channel bus_channels[BUS_MAX_CHANNELS];
+uint64_t bus_doorbells;
+
+static uint8_t mgmt_area[2 * MGMT_RING_BYTES] __attribute__((aligned(PAGE)));
+static uint8_t ring_pool[BUS_MAX_CHANNELS][2 * BUS_RING_PAGES * PAGE] __attribute__((aligned(PAGE)));
+static struct rt_ring mgmt_out, mgmt_in;
+static int use_irq;
+static uint32_t next_gpadl = 1;
+
+/* one received management message: descriptor, then struct pykvm_bus_msg and its body */
+static union {
+    uint8_t raw[1024];
+    uint64_t align;
+} mgmt_pkt;
+
+static inline void cpu_relax(void) { __asm__ volatile("pause"); }
+
+static void doorbell(uint32_t relid)
+{
+    bus_doorbells++;
+    bus_doorbell(relid);
+}
+
+void bus_use_irq(void)
+{
+    bus_irq_init(0);
+    use_irq = 1;
+}
+
+const void *bus_payload(const void *pkt, uint32_t *len)
+{
+    const struct pykvm_vmpacket *d = pkt;
+    uint32_t off = (uint32_t)d->offset8 * 8, total = (uint32_t)d->len8 * 8;
+    if (len)
+        *len = total > off ? total - off : 0;
+    return (const uint8_t *)pkt + off;
+}
+
+const char *bus_version_text(uint32_t v, char *buf)
+{
+    snprintf(buf, 12, "%u.%u", v >> 16, v & 0xffff);
+    return buf;
+}
+
+const char *bus_status_text(uint32_t s)
+{
+    switch (s) {
+    case PYKVM_BUS_OK: return "ok";
+    case PYKVM_BUS_E_VERSION: return "no common version";
+    case PYKVM_BUS_E_INVALID: return "invalid request";
+    case PYKVM_BUS_E_LIMIT: return "over a limit";
+    case PYKVM_BUS_E_STATE: return "wrong state";
+    case PYKVM_BUS_E_NOT_FOUND: return "not found";
+    case PYKVM_BUS_E_IO: return "I/O error";
+    case PYKVM_BUS_E_READ_ONLY: return "read-only";
+    }
+    return "unknown status";
+}
+
+static int mgmt_send(uint32_t type, const void *body, uint32_t size)
+{
+    uint8_t buf[sizeof(struct pykvm_bus_msg) + sizeof(struct pykvm_bus_gpadl_header)];
+    struct pykvm_bus_msg *h = (struct pykvm_bus_msg *)buf;
+    if (size > sizeof(buf) - sizeof(*h))
+        return RING_EINVAL;
+    h->type = type;
+    h->size = size;
+    if (size)
+        memcpy(buf + sizeof(*h), body, size);
+    for (uint64_t spins = 0; spins < SPIN_LIMIT; spins++) {
+        int r = ring_write_inband(&mgmt_out, 0, 0, buf, sizeof(*h) + size);
+        if (r == RING_SIGNAL)
+            doorbell(PYKVM_BUS_MGMT_RELID);
+        if (r >= 0)
+            return 0;
+        if (r != RING_FULL)
+            return BUS_ERR_IO;
+        cpu_relax();
+    }
+    return BUS_ERR_FULL;
+}
+
+static struct bus_channel *by_relid(uint32_t relid)
+{
+    for (int i = 0; i < bus_nchannels; i++)
+        if (bus_channels[i].relid == relid)
+            return &bus_channels[i];
+    return 0;
+}
+
+/* What every management message the driver did not wait for does. */
+static void mgmt_async(const struct pykvm_bus_msg *m)
+{
+    const void *body = m + 1;
+    if (m->type == PYKVM_BUS_MSG_RESCIND && m->size >= sizeof(struct pykvm_bus_relid_msg)) {
+        const struct pykvm_bus_relid_msg *r = body;
+        struct bus_channel *ch = by_relid(r->relid);
+        if (ch && !ch->rescinded) {
+            ch->rescinded = 1;
+            ch->open = 0;
+            if (ch->gpadl) {
+                struct pykvm_bus_gpadl_result t = { ch->gpadl, 0 };
+                mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
+                ch->gpadl = 0;
+            }
+            struct pykvm_bus_relid_msg rel = { ch->relid, 0 };
+            mgmt_send(PYKVM_BUS_MSG_RELID_RELEASED, &rel, sizeof(rel));
+        }
+    } else if (m->type == PYKVM_BUS_MSG_CLOSED && m->size >= sizeof(struct pykvm_bus_relid_msg)) {
+        const struct pykvm_bus_relid_msg *r = body;
+        struct bus_channel *ch = by_relid(r->relid);
+        if (ch) {
+            ch->closed_by_host = 1;
+            ch->closed_reason = r->reason;
+            ch->open = 0;
+        }
+    } else if (m->type == PYKVM_BUS_MSG_OFFER && m->size >= sizeof(struct pykvm_bus_offer)
+               && bus_nchannels < BUS_MAX_CHANNELS) {
+        const struct pykvm_bus_offer *o = body;
+        struct bus_channel *ch = &bus_channels[bus_nchannels];
+        memset(ch, 0, sizeof(*ch));
+        ch->relid = o->relid;
+        ch->if_lo = o->interface_lo;
+        ch->if_hi = o->interface_hi;
+        ch->inst_lo = o->instance_lo;
+        ch->inst_hi = o->instance_hi;
+        ch->nversions = o->version_count <= PYKVM_BUS_MAX_SERVICE_VERSIONS ? o->version_count
+                                                                           : PYKVM_BUS_MAX_SERVICE_VERSIONS;
+        for (uint32_t i = 0; i < ch->nversions; i++)
+            ch->versions[i] = o->versions[i];
+        ch->ring_mem = ring_pool[bus_nchannels];
+        bus_nchannels++;
+    }
+    /* anything else unasked for (a late TORNDOWN, ...) needs nothing */
+}
+
+/* Read one management message; 1 and *out set, 0 if none, < 0 on a broken ring. */
+static int mgmt_read(const struct pykvm_bus_msg **out)
+{
+    int n = ring_read(&mgmt_in, mgmt_pkt.raw, sizeof(mgmt_pkt.raw));
+    if (n < 0)
+        return BUS_ERR_IO;
+    if (n == 0)
+        return 0;
+    if (ring_read_done(&mgmt_in))
+        doorbell(PYKVM_BUS_MGMT_RELID);
+    uint32_t len;
+    const struct pykvm_bus_msg *m = bus_payload(mgmt_pkt.raw, &len);
+    if (len < sizeof(*m) || m->size > len - sizeof(*m))
+        return BUS_ERR_IO;
+    *out = m;
+    return 1;
+}
+
+int bus_poll(void)
+{
+    const struct pykvm_bus_msg *m;
+    int n = 0, r;
+    while ((r = mgmt_read(&m)) > 0) {
+        mgmt_async(m);
+        n++;
+    }
+    return r < 0 ? r : n;
+}
+
+/* Wait for a message of `type` whose first u32 is `id` (any id if match_id is 0); copy its body. */
+static int mgmt_wait(uint32_t type, int match_id, uint32_t id, void *body, uint32_t size)
+{
+    for (uint64_t spins = 0; spins < SPIN_LIMIT; spins++) {
+        uint32_t seen = bus_irq_count;
+        const struct pykvm_bus_msg *m;
+        int r = mgmt_read(&m);
+        if (r < 0)
+            return r;
+        if (r == 0) {
+            if (use_irq)
+                bus_irq_wait(seen);
+            else
+                cpu_relax();
+            continue;
+        }
+        if (m->type == type && m->size >= size && (!match_id || *(const uint32_t *)(m + 1) == id)) {
+            memcpy(body, m + 1, size);
+            return 0;
+        }
+        mgmt_async(m);
+    }
+    return BUS_ERR_IO;
+}
+
+int bus_connect(const uint32_t *versions, int n)
+{
+    if (n < 1 || n > PYKVM_BUS_MAX_VERSIONS)
+        return BUS_ERR_IO;
+    if (ring_init(&mgmt_out, mgmt_area, MGMT_RING_BYTES) || ring_init(&mgmt_in, mgmt_area + MGMT_RING_BYTES, MGMT_RING_BYTES))
+        return BUS_ERR_IO;
+    uint64_t gpa = va_to_pa(mgmt_area);
+    outl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_GPA_LO, (uint32_t)gpa);
+    outl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_GPA_HI, (uint32_t)(gpa >> 32));
+    outl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_COMMAND, PYKVM_BUS_CMD_CONNECT);
+    if (inl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_COMMAND) != PYKVM_BUS_STATE_CONNECTED)
+        return BUS_ERR_REFUSED;
+
+    struct pykvm_bus_initiate ic = { .count = (uint32_t)n, .target_vcpu = 0 };
+    for (int i = 0; i < n; i++)
+        ic.versions[i] = versions[i];
+    int r = mgmt_send(PYKVM_BUS_MSG_INITIATE_CONTACT, &ic, sizeof(ic));
+    struct pykvm_bus_version_response vr;
+    if (r || (r = mgmt_wait(PYKVM_BUS_MSG_VERSION_RESPONSE, 0, 0, &vr, sizeof(vr))))
+        return r;
+    bus_host_nversions = vr.count <= PYKVM_BUS_MAX_VERSIONS ? vr.count : PYKVM_BUS_MAX_VERSIONS;
+    for (uint32_t i = 0; i < bus_host_nversions; i++)
+        bus_host_versions[i] = vr.supported[i];
+    if (!vr.accepted) {
+        bus_last_status = PYKVM_BUS_E_VERSION;
+        return BUS_ERR_REFUSED;
+    }
+    bus_version = vr.version;
+
+    bus_nchannels = 0;
+    if ((r = mgmt_send(PYKVM_BUS_MSG_REQUEST_OFFERS, 0, 0)))
+        return r;
+    uint32_t dummy;
+    /* offers arrive first and are collected by mgmt_async */
+    if ((r = mgmt_wait(PYKVM_BUS_MSG_ALL_OFFERS_DELIVERED, 0, 0, &dummy, 0)))
+        return r;
+    return bus_nchannels;
+}
+
+struct bus_channel *bus_find(uint64_t if_lo, uint64_t if_hi)
+{
+    for (int i = 0; i < bus_nchannels; i++)
+        if (bus_channels[i].if_lo == if_lo && bus_channels[i].if_hi == if_hi && !bus_channels[i].rescinded)
+            return &bus_channels[i];
+    return 0;
+}
+
+int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
+{
+    if (!ch || ch->open || ch->rescinded || n < 1 || n > PYKVM_BUS_MAX_SERVICE_VERSIONS)
+        return BUS_ERR_IO;
+    uint32_t half = BUS_RING_PAGES * PAGE;
+    memset(ch->ring_mem, 0, 2 * half);
+    if (ring_init(&ch->out, ch->ring_mem, half) || ring_init(&ch->in, ch->ring_mem + half, half))
+        return BUS_ERR_IO;
+
+    struct pykvm_bus_gpadl_header gh;
+    memset(&gh, 0, sizeof(gh));
+    gh.gpadl = next_gpadl++;
+    gh.total = gh.count = 2 * BUS_RING_PAGES;
+    for (uint32_t i = 0; i < gh.total; i++)
+        gh.pfns[i] = va_to_pa(ch->ring_mem + i * PAGE) >> 12;
+    int r = mgmt_send(PYKVM_BUS_MSG_GPADL_HEADER, &gh, sizeof(gh));
+    struct pykvm_bus_gpadl_result gr;
+    if (r || (r = mgmt_wait(PYKVM_BUS_MSG_GPADL_CREATED, 1, gh.gpadl, &gr, sizeof(gr))))
+        return r;
+    if (gr.status != PYKVM_BUS_OK) {
+        bus_last_status = gr.status;
+        return BUS_ERR_REFUSED;
+    }
+    ch->gpadl = gh.gpadl;
+    ch->closed_by_host = 0;
+
+    struct pykvm_bus_open op = { .relid = ch->relid, .ring_gpadl = ch->gpadl, .inbound_offset = BUS_RING_PAGES,
+                                 .target_vcpu = 0, .version_count = (uint32_t)n };
+    for (int i = 0; i < n; i++)
+        op.versions[i] = versions[i];
+    struct pykvm_bus_open_result res;
+    if ((r = mgmt_send(PYKVM_BUS_MSG_OPEN, &op, sizeof(op))) ||
+        (r = mgmt_wait(PYKVM_BUS_MSG_OPEN_RESULT, 1, ch->relid, &res, sizeof(res))))
+        return r;
+    if (res.status != PYKVM_BUS_OK) {
+        bus_last_status = res.status;
+        if (res.status == PYKVM_BUS_E_VERSION) {
+            ch->nversions = res.count <= PYKVM_BUS_MAX_SERVICE_VERSIONS ? res.count : PYKVM_BUS_MAX_SERVICE_VERSIONS;
+            for (uint32_t i = 0; i < ch->nversions; i++)
+                ch->versions[i] = res.supported[i];
+        }
+        struct pykvm_bus_gpadl_result t = { ch->gpadl, 0 };
+        mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
+        mgmt_wait(PYKVM_BUS_MSG_GPADL_TORNDOWN, 1, ch->gpadl, &gr, sizeof(gr));
+        ch->gpadl = 0;
+        return BUS_ERR_REFUSED;
+    }
+    ch->version = res.version;
+    ch->open = 1;
+    return 0;
+}
+
+int bus_close(struct bus_channel *ch)
+{
+    if (!ch)
+        return BUS_ERR_IO;
+    int r = 0;
+    if (ch->open) {
+        struct pykvm_bus_relid_msg c = { ch->relid, 0 };
+        r = mgmt_send(PYKVM_BUS_MSG_CLOSE, &c, sizeof(c));
+        ch->open = 0;
+    }
+    if (ch->gpadl) {
+        struct pykvm_bus_gpadl_result t = { ch->gpadl, 0 }, gr;
+        if (!r)
+            r = mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
+        if (!r)
+            r = mgmt_wait(PYKVM_BUS_MSG_GPADL_TORNDOWN, 1, ch->gpadl, &gr, sizeof(gr));
+        ch->gpadl = 0;
+    }
+    return r;
+}
+
+int bus_unload(void)
+{
+    uint32_t dummy;
+    int r = mgmt_send(PYKVM_BUS_MSG_UNLOAD, 0, 0);
+    if (!r)
+        r = mgmt_wait(PYKVM_BUS_MSG_UNLOAD_RESPONSE, 0, 0, &dummy, 0);
+    return r;
+}
+
+int bus_send_packet(struct bus_channel *ch, uint16_t type, uint16_t flags, uint64_t trans_id,
+                    const struct rt_gpa_buf *bufs, uint32_t nbufs, const void *msg, uint32_t len)
+{
+    for (uint64_t spins = 0; spins < SPIN_LIMIT; spins++) {
+        if (!ch->open)
+            return BUS_ERR_GONE;
+        int r = type == PYKVM_VMPKT_DATA_GPA_DIRECT
+                    ? ring_write_gpa_direct(&ch->out, trans_id, flags, bufs, nbufs, msg, len)
+                    : ring_write(&ch->out, type, flags, trans_id, msg, len);
+        if (r == RING_SIGNAL)
+            doorbell(ch->relid);
+        if (r >= 0)
+            return 0;
+        if (r != RING_FULL)
+            return BUS_ERR_IO;
+        if ((spins & 1023) == 1023 && bus_poll() < 0)
+            return BUS_ERR_IO;
+        cpu_relax();
+    }
+    return BUS_ERR_FULL;
+}
+
+int bus_send(struct bus_channel *ch, const void *msg, uint32_t len, uint64_t trans_id)
+{
+    return bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, 0, trans_id, 0, 0, msg, len);
+}
+
+int bus_recv(struct bus_channel *ch, void *buf, uint32_t max)
+{
+    if (!ch->open && ring_empty(&ch->in))
+        return BUS_ERR_GONE;
+    int n = ring_read(&ch->in, buf, max);
+    if (n > 0 && ring_read_done(&ch->in))
+        doorbell(ch->relid);
+    return n < 0 ? BUS_ERR_IO : n;
+}
+
+int bus_recv_wait(struct bus_channel *ch, void *buf, uint32_t max, uint64_t spins)
+{
+    for (uint64_t i = 0; i < spins; i++) {
+        uint32_t seen = bus_irq_count;
+        int n = bus_recv(ch, buf, max);
+        if (n)
+            return n;
+        if ((i & 1023) == 1023 && bus_poll() < 0)
+            return BUS_ERR_IO;
+        if (use_irq)
+            bus_irq_wait(seen);
+        else
+            cpu_relax();
+    }
+    return 0;
+}

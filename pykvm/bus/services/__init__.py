@@ -1,0 +1,1 @@
+"""Host services offered on the partition bus, one module each."""
