@@ -465,4 +465,75 @@ struct pykvm_ic_msg {          /* shutdown and heartbeat */
 };
 #endif
 
+/* ---- partition bus (pykvm/bus/, guests/runtime/ring.c; notes: BUS.md) ----
+ * A ring is one header page then N >= 1 data pages. Indices are byte offsets
+ * into the data area, multiples of 8, below its size; the ring is empty when
+ * read_index == write_index, and a writer always leaves at least 8 bytes free.
+ * A packet is a struct pykvm_vmpacket, then (types 7 and 9 only) the range
+ * list, which must end exactly at offset8 * 8, then the payload up to
+ * len8 * 8 (padded to 8 bytes: receivers get the padding too), then an 8-byte
+ * trailer: the writer's write_index before the packet, shifted left by 32.
+ * Packets may wrap from the end of the data area to its start. */
+#define PYKVM_BUS_PAGE_SIZE 4096
+#define PYKVM_RING_HEADER_SIZE 4096
+#define PYKVM_RING_ALIGN 8
+#define PYKVM_RING_TRAILER_SIZE 8
+/* feature_bits: the writer honours pending_send_sz */
+#define PYKVM_RING_FEAT_PENDING_SEND_SZ 1
+/* packet types (VMBus numbering) */
+#define PYKVM_VMPKT_DATA_INBAND 6
+#define PYKVM_VMPKT_DATA_XFER_PAGES 7
+#define PYKVM_VMPKT_DATA_GPA_DIRECT 9
+#define PYKVM_VMPKT_COMP 11
+#define PYKVM_VMPKT_FLAG_COMPLETION_REQ 1
+
+#ifndef __ASSEMBLER__
+struct pykvm_ring_header {
+    uint32_t write_index;      /* owned by the writer */
+    uint32_t read_index;       /* owned by the reader */
+    uint32_t interrupt_mask;   /* set by the reader while it polls */
+    uint32_t pending_send_sz;  /* set by a writer waiting for this much free space */
+    uint32_t reserved1[12];
+    uint32_t feature_bits;     /* PYKVM_RING_FEAT_* */
+    uint8_t reserved2[4028];   /* pads the header to one page */
+};
+
+struct pykvm_vmpacket {
+    uint16_t type;             /* PYKVM_VMPKT_* */
+    uint16_t offset8;          /* payload start, 8-byte units from the packet start */
+    uint16_t len8;             /* whole packet without trailer, 8-byte units */
+    uint16_t flags;            /* PYKVM_VMPKT_FLAG_* */
+    uint64_t trans_id;
+};
+
+/* PYKVM_VMPKT_DATA_GPA_DIRECT: this header, then range_count ranges, each a
+ * struct pykvm_gpa_range followed by its PFNs: the range covers byte_count
+ * bytes from byte_offset (< 4096) in the first page, so it lists
+ * (byte_offset + byte_count + 4095) / 4096 PFNs. */
+struct pykvm_gpa_direct_header {
+    uint32_t reserved;
+    uint32_t range_count;
+};
+
+struct pykvm_gpa_range {
+    uint32_t byte_count;
+    uint32_t byte_offset;
+    uint64_t pfn_array[];
+};
+
+/* PYKVM_VMPKT_DATA_XFER_PAGES: this header, then range_count ranges of the
+ * transfer page set xfer_pageset_id. */
+struct pykvm_xfer_page_header {
+    uint16_t xfer_pageset_id;
+    uint8_t sender_owns_set;
+    uint8_t reserved;
+    uint32_t range_count;
+};
+
+struct pykvm_xfer_range {
+    uint32_t byte_count;
+    uint32_t byte_offset;
+};
+#endif
+
 #endif
