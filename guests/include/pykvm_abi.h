@@ -536,4 +536,14 @@ struct pykvm_xfer_range {
 };
 #endif
 
+/* ---- bus doorbell and interrupt ----
+ * Guest -> host: a 32-bit outl of a channel id to PYKVM_PORT_BUS_DOORBELL. The
+ * host registers each channel id as an ioeventfd datamatch, so KVM wakes the
+ * host's bus thread without an exit; any other value exits like an unclaimed
+ * port (dropped). Host -> guest: an MSI with vector PYKVM_BUS_VECTOR (fixed,
+ * physical destination = the channel's target APIC id), edge-triggered; the
+ * guest EOIs its local APIC. */
+#define PYKVM_PORT_BUS_DOORBELL 0x590
+#define PYKVM_BUS_VECTOR 0x50
+
 #endif

@@ -139,7 +139,7 @@ void idt_set_handler(uint8_t vector, void (*handler)(void));
             "iretq\n.size " #name ", . - " #name "\n.popsection")
 #endif
 
-/* ---- local APIC (xAPIC MMIO at PYKVM_LAPIC_BASE) ---- */
+/* ---- local APIC (xAPIC MMIO at PYKVM_LAPIC_BASE, or x2APIC MSRs) ---- */
 #define LAPIC_ID 0x020
 #define LAPIC_VERSION 0x030
 #define LAPIC_TPR 0x080
@@ -156,10 +156,16 @@ void idt_set_handler(uint8_t vector, void (*handler)(void));
 #define LAPIC_TIMER_DIV 0x3e0
 #define LAPIC_SPURIOUS_VECTOR 0xff
 
+/* lapic_read/write/id/eoi/send_ipi use the x2APIC MSRs (0x800 + reg/16;
+ * EOI = MSR 0x80b) once the APIC is in x2APIC mode, else xAPIC MMIO. */
 uint32_t lapic_read(uint32_t reg);
 void lapic_write(uint32_t reg, uint32_t v);
 uint32_t lapic_id(void);                 /* this CPU's APIC id */
-void lapic_enable(void);                 /* software-enable (SVR), TPR 0 */
+/* software-enable (SVR), TPR 0; re-reads the mode (xAPIC or x2APIC) from IA32_APIC_BASE */
+void lapic_enable(void);
+/* Switch this CPU's APIC to x2APIC mode: 0, or -1 when CPUID does not offer it. */
+int lapic_x2apic_enable(void);
+int lapic_is_x2apic(void);
 void lapic_eoi(void);
 /* Send an IPI (ICR low word icr_lo) to apic_id; 0 once delivered, -1 if
  * the delivery-status bit never cleared. */
@@ -202,5 +208,23 @@ size_t strlen(const char *s);
 size_t strnlen(const char *s, size_t max);
 int strcmp(const char *a, const char *b);
 int strncmp(const char *a, const char *b, size_t n);
+
+/* ---- bus doorbell and interrupt [64] (runtime/busirq.c) ----
+ * bus_irq_init(hook) points PYKVM_BUS_VECTOR at a handler that counts the
+ * interrupt in bus_irq_count, calls hook (if not NULL; runs with IF = 0, must
+ * be short) and EOIs the local APIC; it enables the LAPIC and then interrupts
+ * (sti).  bus_irq_wait(seen) halts until bus_irq_count != seen and returns it
+ * (no lost wake-up: it checks with IF = 0 and halts with `sti; hlt`).
+ * bus_doorbell(id) rings channel id's doorbell (outl PYKVM_PORT_BUS_DOORBELL);
+ * the host takes it without a VM exit when it registered that id. */
+#ifdef __x86_64__
+extern volatile uint32_t bus_irq_count;
+void bus_irq_init(void (*hook)(void));
+uint32_t bus_irq_wait(uint32_t seen);
+static inline void bus_doorbell(uint32_t channel_id)
+{
+    outl(PYKVM_PORT_BUS_DOORBELL, channel_id);
+}
+#endif
 
 #endif

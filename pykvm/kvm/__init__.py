@@ -8,9 +8,11 @@ from .abi import ffi
 from .errors import KvmError, KvmUnavailable
 from .system import Kvm
 from .vcpu import RUN_OFFSETS, Vcpu, regs_to_dict, sregs_to_dict
+from .routing import GsiRouting, msi_address
 from .vm import Vm, irqchip_route, msi_route
 
 __all__ = [
     "Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "ffi",
     "RUN_OFFSETS", "regs_to_dict", "sregs_to_dict", "irqchip_route", "msi_route",
+    "GsiRouting", "msi_address",
 ]

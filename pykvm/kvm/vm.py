@@ -38,6 +38,17 @@ class Vm(FdOwner):
         self.kvm = kvm
         self.fd = fd
         self.vcpus = []
+        self.irqchip = None          # "full" or "split" once an in-kernel irqchip exists
+        self._routing = None
+
+    @property
+    def gsi_routing(self):
+        """This VM's GsiRouting table (routing.py), seeded with KVM's defaults for its irqchip."""
+        if self._routing is None:
+            from .routing import GsiRouting, default_routes
+
+            self._routing = GsiRouting(self, default_routes(self.irqchip or ""))
+        return self._routing
 
     def close(self):
         """Close every vCPU created through this VM, then the VM fd (idempotent)."""
@@ -101,10 +112,12 @@ class Vm(FdOwner):
     def create_irqchip(self):
         """KVM_CREATE_IRQCHIP: in-kernel PIC, IOAPIC and local APICs (before any vCPU)."""
         ioctl(self.fd, ioctls.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+        self.irqchip = "full"
 
     def enable_split_irqchip(self, nr_ioapic_pins=C.KVM_IOAPIC_NUM_PINS):
         """Local APICs in the kernel, PIC/IOAPIC in userspace (KVM_CAP_SPLIT_IRQCHIP)."""
         self.enable_cap(C.KVM_CAP_SPLIT_IRQCHIP, nr_ioapic_pins)
+        self.irqchip = "split"
 
     def create_pit2(self, flags=0):
         """KVM_CREATE_PIT2: in-kernel i8254; flags may hold KVM_PIT_SPEAKER_DUMMY."""
@@ -154,7 +167,12 @@ class Vm(FdOwner):
         """KVM_IOEVENTFD: a guest write of ``length`` bytes at addr signals ``eventfd``.
 
         With ``datamatch`` only writes of that value signal; ``pio`` selects the port space.
+        ``deassign`` removes a registration made with the same arguments.
         """
+        if length not in (0, 1, 2, 4, 8):
+            raise ValueError(f"ioeventfd length {length}: must be 0 (any), 1, 2, 4 or 8")
+        if datamatch is not None and not 0 <= datamatch < 1 << (8 * (length or 8)):
+            raise ValueError(f"ioeventfd datamatch {datamatch:#x} does not fit in {length} bytes")
         flags = 0
         if datamatch is not None:
             flags |= C.KVM_IOEVENTFD_FLAG_DATAMATCH
@@ -168,7 +186,10 @@ class Vm(FdOwner):
         ioctl(self.fd, ioctls.KVM_IOEVENTFD, req, "KVM_IOEVENTFD")
 
     def irqfd(self, eventfd, gsi, resample_fd=None, deassign=False):
-        """KVM_IRQFD: writing ``eventfd`` raises ``gsi``; resample_fd makes it level-triggered."""
+        """KVM_IRQFD: writing ``eventfd`` raises ``gsi``; resample_fd makes it level-triggered.
+
+        ``deassign`` detaches ``eventfd`` from ``gsi`` again (resample needs the full irqchip).
+        """
         flags = 0
         if resample_fd is not None:
             flags |= C.KVM_IRQFD_FLAG_RESAMPLE
