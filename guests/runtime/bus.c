@@ -26,7 +26,6 @@ static union {
     uint64_t align;
 } mgmt_pkt;
 
-static inline void cpu_relax(void) { __asm__ volatile("pause"); }
 
 static void doorbell(uint32_t relid)
 {

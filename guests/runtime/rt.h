@@ -227,4 +227,11 @@ static inline void bus_doorbell(uint32_t channel_id)
 }
 #endif
 
+/* ---- command line (runtime/args.c) ----
+ * arg_str: copy the value of the first `key=value` word into out (NUL-ended,
+ * truncated to max - 1); 1 if the key is there. arg_u64: decimal or 0x hex,
+ * def when absent or malformed. */
+int arg_str(const char *cmdline, const char *key, char *out, size_t max);
+uint64_t arg_u64(const char *cmdline, const char *key, uint64_t def);
+
 #endif
