@@ -291,6 +291,10 @@ struct pykvm_trap_frame32 {
 #define PYKVM_BUS_MAX_VERSIONS 8
 #define PYKVM_BUS_MAX_SERVICE_VERSIONS 4
 #define PYKVM_BUS_GPADL_PFNS_PER_MSG 60
+/* Transfer page sets live in the MMIO hole: channel relid's at BASE + relid * STRIDE */
+#define PYKVM_BUS_XFER_BASE 0xe0000000
+#define PYKVM_BUS_XFER_STRIDE 0x100000
+#define PYKVM_BUS_XFER_PAGES 32
 
 #define PYKVM_BUS_MSG_INITIATE_CONTACT 1
 #define PYKVM_BUS_MSG_VERSION_RESPONSE 2
@@ -404,6 +408,9 @@ struct pykvm_bus_open_result {
     uint32_t version;          /* the service version in force */
     uint32_t count;            /* on a version refusal: what the service speaks */
     uint32_t supported[4];
+    uint64_t xfer_gpa;         /* the channel's transfer page set (0: none), read-only to the guest */
+    uint32_t xfer_pages;
+    uint32_t reserved;
 };
 #endif
 
@@ -418,7 +425,12 @@ struct pykvm_bus_open_result {
 
 /* block storage v1.0: requests are GPA-direct packets (the ranges name the
  * data buffer) with a pykvm_blk_request payload; INFO and FLUSH may be
- * in-band. Each is answered by a completion with a pykvm_blk_response. */
+ * in-band. Each is answered by a completion with a pykvm_blk_response.
+ * An in-band READ (no buffer) is answered instead by a transfer-page packet
+ * (flag COMPLETION_REQ) whose range holds the data in the channel's transfer
+ * page set and whose payload is the pykvm_blk_response; the guest copies the
+ * data out and sends a completion with the same transaction id, which frees
+ * the range. */
 #define PYKVM_BLOCK_V1_0 0x10000
 #define PYKVM_BLK_OP_READ 1
 #define PYKVM_BLK_OP_WRITE 2

@@ -295,6 +295,8 @@ int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
         return BUS_ERR_REFUSED;
     }
     ch->version = res.version;
+    ch->xfer_gpa = res.xfer_gpa;
+    ch->xfer_pages = res.xfer_pages;
     ch->open = 1;
     return 0;
 }
@@ -381,4 +383,24 @@ int bus_recv_wait(struct bus_channel *ch, void *buf, uint32_t max, uint64_t spin
             cpu_relax();
     }
     return 0;
+}
+
+int bus_take_xfer(struct bus_channel *ch, const void *pkt, void *dst, uint32_t max)
+{
+    const struct pykvm_vmpacket *d = pkt;
+    if (d->type != PYKVM_VMPKT_DATA_XFER_PAGES || !ch->xfer_gpa)
+        return BUS_ERR_IO;
+    const struct pykvm_xfer_page_header *h = (const void *)(d + 1);
+    const struct pykvm_xfer_range *r = (const void *)(h + 1);
+    uint32_t limit = ch->xfer_pages * PAGE, done = 0;
+    if ((uint32_t)d->offset8 * 8 < sizeof(*d) + sizeof(*h) + h->range_count * sizeof(*r))
+        return BUS_ERR_IO;
+    for (uint32_t i = 0; i < h->range_count; i++) {
+        if (r[i].byte_offset > limit || r[i].byte_count > limit - r[i].byte_offset || r[i].byte_count > max - done)
+            return BUS_ERR_IO;
+        memcpy((uint8_t *)dst + done, (const void *)(uintptr_t)(ch->xfer_gpa + r[i].byte_offset), r[i].byte_count);
+        done += r[i].byte_count;
+    }
+    int rc = bus_send_packet(ch, PYKVM_VMPKT_COMP, 0, d->trans_id, 0, 0, 0, 0);
+    return rc ? rc : (int)done;
 }

@@ -43,6 +43,8 @@ struct bus_channel {
     struct rt_ring out;             /* guest -> host */
     struct rt_ring in;              /* host -> guest */
     uint8_t *ring_mem;              /* 2 * BUS_RING_PAGES pages */
+    uint64_t xfer_gpa;              /* the channel's transfer page set (read-only), 0 if none */
+    uint32_t xfer_pages;
 };
 
 extern uint32_t bus_version;         /* bus protocol version in force */
@@ -74,6 +76,10 @@ int bus_recv(struct bus_channel *ch, void *buf, uint32_t max);
 int bus_recv_wait(struct bus_channel *ch, void *buf, uint32_t max, uint64_t spins);
 /* Payload of a received packet (descriptor's offset8) and its length. */
 const void *bus_payload(const void *pkt, uint32_t *len);
+/* A transfer-page packet's data: copy its ranges (in order, up to max bytes)
+ * from the channel's transfer page set into dst, then complete the packet's
+ * transaction so the host can reuse the pages; the bytes copied, or < 0. */
+int bus_take_xfer(struct bus_channel *ch, const void *pkt, void *dst, uint32_t max);
 /* Read pending management messages (rescinds, closes); returns how many. */
 int bus_poll(void);
 const char *bus_status_text(uint32_t status);

@@ -38,6 +38,7 @@ class Channel:
         self.writer: RingWriter | None = None     # host -> guest
         self.session = None
         self.irq = None
+        self.xfer = None                # TransferPageSet, for services that send bulk data that way
         self.backlog: deque = deque()   # replies waiting for room in the host->guest ring
         self.packets_in = self.packets_out = 0
         self.signals_out = 0
@@ -46,7 +47,7 @@ class Channel:
         self.closed_reason: str | None = None
 
     # ---------------------------------------------------------------- open / close
-    def open(self, view, inbound_offset: int, irq, version: int) -> None:
+    def open(self, view, inbound_offset: int, irq, version: int, xfer=None) -> None:
         """Bind the rings in `view` and start a session at `version` (raises RingError on bad rings)."""
         pages = view.size // 4096
         if not 2 <= inbound_offset <= pages - 2:
@@ -61,6 +62,7 @@ class Channel:
         self.reader, self.writer = reader, writer
         self.inbound_offset = inbound_offset
         self.irq = irq
+        self.xfer = xfer
         self.version = version
         self.session = self.service.open(self, version)
         self.state = "open"
@@ -80,6 +82,9 @@ class Channel:
         self.reader = self.writer = None
         self.backlog.clear()
         self.irq = None
+        if self.xfer is not None:        # the guest loses the transfer pages with the channel
+            self.xfer.close()
+            self.xfer = None
         if self.state == "open":
             self.state = "offered"
         if reason:
@@ -180,4 +185,7 @@ class Channel:
                     out[name] = {"error": str(e)}
         if self.session is not None:
             out["session"] = self.session.stats()
+        if self.xfer is not None:
+            out["transfer_pages"] = {"gpa": self.xfer.gpa, "size": self.xfer.size, "free": self.xfer.free_bytes,
+                                     "in_use": len(self.xfer.in_use)}
         return out

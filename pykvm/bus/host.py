@@ -23,6 +23,7 @@ from . import messages as M
 from .channel import Channel
 from .gpadl import GpadlError, GpadlView
 from .ring import INBAND, RingError, RingFull, RingReader, RingWriter
+from .transfer import TransferPageSet
 
 PAGE = 4096
 MGMT_RING_PAGES = 1 + abi.PYKVM_BUS_MGMT_DATA_PAGES
@@ -51,8 +52,10 @@ class _PendingGpadl:
 class BusHost:
     """The bus of one guest partition, seen from the root."""
 
-    def __init__(self, memory, doorbells, interrupts, services, limits: Limits | None = None, log=None):
+    def __init__(self, memory, doorbells, interrupts, services, limits: Limits | None = None, log=None,
+                 memslots=None):
         self.memory = memory
+        self.memslots = memslots            # map(gpa, size, host_addr, readonly) -> slot / unmap(slot), for transfer pages
         self.doorbells = doorbells          # bus.doorbell.Doorbells (ioeventfd + thread)
         self.interrupts = interrupts        # bus.doorbell.Interrupts (MSI routes + irqfd)
         self.limits = limits or Limits()
@@ -339,16 +342,23 @@ class BusHost:
         if view is None or any(c.is_open and c.gpadl_id == msg.ring_gpadl for c in self.channels.values()):
             self._violation(f"open of channel {msg.relid} with GPADL {msg.ring_gpadl}, unknown or in use")
             return self._send(M.open_result(msg.relid, abi.PYKVM_BUS_E_INVALID))
+        xfer = None
         try:
             irq = self._irq_for(msg.target_vcpu)
-            ch.open(view, msg.inbound_offset, irq, version)
+            if svc.transfer_pages and self.memslots is not None:
+                xfer = TransferPageSet(self.memslots, abi.PYKVM_BUS_XFER_BASE + ch.relid * abi.PYKVM_BUS_XFER_STRIDE,
+                                       svc.transfer_pages)
+            ch.open(view, msg.inbound_offset, irq, version, xfer)
             ch.gpadl_id = msg.ring_gpadl
             self.doorbells.add(ch.relid, self._on_doorbell)
         except (RingError, ValueError, OSError) as e:
             ch.close()
+            if xfer is not None and ch.xfer is None:
+                xfer.close()
             self._violation(f"open of channel {msg.relid}: {e}")
             return self._send(M.open_result(msg.relid, abi.PYKVM_BUS_E_INVALID))
-        self._send(M.open_result(msg.relid, abi.PYKVM_BUS_OK, version))
+        self._send(M.open_result(msg.relid, abi.PYKVM_BUS_OK, version, xfer_gpa=xfer.gpa if xfer else 0,
+                                 xfer_pages=xfer.size // PAGE if xfer else 0))
         # packets the guest queued before the open completed are served now
         while ch.is_open and ch.process():
             pass

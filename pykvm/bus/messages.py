@@ -197,11 +197,12 @@ def gpadl_result(kind: str, gpadl: int, status: int) -> bytes:
     return _msg(kind, _U32x2.pack(gpadl, status))
 
 
-def open_result(relid: int, status: int, version: int = 0, supported=()) -> bytes:
-    """OPEN_RESULT: the service version in force, or a refusal (with the service's versions)."""
+def open_result(relid: int, status: int, version: int = 0, supported=(), xfer_gpa: int = 0,
+                xfer_pages: int = 0) -> bytes:
+    """OPEN_RESULT: the service version in force (and the channel's transfer pages), or a refusal."""
     sup = list(supported)[:MAX_SERVICE_VERSIONS]
-    return _msg("open_result", struct.pack(f"<IIII{MAX_SERVICE_VERSIONS}I", relid, status, version, len(sup),
-                                           *_padded(sup, MAX_SERVICE_VERSIONS)))
+    return _msg("open_result", struct.pack(f"<IIII{MAX_SERVICE_VERSIONS}IQII", relid, status, version, len(sup),
+                                           *_padded(sup, MAX_SERVICE_VERSIONS), xfer_gpa, xfer_pages, 0))
 
 
 def negotiate(proposed, supported) -> int | None:

@@ -43,4 +43,30 @@ def build_bus(machine):
         for d in disks:
             d.close()
         raise
-    return BusHost(machine.memory, doorbells, interrupts, services, log=log)
+    return BusHost(machine.memory, doorbells, interrupts, services, log=log, memslots=BusMemslots(machine.vm))
+
+
+class BusMemslots:
+    """Memslots for the bus's transfer page sets (numbers from FIRST up; RAM and windows use lower ones)."""
+
+    FIRST = 200
+
+    def __init__(self, vm):
+        self.vm = vm
+        self._used: set[int] = set()
+
+    def map(self, gpa: int, size: int, host_addr: int, readonly: bool = True) -> int:
+        """Map host memory at gpa; the slot number."""
+        from ..kvm import constants as C
+
+        slot = next(n for n in range(self.FIRST, self.FIRST + len(self._used) + 1) if n not in self._used)
+        self.vm.set_user_memory_region(slot, gpa, size, host_addr, C.KVM_MEM_READONLY if readonly else 0)
+        self._used.add(slot)
+        return slot
+
+    def unmap(self, slot: int) -> None:
+        """Remove a slot map() made (quietly when the VM is already gone)."""
+        if slot in self._used:
+            self._used.discard(slot)
+            if self.vm.fd >= 0:
+                self.vm.set_user_memory_region(slot, 0, 0, 0)

@@ -35,6 +35,7 @@ class Service:
     interface: tuple[int, int] = (0, 0)     # (lo, hi) of the interface type id
     versions: tuple[int, ...] = ()          # newest first
     session_class = Session
+    transfer_pages = 0                      # pages of a transfer page set each open channel gets
 
     def open(self, channel, version: int) -> Session:
         """A session for a channel the guest opened at `version`."""

@@ -13,7 +13,8 @@ import os
 import struct
 
 from ... import abi
-from ..ring import COMPLETION, GPA_DIRECT, INBAND
+from ..ring import COMPLETION, COMPLETION_REQ, GPA_DIRECT, INBAND, XFER_PAGES, xfer_pages_header
+from ..transfer import TransferError
 from .base import Service, ServiceError, Session, unpack_exact
 
 SECTOR = abi.PYKVM_BLK_SECTOR
@@ -66,6 +67,15 @@ class BlockSession(Session):
         self.channel.send(COMPLETION, _RESP.pack(status, flags, d.sectors, SECTOR, 0), pkt.trans_id)
 
     def on_packet(self, pkt) -> None:
+        if pkt.type == COMPLETION:     # the guest copied a transfer-page read out: free its range
+            xfer = self.channel.xfer
+            try:
+                if xfer is None:
+                    raise TransferError("this channel has no transfer pages")
+                xfer.release(pkt.trans_id)
+            except TransferError as e:
+                raise ServiceError(f"block: completion of transaction {pkt.trans_id}: {e}") from None
+            return
         if pkt.type not in (GPA_DIRECT, INBAND):
             raise ServiceError(f"block takes GPA-direct or in-band requests, got packet type {pkt.type}")
         op, _r, sector, count, _r2 = unpack_exact(_REQ, pkt.payload, "block request")
@@ -82,11 +92,13 @@ class BlockSession(Session):
             return self._reply(pkt, abi.PYKVM_BUS_OK)
         if op not in (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE):
             raise ServiceError(f"block: unknown operation {op}")
-        if pkt.type != GPA_DIRECT:
-            raise ServiceError("block: reads and writes need a GPA-direct buffer")
         if not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS or sector + count > self.disk.sectors:
             return self._fail(pkt, abi.PYKVM_BUS_E_INVALID)   # a guest mistake, not a protocol break
         nbytes = count * SECTOR
+        if pkt.type != GPA_DIRECT:
+            if op == abi.PYKVM_BLK_OP_READ and self.channel.xfer is not None:
+                return self._read_to_transfer_pages(pkt, sector, nbytes)
+            raise ServiceError("block: writes (and reads without transfer pages) need a GPA-direct buffer")
         spans = self._spans(pkt.ranges, nbytes)
         if op == abi.PYKVM_BLK_OP_WRITE:
             if self.disk.read_only:
@@ -114,6 +126,26 @@ class BlockSession(Session):
             self.counts["read"] += 1
             self.bytes_read += nbytes
         self._reply(pkt, abi.PYKVM_BUS_OK)
+
+    def _read_to_transfer_pages(self, pkt, sector: int, nbytes: int) -> None:
+        """An in-band READ: the data goes into the transfer pages, the guest completes it to free them."""
+        try:
+            data = os.pread(self.disk.fd, nbytes, sector * SECTOR)
+        except OSError:
+            return self._fail(pkt, abi.PYKVM_BUS_E_IO)
+        if len(data) != nbytes:
+            return self._fail(pkt, abi.PYKVM_BUS_E_IO)
+        try:
+            off = self.channel.xfer.place(pkt.trans_id, data)
+        except TransferError:
+            return self._fail(pkt, abi.PYKVM_BUS_E_LIMIT)
+        d = self.disk
+        flags = abi.PYKVM_BLK_FLAG_READ_ONLY if d.read_only else 0
+        self.channel.send(XFER_PAGES, _RESP.pack(abi.PYKVM_BUS_OK, flags, d.sectors, SECTOR, 0), pkt.trans_id,
+                          COMPLETION_REQ, xfer_pages_header(self.channel.xfer.set_id, [(nbytes, off)]))
+        self.counts["read"] += 1
+        self.counts["transfer_page_reads"] = self.counts.get("transfer_page_reads", 0) + 1
+        self.bytes_read += nbytes
 
     def _fail(self, pkt, status: int) -> None:
         self.counts["errors"] += 1
@@ -152,6 +184,7 @@ class BlockService(Service):
     name = "block"
     interface = (abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI)
     versions = (abi.PYKVM_BLOCK_V1_0,)
+    transfer_pages = abi.PYKVM_BUS_XFER_PAGES
 
     def __init__(self, disk: Disk):
         self.disk = disk
