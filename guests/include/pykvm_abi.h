@@ -91,6 +91,15 @@
 #define PYKVM_PAGETABLE_ADDR 0x20000
 #define PYKVM_FW_END 0x9f000
 
+/* ---- ACPI tables (pykvm/boot/acpi/) ---- */
+/* The RSDP sits where kernels scan for it (the BIOS area 0xe0000-0xfffff, on a
+ * 16-byte boundary); the other tables fill [TABLES_ADDR, END). All of it lies
+ * in the reserved part of every memory map pykvm hands out, and no kernel
+ * segment or module may be loaded over it. */
+#define PYKVM_ACPI_RSDP_ADDR 0xe0000
+#define PYKVM_ACPI_TABLES_ADDR 0xe1000
+#define PYKVM_ACPI_END 0x100000
+
 /* Start of the MMIO hole below 4 GiB; RAM beyond it continues at 4 GiB. */
 #define PYKVM_MMIO_HOLE 0xc0000000
 #define PYKVM_LAPIC_BASE 0xfee00000
@@ -215,6 +224,7 @@ struct pykvm_boot_info {
     uint32_t crash_info_len;   /* bytes, at most PYKVM_CRASH_INFO_MAX */
     uint32_t reserved0;
     struct pykvm_mmap_entry mmap[16];
+    uint64_t acpi_rsdp_addr;   /* guest-physical ACPI RSDP; 0 when there are no tables */
 };
 #endif
 #define PYKVM_CRASH_INFO_MAX 4096

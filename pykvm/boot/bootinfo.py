@@ -48,7 +48,7 @@ def memory_map(ram_spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 
 
 def pykvm_boot_info(mmap: list[tuple[int, int, int]], nr_cpus: int, cmdline_len: int, ram_top: int,
-                    initrd: Module | None) -> bytes:
+                    initrd: Module | None, acpi_rsdp: int = 0) -> bytes:
     """The `struct pykvm_boot_info` bytes for PYKVM_BOOTINFO_ADDR."""
     ffi = abi.ffi
     bi = ffi.new("struct pykvm_boot_info *")
@@ -59,6 +59,7 @@ def pykvm_boot_info(mmap: list[tuple[int, int, int]], nr_cpus: int, cmdline_len:
     bi.cmdline_addr = abi.PYKVM_CMDLINE_ADDR
     bi.cmdline_len = cmdline_len
     bi.ram_top = ram_top
+    bi.acpi_rsdp_addr = acpi_rsdp
     if initrd:
         bi.initrd_addr, bi.initrd_len = initrd.addr, initrd.size
     entries = mmap[:abi.PYKVM_MAX_MMAP]

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import abi
-from ..errors import ImageDoesNotFitError
+from ..errors import ImageDoesNotFitError, UsageError
 from ..memory import PAGE_SIZE, GuestMemory
-from . import bootinfo, tables
+from . import acpi, bootinfo, tables
 from .firmware import Firmware
 from .image import PROTOCOL_FLAT, PROTOCOL_MULTIBOOT, KernelImage, LoadSegment
 from .paging import build_boot_page_tables
@@ -37,18 +37,37 @@ class BootPlan:
     modules: list[bootinfo.Module]
     memory_map: list[tuple[int, int, int]]
     cmdline: bytes
+    acpi: acpi.AcpiTables | None = None
+
+
+# Guest-physical areas pykvm fills at boot; a kernel segment or module must stay out of them.
+RESERVED_AREAS = ((abi.PYKVM_FW_BASE, abi.PYKVM_FW_END, "pykvm's firmware area"),
+                  (abi.PYKVM_ACPI_RSDP_ADDR, abi.PYKVM_ACPI_END, "pykvm's ACPI tables"))
 
 
 def _check_fits(mem: GuestMemory, seg: LoadSegment, what: str) -> None:
-    lo, hi = abi.PYKVM_FW_BASE, abi.PYKVM_FW_END
-    if seg.paddr < hi and seg.pend > lo:
-        raise ImageDoesNotFitError(f"{what} at {seg.paddr:#x}-{seg.pend:#x} overlaps pykvm's firmware area "
-                                   f"{lo:#x}-{hi:#x}; link it at 1 MiB or above")
+    for lo, hi, name in RESERVED_AREAS:
+        if seg.paddr < hi and seg.pend > lo:
+            raise ImageDoesNotFitError(f"{what} at {seg.paddr:#x}-{seg.pend:#x} overlaps {name} "
+                                       f"{lo:#x}-{hi:#x}; link it at 1 MiB or above")
     if not mem.is_ram(seg.paddr, seg.memsz):
         need = (seg.pend + (1 << 20) - 1) >> 20
         raise ImageDoesNotFitError(f"{what} needs guest RAM at {seg.paddr:#x}-{seg.pend:#x} but the VM has "
                                    f"{mem.size >> 20} MiB ({', '.join(f'{r.gpa:#x}-{r.end:#x}' for r in mem.regions)}); "
                                    f"try --mem {max(need + 1, 2)}M or more")
+
+
+def _acpi_tables(mem: GuestMemory, nr_cpus: int, topology: acpi.Topology | None,
+                 platform: acpi.Platform | None) -> acpi.AcpiTables:
+    """Build the ACPI tables for this VM, checking a given topology against its vCPUs and RAM."""
+    topology = topology if topology is not None else acpi.default_topology(nr_cpus)
+    if len(topology.apic_ids) != nr_cpus:
+        raise UsageError(f"ACPI topology lists {len(topology.apic_ids)} vCPUs but the VM has {nr_cpus}")
+    for n, node in enumerate(topology.nodes):
+        for base, length in node.memory:
+            if not (isinstance(base, int) and isinstance(length, int) and mem.is_ram(base, length)):
+                raise UsageError(f"ACPI topology: node {n} memory {base!r}+{length!r} is not guest RAM")
+    return acpi.build_tables(topology, platform if platform is not None else acpi.Platform())
 
 
 def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
@@ -58,8 +77,15 @@ def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
 
 
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
-         argv0: str = "", initrd: Path | None = None) -> BootPlan:
-    """Write everything the guest needs at boot into `mem` and return the BSP's entry state."""
+         argv0: str = "", initrd: Path | None = None, acpi_platform: acpi.Platform | None = None,
+         acpi_topology: acpi.Topology | None = None) -> BootPlan:
+    """Write everything the guest needs at boot into `mem` and return the BSP's entry state.
+
+    Every guest gets ACPI tables; `acpi_platform` says which interrupt controllers and PM
+    ports they advertise (default: LAPICs only), `acpi_topology` the vNUMA layout (default:
+    vCPU i has APIC id i, no nodes).
+    """
+    acpi_tables = _acpi_tables(mem, nr_cpus, acpi_topology, acpi_platform)
     for i, seg in enumerate(image.segments):
         _check_fits(mem, seg, f"kernel segment {i}")
     for seg in firmware.segments:
@@ -91,6 +117,7 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     mem.write(abi.PYKVM_TSS_ADDR, tables.tss64())
     mem.write(abi.PYKVM_IDT64_ADDR, tables.idt64(firmware.stubs64))
     mem.write(abi.PYKVM_IDT32_ADDR, tables.idt32(firmware.stubs32))
+    acpi.write_tables(mem, acpi_tables)
 
     if image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
         info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR, modules,
@@ -109,7 +136,8 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
         cr3, pt = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt)
         mem.write(abi.PYKVM_PAGETABLE_ADDR, pt)
         mem.write(abi.PYKVM_BOOTINFO_ADDR,
-                  bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None))
+                  bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None,
+                                           acpi_rsdp=acpi_tables.rsdp_addr))
         entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
                            gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
-    return BootPlan(entry, image, modules, mmap, raw)
+    return BootPlan(entry, image, modules, mmap, raw, acpi_tables)
