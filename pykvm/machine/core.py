@@ -108,8 +108,11 @@ class Machine:
         self.bus = build_bus(self)
         self.devices = device_set.build_devices(self)
         if not restoring:
+            from ..boot.acpi import platform_for_irqchip
+
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
-                                       argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd)
+                                       argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
+                                       acpi_platform=platform_for_irqchip(cfg.irqchip))
 
         supported = self.kvm.supported_cpuid()
         nx = cpu_setup.nx_supported(supported)
