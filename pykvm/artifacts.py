@@ -11,8 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,8 @@ _ready: dict[str, Path] = {}
 
 def _toolchain() -> bytes:
     """The build tools' identity without running them: resolved path, size and mtime, plus overrides."""
+    import shutil  # run-time imports only on the build path: a plain `run` of a file never needs them
+
     parts, missing = [], []
     for tool in REQUIRED_TOOLS:
         found = shutil.which(tool)
@@ -73,6 +73,8 @@ def _build(kind: str, tops: list[Path], make_dir: Path, what: str) -> Path:
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent pykvm processes build once
             if not done.exists():
+                import subprocess
+
                 print(f"pykvm: building {what} into {out} (once per source version)...", file=sys.stderr, flush=True)
                 r = subprocess.run(["make", "-s", "-C", str(make_dir), f"O={out}"], capture_output=True, text=True)
                 if r.returncode:

@@ -44,6 +44,19 @@ def pytest_configure(config):
     os.environ["PYKVM_BUILD_DIR"] = config._pykvm_cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _built_once():
+    """Build firmware and guests before any test, so no test's stderr carries the one-time build notice."""
+    from pykvm import artifacts
+    from pykvm.errors import ToolchainError
+
+    try:
+        artifacts.firmware_path()
+        artifacts.guests_dir()
+    except ToolchainError:
+        pass  # tests needing the guests report it themselves
+
+
 def pytest_unconfigure(config):
     cache = getattr(config, "_pykvm_cache", None)
     if cache:
