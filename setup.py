@@ -42,8 +42,9 @@ class BuildPyWithData(build_py):
             shutil.copy2(Path(tmp) / "firmware" / "stubs.elf", prebuilt / "firmware" / "stubs.elf")
             # Importing the bindings from the built tree generates every cffi module they load
             # (whatever the header holds today) into the scratch cache; ship those.
-            env = dict(os.environ, PYKVM_BUILD_DIR=tmp, PYTHONPATH=os.path.abspath(self.build_lib))
-            env.pop("PYTHONSAFEPATH", None)
+            # (prepend: pip's isolated build env reaches cffi through PYTHONPATH itself)
+            pythonpath = [os.path.abspath(self.build_lib)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+            env = dict(os.environ, PYKVM_BUILD_DIR=tmp, PYTHONPATH=os.pathsep.join(pythonpath))
             subprocess.run([sys.executable, "-c", "import pykvm.abi, pykvm.kvm"], check=True, env=env, cwd=tmp)
             shutil.copytree(Path(tmp) / "ffi", prebuilt / "ffi", ignore=SKIP)
 
