@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -28,6 +29,39 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{msg} (CI must have it)")
         pytest.skip(msg)
     return path
+
+
+def pytest_configure(config):
+    """One pykvm cache (guest builds, cffi types) per session, shared by its tests and their subprocesses.
+
+    Never the user's ~/.cache: a test run neither depends on nor litters it. Building the
+    guests once costs a few seconds per session. A PYKVM_BUILD_DIR already set is kept,
+    to reuse builds across sessions deliberately.
+    """
+    if os.environ.get("PYKVM_BUILD_DIR"):
+        return
+    config._pykvm_cache = tempfile.mkdtemp(prefix="pykvm-test-cache-")
+    os.environ["PYKVM_BUILD_DIR"] = config._pykvm_cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _built_once():
+    """Build firmware and guests before any test, so no test's stderr carries the one-time build notice."""
+    from pykvm import artifacts
+    from pykvm.errors import ToolchainError
+
+    try:
+        artifacts.firmware_path()
+        artifacts.guests_dir()
+    except ToolchainError:
+        pass  # tests needing the guests report it themselves
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_pykvm_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+        del os.environ["PYKVM_BUILD_DIR"]
 
 
 def pytest_runtest_setup(item):

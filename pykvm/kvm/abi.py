@@ -3,14 +3,12 @@
 Field names match the kernel headers exactly: tests/test_kvm_abi_crosscheck.py compiles
 a C program against <linux/kvm.h> and checks every size and offset declared here.
 Anonymous unions are kept anonymous so ``run.io.port`` and ``level.irq`` read as in C.
+The declarations are parsed once and cached (pykvm/ffigen.py), not on every run.
 """
 
-import cffi
+from .. import ffigen
 
-ffi = cffi.FFI()
-
-ffi.cdef(
-    """
+CDEF = """
 /* ---- asm/kvm.h (x86) ---- */
 struct kvm_regs {
     uint64_t rax, rbx, rcx, rdx;
@@ -407,7 +405,7 @@ int ioctl(int fd, unsigned long request, ...);
 int *__errno_location(void);
 int pthread_kill(unsigned long thread, int sig);
 """
-)
+ffi = ffigen.load("kvm", CDEF)
 
 # libc; ffi.errno (saved by cffi right after each call, per thread) is what callers
 # should read, __errno_location is only declared for completeness.

@@ -4,8 +4,7 @@ import errno
 import mmap
 import os
 
-import cffi
-
+from .. import ffigen
 from . import ioctls
 from ._sys import FdOwner, ioctl
 from .abi import cdata_to_python, ffi, field_offsets
@@ -16,8 +15,7 @@ from .errors import KvmError
 RUN_OFFSETS = field_offsets("struct kvm_run")
 RUN_SIZE = ffi.sizeof("struct kvm_run")
 
-_run_ffi = cffi.FFI()
-_run_ffi.cdef("int ioctl(int fd, unsigned long request, unsigned long arg);")
+_run_ffi = ffigen.load("kvmrun", "int ioctl(int fd, unsigned long request, unsigned long arg);")
 _run_lib = _run_ffi.dlopen(None)
 
 _EINTR = errno.EINTR

@@ -1,0 +1,82 @@
+"""cffi type tables compiled once from C declarations and cached, so no run parses C.
+
+cffi's out-of-line ABI mode turns declarations into a small Python module holding the
+already-parsed types; importing it needs only _cffi_backend, not pycparser. The module
+is named by a hash of the declarations and of cffi's major version, so an edited header
+or a new cffi simply selects a new module. A wheel ships the modules prebuilt (setup.py
+calls generate()); a source tree generates them into the cache on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+import _cffi_backend
+
+from . import paths
+
+_DIRECTIVE = re.compile(r"^\s*#\s*(if|ifdef|ifndef|else|elif|endif|include|error|pragma)\b")
+_GUARD = re.compile(r"^\s*#\s*define\s+\w+_H\s*$")
+
+
+def header_cdef(text: str) -> str:
+    """A C header as cdef text: drop the preprocessor lines cffi cannot parse (guards, includes, conditionals)."""
+    return "\n".join("" if _DIRECTIVE.match(line) or _GUARD.match(line) else line for line in text.splitlines())
+
+
+def module_name(name: str, cdef: str) -> str:
+    """Name of the generated module for these declarations (hash of them and of cffi's major version)."""
+    # The generated format is stable within a major version (the module carries its own
+    # format number, which _cffi_backend checks), so a wheel built with cffi 2.0 serves 2.1.
+    major = _cffi_backend.__version__.split(".")[0]
+    digest = hashlib.sha256(f"{major}\0{cdef}".encode()).hexdigest()[:20]
+    return f"_pykvm_{name}_{digest}"
+
+
+def generate(name: str, cdef: str, outdir: Path) -> Path:
+    """Parse the declarations (the one slow step) and write the module into outdir; return its path."""
+    import cffi
+    from cffi.recompiler import make_py_source
+
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    mod = module_name(name, cdef)
+    outdir.mkdir(parents=True, exist_ok=True)
+    tmp = outdir / f".{mod}.{os.getpid()}.tmp"
+    make_py_source(ffi, mod, str(tmp))
+    final = outdir / f"{mod}.py"
+    os.replace(tmp, final)  # atomic: a concurrent run sees the whole module or none
+    return final
+
+
+def load(name: str, cdef: str):
+    """The FFI for these declarations: shipped prebuilt, cached, or generated now and cached."""
+    mod = module_name(name, cdef)
+    if mod in sys.modules:
+        return sys.modules[mod].ffi
+    for where in (paths.PREBUILT / "ffi", paths.cache_root() / "ffi"):
+        path = where / f"{mod}.py"
+        if path.is_file():
+            return _import(mod, path).ffi
+    try:
+        path = generate(name, cdef, paths.cache_root() / "ffi")
+    except OSError:  # an unwritable cache costs speed, not correctness
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
+        return ffi
+    return _import(mod, path).ffi
+
+
+def _import(mod: str, path: Path):
+    spec = importlib.util.spec_from_file_location(mod, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[mod] = module
+    return module

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Whole-process start-up of `pykvm run` against QEMU microvm, plus RSS and import times.
+
+    python3 scripts/bench_startup.py [--pairs 15] [--pykvm CMD] [--skip-memory]
+
+A (pykvm) and B (QEMU, when installed) boot the same tiny multiboot guest (the bundled
+`multiboot`, which exits through the debug port), alternating A/B in one run; wall and
+CPU (user+sys of the child, from wait4) are the medians over the pairs, printed as
+pykvm/QEMU ratios, with each side's peak RSS. Then the VMM's own resident memory
+(anonymous + file pages, i.e. excluding guest RAM, which is a memfd and counts as
+shmem) for a 128 MiB and a 4 GiB guest that touch 1 MiB, and the import time of each
+subcommand's modules (`-X importtime`, best of 3) so a regression is visible.
+
+--pykvm is the command to measure (default: this interpreter, `-m pykvm`, with the
+source tree on PYTHONPATH); pass e.g. a venv's `bin/pykvm` to measure an installed copy.
+Bytecode must be cacheable: PYTHONDONTWRITEBYTECODE is removed from the children's env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 64-bit flat guest: touch one byte in each of 256 pages (1 MiB) from 2 MiB, then spin.
+TOUCH_1MIB = bytes.fromhex(
+    "48bf0000200000000000"  # movabs rdi, 0x200000
+    "b900010000"            # mov ecx, 256
+    "c60701"                # 1: mov byte [rdi], 1
+    "4881c700100000"        # add rdi, 0x1000
+    "ffc9"                  # dec ecx
+    "75f2"                  # jnz 1b
+    "f390"                  # 2: pause
+    "ebfc"                  # jmp 2b
+)
+
+
+def env() -> dict:
+    """Children's environment: bytecode cached, the source tree importable."""
+    e = dict(os.environ)
+    e.pop("PYTHONDONTWRITEBYTECODE", None)
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+def timed(cmd: list[str], e: dict) -> tuple[float, float, int, int]:
+    """(wall s, CPU s, peak RSS KiB, exit status) of one child run."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=e)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    if p.returncode != 1:  # the guest's exit_code(0): status 1 for both VMMs
+        sys.exit(f"{shlex.join(cmd)}: status {p.returncode}, expected 1\n{err}")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss, p.returncode
+
+
+def startup(pykvm: list[str], guest: Path, pairs: int, e: dict) -> None:
+    """Alternate pykvm and QEMU runs; print medians, ratios and RSS."""
+    qemu = shutil.which("qemu-system-x86_64")
+    a_cmd = pykvm + ["run", str(guest), "--serial", "none", "--no-dump"]
+    b_cmd = [qemu, "-accel", "kvm", "-M", "microvm,isa-serial=on,rtc=off", "-nodefaults", "-display", "none",
+             "-serial", "null", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-m", "128", "-kernel",
+             str(guest)] if qemu else None
+    timed(a_cmd, e)  # warm the bytecode and build caches
+    if b_cmd:
+        timed(b_cmd, e)
+    a, b = [], []
+    for i in range(pairs):
+        order = [(a, a_cmd), (b, b_cmd)] if i % 2 == 0 else [(b, b_cmd), (a, a_cmd)]
+        for out, cmd in order:
+            if cmd:
+                out.append(timed(cmd, e))
+    print(f"start-up: {guest.name}, {pairs} alternating pairs, medians")
+    print(f"  A pykvm: {shlex.join(a_cmd)}")
+    rows = [("pykvm", a)]
+    if b_cmd:
+        print(f"  B qemu:  {shlex.join(b_cmd)}")
+        rows.append(("qemu", b))
+    else:
+        print("  B qemu:  not installed (apt-get install qemu-system-x86): no ratio")
+    med = {}
+    for name, runs in rows:
+        med[name] = [statistics.median(r[k] for r in runs) for k in range(3)]
+        w, c, rss = med[name]
+        print(f"  {name:6} wall {w * 1e3:7.1f} ms   cpu {c * 1e3:7.1f} ms   peak RSS {rss / 1024:6.1f} MiB")
+    if b_cmd:
+        (aw, ac, ar), (bw, bc, br) = med["pykvm"], med["qemu"]
+        print(f"  ratio pykvm/qemu: wall {aw / bw:.2f} (target <= 1.0)   cpu {ac / bc:.2f} (target <= 0.7)   "
+              f"RSS {ar / br:.2f}")
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in re.findall(r"^(VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+) kB", text, re.M)}
+
+
+def memory(pykvm: list[str], e: dict) -> None:
+    """The VMM's own resident memory (excluding guest RAM) for guests of 128 MiB and 4 GiB touching 1 MiB."""
+    print("memory: a flat 64-bit guest touches 1 MiB and spins; peak of /proc/PID/status while it runs")
+    with tempfile.TemporaryDirectory() as tmp:
+        img = Path(tmp) / "touch.bin"
+        img.write_bytes(TOUCH_1MIB)
+        for mem in ("128M", "4G"):
+            cmd = pykvm + ["run", str(img), "--load-addr", "0x100000", "--entry-mode", "64", "--mem", mem,
+                           "--serial", "none", "--no-dump", "--timeout", "2"]
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=e)
+            peak: dict[str, int] = {}
+            while p.poll() is None:
+                s = _proc_status(p.pid)
+                own = s.get("RssAnon", 0) + s.get("RssFile", 0)
+                if own > peak.get("own", 0):
+                    peak = dict(s, own=own)
+                time.sleep(0.02)
+            print(f"  --mem {mem:5}: VMM own (anon+file) {peak.get('own', 0) / 1024:5.1f} MiB (target < 40)   "
+                  f"guest shmem {peak.get('RssShmem', 0) / 1024:5.1f} MiB   VmRSS {peak.get('VmRSS', 0) / 1024:5.1f} MiB"
+                  f"   (status {p.returncode}, 18 = timeout as intended)")
+
+
+def import_times(py_prefix: list[str], guest: Path, e: dict) -> None:
+    """Total and top import times per subcommand, from -X importtime (best of 3 runs)."""
+    print("imports per subcommand (-X importtime, best of 3; self-time sum, then the 5 costliest top-level)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {
+            "run": ["run", str(guest), "--serial", "none", "--no-dump"],
+            "info": ["info"],
+            "guests": ["guests"],
+            "devices": ["devices"],
+            "--help": ["--help"],
+        }
+        core = _make_core(py_prefix, tmp, e)
+        if core:
+            cases["inspect"] = ["inspect", str(core)]
+        for name, args in cases.items():
+            best = None
+            for _ in range(3):
+                r = subprocess.run(py_prefix + ["-X", "importtime", "-m", "pykvm", *args], stdin=subprocess.DEVNULL,
+                                   capture_output=True, text=True, env=e)
+                rows = re.findall(r"^import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)$", r.stderr, re.M)
+                total = sum(int(s) for s, _, _, _ in rows)
+                if best is None or total < best[0]:
+                    top = sorted(((int(c), m) for _, c, ind, m in rows if not ind), reverse=True)[:5]
+                    best = (total, top)
+            total, top = best
+            print(f"  {name:8} {total / 1e3:6.1f} ms  " + ", ".join(f"{m} {c / 1e3:.1f}" for c, m in top))
+
+
+def _make_core(py_prefix: list[str], tmp: str, e: dict) -> Path | None:
+    r = subprocess.run(py_prefix + ["-m", "pykvm", "run", "crash-null", "--serial", "none", "--crash-dir", tmp],
+                       capture_output=True, env=e)
+    cores = list(Path(tmp).glob("*.core"))
+    return cores[0] if r.returncode == 16 and cores else None
+
+
+def main() -> None:
+    """Run the three measurements."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--pykvm", help="command to measure (default: this python -m pykvm from the source tree)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for the import-time runs")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    e = env()
+    pykvm = shlex.split(args.pykvm) if args.pykvm else [sys.executable, "-m", "pykvm"]
+    r = subprocess.run([sys.executable, "-m", "pykvm", "guests"], capture_output=True, text=True, env=e)
+    guests = dict(line.split(None, 1) for line in r.stdout.splitlines() if line.strip())
+    if "multiboot" not in guests:
+        sys.exit(f"cannot build the bundled guests: {r.stderr.strip()}")
+    guest = Path(guests["multiboot"].strip())
+    startup(pykvm, guest, args.pairs, e)
+    if not args.skip_memory:
+        memory(pykvm, e)
+    import_times([args.python], guest, e)
+
+
+if __name__ == "__main__":
+    main()
