@@ -432,6 +432,11 @@ struct pykvm_bus_open_result {
 #define PYKVM_ECHO_OP_ECHO 1
 #define PYKVM_ECHO_OP_COUNT 2
 #define PYKVM_ECHO_MAX 4032
+/* The trapped echo device (benchmark reference, --device echo-port): bytes
+ * written to the data port are queued (at most PYKVM_ECHO_PORT_FIFO) and read
+ * back in order; reads of an empty queue give 0xff. */
+#define PYKVM_PORT_ECHO 0x5a0
+#define PYKVM_ECHO_PORT_FIFO 4096
 
 /* block storage v1.0: requests are GPA-direct packets (the ranges name the
  * data buffer) with a pykvm_blk_request payload; INFO and FLUSH may be

@@ -173,6 +173,8 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                {"base": "addr", "name": "name", "serial": "text"}, default=True, hotplug=True),
     DeviceType("bus", "partition bus connect registers (added with --bus or --disk)", "pykvm.devices.busctl:BusControl",
                lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.extra.get("bus"))),
+    DeviceType("echo-port", "trapped echo device (the bus benchmark's reference)", "pykvm.devices.echoport:EchoPort",
+               _simple("pykvm.devices.echoport:EchoPort"), {"base": "port"}),
     DeviceType("dma", "a DMA engine bounded by the access policy", "pykvm.devices.dma:Dma",
                lambda ctx, o: _import("pykvm.devices.dma:Dma")(memory=ctx.memory, irq=ctx.pulse(), **o),
                {"base": "port"}, default=True),

@@ -1,0 +1,124 @@
+/*
+ * bus-bench: the guest half of scripts/bench_bus.py.
+ *
+ * mode=bus   n=N size=S window=W: N echo messages of S bytes over the bus, up
+ *            to W in flight; each reply's transaction id and first/last
+ *            bytes are checked (a benchmark, not a test of every byte).
+ * mode=port  n=N size=S: the same through the trapped echo device
+ *            (--device echo-port): rep outsb of the message, rep insb back.
+ * mode=block n=N: N sequential 4 KiB reads through the block service
+ *            (GPA-direct buffer), up to W in flight.
+ * Prints "bench: <mode> <n> done, <doorbells> doorbells\n" and powers off;
+ * exit code 3 on any mismatch or error.
+ */
+#include "rt.h"
+#include "bus.h"
+
+static uint8_t msg[sizeof(struct pykvm_echo_msg) + PYKVM_ECHO_MAX] __attribute__((aligned(8)));
+static uint8_t back[PYKVM_ECHO_MAX];
+static uint8_t pkt[PYKVM_ECHO_MAX + 128] __attribute__((aligned(8)));
+static uint8_t blockbuf[16][4096] __attribute__((aligned(4096)));
+
+static void fail(const char *what)
+{
+    printf("bench: %s\n", what);
+    exit_code(3);
+}
+
+static struct bus_channel *open_service(uint64_t lo, uint64_t hi, uint32_t version)
+{
+    uint32_t v1[1] = { PYKVM_BUS_VERSION_1_0 }, sv[1] = { version };
+    if (bus_connect(v1, 1) < 0)
+        fail("connect failed");
+    struct bus_channel *ch = bus_find(lo, hi);
+    if (!ch || bus_open(ch, sv, 1))
+        fail("open failed");
+    return ch;
+}
+
+static void bench_bus(uint32_t n, uint32_t size, uint32_t window)
+{
+    struct bus_channel *ch = open_service(PYKVM_BUS_IF_ECHO_LO, PYKVM_BUS_IF_ECHO_HI, PYKVM_ECHO_V1_0);
+    struct pykvm_echo_msg *h = (struct pykvm_echo_msg *)msg;
+    h->op = PYKVM_ECHO_OP_ECHO;
+    h->len = size;
+    for (uint32_t i = 0; i < size; i++)
+        msg[sizeof(*h) + i] = (uint8_t)i;
+    uint32_t sent = 0, done = 0;
+    while (done < n) {
+        while (sent < n && sent - done < window) {
+            if (bus_send(ch, msg, sizeof(*h) + size, ++sent))
+                fail("send failed");
+        }
+        int got = bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull);
+        const struct pykvm_vmpacket *d = (const void *)pkt;
+        uint32_t len;
+        const uint8_t *p = bus_payload(pkt, &len);
+        if (got <= 0 || d->trans_id != ++done || len < sizeof(*h) + size || p[sizeof(*h)] != 0 ||
+            p[sizeof(*h) + size - 1] != (uint8_t)(size - 1))
+            fail("bad reply");
+    }
+}
+
+static void bench_port(uint32_t n, uint32_t size)
+{
+    for (uint32_t i = 0; i < size; i++)
+        msg[i] = (uint8_t)i;
+    for (uint32_t k = 0; k < n; k++) {
+        const void *s = msg;
+        void *d = back;
+        uint64_t c = size;
+        __asm__ volatile("cld; rep outsb" : "+S"(s), "+c"(c) : "d"((uint16_t)PYKVM_PORT_ECHO) : "memory");
+        c = size;
+        __asm__ volatile("cld; rep insb" : "+D"(d), "+c"(c) : "d"((uint16_t)PYKVM_PORT_ECHO) : "memory");
+        if (back[0] != 0 || back[size - 1] != (uint8_t)(size - 1))
+            fail("bad echo");
+    }
+}
+
+static void bench_block(uint32_t n, uint32_t window)
+{
+    struct bus_channel *ch = open_service(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, PYKVM_BLOCK_V1_0);
+    if (window > 16)
+        window = 16;
+    uint32_t sent = 0, done = 0;
+    while (done < n) {
+        while (sent < n && sent - done < window) {
+            struct pykvm_blk_request rq = { .op = PYKVM_BLK_OP_READ, .sector = (uint64_t)sent * 8, .count = 8 };
+            struct rt_gpa_buf b = { va_to_pa(blockbuf[sent % 16]), 4096 };
+            sent++;
+            if (bus_send_packet(ch, PYKVM_VMPKT_DATA_GPA_DIRECT, PYKVM_VMPKT_FLAG_COMPLETION_REQ, sent, &b, 1,
+                                &rq, sizeof(rq)))
+                fail("send failed");
+        }
+        int got = bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull);
+        const struct pykvm_vmpacket *d = (const void *)pkt;
+        uint32_t len;
+        const struct pykvm_blk_response *r = bus_payload(pkt, &len);
+        if (got <= 0 || d->trans_id != ++done || len < sizeof(*r) || r->status != PYKVM_BUS_OK)
+            fail("bad block reply");
+    }
+}
+
+void kmain(struct pykvm_boot_info *bi)
+{
+    const char *cmd = bootinfo_cmdline(bi);
+    char mode[8] = "bus";
+    arg_str(cmd, "mode", mode, sizeof(mode));
+    uint32_t n = (uint32_t)arg_u64(cmd, "n", 1000), size = (uint32_t)arg_u64(cmd, "size", 64);
+    uint32_t window = (uint32_t)arg_u64(cmd, "window", 32);
+    if (size < 1 || size > PYKVM_ECHO_MAX)
+        size = 64;
+    if (window < 1)
+        window = 1;
+    if (!strcmp(mode, "bus"))
+        bench_bus(n, size, window);
+    else if (!strcmp(mode, "port"))
+        bench_port(n, size);
+    else if (!strcmp(mode, "block"))
+        bench_block(n, window);
+    else
+        fail("unknown mode");
+    printf("bench: %s %u done, %llu doorbells\n", mode, n, (unsigned long long)bus_doorbells);
+    poweroff();
+}
