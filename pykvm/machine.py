@@ -82,6 +82,7 @@ class MachineConfig:
     on_device_failure: str = "remove"  # past the intensity: "remove" (guest sees surprise removal) or "crash"
     device_deadline: float = 0.5     # a device callback running longer than this has hung
     trust: str = "trusted"           # device access policy level: "trusted" or "untrusted" (devices/policy.py)
+    sandbox: bool = False            # seccomp filter once set up (pykvm/sandbox.py); the CLI turns it on
 
 
 @dataclass
@@ -241,6 +242,9 @@ class Machine:
         self.devices.start_all()
         self.supervisor.start()
         try:
+            if self.config.sandbox:  # devices are up, no guest code has run: from here on, only what running needs
+                from . import sandbox
+                sandbox.install(self.config.crash_dir)
             for vcpu in self.vcpus:
                 t = threading.Thread(target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
                 self.threads.append(t)
