@@ -86,6 +86,7 @@ ALLOWED = {
     "pipe2": "a restarted serial device's stop pipe",
     # the control socket (already listening; no new sockets, no connect)
     "accept4": "accepting a control client",
+    "getsockname": "Python checks the family of an accepted socket",
     "recvfrom": "reading a control request",
     "recvmsg": "a control request with a descriptor attached (save: the client's file)",
     "sendto": "control replies",
