@@ -49,6 +49,7 @@ _MAX_PWRITE = 64 << 20
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 _held: dict[str, int] = {}      # crash directory -> descriptor kept open by hold_crash_dir
+_unusable: dict[str, str] = {}  # crash directory -> why hold_crash_dir could not use it
 _proc_ok: bool | None = None
 
 
@@ -64,6 +65,8 @@ def write_core(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limi
     `limits` are passed to layout.plan: max_segments, max_spaces, walk_max_entries, walk_max_tables.
     """
     crash_dir = Path(crash_dir)
+    if str(crash_dir) in _unusable:  # found unusable while the process could still look (hold_crash_dir)
+        raise CoreWriteError(_unusable[str(crash_dir)])
     dfd = _held.get(str(crash_dir))
     own = dfd is None
     if own:
@@ -101,11 +104,22 @@ def hold_crash_dir(crash_dir) -> int:
     """Create `crash_dir`, open it and keep its descriptor for every later write_core there; returns it.
 
     Checks that cores can be written without a path lookup (an unnamed O_TMPFILE file, named
-    through /proc/self/fd), which is what the seccomp sandbox allows; CoreWriteError otherwise.
+    through /proc/self/fd), which is what the seccomp sandbox allows; CoreWriteError otherwise,
+    and every later write_core there fails with the same message without touching the filesystem.
     """
     crash_dir = Path(crash_dir)
     if str(crash_dir) in _held:
         return _held[str(crash_dir)]
+    try:
+        dfd = _hold(crash_dir)
+    except CoreWriteError as e:
+        _unusable[str(crash_dir)] = str(e)
+        raise
+    _held[str(crash_dir)] = dfd
+    return dfd
+
+
+def _hold(crash_dir: Path) -> int:
     dfd = _open_dir(crash_dir)
     try:
         if not _proc_fd_links():
@@ -117,7 +131,6 @@ def hold_crash_dir(crash_dir) -> int:
     except BaseException:
         os.close(dfd)
         raise
-    _held[str(crash_dir)] = dfd
     return dfd
 
 
