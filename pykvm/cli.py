@@ -80,6 +80,7 @@ def main():
       12   unknown bundled guest                          14 toolchain missing / build failed
       16   guest crashed        18 timeout                20 pykvm internal error
       22   bad memory size      26 bad/incompatible state file (restore)
+      30   sandbox: a blocked system call stopped the VMM, or it could not be set up
       130  interrupted
     """
 
@@ -115,10 +116,12 @@ def main():
 @click.option("--bus", is_flag=True, help="Give the guest a partition bus (echo, shutdown, heartbeat services).")
 @click.option("--disk", "disks", multiple=True, metavar="FILE[,ro]",
               help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
+@click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Confine the VMM with seccomp once set up (off: for debugging).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, debug):
+        bus, disks, sandbox, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -142,7 +145,7 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
                             crash_dir=None if no_dump else Path(crash_dir), trust=trust,
                             restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure,
-                            bus=bus, disks=[_disk_spec(d) for d in disks])
+                            bus=bus, disks=[_disk_spec(d) for d in disks], sandbox=sandbox == "on")
         try:
             with Machine(cfg) as m:
                 status = _run_machine(m, control_path, trace_io, debug)
@@ -240,8 +243,10 @@ def _serial_sink(spec: str):
 @click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
               help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
+@click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Confine the VMM with seccomp once set up (off: for debugging).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, debug):
+def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandbox, debug):
     """Continue a VM saved with `pykvm ctl SOCK save path=STATE_FILE` (exit status 26: bad state file)."""
 
     def go():
@@ -253,7 +258,7 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, debug
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
         try:
             cfg = saved.machine_config(serial_out=serial_out, serial_in=serial_in, timeout=timeout,
-                                       crash_dir=None if no_dump else Path(crash_dir))
+                                       crash_dir=None if no_dump else Path(crash_dir), sandbox=sandbox == "on")
             with Machine(cfg, restore=saved) as m:
                 status = _run_machine(m, control_path, False, debug)
         finally:

@@ -20,6 +20,7 @@ EXIT_VMM_ERROR = 20
 EXIT_BAD_MEMORY_SIZE = 22
 EXIT_BAD_CORE = 24
 EXIT_BAD_STATE = 26
+EXIT_SANDBOX = 30               # a blocked system call stopped the VMM, or the sandbox could not be set up
 
 
 class PykvmError(Exception):
@@ -80,3 +81,9 @@ class BadStateError(PykvmError):
     """A saved-VM file that is corrupt (bad magic, checksum, truncated) or incompatible (format version, devices)."""
 
     exit_status = EXIT_BAD_STATE
+
+
+class SandboxError(PykvmError):
+    """The seccomp sandbox could not be set up (libseccomp missing, crash directory unusable)."""
+
+    exit_status = EXIT_SANDBOX

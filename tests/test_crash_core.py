@@ -292,7 +292,7 @@ def test_disk_full_removes_the_temp_file(guest, tmp_path, monkeypatch):
 def test_failed_publish_leaves_no_partial_file(guest, tmp_path, monkeypatch):
     snap, _, _ = guest
 
-    def link(src, dst):
+    def link(src, dst, **_dir_fds):
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(os, "link", link)

@@ -1,6 +1,7 @@
 """Crash triggers that need no crash guest: host-requested dumps, VMM errors, pvpanic events."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_pvpanic_crash_loaded_only_records(tmp_path):
     r = pykvm("run", image, "--load-addr", "0x100000", "--timeout", "20", "--crash-dir", str(tmp_path / "c"))
     assert r.returncode == 7, r.stderr
     assert b"crash loaded" in r.stderr
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() or not os.listdir(tmp_path / "c")   # no core (the sandbox makes the dir at start)
 
 
 def test_pvpanic_panicked_stops_with_a_core(tmp_path):

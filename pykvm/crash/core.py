@@ -48,6 +48,9 @@ _MAX_PWRITE = 64 << 20
 
 _counter = itertools.count()
 _counter_lock = threading.Lock()
+_held: dict[str, int] = {}      # crash directory -> descriptor kept open by hold_crash_dir
+_unusable: dict[str, str] = {}  # crash directory -> why hold_crash_dir could not use it
+_proc_ok: bool | None = None
 
 
 class CoreWriteError(Exception):
@@ -57,38 +60,86 @@ class CoreWriteError(Exception):
 def write_core(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limits) -> Path:
     """Write `snapshot` atomically to a new `<prefix>-<UTC time>-<pid>-<n>.core` in `crash_dir`; return its path.
 
+    Every file operation is relative to a descriptor of `crash_dir`: the one hold_crash_dir() keeps
+    (the only way into the filesystem the sandbox leaves open), else one opened for this call.
     `limits` are passed to layout.plan: max_segments, max_spaces, walk_max_entries, walk_max_tables.
     """
     crash_dir = Path(crash_dir)
+    if str(crash_dir) in _unusable:  # found unusable while the process could still look (hold_crash_dir)
+        raise CoreWriteError(_unusable[str(crash_dir)])
+    dfd = _held.get(str(crash_dir))
+    own = dfd is None
+    if own:
+        dfd = _open_dir(crash_dir)
+    try:
+        layout = plan(snapshot, **limits)
+        runs = [list(nonzero_runs(r)) for r in snapshot.memory.regions]
+        written = sum(n for rr in runs for _, n in rr)
+        head, data_start = _headers(snapshot, layout, written)
+
+        fd, tmp = _create_temp(dfd, crash_dir, prefix)
+        try:
+            try:
+                os.ftruncate(fd, data_start + layout.data_size)
+                _pwrite_all(fd, memoryview(head), 0)
+                for region, relo, rr in zip(snapshot.memory.regions, layout.region_offsets, runs):
+                    for off, n in rr:
+                        _pwrite_all(fd, region.view[off:off + n], data_start + relo + off)
+                os.fsync(fd)
+                return _publish(fd, tmp, dfd, crash_dir, prefix)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _unlink_quietly(tmp, dfd)
+            raise CoreWriteError(_explain(e, f"cannot write core file in {crash_dir}")) from e
+        except BaseException:
+            _unlink_quietly(tmp, dfd)
+            raise
+    finally:
+        if own:
+            os.close(dfd)
+
+
+def hold_crash_dir(crash_dir) -> int:
+    """Create `crash_dir`, open it and keep its descriptor for every later write_core there; returns it.
+
+    Checks that cores can be written without a path lookup (an unnamed O_TMPFILE file, named
+    through /proc/self/fd), which is what the seccomp sandbox allows; CoreWriteError otherwise,
+    and every later write_core there fails with the same message without touching the filesystem.
+    """
+    crash_dir = Path(crash_dir)
+    if str(crash_dir) in _held:
+        return _held[str(crash_dir)]
+    try:
+        dfd = _hold(crash_dir)
+    except CoreWriteError as e:
+        _unusable[str(crash_dir)] = str(e)
+        raise
+    _held[str(crash_dir)] = dfd
+    return dfd
+
+
+def _hold(crash_dir: Path) -> int:
+    dfd = _open_dir(crash_dir)
+    try:
+        if not _proc_fd_links():
+            raise CoreWriteError(f"cannot write cores in {crash_dir} without path lookups: /proc is not mounted")
+        try:
+            os.close(os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+        except OSError as e:
+            raise CoreWriteError(_explain(e, f"cannot create an unnamed (O_TMPFILE) core file in {crash_dir}")) from e
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd
+
+
+def _open_dir(crash_dir: Path) -> int:
     try:
         crash_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(crash_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir}")) from e
-
-    layout = plan(snapshot, **limits)
-    runs = [list(nonzero_runs(r)) for r in snapshot.memory.regions]
-    written = sum(n for rr in runs for _, n in rr)
-    head, data_start = _headers(snapshot, layout, written)
-
-    tmp, fd = _create_temp(crash_dir, prefix)
-    try:
-        try:
-            os.ftruncate(fd, data_start + layout.data_size)
-            _pwrite_all(fd, memoryview(head), 0)
-            for region, relo, rr in zip(snapshot.memory.regions, layout.region_offsets, runs):
-                for off, n in rr:
-                    _pwrite_all(fd, region.view[off:off + n], data_start + relo + off)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        final = _publish(tmp, crash_dir, prefix)
-    except OSError as e:
-        _unlink_quietly(tmp)
-        raise CoreWriteError(_explain(e, f"cannot write core file in {crash_dir}")) from e
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return final
 
 
 # -- headers and notes -------------------------------------------------------
@@ -223,13 +274,29 @@ def _stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _create_temp(crash_dir: Path, prefix: str) -> tuple[Path, int]:
-    """A new, exclusively created temporary file in crash_dir (same filesystem, so publishing is a link)."""
+def _proc_fd_links() -> bool:
+    """Whether an O_TMPFILE file can be given a name through /proc/self/fd (checked once, before any sandbox)."""
+    global _proc_ok
+    if _proc_ok is None:
+        _proc_ok = os.path.isdir("/proc/self/fd")
+    return _proc_ok
+
+
+def _create_temp(dfd: int, crash_dir: Path, prefix: str) -> tuple[int, str | None]:
+    """A new file in the directory `dfd`: unnamed (O_TMPFILE: (fd, None)) where the filesystem
+    allows, else exclusively created under a temporary name ((fd, name)); same filesystem, so
+    publishing is a link. Created 0600: guest memory may be sensitive."""
+    if _proc_fd_links():
+        try:
+            return os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd), None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise CoreWriteError(_explain(e, f"cannot create a core file in {crash_dir}")) from e
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     for _ in range(1000):
-        tmp = crash_dir / f".{prefix}-{os.getpid()}-{os.urandom(8).hex()}.core.tmp"
+        tmp = f".{prefix}-{os.getpid()}-{os.urandom(8).hex()}.core.tmp"
         try:
-            return tmp, os.open(tmp, flags, 0o600)  # guest memory may be sensitive
+            return os.open(tmp, flags, 0o600, dir_fd=dfd), tmp
         except FileExistsError:
             continue
         except OSError as e:
@@ -237,37 +304,43 @@ def _create_temp(crash_dir: Path, prefix: str) -> tuple[Path, int]:
     raise CoreWriteError(f"cannot find a free temporary name in {crash_dir}")
 
 
-def _publish(tmp: Path, crash_dir: Path, prefix: str) -> Path:
-    """Give the finished temp file a unique final name without ever replacing an existing file."""
+def _publish(fd: int, tmp: str | None, dfd: int, crash_dir: Path, prefix: str) -> Path:
+    """Give the finished file a unique final name without ever replacing an existing file."""
     stamp = _stamp()
     for _ in range(1000):
-        final = crash_dir / f"{prefix}-{stamp}-{os.getpid()}-{_next_n()}.core"
+        name = f"{prefix}-{stamp}-{os.getpid()}-{_next_n()}.core"
         try:
-            os.link(tmp, final)  # fails with EEXIST instead of overwriting
+            if tmp is None:  # linkat(AT_FDCWD, "/proc/self/fd/N", dfd, name, AT_SYMLINK_FOLLOW)
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
+            else:
+                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # fails with EEXIST instead of overwriting
         except FileExistsError:
             continue
         except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or final.exists():
+            if tmp is None or e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP) or _exists(name, dfd):
                 raise
-            os.rename(tmp, final)  # filesystem without hard links: checked, then renamed
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # filesystem without hard links: checked, then renamed
         else:
-            os.unlink(tmp)
-        _fsync_dir(crash_dir)
-        return final
+            if tmp is not None:
+                os.unlink(tmp, dir_fd=dfd)
+        os.fsync(dfd)
+        return crash_dir / name
     raise CoreWriteError(f"cannot find a free core file name in {crash_dir}")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _exists(name: str, dfd: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(name: str | None, dfd: int) -> None:
+    if name is None:
+        return  # an unnamed file disappears with its last descriptor
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dfd)
     except OSError:
         pass
 

@@ -38,6 +38,7 @@ class MachineConfig:
     devices: list = field(default_factory=list)   # extra devices: [(registry name, {option: raw value})]
     bus: bool = False                # give the guest a partition bus (implied by disks or --device bus)
     disks: list = field(default_factory=list)     # block devices on the bus: [(path, read_only)]
+    sandbox: bool = False            # seccomp-confine this process once set up (the CLI turns it on)
 
 
 @dataclass

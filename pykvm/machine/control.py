@@ -11,8 +11,10 @@ import json
 import os
 import socket
 import threading
+from pathlib import Path
 
 MAX_REQUEST = 64 * 1024
+MAX_FDS = 4                    # descriptors one request may carry (save passes one)
 COMMANDS: dict = {}
 
 
@@ -54,31 +56,56 @@ class ControlServer:
 
     def _handle(self, conn) -> None:
         buf = b""
-        while True:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            buf += chunk
-            if len(buf) > MAX_REQUEST:
-                conn.sendall(b'{"ok": false, "error": "request too large"}\n')
-                return
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                conn.sendall(json.dumps(self.dispatch(line)).encode() + b"\n")
+        fds: list[int] = []     # descriptors sent with the request being read (SCM_RIGHTS)
+        try:
+            while True:
+                chunk, got, _flags, _addr = socket.recv_fds(conn, 4096, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+                fds += got
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > MAX_REQUEST or len(fds) > MAX_FDS:
+                    conn.sendall(b'{"ok": false, "error": "request too large"}\n')
+                    return
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    taken, fds = fds, []
+                    reply = self.dispatch(line, taken)   # owns `taken` from here
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+        finally:
+            _close_all(fds)
 
-    def dispatch(self, line: bytes) -> dict:
-        """Run one request line and build the reply."""
+    def dispatch(self, line: bytes, fds: list[int] = ()) -> dict:
+        """Run one request line and build the reply; closes the descriptors that came with it once used.
+
+        They are closed by the call itself on the machine's thread, never earlier: a call that is
+        still queued when its caller gives up must not find the numbers reused by something else.
+        """
+        fds = list(fds)
+
+        def run_closing(fn, req):
+            try:
+                return fn(self.machine, req)
+            finally:
+                _close_all(fds)
+
         try:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise ValueError("expected a JSON object with a string 'cmd'")
+            if "_fds" in req:
+                raise ValueError("'_fds' is reserved for descriptors passed with the request")
         except ValueError as e:
+            _close_all(fds)
             return {"ok": False, "error": f"bad request: {e}"}
+        if fds:
+            req["_fds"] = fds
         fn = COMMANDS.get(req["cmd"])
         if fn is None:
+            _close_all(fds)
             return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}"}
         try:
-            result = self.machine.call(lambda: fn(self.machine, req))
+            result = self.machine.call(lambda: run_closing(fn, req))
         except Exception as e:
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
         return {"ok": True, **(result or {})}
@@ -94,18 +121,33 @@ class ControlServer:
             if self.thread is not threading.current_thread():
                 self.thread.join(2)
         finally:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            from .. import sandbox
+
+            if not sandbox.active():  # a sandboxed VMM cannot remove paths: the next run replaces the stale socket
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
 
 
 def request(path: str, req: dict, timeout: float = 60) -> dict:
-    """Client side: send one request to a running pykvm and return its reply."""
+    """Client side: send one request to a running pykvm and return its reply.
+
+    `save` with a path: this client creates the file and passes its descriptor (SCM_RIGHTS), so
+    the VMM, sandboxed or not, opens no path; the file gets its final name once the VMM wrote it.
+    """
+    if req.get("cmd") == "save" and isinstance(req.get("path"), str) and req["path"]:
+        return _save_through_descriptor(path, req, timeout)
+    return _exchange(path, req, timeout)
+
+
+def _exchange(path: str, req: dict, timeout: float, fds: list[int] = ()) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(json.dumps(req).encode() + b"\n")
+        data = json.dumps(req).encode() + b"\n"
+        sent = socket.send_fds(s, [data], list(fds)) if fds else 0
+        s.sendall(data[sent:])
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)
@@ -113,6 +155,37 @@ def request(path: str, req: dict, timeout: float = 60) -> dict:
                 break
             buf += chunk
     return json.loads(buf)
+
+
+def _save_through_descriptor(path: str, req: dict, timeout: float) -> dict:
+    """Create a temporary file beside the target, let the VMM write the state into it, then rename it."""
+    target = Path(req["path"]).absolute()
+    if not target.parent.is_dir():
+        return {"ok": False, "error": f"cannot save to {target}: directory {target.parent} does not exist"}
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # guest RAM inside
+    except OSError as e:
+        return {"ok": False, "error": f"cannot save to {target}: {e.strerror}"}
+    try:
+        reply = _exchange(path, {**req, "path": str(target)}, timeout, [fd])
+        if reply.get("ok") and reply.get("fd"):  # written through the descriptor (else: by path, or not at all)
+            os.replace(tmp, target)
+        return reply
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 @command("dump")
@@ -175,7 +248,9 @@ def _inject(machine, req) -> dict:
 
 @command("save")
 def _save(machine, req) -> dict:
-    """Save the VM to path=FILE (pykvm restore FILE continues it); stop=true ends this VM afterwards (a move)."""
+    """Save the VM (pykvm restore FILE continues it) into the file whose descriptor came with the
+    request (what `request` sends), or, unsandboxed, to path=FILE; stop=true ends this VM afterwards (a move)."""
+    from .. import sandbox
     from .state import save_vm
 
     stop = req.get("stop", False)
@@ -183,7 +258,13 @@ def _save(machine, req) -> dict:
         stop = stop == "true"
     if not isinstance(stop, bool):
         raise ValueError("stop must be true or false")
-    return save_vm(machine, str(req.get("path", "")), stop=stop)
+    fds = req.get("_fds") or []
+    if len(fds) > 1:
+        raise ValueError("save takes at most one file descriptor")
+    if not fds and sandbox.active():
+        raise ValueError("this VMM is sandboxed and opens no paths: send the file's descriptor with the "
+                         "request (pykvm ctl and control.request do)")
+    return save_vm(machine, str(req.get("path", "")), stop=stop, fd=fds[0] if fds else None)
 
 
 @command("shutdown")

@@ -147,6 +147,10 @@ class Machine:
         self.devices.start_all()
         self.supervisor.start()
         try:
+            if self.config.sandbox:       # after set-up, before any guest code runs
+                from .. import sandbox
+
+                sandbox.install(self.config.crash_dir)
             for vcpu in self.vcpus:
                 t = threading.Thread(target=self.loop.thread, args=(vcpu,), name=f"vcpu{vcpu.index}", daemon=True)
                 self.threads.append(t)

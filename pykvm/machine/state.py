@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -61,7 +63,7 @@ DIGEST = 32
 MAX_HEADER = 64 << 20
 MSR_TSC_DEADLINE = 0x6E0
 # MachineConfig fields that belong to one run, not to the VM: never saved, given anew at restore
-RUN_ONLY = ("serial_out", "serial_in", "timeout", "crash_dir")
+RUN_ONLY = ("serial_out", "serial_in", "timeout", "crash_dir", "sandbox")
 PATH_FIELDS = ("kernel", "initrd")
 
 
@@ -253,23 +255,10 @@ def write_file(path, header: dict, pieces) -> int:
     reference (a traceback, a sampled frame) can keep guest memory exported afterwards.
     """
     path = Path(path)
-    hdr = json.dumps(header, separators=(",", ":")).encode()
-    payload_len = sum(len(p) for p in pieces)
-    digest = hashlib.sha256()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            for chunk in (FIXED.pack(MAGIC, FORMAT_VERSION, len(hdr), payload_len), hdr):
-                digest.update(chunk)
-                f.write(chunk)
-            for piece in pieces:
-                digest.update(piece)
-                f.write(piece)
-                if isinstance(piece, memoryview):
-                    piece.release()
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
+            size = _write_to(f, header, pieces)
         os.replace(tmp, path)
     except BaseException:
         _release(pieces)
@@ -278,6 +267,39 @@ def write_file(path, header: dict, pieces) -> int:
         except FileNotFoundError:
             pass
         raise
+    return size
+
+
+def write_fd(fd: int, header: dict, pieces) -> int:
+    """Write a state file into `fd` (a writable regular file someone else named, e.g. the ctl client); its size."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise SaveRefused("the descriptor passed with save is not a writable regular file")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        with open(fd, "wb", closefd=False) as f:
+            return _write_to(f, header, pieces)
+    except BaseException:
+        _release(pieces)
+        raise
+
+
+def _write_to(f, header: dict, pieces) -> int:
+    hdr = json.dumps(header, separators=(",", ":")).encode()
+    payload_len = sum(len(p) for p in pieces)
+    digest = hashlib.sha256()
+    for chunk in (FIXED.pack(MAGIC, FORMAT_VERSION, len(hdr), payload_len), hdr):
+        digest.update(chunk)
+        f.write(chunk)
+    for piece in pieces:
+        digest.update(piece)
+        f.write(piece)
+        if isinstance(piece, memoryview):
+            piece.release()
+    f.write(digest.digest())
+    f.flush()
+    os.fsync(f.fileno())
     return FIXED.size + len(hdr) + payload_len + DIGEST
 
 
@@ -287,15 +309,16 @@ def _release(pieces) -> None:
             piece.release()
 
 
-def save_vm(machine, path: str, stop: bool = False) -> dict:
-    """Pause every vCPU, write the VM's state to `path`; then resume, or end the VM when `stop` (a move).
+def save_vm(machine, path: str, stop: bool = False, fd: int | None = None) -> dict:
+    """Pause every vCPU, write the VM's state to `path` (or into `fd`, which the caller named `path`);
+    then resume, or end the VM when `stop` (a move).
 
     Runs on the machine's main thread (the `save` control command goes through Machine.call).
     """
-    if not path:
+    if not path and fd is None:
         raise SaveRefused("save needs path=FILE")
     target = Path(path)
-    if not target.parent.is_dir():
+    if fd is None and not target.parent.is_dir():
         raise SaveRefused(f"cannot save to {path}: directory {target.parent} does not exist")
     _check_saveable(machine)
     if not machine.pause():
@@ -308,7 +331,7 @@ def save_vm(machine, path: str, stop: bool = False) -> dict:
             machine.serial.flush()
             header, pieces = capture(machine)
             try:
-                size = write_file(target, header, pieces)
+                size = write_file(target, header, pieces) if fd is None else write_fd(fd, header, pieces)
             finally:
                 _release(pieces)
                 del pieces
@@ -320,7 +343,7 @@ def save_vm(machine, path: str, stop: bool = False) -> dict:
     finally:
         if not stopped:
             machine.resume()
-    return {"path": str(target), "bytes": size, "vcpus": len(header["vcpus"]),
+    return {"path": str(target), "fd": fd is not None, "bytes": size, "vcpus": len(header["vcpus"]),
             "ram_bytes": sum(r[1] for reg in header["memory"]["regions"] for r in reg["runs"]),
             "stopped": stopped}
 
