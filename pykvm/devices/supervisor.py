@@ -53,15 +53,27 @@ class Supervisor:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._started = False
         self._seen: dict[int, tuple] = {}        # thread ident -> (frame id, first seen)
         self._monitor = threading.Thread(target=self._watch, name="supervisor", daemon=True)
         self._worker = threading.Thread(target=self._work, name="device-restart", daemon=True)
 
     def start(self) -> None:
-        """Start the monitor and restart threads."""
-        self._snapshot_all()
-        self._monitor.start()
-        self._worker.start()
+        """Start watching: the monitor and restart threads run only once a supervised device exists."""
+        self._started = True
+        self.ensure_running()
+
+    def ensure_running(self) -> None:
+        """Start the threads if a supervised device is present (a VM without one pays for none)."""
+        with self._start_lock:
+            if not self._started or self._monitor.is_alive() or self._stop.is_set():
+                return
+            if not any(d.supervised for d in self.manager.devices):
+                return
+            self._snapshot_all()
+            self._monitor.start()
+            self._worker.start()
 
     def stop(self) -> None:
         """Stop both threads (pending restarts are dropped)."""

@@ -218,6 +218,7 @@ def _hot_add(machine, req) -> dict:
         raise ValueError(f"device type {kind.name} cannot be hot-added (hot-pluggable: {pluggable})")
     options = {k: v for k, v in req.items() if k not in ("cmd", "type")}
     dev = machine.devices.hot_add(kind.make(machine.device_context, options))
+    machine.supervisor.ensure_running()
     return {"device": dev.describe()}
 
 
