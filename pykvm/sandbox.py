@@ -222,10 +222,9 @@ def _preload() -> None:
 # ---------------------------------------------------------------- reporting a violation
 def _install_sigsys_handler() -> None:
     """A SA_SIGINFO handler for SIGSYS: Python's own handlers do not see which call was trapped."""
-    from cffi import FFI
+    from . import ffigen
 
-    ffi = FFI()
-    ffi.cdef("""
+    ffi = ffigen.load("sigsys", """
         typedef struct { int si_signo; int si_errno; int si_code; int pad;
                          void *call_addr; int syscall; unsigned int arch; } sigsys_info;
         struct sigaction_glibc { void *handler; unsigned long mask[16]; int flags; void *restorer; };

@@ -21,22 +21,24 @@ class Firmware:
 
 def load_firmware(path: Path) -> Firmware:
     """Read the built stubs ELF and check it stays inside its slot in the firmware area."""
-    from elftools.elf.elffile import ELFFile
+    from . import elf
 
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            segs = [LoadSegment(ph["p_paddr"], ph["p_vaddr"], ph.data(), ph["p_memsz"])
-                    for ph in elf.iter_segments() if ph["p_type"] == "PT_LOAD" and ph["p_memsz"]]
-            symtab = elf.get_section_by_name(".symtab")
-            syms = {name: symtab.get_symbol_by_name(name) for name in ("pykvm_stubs64", "pykvm_stubs32")}
+        blob = Path(path).read_bytes()
     except OSError as e:
         raise ToolchainError(f"firmware {path}: {e.strerror}; rebuild with `make -C firmware`") from None
-    missing = [n for n, s in syms.items() if not s]
-    if missing or symtab is None:
+    try:
+        hdr = elf.parse(blob)
+        segs = [LoadSegment(ph.paddr, ph.vaddr, blob[ph.offset:ph.offset + ph.filesz], ph.memsz)
+                for ph in hdr.phdrs if ph.type == elf.PT_LOAD and ph.memsz]
+        syms = elf.symbols(blob, ("pykvm_stubs64", "pykvm_stubs32"))
+    except elf.ElfError as e:
+        raise ToolchainError(f"firmware {path}: {e}; rebuild with `make -C firmware`") from None
+    missing = [n for n in ("pykvm_stubs64", "pykvm_stubs32") if n not in syms]
+    if missing:
         raise ToolchainError(f"firmware {path} lacks symbols {missing}; rebuild with `make -C firmware`")
     lo, hi = abi.PYKVM_STUBS_ADDR, abi.PYKVM_STUBS_ADDR + abi.PYKVM_STUBS_MAX
     for s in segs:
         if not (lo <= s.paddr and s.pend <= hi):
             raise ToolchainError(f"firmware {path}: segment {s.paddr:#x}-{s.pend:#x} is outside its slot {lo:#x}-{hi:#x}")
-    return Firmware(segs, syms["pykvm_stubs64"][0]["st_value"], syms["pykvm_stubs32"][0]["st_value"])
+    return Firmware(segs, syms["pykvm_stubs64"], syms["pykvm_stubs32"])

@@ -158,31 +158,28 @@ def _multiboot_kludge(blob: bytes, name: str, mb: MultibootHeader) -> KernelImag
 
 
 def _elf(blob: bytes, name: str, mb: MultibootHeader | None) -> KernelImage:
-    import io
-
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+    from . import elf
 
     try:
-        elf = ELFFile(io.BytesIO(blob))
-        machine = elf.header["e_machine"]
-        bits = elf.elfclass
-        entry = elf.header["e_entry"]
-        segs = []
-        for ph in elf.iter_segments():
-            if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:
-                continue
-            off, filesz, memsz = ph["p_offset"], ph["p_filesz"], ph["p_memsz"]
-            if filesz > memsz:
-                raise BadImageError(f"{name}: malformed ELF: a PT_LOAD has p_filesz {filesz:#x} > p_memsz {memsz:#x}")
-            if off + filesz > len(blob):
-                raise BadImageError(f"{name}: truncated ELF: a PT_LOAD needs bytes up to offset "
-                                    f"{off + filesz:#x}, the file has {len(blob):#x}")
-            segs.append(LoadSegment(ph["p_paddr"], ph["p_vaddr"], blob[off:off + filesz], memsz))
-    except BadImageError:
-        raise
-    except (ELFError, Exception) as e:  # pyelftools raises assorted errors on malformed input
-        raise BadImageError(f"{name}: malformed or truncated ELF ({type(e).__name__}: {e})") from None
+        hdr = elf.parse(blob)
+    except elf.ElfError as e:
+        raise BadImageError(f"{name}: malformed or truncated ELF ({e})") from None
+    machine, bits, entry = hdr.machine, hdr.bits, hdr.entry
+    if hdr.type == elf.ET_DYN and any(p.type == elf.PT_INTERP for p in hdr.phdrs):
+        raise BadImageError(f"{name}: this is a program (a dynamically linked executable with an interpreter), "
+                            "not a kernel; pykvm boots freestanding kernels")
+    segs = []
+    for ph in hdr.phdrs:
+        if ph.type != elf.PT_LOAD or ph.memsz == 0:
+            continue
+        off, filesz, memsz = ph.offset, ph.filesz, ph.memsz
+        if filesz > memsz:
+            raise BadImageError(f"{name}: malformed ELF: a PT_LOAD has p_filesz {filesz:#x} > p_memsz {memsz:#x}")
+        if off + filesz > len(blob):
+            raise BadImageError(f"{name}: truncated ELF: a PT_LOAD needs bytes up to offset "
+                                f"{off + filesz:#x}, the file has {len(blob):#x}")
+        segs.append(LoadSegment(ph.paddr, ph.vaddr, blob[off:off + filesz], memsz))
+    machine = {elf.EM_X86_64: "EM_X86_64", elf.EM_386: "EM_386"}.get(machine, machine)
     if machine not in ("EM_X86_64", "EM_386"):
         raise BadImageError(f"{name}: not an x86 ELF (machine {machine}); pykvm runs x86-64 guests")
     if not segs:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import cffi
+from .. import ffigen
 
-ffi = cffi.FFI()
-ffi.cdef("""
+ffi = ffigen.load("buslibc", """
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
 int pthread_spin_trylock(int *lock);

@@ -15,7 +15,6 @@ Restarts are bounded (intensity per period); past that the failure escalates.
 from __future__ import annotations
 
 import collections
-import ctypes
 import queue
 import sys
 import threading
@@ -193,6 +192,8 @@ class Supervisor:
             if now - seen[1] > self.deadline and self.report_failure(
                     dev, f"{frame.f_code.co_name} hung for more than {self.deadline:g}s"):
                 self._seen.pop(ident, None)
+                import ctypes   # only when a device has hung
+
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(DeviceHung))
 
 

@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+
+
+class _Result:
+    """One queued call's outcome (concurrent.futures.Future would cost ~10 ms of imports per run)."""
+
+    __slots__ = ("_done", "_value", "_error")
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._value = self._error = None
+
+    def set_result(self, value) -> None:
+        self._value = value
+        self._done.set()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def result(self, timeout: float):
+        if not self._done.wait(timeout):
+            raise TimeoutError("the machine's main thread did not run the request in time")
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class MainThreadQueue:
     """Callables queued by other threads (control socket, signal handlers) for the main thread."""
 
     def __init__(self):
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()   # (fn, Future | None)
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()   # (fn, _Result | None)
         self.wake = threading.Event()
         self.main_ident: int | None = None
         self._closed = False            # after run(): calls execute directly, nothing serves a queue
@@ -25,7 +49,7 @@ class MainThreadQueue:
         with self._lock:
             queued = not self._closed
             if queued:
-                fut: Future = Future()
+                fut = _Result()
                 self._requests.put((fn, fut))
                 self.wake.set()
         return fut.result(timeout) if queued else fn()

@@ -1,0 +1,129 @@
+"""The few ELF fields a loader needs (header, program headers), read with struct.
+
+Booting needs e_ident, e_type, e_machine, e_entry and the program headers, nothing more;
+pyelftools stays for symbols and inspection, off the path of `pykvm run` (importing it
+costs more than the rest of the loader). Every offset and count is checked against the
+file before use: ElfError names what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+ET_EXEC, ET_DYN = 2, 3
+EM_386, EM_X86_64 = 3, 62
+PT_LOAD, PT_INTERP = 1, 3
+MAX_PHDRS = 4096
+
+_IDENT = struct.Struct("<4sBBBBB7x")
+_HDR = {32: struct.Struct("<HHIIIIIHHHHHH"), 64: struct.Struct("<HHIQQQIHHHHHH")}
+_PHDR = {32: struct.Struct("<IIIIIIII"), 64: struct.Struct("<IIQQQQQQ")}
+
+
+class ElfError(ValueError):
+    """A malformed or truncated ELF file."""
+
+
+@dataclass(frozen=True)
+class ProgramHeader:
+    type: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class ElfHeader:
+    bits: int              # 32 or 64
+    type: int              # ET_*
+    machine: int           # EM_*
+    entry: int
+    phdrs: tuple[ProgramHeader, ...]
+
+
+def is_elf(blob: bytes) -> bool:
+    """True when blob starts with the ELF magic."""
+    return blob[:4] == b"\x7fELF"
+
+
+def parse(blob: bytes) -> ElfHeader:
+    """The header and program headers of a little-endian ELF32/ELF64 image."""
+    if len(blob) < _IDENT.size:
+        raise ElfError(f"{len(blob)} bytes is shorter than an ELF identification")
+    magic, cls, data, version, _abi, _abiv = _IDENT.unpack_from(blob)
+    if magic != b"\x7fELF":
+        raise ElfError("no ELF magic")
+    bits = {1: 32, 2: 64}.get(cls)
+    if bits is None:
+        raise ElfError(f"unknown ELF class {cls}")
+    if data != 1:
+        raise ElfError("big-endian ELF (x86 is little-endian)")
+    if version != 1:
+        raise ElfError(f"unknown ELF version {version}")
+    hdr = _HDR[bits]
+    if len(blob) < 16 + hdr.size:
+        raise ElfError("truncated ELF header")
+    (e_type, machine, _ver, entry, phoff, _shoff, _flags, _ehsize, phentsize, phnum,
+     _shentsize, _shnum, _shstrndx) = hdr.unpack_from(blob, 16)
+    ph = _PHDR[bits]
+    phdrs = []
+    if phnum:
+        if phentsize < ph.size:
+            raise ElfError(f"program header entries of {phentsize} bytes (at least {ph.size} needed)")
+        if phnum > MAX_PHDRS:
+            raise ElfError(f"{phnum} program headers (at most {MAX_PHDRS})")
+        if phoff + phnum * phentsize > len(blob):
+            raise ElfError(f"program headers end at {phoff + phnum * phentsize:#x}, past the file's {len(blob):#x} bytes")
+        for i in range(phnum):
+            f = ph.unpack_from(blob, phoff + i * phentsize)
+            if bits == 64:
+                p_type, p_flags, off, vaddr, paddr, filesz, memsz, _align = f
+            else:
+                p_type, off, vaddr, paddr, filesz, memsz, p_flags, _align = f
+            phdrs.append(ProgramHeader(p_type, off, vaddr, paddr, filesz, memsz, p_flags))
+    return ElfHeader(bits, e_type, machine, entry, tuple(phdrs))
+
+
+SHT_SYMTAB = 2
+_SHDR = {32: struct.Struct("<IIIIIIIIII"), 64: struct.Struct("<IIQQQQIIQQ")}
+_SYM = {32: struct.Struct("<IIIBBH"), 64: struct.Struct("<IBBHQQ")}
+
+
+def symbols(blob: bytes, names) -> dict[str, int]:
+    """Values of the named symbols from the file's .symtab (names not found are left out)."""
+    hdr = parse(blob)
+    bits = hdr.bits
+    fields = _HDR[bits].unpack_from(blob, 16)
+    shoff, shentsize, shnum = fields[5], fields[10], fields[11]
+    sh = _SHDR[bits]
+    if not shnum:
+        return {}
+    if shentsize < sh.size or shnum > 65535 or shoff + shnum * shentsize > len(blob):
+        raise ElfError("section headers lie outside the file")
+    sections = [sh.unpack_from(blob, shoff + i * shentsize) for i in range(shnum)]
+    want = set(names)
+    found: dict[str, int] = {}
+    for s in sections:
+        if s[1] != SHT_SYMTAB:
+            continue
+        off, size, link, entsize = s[4], s[5], s[6], s[9]     # same positions in Elf32_Shdr and Elf64_Shdr
+        sym = _SYM[bits]
+        if entsize < sym.size or off + size > len(blob) or link >= len(sections):
+            raise ElfError("symbol table lies outside the file")
+        stroff, strsize = sections[link][4], sections[link][5]
+        if stroff + strsize > len(blob):
+            raise ElfError("string table lies outside the file")
+        for i in range(size // entsize):
+            f = sym.unpack_from(blob, off + i * entsize)
+            name_off, value = (f[0], f[4]) if bits == 64 else (f[0], f[1])
+            if name_off >= strsize:
+                continue
+            end = blob.find(b"\0", stroff + name_off, stroff + strsize)
+            name = blob[stroff + name_off:end if end >= 0 else stroff + strsize].decode("latin-1")
+            if name in want and name not in found:
+                found[name] = value
+    return found
