@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -14,9 +18,10 @@ from pykvm import abi
 from pykvm.bus.ring import COMPLETION, GPA_DIRECT, INBAND, XFER_PAGES, Packet
 from pykvm.bus.services.base import ServiceError
 from pykvm.bus.services.block import BlockSession, Disk
+from pykvm.machine.control import request
 from pykvm.memory import GuestMemoryError
 
-from .helpers import pykvm
+from .helpers import ROOT, pykvm
 
 SECTOR = 512
 PAGE = 4096
@@ -106,6 +111,41 @@ def test_crash_mid_write_never_tears_a_sector(tmp_path):
             assert sector in (old, pattern(9, s)), f"sector {s} is torn"
         else:
             assert sector == old, f"sector {s} outside the writes changed"
+
+
+@pytest.mark.kvm
+def test_stopping_the_vm_while_writes_stream_never_tears_a_sector(tmp_path):
+    img, sock, serial = tmp_path / "disk.img", str(tmp_path / "vm.sock"), tmp_path / "serial.log"
+    before = old_disk(img, 64)
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "bus-block", "--disk", str(img), "--cmdline",
+                             "crash=2 seed=4 wsec=10 wcount=32", "--control", sock, "--serial", str(serial),
+                             "--timeout", "60", "--no-dump"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        writes = 0
+        while writes < 24:          # three rounds over the 8 requests: every sector written at least once
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the guest did not stream writes"
+            if os.path.exists(sock) and serial.exists() and "writing until stopped" in serial.read_text():
+                (blk,) = [c for c in request(sock, {"cmd": "stats"})["bus"]["channels"] if c["service"] == "block"]
+                writes = blk["session"]["write"]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)     # the host stops the VM with requests in the ring
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert serial.read_text() == ("bus: connected, version 1.0, 4 offers\n"
+                                  "block: open, version 1.0\n"
+                                  "block: writing until stopped\n")
+    after = img.read_bytes()
+    assert len(after) == len(before)
+    for s in range(64):
+        sector = after[s * SECTOR:(s + 1) * SECTOR]
+        if 10 <= s < 42:
+            assert sector in (pattern(4, s), pattern(5, s)), f"sector {s} is torn"
+        else:
+            assert sector == before[s * SECTOR:(s + 1) * SECTOR], f"sector {s} outside the writes changed"
 
 
 @pytest.mark.kvm

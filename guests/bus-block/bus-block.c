@@ -8,6 +8,9 @@
  *   seed=N            pattern seed (default 1)
  *   crash=1           instead: write wcount sectors (N <= 128) as wcount/4
  *                     requests all in flight, then dereference NULL
+ *   crash=2           instead: write the wcount sectors over and over, requests
+ *                     alternating between the patterns of seed and seed + 1,
+ *                     until the host stops the VM (run it with --timeout)
  *
  * Pattern: byte i of sector s is (seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff.
  * The checksum is 64-bit FNV-1a over the bytes read.
@@ -32,6 +35,8 @@
  * lines are replaced by "block: write refused: read-only\n" (nothing is
  * written). With crash=1: "block: open, version 1.0\n" then
  * "block: N writes in flight, crashing\n" and a #PF on address 0 (status 16).
+ * With crash=2: "block: open, version 1.0\n", "block: writing until stopped\n"
+ * (then status 18 from --timeout).
  * Failures print "block: ..." and exit with debug-exit codes: 2 connect
  * refused, 3 no block offer, 4 open refused, 5 a request failed or its
  * completion went missing, 6 read-back differs, 7 a refusal did not come
@@ -52,7 +57,7 @@
 static uint8_t wbuf_a[2 * PAGE] __attribute__((aligned(PAGE)));
 static uint8_t wbuf_b[4 * PAGE] __attribute__((aligned(PAGE)));
 static uint8_t rbuf[4 * PAGE] __attribute__((aligned(PAGE)));
-static uint8_t cbuf[MAX_CRASH * SECTOR + PAGE] __attribute__((aligned(PAGE)));
+static uint8_t cbuf[2][MAX_CRASH * SECTOR + PAGE] __attribute__((aligned(PAGE)));
 static uint8_t pkt[256] __attribute__((aligned(8)));
 static struct bus_channel *ch;
 static uint64_t next_id = 1;
@@ -184,7 +189,7 @@ static RT_NORETURN void crash_mid_write(uint32_t seed, uint64_t sector, uint32_t
         printf("block: cannot unmap page 0\n");
         exit_code(8);
     }
-    uint8_t *base = cbuf + 0x100;            /* every request's buffer starts mid-page */
+    uint8_t *base = cbuf[0] + 0x100;         /* every request's buffer starts mid-page */
     fill(base, seed, sector, 0, count * SECTOR);
     uint32_t reqs = (count + CRASH_PER_REQ - 1) / CRASH_PER_REQ;
     printf("block: %u writes in flight, crashing\n", reqs);
@@ -202,13 +207,34 @@ static RT_NORETURN void crash_mid_write(uint32_t seed, uint64_t sector, uint32_t
     exit_code(8);
 }
 
+static RT_NORETURN void write_until_stopped(uint32_t seed, uint64_t sector, uint32_t count)
+{
+    uint8_t *image[2] = { cbuf[0] + 0x100, cbuf[1] + 0x100 };
+    fill(image[0], seed, sector, 0, count * SECTOR);
+    fill(image[1], seed + 1, sector, 0, count * SECTOR);
+    printf("block: writing until stopped\n");
+    for (uint32_t round = 0;; round++) {
+        for (uint32_t done = 0; done < count; done += CRASH_PER_REQ) {
+            uint32_t n = count - done < CRASH_PER_REQ ? count - done : CRASH_PER_REQ;
+            struct rt_gpa_buf b;
+            buf_of(&b, image[(round + done / CRASH_PER_REQ) & 1] + done * SECTOR, n * SECTOR);
+            /* take completions as they come: the host stops reading while its replies have no room */
+            int r;
+            while ((r = bus_recv(ch, pkt, sizeof(pkt))) > 0)
+                ;
+            if (r < 0 || send_req(PYKVM_BLK_OP_WRITE, sector + done, n, &b, 1))
+                fail("write", -1, 5);
+        }
+    }
+}
+
 void kmain(struct pykvm_boot_info *bi)
 {
     const char *cmd = bootinfo_cmdline(bi);
     uint64_t rsec = arg_u64(cmd, "rsec", 0), wsec = arg_u64(cmd, "wsec", 16);
     uint32_t rcount = (uint32_t)arg_u64(cmd, "rcount", 8), wcount = (uint32_t)arg_u64(cmd, "wcount", 24);
     uint32_t seed = (uint32_t)arg_u64(cmd, "seed", 1);
-    int crash = arg_u64(cmd, "crash", 0) != 0;
+    uint32_t crash = (uint32_t)arg_u64(cmd, "crash", 0);
     if (rcount > MAX_RW)
         rcount = MAX_RW;
     if (wcount > (crash ? MAX_CRASH : MAX_RW))
@@ -233,8 +259,10 @@ void kmain(struct pykvm_boot_info *bi)
         exit_code(4);
     }
     printf("block: open, version %s\n", bus_version_text(ch->version, vb));
-    if (crash)
+    if (crash == 1)
         crash_mid_write(seed, wsec, wcount);
+    if (crash == 2)
+        write_until_stopped(seed, wsec, wcount);
 
     int64_t st = request(PYKVM_BLK_OP_INFO, 0, 0, 0, 0);
     if (st != PYKVM_BUS_OK)
