@@ -235,7 +235,7 @@ def buffer_addresses(ranges):
     """The guest-physical address of every byte of a GPA-direct buffer, in order; None when the ranges are bad."""
     out = []
     for size, offset, pfns in ranges:
-        if offset >= PAGE or len(pfns) * PAGE < offset + size:
+        if offset >= PAGE or (size and len(pfns) * PAGE < offset + size):   # an empty range needs no page
             return None
         out.extend(pfns[(offset + j) // PAGE] * PAGE + (offset + j) % PAGE for j in range(size))
     return out
