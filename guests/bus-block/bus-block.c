@@ -1,0 +1,318 @@
+/*
+ * bus-block: drives the host's block storage service over the partition bus
+ * (`pykvm run bus-block --disk FILE[,ro]`).
+ *
+ * Command line (all optional):
+ *   rsec=S rcount=N   sectors to read and checksum first (default 0 and 8; N <= 64)
+ *   wsec=S wcount=N   sectors to write with the seed's pattern (default 16 and 24; N <= 64)
+ *   seed=N            pattern seed (default 1)
+ *   crash=1           instead: write wcount sectors (N <= 128) as wcount/4
+ *                     requests all in flight, then dereference NULL
+ *   crash=2           instead: write the wcount sectors over and over, requests
+ *                     alternating between the patterns of seed and seed + 1,
+ *                     until the host stops the VM (run it with --timeout)
+ *
+ * Pattern: byte i of sector s is (seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff.
+ * The checksum is 64-bit FNV-1a over the bytes read.
+ *
+ * Writes go out in requests of up to 16 sectors, each with two GPA-direct
+ * buffers: the first 1536 bytes (or fewer) from a buffer that starts at 0xe00
+ * in its page and crosses into the next one, the rest from a page-aligned
+ * buffer spanning several pages. Reads land in one buffer that starts at 0x300
+ * in its page (16 sectors span three pages).
+ *
+ * Serial output on a writable disk of C sectors, e.g. with the defaults:
+ *   "bus: connected, version 1.0, 4 offers\n"
+ *   "block: open, version 1.0\n"
+ *   "block: C sectors of 512 bytes, read-only 0\n"
+ *   "block: read 8 sectors at 0: fnv1a 0x<16 hex digits>\n"
+ *   "block: wrote 24 sectors at 16\n"
+ *   "block: flushed\n"
+ *   "block: read back 24 sectors at 16: pattern ok\n"
+ *   "block: read at sector C: invalid request\n"
+ *   "block: done\n"
+ * then power-off (status 0). On a read-only disk the write and read-back
+ * lines are replaced by "block: write refused: read-only\n" (nothing is
+ * written). With crash=1: "block: open, version 1.0\n" then
+ * "block: N writes in flight, crashing\n" and a #PF on address 0 (status 16).
+ * With crash=2: "block: open, version 1.0\n", "block: writing until stopped\n"
+ * (then status 18 from --timeout).
+ * Failures print "block: ..." and exit with debug-exit codes: 2 connect
+ * refused, 3 no block offer, 4 open refused, 5 a request failed or its
+ * completion went missing, 6 read-back differs, 7 a refusal did not come
+ * (read-only write or out-of-range read answered otherwise), 8 page 0 could
+ * not be unmapped.
+ */
+#include "rt.h"
+#include "bus.h"
+
+#define SECTOR PYKVM_BLK_SECTOR
+#define PAGE 4096
+#define CHUNK 16                    /* sectors per request */
+#define FIRST_PART 1536             /* bytes of a write taken from the mid-page buffer */
+#define MAX_RW 64
+#define MAX_CRASH 128
+#define CRASH_PER_REQ 4
+
+static uint8_t wbuf_a[2 * PAGE] __attribute__((aligned(PAGE)));
+static uint8_t wbuf_b[4 * PAGE] __attribute__((aligned(PAGE)));
+static uint8_t rbuf[4 * PAGE] __attribute__((aligned(PAGE)));
+static uint8_t cbuf[2][MAX_CRASH * SECTOR + PAGE] __attribute__((aligned(PAGE)));
+static uint8_t pkt[256] __attribute__((aligned(8)));
+static struct bus_channel *ch;
+static uint64_t next_id = 1;
+static struct pykvm_blk_response last;
+
+static uint8_t pattern(uint32_t seed, uint64_t s, uint32_t i)
+{
+    return (uint8_t)(seed * 73 + s * 151 + i * 7 + (i >> 8));
+}
+
+/* Fill n bytes at dst with the pattern of the disk bytes starting at byte `at` of sector s. */
+static void fill(uint8_t *dst, uint32_t seed, uint64_t s, uint32_t at, uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++, at++) {
+        if (at == SECTOR) {
+            at = 0;
+            s++;
+        }
+        dst[k] = pattern(seed, s, at);
+    }
+}
+
+static void buf_of(struct rt_gpa_buf *b, const void *va, uint32_t len)
+{
+    b->addr = va_to_pa(va);
+    b->len = len;
+}
+
+static int send_req(uint32_t op, uint64_t sector, uint32_t count, const struct rt_gpa_buf *bufs, uint32_t nbufs)
+{
+    struct pykvm_blk_request rq = { .op = op, .sector = sector, .count = count };
+    uint16_t type = nbufs ? PYKVM_VMPKT_DATA_GPA_DIRECT : PYKVM_VMPKT_DATA_INBAND;
+    return bus_send_packet(ch, type, PYKVM_VMPKT_FLAG_COMPLETION_REQ, next_id++, bufs, nbufs, &rq, sizeof(rq));
+}
+
+/* Wait for the completion of request `id`; its status, or -1 when none came. */
+static int64_t complete(uint64_t id)
+{
+    int n = bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull);
+    if (n <= 0)
+        return -1;
+    const struct pykvm_vmpacket *d = (const void *)pkt;
+    uint32_t len;
+    const void *p = bus_payload(pkt, &len);
+    if (d->type != PYKVM_VMPKT_COMP || d->trans_id != id || len < sizeof(last))
+        return -1;
+    memcpy(&last, p, sizeof(last));
+    return last.status;
+}
+
+static int64_t request(uint32_t op, uint64_t sector, uint32_t count, const struct rt_gpa_buf *bufs, uint32_t nbufs)
+{
+    uint64_t id = next_id;
+    if (send_req(op, sector, count, bufs, nbufs))
+        return -1;
+    return complete(id);
+}
+
+static RT_NORETURN void fail(const char *what, int64_t status, uint32_t code)
+{
+    if (status < 0)
+        printf("block: %s: no completion\n", what);
+    else
+        printf("block: %s: %s\n", what, bus_status_text((uint32_t)status));
+    exit_code(code);
+}
+
+/* Read count (<= CHUNK) sectors at sector into rbuf + 0x300: one buffer over three pages. */
+static const uint8_t *read_sectors(uint64_t sector, uint32_t count, const char *what)
+{
+    uint8_t *dst = rbuf + 0x300;
+    struct rt_gpa_buf b;
+    buf_of(&b, dst, count * SECTOR);
+    int64_t st = request(PYKVM_BLK_OP_READ, sector, count, &b, 1);
+    if (st != PYKVM_BUS_OK)
+        fail(what, st, 5);
+    return dst;
+}
+
+static uint64_t fnv1a(uint64_t h, const uint8_t *p, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+/* Write count sectors of the seed's pattern at sector; the status of the first failure, or 0. */
+static int64_t write_pattern(uint32_t seed, uint64_t sector, uint32_t count)
+{
+    for (uint32_t done = 0; done < count; done += CHUNK) {
+        uint32_t n = count - done < CHUNK ? count - done : CHUNK;
+        uint32_t bytes = n * SECTOR, first = bytes < FIRST_PART ? bytes : FIRST_PART;
+        struct rt_gpa_buf b[2];
+        uint8_t *a = wbuf_a + 0xe00;
+        fill(a, seed, sector + done, 0, first);
+        buf_of(&b[0], a, first);
+        uint32_t nb = 1;
+        if (bytes > first) {
+            fill(wbuf_b, seed, sector + done + first / SECTOR, first % SECTOR, bytes - first);
+            buf_of(&b[1], wbuf_b, bytes - first);
+            nb = 2;
+        }
+        int64_t st = request(PYKVM_BLK_OP_WRITE, sector + done, n, b, nb);
+        if (st != PYKVM_BUS_OK)
+            return st;
+    }
+    return 0;
+}
+
+/* Read back count sectors at sector and compare with the pattern; 1 when they match. */
+static int verify(uint32_t seed, uint64_t sector, uint32_t count)
+{
+    for (uint32_t done = 0; done < count; done += CHUNK) {
+        uint32_t n = count - done < CHUNK ? count - done : CHUNK;
+        const uint8_t *p = read_sectors(sector + done, n, "read back");
+        for (uint32_t k = 0; k < n; k++)
+            for (uint32_t i = 0; i < SECTOR; i++)
+                if (p[k * SECTOR + i] != pattern(seed, sector + done + k, i))
+                    return 0;
+    }
+    return 1;
+}
+
+static RT_NORETURN void crash_mid_write(uint32_t seed, uint64_t sector, uint32_t count)
+{
+    if (page_unmap(0)) {
+        printf("block: cannot unmap page 0\n");
+        exit_code(8);
+    }
+    uint8_t *base = cbuf[0] + 0x100;         /* every request's buffer starts mid-page */
+    fill(base, seed, sector, 0, count * SECTOR);
+    uint32_t reqs = (count + CRASH_PER_REQ - 1) / CRASH_PER_REQ;
+    printf("block: %u writes in flight, crashing\n", reqs);
+    for (uint32_t done = 0; done < count; done += CRASH_PER_REQ) {
+        uint32_t n = count - done < CRASH_PER_REQ ? count - done : CRASH_PER_REQ;
+        struct rt_gpa_buf b;
+        buf_of(&b, base + done * SECTOR, n * SECTOR);
+        if (send_req(PYKVM_BLK_OP_WRITE, sector + done, n, &b, 1))
+            fail("crash write", -1, 5);
+    }
+    volatile uint8_t *null = 0;
+    __asm__("" : "+r"(null));
+    (void)*null;
+    printf("block: NULL did not fault\n");
+    exit_code(8);
+}
+
+static RT_NORETURN void write_until_stopped(uint32_t seed, uint64_t sector, uint32_t count)
+{
+    uint8_t *image[2] = { cbuf[0] + 0x100, cbuf[1] + 0x100 };
+    fill(image[0], seed, sector, 0, count * SECTOR);
+    fill(image[1], seed + 1, sector, 0, count * SECTOR);
+    printf("block: writing until stopped\n");
+    for (uint32_t round = 0;; round++) {
+        for (uint32_t done = 0; done < count; done += CRASH_PER_REQ) {
+            uint32_t n = count - done < CRASH_PER_REQ ? count - done : CRASH_PER_REQ;
+            struct rt_gpa_buf b;
+            buf_of(&b, image[(round + done / CRASH_PER_REQ) & 1] + done * SECTOR, n * SECTOR);
+            /* take completions as they come: the host stops reading while its replies have no room */
+            int r;
+            while ((r = bus_recv(ch, pkt, sizeof(pkt))) > 0)
+                ;
+            if (r < 0 || send_req(PYKVM_BLK_OP_WRITE, sector + done, n, &b, 1))
+                fail("write", -1, 5);
+        }
+    }
+}
+
+void kmain(struct pykvm_boot_info *bi)
+{
+    const char *cmd = bootinfo_cmdline(bi);
+    uint64_t rsec = arg_u64(cmd, "rsec", 0), wsec = arg_u64(cmd, "wsec", 16);
+    uint32_t rcount = (uint32_t)arg_u64(cmd, "rcount", 8), wcount = (uint32_t)arg_u64(cmd, "wcount", 24);
+    uint32_t seed = (uint32_t)arg_u64(cmd, "seed", 1);
+    uint32_t crash = (uint32_t)arg_u64(cmd, "crash", 0);
+    if (rcount > MAX_RW)
+        rcount = MAX_RW;
+    if (wcount > (crash ? MAX_CRASH : MAX_RW))
+        wcount = crash ? MAX_CRASH : MAX_RW;
+
+    uint32_t busv[1] = { PYKVM_BUS_VERSION_1_0 };
+    char vb[12];
+    int offers = bus_connect(busv, 1);
+    if (offers < 0) {
+        printf("bus: connect refused (%d)\n", offers);
+        exit_code(2);
+    }
+    printf("bus: connected, version %s, %d offers\n", bus_version_text(bus_version, vb), offers);
+    ch = bus_find(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI);
+    if (!ch) {
+        printf("block: no block offer (run with --disk FILE)\n");
+        exit_code(3);
+    }
+    uint32_t want[1] = { PYKVM_BLOCK_V1_0 };
+    if (bus_open(ch, want, 1)) {
+        printf("block: open refused: %s\n", bus_status_text(bus_last_status));
+        exit_code(4);
+    }
+    printf("block: open, version %s\n", bus_version_text(ch->version, vb));
+    if (crash == 1)
+        crash_mid_write(seed, wsec, wcount);
+    if (crash == 2)
+        write_until_stopped(seed, wsec, wcount);
+
+    int64_t st = request(PYKVM_BLK_OP_INFO, 0, 0, 0, 0);
+    if (st != PYKVM_BUS_OK)
+        fail("info", st, 5);
+    uint64_t capacity = last.capacity;
+    int ro = (last.flags & PYKVM_BLK_FLAG_READ_ONLY) != 0;
+    printf("block: %llu sectors of %u bytes, read-only %d\n", (unsigned long long)capacity, last.sector_size, ro);
+
+    if (rcount) {
+        uint64_t h = 0xcbf29ce484222325ull;
+        for (uint32_t done = 0; done < rcount; done += CHUNK) {
+            uint32_t n = rcount - done < CHUNK ? rcount - done : CHUNK;
+            h = fnv1a(h, read_sectors(rsec + done, n, "read"), n * SECTOR);
+        }
+        printf("block: read %u sectors at %llu: fnv1a 0x%016llx\n", rcount, (unsigned long long)rsec,
+               (unsigned long long)h);
+    }
+
+    if (wcount) {
+        st = write_pattern(seed, wsec, wcount);
+        if (ro) {
+            if (st != PYKVM_BUS_E_READ_ONLY)
+                fail("write to a read-only disk", st, 7);
+            printf("block: write refused: %s\n", bus_status_text((uint32_t)st));
+        } else if (st != PYKVM_BUS_OK) {
+            fail("write", st, 5);
+        } else {
+            printf("block: wrote %u sectors at %llu\n", wcount, (unsigned long long)wsec);
+        }
+    }
+    st = request(PYKVM_BLK_OP_FLUSH, 0, 0, 0, 0);
+    if (st != PYKVM_BUS_OK)
+        fail("flush", st, 5);
+    printf("block: flushed\n");
+    if (wcount && !ro) {
+        if (!verify(seed, wsec, wcount)) {
+            printf("block: read back %u sectors at %llu: differs\n", wcount, (unsigned long long)wsec);
+            exit_code(6);
+        }
+        printf("block: read back %u sectors at %llu: pattern ok\n", wcount, (unsigned long long)wsec);
+    }
+
+    struct rt_gpa_buf b;
+    buf_of(&b, rbuf, SECTOR);
+    st = request(PYKVM_BLK_OP_READ, capacity, 1, &b, 1);
+    if (st != PYKVM_BUS_E_INVALID)
+        fail("read past the end", st, 7);
+    printf("block: read at sector %llu: %s\n", (unsigned long long)capacity, bus_status_text((uint32_t)st));
+    bus_close(ch);
+    bus_unload();
+    printf("block: done\n");
+    poweroff();
+}
