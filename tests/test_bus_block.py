@@ -168,6 +168,7 @@ class FakeChannel:
     def __init__(self):
         self.ram = bytearray(os.urandom(RAM_PAGES * PAGE))
         self.sent = []
+        self.xfer = None        # no transfer pages: in-band reads are refused
 
     def send(self, ptype, payload=b"", trans_id=0, flags=0, header=b""):
         self.sent.append((ptype, bytes(payload), trans_id))

@@ -135,8 +135,6 @@ class BusHost:
                 if ch.is_open:
                     self._unregister(ch)
                 ch.close(reason)
-                if ch.state == "rescinded":
-                    continue
             for gid in list(self.gpadls):
                 self.gpadls.pop(gid).close()
             self._pending.clear()
@@ -434,9 +432,13 @@ class BusHost:
                 "time": time.time(),
             }
 
+    def stop(self) -> None:
+        """Stop the doorbell thread; a request in hand (a block write) completes first. Idempotent."""
+        self.doorbells.close()
+
     def close(self) -> None:
-        """Stop the doorbell thread (finishing the request in hand), unmap everything, close services."""
-        self.doorbells.close()         # joins the thread: a block write in progress completes first
+        """Stop the doorbell thread, unmap everything, close services."""
+        self.stop()
         with self.lock:
             self.disconnect()
             for ch in self.channels.values():

@@ -171,6 +171,7 @@ class Machine:
         bus = self.bus
         if bus is not None:
             self.bus = None
+            bus.stop()                        # the bus thread finishes the requests in hand
             self.bus_final = bus.snapshot()   # what `stats` and tests can still read after the run
             bus.close()
 
