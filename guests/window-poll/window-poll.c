@@ -28,7 +28,7 @@
  *     "log: count=100 hash=0x<h>\n"              (h = LOG hash of log_value(0..99))
  *     "save: configured, waiting\n"
  * with 50 more LOG writes still queued and the status window switched to
- * trapped mode, then wait ~2 s of the
+ * trapped mode, then wait ~4 s of the
  * device's TICK (the host saves and moves the VM meanwhile), checking on every
  * round that the ident page still holds the same 4096 bytes and that TICK never
  * goes backwards; then
@@ -224,7 +224,7 @@ static void save(void)
 
     uint64_t t0 = tick(), last = t0, start = rdtsc();
     uint32_t changed = 0, backwards = 0;
-    while (last - t0 < 2000000) {  /* 2 s of device time, which moves with the VM */
+    while (last - t0 < 4000000) {  /* 4 s of device time, which moves with the VM: room for a slow ctl save */
         for (int i = 0; i < 4096; i += 8) {
             uint64_t want;
             memcpy(&want, &ident_copy[i], 8);

@@ -207,7 +207,7 @@ class Machine:
         return True
 
     # ---------------------------------------------------------------- the public surface other layers use
-    def pause(self, timeout: float = 2.0) -> bool:
+    def pause(self, timeout: float = 10.0) -> bool:
         """Get every running vCPU out of KVM_RUN and parked; True when all parked in time."""
         return self.pauser.pause(timeout)
 

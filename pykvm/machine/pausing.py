@@ -47,7 +47,7 @@ class Pauser:
         if not m.stopping:  # a VM that stops while paused (save with stop) never re-enters the guest
             vcpu.immediate_exit = 0
 
-    def pause(self, timeout: float = 2.0) -> bool:
+    def pause(self, timeout: float = 10.0) -> bool:
         """Get every running vCPU out of KVM_RUN and parked; True when all parked in time."""
         m = self.machine
         self.pausing = True
