@@ -20,6 +20,7 @@ EXIT_VMM_ERROR = 20
 EXIT_BAD_MEMORY_SIZE = 22
 EXIT_BAD_CORE = 24
 EXIT_BAD_STATE = 26
+EXIT_OUTPUT_UNWRITABLE = 28
 
 
 class PykvmError(Exception):
@@ -80,3 +81,9 @@ class BadStateError(PykvmError):
     """A saved-VM file that is corrupt (bad magic, checksum, truncated) or incompatible (format version, devices)."""
 
     exit_status = EXIT_BAD_STATE
+
+
+class OutputPathError(PykvmError):
+    """A place pykvm was told to write (--serial FILE, --crash-dir) that it cannot open or write."""
+
+    exit_status = EXIT_OUTPUT_UNWRITABLE

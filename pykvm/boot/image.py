@@ -169,7 +169,9 @@ def _elf(blob: bytes, name: str, mb: MultibootHeader | None) -> KernelImage:
         bits = elf.elfclass
         entry = elf.header["e_entry"]
         segs = []
+        interp = False
         for ph in elf.iter_segments():
+            interp = interp or ph["p_type"] == "PT_INTERP"
             if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:
                 continue
             off, filesz, memsz = ph["p_offset"], ph["p_filesz"], ph["p_memsz"]
@@ -183,6 +185,10 @@ def _elf(blob: bytes, name: str, mb: MultibootHeader | None) -> KernelImage:
         raise
     except (ELFError, Exception) as e:  # pyelftools raises assorted errors on malformed input
         raise BadImageError(f"{name}: malformed or truncated ELF ({type(e).__name__}: {e})") from None
+    if interp:
+        # A kernel never asks for a dynamic loader; a host executable (PIE or not) does.
+        raise BadImageError(f"{name}: this is a program, not a kernel (it names a dynamic loader, PT_INTERP); "
+                            "give a freestanding kernel ELF")
     if machine not in ("EM_X86_64", "EM_386"):
         raise BadImageError(f"{name}: not an x86 ELF (machine {machine}); pykvm runs x86-64 guests")
     if not segs:
