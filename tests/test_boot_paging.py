@@ -82,3 +82,19 @@ def test_a_256g_guest_boots():
     r = pykvm("run", "hello", "--mem", "256G", "--timeout", "60", timeout=120)
     assert r.returncode == 0, r.stderr.decode()
     assert b"ram=262144M" in r.stdout
+
+
+def test_cpuid_says_whether_1gib_pages_and_how_many_address_bits():
+    from pykvm.boot.cpu import gib_pages_offered, phys_addr_bits
+    from pykvm.kvm.abi import ffi
+
+    def cpuid(*leaves):
+        c = ffi.new("struct kvm_cpuid2 *", {"nent": len(leaves), "entries": len(leaves)})
+        for e, (fn, eax, edx) in zip(c.entries, leaves):
+            e.function, e.eax, e.edx = fn, eax, edx
+        return c
+
+    assert gib_pages_offered(cpuid((0x80000001, 0, 1 << 26)))
+    assert not gib_pages_offered(cpuid((0x80000001, 0, 0x23D3FBFF)))     # this nested host's KVM
+    assert phys_addr_bits(cpuid((0x80000008, 0x3030, 0))) == 48
+    assert phys_addr_bits(cpuid()) == 36
