@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import (EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, MemorySizeError, PykvmError,
-                     UsageError)
+from .errors import (EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, MemorySizeError, OutputPathError,
+                     PykvmError, UsageError)
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -55,7 +55,7 @@ def _guard(fn, debug: bool):
         _fail(e, debug, e.exit_status)
     except _KvmUnavailable() as e:
         _fail(e, debug, EXIT_KVM_UNAVAILABLE)
-    except click.exceptions.Exit:
+    except (click.exceptions.Exit, BrokenPipeError):
         raise
     except KeyboardInterrupt:
         sys.exit(130)
@@ -66,7 +66,63 @@ def _guard(fn, debug: bool):
         _fail(e, debug, EXIT_VMM_ERROR)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _usage_exit(e: click.UsageError) -> None:
+    """Print a click usage error as one line, like every other pykvm error, and exit with EXIT_USAGE."""
+    names, ctx = [], e.ctx
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    where = " ".join(["pykvm", *reversed(names)])
+    click.echo(f"pykvm: error: {e.format_message()} (see `{where} --help`)", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _die_of_sigpipe() -> None:
+    """The reader of our output went away: end as a C tool would, killed by SIGPIPE, without a message."""
+    import signal
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())   # so the interpreter's final flush cannot complain
+    except (OSError, ValueError):
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)   # not reached
+
+
+class _Cli(click.Group):
+    """The command group: one-line usage errors, and a quiet end when stdout's reader goes away."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            _usage_exit(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            _usage_exit(e)
+        except BrokenPipeError:
+            _die_of_sigpipe()
+
+    def main(self, *args, **kwargs):
+        try:
+            try:
+                return super().main(*args, **kwargs)
+            finally:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            _die_of_sigpipe()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pykvm")
 def main():
     """pykvm: run tiny x86-64 guest kernels on /dev/kvm.
@@ -79,7 +135,8 @@ def main():
       8    kernel/initrd doesn't fit in RAM               10 device configuration error
       12   unknown bundled guest                          14 toolchain missing / build failed
       16   guest crashed        18 timeout                20 pykvm internal error
-      22   bad memory size      26 bad/incompatible state file (restore)
+      22   bad memory size      24 not a readable core (inspect)
+      26   bad/incompatible state file (restore)          28 --serial/--crash-dir not writable
       30   sandbox: a blocked system call stopped the VMM, or it could not be set up
       130  interrupted
     """
@@ -137,6 +194,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
         from .machine import Machine, MachineConfig
 
         size = parse_size(mem)
+        if not no_dump:
+            _check_crash_dir(crash_dir)
         serial_out, close_fd = _serial_sink(serial)
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
         cfg = MachineConfig(kernel=resolve_kernel(kernel), kernel_name=kernel, mem=size, cpus=cpus,
@@ -182,6 +241,9 @@ def _run_machine(m, control_path: str | None, trace_io: bool, debug: bool) -> in
     if trace_io and m.devices.unclaimed:
         for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
             click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
+        if m.devices.unclaimed.other:
+            click.echo(f"pykvm: unclaimed elsewhere: {m.devices.unclaimed.other}x "
+                       f"({m.devices.unclaimed.evicted} addresses not listed)", err=True)
     if outcome.kind not in ("exit", "poweroff"):
         click.echo(f"pykvm: {outcome.message}", err=True)
         if debug and "traceback" in outcome.details:
@@ -220,6 +282,16 @@ def _leave(status: int) -> None:
     os._exit(status)
 
 
+def _check_crash_dir(crash_dir: str) -> None:
+    """Refuse at start a --crash-dir a core could not be written to (not only when the guest crashes)."""
+    from .crash.core import CoreWriteError, check_crash_dir
+
+    try:
+        check_crash_dir(crash_dir)
+    except CoreWriteError as e:
+        raise OutputPathError(f"--crash-dir: {e} (or --no-dump)") from None
+
+
 def _serial_sink(spec: str):
     """(fd for guest serial output or None, fd to close afterwards or None)."""
     if spec == "stdio":
@@ -229,7 +301,7 @@ def _serial_sink(spec: str):
     try:
         fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise click.BadParameter(f"cannot open {spec}: {e.strerror}", param_hint="--serial") from None
+        raise OutputPathError(f"--serial {spec}: cannot open for writing: {e.strerror}") from None
     return fd, fd
 
 
@@ -254,6 +326,8 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandb
         from .machine.state import load_state
 
         saved = load_state(state_file)
+        if not no_dump:
+            _check_crash_dir(crash_dir)
         serial_out, close_fd = _serial_sink(serial)
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
         try:
@@ -363,13 +437,12 @@ def dump(pid):
     """Ask the running `pykvm run` with this PID to write a core without stopping its guest."""
     import signal
 
+    from .vmproc import NotAVmError, signal_vm
+
     try:
-        os.kill(pid, signal.SIGUSR1)
-    except ProcessLookupError:
-        click.echo(f"pykvm: error: no process {pid}", err=True)
-        sys.exit(EXIT_USAGE)
-    except PermissionError:
-        click.echo(f"pykvm: error: not allowed to signal process {pid}", err=True)
+        signal_vm(pid, signal.SIGUSR1)
+    except NotAVmError as e:
+        click.echo(f"pykvm: error: {e}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(f"pykvm: asked process {pid} for a core; it prints the path on its stderr")
 

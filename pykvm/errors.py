@@ -20,6 +20,7 @@ EXIT_VMM_ERROR = 20
 EXIT_BAD_MEMORY_SIZE = 22
 EXIT_BAD_CORE = 24
 EXIT_BAD_STATE = 26
+EXIT_OUTPUT_UNWRITABLE = 28
 EXIT_SANDBOX = 30               # a blocked system call stopped the VMM, or the sandbox could not be set up
 
 
@@ -81,6 +82,12 @@ class BadStateError(PykvmError):
     """A saved-VM file that is corrupt (bad magic, checksum, truncated) or incompatible (format version, devices)."""
 
     exit_status = EXIT_BAD_STATE
+
+
+class OutputPathError(PykvmError):
+    """A place pykvm was told to write (--serial FILE, --crash-dir) that it cannot open or write."""
+
+    exit_status = EXIT_OUTPUT_UNWRITABLE
 
 
 class SandboxError(PykvmError):

@@ -106,3 +106,115 @@ def test_statuses_are_distinct():
     values = [getattr(errors, n) for n in names]
     assert len(set(values)) == len(values)
     assert all(v % 2 == 0 for v in values), "odd statuses belong to the guest's debug-exit codes"
+
+
+# -- found trying pykvm as a new user would (issue 9) ---------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["/proc/nope/x", "DIR"])
+def test_unopenable_serial_file(tmp_path, where):
+    path = str(tmp_path) if where == "DIR" else where
+    one_line_error(pykvm("run", "hello", "--serial", path), errors.EXIT_OUTPUT_UNWRITABLE, "--serial", path)
+
+
+@pytest.mark.parametrize("where", ["/proc/nope/cores", "FILE/cores", "/proc"])
+def test_unwritable_crash_dir_is_refused_at_start(tmp_path, where):
+    (tmp_path / "FILE").write_bytes(b"")
+    path = where.replace("FILE", str(tmp_path / "FILE"))
+    one_line_error(pykvm("run", "hello", "--crash-dir", path), errors.EXIT_OUTPUT_UNWRITABLE, "--crash-dir", path)
+    assert not list(tmp_path.glob("**/.pykvm-probe*")) and not list(tmp_path.glob("**/.probe-*"))
+
+
+def test_crash_dir_check_creates_nothing(tmp_path):
+    from pykvm.crash.core import check_crash_dir
+
+    check_crash_dir(tmp_path / "a" / "b")
+    check_crash_dir(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("run", "hello", "--bogus"), "--bogus"),
+    (("run", "hello", "--exit-port", "0x10000"), "--exit-port"),
+    (("run",), "KERNEL"),
+    (("no-such-command",), "no-such-command"),
+    (("run", "hello", "--cpus", "0"), "--cpus"),
+])
+def test_bad_options_are_one_line(args, needle):
+    one_line_error(pykvm(*args), errors.EXIT_USAGE, needle, "--help")
+
+
+def test_closed_stdout_ends_quietly_like_other_tools():
+    """`pykvm guests | head -1`: the reader goes away; pykvm dies of SIGPIPE with nothing on stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    r, w = os.pipe()
+    os.close(r)   # the reader is gone before pykvm writes a byte
+    try:
+        p = subprocess.run([sys.executable, "-m", "pykvm", "guests"], cwd=ROOT, stdout=w, stderr=subprocess.PIPE,
+                           timeout=60)
+    finally:
+        os.close(w)
+    assert p.returncode == -signal.SIGPIPE, p.stderr.decode()
+    assert p.stderr == b""
+
+
+def test_dump_refuses_a_process_that_is_not_a_pykvm_vm():
+    import os
+
+    for pid in (1, os.getpid()):
+        one_line_error(pykvm("dump", str(pid)), errors.EXIT_USAGE, str(pid), "not a `pykvm run`")
+    one_line_error(pykvm("dump", "999999999"), errors.EXIT_USAGE, "no process")
+    one_line_error(pykvm("dump", "0"), errors.EXIT_USAGE)
+
+
+def test_dump_check_reads_owner_command_line_and_handler(tmp_path):
+    """check_vm against a fake /proc: other users, other programs, and a VM not yet catching SIGUSR1."""
+    import os
+
+    from pykvm.vmproc import NotAVmError, check_vm
+
+    def fake(pid, argv, uid, sigcgt):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (d / "status").write_text(f"Name:\tpython3\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nSigCgt:\t{sigcgt:016x}\n")
+
+    me, usr1 = os.getuid(), 1 << 9
+    fake(10, ["python3", "-m", "pykvm", "run", "hello"], me, usr1)
+    fake(11, ["/usr/local/bin/pykvm", "restore", "x.state"], me, usr1 | 2)
+    fake(12, ["python3", "-m", "pykvm", "run", "hello"], me + 1, usr1)
+    fake(13, ["sleep", "100"], me, usr1)
+    fake(14, ["python3", "-m", "pykvm", "run", "hello"], me, 0)
+    fake(15, ["python3", "-m", "pykvm", "guests"], me, usr1)
+    check_vm(10, str(tmp_path))
+    check_vm(11, str(tmp_path))
+    for pid, why in ((12, "another user"), (13, "not a `pykvm run`"), (14, "not running a guest yet"),
+                     (15, "not a `pykvm run`"), (16, "no process")):
+        with pytest.raises(NotAVmError, match=why):
+            check_vm(pid, str(tmp_path))
+
+
+def test_program_is_not_a_kernel(tmp_path):
+    """A host PIE (ET_DYN with PT_INTERP), like /bin/ls, is refused before anything boots."""
+    import struct
+
+    from .test_boot_image import elf as make_elf
+
+    blob = bytearray(make_elf(segments=((0, 0, b"/lib64/ld-linux-x86-64.so.2\0", 28),
+                                        (0x100000, 0x100000, b"\x90" * 16, 32))))
+    struct.pack_into("<H", blob, 16, 3)                     # e_type = ET_DYN
+    struct.pack_into("<I", blob, 64, 3)                     # the first phdr becomes PT_INTERP
+    k = tmp_path / "prog"
+    k.write_bytes(bytes(blob))
+    one_line_error(pykvm("run", str(k), "--timeout", "5"), errors.EXIT_BAD_IMAGE, "this is a program, not a kernel")
+    import shutil
+
+    ls = shutil.which("ls")
+    if ls:
+        one_line_error(pykvm("run", ls, "--timeout", "5"), errors.EXIT_BAD_IMAGE, "this is a program, not a kernel")

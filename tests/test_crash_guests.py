@@ -7,8 +7,9 @@ value as the guest left it), and `pykvm inspect --json` / text (trigger, vector,
 instruction, the symbolized backtrace). What each guest does and prints is documented at the
 top of guests/crash-*/crash-*.c.
 
-Two tests guard bugs this file found: test_inspect_backtrace_is_complete (inspect's
-frame-pointer walk used to skip the caller of a frameless leaf function) and
+Three tests guard bugs this file found: test_inspect_backtrace_is_complete (inspect's
+frame-pointer walk used to skip the caller of a frameless leaf function; without --kernel it
+still did: test_inspect_without_kernel_finds_the_same_frames) and
 test_gdb_names_the_signal_of_a_multi_vcpu_core (only the crashing vCPU's NT_PRSTATUS carried
 the signal, and BFD keeps the last note's).
 """
@@ -389,6 +390,16 @@ def test_inspect_backtrace_is_complete(crashed, name):
     want = [f for f in c.case.gdb_frames if f != "halt_forever"]
     assert names == want, names
     assert v["backtrace"]["stop"] == "end of frame-pointer chain"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inspect_without_kernel_finds_the_same_frames(crashed, name):
+    """Without --kernel there are no symbols, but the frames (the frameless leaf's caller too) are the same."""
+    c = crashed(name)
+    r = pykvm("inspect", str(c.core), "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    bare = [f["pc"] for f in crashing(json.loads(r.stdout))["backtrace"]["frames"]]
+    assert bare == [f["pc"] for f in crashing(inspect_json(c))["backtrace"]["frames"]]
 
 
 @pytest.mark.parametrize("name", NAMES)

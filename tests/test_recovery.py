@@ -68,6 +68,16 @@ def test_power_state_requests_through_the_register():
     assert r.returncode == 37
 
 
+@pytest.mark.parametrize("cmdline", [None, "bogus", "workx", "powerless"])
+def test_mailbox_without_a_known_command_line_says_what_it_needs(cmdline):
+    """`pykvm run mailbox` alone used to run "work" forever, silently, waiting for a host stop flag."""
+    args = ("--cmdline", cmdline) if cmdline else ()
+    r = pykvm("run", "mailbox", *args, "--timeout", "20", "--no-dump")
+    got = cmdline or ""
+    assert r.stdout.decode() == f'mailbox: needs --cmdline power, work or "work rounds=N" (got "{got}")\n'
+    assert r.returncode == (0x31 << 1) | 1 == 99, r.stderr
+
+
 def test_a_thousand_faults_while_the_guest_works(tmp_path):
     m, fd = machine(tmp_path, restart_intensity=100_000, device_deadline=0.2)
     samples = {}
@@ -176,7 +186,7 @@ def test_hot_add_through_the_control_channel(tmp_path):
     from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--control", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work", "--control", sock,
                              "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -214,7 +224,8 @@ def test_cli_restart_budget_and_escalation(tmp_path):
     from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--control", sock, "--timeout", "30",
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work", "--control", sock,
+                             "--timeout", "30",
                              "--restart-intensity", "0/60", "--on-device-failure", "crash",
                              "--crash-dir", str(tmp_path / "cores")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

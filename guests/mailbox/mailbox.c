@@ -22,6 +22,11 @@
  * or, when the device was surprise-removed:
  *     "mailbox: device removed\n"                     exit code 0x11 (status 35)
  * A verification failure prints "FAIL ..." and exits with 0x30 (status 97).
+ *
+ * Any other command line (none at all included) would leave "work" waiting for a host
+ * that may never say stop, so the guest says what it needs instead:
+ *     "mailbox: needs --cmdline power, work or \"work rounds=N\" (got \"<cmdline>\")\n"
+ * and exits with 0x31 (status 99).
  */
 #include "rt.h"
 
@@ -197,7 +202,10 @@ void kmain(struct pykvm_boot_info *bi)
     if (err)
         panic("bad boot info: %s", err);
     const char *cmd = bootinfo_cmdline(bi);
-    if (strncmp(cmd, "power", 5) == 0)
+    if (strcmp(cmd, "power") == 0)
         power();
-    work(cmd);
+    if (strcmp(cmd, "work") == 0 || strncmp(cmd, "work ", 5) == 0)
+        work(cmd);
+    printf("mailbox: needs --cmdline power, work or \"work rounds=N\" (got \"%s\")\n", cmd);
+    exit_code(0x31);
 }

@@ -43,6 +43,29 @@ def nx_supported(supported) -> bool:
     return False
 
 
+def _leaf(supported, function: int):
+    for i in range(supported.nent):
+        if supported.entries[i].function == function:
+            return supported.entries[i]
+    return None
+
+
+def gib_pages_offered(supported) -> bool:
+    """True when CPUID 0x80000001 EDX.Page1GB (pdpe1gb) is offered, so boot tables may use 1 GiB pages.
+
+    Guests get KVM's supported CPUID unchanged (cpuid_for_vcpu), so this is also what the guest sees.
+    Nested KVM may leave it out even when the host CPU has it; then the tables use 2 MiB pages.
+    """
+    e = _leaf(supported, 0x80000001)
+    return bool(e is not None and e.edx & (1 << 26))
+
+
+def phys_addr_bits(supported) -> int:
+    """MAXPHYADDR from CPUID 0x80000008 EAX[7:0] (36 when the leaf is missing, as the SDM says)."""
+    e = _leaf(supported, 0x80000008)
+    return (e.eax & 0xFF) if e is not None and e.eax & 0xFF else 36
+
+
 def _seg(s, selector: int, base: int, limit: int, type_: int, *, s_flag=1, db=0, l=0, g=1, present=1):
     s.selector, s.base, s.limit, s.type = selector, base, limit, type_
     s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl = present, 0, db, s_flag, l, g, 0

@@ -165,9 +165,10 @@ def _elf(blob: bytes, name: str, mb: MultibootHeader | None) -> KernelImage:
     except elf.ElfError as e:
         raise BadImageError(f"{name}: malformed or truncated ELF ({e})") from None
     machine, bits, entry = hdr.machine, hdr.bits, hdr.entry
-    if hdr.type == elf.ET_DYN and any(p.type == elf.PT_INTERP for p in hdr.phdrs):
-        raise BadImageError(f"{name}: this is a program (a dynamically linked executable with an interpreter), "
-                            "not a kernel; pykvm boots freestanding kernels")
+    if any(p.type == elf.PT_INTERP for p in hdr.phdrs):
+        # A kernel never asks for a dynamic loader; a host executable (PIE or not) does.
+        raise BadImageError(f"{name}: this is a program, not a kernel (it names a dynamic loader, PT_INTERP); "
+                            "give a freestanding kernel ELF")
     segs = []
     for ph in hdr.phdrs:
         if ph.type != elf.PT_LOAD or ph.memsz == 0:

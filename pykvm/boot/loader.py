@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import abi
-from ..errors import ImageDoesNotFitError, UsageError
+from ..errors import ImageDoesNotFitError, MemorySizeError, UsageError
 from ..memory import PAGE_SIZE, GuestMemory
 from . import acpi, bootinfo, tables
 from .firmware import Firmware
@@ -15,6 +15,9 @@ from .paging import build_boot_page_tables
 
 PAGE = PAGE_SIZE
 MBI_NAMES_OFFSET = 2048
+# Boot tables beyond the firmware area may take this much from the top of RAM: with 2 MiB pages
+# that maps 8 TiB (one 4 KiB directory per GiB); with 1 GiB pages, any RAM the address width allows.
+MAX_TABLE_SPILL = 32 << 20
 
 
 @dataclass
@@ -76,14 +79,38 @@ def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
         mem.view(seg.paddr + len(seg.data), seg.memsz - len(seg.data))[:] = bytes(seg.memsz - len(seg.data))
 
 
+def _check_address_width(mem: GuestMemory, phys_bits: int) -> None:
+    """RAM must lie below 2^MAXPHYADDR: the boot tables could not map it, nor the guest use it."""
+    if phys_bits and mem.top > 1 << phys_bits:
+        raise MemorySizeError(f"guest RAM would end at {mem.top:#x}, beyond the {1 << (phys_bits - 30)} GiB "
+                              f"that this CPU's {phys_bits}-bit physical addresses reach; use a smaller --mem")
+
+
+def _reserve(mmap: list[tuple[int, int, int]], start: int, end: int) -> list[tuple[int, int, int]]:
+    """The memory map with [start, end) carved out of its RAM entry and marked reserved."""
+    out = []
+    for addr, length, kind in mmap:
+        a, b = max(addr, start), min(addr + length, end)
+        if kind != bootinfo.MMAP_RAM or a >= b:
+            out.append((addr, length, kind))
+            continue
+        if addr < a:
+            out.append((addr, a - addr, kind))
+        out.append((a, b - a, bootinfo.MMAP_RESERVED))
+        if b < addr + length:
+            out.append((b, addr + length - b, kind))
+    return out
+
+
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
          argv0: str = "", initrd: Path | None = None, acpi_platform: acpi.Platform | None = None,
-         acpi_topology: acpi.Topology | None = None) -> BootPlan:
+         acpi_topology: acpi.Topology | None = None, *, gib_pages: bool = False, phys_bits: int = 0) -> BootPlan:
     """Write everything the guest needs at boot into `mem` and return the BSP's entry state.
 
     Every guest gets ACPI tables; `acpi_platform` says which interrupt controllers and PM
     ports they advertise (default: LAPICs only), `acpi_topology` the vNUMA layout (default:
-    vCPU i has APIC id i, no nodes).
+    vCPU i has APIC id i, no nodes). gib_pages: the guest's CPUID offers 1 GiB pages
+    (boot.cpu.gib_pages_offered); phys_bits: its MAXPHYADDR (boot.cpu.phys_addr_bits), 0 when unknown.
     """
     acpi_tables = _acpi_tables(mem, nr_cpus, acpi_topology, acpi_platform)
     for i, seg in enumerate(image.segments):
@@ -133,8 +160,19 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
                            gprs={"rax": bootinfo.MB_INFO_MAGIC, "rbx": abi.PYKVM_MBI_ADDR})
     else:
         virt = [(s.vaddr, s.paddr, s.memsz) for s in image.segments]
-        cr3, pt = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt)
-        mem.write(abi.PYKVM_PAGETABLE_ADDR, pt)
+        _check_address_width(mem, phys_bits)
+        # Tables that do not fit the firmware area go to the top of the highest RAM region,
+        # above everything loaded, and are reserved in the memory map the guest gets.
+        top = mem.regions[-1]
+        floor = max(top.gpa, 1 << 20, top.end - MAX_TABLE_SPILL,
+                    *(s.pend for s in image.segments), *(m.addr + m.size for m in modules))
+        pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt,
+                                     gib_pages=gib_pages, spill_top=top.end, spill_floor=floor)
+        for addr, data in pts.chunks():
+            mem.write(addr, data)
+        if pts.spill_range is not None:
+            mmap = _reserve(mmap, *pts.spill_range)
+        cr3 = pts.root
         mem.write(abi.PYKVM_BOOTINFO_ADDR,
                   bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None,
                                            acpi_rsdp=acpi_tables.rsdp_addr))

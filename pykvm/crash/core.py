@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import struct
+import tempfile
 import threading
 from pathlib import Path
 
@@ -140,6 +141,33 @@ def _open_dir(crash_dir: Path) -> int:
         return os.open(crash_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir}")) from e
+
+
+def check_crash_dir(crash_dir) -> None:
+    """Raise CoreWriteError now if a core could not be written to `crash_dir` later; creates nothing.
+
+    An existing directory is probed with a temporary file (the only test that sees ACLs, read-only
+    mounts and quotas alike); a missing one must have a writable nearest existing ancestor.
+    """
+    crash_dir = Path(crash_dir)
+    probe = crash_dir
+    while not probe.exists():
+        if probe.is_symlink():
+            raise CoreWriteError(f"cannot create crash directory {crash_dir}: {probe} is a dangling symlink")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CoreWriteError(f"cannot use crash directory {crash_dir}: {probe} is not a directory")
+    if probe != crash_dir:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".pykvm-probe-", dir=probe))
+        except OSError as e:
+            raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir} in {probe}")) from None
+        return
+    tmp, fd = _create_temp(crash_dir, "probe")
+    os.close(fd)
+    _unlink_quietly(tmp)
 
 
 # -- headers and notes -------------------------------------------------------

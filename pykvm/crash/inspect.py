@@ -16,6 +16,7 @@ INSNS_BEFORE = 6
 INSNS_AFTER = 6
 _BACK_BYTES = 64          # how far before RIP to look for an instruction boundary
 _FUNC_REACH = 4096        # decode from the function start when it is this close to RIP
+_STACK_WORDS = 32         # without symbols: stack words above RSP searched for frame 0's return address
 _CS_MODES = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 
 
@@ -160,7 +161,11 @@ def backtrace(core: CoreFile, v: dict, symbols: SymbolTable | None = None) -> di
     first = 1
     # Frame 0 may not have a frame of its own (a leaf gcc left frameless, RIP in the prologue
     # or at the ret): RBP is then still the caller's, and the rbp walk alone would skip the caller.
-    ret = _unframed_return(core, v, pc, bits, ss_base, symbols)
+    start = symbols.start_of(pc) if symbols is not None else None
+    if start is not None:
+        ret = _unframed_return(core, v, pc, bits, ss_base, start)
+    else:
+        ret = _unframed_return_unsymbolized(core, v, pc, bits, ss_base)
     if ret is not None:
         frames.append(_frame(1, ret, symbols, call_site=True))
         first = 2
@@ -190,17 +195,15 @@ def backtrace(core: CoreFile, v: dict, symbols: SymbolTable | None = None) -> di
     return {"frames": frames, "stop": stop}
 
 
-def _unframed_return(core: CoreFile, v: dict, pc: int, bits: int, ss_base: int, symbols) -> int | None:
+def _unframed_return(core: CoreFile, v: dict, pc: int, bits: int, ss_base: int, start: int) -> int | None:
     """Frame 0's return address when RBP is not (or no longer) its function's own frame pointer.
 
     At a `ret` the return address is at RSP. Otherwise the function is decoded from its symbol
     to RIP: if `mov rbp, rsp` has not run, the return address is at RSP plus what the pushes and
     `sub rsp` so far reserved. Believed only when the bytes before it are a call instruction.
+    `start` is the function's first instruction (from its symbol, or from the call into it).
     """
-    if symbols is None or bits == 16:
-        return None
-    start = symbols.start_of(pc)
-    if start is None or not 0 <= pc - start <= _FUNC_REACH:
+    if bits == 16 or not 0 <= pc - start <= _FUNC_REACH:
         return None
     word = bits // 8
     sp, bp = ("rsp", "rbp") if bits == 64 else ("esp", "ebp")
@@ -238,6 +241,41 @@ def _unframed_return(core: CoreFile, v: dict, pc: int, bits: int, ss_base: int, 
         return None
     ret = int.from_bytes(raw, "little")
     return ret if _follows_call(core, md, v["index"], ret) else None
+
+
+def _called_function(core: CoreFile, md, vcpu: int, ret: int) -> int | None:
+    """The target of the direct `call rel32` that ends just before `ret`, or None."""
+    code = core.read(ret - 5, 5, vcpu)
+    insns = list(md.disasm(code, ret - 5)) if code is not None else []
+    if len(insns) == 1 and insns[0].mnemonic == "call" and insns[0].size == 5:
+        try:
+            return int(insns[0].op_str, 0)
+        except ValueError:
+            return None
+    return None
+
+
+def _unframed_return_unsymbolized(core: CoreFile, v: dict, pc: int, bits: int, ss_base: int) -> int | None:
+    """Frame 0's return address without symbols: the function start comes from the call that entered it.
+
+    A stack word just above RSP that follows a direct call into a function containing RIP
+    names that function's start; from there the same decode as with symbols decides whether
+    RBP is still the caller's and where the return address is. Both must agree.
+    """
+    if bits == 16:
+        return None
+    word = bits // 8
+    md = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODES[bits])
+    rsp = v["regs"]["rsp"] & ((1 << bits) - 1)
+    stack = core.read_some((ss_base + rsp) & ((1 << 64) - 1), _STACK_WORDS * word, v["index"])
+    for k in range(len(stack) // word):
+        cand = int.from_bytes(stack[k * word:(k + 1) * word], "little")
+        start = _called_function(core, md, v["index"], cand)
+        if start is None or not 0 <= pc - start <= _FUNC_REACH:
+            continue
+        ret = _unframed_return(core, v, pc, bits, ss_base, start)
+        return ret if ret == cand else None
+    return None
 
 
 def _insn_end(md, code: bytes, start: int) -> int:
@@ -355,10 +393,7 @@ def _render_vcpu(v: dict, crashing: bool, page_fault: bool) -> list[str]:
         out.append(f"  fault address (cr2): {v['cr2']:#x}")
     out.append("  code:")
     code = v["code"]
-    for i in code["insns"]:
-        sym = f" <{i['symbol']}>" if i.get("symbol") else ""
-        mark = "=>" if i["current"] else "  "
-        out.append(f"  {mark} {i['address']:#x}{sym}: {i['bytes']:<20} {i['mnemonic']} {i['op_str']}".rstrip())
+    out += _code_lines(code["insns"])
     if code.get("error"):
         out.append(f"     ({code['error']})")
     out.append("  backtrace:")
@@ -367,3 +402,15 @@ def _render_vcpu(v: dict, crashing: bool, page_fault: bool) -> list[str]:
         out.append(f"    #{f['depth']:<2} {f['pc']:#018x}{sym}")
     out.append(f"    ({v['backtrace']['stop']})")
     return out
+
+
+def _code_lines(insns: list[dict]) -> list[str]:
+    """The code listing with every column (address, symbol, bytes, mnemonic) aligned across lines."""
+    if not insns:
+        return []
+    heads = [f"{i['address']:#x}" + (f" <{i['symbol']}>" if i.get("symbol") else "") + ":" for i in insns]
+    head_w = max(map(len, heads))
+    bytes_w = max(len(i["bytes"]) for i in insns)
+    mnem_w = max(len(i["mnemonic"]) for i in insns)
+    return [f"  {'=>' if i['current'] else '  '} {h:<{head_w}} {i['bytes']:<{bytes_w}} "
+            f"{i['mnemonic']:<{mnem_w}} {i['op_str']}".rstrip() for h, i in zip(heads, insns)]

@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from . import notes as N
@@ -64,8 +63,9 @@ class CoreFile:
         except CoreFormatError:
             self._f.close()
             raise
-        except (ELFError, ValueError, KeyError, TypeError, IndexError, OSError) as e:
-            # pyelftools raises assorted errors on damaged headers; report them as one kind.
+        except Exception as e:  # noqa: BLE001 - the file is untrusted input
+            # pyelftools (and construct under it) raise assorted errors on damaged headers and
+            # notes; whatever a core file makes them raise, it is a bad core, not a pykvm bug.
             self._f.close()
             raise CoreFormatError(f"{self.path}: damaged core file ({type(e).__name__}: {e})") from e
 
@@ -81,6 +81,7 @@ class CoreFile:
                                   f"machine {elf['e_machine']}, class {elf.elfclass})")
         note_seg = None
         loads = []
+        self._phnum = elf.num_segments()
         for i, seg in enumerate(elf.iter_segments()):
             h = seg.header
             if h["p_offset"] + h["p_filesz"] > size:
@@ -121,7 +122,10 @@ class CoreFile:
                 self.vmcoreinfo = desc
         if not isinstance(info, dict):
             raise CoreFormatError(f"{self.path}: no pykvm note: not a core written by pykvm")
-        self.info = info
+        try:
+            self.info = validate_info(info, self._phnum)
+        except ValueError as e:
+            raise CoreFormatError(f"{self.path}: bad pykvm note: {e}") from None
         self.vcpus = self._merge_vcpus(prstatus, fpregs, qemu)
 
     def _merge_vcpus(self, prstatus, fpregs, qemu) -> list[dict]:
@@ -158,13 +162,13 @@ class CoreFile:
 
     def _index_memory(self) -> None:
         by_index = {s.index: s for s in self.loads}
-        phys_idx = {r["phdr"] for r in self.info.get("memory", {}).get("regions", []) if isinstance(r, dict)}
+        phys_idx = {r["phdr"] for r in self.info["memory"]["regions"]}
         phys = [s for s in self.loads if s.index in phys_idx] or [s for s in self.loads if s.vaddr == s.paddr]
         self._phys = _Index(phys, "paddr")
         self._identity = _Index(phys, "vaddr")
         self._spaces: list[tuple[list[int], _Index]] = []
-        for sp in self.info.get("address_spaces", []):
-            first, count = int(sp.get("phdr_first", 0)), int(sp.get("phdr_count", 0))
+        for sp in self.info["address_spaces"]:
+            first, count = sp.get("phdr_first", 0), sp.get("phdr_count", 0)   # bounded by validate_info
             segs = [by_index[i] for i in range(first, first + count) if i in by_index]
             self._spaces.append((list(sp.get("vcpus", [])), _Index(segs, "vaddr")))
 
@@ -220,6 +224,99 @@ class CoreFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- the pykvm note's schema -------------------------------------------------------
+# Cores come from other machines: every field inspect reads is checked for type and range
+# before anything uses it. None stands for "not recorded" wherever core.py may write it.
+U64 = (1 << 64) - 1
+MAX_VCPUS = 4096
+MAX_LIST = 1 << 16          # any list in the note longer than this is not from pykvm
+_TEXT_MAX = 1 << 20
+
+_SCALARS = {                 # field -> (type, lowest, highest) for ints; (str, 0, max length) for text
+    "format": (int, 0, U64), "vector": (int, 0, 255), "error_code": (int, 0, U64),
+    "crashing_vcpu": (int, 0, MAX_VCPUS - 1), "signal": (int, 0, 255),
+    "dropped_segments": (int, 0, U64),
+    "bytes_written": (int, 0, U64), "crash_info_bytes": (int, 0, U64),
+    "trigger": (str, 0, 256), "reason": (str, 0, _TEXT_MAX), "vector_name": (str, 0, 256),
+    "exit_reason": (str, 0, _TEXT_MAX), "serial_tail": (str, 0, _TEXT_MAX), "pykvm_version": (str, 0, 256),
+    "created": (str, 0, 256),
+}
+_VCPU_SCALARS = {"index": (int, 0, MAX_VCPUS - 1), "efer": (int, 0, U64), "cr8": (int, 0, U64),
+                 "apic_base": (int, 0, U64), "mode": (str, 0, 256)}
+
+
+def _scalar(where: str, value, kind, lo: int, hi: int) -> None:
+    if kind is int:
+        if type(value) is not int or not lo <= value <= hi:
+            raise ValueError(f"{where} must be an integer in [{lo}, {hi:#x}], not {_show(value)}")
+    elif type(value) is not str or len(value) > hi:
+        raise ValueError(f"{where} must be text of at most {hi} characters, not {_show(value)}")
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _list(where: str, value, limit: int = MAX_LIST) -> list:
+    if type(value) is not list or len(value) > limit:
+        raise ValueError(f"{where} must be a list of at most {limit} entries, not {_show(value)}")
+    return value
+
+
+def _dict(where: str, value) -> dict:
+    if type(value) is not dict:
+        raise ValueError(f"{where} must be an object, not {_show(value)}")
+    return value
+
+
+def _fields(where: str, d: dict, schema: dict) -> None:
+    for key, (kind, lo, hi) in schema.items():
+        if d.get(key) is not None:
+            _scalar(f"{where}{key}", d[key], kind, lo, hi)
+
+
+def validate_info(info: dict, phnum: int) -> dict:
+    """The pykvm note checked field by field (types and ranges), with absent containers filled in.
+
+    `phnum` is the core's program header count, which bounds every phdr index the note names.
+    Raises ValueError naming the first bad field.
+    """
+    _fields("", info, _SCALARS)
+    if info.get("config") is not None:
+        _dict("config", info["config"])
+    if info.get("dropped_address_spaces") is not None:
+        _list("dropped_address_spaces", info["dropped_address_spaces"])
+    out = dict(info)
+    out["vcpus"] = _list("vcpus", info.get("vcpus") or [], MAX_VCPUS)
+    for k, v in enumerate(out["vcpus"]):
+        _fields(f"vcpus[{k}].", _dict(f"vcpus[{k}]", v), _VCPU_SCALARS)
+        if "index" not in v:
+            raise ValueError(f"vcpus[{k}] has no index")
+    for key in ("qemu_note_order", "prstatus_order"):
+        if info.get(key) is not None:
+            for k, i in enumerate(_list(key, info[key], MAX_VCPUS)):
+                _scalar(f"{key}[{k}]", i, int, 0, MAX_VCPUS - 1)
+    memory = _dict("memory", info.get("memory") or {"regions": []})
+    regions = _list("memory.regions", memory.get("regions") or [])
+    for k, r in enumerate(regions):
+        _dict(f"memory.regions[{k}]", r)
+        _scalar(f"memory.regions[{k}].phdr", r.get("phdr"), int, 0, max(phnum - 1, 0))
+        _fields(f"memory.regions[{k}].", r, {"gpa": (int, 0, U64), "size": (int, 0, U64), "node": (int, 0, U64),
+                                             "name": (str, 0, 256)})
+    out["memory"] = dict(memory, regions=regions)
+    out["address_spaces"] = _list("address_spaces", info.get("address_spaces") or [])
+    for k, sp in enumerate(out["address_spaces"]):
+        where = f"address_spaces[{k}]"
+        _dict(where, sp)
+        first, count = sp.get("phdr_first", 0), sp.get("phdr_count", 0)
+        _scalar(f"{where}.phdr_first", first, int, 0, phnum)
+        _scalar(f"{where}.phdr_count", count, int, 0, phnum - first)
+        for j, i in enumerate(_list(f"{where}.vcpus", sp.get("vcpus", []), MAX_VCPUS)):
+            _scalar(f"{where}.vcpus[{j}]", i, int, 0, MAX_VCPUS - 1)
+    return out
 
 
 def _need(desc: bytes, size: int, path: Path, name: str) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
@@ -39,8 +38,8 @@ class SymbolTable:
                         if kind in ("STT_FUNC", "STT_NOTYPE") and sym.name and sym["st_value"] \
                                 and sym["st_shndx"] != "SHN_UNDEF":
                             syms.append((sym["st_value"], sym["st_size"], sym.name))
-        except (OSError, ELFError, ValueError) as e:
-            raise SymbolError(f"cannot read symbols from {path}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - pyelftools raises assorted errors on a damaged ELF
+            raise SymbolError(f"cannot read symbols from {path}: {type(e).__name__}: {e}") from e
         return cls(syms)
 
     def lookup(self, addr: int) -> tuple[str, int] | None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import bisect
 import sys
 import threading
-from collections import Counter
 
 from ..errors import DeviceConfigError
 from .device import Device, State
 from .events import StrictIoViolation
 from .lifecycle import CallbackFailed, Lifecycle
+from .tally import BoundedTally
 
 
 def _all_ones(size: int) -> int:
@@ -35,8 +35,9 @@ class DeviceManager:
         self.live_port_writes: dict[int, tuple] = {}
         self._mmio_starts: list[int] = []
         self._mmio: list[list] = []               # [base, length, owner, read_cb | None, write_cb | None]
-        self.unclaimed: Counter = Counter()
-        self.outside_d0: Counter = Counter()
+        # the guest picks these keys: bounded, and readable while vCPU threads count
+        self.unclaimed = BoundedTally()
+        self.outside_d0 = BoundedTally()
         self.trace = trace_io
         self.strict = strict_io
         # access_filter.wrap(dev, kind, base, read_cb, write_cb) -> (read_cb, write_cb): the policy hook
@@ -252,7 +253,7 @@ class DeviceManager:
 
     def unclaimed_access(self, kind: str, addr: int, size: int, is_write: bool, value: int = 0) -> int:
         """Real-hardware behaviour for an address no device decodes: reads all ones, writes dropped."""
-        self.unclaimed[(kind, addr, "w" if is_write else "r")] += 1
+        self.unclaimed.add((kind, addr, "w" if is_write else "r"))
         if self.trace:
             what = f"write {value:#x}" if is_write else "read"
             self.trace(f"{kind} {addr:#x} size {size} {what}: unclaimed")
@@ -262,5 +263,5 @@ class DeviceManager:
 
     def inactive_access(self, dev: Device, size: int, is_write: bool) -> int:
         """A device outside D0 answers like nothing is there; the access is counted."""
-        self.outside_d0[(dev.name, "w" if is_write else "r")] += 1
+        self.outside_d0.add((dev.name, "w" if is_write else "r"))
         return _all_ones(size)

@@ -11,14 +11,22 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 
+# KVM refuses a memory slot of 2^31 pages or more (KVM_MEM_MAX_NR_PAGES): RAM above the hole
+# is split into slots of at most this size, each its own region.
+MAX_REGION_BYTES = 4 << 40
+
+
 def plan_ram(size: int, hole_start: int, hole_end: int = 4 * GIB) -> list[tuple[int, int]]:
-    """Split `size` bytes of RAM around the MMIO hole: [(gpa, length), ...]."""
+    """Split `size` bytes of RAM around the MMIO hole, and into KVM-sized slots: [(gpa, length), ...]."""
     if size <= 0 or size % PAGE_SIZE:
         raise GuestMemoryError(f"memory size {size} is not a positive multiple of the {PAGE_SIZE}-byte page size")
     low = min(size, hole_start)
     spans = [(0, low)]
-    if size > low:
-        spans.append((hole_end, size - low))
+    gpa, rest = hole_end, size - low
+    while rest > 0:
+        n = min(rest, MAX_REGION_BYTES)
+        spans.append((gpa, n))
+        gpa, rest = gpa + n, rest - n
     return spans
 
 
