@@ -165,9 +165,20 @@ def check_crash_dir(crash_dir) -> None:
         except OSError as e:
             raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir} in {probe}")) from None
         return
-    tmp, fd = _create_temp(crash_dir, "probe")
-    os.close(fd)
-    _unlink_quietly(tmp)
+    try:
+        dfd = os.open(crash_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CoreWriteError(_explain(e, f"cannot use crash directory {crash_dir}")) from None
+    try:
+        fd, tmp = _create_temp(dfd, crash_dir, "probe")
+        os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+    finally:
+        os.close(dfd)
 
 
 # -- headers and notes -------------------------------------------------------

@@ -107,14 +107,16 @@ class Machine:
 
         self.bus = build_bus(self)
         self.devices = device_set.build_devices(self)
+        supported = self.kvm.supported_cpuid()
         if not restoring:
             from ..boot.acpi import platform_for_irqchip
 
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
                                        argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
-                                       acpi_platform=platform_for_irqchip(cfg.irqchip))
+                                       acpi_platform=platform_for_irqchip(cfg.irqchip),
+                                       gib_pages=cpu_setup.gib_pages_offered(supported),
+                                       phys_bits=cpu_setup.phys_addr_bits(supported))
 
-        supported = self.kvm.supported_cpuid()
         nx = cpu_setup.nx_supported(supported)
         from ..kvm.abi import ffi as kffi
 
@@ -254,6 +256,7 @@ class Machine:
         return {
             "exits": [{C.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in c.items()} for c in self.exit_counts],
             "unclaimed": {f"{k} {a:#x} {rw}": n for (k, a, rw), n in self.devices.unclaimed.items()},
+            "unclaimed_total": self.devices.unclaimed.summary(),
             "outside_d0": {f"{d} {rw}": n for (d, rw), n in self.devices.outside_d0.items()},
             "device_events": list(self.devices.events),
             "windows": self.windows.info(),
