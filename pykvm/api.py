@@ -25,23 +25,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MemorySizeError, PykvmError, UsageError, EXIT_USAGE
+from .errors import EXIT_USAGE, MemorySizeError, PykvmError, UsageError
+from .units import parse_size
 
 __all__ = ["VM", "Outcome", "ExpectError", "Timeout", "EOF", "VMError", "parse_size"]
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 STOPPED_STATUS = 130            # a run the host cut short (VM.stop/close), as for Ctrl-C
 MAX_TRANSCRIPT = 16 << 20       # serial output kept per VM; older bytes are dropped
 _TAIL = 2000                    # output quoted in expect errors
-
-
-def parse_size(text: str) -> int:
-    """'128M', '1G', '65536K' -> bytes; a bare number means MiB (as QEMU's -m)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise MemorySizeError(f"--mem {text!r}: expected a size like 128M, 1G or 65536K")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def disk_spec(spec) -> tuple[str, bool]:
