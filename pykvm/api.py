@@ -442,6 +442,7 @@ class VM:
         Output up to the match's end is consumed; `before`, `after`, `match` and `match_index` are
         set as in pexpect. Raises Timeout, or EOF once the VM ended without the pattern.
         """
+        __tracebackhide__ = True   # pytest shows the caller's line, not this loop
         patterns = list(pattern) if isinstance(pattern, (list, tuple)) else [pattern]
         if not patterns:
             raise ValueError("expect: no patterns")
@@ -494,6 +495,7 @@ class VM:
         """Block until the VM ends and return its Outcome (Timeout if it is still running after timeout)."""
         if not self._started:
             raise VMError("the VM was not started (start=False: call start() or run())")
+        __tracebackhide__ = True
         if not self._done.wait(timeout):
             raise Timeout(f"wait(): the VM is still running after {timeout:g}s", None, b"", self.transcript)
         if self._error is not None:
