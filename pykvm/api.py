@@ -137,6 +137,59 @@ def _compile(pattern) -> re.Pattern:
     raise TypeError(f"expect: pattern must be bytes, str or re.Pattern, not {type(pattern).__name__}")
 
 
+class SerialLog:
+    """Serial output as it arrives: the transcript (last `limit` bytes) and what no match consumed yet."""
+
+    def __init__(self, limit: int = MAX_TRANSCRIPT):
+        self.cond = threading.Condition()
+        self.limit = max(4096, int(limit))
+        self.pending = bytearray()
+        self.transcript = bytearray()
+        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        """Append output (guest-controlled: both buffers stay within limit)."""
+        with self.cond:
+            for b in (self.pending, self.transcript):
+                b += data
+                if len(b) > self.limit:
+                    del b[:len(b) - self.limit]
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """No more output will come."""
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def find(self, compiled: list, timeout: float | None):
+        """(index, match, searched bytes) for the earliest match, consuming output through it;
+        (None, None, bytes) once closed without one; TimeoutError after timeout seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while True:
+                data = bytes(self.pending)
+                best = None
+                for i, rx in enumerate(compiled):
+                    m = rx.search(data)
+                    if m is not None and (best is None or m.start() < best[1].start()):
+                        best = (i, m)
+                if best is not None:
+                    del self.pending[:best[1].end()]
+                    return best[0], best[1], data
+                if self.eof:
+                    return None, None, data
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(data)
+                self.cond.wait(left)
+
+    def text(self) -> bytes:
+        """The transcript so far."""
+        with self.cond:
+            return bytes(self.transcript)
+
+
 def _writer(console):
     """console (None, an fd, a binary or text stream) as (fd or None, write(bytes) or None)."""
     if console is None:
@@ -237,11 +290,7 @@ class VM:
 
         self._saved = saved
         self._fds: list[int] = []
-        self._cond = threading.Condition()
-        self._buf = bytearray()          # output not consumed by a match yet
-        self._transcript = bytearray()
-        self._max = max(4096, int(max_transcript))
-        self._eof = False
+        self._log = SerialLog(max_transcript)
         self._done = threading.Event()
         self._thread = self._reader = self._control = self._in_w = self._out_w = None
         self._started = self._paused = False
@@ -333,9 +382,7 @@ class VM:
             self._out_w = None
         if self._reader is not None:
             self._reader.join()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
+        self._log.close()
         if self.machine.outcome is not None:
             self._outcome = self._make_outcome()
         self._done.set()
@@ -411,12 +458,7 @@ class VM:
                 self._console_write(data)
             except (OSError, ValueError):
                 self._console_write = None
-        with self._cond:
-            for b in (self._buf, self._transcript):
-                b += data
-                if len(b) > self._max:
-                    del b[:len(b) - self._max]
-            self._cond.notify_all()
+        self._log.feed(data)
 
     def send(self, data) -> int:
         """Write bytes (or str, as UTF-8) to the guest's serial input; returns the count written."""
@@ -442,43 +484,28 @@ class VM:
         Output up to the match's end is consumed; `before`, `after`, `match` and `match_index` are
         set as in pexpect. Raises Timeout, or EOF once the VM ended without the pattern.
         """
-        __tracebackhide__ = True   # pytest shows the caller's line, not this loop
+        __tracebackhide__ = True   # pytest shows the caller's line, not this method
         patterns = list(pattern) if isinstance(pattern, (list, tuple)) else [pattern]
         if not patterns:
             raise ValueError("expect: no patterns")
         compiled = [_compile(p) for p in patterns]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
-                data = bytes(self._buf)
-                best = None
-                for i, rx in enumerate(compiled):
-                    m = rx.search(data)
-                    if m is not None and (best is None or m.start() < best[1].start()):
-                        best = (i, m)
-                if best is not None:
-                    i, m = best
-                    self.before, self.after, self.match, self.match_index = data[:m.start()], m.group(0), m, i
-                    del self._buf[:m.end()]
-                    return m
-                if self._eof:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise Timeout(f"expect({pattern!r}): no match within {timeout:g}s", pattern, data,
-                                  bytes(self._transcript))
-                self._cond.wait(left)
+        try:
+            i, m, data = self._log.find(compiled, timeout)
+        except TimeoutError as e:
+            raise Timeout(f"expect({pattern!r}): no match within {timeout:g}s", pattern, e.args[0],
+                          self._log.text()) from None
+        if m is not None:
+            self.before, self.after, self.match, self.match_index = data[:m.start()], m.group(0), m, i
+            return m
         self._done.wait()
         out = self._outcome
         how = f"{out.kind}: {out.reason}" if out is not None else "the VM stopped"
-        raise EOF(f"expect({pattern!r}): the VM ended ({how}) before a match", pattern, data,
-                  bytes(self._transcript), out)
+        raise EOF(f"expect({pattern!r}): the VM ended ({how}) before a match", pattern, data, self._log.text(), out)
 
     @property
     def transcript(self) -> bytes:
         """All serial output so far (the last max_transcript bytes)."""
-        with self._cond:
-            return bytes(self._transcript)
+        return self._log.text()
 
     # ------------------------------------------------------------------ running state
     @property
@@ -505,7 +532,7 @@ class VM:
     def _make_outcome(self) -> Outcome:
         mo = self.machine.outcome
         return Outcome(status=mo.status, kind=mo.kind, reason=mo.message, core_path=mo.core_path,
-                       core_error=mo.core_error, transcript=bytes(self._transcript), vcpu=mo.vcpu,
+                       core_error=mo.core_error, transcript=self._log.text(), vcpu=mo.vcpu,
                        trigger=mo.trigger, kernel=Path(self.config.kernel) if self.config.kernel else None,
                        details=dict(mo.details))
 

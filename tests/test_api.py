@@ -10,9 +10,11 @@ import sys
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pykvm import errors
-from pykvm.api import EOF, VM, Timeout, VMError, _compile, disk_spec
+from pykvm.api import EOF, VM, SerialLog, Timeout, VMError, _compile, disk_spec
 
 from .conftest import require_tool
 from .helpers import ROOT
@@ -37,6 +39,39 @@ def test_patterns_literal_regex_and_str_regex():
         _compile(42)
     with pytest.raises(ValueError):
         _compile(b"")
+
+
+chunks = st.lists(st.binary(max_size=64), max_size=40)
+
+
+@given(chunks, st.binary(min_size=1, max_size=4))
+def test_serial_log_finds_each_occurrence_across_chunk_boundaries(parts, needle):
+    log = SerialLog()
+    for p in parts:
+        log.feed(p)
+    log.close()
+    whole = b"".join(parts)
+    found, at = 0, 0
+    while True:
+        i, m, data = log.find([_compile(needle)], 0)
+        if m is None:
+            break
+        assert data == whole[at:] and m.start() == data.find(needle)
+        at += m.end()
+        found += 1
+    assert found == len(whole.split(needle)) - 1
+    assert log.text() == whole
+
+
+@given(st.lists(st.binary(max_size=3000), max_size=20))
+def test_serial_log_stays_within_its_limit(parts):
+    log = SerialLog(limit=4096)
+    for p in parts:
+        log.feed(p)
+    whole = b"".join(parts)
+    assert log.text() == whole[-4096:] and len(log.pending) <= 4096
+    with pytest.raises(TimeoutError):
+        log.find([_compile(b"\xff" * 5000)], 0)
 
 
 def test_disk_specs():
