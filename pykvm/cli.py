@@ -5,24 +5,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import (EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, MemorySizeError, OutputPathError,
+from .errors import (EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, OutputPathError,
                      PykvmError, UsageError)
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'128M', '1G', '65536K' -> bytes; a bare number means MiB (as QEMU's -m)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise MemorySizeError(f"--mem {text!r}: expected a size like 128M, 1G or 65536K")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+from .units import parse_size
 
 
 def _int(text: str) -> int:
@@ -190,24 +179,21 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     intensity, period = int(m.group(1)), float(m.group(2))
 
     def go():
-        from .artifacts import resolve_kernel
-        from .machine import Machine, MachineConfig
+        from .api import VM
 
         size = parse_size(mem)
         if not no_dump:
             _check_crash_dir(crash_dir)
         serial_out, close_fd = _serial_sink(serial)
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
-        cfg = MachineConfig(kernel=resolve_kernel(kernel), kernel_name=kernel, mem=size, cpus=cpus,
-                            cmdline=cmdline, initrd=Path(initrd) if initrd else None, serial_out=serial_out,
-                            serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
-                            trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
-                            crash_dir=None if no_dump else Path(crash_dir), trust=trust,
-                            restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure,
-                            bus=bus, disks=[_disk_spec(d) for d in disks], sandbox=sandbox == "on")
         try:
-            with Machine(cfg) as m:
-                status = _run_machine(m, control_path, trace_io, debug)
+            with VM(kernel, mem=size, cpus=cpus, cmdline=cmdline, initrd=initrd, console=serial_out, capture=False,
+                    serial_input=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
+                    trace_io=trace_io, strict_io=strict_io, load_addr=flat_addr, entry_mode=int(entry_mode),
+                    crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
+                    restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
+                    sandbox=sandbox == "on", start=False) as vm:
+                status = _run_vm(vm, control_path, trace_io, debug)
         finally:
             if close_fd is not None:
                 os.close(close_fd)
@@ -216,54 +202,36 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     _guard(go, debug)
 
 
-def _run_machine(m, control_path: str | None, trace_io: bool, debug: bool) -> int:
-    """Run a built Machine with the host hooks (SIGUSR1 dumps, --control), report, return its status."""
+def _run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
+    """Run a built VM on this thread with the host hooks (SIGUSR1 dumps, --control), report, return its status."""
     import signal
 
     # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
-    signal.signal(signal.SIGUSR1, lambda *_: m.request_dump())
-    server = None
+    signal.signal(signal.SIGUSR1, lambda *_: vm.request_dump())
     if control_path:
-        from .machine.control import ControlServer
-
-        try:
-            server = ControlServer(m, control_path)
-        except OSError as e:
-            raise UsageError(f"--control {control_path}: {e.strerror}") from None
-    try:
-        outcome = m.run()
-    finally:
-        if server is not None:
-            server.close()
-    policy_line = m.policy.summary()
+        vm.serve_control(control_path)
+    outcome = vm.run()               # the control socket closes when the run ends
+    policy_line = vm.policy_summary
     if policy_line:
         click.echo(policy_line, err=True)
-    if trace_io and m.devices.unclaimed:
-        for (kind, addr, rw), n in sorted(m.devices.unclaimed.items()):
+    if trace_io and vm.unclaimed_io:
+        for (kind, addr, rw), n in sorted(vm.unclaimed_io.items()):
             click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
-        if m.devices.unclaimed.other:
-            click.echo(f"pykvm: unclaimed elsewhere: {m.devices.unclaimed.other}x "
-                       f"({m.devices.unclaimed.evicted} addresses not listed)", err=True)
+        unclaimed = vm.machine.devices.unclaimed
+        if unclaimed.other:
+            click.echo(f"pykvm: unclaimed elsewhere: {unclaimed.other}x "
+                       f"({unclaimed.evicted} addresses not listed)", err=True)
     if outcome.kind not in ("exit", "poweroff"):
-        click.echo(f"pykvm: {outcome.message}", err=True)
+        click.echo(f"pykvm: {outcome.reason}", err=True)
         if debug and "traceback" in outcome.details:
             click.echo(outcome.details["traceback"], err=True)
     if outcome.core_path:
-        kernel = m.config.kernel
-        hint = f" --kernel {kernel}" if kernel and Path(kernel).suffix == ".elf" else ""
+        hint = f" --kernel {outcome.kernel}" if outcome.kernel and outcome.kernel.suffix == ".elf" else ""
         click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path}{hint})",
                    err=True)
     elif outcome.core_error:
         click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
     return outcome.status
-
-
-def _disk_spec(text: str) -> tuple[str, bool]:
-    """FILE[,ro] as (path, read_only)."""
-    path, sep, mode = text.rpartition(",")
-    if sep and mode in ("ro", "rw"):
-        return path, mode == "ro"
-    return text, False
 
 
 def _leave(status: int) -> None:
@@ -322,21 +290,23 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandb
     """Continue a VM saved with `pykvm ctl SOCK save path=STATE_FILE` (exit status 26: bad state file)."""
 
     def go():
-        from .machine import Machine
+        from .api import VM
         from .machine.state import load_state
 
         saved = load_state(state_file)
         if not no_dump:
             _check_crash_dir(crash_dir)
-        serial_out, close_fd = _serial_sink(serial)
+        try:
+            serial_out, close_fd = _serial_sink(serial)
+        except BaseException:
+            saved.close()
+            raise
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
         try:
-            cfg = saved.machine_config(serial_out=serial_out, serial_in=serial_in, timeout=timeout,
-                                       crash_dir=None if no_dump else Path(crash_dir), sandbox=sandbox == "on")
-            with Machine(cfg, restore=saved) as m:
-                status = _run_machine(m, control_path, False, debug)
+            with VM.restore(saved, console=serial_out, capture=False, serial_input=serial_in, timeout=timeout,
+                            crash_dir=None if no_dump else crash_dir, sandbox=sandbox == "on", start=False) as vm:
+                status = _run_vm(vm, control_path, False, debug)
         finally:
-            saved.close()
             if close_fd is not None:
                 os.close(close_fd)
         _leave(status)

@@ -9,6 +9,7 @@ import tempfile
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+pytest_plugins = ["pytester"]   # tests/test_pytest_plugin.py runs pytest sessions of its own
 
 
 def kvm_problem() -> str | None:

@@ -39,6 +39,8 @@ def test_wheel_in_fresh_venv_boots_hello_and_a_user_kernel(tmp_path):
     _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
           "--disable-pip-version-check", str(wheel)])
     site = next((venv / "lib").glob("python3*/site-packages"))
+    (entry_points,) = site.glob("pykvm-*.dist-info/entry_points.txt")
+    assert "[pytest11]\npykvm = pykvm.pytest_plugin" in entry_points.read_text()  # the plugin loads by itself
     shipped = sorted(p for p in (site / "pykvm").rglob("*") if "__pycache__" not in p.parts)
 
     cwd = tmp_path / "cwd"

@@ -31,6 +31,7 @@ class DeviceContext:
     irq_line: Callable[[int, int], None] | None = None   # (line, level), only with the in-kernel PIC/IOAPIC
     serial_out: int | None = 1
     serial_in: int | None = None
+    serial_unbuffered: bool = False            # write serial output byte by byte (the API's expect)
     exit_port: int = abi.PYKVM_PORT_DEBUG_EXIT
     on_pvpanic_crash_loaded: Callable[[int], None] | None = None
     extra: dict = field(default_factory=dict)  # per-type hooks a machine layer adds (e.g. the bus)
@@ -144,7 +145,7 @@ def _simple(spec: str, **fixed):
 TYPES: dict[str, DeviceType] = {t.name: t for t in [
     DeviceType("serial", "16550 UART (COM1, 0x3f8)", "pykvm.devices.serial:Serial16550",
                lambda ctx, o: _import("pykvm.devices.serial:Serial16550")(
-                   out_fd=ctx.serial_out, in_fd=ctx.serial_in,
+                   out_fd=ctx.serial_out, in_fd=ctx.serial_in, unbuffered=ctx.serial_unbuffered,
                    irq=(lambda level: ctx.irq_line(4, level)) if ctx.irq_line else None),
                default=True),
     DeviceType("debug-exit", "isa-debug-exit: the guest ends the run with a status",

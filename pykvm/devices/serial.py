@@ -30,8 +30,11 @@ class Serial16550(Device):
     name = "serial"
 
     def __init__(self, base: int = abi.PYKVM_PORT_COM1, out_fd: int | None = 1, in_fd: int | None = None,
-                 irq=None):
+                 irq=None, unbuffered: bool = False):
         super().__init__()
+        # unbuffered: every byte reaches out_fd at once, so a reader waiting for a prompt without
+        # a newline (the Python API's expect) sees it; otherwise output is written per line
+        self.flush_at = 1 if unbuffered else 4096
         self.ports = [(base, 8)]
         self.out_fd = out_fd
         self.in_fd = in_fd
@@ -108,7 +111,7 @@ class Serial16550(Device):
         if self.out_fd is None:
             return
         self.pending.append(byte)
-        if byte == 0x0A or len(self.pending) >= 4096:
+        if byte == 0x0A or len(self.pending) >= self.flush_at:
             self.flush()
 
     def flush(self) -> None:

@@ -22,6 +22,7 @@ class MachineConfig:
     initrd: Path | None = None
     serial_out: int | None = 1       # fd, or None to discard
     serial_in: int | None = None
+    serial_unbuffered: bool = False  # each output byte goes to serial_out at once (else per line)
     timeout: float | None = None
     exit_port: int = abi.PYKVM_PORT_DEBUG_EXIT
     irqchip: str = "split"           # "split" (LAPIC in kernel) or "full" (+IOAPIC, PIC, PIT)

@@ -23,7 +23,8 @@ def build_devices(machine) -> DeviceManager:
     m.device_context = ctx = registry.DeviceContext(
         memory=m.memory, cpus=cfg.cpus,
         irq_line=(lambda line, level: m.vm.irq_line(line, level)) if cfg.irqchip == "full" else None,
-        serial_out=cfg.serial_out, serial_in=cfg.serial_in, exit_port=cfg.exit_port,
+        serial_out=cfg.serial_out, serial_in=cfg.serial_in,
+        serial_unbuffered=cfg.serial_unbuffered, exit_port=cfg.exit_port,
         on_pvpanic_crash_loaded=_pvpanic_crash_loaded)
     wanted = [(t.name, {}) for t in registry.TYPES.values() if t.default]
     wanted += [(name, dict(opts)) for name, opts in cfg.devices]
