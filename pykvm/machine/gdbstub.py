@@ -681,6 +681,9 @@ class GdbStub:
         spans = self._spans(addr, length)
         if sum(n for _, n in spans) != length:
             return EFAULT
+        if not self.soft_watches:
+            self._note("pykvm: data breakpoints do not fire on this host's KVM; the watchpoint is checked after "
+                       "every single-stepped instruction instead (slow)", stderr=False)
         self.soft_watches[(addr, length)] = [spans, b""]
         return b"OK"
 

@@ -74,9 +74,16 @@ class Pauser:
 
     def resume(self, held=frozenset()) -> None:
         """Let parked vCPUs re-enter the guest, except those whose indices are in `held`."""
+        m = self.machine
         with self._cond:
             self.pausing = False
             self.held = frozenset(held)
+            if not m.stopping:
+                # a thread that had not reached park() yet (just started, or about to) must not
+                # find immediate_exit still set: it would spin on EINTR instead of running
+                for vcpu in m.vcpus:
+                    if vcpu.index not in self.held:
+                        vcpu.immediate_exit = 0
             self._cond.notify_all()
 
     def stop_all(self) -> None:
