@@ -164,10 +164,13 @@ def main():
               help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
 @click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Confine the VMM with seccomp once set up (off: for debugging).")
+@click.option("--gdb", "gdb_spec", metavar="tcp::PORT|unix:PATH",
+              help="Serve gdb's remote protocol here (gdb: target remote :PORT); port 0 picks a free one.")
+@click.option("--gdb-wait", is_flag=True, help="With --gdb: run no guest code until gdb connects and continues.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, sandbox, debug):
+        bus, disks, sandbox, gdb_spec, gdb_wait, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -177,6 +180,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     if not m or float(m.group(2)) <= 0:
         raise click.BadParameter(f"{restart_intensity!r}: expected N/SECONDS, e.g. 5/60", param_hint="--restart-intensity")
     intensity, period = int(m.group(1)), float(m.group(2))
+    if gdb_wait and not gdb_spec:
+        raise click.BadParameter("needs --gdb", param_hint="--gdb-wait")
 
     def go():
         from .api import VM
@@ -193,7 +198,16 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                     crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
                     restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
                     sandbox=sandbox == "on", start=False) as vm:
-                status = _run_vm(vm, control_path, trace_io, debug)
+                stub = None
+                if gdb_spec:
+                    from .machine import gdbstub
+
+                    stub = gdbstub.start(vm.machine, gdb_spec, gdb_wait)
+                try:
+                    status = _run_vm(vm, control_path, trace_io, debug)
+                finally:
+                    if stub is not None:
+                        stub.close()
         finally:
             if close_fd is not None:
                 os.close(close_fd)

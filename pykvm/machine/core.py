@@ -38,7 +38,7 @@ class Machine:
 
     Public state other layers read: config, kvm, vm, memory, vcpus, threads, devices, policy,
     supervisor, serial, pvpanic, plan, outcome, stopping, done (an Event), exit_counts,
-    windows (WindowSync), requests (MainThreadQueue).
+    windows (WindowSync), requests (MainThreadQueue), debugger (a gdb stub, or None).
     """
 
     def __init__(self, config: MachineConfig, restore=None):
@@ -56,6 +56,7 @@ class Machine:
         self.built: dict = {}
         self.bus = None                  # bus.host.BusHost when the config asks for a partition bus
         self.bus_final: dict | None = None
+        self.debugger = None             # a gdbstub.GdbStub while one is attached
         self.windows = WindowSync(self)
         self.pauser = Pauser(self)
         self.requests = MainThreadQueue()
@@ -161,6 +162,8 @@ class Machine:
             self._main_loop()
             self.requests.serve()  # answer callers still waiting, then refuse new ones
             self.pauser.stop_all()
+            if self.debugger is not None:
+                self.debugger.end(self.outcome)  # gdb sees a crash as SIGSEGV before its core is written
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
                 self.outcome.core_path, self.outcome.core_error = self.dumper.write(self.outcome)
         finally:

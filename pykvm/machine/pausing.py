@@ -32,6 +32,7 @@ class Pauser:
     def __init__(self, machine):
         self.machine = machine
         self.pausing = False
+        self.held: frozenset[int] = frozenset()   # vCPU indices kept parked after resume (a debugger's single step)
         self._parked = 0
         self._cond = threading.Condition()
 
@@ -41,7 +42,7 @@ class Pauser:
         with self._cond:
             self._parked += 1
             self._cond.notify_all()
-            while self.pausing and not m.stopping:
+            while (self.pausing or vcpu.index in self.held) and not m.stopping:
                 self._cond.wait(0.1)
             self._parked -= 1
         if not m.stopping:  # a VM that stops while paused (save with stop) never re-enters the guest
@@ -66,10 +67,23 @@ class Pauser:
                 self._cond.wait(0.005)
         return False
 
-    def resume(self) -> None:
-        """Let parked vCPUs re-enter the guest."""
+    def hold(self) -> None:
+        """Called on a vCPU thread before park(): start a pause from inside (a debugger's stop)."""
+        with self._cond:
+            self.pausing = True
+
+    def resume(self, held=frozenset()) -> None:
+        """Let parked vCPUs re-enter the guest, except those whose indices are in `held`."""
+        m = self.machine
         with self._cond:
             self.pausing = False
+            self.held = frozenset(held)
+            if not m.stopping:
+                # a thread that had not reached park() yet (just started, or about to) must not
+                # find immediate_exit still set: it would spin on EINTR instead of running
+                for vcpu in m.vcpus:
+                    if vcpu.index not in self.held:
+                        vcpu.immediate_exit = 0
             self._cond.notify_all()
 
     def stop_all(self) -> None:

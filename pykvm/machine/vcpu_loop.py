@@ -186,6 +186,8 @@ class VcpuLoop:
                                  vcpu=vcpu.index))
             else:
                 m.finish(Outcome(errors.EXIT_OK, "poweroff", "guest powered off", vcpu=vcpu.index))
+        elif reason == C.KVM_EXIT_DEBUG and m.debugger is not None:
+            m.debugger.debug_exit(vcpu)   # only a gdb stub enables guest debugging
         else:
             name = C.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
             m.faults.crash(vcpu, "unhandled-exit", f"unhandled exit {name} ({reason})")

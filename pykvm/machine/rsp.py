@@ -1,0 +1,252 @@
+"""gdb's remote serial protocol: packet framing, and every request parsed and validated in one place.
+
+Everything here is pure (no sockets, no KVM) so the fuzz tests can reach all of it. Input comes
+from whoever connects to the gdb port and is untrusted: the framer bounds every packet, and
+parse() turns a packet body into a Request whose numbers are range-checked, or raises
+PacketError (the stub answers "E16"). Requests it does not know become "unsupported" (the stub
+answers with an empty packet, which gdb reads as "not supported").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+MAX_PACKET = 0x4000          # the PacketSize we advertise: bodies longer than this are refused
+MAX_MEMORY_READ = (MAX_PACKET - 32) // 2   # bytes one 'm' reply can carry as hex
+MAX_REGISTER = 64            # bytes one register value may have (xmm is 16, st 10)
+U64 = (1 << 64) - 1
+INTERRUPT = 0x03             # gdb sends a bare ^C byte to stop a running target
+
+_HEX = re.compile(rb"[0-9a-fA-F]+\Z")
+
+
+class PacketError(ValueError):
+    """A packet whose shape or numbers are invalid."""
+
+
+class Request(NamedTuple):
+    """One parsed request: kind names what gdb asked for, args are its validated operands."""
+
+    kind: str
+    args: tuple = ()
+
+
+# ---------------------------------------------------------------- framing
+def checksum(body: bytes) -> int:
+    """The modulo-256 sum gdb puts after '#'."""
+    return sum(body) & 0xFF
+
+
+def escape(payload: bytes) -> bytes:
+    """Escape the bytes that would end or confuse a packet ($ # } and '*', gdb's run-length marker)."""
+    if not any(b in payload for b in b"$#}*"):
+        return payload
+    out = bytearray()
+    for b in payload:
+        if b in b"$#}*":
+            out += bytes((0x7D, b ^ 0x20))
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def unescape(data: bytes) -> bytes:
+    """Undo escape() (binary data of an X packet); a trailing lone '}' is malformed."""
+    if b"}" not in data:
+        return data
+    out = bytearray()
+    it = iter(data)
+    for b in it:
+        if b == 0x7D:
+            nxt = next(it, None)
+            if nxt is None:
+                raise PacketError("escape character at the end of binary data")
+            out.append(nxt ^ 0x20)
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def frame(payload: bytes) -> bytes:
+    """A complete packet '$payload#cs' with the payload escaped."""
+    body = escape(payload)
+    return b"$" + body + b"#%02x" % checksum(body)
+
+
+class Framer:
+    """Splits the byte stream from gdb into events.
+
+    feed() returns a list of ("packet", body), ("bad", why) (checksum mismatch, overlong or
+    truncated packet: answer '-'), ("interrupt", None) and ("ack", b"+"/b"-") events.
+    """
+
+    def __init__(self, max_packet: int = MAX_PACKET):
+        self.max_packet = max_packet
+        self._body = bytearray()
+        self._state = "idle"        # idle | body | sum1 | sum2 | skip (an overlong packet, dropped)
+        self._sum = b""
+
+    def feed(self, data: bytes) -> list[tuple[str, object]]:
+        """Consume bytes; return the events they complete."""
+        events: list[tuple[str, object]] = []
+        for b in data:
+            st = self._state
+            if st == "idle":
+                if b == 0x24:           # '$'
+                    self._state, self._body = "body", bytearray()
+                elif b == INTERRUPT:
+                    events.append(("interrupt", None))
+                elif b in (0x2B, 0x2D):  # '+' '-'
+                    events.append(("ack", bytes((b,))))
+                # anything else between packets is noise: ignored, as gdb's own stubs do
+            elif st in ("body", "skip"):
+                if b == 0x23:           # '#'
+                    self._state, self._sum = ("sum1" if st == "body" else "skipsum1"), b""
+                elif b == 0x24:         # a new packet started inside this one: drop the partial one
+                    events.append(("bad", "packet restarted before its end"))
+                    self._state, self._body = "body", bytearray()
+                elif st == "body":
+                    if len(self._body) >= self.max_packet:
+                        self._state, self._body = "skip", bytearray()
+                    else:
+                        self._body.append(b)
+            elif st in ("sum1", "skipsum1"):
+                self._sum = bytes((b,))
+                self._state = "sum2" if st == "sum1" else "skipsum2"
+            elif st == "skipsum2":
+                self._state = "idle"
+                events.append(("bad", f"packet longer than {self.max_packet} bytes"))
+            else:  # sum2
+                self._state = "idle"
+                digits = self._sum + bytes((b,))
+                body = bytes(self._body)
+                self._body = bytearray()
+                if not _HEX.match(digits) or int(digits, 16) != checksum(body):
+                    events.append(("bad", "checksum mismatch"))
+                else:
+                    events.append(("packet", body))
+        return events
+
+
+# ---------------------------------------------------------------- parsing
+def _hex_int(text: bytes, what: str, limit: int = U64) -> int:
+    if not _HEX.match(text) or len(text) > 16:
+        raise PacketError(f"{what}: expected a hex number")
+    value = int(text, 16)
+    if value > limit:
+        raise PacketError(f"{what}: {value:#x} out of range")
+    return value
+
+
+def _hex_bytes(text: bytes, what: str, limit: int) -> bytes:
+    if len(text) % 2 or len(text) // 2 > limit or (text and not _HEX.match(text)):
+        raise PacketError(f"{what}: expected at most {limit} bytes of hex")
+    return bytes.fromhex(text.decode())
+
+
+def _thread_id(text: bytes) -> int:
+    """A thread id: -1 (all), 0 (any) or a positive hex number."""
+    if text == b"-1":
+        return -1
+    return _hex_int(text, "thread id", 0x7FFFFFFF)
+
+
+def _addr_len(text: bytes, what: str) -> tuple[int, int]:
+    addr, sep, length = text.partition(b",")
+    if not sep:
+        raise PacketError(f"{what}: expected ADDR,LENGTH")
+    a = _hex_int(addr, f"{what} address")
+    n = _hex_int(length, f"{what} length", MAX_PACKET)
+    if a + n - 1 > U64:
+        raise PacketError(f"{what}: range wraps past the top of the address space")
+    return a, n
+
+
+def _resume(kind: str, rest: bytes, with_signal: bool) -> Request:
+    """c/s [ADDR] and C/S SIG[;ADDR] (the signal is dropped: a VM has no signal to deliver)."""
+    if with_signal:
+        sig, _, rest = rest.partition(b";")
+        _hex_int(sig, "signal", 0xFF)
+    return Request(kind, (_hex_int(rest, "resume address") if rest else None,))
+
+
+def _query(body: bytes) -> Request:
+    name, _, rest = body.partition(b":")
+    if body.startswith(b"qXfer:features:read:"):
+        annex, sep, span = body[len(b"qXfer:features:read:"):].rpartition(b":")
+        if not sep:
+            raise PacketError("qXfer: expected ANNEX:OFFSET,LENGTH")
+        off, n = _addr_len(span, "qXfer")
+        return Request("xfer_features", (annex.decode("ascii", "replace"), off, n))
+    if name == b"qSupported":
+        return Request("supported", (rest.decode("ascii", "replace"),))
+    if body.startswith(b"qThreadExtraInfo,"):
+        return Request("thread_extra", (_thread_id(body[len(b"qThreadExtraInfo,"):]),))
+    simple = {b"qC": "current_thread", b"qfThreadInfo": "threads_first", b"qsThreadInfo": "threads_next",
+              b"qAttached": "attached", b"qSymbol": "symbol", b"qOffsets": "unsupported"}
+    return Request(simple.get(name, "unsupported"), ())
+
+
+def parse(body: bytes) -> Request:
+    """The Request a packet body asks for; PacketError when its operands are malformed."""
+    if not body:
+        return Request("unsupported")
+    cmd, rest = body[:1], body[1:]
+    if cmd == b"?":
+        return Request("stop_reason")
+    if cmd == b"g":
+        return Request("read_registers")
+    if cmd == b"G":
+        return Request("write_registers", (_hex_bytes(rest, "G", MAX_PACKET // 2),))
+    if cmd == b"p":
+        return Request("read_register", (_hex_int(rest, "register number", 0xFFFF),))
+    if cmd == b"P":
+        reg, sep, value = rest.partition(b"=")
+        if not sep:
+            raise PacketError("P: expected N=VALUE")
+        return Request("write_register", (_hex_int(reg, "register number", 0xFFFF),
+                                          _hex_bytes(value, "register value", MAX_REGISTER)))
+    if cmd == b"m":
+        addr, n = _addr_len(rest, "m")
+        return Request("read_memory", (addr, min(n, MAX_MEMORY_READ)))
+    if cmd in (b"M", b"X"):
+        span, sep, data = rest.partition(b":")
+        if not sep:
+            raise PacketError(f"{cmd.decode()}: expected ADDR,LENGTH:DATA")
+        addr, n = _addr_len(span, cmd.decode())
+        raw = _hex_bytes(data, "M data", MAX_PACKET) if cmd == b"M" else unescape(data)
+        if len(raw) != n:
+            raise PacketError(f"{cmd.decode()}: length {n} but {len(raw)} bytes of data")
+        return Request("write_memory", (addr, raw))
+    if cmd in (b"c", b"s"):
+        return _resume("continue" if cmd == b"c" else "step", rest, False)
+    if cmd in (b"C", b"S"):
+        return _resume("continue" if cmd == b"C" else "step", rest, True)
+    if cmd == b"H":
+        op, tid = rest[:1], rest[1:]
+        if op not in (b"g", b"c"):
+            raise PacketError("H: expected Hg or Hc")
+        return Request("set_thread", (op.decode(), _thread_id(tid)))
+    if cmd == b"T":
+        return Request("thread_alive", (_thread_id(rest),))
+    if cmd in (b"Z", b"z"):
+        fields = rest.split(b";", 1)[0].split(b",")
+        if len(fields) != 3:
+            raise PacketError(f"{cmd.decode()}: expected TYPE,ADDR,KIND")
+        kind = _hex_int(fields[0], "breakpoint type", 0xFF)
+        if kind > 4:
+            return Request("unsupported")
+        return Request("insert_breakpoint" if cmd == b"Z" else "remove_breakpoint",
+                       (kind, _hex_int(fields[1], "breakpoint address"), _hex_int(fields[2], "breakpoint kind", 0xFF)))
+    if cmd == b"D":
+        return Request("detach")
+    if cmd == b"k":
+        return Request("kill")
+    if cmd == b"q":
+        return _query(body)
+    if body == b"QStartNoAckMode":
+        return Request("no_ack")
+    if body.startswith(b"vKill"):
+        return Request("kill")
+    return Request("unsupported")
