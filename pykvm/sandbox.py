@@ -208,6 +208,8 @@ def _rules(sc, crash_fd: int | None):
         out.append((sc.ALLOW, "openat", [eq(0, crash_fd),
                                          eq(2, os.O_WRONLY | os.O_TMPFILE, _U32 & ~_IGNORED_OPEN_BITS)]))
         out.append((sc.ALLOW, "linkat", [eq(2, crash_fd), eq(4, _AT_SYMLINK_FOLLOW)]))
+        # a crash directory that does not exist yet is created by the first core, under the held ancestor
+        out.append((sc.ALLOW, "mkdirat", [eq(0, crash_fd)]))
     return out
 
 

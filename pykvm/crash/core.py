@@ -50,6 +50,10 @@ _MAX_PWRITE = 64 << 20
 _counter = itertools.count()
 _counter_lock = threading.Lock()
 _held: dict[str, int] = {}      # crash directory -> descriptor kept open by hold_crash_dir
+# descriptor -> the crash directory relative to it ("" when it is the crash directory itself):
+# a crash directory that does not exist yet is held through its nearest existing ancestor and
+# created only when the first core is written, so a run that never crashes leaves nothing behind
+_sub: dict[int, str] = {}
 _unusable: dict[str, str] = {}  # crash directory -> why hold_crash_dir could not use it
 _proc_ok: bool | None = None
 
@@ -78,6 +82,7 @@ def write_core(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limi
         written = sum(n for rr in runs for _, n in rr)
         head, data_start = _headers(snapshot, layout, written)
 
+        _make_sub(dfd, crash_dir)
         fd, tmp = _create_temp(dfd, crash_dir, prefix)
         try:
             try:
@@ -121,7 +126,11 @@ def hold_crash_dir(crash_dir) -> int:
 
 
 def _hold(crash_dir: Path) -> int:
-    dfd = _open_dir(crash_dir)
+    base, missing = crash_dir, []
+    while not base.is_dir() and base.parent != base and not base.exists():
+        missing.insert(0, base.name)
+        base = base.parent
+    dfd = _open_dir(base)
     try:
         if not _proc_fd_links():
             raise CoreWriteError(f"cannot write cores in {crash_dir} without path lookups: /proc is not mounted")
@@ -132,7 +141,33 @@ def _hold(crash_dir: Path) -> int:
     except BaseException:
         os.close(dfd)
         raise
+    _sub[dfd] = "/".join(missing)
     return dfd
+
+
+def held_parent(crash_dir) -> bool:
+    """Whether the held crash directory does not exist yet (its first core creates it with mkdirat)."""
+    dfd = _held.get(str(crash_dir))
+    return dfd is not None and bool(_sub.get(dfd))
+
+
+def _rel(dfd: int, name: str) -> str:
+    sub = _sub.get(dfd, "")
+    return f"{sub}/{name}" if sub else name
+
+
+def _make_sub(dfd: int, crash_dir: Path) -> None:
+    """Create the missing components of a crash directory held through an ancestor (mkdirat only)."""
+    sub = _sub.get(dfd, "")
+    path = ""
+    for part in sub.split("/") if sub else ():
+        path = f"{path}/{part}" if path else part
+        try:
+            os.mkdir(path, 0o755, dir_fd=dfd)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir}")) from e
 
 
 def _open_dir(crash_dir: Path) -> int:
@@ -327,13 +362,13 @@ def _create_temp(dfd: int, crash_dir: Path, prefix: str) -> tuple[int, str | Non
     publishing is a link. Created 0600: guest memory may be sensitive."""
     if _proc_fd_links():
         try:
-            return os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd), None
+            return os.open(_rel(dfd, "."), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd), None
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise CoreWriteError(_explain(e, f"cannot create a core file in {crash_dir}")) from e
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     for _ in range(1000):
-        tmp = f".{prefix}-{os.getpid()}-{os.urandom(8).hex()}.core.tmp"
+        tmp = _rel(dfd, f".{prefix}-{os.getpid()}-{os.urandom(8).hex()}.core.tmp")
         try:
             return os.open(tmp, flags, 0o600, dir_fd=dfd), tmp
         except FileExistsError:
@@ -347,7 +382,8 @@ def _publish(fd: int, tmp: str | None, dfd: int, crash_dir: Path, prefix: str) -
     """Give the finished file a unique final name without ever replacing an existing file."""
     stamp = _stamp()
     for _ in range(1000):
-        name = f"{prefix}-{stamp}-{os.getpid()}-{_next_n()}.core"
+        base = f"{prefix}-{stamp}-{os.getpid()}-{_next_n()}.core"
+        name = _rel(dfd, base)
         try:
             if tmp is None:  # linkat(AT_FDCWD, "/proc/self/fd/N", dfd, name, AT_SYMLINK_FOLLOW)
                 os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
@@ -363,7 +399,7 @@ def _publish(fd: int, tmp: str | None, dfd: int, crash_dir: Path, prefix: str) -
             if tmp is not None:
                 os.unlink(tmp, dir_fd=dfd)
         os.fsync(dfd)
-        return crash_dir / name
+        return crash_dir / base
     raise CoreWriteError(f"cannot find a free core file name in {crash_dir}")
 
 

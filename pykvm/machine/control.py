@@ -32,12 +32,23 @@ class ControlServer:
     def __init__(self, machine, path: str):
         self.machine = machine
         self.path = path
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a dead pykvm
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
-        self.sock.listen(4)
+        # bind a temporary name, listen, then rename: the path appears only once it accepts
+        # connections (a client that sees it never gets ECONNREFUSED), and a stale socket from
+        # a dead pykvm is replaced atomically
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            self.sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            self.sock.listen(128)
+            os.replace(tmp, path)
+        except BaseException:
+            self.sock.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self.thread.start()
 
