@@ -118,10 +118,19 @@ def main():
               help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
 @click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Confine the VMM with seccomp once set up (off: for debugging).")
+@click.option("--numa-node", "numa_nodes", multiple=True, metavar="mem=SIZE,cpus=A-B[,min=,max=,hotadd=,buffer=PCT]",
+              help="A virtual NUMA node (repeat per node); implies the dynamic memory service on the bus.")
+@click.option("--numa", "numa_count", type=int, default=None, metavar="N",
+              help="Split --mem and --cpus evenly into N virtual NUMA nodes.")
+@click.option("--numa-distance", default=None, metavar="MATRIX",
+              help="Node distances: rows '10,21;21,10' or pairs '0-1=21' (default 10 local, 20 remote).")
+@click.option("--memory-max", default=None, metavar="SIZE", help="vNUMA: most RAM the balancer gives the VM in total.")
+@click.option("--memory-log", type=click.Path(dir_okay=False), default=None,
+              help="vNUMA: write the dynamic memory timeline here as JSON lines (chart: scripts/memory_chart.py).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, sandbox, debug):
+        bus, disks, sandbox, numa_nodes, numa_count, numa_distance, memory_max, memory_log, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -131,21 +140,32 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     if not m or float(m.group(2)) <= 0:
         raise click.BadParameter(f"{restart_intensity!r}: expected N/SECONDS, e.g. 5/60", param_hint="--restart-intensity")
     intensity, period = int(m.group(1)), float(m.group(2))
+    ctx = click.get_current_context()
+    given = lambda name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT  # noqa: E731
 
     def go():
         from .artifacts import resolve_kernel
         from .machine import Machine, MachineConfig
+        from .memory import numa as numa_spec
 
         size = parse_size(mem)
+        nodes = numa_spec.from_options(numa_nodes, numa_count, numa_distance, size if given("mem") else None,
+                                       cpus if given("cpus") else None,
+                                       numa_spec.parse_size(memory_max, "--memory-max") if memory_max else None)
+        vcpus, ram = cpus, size
+        if nodes is not None:
+            vcpus, ram = nodes.cpus, nodes.mem
         serial_out, close_fd = _serial_sink(serial)
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
-        cfg = MachineConfig(kernel=resolve_kernel(kernel), kernel_name=kernel, mem=size, cpus=cpus,
+        cfg = MachineConfig(kernel=resolve_kernel(kernel), kernel_name=kernel, mem=ram, cpus=vcpus,
                             cmdline=cmdline, initrd=Path(initrd) if initrd else None, serial_out=serial_out,
                             serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
                             crash_dir=None if no_dump else Path(crash_dir), trust=trust,
                             restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure,
-                            bus=bus, disks=[_disk_spec(d) for d in disks], sandbox=sandbox == "on")
+                            bus=bus, disks=[_disk_spec(d) for d in disks], sandbox=sandbox == "on",
+                            numa=nodes.as_json() if nodes is not None else None,
+                            memory_log=Path(memory_log) if memory_log else None)
         try:
             with Machine(cfg) as m:
                 status = _run_machine(m, control_path, trace_io, debug)
@@ -353,7 +373,12 @@ def ctl(socket_path, command, args):
     except OSError as e:
         click.echo(f"pykvm: error: {socket_path}: {e.strerror or e}", err=True)
         sys.exit(EXIT_USAGE)
-    click.echo(json.dumps(reply, indent=2))
+    if command == "numa" and reply.get("ok") and not req.get("json"):
+        from .machine.numa import render
+
+        click.echo(render(reply), nl=False)
+    else:
+        click.echo(json.dumps(reply, indent=2))
     sys.exit(0 if reply.get("ok") else 1)
 
 

@@ -24,6 +24,7 @@ from .bus_wiring import build_bus
 from .config import MIN_MEMORY, MachineConfig, Outcome
 from .dumps import Dumper
 from .faults import Faults
+from .numa import MachineNuma
 from .pausing import Pauser, install_kick_handler
 from .requests import MainThreadQueue
 from .vcpu_loop import VcpuLoop
@@ -56,6 +57,7 @@ class Machine:
         self.built: dict = {}
         self.bus = None                  # bus.host.BusHost when the config asks for a partition bus
         self.bus_final: dict | None = None
+        self.numa = None                 # numa.MachineNuma with --numa-node / --numa
         self.windows = WindowSync(self)
         self.pauser = Pauser(self)
         self.requests = MainThreadQueue()
@@ -88,8 +90,12 @@ class Machine:
         if cfg.cpus > max_vcpus:
             raise errors.UsageError(f"--cpus {cfg.cpus}: this host's KVM allows at most {max_vcpus}")
         self.vm = self.kvm.create_vm()
+        self.numa = MachineNuma.from_config(self)
         try:
-            self.memory = GuestMemory.create(cfg.mem, abi.PYKVM_MMIO_HOLE)
+            if self.numa is not None:
+                self.memory = self.numa.create_memory()
+            else:
+                self.memory = GuestMemory.create(cfg.mem, abi.PYKVM_MMIO_HOLE)
         except GuestMemoryError as e:
             raise errors.MemorySizeError(str(e)) from None
         except OSError as e:
@@ -112,7 +118,8 @@ class Machine:
 
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
                                        argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
-                                       acpi_platform=platform_for_irqchip(cfg.irqchip))
+                                       acpi_platform=platform_for_irqchip(cfg.irqchip),
+                                       numa=self.numa.boot_arg() if self.numa is not None else None)
 
         supported = self.kvm.supported_cpuid()
         nx = cpu_setup.nx_supported(supported)
@@ -258,6 +265,7 @@ class Machine:
             "windows": self.windows.info(),
             "coalesced": self.windows.ring_stats.as_dict(),
             "bus": self.bus.snapshot() if self.bus is not None else None,
+            "numa": self.numa.snapshot() if self.numa is not None else None,
         }
 
     # ---------------------------------------------------------------- teardown
@@ -273,6 +281,8 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if self.numa is not None:
+            self.numa.close()
         if self.kvm is not None:
             self.kvm.close()
             self.kvm = None

@@ -63,7 +63,7 @@ DIGEST = 32
 MAX_HEADER = 64 << 20
 MSR_TSC_DEADLINE = 0x6E0
 # MachineConfig fields that belong to one run, not to the VM: never saved, given anew at restore
-RUN_ONLY = ("serial_out", "serial_in", "timeout", "crash_dir", "sandbox")
+RUN_ONLY = ("serial_out", "serial_in", "timeout", "crash_dir", "sandbox", "memory_log")
 PATH_FIELDS = ("kernel", "initrd")
 
 
