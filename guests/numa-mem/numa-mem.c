@@ -22,6 +22,8 @@
  *              evenly over it (1..512, a power of two)           [default 8;
  *              guest code is slow under nested KVM, every page is touched anyway]
  *   settle=R   report rounds to wait at the end for the balancer  [default 100]
+ *   park=N     then disconnect the bus, print "numa-mem: parked" and spin
+ *              N million loops before verifying (time for a save)  [default 0]
  *
  * Serial output ends with, e.g.:
  *   "numa-mem: node 0: ... ballooned 6144 pages, hot-added 0 pages\n"
@@ -440,9 +442,15 @@ void kmain(struct pykvm_boot_info *bi)
                (unsigned long long)nodes[i].ballooned, (unsigned long long)nodes[i].hotadded);
     printf("numa-mem: host messages: %llu balloon, %llu unballoon, %llu hot-add\n", (unsigned long long)balloon_reqs,
            (unsigned long long)unballoon_msgs, (unsigned long long)hotadd_msgs);
-    uint64_t pages = verify();
-    printf("numa-mem: checksums ok: %llu pages\n", (unsigned long long)pages);
+    uint64_t park = arg_u64(cmd, "park", 0);
     bus_close(ch);
     bus_unload();
+    if (park) {
+        printf("numa-mem: parked\n");
+        for (volatile uint64_t i = 0; i < park * 1000000; i++)
+            ;
+    }
+    uint64_t pages = verify();
+    printf("numa-mem: checksums ok: %llu pages\n", (unsigned long long)pages);
     poweroff();
 }

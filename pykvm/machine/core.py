@@ -90,7 +90,12 @@ class Machine:
         if cfg.cpus > max_vcpus:
             raise errors.UsageError(f"--cpus {cfg.cpus}: this host's KVM allows at most {max_vcpus}")
         self.vm = self.kvm.create_vm()
-        self.numa = MachineNuma.from_config(self)
+        try:
+            self.numa = MachineNuma.from_config(self)
+        except errors.NumaSpecError as e:
+            if restoring:                   # the topology came from the state file
+                raise errors.BadStateError(f"state file: vNUMA configuration: {e}") from None
+            raise
         try:
             if self.numa is not None:
                 self.memory = self.numa.create_memory()
