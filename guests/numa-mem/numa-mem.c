@@ -23,7 +23,7 @@
  *              guest code is slow under nested KVM, every page is touched anyway]
  *   settle=R   report rounds to wait at the end for the balancer  [default 100]
  *   park=N     then disconnect the bus, print "numa-mem: parked" and spin
- *              N million loops before verifying (time for a save)  [default 0]
+ *              N thousand loops before verifying (time for a save) [default 0]
  *
  * Serial output ends with, e.g.:
  *   "numa-mem: node 0: ... ballooned 6144 pages, hot-added 0 pages\n"
@@ -447,7 +447,7 @@ void kmain(struct pykvm_boot_info *bi)
     bus_unload();
     if (park) {
         printf("numa-mem: parked\n");
-        for (volatile uint64_t i = 0; i < park * 1000000; i++)
+        for (volatile uint64_t i = 0; i < park * 1000; i++)
             ;
     }
     uint64_t pages = verify();
