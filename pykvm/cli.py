@@ -81,6 +81,7 @@ def main():
       16   guest crashed        18 timeout                20 pykvm internal error
       22   bad memory size      26 bad/incompatible state file (restore)
       30   sandbox: a blocked system call stopped the VMM, or it could not be set up
+      32   bad vNUMA spec (--numa-node, --numa, --numa-distance, --memory-max)
       130  interrupted
     """
 

@@ -40,6 +40,7 @@ class Tuning:
     hysteresis = 2 * MB // PAGE_SIZE          # ignore differences below 2 MiB
     min_interval = 0.02                       # a node is decided at most this often
     request_timeout = 5.0                     # an unanswered balloon/hot-add request is dropped after this
+    cooldown = 1.0                            # no balloon for a node this soon after it was grown
 
 
 class _Request:
@@ -59,6 +60,7 @@ class DynMemSession(Session):
         self.pending: dict[int, _Request] = {}    # node -> its one outstanding request
         self.next_req = 1
         self.last_decided = [0.0] * len(self.dm.nodes)
+        self.last_grown = [-1e9] * len(self.dm.nodes)
         self.counts = {"reports": 0, "coalesced": 0, "clamped": 0, "rejected": 0, "balloon_requests": 0,
                        "ballooned_pages": 0, "unballooned_pages": 0, "hotadds": 0, "hotadded_pages": 0,
                        "timeouts": 0}
@@ -144,6 +146,11 @@ class DynMemSession(Session):
         d = balancer.decide(view, headroom, Tuning.hotadd_block, Tuning.hysteresis)
         if d.action == "none":
             return
+        now = time.monotonic()
+        if d.action == "balloon" and now - self.last_grown[n.index] < Tuning.cooldown:
+            return                  # memory just given takes a moment to show up as committed
+        if d.action != "balloon":
+            self.last_grown[n.index] = now
         req = self.next_req
         self.next_req = (req + 1) & 0xFFFFFFFF or 1
         if d.action == "balloon":
