@@ -239,7 +239,8 @@ class VM:
                  irqchip: str = "split", exit_port: int | None = None, trace_io: bool = False,
                  strict_io: bool = False, load_addr: int | None = None, entry_mode: int = 64,
                  restart_intensity: int = 5, restart_period: float = 60.0, on_device_failure: str = "remove",
-                 sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT):
+                 sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT, numa: dict | None = None,
+                 memory_log=None):
         from .artifacts import resolve_kernel
         from .machine import MachineConfig
 
@@ -262,7 +263,8 @@ class VM:
             crash_dir=Path(crash_dir) if crash_dir is not None else None, trust=trust,
             restart_intensity=restart_intensity, restart_period=restart_period,
             on_device_failure=on_device_failure, bus=bus, disks=[disk_spec(d) for d in disks],
-            devices=[_device_spec(d) for d in devices], sandbox=sandbox, **options)
+            devices=[_device_spec(d) for d in devices], sandbox=sandbox, numa=numa,
+            memory_log=Path(memory_log) if memory_log is not None else None, **options)
         self._launch(cfg, None, console, serial_input, capture, start, max_transcript)
 
     @classmethod

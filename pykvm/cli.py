@@ -127,6 +127,7 @@ def main():
       22   bad memory size      24 not a readable core (inspect)
       26   bad/incompatible state file (restore)          28 --serial/--crash-dir not writable
       30   sandbox: a blocked system call stopped the VMM, or it could not be set up
+      32   bad vNUMA spec (--numa-node, --numa, --numa-distance, --memory-max)
       130  interrupted
     """
 
@@ -167,10 +168,20 @@ def main():
 @click.option("--gdb", "gdb_spec", metavar="tcp::PORT|unix:PATH",
               help="Serve gdb's remote protocol here (gdb: target remote :PORT); port 0 picks a free one.")
 @click.option("--gdb-wait", is_flag=True, help="With --gdb: run no guest code until gdb connects and continues.")
+@click.option("--numa-node", "numa_nodes", multiple=True, metavar="mem=SIZE,cpus=A-B[,min=,max=,hotadd=,buffer=PCT]",
+              help="A virtual NUMA node (repeat per node); implies the dynamic memory service on the bus.")
+@click.option("--numa", "numa_count", type=int, default=None, metavar="N",
+              help="Split --mem and --cpus evenly into N virtual NUMA nodes.")
+@click.option("--numa-distance", default=None, metavar="MATRIX",
+              help="Node distances: rows '10,21;21,10' or pairs '0-1=21' (default 10 local, 20 remote).")
+@click.option("--memory-max", default=None, metavar="SIZE", help="vNUMA: most RAM the balancer gives the VM in total.")
+@click.option("--memory-log", type=click.Path(dir_okay=False), default=None,
+              help="vNUMA: write the dynamic memory timeline here as JSON lines (chart: scripts/memory_chart.py).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, sandbox, gdb_spec, gdb_wait, debug):
+        bus, disks, sandbox, gdb_spec, gdb_wait, numa_nodes, numa_count, numa_distance, memory_max, memory_log,
+        debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -182,22 +193,32 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     intensity, period = int(m.group(1)), float(m.group(2))
     if gdb_wait and not gdb_spec:
         raise click.BadParameter("needs --gdb", param_hint="--gdb-wait")
+    ctx = click.get_current_context()
+    given = lambda name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT  # noqa: E731
 
     def go():
         from .api import VM
+        from .memory import numa as numa_spec
 
         size = parse_size(mem)
+        nodes = numa_spec.from_options(numa_nodes, numa_count, numa_distance, size if given("mem") else None,
+                                       cpus if given("cpus") else None,
+                                       numa_spec.parse_size(memory_max, "--memory-max") if memory_max else None)
+        vcpus, ram = cpus, size
+        if nodes is not None:
+            vcpus, ram = nodes.cpus, nodes.mem
         if not no_dump:
             _check_crash_dir(crash_dir)
         serial_out, close_fd = _serial_sink(serial)
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
         try:
-            with VM(kernel, mem=size, cpus=cpus, cmdline=cmdline, initrd=initrd, console=serial_out, capture=False,
+            with VM(kernel, mem=ram, cpus=vcpus, cmdline=cmdline, initrd=initrd, console=serial_out, capture=False,
                     serial_input=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                     trace_io=trace_io, strict_io=strict_io, load_addr=flat_addr, entry_mode=int(entry_mode),
                     crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
                     restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
-                    sandbox=sandbox == "on", start=False) as vm:
+                    sandbox=sandbox == "on", numa=nodes.as_json() if nodes is not None else None,
+                    memory_log=memory_log, start=False) as vm:
                 stub = None
                 if gdb_spec:
                     from .machine import gdbstub
@@ -411,7 +432,12 @@ def ctl(socket_path, command, args):
     except OSError as e:
         click.echo(f"pykvm: error: {socket_path}: {e.strerror or e}", err=True)
         sys.exit(EXIT_USAGE)
-    click.echo(json.dumps(reply, indent=2))
+    if command == "numa" and reply.get("ok") and not req.get("json"):
+        from .machine.numa import render
+
+        click.echo(render(reply), nl=False)
+    else:
+        click.echo(json.dumps(reply, indent=2))
     sys.exit(0 if reply.get("ok") else 1)
 
 

@@ -22,6 +22,7 @@ EXIT_BAD_CORE = 24
 EXIT_BAD_STATE = 26
 EXIT_OUTPUT_UNWRITABLE = 28
 EXIT_SANDBOX = 30               # a blocked system call stopped the VMM, or the sandbox could not be set up
+EXIT_BAD_NUMA = 32               # a --numa-node/--numa/--numa-distance spec that cannot describe a machine
 
 
 class PykvmError(Exception):
@@ -94,3 +95,9 @@ class SandboxError(PykvmError):
     """The seccomp sandbox could not be set up (libseccomp missing, crash directory unusable)."""
 
     exit_status = EXIT_SANDBOX
+
+
+class NumaSpecError(PykvmError):
+    """A vNUMA spec that cannot describe a machine (overlapping cpus, sizes that do not add up, a vCPU in no node)."""
+
+    exit_status = EXIT_BAD_NUMA

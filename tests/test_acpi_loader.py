@@ -59,7 +59,9 @@ def test_boot_info_grew_only_at_its_end():
     ffi = abi.ffi
     assert ffi.offsetof("struct pykvm_boot_info", "acpi_rsdp_addr") == ffi.offsetof("struct pykvm_boot_info", "mmap") \
         + ffi.sizeof("struct pykvm_mmap_entry") * abi.PYKVM_MAX_MMAP
-    assert ffi.sizeof("struct pykvm_boot_info") == ffi.offsetof("struct pykvm_boot_info", "acpi_rsdp_addr") + 8
+    assert ffi.offsetof("struct pykvm_boot_info", "numa_info_addr") == \
+        ffi.offsetof("struct pykvm_boot_info", "acpi_rsdp_addr") + 8
+    assert ffi.sizeof("struct pykvm_boot_info") == ffi.offsetof("struct pykvm_boot_info", "numa_info_addr") + 8
 
 
 def test_multiboot_memory_map_reserves_the_tables(mem):

@@ -225,6 +225,46 @@ struct pykvm_boot_info {
     uint32_t reserved0;
     struct pykvm_mmap_entry mmap[16];
     uint64_t acpi_rsdp_addr;   /* guest-physical ACPI RSDP; 0 when there are no tables */
+    /* Added at the end so older guests (which check size >= their sizeof) keep working. */
+    uint64_t numa_info_addr;   /* guest-physical struct pykvm_numa_info; 0 without vNUMA */
+};
+#endif
+
+/* ---- virtual NUMA (pykvm/memory/numa.py) ----
+ * With --numa-node/--numa the boot info points at a struct pykvm_numa_info at
+ * PYKVM_NUMA_INFO_ADDR (the rest of the boot-info page). Node n's RAM is
+ * ranges[0..nr_ranges) (split around the MMIO hole when needed); hotadd_* is
+ * the guest-physical range reserved for growing it (empty at boot: the host
+ * plugs memory there and says so over the dynamic memory service). cpus is a
+ * bitmap of vCPU indexes (bit i of word i / 64). distance[i][j] is the SLIT
+ * entry (10 on the diagonal). */
+#define PYKVM_NUMA_INFO_ADDR 0x13400
+#define PYKVM_NUMA_MAX_NODES 8
+#define PYKVM_NUMA_MAX_RANGES 4
+#define PYKVM_NUMA_MAGIC 0x414d554e
+
+#ifndef __ASSEMBLER__
+struct pykvm_numa_range {
+    uint64_t addr;
+    uint64_t len;
+};
+
+struct pykvm_numa_node {
+    uint32_t nr_ranges;
+    uint32_t nr_cpus;
+    uint64_t cpus[4];
+    struct pykvm_numa_range ranges[4];
+    uint64_t hotadd_addr;
+    uint64_t hotadd_len;
+};
+
+struct pykvm_numa_info {
+    uint32_t magic;            /* PYKVM_NUMA_MAGIC */
+    uint32_t size;             /* sizeof(struct pykvm_numa_info) */
+    uint32_t nr_nodes;
+    uint32_t reserved;
+    uint8_t distance[8][8];
+    struct pykvm_numa_node nodes[8];
 };
 #endif
 #define PYKVM_CRASH_INFO_MAX 4096
@@ -345,6 +385,8 @@ struct pykvm_trap_frame32 {
 #define PYKVM_BUS_IF_SHUTDOWN_HI 0x0000000000000003
 #define PYKVM_BUS_IF_HEARTBEAT_LO 0x5452414548594b50
 #define PYKVM_BUS_IF_HEARTBEAT_HI 0x0000000000000004
+#define PYKVM_BUS_IF_DYNMEM_LO 0x4d454d4e59444b50
+#define PYKVM_BUS_IF_DYNMEM_HI 0x0000000000000005
 
 #ifndef __ASSEMBLER__
 struct pykvm_bus_msg {
@@ -463,7 +505,59 @@ struct pykvm_bus_open_result {
 #define PYKVM_HEARTBEAT_V1_0 0x10000
 #define PYKVM_HEARTBEAT_OP_BEAT 1
 
+/* dynamic memory v1.0 (pykvm/bus/services/dynmem.py), in-band both ways.
+ * guest -> host STATUS: a pykvm_dm_msg then nr_nodes pykvm_dm_node_status,
+ *   sent periodically and whenever a node's numbers change much. Pages are
+ *   4 KiB. total = pages the node has online now (boot RAM + hot-added -
+ *   ballooned); committed = pages in use; free = pages the allocator can hand
+ *   out (committed + free <= total). pressure = committed * 1000 / total
+ *   (per mille; above 1000 means demand the node could not meet: the
+ *   allocator adds the pages it was asked for and failed to give,
+ *   i.e. (committed + unmet) * 1000 / total, at most PYKVM_DM_PRESSURE_MAX).
+ * host -> guest BALLOON (node, req, pages): give back up to `pages` pages of
+ *   that node. The guest answers with BALLOON_RESP messages (same node and
+ *   req) listing page ranges; the last carries PYKVM_DM_FLAG_LAST (it may
+ *   return fewer pages than asked, none included).
+ * host -> guest UNBALLOON (node, req, ranges): these pages are the guest's
+ *   again (they read as zero).
+ * host -> guest HOTADD (node, req, one range): new RAM of that node is
+ *   online at that range; the guest answers HOTADD_ACK (same req; status
+ *   PYKVM_BUS_OK or PYKVM_BUS_E_INVALID). */
+#define PYKVM_DYNMEM_V1_0 0x10000
+#define PYKVM_DM_OP_STATUS 1
+#define PYKVM_DM_OP_BALLOON 2
+#define PYKVM_DM_OP_BALLOON_RESP 3
+#define PYKVM_DM_OP_UNBALLOON 4
+#define PYKVM_DM_OP_HOTADD 5
+#define PYKVM_DM_OP_HOTADD_ACK 6
+#define PYKVM_DM_FLAG_LAST 1
+#define PYKVM_DM_MAX_RANGES 128
+#define PYKVM_DM_PRESSURE_MAX 10000
+
 #ifndef __ASSEMBLER__
+struct pykvm_dm_msg {
+    uint32_t op;               /* PYKVM_DM_OP_* */
+    uint32_t node;             /* STATUS: nr_nodes that follow */
+    uint32_t req;              /* request id (the host's); STATUS: sequence number */
+    uint32_t flags;            /* PYKVM_DM_FLAG_* */
+    uint64_t pages;            /* BALLOON: pages wanted; HOTADD_ACK: status */
+    uint32_t nr_ranges;        /* pykvm_dm_range entries that follow */
+    uint32_t reserved;
+};
+
+struct pykvm_dm_range {
+    uint64_t pfn;
+    uint64_t count;            /* pages */
+};
+
+struct pykvm_dm_node_status {
+    uint32_t node;
+    uint32_t pressure;         /* per mille, see above */
+    uint64_t total;
+    uint64_t committed;
+    uint64_t free;
+};
+
 struct pykvm_echo_msg {
     uint32_t op;
     uint32_t len;              /* bytes of data after this header */

@@ -48,7 +48,7 @@ def memory_map(ram_spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
 
 
 def pykvm_boot_info(mmap: list[tuple[int, int, int]], nr_cpus: int, cmdline_len: int, ram_top: int,
-                    initrd: Module | None, acpi_rsdp: int = 0) -> bytes:
+                    initrd: Module | None, acpi_rsdp: int = 0, numa_info: int = 0) -> bytes:
     """The `struct pykvm_boot_info` bytes for PYKVM_BOOTINFO_ADDR."""
     ffi = abi.ffi
     bi = ffi.new("struct pykvm_boot_info *")
@@ -60,6 +60,7 @@ def pykvm_boot_info(mmap: list[tuple[int, int, int]], nr_cpus: int, cmdline_len:
     bi.cmdline_len = cmdline_len
     bi.ram_top = ram_top
     bi.acpi_rsdp_addr = acpi_rsdp
+    bi.numa_info_addr = numa_info
     if initrd:
         bi.initrd_addr, bi.initrd_len = initrd.addr, initrd.size
     entries = mmap[:abi.PYKVM_MAX_MMAP]
@@ -94,3 +95,27 @@ def multiboot_info(base: int, mmap: list[tuple[int, int, int]], cmdline_addr: in
     struct.pack_into("<II", info, 44, len(mmap_blob), mmap_addr)
     struct.pack_into("<I", info, 64, loader_name_at)
     return bytes(info) + mmap_blob + bytes(mods_blob), bytes(names)
+
+
+def numa_info(cfg, layouts) -> bytes:
+    """The `struct pykvm_numa_info` bytes for PYKVM_NUMA_INFO_ADDR (cfg: memory.numa.NumaConfig)."""
+    ffi = abi.ffi
+    ni = ffi.new("struct pykvm_numa_info *")
+    ni.magic = abi.PYKVM_NUMA_MAGIC
+    ni.size = ffi.sizeof(ni[0])
+    ni.nr_nodes = len(cfg.nodes)
+    for i, row in enumerate(cfg.distances):
+        for j, d in enumerate(row):
+            ni.distance[i][j] = d
+    for n, (spec, lay) in enumerate(zip(cfg.nodes, layouts)):
+        node = ni.nodes[n]
+        if len(lay.ranges) > abi.PYKVM_NUMA_MAX_RANGES:
+            raise ValueError(f"node {n} has {len(lay.ranges)} RAM ranges; the boot info holds {abi.PYKVM_NUMA_MAX_RANGES}")
+        node.nr_ranges = len(lay.ranges)
+        for i, (addr, length) in enumerate(lay.ranges):
+            node.ranges[i].addr, node.ranges[i].len = addr, length
+        node.nr_cpus = len(spec.cpus)
+        for c in spec.cpus:
+            node.cpus[c // 64] |= 1 << (c % 64)
+        node.hotadd_addr, node.hotadd_len = lay.hotadd
+    return bytes(ffi.buffer(ni))

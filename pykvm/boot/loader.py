@@ -73,6 +73,14 @@ def _acpi_tables(mem: GuestMemory, nr_cpus: int, topology: acpi.Topology | None,
     return acpi.build_tables(topology, platform if platform is not None else acpi.Platform())
 
 
+def numa_topology(ncfg, layouts, nr_cpus: int) -> acpi.Topology:
+    """The ACPI view of a vNUMA layout: vCPU i has APIC id i; hot-add ranges are hot-pluggable."""
+    nodes = tuple(acpi.Node(cpus=tuple(spec.cpus), memory=tuple(lay.ranges),
+                            hotplug=(lay.hotadd,) if lay.hotadd[1] else ())
+                  for spec, lay in zip(ncfg.nodes, layouts))
+    return acpi.Topology(apic_ids=tuple(range(nr_cpus)), nodes=nodes, distances=ncfg.distances)
+
+
 def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
     mem.write(seg.paddr, seg.data)
     if seg.memsz > len(seg.data):  # bss; RAM may hold an earlier boot's bytes when reused
@@ -104,14 +112,23 @@ def _reserve(mmap: list[tuple[int, int, int]], start: int, end: int) -> list[tup
 
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
          argv0: str = "", initrd: Path | None = None, acpi_platform: acpi.Platform | None = None,
-         acpi_topology: acpi.Topology | None = None, *, gib_pages: bool = False, phys_bits: int = 0) -> BootPlan:
+         acpi_topology: acpi.Topology | None = None, numa=None, *, gib_pages: bool = False,
+         phys_bits: int = 0) -> BootPlan:
     """Write everything the guest needs at boot into `mem` and return the BSP's entry state.
 
     Every guest gets ACPI tables; `acpi_platform` says which interrupt controllers and PM
     ports they advertise (default: LAPICs only), `acpi_topology` the vNUMA layout (default:
     vCPU i has APIC id i, no nodes). gib_pages: the guest's CPUID offers 1 GiB pages
     (boot.cpu.gib_pages_offered); phys_bits: its MAXPHYADDR (boot.cpu.phys_addr_bits), 0 when unknown.
+    `numa` is (memory.numa.NumaConfig, [NodeLayout]): the
+    nodes go into the SRAT/SLIT and the boot info's NUMA block, and the boot page tables also
+    map the hot-add ranges (so memory plugged in later is reachable without new tables).
     """
+    map_top = mem.top
+    if numa is not None:
+        ncfg, layouts = numa
+        acpi_topology = numa_topology(ncfg, layouts, nr_cpus)
+        map_top = max([map_top] + [b + n for b, n in (lay.hotadd for lay in layouts)])
     acpi_tables = _acpi_tables(mem, nr_cpus, acpi_topology, acpi_platform)
     for i, seg in enumerate(image.segments):
         _check_fits(mem, seg, f"kernel segment {i}")
@@ -166,16 +183,20 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
         top = mem.regions[-1]
         floor = max(top.gpa, 1 << 20, top.end - MAX_TABLE_SPILL,
                     *(s.pend for s in image.segments), *(m.addr + m.size for m in modules))
-        pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt,
+        pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, map_top, virt,
                                      gib_pages=gib_pages, spill_top=top.end, spill_floor=floor)
         for addr, data in pts.chunks():
             mem.write(addr, data)
         if pts.spill_range is not None:
             mmap = _reserve(mmap, *pts.spill_range)
         cr3 = pts.root
+        numa_at = 0
+        if numa is not None:
+            mem.write(abi.PYKVM_NUMA_INFO_ADDR, bootinfo.numa_info(*numa))
+            numa_at = abi.PYKVM_NUMA_INFO_ADDR
         mem.write(abi.PYKVM_BOOTINFO_ADDR,
                   bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None,
-                                           acpi_rsdp=acpi_tables.rsdp_addr))
+                                           acpi_rsdp=acpi_tables.rsdp_addr, numa_info=numa_at))
         entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
                            gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
     return BootPlan(entry, image, modules, mmap, raw, acpi_tables)

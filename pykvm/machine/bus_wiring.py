@@ -9,7 +9,7 @@ from .. import errors
 
 def wants_bus(cfg) -> bool:
     """True when the VM gets a bus: --bus, a --disk, or --device bus."""
-    return bool(cfg.bus or cfg.disks or any(name == "bus" for name, _o in cfg.devices))
+    return bool(cfg.bus or cfg.disks or cfg.numa or any(name == "bus" for name, _o in cfg.devices))
 
 
 def build_bus(machine):
@@ -34,6 +34,8 @@ def build_bus(machine):
             d.close()
         raise errors.UsageError(str(e)) from None
     services += [BlockService(d) for d in disks]
+    if machine.numa is not None:
+        services.append(machine.numa.make_service())
     log = lambda msg: print(f"pykvm: bus: {msg}", file=sys.stderr)  # noqa: E731
     doorbells = Doorbells(machine.vm, on_error=lambda relid, e: log(f"channel {relid}: {type(e).__name__}: {e}"))
     try:

@@ -40,6 +40,8 @@ class MachineConfig:
     bus: bool = False                # give the guest a partition bus (implied by disks or --device bus)
     disks: list = field(default_factory=list)     # block devices on the bus: [(path, read_only)]
     sandbox: bool = False            # seccomp-confine this process once set up (the CLI turns it on)
+    numa: dict | None = None         # vNUMA: memory.numa.NumaConfig.as_json() (implies a bus with dynamic memory)
+    memory_log: Path | None = None   # JSON lines of the dynamic memory timeline (vNUMA only)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .bus_wiring import build_bus
 from .config import MIN_MEMORY, MachineConfig, Outcome
 from .dumps import Dumper
 from .faults import Faults
+from .numa import MachineNuma
 from .pausing import Pauser, install_kick_handler
 from .requests import MainThreadQueue
 from .vcpu_loop import VcpuLoop
@@ -57,6 +58,7 @@ class Machine:
         self.bus = None                  # bus.host.BusHost when the config asks for a partition bus
         self.bus_final: dict | None = None
         self.debugger = None             # a gdbstub.GdbStub while one is attached
+        self.numa = None                 # numa.MachineNuma with --numa-node / --numa
         self.windows = WindowSync(self)
         self.pauser = Pauser(self)
         self.requests = MainThreadQueue()
@@ -90,7 +92,16 @@ class Machine:
             raise errors.UsageError(f"--cpus {cfg.cpus}: this host's KVM allows at most {max_vcpus}")
         self.vm = self.kvm.create_vm()
         try:
-            self.memory = GuestMemory.create(cfg.mem, abi.PYKVM_MMIO_HOLE)
+            self.numa = MachineNuma.from_config(self)
+        except errors.NumaSpecError as e:
+            if restoring:                   # the topology came from the state file
+                raise errors.BadStateError(f"state file: vNUMA configuration: {e}") from None
+            raise
+        try:
+            if self.numa is not None:
+                self.memory = self.numa.create_memory()
+            else:
+                self.memory = GuestMemory.create(cfg.mem, abi.PYKVM_MMIO_HOLE)
         except GuestMemoryError as e:
             raise errors.MemorySizeError(str(e)) from None
         except OSError as e:
@@ -116,7 +127,8 @@ class Machine:
                                        argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
                                        acpi_platform=platform_for_irqchip(cfg.irqchip),
                                        gib_pages=cpu_setup.gib_pages_offered(supported),
-                                       phys_bits=cpu_setup.phys_addr_bits(supported))
+                                       phys_bits=cpu_setup.phys_addr_bits(supported),
+                                       numa=self.numa.boot_arg() if self.numa is not None else None)
 
         nx = cpu_setup.nx_supported(supported)
         from ..kvm.abi import ffi as kffi
@@ -265,6 +277,7 @@ class Machine:
             "windows": self.windows.info(),
             "coalesced": self.windows.ring_stats.as_dict(),
             "bus": self.bus.snapshot() if self.bus is not None else None,
+            "numa": self.numa.snapshot() if self.numa is not None else None,
         }
 
     # ---------------------------------------------------------------- teardown
@@ -280,6 +293,8 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if self.numa is not None:
+            self.numa.close()
         if self.kvm is not None:
             self.kvm.close()
             self.kvm = None

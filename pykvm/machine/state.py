@@ -63,7 +63,7 @@ DIGEST = 32
 MAX_HEADER = 64 << 20
 MSR_TSC_DEADLINE = 0x6E0
 # MachineConfig fields that belong to one run, not to the VM: never saved, given anew at restore
-RUN_ONLY = ("serial_out", "serial_in", "serial_unbuffered", "timeout", "crash_dir", "sandbox")
+RUN_ONLY = ("serial_out", "serial_in", "serial_unbuffered", "timeout", "crash_dir", "sandbox", "memory_log")
 PATH_FIELDS = ("kernel", "initrd")
 
 
@@ -245,6 +245,9 @@ def _capture(machine, pieces: list) -> tuple[dict, list]:
     policy = getattr(machine, "policy", None)
     if policy is not None and hasattr(policy, "get_state"):
         header["policy"] = policy.get_state()   # shadow registers: guest-visible values the policy keeps
+    numa = getattr(machine, "numa", None)
+    if numa is not None and numa.dm is not None:
+        header["numa"] = numa.dm.get_state()    # hot-added regions and ballooned ranges per node
     return header, pieces
 
 
@@ -452,6 +455,7 @@ def apply_state(machine, saved: SavedState) -> None:
 
 def _apply(machine, saved: SavedState) -> None:
     h = saved.header
+    _apply_numa(machine, h)
     # RAM: same layout, then the saved runs
     layout = [(r.gpa, r.size) for r in machine.memory.regions]
     saved_layout = [(int(r["gpa"]), int(r["size"])) for r in h["memory"]["regions"]]
@@ -488,6 +492,19 @@ def _apply(machine, saved: SavedState) -> None:
             machine.vm.set_clock(int(h["clock"]))
         except KvmError:
             pass
+
+
+def _apply_numa(machine, h: dict) -> None:
+    """Re-plug hot-added regions and re-mark ballooned pages (before RAM is compared and loaded)."""
+    numa = getattr(machine, "numa", None)
+    if "numa" not in h:
+        return
+    if numa is None or numa.dm is None:
+        raise _incompatible("the saved VM has vNUMA dynamic memory state but this machine has no nodes")
+    try:
+        numa.dm.set_state(h["numa"])
+    except ValueError as e:
+        raise BadStateError(f"malformed state file: vNUMA: {e}") from None
 
 
 def _apply_devices(machine, saved: SavedState) -> None:

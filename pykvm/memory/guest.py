@@ -38,7 +38,7 @@ class GuestMemory:
         for a, b in zip(self.regions, self.regions[1:]):
             if a.end > b.gpa:
                 raise GuestMemoryError(f"RAM regions {a.name} and {b.name} overlap")
-        self._starts = [r.gpa for r in self.regions]
+        self._index = (self.regions, [r.gpa for r in self.regions])
 
     @classmethod
     def create(cls, size: int, hole_start: int) -> "GuestMemory":
@@ -53,6 +53,29 @@ class GuestMemory:
             raise
         return cls(regions)
 
+    @classmethod
+    def create_nodes(cls, layouts) -> "GuestMemory":
+        """One memfd region per vNUMA node range (numa.NodeLayout list), each tagged with its node."""
+        regions = []
+        try:
+            for n, lay in enumerate(layouts):
+                for i, (gpa, length) in enumerate(lay.ranges):
+                    regions.append(MemoryRegion(gpa, length, name=f"node{n}-ram{i}", node=n))
+        except BaseException:
+            for r in regions:
+                r.close()
+            raise
+        return cls(regions)
+
+    def add_region(self, region: MemoryRegion) -> None:
+        """Plug a region in (hot-add); readers on other threads see the old or the new list, never half."""
+        regions = sorted(self.regions + [region], key=lambda r: r.gpa)
+        for a, b in zip(regions, regions[1:]):
+            if a.end > b.gpa:
+                raise GuestMemoryError(f"RAM regions {a.name} and {b.name} overlap")
+        self._index = (regions, [r.gpa for r in regions])
+        self.regions = regions
+
     @property
     def size(self) -> int:
         """Total bytes of RAM."""
@@ -65,10 +88,11 @@ class GuestMemory:
 
     def region_of(self, gpa: int, length: int = 1) -> MemoryRegion | None:
         """The region holding all of [gpa, gpa+length), or None."""
-        i = bisect.bisect_right(self._starts, gpa) - 1
+        regions, starts = self._index      # one read: a hot-add may swap both
+        i = bisect.bisect_right(starts, gpa) - 1
         if i < 0:
             return None
-        r = self.regions[i]
+        r = regions[i]
         return r if length >= 0 and r.contains(gpa, length) else None
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
