@@ -92,6 +92,7 @@ class VcpuLoop:
         masks = _MASK
         reads = m.devices.live_port_reads
         writes = m.devices.live_port_writes
+        hot = m.hot_io_exits[vcpu.index]   # [n]: exits this loop handles inline (the slow path counts its own)
         EXIT_IO = C.KVM_EXIT_IO
         while True:
             if run():
@@ -105,11 +106,13 @@ class VcpuLoop:
                 if direction:
                     h = writes.get(port)
                     if h is not None:
+                        hot[0] += 1
                         h[0](port - h[1], size, unpack[size](mm, off)[0])
                         continue
                 else:
                     h = reads.get(port)
                     if h is not None:
+                        hot[0] += 1
                         pack[size](mm, off, h[0](port - h[1], size) & masks[size])
                         continue
             self._exit_slow(vcpu, mm, reason)
