@@ -13,6 +13,11 @@ from .events import StrictIoViolation
 from .lifecycle import CallbackFailed, Lifecycle
 
 
+# Distinct unclaimed addresses remembered; past this a guest walking the address space only
+# raises `unclaimed_other`, so the VMM's memory stays bounded whatever the guest touches.
+UNCLAIMED_KEYS = 1024
+
+
 def _all_ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
@@ -36,6 +41,7 @@ class DeviceManager:
         self._mmio_starts: list[int] = []
         self._mmio: list[list] = []               # [base, length, owner, read_cb | None, write_cb | None]
         self.unclaimed: Counter = Counter()
+        self.unclaimed_other = 0                  # accesses to addresses past the first UNCLAIMED_KEYS
         self.outside_d0: Counter = Counter()
         self.trace = trace_io
         self.strict = strict_io
@@ -252,13 +258,27 @@ class DeviceManager:
 
     def unclaimed_access(self, kind: str, addr: int, size: int, is_write: bool, value: int = 0) -> int:
         """Real-hardware behaviour for an address no device decodes: reads all ones, writes dropped."""
-        self.unclaimed[(kind, addr, "w" if is_write else "r")] += 1
+        key = (kind, addr, "w" if is_write else "r")
+        counts = self.unclaimed
+        if key in counts or len(counts) < UNCLAIMED_KEYS:
+            counts[key] += 1
+        else:
+            self.unclaimed_other += 1
         if self.trace:
             what = f"write {value:#x}" if is_write else "read"
             self.trace(f"{kind} {addr:#x} size {size} {what}: unclaimed")
         if self.strict:
             raise StrictIoViolation(kind, addr, size, is_write, value)
         return _all_ones(size)
+
+    def counters(self) -> dict:
+        """Copies of the access counters, safe to take while vCPU threads add to them.
+
+        dict(d) of a plain-keyed dict copies in C without running Python code, so no other
+        thread can change the dict mid-copy; iterating the live dict could fail instead.
+        """
+        return {"unclaimed": dict(self.unclaimed), "unclaimed_other": self.unclaimed_other,
+                "outside_d0": dict(self.outside_d0), "events": list(self.events)}
 
     def inactive_access(self, dev: Device, size: int, is_write: bool) -> int:
         """A device outside D0 answers like nothing is there; the access is counted."""

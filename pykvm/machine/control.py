@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 import threading
+import time
 
-MAX_REQUEST = 64 * 1024
+MAX_REQUEST = 64 * 1024          # bytes in one request line
+MAX_DEPTH = 16                   # nesting of [ and { in one request (requests are flat objects)
+MAX_CLIENTS = 256                # connections served at once; more wait in the listen backlog
+MAX_REPLY_BACKLOG = 4 << 20      # unsent reply bytes a client may leave unread before it is dropped
+IDLE_TIMEOUT = 30.0              # a connection silent this long is closed (it blocks nobody meanwhile)
 COMMANDS: dict = {}
 
 
@@ -24,8 +30,66 @@ def command(name: str):
     return deco
 
 
+def nesting_depth(line: bytes) -> int:
+    """Deepest [ / { nesting in a JSON text, skipping strings; computed without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:        # backslash
+                escaped = True
+            elif b == 0x22:
+                in_string = False
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_request(line: bytes) -> dict:
+    """One request line as a dict with a string 'cmd'; ValueError with a one-line reason otherwise."""
+    if len(line) > MAX_REQUEST:
+        raise ValueError(f"request longer than {MAX_REQUEST} bytes")
+    if nesting_depth(line) > MAX_DEPTH:
+        raise ValueError(f"request nested deeper than {MAX_DEPTH} levels")
+    try:
+        req = json.loads(line)
+    except RecursionError:  # unreachable after the depth check; kept so no input can end the thread
+        raise ValueError("request nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        raise ValueError("expected a JSON object with a string 'cmd'")
+    return req
+
+
+class _Client:
+    """One connection's buffers."""
+
+    __slots__ = ("sock", "inbuf", "outbuf", "last", "closing")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.last = time.monotonic()
+        self.closing = False
+
+
 class ControlServer:
-    """Accepts connections on `path` and forwards each request to the machine's main thread."""
+    """Serves every connection on `path` from one thread with a selector.
+
+    No client can block another: sockets are non-blocking, a partial line just waits in its
+    client's buffer, replies are queued per client, and idle connections are closed after
+    IDLE_TIMEOUT. Requests run one at a time on the machine's main thread (Machine.call).
+    """
 
     def __init__(self, machine, path: str):
         self.machine = machine
@@ -35,69 +99,171 @@ class ControlServer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         os.chmod(path, 0o600)
-        self.sock.listen(4)
+        self.sock.listen(socket.SOMAXCONN)
+        self.sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = False
+        self._listening = True
+        self._busy = False               # a request is running (its reply is not queued yet)
+        self.clients: dict = {}
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self.thread.start()
 
+    # ------------------------------------------------------------ the serving thread
     def _serve(self) -> None:
-        while True:
+        try:
+            while not self._stop:
+                for key, events in self.sel.select(timeout=1.0):
+                    if key.data == "wake":
+                        continue
+                    if key.data is None:
+                        self._accept()
+                    else:
+                        self._service(key.data, events)
+                self._expire()
+        finally:
+            for c in list(self.clients.values()):
+                self._drop(c)
+
+    def _accept(self) -> None:
+        while len(self.clients) < MAX_CLIENTS:
             try:
                 conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                return  # closed
-            with conn:
-                conn.settimeout(30)
-                try:
-                    self._handle(conn)
-                except (OSError, ValueError):
-                    pass
-
-    def _handle(self, conn) -> None:
-        buf = b""
-        while True:
-            chunk = conn.recv(4096)
-            if not chunk:
                 return
-            buf += chunk
-            if len(buf) > MAX_REQUEST:
-                conn.sendall(b'{"ok": false, "error": "request too large"}\n')
-                return
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                conn.sendall(json.dumps(self.dispatch(line)).encode() + b"\n")
+            conn.setblocking(False)
+            c = _Client(conn)
+            self.clients[conn.fileno()] = c
+            self.sel.register(conn, selectors.EVENT_READ, c)
+        if len(self.clients) >= MAX_CLIENTS and self._listening:  # the backlog holds the rest until one leaves
+            self.sel.unregister(self.sock)
+            self._listening = False
 
-    def dispatch(self, line: bytes) -> dict:
-        """Run one request line and build the reply."""
+    def _service(self, c: _Client, events: int) -> None:
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-                raise ValueError("expected a JSON object with a string 'cmd'")
+            if events & selectors.EVENT_READ and not c.closing:
+                self._read(c)
+            if c.outbuf:
+                self._write(c)
+        except OSError:
+            self._drop(c)
+            return
+        if c.closing and not c.outbuf:
+            self._drop(c)
+        elif c.sock.fileno() >= 0:
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.outbuf else 0)
+            if c.closing:
+                want = selectors.EVENT_WRITE
+            self.sel.modify(c.sock, want, c)
+
+    def _read(self, c: _Client) -> None:
+        try:
+            chunk = c.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not chunk:
+            c.closing = True
+            return
+        c.last = time.monotonic()
+        c.inbuf += chunk
+        while not c.closing:
+            nl = c.inbuf.find(b"\n")
+            if nl < 0:
+                if len(c.inbuf) > MAX_REQUEST:
+                    self._reply(c, {"ok": False, "error": f"bad request: longer than {MAX_REQUEST} bytes"})
+                    c.closing = True
+                return
+            line = bytes(c.inbuf[:nl])
+            del c.inbuf[:nl + 1]
+            if line.strip():
+                self._busy = True
+                try:
+                    self._reply(c, self.dispatch(line))
+                finally:
+                    self._busy = False
+
+    def _reply(self, c: _Client, reply: dict) -> None:
+        c.outbuf += json.dumps(reply).encode() + b"\n"
+        if len(c.outbuf) > MAX_REPLY_BACKLOG:  # it does not read its replies
+            c.outbuf.clear()
+            c.closing = True
+
+    def _write(self, c: _Client) -> None:
+        try:
+            n = c.sock.send(c.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        del c.outbuf[:n]
+        c.last = time.monotonic()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for c in [c for c in self.clients.values() if now - c.last > IDLE_TIMEOUT]:
+            self._drop(c)
+
+    def _drop(self, c: _Client) -> None:
+        fd = c.sock.fileno()
+        if fd >= 0:
+            try:
+                self.sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                pass
+            self.clients.pop(fd, None)
+            c.sock.close()
+        if not self._listening and not self._stop and len(self.clients) < MAX_CLIENTS:
+            self.sel.register(self.sock, selectors.EVENT_READ, None)
+            self._listening = True
+
+    # ------------------------------------------------------------ requests
+    def dispatch(self, line: bytes) -> dict:
+        """Run one request line and build the reply; never raises."""
+        try:
+            req = parse_request(line)
         except ValueError as e:
             return {"ok": False, "error": f"bad request: {e}"}
         fn = COMMANDS.get(req["cmd"])
         if fn is None:
-            return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {', '.join(sorted(COMMANDS))}"}
+            return {"ok": False, "error": f"unknown command {req['cmd'][:64]!r}; known: {', '.join(sorted(COMMANDS))}"}
         try:
             result = self.machine.call(lambda: fn(self.machine, req))
         except Exception as e:
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        return {"ok": True, **(result or {})}
+        try:
+            return json.loads(json.dumps({"ok": True, **(result or {})}))
+        except (TypeError, ValueError) as e:
+            return {"ok": False, "error": f"reply is not JSON data: {e}"}
 
     def close(self) -> None:
-        """Stop accepting, let a reply in flight (e.g. to `save stop=true`) go out, remove the socket file."""
+        """Stop serving (a reply in flight, e.g. to `save stop=true`, goes out first); remove the socket file."""
         try:
+            self._flush_replies(2.0)
+            self._stop = True
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the serving thread
+                self._wake_w.send(b"x")
             except OSError:
                 pass
-            self.sock.close()
             if self.thread is not threading.current_thread():
                 self.thread.join(2)
+            self.sel.close()
+            self.sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
         finally:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def _flush_replies(self, timeout: float) -> None:
+        """Give queued replies a moment to reach their clients before the connections close."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self._busy or any(c.outbuf for c in list(self.clients.values()))):
+            time.sleep(0.01)
 
 
 def request(path: str, req: dict, timeout: float = 60) -> dict:
