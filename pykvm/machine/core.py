@@ -66,6 +66,9 @@ class Machine:
             self.close()
             raise
 
+    reserved_low = IDENTITY_MAP_ADDR                    # KVM's pages: identity map, then the TSS's three
+    reserved_size = TSS_ADDR + 3 * 0x1000 - IDENTITY_MAP_ADDR
+
     # ---------------------------------------------------------------- build
     def _build(self) -> None:
         cfg = self.config
