@@ -108,9 +108,12 @@ def main():
               help="Past the restart intensity: surprise-remove the device, or stop the VM with a core.")
 @click.option("--trust", type=click.Choice(["trusted", "untrusted"]), default="trusted", show_default=True,
               help="Device access policy level (see `pykvm devices --describe NAME`).")
+@click.option("--device", "device_specs", multiple=True, metavar="NAME[,key=value...]",
+              help="Add a device beyond the default set (repeatable; `pykvm devices` lists them).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust, debug):
+        load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
+        device_specs, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -123,8 +126,14 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
 
     def go():
         from .artifacts import resolve_kernel
+        from .devices.registry import DeviceSpecError, parse_spec
+        from .errors import DeviceConfigError
         from .machine import Machine, MachineConfig
 
+        try:
+            extra_devices = [parse_spec(spec) for spec in device_specs]
+        except DeviceSpecError as e:
+            raise DeviceConfigError(str(e) if str(e).startswith("--device") else f"--device: {e}") from None
         size = parse_size(mem)
         serial_out, close_fd = _serial_sink(serial)
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
@@ -133,7 +142,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             serial_in=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
                             crash_dir=None if no_dump else Path(crash_dir), trust=trust,
-                            restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure)
+                            restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure,
+                            devices=extra_devices)
         try:
             with Machine(cfg) as m:
                 status = _run_machine(m, control_path, trace_io, debug)
@@ -340,15 +350,15 @@ def dump(pid):
 @click.option("--describe", "name", metavar="NAME", help="Print one device's registers and what each trust level gets.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def devices(name, debug):
-    """List the device descriptions the access policy enforces (pykvm/devices/*.toml)."""
+    """List the device types (the default set, and those `run --device NAME` adds); --describe shows one's registers."""
 
     def go():
-        from .devices import description
+        from .devices import description, registry
 
         table = description.shipped()
         if name is None:
-            for d in sorted(table.values(), key=lambda d: d.name):
-                click.echo(f"{d.name:16} {len(d.registers):3} registers  {d.summary}")
+            for line in registry.describe_types():
+                click.echo(line.rstrip())
             return
         if name not in table:
             raise UsageError(f"no device description named {name!r}; known: {', '.join(sorted(table))}")

@@ -15,7 +15,7 @@ from pykvm.machine import state as S
 from pykvm.machine.control import request
 from pykvm.errors import EXIT_BAD_STATE, BadStateError
 
-from .helpers import ROOT, pykvm
+from .helpers import ROOT, WINDOW_POLL_ARGS, WINDOW_POLL_DEVICES, pykvm
 
 BEFORE = (b"window-poll: save\n"
           b"ident: vendor=0x7079 device=0x6b76 version=1.2 caps=0xf serial=PYKVM-IDENT-0001\n"
@@ -116,7 +116,7 @@ class Source:
         self.sock = str(tmp_path / "vm.sock")
         self.serial = tmp_path / "source.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pykvm", "run", "window-poll", "--cmdline", cmdline, "--control", self.sock,
+            [sys.executable, "-m", "pykvm", "run", "window-poll", *WINDOW_POLL_ARGS, "--device", "mailbox", "--cmdline", cmdline, "--control", self.sock,
              "--serial", str(self.serial), "--timeout", "120", "--no-dump", *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -202,14 +202,14 @@ def test_save_is_refused_while_a_device_is_not_in_d0(tmp_path):
     src = Source(tmp_path)
     src.wait_for(b"save: configured")
     try:
-        assert src.ctl(cmd="power", name="mailbox", state="d3")["ok"]
+        assert src.ctl(cmd="power", name="post-code", state="d3")["ok"]
         reply = src.ctl(cmd="save", path=str(tmp_path / "x.state"), stop=True)
-        assert not reply["ok"] and "mailbox is low-power, not D0" in reply["error"], reply
+        assert not reply["ok"] and "post-code is low-power, not D0" in reply["error"], reply
         assert not (tmp_path / "x.state").exists()
         bad = src.ctl(cmd="save", path=str(tmp_path / "missing" / "x.state"))
         assert not bad["ok"] and "does not exist" in bad["error"]
         assert not src.ctl(cmd="save", path=str(tmp_path / "y.state"), stop="maybe")["ok"]
-        assert src.ctl(cmd="power", name="mailbox", state="d0")["ok"]
+        assert src.ctl(cmd="power", name="post-code", state="d0")["ok"]
     finally:
         status, _err, out = src.finish()
     assert (status, out) == (39, BEFORE + AFTER)    # the refused saves did not disturb the guest
@@ -305,7 +305,8 @@ def test_in_process_save_refuses_a_busy_device_then_moves(tmp_path):
     path = tmp_path / "vm.state"
     results = {}
     try:
-        cfg = MachineConfig(kernel=guest("window-poll"), cmdline="save", serial_out=fd, timeout=120, crash_dir=None)
+        cfg = MachineConfig(kernel=guest("window-poll"), cmdline="save", serial_out=fd, timeout=120, crash_dir=None,
+                            devices=WINDOW_POLL_DEVICES)
         with Machine(cfg) as m:
             def drive():
                 deadline = time.monotonic() + 60
