@@ -62,6 +62,12 @@ class Machine:
         self.loop = VcpuLoop(self)
         try:
             self._build()
+        except errors.PykvmError as e:
+            self.close()
+            if restore is not None and not isinstance(e, errors.BadStateError):
+                # everything that describes the VM came from the file: a bad value is a bad file
+                raise errors.BadStateError(f"state file {restore.path}: {e}") from None
+            raise
         except BaseException:
             self.close()
             raise
