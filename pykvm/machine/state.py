@@ -30,6 +30,9 @@ Saving is refused while a device is not in D0, while a device's optional `save_r
 returns a reason (an operation in flight on its own thread), with --irqchip full (in-kernel
 PIC/IOAPIC/PIT state is not saved), or when a vCPU does not pause in time.
 
+Every header field is checked for type and range against one schema (HEADER_SCHEMA below)
+before anything uses it, and any error building the restored machine from the file's
+configuration is reported as a bad file too: a checksum proves integrity, not validity.
 A file is refused (BadStateError, exit status 26) when its magic is wrong, its format version is
 not FORMAT_VERSION, its length does not match the fixed header (truncated or padded), its
 checksum does not match, its header is malformed, or it does not fit this pykvm: a different
