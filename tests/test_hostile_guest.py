@@ -18,8 +18,9 @@ from pykvm.machine.vcpu_loop import VcpuLoop, split_access
 
 from .helpers import ROOT, pykvm
 
-# Operations per trust level (the suite's default; scripts/fuzz_guest.py runs longer).
-HOSTILE_OPS = int(os.environ.get("PYKVM_HOSTILE_OPS", "100000"))
+# Operations per trust level: 2 x 50 000 = 10^5 in the suite (the two runs go in parallel);
+# PYKVM_HOSTILE_OPS raises it, and scripts/fuzz_guest.py runs as long as asked.
+HOSTILE_OPS = int(os.environ.get("PYKVM_HOSTILE_OPS", "50000"))
 HOSTILE_STATUS = (0x21 << 1) | 1
 
 
@@ -117,10 +118,12 @@ def test_hostile_guest_under_both_trust_levels(tmp_path):
     for trust, (status, out, err, samples, (fds0, threads0), crash_dir) in results.items():
         why = f"seed={seed} trust={trust}: {err[-2000:]}"
         assert status == HOSTILE_STATUS, why                              # the guest's own status
-        assert out == f"hostile: seed={seed} ops={HOSTILE_OPS}\nhostile: done\n".encode(), why
+        # between the two lines: whatever random bytes the guest wrote to the UART
+        assert out.startswith(f"hostile: seed={seed} ops={HOSTILE_OPS}\n".encode()), why
+        assert out.endswith(b"hostile: done\n"), why
         assert "Traceback" not in err and "internal error" not in err, why
         assert samples, why
         # no fd or thread leaks while it ran (a dump briefly opens its core file)
         assert max(n for n, _ in samples) <= fds0 + 2, (samples, fds0, why)
         assert max(t for _, t in samples) <= threads0 + 1, (samples, threads0, why)
-    assert len(list((tmp_path / "cores-trusted").glob("*.core"))) >= 1 or "host-requested core" in results["trusted"][2]
+    assert "host-requested core: " in results["trusted"][2]        # dumps read the scribbled boot info
