@@ -97,9 +97,20 @@ class ControlServer:
         if os.path.exists(path):
             os.unlink(path)  # a stale socket from a dead pykvm
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        os.chmod(path, 0o600)
-        self.sock.listen(socket.SOMAXCONN)
+        # bound and listening under a temporary name, then renamed: once the path exists, connects succeed
+        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
+        try:
+            self.sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            self.sock.listen(socket.SOMAXCONN)
+            os.replace(tmp, path)
+        except BaseException:
+            self.sock.close()
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
         self.sock.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
@@ -122,11 +133,22 @@ class ControlServer:
                     if key.data is None:
                         self._accept()
                     else:
-                        self._service(key.data, events)
+                        try:
+                            self._service(key.data, events)
+                        except (OSError, ValueError, KeyError):
+                            if self._stop:
+                                return      # closed under us at shutdown
+                            self._drop(key.data)
                 self._expire()
+        except (OSError, ValueError):
+            if not self._stop:
+                raise
         finally:
             for c in list(self.clients.values()):
-                self._drop(c)
+                try:
+                    self._drop(c)
+                except (OSError, ValueError, KeyError):
+                    pass
 
     def _accept(self) -> None:
         while len(self.clients) < MAX_CLIENTS:
@@ -239,25 +261,26 @@ class ControlServer:
             return {"ok": False, "error": f"reply is not JSON data: {e}"}
 
     def close(self) -> None:
-        """Stop serving (a reply in flight, e.g. to `save stop=true`, goes out first); remove the socket file."""
+        """Stop serving (a reply in flight, e.g. to `save stop=true`, goes out first); remove the socket file.
+
+        The path goes first, so a client never finds a socket file nobody answers.
+        """
         try:
-            self._flush_replies(2.0)
-            self._stop = True
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
-            if self.thread is not threading.current_thread():
-                self.thread.join(2)
-            self.sel.close()
-            self.sock.close()
-            self._wake_r.close()
-            self._wake_w.close()
-        finally:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._flush_replies(2.0)
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self.thread is not threading.current_thread():
+            self.thread.join(2)
+        self.sel.close()
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _flush_replies(self, timeout: float) -> None:
         """Give queued replies a moment to reach their clients before the connections close."""
