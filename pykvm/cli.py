@@ -172,6 +172,9 @@ def _run_machine(m, control_path: str | None, trace_io: bool, debug: bool) -> in
     try:
         outcome = m.run()
     finally:
+        # a dump request arriving after the run has nothing to dump; without this, Python's exit
+        # restores SIGUSR1's default action and a late `pykvm dump` would kill the process
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if server is not None:
             server.close()
     policy_line = m.policy.summary()
