@@ -263,7 +263,7 @@ class VM:
             crash_dir=Path(crash_dir) if crash_dir is not None else None, trust=trust,
             restart_intensity=restart_intensity, restart_period=restart_period,
             on_device_failure=on_device_failure, bus=bus, disks=[disk_spec(d) for d in disks],
-            devices=[_device_spec(d) for d in devices], sandbox=sandbox, numa=numa,
+            devices=[device_spec(d) for d in devices], sandbox=sandbox, numa=numa,
             memory_log=Path(memory_log) if memory_log is not None else None, **options)
         self._launch(cfg, None, console, serial_input, capture, start, max_transcript)
 
@@ -728,7 +728,8 @@ def _choice(name: str, value, allowed: tuple) -> None:
         raise UsageError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
 
 
-def _device_spec(spec) -> tuple[str, dict]:
+def device_spec(spec) -> tuple[str, dict]:
+    """A device as (registry name, options), from `NAME[,key=value...]` or such a pair."""
     from .devices import registry
     from .errors import DeviceConfigError
 
@@ -737,4 +738,4 @@ def _device_spec(spec) -> tuple[str, dict]:
     try:
         return registry.parse_spec(str(spec))
     except registry.DeviceSpecError as e:
-        raise DeviceConfigError(f"--device: {e}") from None
+        raise DeviceConfigError(str(e) if str(e).startswith("--device") else f"--device: {e}") from None

@@ -177,11 +177,13 @@ def main():
 @click.option("--memory-max", default=None, metavar="SIZE", help="vNUMA: most RAM the balancer gives the VM in total.")
 @click.option("--memory-log", type=click.Path(dir_okay=False), default=None,
               help="vNUMA: write the dynamic memory timeline here as JSON lines (chart: scripts/memory_chart.py).")
+@click.option("--device", "device_specs", multiple=True, metavar="NAME[,key=value...]",
+              help="Add a device beyond the default set (repeatable; `pykvm devices` lists them).")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
         bus, disks, sandbox, gdb_spec, gdb_wait, numa_nodes, numa_count, numa_distance, memory_max, memory_log,
-        debug):
+        device_specs, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -197,9 +199,10 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
     given = lambda name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT  # noqa: E731
 
     def go():
-        from .api import VM
+        from .api import VM, device_spec
         from .memory import numa as numa_spec
 
+        extra_devices = [device_spec(spec) for spec in device_specs]    # bad specs: one line, status 10
         size = parse_size(mem)
         nodes = numa_spec.from_options(numa_nodes, numa_count, numa_distance, size if given("mem") else None,
                                        cpus if given("cpus") else None,
@@ -218,7 +221,7 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                     crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
                     restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
                     sandbox=sandbox == "on", numa=nodes.as_json() if nodes is not None else None,
-                    memory_log=memory_log, start=False) as vm:
+                    memory_log=memory_log, devices=extra_devices, start=False) as vm:
                 stub = None
                 if gdb_spec:
                     from .machine import gdbstub
@@ -461,15 +464,15 @@ def dump(pid):
 @click.option("--describe", "name", metavar="NAME", help="Print one device's registers and what each trust level gets.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def devices(name, debug):
-    """List the device descriptions the access policy enforces (pykvm/devices/*.toml)."""
+    """List the device types (the default set, and those `run --device NAME` adds); --describe shows one's registers."""
 
     def go():
-        from .devices import description
+        from .devices import description, registry
 
         table = description.shipped()
         if name is None:
-            for d in sorted(table.values(), key=lambda d: d.name):
-                click.echo(f"{d.name:16} {len(d.registers):3} registers  {d.summary}")
+            for line in registry.describe_types():
+                click.echo(line.rstrip())
             return
         if name not in table:
             raise UsageError(f"no device description named {name!r}; known: {', '.join(sorted(table))}")

@@ -68,7 +68,8 @@ def exit_bench(rounds: int, tmp: Path) -> None:
         best[name] = min(best.get(name, float("inf")), per_exit)
 
     for _ in range(rounds):
-        slope("pykvm", lambda g: pykvm_cmd(str(g), "--load-addr", "0x8000", "--entry-mode", "16"), 1)
+        slope("pykvm", lambda g: pykvm_cmd(str(g), "--load-addr", "0x8000", "--entry-mode", "16",
+                                            "--device", "post-code"), 1)
         slope("C (split irqchip)", lambda g: [str(mon), str(g), "0x80", "0xf4", "split"], 0)
         slope("C (bare)", lambda g: [str(mon), str(g), "0x80", "0xf4"], 0)
     print(f"port-I/O exit round trip (best of {rounds}, slope {SMALL}..{LARGE} exits):")

@@ -29,7 +29,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="pykvm-bench-recovery-")
     out = os.open(os.path.join(tmp, "serial.log"), os.O_WRONLY | os.O_CREAT)
     cfg = MachineConfig(kernel=bundled_guests()["mailbox"], cmdline="work", serial_out=out, timeout=600,
-                        restart_intensity=1_000_000, device_deadline=0.1)
+                        restart_intensity=1_000_000, device_deadline=0.1,
+                        devices=[("mailbox", {}), ("power-control", {})])
     detected: dict[str, list[float]] = {"raise": [], "corrupt": [], "hang": []}
     with Machine(cfg) as m:
         def inject():

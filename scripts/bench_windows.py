@@ -42,7 +42,8 @@ def main() -> None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT)
         marks: dict[int, float] = {}
         phase_exits: dict[int, int] = {}
-        cfg = MachineConfig(kernel=kernel, cmdline=f"bench {args.reads}", serial_out=fd, timeout=600)
+        cfg = MachineConfig(kernel=kernel, cmdline=f"bench {args.reads}", serial_out=fd, timeout=600,
+                            devices=[("identity", {}), ("post-code", {})])
         with Machine(cfg) as m:
             post = m.devices.find("post-code")
             latch = post.io_write

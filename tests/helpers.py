@@ -19,6 +19,13 @@ def pykvm(*args: str, timeout: float = 60, env: dict | None = None, stdin=subpro
                           timeout=timeout, env=full_env, stdin=stdin)
 
 
+# Devices beyond the default set that bundled guests drive (pykvm run --device NAME)
+MAILBOX_DEVICES = [("mailbox", {}), ("power-control", {})]
+WINDOW_POLL_DEVICES = [("identity", {}), ("post-code", {})]
+MAILBOX_ARGS = ("--device", "mailbox", "--device", "power-control")
+WINDOW_POLL_ARGS = ("--device", "identity", "--device", "post-code")
+
+
 def guest(name: str) -> Path:
     """Path of a built bundled guest (builds them on first use)."""
     from pykvm.artifacts import bundled_guests

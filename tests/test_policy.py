@@ -537,8 +537,12 @@ def test_cli_describe_dma_and_list():
     out = r.stdout.decode()
     assert "translate clamp [0x0, 0x1000]" in out and "translate shadow" in out and "translate mask 0x1" in out
     r = pykvm("devices")
-    names = [line.split()[0] for line in r.stdout.decode().splitlines()]
-    assert r.returncode == 0 and names == sorted(D.shipped())
+    rows = [line.split() for line in r.stdout.decode().splitlines()]
+    from pykvm.devices import registry
+
+    assert r.returncode == 0 and sorted(row[0] for row in rows) == sorted(registry.TYPES)
+    assert {row[0] for row in rows if row[1] == "default"} == {
+        "serial", "debug-exit", "pvpanic", "poweroff", "fw-cfg", "firmware-trap"}
     r = pykvm("devices", "--describe", "nope")
     assert r.returncode == 2 and "no device description named 'nope'" in r.stderr.decode()
 

@@ -107,7 +107,7 @@ def run_probe(tmp_path, monkeypatch, trust):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         cfg = machine.MachineConfig(kernel=guest("policy-probe"), serial_out=fd, timeout=60, crash_dir=None,
-                                    trust=trust)
+                                    trust=trust, devices=[("dma", {})])
         with machine.Machine(cfg) as m:
             assert isinstance(m.dma, RecordingDma)
             outcome = m.run()
@@ -155,10 +155,13 @@ def test_probe_output_device_side_effects_and_counts(tmp_path, monkeypatch, trus
 
 
 def test_default_devices_are_described_and_the_hot_ports_stay_unwrapped(tmp_path, monkeypatch):
-    """Under the default trust level the ranges the exit benchmark and guests hammer cost nothing."""
+    """Under the default trust level the ranges the exit benchmark and guests hammer cost nothing (every type built)."""
     import pykvm.machine as machine
 
-    cfg = machine.MachineConfig(kernel=guest("hello"), serial_out=None, timeout=30)
+    from pykvm.devices import registry
+
+    every = [(t.name, {}) for t in registry.TYPES.values() if not t.default]
+    cfg = machine.MachineConfig(kernel=guest("hello"), serial_out=None, timeout=30, devices=every)
     with machine.Machine(cfg) as m:
         for dev in m.devices.devices:
             assert m.policy.description_for(dev) is not None, dev.name
@@ -175,7 +178,7 @@ def test_default_devices_are_described_and_the_hot_ports_stay_unwrapped(tmp_path
 
 
 def test_cli_untrusted_run_prints_the_denial_summary():
-    r = pykvm("run", "policy-probe", "--trust", "untrusted", "--timeout", "30")
+    r = pykvm("run", "policy-probe", "--device", "dma", "--trust", "untrusted", "--timeout", "30")
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout.decode() == expected_output("untrusted")
     err = r.stderr.decode()

@@ -10,7 +10,7 @@ from pykvm.crash.reader import open_core
 from pykvm.devices import State
 from pykvm.devices.mailbox import Mailbox
 
-from .helpers import guest, pykvm
+from .helpers import MAILBOX_ARGS, MAILBOX_DEVICES, guest, pykvm
 
 pytestmark = pytest.mark.kvm
 
@@ -20,7 +20,7 @@ def machine(tmp_path, cmdline="work", **overrides):
 
     out = os.open(tmp_path / "serial.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     cfg = MachineConfig(kernel=guest("mailbox"), cmdline=cmdline, serial_out=out, timeout=60,
-                        crash_dir=tmp_path / "cores", **overrides)
+                        crash_dir=tmp_path / "cores", devices=MAILBOX_DEVICES, **overrides)
     return Machine(cfg), out
 
 
@@ -63,7 +63,7 @@ def in_background(fn):
 
 
 def test_power_state_requests_through_the_register():
-    r = pykvm("run", "mailbox", "--cmdline", "power", "--timeout", "30")
+    r = pykvm("run", "mailbox", *MAILBOX_ARGS, "--cmdline", "power", "--timeout", "30")
     assert r.stdout == b"mailbox: power test\nd3 state=3 data=0xffffffff\nd0 state=0 data=0x1234\nmailbox: power ok\n"
     assert r.returncode == 37
 
@@ -186,7 +186,7 @@ def test_hot_add_through_the_control_channel(tmp_path):
     from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work", "--control", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--control", sock,
                              "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -224,8 +224,7 @@ def test_cli_restart_budget_and_escalation(tmp_path):
     from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work", "--control", sock,
-                             "--timeout", "30",
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--control", sock, "--timeout", "30",
                              "--restart-intensity", "0/60", "--on-device-failure", "crash",
                              "--crash-dir", str(tmp_path / "cores")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

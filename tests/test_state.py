@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pykvm.machine import state as S
 from pykvm.machine.control import request
 from pykvm.errors import EXIT_BAD_STATE, BadStateError
 
-from .helpers import ROOT, pykvm
+from .helpers import ROOT, WINDOW_POLL_ARGS, WINDOW_POLL_DEVICES, pykvm
 
 BEFORE = (b"window-poll: save\n"
           b"ident: vendor=0x7079 device=0x6b76 version=1.2 caps=0xf serial=PYKVM-IDENT-0001\n"
@@ -33,9 +35,19 @@ AFTER = (b"after: ident page unchanged\n"
 
 
 # ------------------------------------------------------------------ the file format (no KVM)
+def minimal_header() -> dict:
+    """The smallest header the schema accepts: one all-zero vCPU, no RAM runs, no devices."""
+    from pykvm.kvm.abi import ffi
+
+    zero = {k: "00" * ffi.sizeof(f"struct kvm_{t}") for k, t in (
+        ("regs", "regs"), ("sregs", "sregs"), ("fpu", "fpu"), ("lapic", "lapic_state"), ("events", "vcpu_events"))}
+    return {"config": {"kernel": "k"}, "vcpus": [{**zero, "mp_state": 0, "msrs": {}}],
+            "memory": {"regions": []}, "devices": []}
+
+
 def sample(tmp_path, header=None, pieces=(b"abc", b"\0" * 4096, b"xyz")) -> Path:
     path = tmp_path / "vm.state"
-    header = header or {"config": {"kernel": "k"}, "vcpus": [], "memory": {"regions": []}, "devices": []}
+    header = header or minimal_header()
     S.write_file(path, header, list(pieces))
     return path
 
@@ -93,7 +105,7 @@ def test_corrupt_files_are_refused(tmp_path, how, message):
 
 def test_a_header_that_is_not_what_pykvm_writes_is_refused(tmp_path):
     with pytest.raises(BadStateError, match="no 'devices'"):
-        S.load_state(sample(tmp_path, header={"config": {}, "vcpus": [], "memory": {}}))
+        S.load_state(sample(tmp_path, header={k: v for k, v in minimal_header().items() if k != "devices"}))
 
 
 def test_machine_config_round_trip():
@@ -116,7 +128,7 @@ class Source:
         self.sock = str(tmp_path / "vm.sock")
         self.serial = tmp_path / "source.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pykvm", "run", "window-poll", "--cmdline", cmdline, "--control", self.sock,
+            [sys.executable, "-m", "pykvm", "run", "window-poll", *WINDOW_POLL_ARGS, "--device", "mailbox", "--cmdline", cmdline, "--control", self.sock,
              "--serial", str(self.serial), "--timeout", "120", "--no-dump", *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -202,14 +214,14 @@ def test_save_is_refused_while_a_device_is_not_in_d0(tmp_path):
     src = Source(tmp_path)
     src.wait_for(b"save: configured")
     try:
-        assert src.ctl(cmd="power", name="mailbox", state="d3")["ok"]
+        assert src.ctl(cmd="power", name="post-code", state="d3")["ok"]
         reply = src.ctl(cmd="save", path=str(tmp_path / "x.state"), stop=True)
-        assert not reply["ok"] and "mailbox is low-power, not D0" in reply["error"], reply
+        assert not reply["ok"] and "post-code is low-power, not D0" in reply["error"], reply
         assert not (tmp_path / "x.state").exists()
         bad = src.ctl(cmd="save", path=str(tmp_path / "missing" / "x.state"))
         assert not bad["ok"] and "does not exist" in bad["error"]
         assert not src.ctl(cmd="save", path=str(tmp_path / "y.state"), stop="maybe")["ok"]
-        assert src.ctl(cmd="power", name="mailbox", state="d0")["ok"]
+        assert src.ctl(cmd="power", name="post-code", state="d0")["ok"]
     finally:
         status, _err, out = src.finish()
     assert (status, out) == (39, BEFORE + AFTER)    # the refused saves did not disturb the guest
@@ -305,7 +317,8 @@ def test_in_process_save_refuses_a_busy_device_then_moves(tmp_path):
     path = tmp_path / "vm.state"
     results = {}
     try:
-        cfg = MachineConfig(kernel=guest("window-poll"), cmdline="save", serial_out=fd, timeout=120, crash_dir=None)
+        cfg = MachineConfig(kernel=guest("window-poll"), cmdline="save", serial_out=fd, timeout=120, crash_dir=None,
+                            devices=WINDOW_POLL_DEVICES)
         with Machine(cfg) as m:
             def drive():
                 deadline = time.monotonic() + 60
@@ -341,3 +354,110 @@ def test_in_process_save_refuses_a_busy_device_then_moves(tmp_path):
         saved.close()
     r = restore(path)
     assert (r.returncode, r.stdout) == (39, AFTER), r.stderr
+
+
+# ------------------------------------------------------------------ hostile headers (issue 9)
+ISSUE_CASES = [
+    ("config-not-a-dict", lambda h: h.update(config=["k"])),
+    ("clock-too-big", lambda h: h.update(clock=1 << 64)),
+    ("msr-too-big", lambda h: h["vcpus"][0]["msrs"].update({"0x10": 1 << 64})),
+    ("mp-state-too-big", lambda h: h["vcpus"][0].update(mp_state=1 << 32)),
+    ("kernel-float", lambda h: h["config"].update(kernel=1.5)),
+    ("mem-null", lambda h: h["config"].update(mem=None)),
+    ("cpus-list", lambda h: h["config"].update(cpus=[1])),
+    ("exit-port-object", lambda h: h["config"].update(exit_port={"a": 1})),
+    ("on-device-failure-unknown", lambda h: h["config"].update(on_device_failure="explode")),
+    ("mem-unaligned", lambda h: h["config"].update(mem=(64 << 20) + 1)),
+    ("cpus-too-many", lambda h: h["config"].update(cpus=300)),
+    ("exit-port-collides", lambda h: h["config"].update(exit_port=0x3F8)),
+    ("device-option-bad", lambda h: h["config"].update(devices=[["mailbox", {"base": "0x99999"}]])),
+    ("device-unknown", lambda h: h["config"].update(devices=[["gadget", {}]])),
+    ("two-vcpus-one-saved", lambda h: h["config"].update(cpus=2)),
+]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name,edit", ISSUE_CASES, ids=[c[0] for c in ISSUE_CASES])
+def test_every_bad_field_of_a_resealed_file_is_status_26(saved_file, tmp_path, name, edit):
+    r = restore(rewrite(saved_file, tmp_path, edit), timeout=60)
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == EXIT_BAD_STATE, lines
+    assert len(lines) == 1 and lines[0].startswith("pykvm: error: "), lines
+
+
+def test_the_config_schema_covers_every_saved_field():
+    import dataclasses
+
+    from pykvm.machine import MachineConfig
+
+    saved = {f.name for f in dataclasses.fields(MachineConfig)} - set(S.RUN_ONLY)
+    assert saved == set(S.CONFIG_SCHEMA)
+
+
+NASTY = st.sampled_from([None, True, False, -1, 0, 1, 2 ** 31, 2 ** 32, 2 ** 63, 2 ** 64 - 1, 2 ** 64, 1.5,
+                         float("inf"), "", "x", "0x10", "zz", [], [1], [[0, 1, 2]], {}, {"a": 1}, "a" * 5000])
+
+
+def _paths(node, path=()):
+    """Every (container path, key) in a JSON tree, skipping the long lists of RAM runs past their first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for i, (k, v) in enumerate(items):
+        if isinstance(node, list) and i > 1:
+            break
+        yield path, k
+        yield from _paths(v, path + (k,))
+
+
+@pytest.fixture(scope="module")
+def saved_parts(saved_file):
+    saved = S.load_state(saved_file)
+    try:
+        return saved.header, saved.section(0, saved.payload_len)
+    finally:
+        saved.close()
+
+
+def _restore_in_process(path) -> int:
+    """0 when the file restores into a machine, else the PykvmError's exit status."""
+    from pykvm.errors import PykvmError
+    from pykvm.machine import Machine
+
+    try:
+        saved = S.load_state(path)
+    except PykvmError as e:
+        return e.exit_status
+    try:
+        cfg = saved.machine_config(serial_out=None, serial_in=None, timeout=1.0, crash_dir=None)
+        with Machine(cfg, restore=saved):
+            return 0
+    except PykvmError as e:
+        assert "\n" not in str(e)
+        return e.exit_status
+    finally:
+        saved.close()
+
+
+@pytest.mark.kvm
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_headers_restore_or_are_refused_with_26(saved_parts, tmp_path, data):
+    import copy
+
+    header, payload = saved_parts
+    h = copy.deepcopy(header)
+    targets = list(_paths(h))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path, key = data.draw(st.sampled_from(targets))
+        node = h
+        try:
+            for k in path:
+                node = node[k]
+            if data.draw(st.booleans()) and isinstance(node, dict):
+                node.pop(key, None)
+            else:
+                node[key] = data.draw(NASTY)
+        except (KeyError, IndexError, TypeError):
+            continue   # an earlier mutation replaced a container on the way
+    out = tmp_path / "mutated.state"
+    S.write_file(out, h, [payload])
+    assert _restore_in_process(out) in (0, EXIT_BAD_STATE)

@@ -18,7 +18,7 @@ from pykvm.devices.identity import Identity, log_hash
 from pykvm.devices.memwindow import RING_ENTRY, RING_HEADER, RING_MAX, RingStats, drain_ring
 from pykvm.kvm import constants as C
 
-from .helpers import guest, pykvm
+from .helpers import WINDOW_POLL_DEVICES, guest, pykvm
 
 BASE = abi.PYKVM_IDENT_BASE
 POLL_OUTPUT = (b"window-poll: poll\n"
@@ -314,7 +314,7 @@ def run_guest(tmp_path, cmdline, prepare=None, **overrides):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         cfg = MachineConfig(kernel=guest("window-poll"), cmdline=cmdline, serial_out=fd, timeout=120,
-                            crash_dir=None, **overrides)
+                            crash_dir=None, devices=WINDOW_POLL_DEVICES, **overrides)
         with Machine(cfg) as m:
             if prepare:
                 prepare(m)
@@ -417,5 +417,5 @@ def test_windows_map_on_d0_and_unmap_on_leaving_it_with_hot_plug(tmp_path):
 
 @pytest.mark.kvm
 def test_existing_guests_do_not_notice_the_identity_device():
-    r = pykvm("run", "hello", "--timeout", "30")
+    r = pykvm("run", "hello", "--device", "identity", "--timeout", "30")
     assert r.stdout == b"Hello from pykvm!\ncpus=1 ram=128M\ncmdline=\n" and r.returncode == 0

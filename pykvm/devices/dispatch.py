@@ -13,6 +13,12 @@ from .lifecycle import CallbackFailed, Lifecycle
 from .tally import BoundedTally
 
 
+# Distinct unclaimed addresses remembered; past this a guest walking the address space only
+# raises `unclaimed_other`, so the VMM's memory stays bounded whatever the guest touches.
+UNCLAIMED_KEYS = 1024
+MMIO_LIMIT = 1 << 52           # guest-physical addresses x86-64 can express
+
+
 def _all_ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
@@ -35,8 +41,9 @@ class DeviceManager:
         self.live_port_writes: dict[int, tuple] = {}
         self._mmio_starts: list[int] = []
         self._mmio: list[list] = []               # [base, length, owner, read_cb | None, write_cb | None]
+        self.reserved: list[tuple[int, int, str]] = []   # guest-physical ranges no device may claim
         # the guest picks these keys: bounded, and readable while vCPU threads count
-        self.unclaimed = BoundedTally()
+        self.unclaimed = BoundedTally(UNCLAIMED_KEYS)
         self.outside_d0 = BoundedTally()
         self.trace = trace_io
         self.strict = strict_io
@@ -50,6 +57,10 @@ class DeviceManager:
         self.events: list[str] = []               # lifecycle/recovery log for the exit summary
 
     # ------------------------------------------------------------ registration
+    def reserve(self, base: int, length: int, what: str) -> None:
+        """Keep devices out of a guest-physical range the machine uses (RAM, the LAPIC page, ...)."""
+        self.reserved.append((base, length, what))
+
     def _check_free(self, dev: Device) -> None:
         for base, length in dev.ports:
             if length <= 0 or base < 0 or base + length > 0x10000:
@@ -61,6 +72,13 @@ class DeviceManager:
         for base, length in dev.mmio:
             if length <= 0:
                 raise DeviceConfigError(f"{dev.name}: empty MMIO range at {base:#x}")
+            if base < 0 or base + length > MMIO_LIMIT:
+                raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} is outside the guest-physical "
+                                        f"address space (0-{MMIO_LIMIT - 1:#x})")
+            for b, n, what in self.reserved:
+                if base < b + n and b < base + length:
+                    raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {what} "
+                                            f"at {b:#x}+{n:#x}")
             for b, n, other, *_ in self._mmio:
                 if base < b + n and b < base + length:
                     raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {other.name} "
@@ -68,9 +86,15 @@ class DeviceManager:
         for w in dev.windows:
             if not any(b <= w.gpa and w.gpa + w.size <= b + n for b, n in dev.mmio):
                 raise DeviceConfigError(f"{dev.name}: window {w.name} lies outside the device's MMIO ranges")
+        if any(d.name == dev.name for d in self.devices):
+            raise DeviceConfigError(f"a device named {dev.name!r} already exists; choose another name")
 
     def add(self, dev: Device) -> Device:
-        """Register a device's ranges (refusing overlaps); it starts with the others, or now if running."""
+        """Register a device's ranges (refusing overlaps); it starts with the others, or now if running.
+
+        All or nothing: a device refused here, or whose start fails, leaves no trace (no ranges,
+        no list entry, its hardware released), so a failed hot-add cannot half-add a device.
+        """
         with self.lock:
             self._check_free(dev)
             self._own(dev)
@@ -78,7 +102,12 @@ class DeviceManager:
             self.devices.append(dev)
             self.lifecycles[dev] = Lifecycle(dev, link=self._link)
             if self.started:
-                self._start(dev)
+                try:
+                    self._start(dev)
+                except BaseException:
+                    self._remove(dev, surprise=False, quiet=True)
+                    self.lifecycles.pop(dev, None)
+                    raise
         return dev
 
     def _own(self, dev: Device) -> None:
@@ -260,6 +289,20 @@ class DeviceManager:
         if self.strict:
             raise StrictIoViolation(kind, addr, size, is_write, value)
         return _all_ones(size)
+
+    def counters(self) -> dict:
+        """Copies of the access counters, safe to take while vCPU threads add to them.
+
+        dict(d) of a plain-keyed dict copies in C without running Python code, so no other
+        thread can change the dict mid-copy; iterating the live dict could fail instead.
+        """
+        return {"unclaimed": dict(self.unclaimed.items()), "unclaimed_other": self.unclaimed.other,
+                "outside_d0": dict(self.outside_d0.items()), "events": list(self.events)}
+
+    @property
+    def unclaimed_other(self) -> int:
+        """Accesses counted to unclaimed addresses that are no longer listed one by one."""
+        return self.unclaimed.other
 
     def inactive_access(self, dev: Device, size: int, is_write: bool) -> int:
         """A device outside D0 answers like nothing is there; the access is counted."""

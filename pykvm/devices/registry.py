@@ -163,22 +163,22 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                "pykvm.devices.simple:FirmwareTrapPort", _simple("pykvm.devices.simple:FirmwareTrapPort"),
                default=True),
     DeviceType("post-code", "POST code port 0x80 (keeps the last byte)", "pykvm.devices.simple:PostCode",
-               _simple("pykvm.devices.simple:PostCode"), {"port": "port"}, default=True),
+               _simple("pykvm.devices.simple:PostCode"), {"port": "port"}, default=False),
     DeviceType("power-control", "guest-requested device power changes (D0/D3)", "pykvm.devices.power:PowerControl",
-               _simple("pykvm.devices.power:PowerControl"), default=True),
+               _simple("pykvm.devices.power:PowerControl"), default=False),
     DeviceType("mailbox", "256 supervised 32-bit slots (recovery demonstration)", "pykvm.devices.mailbox:Mailbox",
                _simple("pykvm.devices.mailbox:Mailbox"),
-               {"base": "port", "name": "name", "hang_seconds": "seconds"}, default=True, hotplug=True),
+               {"base": "port", "name": "name", "hang_seconds": "seconds"}, default=False, hotplug=True),
     DeviceType("identity", "memory-backed identity/status windows (no exit per read)",
                "pykvm.devices.identity:Identity", _simple("pykvm.devices.identity:Identity"),
-               {"base": "addr", "name": "name", "serial": "text"}, default=True, hotplug=True),
+               {"base": "addr", "name": "name", "serial": "text"}, default=False, hotplug=True),
     DeviceType("bus", "partition bus connect registers (added with --bus or --disk)", "pykvm.devices.busctl:BusControl",
                lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.extra.get("bus"))),
     DeviceType("echo-port", "trapped echo device (the bus benchmark's reference)", "pykvm.devices.echoport:EchoPort",
                _simple("pykvm.devices.echoport:EchoPort"), {"base": "port"}),
     DeviceType("dma", "a DMA engine bounded by the access policy", "pykvm.devices.dma:Dma",
                lambda ctx, o: _import("pykvm.devices.dma:Dma")(memory=ctx.memory, irq=ctx.pulse(), **o),
-               {"base": "port"}, default=True),
+               {"base": "port"}, default=False),
 ]}
 
 
@@ -190,6 +190,16 @@ def lookup(name: str) -> DeviceType:
     return t
 
 
+def describe_types() -> list[str]:
+    """One line per registered type: name, whether it is in the default set, options, summary."""
+    lines = []
+    for t in sorted(TYPES.values(), key=lambda t: (not t.default, t.name)):
+        opts = ",".join(f"{k}=<{v}>" for k, v in t.options.items()) or "-"
+        flags = "default" if t.default else ("by name, hot-pluggable" if t.hotplug else "by name")
+        lines.append(f"{t.name:14} {flags:22} {opts:38} {t.summary}")
+    return lines
+
+
 def by_class(spec: str) -> DeviceType | None:
     """The type whose model class is `spec` ("module:Class"), for restoring saved devices."""
     return next((t for t in TYPES.values() if t.cls == spec), None)
@@ -197,6 +207,8 @@ def by_class(spec: str) -> DeviceType | None:
 
 def parse_spec(text: str) -> tuple[str, dict[str, str]]:
     """`NAME[,key=value...]` (the --device syntax) as (name, raw options)."""
+    if not isinstance(text, str) or len(text) > 1024 or not text.isprintable():
+        raise DeviceSpecError("--device: expected NAME[,key=value...] of at most 1024 printable characters")
     name, *pairs = [p.strip() for p in text.split(",")]
     opts: dict[str, str] = {}
     for pair in pairs:

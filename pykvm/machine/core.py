@@ -38,8 +38,8 @@ class Machine:
     """One VM: build with a config, then run() until the guest exits, crashes or times out.
 
     Public state other layers read: config, kvm, vm, memory, vcpus, threads, devices, policy,
-    supervisor, serial, pvpanic, plan, outcome, stopping, done (an Event), exit_counts,
-    windows (WindowSync), requests (MainThreadQueue), debugger (a gdb stub, or None).
+    supervisor, serial, pvpanic, plan, outcome, stopping, done (an Event), exit_counts, hot_io_exits,
+    windows (WindowSync), requests (MainThreadQueue), debugger (a gdb stub, or None), bus, numa.
     """
 
     def __init__(self, config: MachineConfig, restore=None):
@@ -52,7 +52,8 @@ class Machine:
         self._outcome_lock = threading.Lock()
         self.done = threading.Event()
         self.stopping = False
-        self.exit_counts: list[dict[int, int]] = []
+        self.exit_counts: list[dict[int, int]] = []   # per vCPU: exits the slow path handled, by reason
+        self.hot_io_exits: list[list[int]] = []       # per vCPU: [port I/O exits the hot loop handled inline]
         self.plan = None
         self.built: dict = {}
         self.bus = None                  # bus.host.BusHost when the config asks for a partition bus
@@ -67,9 +68,18 @@ class Machine:
         self.loop = VcpuLoop(self)
         try:
             self._build()
+        except errors.PykvmError as e:
+            self.close()
+            if restore is not None and not isinstance(e, errors.BadStateError):
+                # everything that describes the VM came from the file: a bad value is a bad file
+                raise errors.BadStateError(f"state file {restore.path}: {e}") from None
+            raise
         except BaseException:
             self.close()
             raise
+
+    reserved_low = IDENTITY_MAP_ADDR                    # KVM's pages: identity map, then the TSS's three
+    reserved_size = TSS_ADDR + 3 * 0x1000 - IDENTITY_MAP_ADDR
 
     # ---------------------------------------------------------------- build
     def _build(self) -> None:
@@ -138,6 +148,7 @@ class Machine:
             self.vcpus.append(vcpu)
             vcpu.set_cpuid2(cpu_setup.cpuid_for_vcpu(supported, i, kffi))
         self.exit_counts = [dict() for _ in self.vcpus]
+        self.hot_io_exits = [[0] for _ in self.vcpus]
         if restoring:
             from .state import apply_state
 
@@ -266,14 +277,26 @@ class Machine:
         """Window images from a restore that are not mapped yet."""
         return self.windows.pending_images
 
+    def exit_summary(self) -> list[dict[str, int]]:
+        """Per vCPU, every exit so far by reason name (hot-loop port I/O included)."""
+        out = []
+        for slow, hot in zip(self.exit_counts, self.hot_io_exits):
+            counts = dict(slow)   # a C-level copy: the vCPU thread may be adding a reason
+            if hot[0]:
+                counts[C.KVM_EXIT_IO] = counts.get(C.KVM_EXIT_IO, 0) + hot[0]
+            out.append({C.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in sorted(counts.items())})
+        return out
+
     def stats(self) -> dict:
         """Counters for the control channel and the exit summary."""
+        c = self.devices.counters()
         return {
-            "exits": [{C.EXIT_REASON_NAMES.get(r, str(r)): n for r, n in c.items()} for c in self.exit_counts],
-            "unclaimed": {f"{k} {a:#x} {rw}": n for (k, a, rw), n in self.devices.unclaimed.items()},
+            "exits": self.exit_summary(),
+            "unclaimed": {f"{k} {a:#x} {rw}": n for (k, a, rw), n in c["unclaimed"].items()},
+            "unclaimed_other": c["unclaimed_other"],
+            "outside_d0": {f"{d} {rw}": n for (d, rw), n in c["outside_d0"].items()},
+            "device_events": c["events"],
             "unclaimed_total": self.devices.unclaimed.summary(),
-            "outside_d0": {f"{d} {rw}": n for (d, rw), n in self.devices.outside_d0.items()},
-            "device_events": list(self.devices.events),
             "windows": self.windows.info(),
             "coalesced": self.windows.ring_stats.as_dict(),
             "bus": self.bus.snapshot() if self.bus is not None else None,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from .. import errors
+from .. import abi, errors
 from ..devices import DeviceManager
 from ..devices import registry
 from ..devices.policy import PolicyAuthority
 from ..devices.supervisor import Supervisor
 from .config import Outcome
+
+IOAPIC_BASE = 0xFEC00000
 
 
 def build_devices(machine) -> DeviceManager:
@@ -20,6 +22,12 @@ def build_devices(machine) -> DeviceManager:
     m.policy = PolicyAuthority(cfg.trust)
     dm = DeviceManager(trace_io=trace, strict_io=cfg.strict_io, access_filter=m.policy)
     dm.window_hook = m.windows.hook
+    for region in m.memory.regions:
+        dm.reserve(region.gpa, region.size, f"guest RAM ({region.name})")
+    dm.reserve(abi.PYKVM_LAPIC_BASE, 0x1000, "the local APIC page")
+    if cfg.irqchip == "full":
+        dm.reserve(IOAPIC_BASE, 0x1000, "the in-kernel IOAPIC")
+    dm.reserve(m.reserved_low, m.reserved_size, "KVM's TSS and identity-map pages")
     m.device_context = ctx = registry.DeviceContext(
         memory=m.memory, cpus=cfg.cpus,
         irq_line=(lambda line, level: m.vm.irq_line(line, level)) if cfg.irqchip == "full" else None,

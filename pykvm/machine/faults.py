@@ -8,7 +8,7 @@ from ..devices import FirmwareTrap, GuestCrash, GuestExit, VmEvent
 from ..kvm import KvmError
 from ..kvm import constants as C
 from ..memory import GuestMemoryError
-from ..memory.pagewalk import EFER_LMA
+from ..memory.pagewalk import EFER_LMA, code_bits, linear_address
 from .config import Outcome
 
 
@@ -42,7 +42,7 @@ class Faults:
             sregs = vcpu.get_sregs()
             rip = regs.rip
             text = f"RIP {rip:#x}"
-            code = self.code_bytes(vcpu, sregs.cs.base + rip)
+            code = self.code_bytes(vcpu, linear_address(sregs.cs.base, rip, _bits(sregs)))
             if code:
                 text += f" (bytes {code.hex(' ')})"
             return text
@@ -54,14 +54,15 @@ class Faults:
         memory = self.machine.memory
         try:
             phys, valid, _w = vcpu.translate(linear)
-        except KvmError:
+            if not valid:
+                return b""
+            r = memory.region_of(phys)
+            if r is None:
+                return b""
+            # stop at the page's end: the next linear page may map anywhere (or nowhere)
+            return memory.read(phys, min(n, r.end - phys, 0x1000 - (linear & 0xFFF)))
+        except (KvmError, GuestMemoryError):
             return b""
-        if not valid:
-            return b""
-        r = memory.region_of(phys)
-        if r is None:
-            return b""
-        return memory.read(phys, min(n, r.end - phys))
 
     def crash(self, vcpu, trigger: str, reason: str, **details) -> None:
         """End the VM as crashed on `vcpu`."""
@@ -78,9 +79,10 @@ class Faults:
         sregs = vcpu.get_sregs()
         long_mode = bool(sregs.efer & EFER_LMA)
         size = trapframe.frame_size(long_mode)
-        rsp = regs.rsp if long_mode else regs.rsp & 0xFFFFFFFF
+        bits = _bits(sregs)
+        rsp = regs.rsp if bits == 64 else regs.rsp & 0xFFFFFFFF
         try:
-            phys, valid, _w = vcpu.translate(sregs.ss.base + rsp)
+            phys, valid, _w = vcpu.translate(linear_address(sregs.ss.base, rsp, 64 if bits == 64 else 32))
             raw = m.memory.read(phys, size) if valid else None
         except (KvmError, GuestMemoryError):
             raw = None
@@ -94,9 +96,14 @@ class Faults:
         text = f"exception {name} (vector {vec}, error code {err:#x}) at RIP {frame['rip']:#x}"
         if vec == 14:
             text += f", CR2 {sregs.cr2:#x}"
-        code = self.code_bytes(vcpu, frame["rip"] + (sregs.cs.base if not long_mode else 0))
+        code = self.code_bytes(vcpu, linear_address(sregs.cs.base, frame["rip"], bits))
         if code:
             text += f" (bytes {code.hex(' ')})"
         m.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed on vCPU {vcpu.index}: {text}",
                          vcpu=vcpu.index, trigger="exception",
                          details={"vector": vec, "error_code": err, "frame": frame, "cr2": sregs.cr2}))
+
+
+def _bits(sregs) -> int:
+    """The width of the code the vCPU is running (16, 32, 64)."""
+    return code_bits(sregs.cr0, sregs.efer, sregs.cs.l, sregs.cs.db)

@@ -30,6 +30,9 @@ Saving is refused while a device is not in D0, while a device's optional `save_r
 returns a reason (an operation in flight on its own thread), with --irqchip full (in-kernel
 PIC/IOAPIC/PIT state is not saved), or when a vCPU does not pause in time.
 
+Every header field is checked for type and range against one schema (HEADER_SCHEMA below)
+before anything uses it, and any error building the restored machine from the file's
+configuration is reported as a bad file too: a checksum proves integrity, not validity.
 A file is refused (BadStateError, exit status 26) when its magic is wrong, its format version is
 not FORMAT_VERSION, its length does not match the fixed header (truncated or padded), its
 checksum does not match, its header is malformed, or it does not fit this pykvm: a different
@@ -65,6 +68,190 @@ MSR_TSC_DEADLINE = 0x6E0
 # MachineConfig fields that belong to one run, not to the VM: never saved, given anew at restore
 RUN_ONLY = ("serial_out", "serial_in", "serial_unbuffered", "timeout", "crash_dir", "sandbox", "memory_log")
 PATH_FIELDS = ("kernel", "initrd")
+
+
+# ------------------------------------------------------------------ the header's schema
+# A matching checksum proves the file is what some writer wrote, not that its values are sane:
+# every field of the header is checked here, in one place, before anything uses it.
+U64 = (1 << 64) - 1
+ADDR_LIMIT = 1 << 52                       # guest-physical addresses x86-64 can express
+MAX_TEXT = 4096
+MAX_ITEMS = 4096
+
+
+def _bad(path: str, what: str) -> BadStateError:
+    return BadStateError(f"malformed state file: {path}: {what}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(lo: int, hi: int):
+    def check(v, path):
+        if not _is_int(v) or not lo <= v <= hi:
+            raise _bad(path, f"expected an integer in [{lo:#x}, {hi:#x}], got {_show(v)}")
+    return check
+
+
+def _num(lo: float, hi: float):
+    def check(v, path):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
+            raise _bad(path, f"expected a number in ({lo}, {hi}], got {_show(v)}")
+    return check
+
+
+def _str(max_len: int = MAX_TEXT):
+    def check(v, path):
+        if not isinstance(v, str) or len(v) > max_len:
+            raise _bad(path, f"expected text of at most {max_len} characters, got {_show(v)}")
+    return check
+
+
+def _enum(*values):
+    def check(v, path):
+        if not isinstance(v, str) or v not in values:
+            raise _bad(path, f"expected one of {', '.join(values)}, got {_show(v)}")
+    return check
+
+
+def _bool(v, path):
+    if not isinstance(v, bool):
+        raise _bad(path, f"expected true or false, got {_show(v)}")
+
+
+def _hex(ctype: str):
+    def check(v, path):
+        n = ffi.sizeof(ctype)
+        if not isinstance(v, str) or len(v) != 2 * n:
+            raise _bad(path, f"expected {n} bytes of {ctype} as hex, got {_show(v)}")
+        try:
+            bytes.fromhex(v)
+        except ValueError:
+            raise _bad(path, "not hexadecimal") from None
+    return check
+
+
+def _opt(check):
+    def opt(v, path):
+        if v is not None:
+            check(v, path)
+    return opt
+
+
+def _list(item, max_len: int = MAX_ITEMS, min_len: int = 0):
+    def check(v, path):
+        if not isinstance(v, list) or not min_len <= len(v) <= max_len:
+            raise _bad(path, f"expected a list of {min_len}..{max_len} items, got {_show(v)}")
+        for i, x in enumerate(v):
+            item(x, f"{path}[{i}]")
+    return check
+
+
+def _tuple(*items):
+    def check(v, path):
+        if not isinstance(v, list) or len(v) != len(items):
+            raise _bad(path, f"expected a list of {len(items)} items, got {_show(v)}")
+        for i, (x, item) in enumerate(zip(v, items)):
+            item(x, f"{path}[{i}]")
+    return check
+
+
+def _map(key, value, max_len: int = MAX_ITEMS):
+    def check(v, path):
+        if not isinstance(v, dict) or len(v) > max_len:
+            raise _bad(path, f"expected an object of at most {max_len} entries, got {_show(v)}")
+        for k, x in v.items():
+            key(k, f"{path} key")
+            value(x, f"{path}.{k}")
+    return check
+
+
+def _obj(required: dict, optional: dict | None = None):
+    """An object with these fields (others are ignored, so newer writers stay readable)."""
+    optional = optional or {}
+
+    def check(v, path):
+        if not isinstance(v, dict):
+            raise _bad(path, f"expected an object, got {_show(v)}")
+        for name, field_check in required.items():
+            if name not in v:
+                raise _bad(path, f"no {name!r}")
+            field_check(v[name], f"{path}.{name}")
+        for name, field_check in optional.items():
+            if name in v:
+                field_check(v[name], f"{path}.{name}")
+    return check
+
+
+def _any(v, path):
+    """Device state: any JSON the device's set_state() accepts (it validates the meaning)."""
+
+
+def _msr_index(v, path):
+    try:
+        ok = isinstance(v, str) and v.startswith("0x") and len(v) <= 10 and 0 <= int(v, 16) <= 0xFFFFFFFF
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _bad(path, f"expected an MSR index like '0x10', got {_show(v)}")
+
+
+def _show(v) -> str:
+    text = repr(v) if not isinstance(v, (dict, list)) else type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _scalar_option(v, path):
+    """A device option value as --device or the control channel gives it (registry.parse_option checks it)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (isinstance(v, str) and len(v) > MAX_TEXT):
+        raise _bad(path, f"expected a device option value, got {_show(v)}")
+
+
+def _choice(*values):
+    def check(v, path):
+        if not _is_int(v) or v not in values:
+            raise _bad(path, f"expected one of {', '.join(map(str, values))}, got {_show(v)}")
+    return check
+
+
+# MachineConfig fields a state file may carry (RUN_ONLY ones are given anew at restore)
+CONFIG_SCHEMA = {
+    "kernel": _str(), "kernel_name": _str(), "mem": _int(2 << 20, ADDR_LIMIT), "cpus": _int(1, 255),
+    "cmdline": _str(), "initrd": _opt(_str()), "exit_port": _int(0, 0xFFFC),
+    "irqchip": _enum("split", "full"), "trace_io": _bool, "strict_io": _bool,
+    "flat_addr": _opt(_int(0, ADDR_LIMIT - 1)), "flat_bits": _choice(16, 32, 64),
+    "restart_intensity": _int(0, 1 << 31), "restart_period": _num(0, 1e9),
+    "on_device_failure": _enum("remove", "crash"), "device_deadline": _num(0, 3600),
+    "trust": _enum("trusted", "untrusted"),
+    "devices": _list(_tuple(_str(64), _map(_str(64), _scalar_option, 64)), 64),
+}
+VCPU_SCHEMA = _obj({"regs": _hex("struct kvm_regs"), "sregs": _hex("struct kvm_sregs"),
+                    "fpu": _hex("struct kvm_fpu"), "lapic": _hex("struct kvm_lapic_state"),
+                    "events": _hex("struct kvm_vcpu_events"), "mp_state": _int(0, 0xFFFFFFFF),
+                    "msrs": _map(_msr_index, _int(0, U64))},
+                   {"index": _int(0, 254), "xcrs": _opt(_hex("struct kvm_xcrs"))})
+_u63 = _int(0, (1 << 63) - 1)
+HEADER_SCHEMA = _obj({
+    "config": _obj({"kernel": CONFIG_SCHEMA["kernel"]}, {k: v for k, v in CONFIG_SCHEMA.items() if k != "kernel"}),
+    "vcpus": _list(VCPU_SCHEMA, 255, 1),
+    "memory": _obj({"regions": _list(_obj({"gpa": _int(0, ADDR_LIMIT), "size": _int(0, ADDR_LIMIT),
+                                           "runs": _list(_tuple(_u63, _u63, _u63), 1 << 20)}), 64)},
+                   {"size": _int(0, ADDR_LIMIT)}),
+    "devices": _list(_obj({"name": _str(64), "class": _str(256), "windows": _list(_obj(
+        {"name": _str(64), "gpa": _int(0, ADDR_LIMIT), "size": _int(0, ADDR_LIMIT),
+         "mode": _enum(*memwindow.MODES), "payload": _tuple(_u63, _u63)}), 64), "state": _any},
+        {"config": _opt(_map(_str(64), _scalar_option, 64)), "generation": _int(0, (1 << 31) - 1)}), 256),
+}, {"clock": _opt(_int(0, U64)), "policy": _opt(_map(_str(256), _int(0, U64))),
+    "pykvm_version": _str(64), "created": _str(64)})
+
+
+def validate_header(header) -> None:
+    """Check every field of a state file's header for type and range; BadStateError names the first bad one."""
+    HEADER_SCHEMA(header, "header")
+    if header["config"].get("cpus", 1) != len(header["vcpus"]):
+        raise _bad("header.config.cpus", f"{header['config'].get('cpus', 1)} vCPUs configured, "
+                   f"{len(header['vcpus'])} saved")
 
 
 # ------------------------------------------------------------------ raw vCPU structs
@@ -430,9 +617,10 @@ def load_state(path) -> SavedState:
                 raise ValueError("not an object")
         except ValueError as e:
             raise BadStateError(f"{path}: malformed state header: {e}") from None
-    for key in ("config", "vcpus", "memory", "devices"):
-        if key not in header:
-            raise BadStateError(f"{path}: malformed state header: no {key!r}")
+    try:
+        validate_header(header)
+    except BadStateError as e:
+        raise BadStateError(f"{path}: {e}") from None
     return SavedState(path, header, FIXED.size + hlen, plen)
 
 
@@ -447,7 +635,7 @@ def apply_state(machine, saved: SavedState) -> None:
         _apply(machine, saved)
     except BadStateError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
         raise BadStateError(f"malformed state file {saved.path}: {type(e).__name__}: {e}") from None
     except KvmError as e:
         raise BadStateError(f"cannot load the saved vCPU state into KVM: {e}") from None

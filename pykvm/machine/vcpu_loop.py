@@ -28,6 +28,20 @@ _PACK = [_SIZED[n].pack_into if n in (1, 2, 4) else _bad_port_size for n in rang
 _MASK = [(1 << (8 * n)) - 1 for n in range(256)]
 
 
+def split_access(addr: int, length: int) -> list[tuple[int, int]]:
+    """(offset, size) pieces of an access: each 1, 2 or 4 bytes, naturally aligned, covering it in order."""
+    pieces = []
+    off = 0
+    while off < length:
+        at = addr + off
+        size = 4
+        while size > 1 and (size > length - off or at % size):
+            size //= 2
+        pieces.append((off, size))
+        off += size
+    return pieces
+
+
 class VcpuLoop:
     """Runs one machine's vCPUs; one instance serves every vCPU thread."""
 
@@ -92,6 +106,7 @@ class VcpuLoop:
         masks = _MASK
         reads = m.devices.live_port_reads
         writes = m.devices.live_port_writes
+        hot = m.hot_io_exits[vcpu.index]   # [n]: exits this loop handles inline (the slow path counts its own)
         EXIT_IO = C.KVM_EXIT_IO
         while True:
             if run():
@@ -105,11 +120,13 @@ class VcpuLoop:
                 if direction:
                     h = writes.get(port)
                     if h is not None:
+                        hot[0] += 1
                         h[0](port - h[1], size, unpack[size](mm, off)[0])
                         continue
                 else:
                     h = reads.get(port)
                     if h is not None:
+                        hot[0] += 1
                         pack[size](mm, off, h[0](port - h[1], size) & masks[size])
                         continue
             self._exit_slow(vcpu, mm, reason)
@@ -144,16 +161,30 @@ class VcpuLoop:
                 s.pack_into(mm, at, access(port, size, False))
 
     def _mmio(self, mm, addr, data, length, is_write) -> None:
+        """One MMIO exit. Lengths 1, 2, 4 and 8 reach the device as one access; any other length 1-7 is
+        KVM's fragment of a guest access that crossed a page or the end of RAM, split here into
+        naturally aligned pieces in address order (see split_access)."""
         devices = self.machine.devices
-        if length not in _SIZED:
+        s = _SIZED.get(length)
+        if s is not None:
+            if is_write:
+                devices.mmio_access(addr, length, True, s.unpack_from(data)[0])
+            else:
+                buf = bytearray(8)
+                s.pack_into(buf, 0, devices.mmio_access(addr, length, False))
+                mm[40:48] = buf
+            return
+        if not 1 <= length <= 8:
             raise GuestCrash("internal-error", f"KVM reported an MMIO access of {length} bytes at {addr:#x}")
-        s = _SIZED[length]
-        if is_write:
-            devices.mmio_access(addr, length, True, s.unpack_from(data)[0])
-        else:
-            buf = bytearray(8)
-            s.pack_into(buf, 0, devices.mmio_access(addr, length, False))
-            mm[40:48] = buf
+        buf = bytearray(data) if is_write else bytearray(8)
+        for off, size in split_access(addr, length):
+            piece = _SIZED[size]
+            if is_write:
+                devices.mmio_access(addr + off, size, True, piece.unpack_from(buf, off)[0])
+            else:
+                piece.pack_into(buf, off, devices.mmio_access(addr + off, size, False))
+        if not is_write:
+            mm[40:48] = bytes(buf)
 
     def _other_exit(self, vcpu, reason: int) -> None:
         """Every exit reason besides port and MMIO I/O."""

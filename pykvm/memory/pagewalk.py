@@ -80,6 +80,27 @@ def paging_mode(cr0: int, cr4: int, efer: int) -> str:
     return "32"
 
 
+def linear_address(seg_base: int, offset: int, bits: int) -> int:
+    """Segment base + offset as the CPU forms it: 64-bit code ignores the base, others wrap at 4 GiB.
+
+    Both inputs may be anything a guest can load (a 64-bit base with a 64-bit offset); the
+    result always fits a linear address, so no caller can overflow a u64 field with it.
+    """
+    if bits == 64:
+        return offset & _U64
+    width = 0xFFFF if bits == 16 else 0xFFFFFFFF
+    return ((seg_base & 0xFFFFFFFF) + (offset & width)) & 0xFFFFFFFF
+
+
+def code_bits(cr0: int, efer: int, cs_l: int, cs_db: int) -> int:
+    """16, 32 or 64: the operand width of code running with these registers."""
+    if efer & EFER_LMA and cs_l:
+        return 64
+    if not cr0 & CR0_PE:
+        return 16
+    return 32 if cs_db else 16
+
+
 def _canonical(vaddr: int, bits: int) -> int:
     """Sign-extend a `bits`-wide linear address to 64 bits."""
     if vaddr & (1 << (bits - 1)):
