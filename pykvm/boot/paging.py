@@ -16,9 +16,10 @@ PAGE = PAGE_SIZE
 class PageTableBuilder:
     """Builds 4-level page tables into a fixed guest-physical window, one page at a time."""
 
-    def __init__(self, base: int, limit: int):
+    def __init__(self, base: int, limit: int, gib_pages: bool = False):
         self.base = base
         self.limit = limit
+        self.gib_pages = gib_pages          # 1 GiB leaves only when the guest's CPUID has pdpe1gb
         self.pages: list[bytearray] = []
         self.root = self._alloc()
 
@@ -40,16 +41,18 @@ class PageTableBuilder:
     def _set(self, table: int, index: int, value: int) -> None:
         struct.pack_into("<Q", self._page(table), index * 8, value)
 
-    def _next(self, table: int, index: int) -> int:
-        """The table below entry `index`, created (or split from a large page) when needed."""
+    def _next(self, table: int, index: int, leaf_size: int = MIB2) -> int:
+        """The table below entry `index`, created (or split from a large page of leaf_size) when needed."""
         e = self._entry(table, index)
         if e & PTE_P and not e & PTE_PS:
             return e & ADDR_MASK
         child = self._alloc()
-        if e & PTE_P:  # split a 2 MiB leaf into 4 KiB pages so part of it can be remapped
-            phys = e & ADDR_MASK & ~(MIB2 - 1)
+        if e & PTE_P:  # split a large leaf into 512 smaller ones so part of it can be remapped
+            phys = e & ADDR_MASK & ~(leaf_size - 1)
+            step = leaf_size // 512
+            flags = PTE_P | PTE_RW | (PTE_PS if step > PAGE else 0)
             for i in range(512):
-                self._set(child, i, (phys + i * PAGE) | PTE_P | PTE_RW)
+                self._set(child, i, (phys + i * step) | flags)
         self._set(table, index, child | PTE_P | PTE_RW)
         return child
 
@@ -59,7 +62,13 @@ class PageTableBuilder:
         while vaddr < end:
             pml4 = (vaddr >> 39) & 511
             pdpt = self._next(self.root, pml4)
-            pd = self._next(pdpt, (vaddr >> 30) & 511)
+            if self.gib_pages and vaddr % GIB == 0 and paddr % GIB == 0 and end - vaddr >= GIB \
+                    and not self._entry(pdpt, (vaddr >> 30) & 511) & PTE_P:
+                self._set(pdpt, (vaddr >> 30) & 511, paddr | PTE_P | PTE_RW | PTE_PS)
+                vaddr += GIB
+                paddr += GIB
+                continue
+            pd = self._next(pdpt, (vaddr >> 30) & 511, GIB)
             if vaddr % MIB2 == 0 and paddr % MIB2 == 0 and end - vaddr >= MIB2:
                 self._set(pd, (vaddr >> 21) & 511, paddr | PTE_P | PTE_RW | PTE_PS)
                 step = MIB2
@@ -76,9 +85,12 @@ class PageTableBuilder:
 
 
 def build_boot_page_tables(base: int, limit: int, ram_top: int,
-                           virtual_segments: list[tuple[int, int, int]]) -> tuple[int, bytes]:
-    """Tables mapping max(4 GiB, RAM) 1:1 plus each (vaddr, paddr, size); returns (cr3, bytes)."""
-    b = PageTableBuilder(base, limit)
+                           virtual_segments: list[tuple[int, int, int]], gib_pages: bool = False) -> tuple[int, bytes]:
+    """Tables mapping max(4 GiB, RAM) 1:1 plus each (vaddr, paddr, size); returns (cr3, bytes).
+
+    gib_pages: use 1 GiB leaves where alignment allows (only when the guest's CPUID has pdpe1gb).
+    """
+    b = PageTableBuilder(base, limit, gib_pages)
     identity_top = max(4 * GIB, (ram_top + GIB - 1) // GIB * GIB)
     b.map(0, 0, identity_top)
     for vaddr, paddr, size in virtual_segments:

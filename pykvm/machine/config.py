@@ -39,6 +39,8 @@ class MachineConfig:
     bus: bool = False                # give the guest a partition bus (implied by disks or --device bus)
     disks: list = field(default_factory=list)     # block devices on the bus: [(path, read_only)]
     sandbox: bool = False            # seccomp-confine this process once set up (the CLI turns it on)
+    cpu: str = "host"                # CPU model: host[,+feature,-feature...] (boot/cpumodel.py)
+    display: str = "none"            # "text": show the VGA text screen on stdout (devices/vga.py)
 
 
 @dataclass
