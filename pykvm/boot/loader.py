@@ -10,11 +10,15 @@ from ..errors import ImageDoesNotFitError, UsageError
 from ..memory import PAGE_SIZE, GuestMemory
 from . import acpi, bootinfo, tables
 from .firmware import Firmware
-from .image import PROTOCOL_FLAT, PROTOCOL_MULTIBOOT, KernelImage, LoadSegment
+from .image import PROTOCOL_FLAT, PROTOCOL_LINUX, PROTOCOL_MULTIBOOT, PROTOCOL_PVH, KernelImage, LoadSegment
 from .paging import build_boot_page_tables
 
 PAGE = PAGE_SIZE
 MBI_NAMES_OFFSET = 2048
+# Linux's boot_params or PVH's hvm_start_info take the page multiboot info uses; the Linux boot
+# GDT sits after pykvm's own GDT, in the same page, below the TSS.
+FOREIGN_INFO_ADDR = abi.PYKVM_MBI_ADDR
+LINUX_GDT_ADDR = abi.PYKVM_GDT_ADDR + 0x400
 
 
 @dataclass
@@ -26,6 +30,16 @@ class EntryState:
     rsp: int = 0
     cr3: int = 0
     gprs: dict[str, int] = field(default_factory=dict)
+    gdt: tuple[int, int] | None = None          # (base, limit) instead of pykvm's GDT
+    selectors: tuple[int, int] | None = None    # (code, data) selectors in that GDT
+
+
+@dataclass(frozen=True)
+class BootCpu:
+    """What the loaders must respect of the guest's CPU model."""
+
+    gib_pages: bool = False      # CPUID pdpe1gb: boot page tables may use 1 GiB leaves
+    x2apic: bool = True          # CPUID x2apic: ACPI may describe x2APIC-only ids
 
 
 @dataclass
@@ -78,13 +92,16 @@ def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
 
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
          argv0: str = "", initrd: Path | None = None, acpi_platform: acpi.Platform | None = None,
-         acpi_topology: acpi.Topology | None = None) -> BootPlan:
+         acpi_topology: acpi.Topology | None = None, cpu: BootCpu | None = None) -> BootPlan:
     """Write everything the guest needs at boot into `mem` and return the BSP's entry state.
 
     Every guest gets ACPI tables; `acpi_platform` says which interrupt controllers and PM
     ports they advertise (default: LAPICs only), `acpi_topology` the vNUMA layout (default:
-    vCPU i has APIC id i, no nodes).
+    vCPU i has APIC id i, no nodes), `cpu` what the CPU model offers (default: host).
     """
+    cpu = cpu if cpu is not None else BootCpu()
+    if not cpu.x2apic and acpi_topology is not None and max(acpi_topology.apic_ids, default=0) > 0xFE:
+        raise UsageError("--cpu -x2apic: APIC ids above 254 need x2APIC")
     acpi_tables = _acpi_tables(mem, nr_cpus, acpi_topology, acpi_platform)
     for i, seg in enumerate(image.segments):
         _check_fits(mem, seg, f"kernel segment {i}")
@@ -119,7 +136,9 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     mem.write(abi.PYKVM_IDT32_ADDR, tables.idt32(firmware.stubs32))
     acpi.write_tables(mem, acpi_tables)
 
-    if image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
+    if image.protocol in (PROTOCOL_LINUX, PROTOCOL_PVH):
+        entry = _linux_entry(mem, image, mmap, len(raw), modules, acpi_tables.rsdp_addr, cpu)
+    elif image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
         info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR, modules,
                                               abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET)
         if len(info) > MBI_NAMES_OFFSET or len(names) > PAGE - MBI_NAMES_OFFSET:
@@ -133,7 +152,7 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
                            gprs={"rax": bootinfo.MB_INFO_MAGIC, "rbx": abi.PYKVM_MBI_ADDR})
     else:
         virt = [(s.vaddr, s.paddr, s.memsz) for s in image.segments]
-        cr3, pt = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt)
+        cr3, pt = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, virt, cpu.gib_pages)
         mem.write(abi.PYKVM_PAGETABLE_ADDR, pt)
         mem.write(abi.PYKVM_BOOTINFO_ADDR,
                   bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None,
@@ -141,3 +160,27 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
         entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
                            gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
     return BootPlan(entry, image, modules, mmap, raw, acpi_tables)
+
+
+def _linux_entry(mem: GuestMemory, image: KernelImage, mmap, cmdline_len: int, modules: list[bootinfo.Module],
+                 rsdp: int, cpu: BootCpu) -> EntryState:
+    """boot_params and the 64-bit entry state (bzImage), or hvm_start_info and the 32-bit one (PVH)."""
+    from . import linux
+
+    if image.protocol == PROTOCOL_PVH:
+        info = linux.hvm_start_info(FOREIGN_INFO_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR,
+                                    [(m.addr, m.size) for m in modules], rsdp)
+        mem.write(FOREIGN_INFO_ADDR, info)
+        return EntryState("protected", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, gprs={"rbx": FOREIGN_INFO_ADDR})
+    initrd = (modules[0].addr, modules[0].size) if modules else None
+    mem.write(FOREIGN_INFO_ADDR, linux.boot_params(image.setup, mmap, abi.PYKVM_CMDLINE_ADDR, cmdline_len,
+                                                   initrd, rsdp))
+    # The protocol asks for an identity map of the kernel, boot_params and the command line: all
+    # of RAM and the low 4 GiB are.
+    cr3, pt = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, [], cpu.gib_pages)
+    mem.write(abi.PYKVM_PAGETABLE_ADDR, pt)
+    gdt = linux.boot_gdt()
+    mem.write(LINUX_GDT_ADDR, gdt)
+    return EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
+                      gprs={"rsi": FOREIGN_INFO_ADDR}, gdt=(LINUX_GDT_ADDR, len(gdt) - 1),
+                      selectors=(linux.BOOT_CS, linux.BOOT_DS))
