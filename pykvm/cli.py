@@ -118,10 +118,14 @@ def main():
               help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
 @click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Confine the VMM with seccomp once set up (off: for debugging).")
+@click.option("--cpu", "cpu_model", default="host", show_default=True, metavar="host[,+FEAT,-FEAT...]",
+              help="CPU model: the host's, with CPUID features added or hidden (QEMU/Linux names: x2apic, cx16, ...).")
+@click.option("--display", type=click.Choice(["none", "text"]), default="none", show_default=True,
+              help="text: show the guest's 80x25 VGA text screen (0xb8000) in the terminal.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, sandbox, debug):
+        bus, disks, sandbox, cpu_model, display, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -145,7 +149,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                             trace_io=trace_io, strict_io=strict_io, flat_addr=flat_addr, flat_bits=int(entry_mode),
                             crash_dir=None if no_dump else Path(crash_dir), trust=trust,
                             restart_intensity=intensity, restart_period=period, on_device_failure=on_device_failure,
-                            bus=bus, disks=[_disk_spec(d) for d in disks], sandbox=sandbox == "on")
+                            bus=bus, disks=[_disk_spec(d) for d in disks], sandbox=sandbox == "on",
+                            cpu=cpu_model, display=display)
         try:
             with Machine(cfg) as m:
                 status = _run_machine(m, control_path, trace_io, debug)
