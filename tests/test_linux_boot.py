@@ -8,9 +8,7 @@ change to the code's tables cannot silently move a field.
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import threading
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -140,6 +138,11 @@ def test_loader_enters_bzimage_by_the_64_bit_protocol(mem):
     e820 = [struct.unpack_from("<QQI", bp, 0x2D0 + 20 * i) for i in range(n)]
     assert e820 == [tuple(x) for x in plan.memory_map]
     assert (0x100000, 63 * MIB, bootinfo.MMAP_RAM) in e820
+    # Linux's real-mode trampoline needs RAM below 1 MiB outside the low 64 KiB and the "EBDA":
+    # the part of the firmware area only boot page tables use is RAM, and the BDA says where it ends
+    assert (0x20000, 0x9F000 - 0x20000, bootinfo.MMAP_RAM) in e820
+    assert (0x10000, 0x10000, bootinfo.MMAP_RESERVED) in e820 and (0x9F000, 0x61000, bootinfo.MMAP_RESERVED) in e820
+    assert struct.unpack_from("<H", mem.read(0x413, 2))[0] == 0x9F000 >> 10
 
 
 def test_loader_passes_the_initrd(mem, tmp_path):
@@ -275,29 +278,13 @@ def test_gzip_garbage_fails_cleanly(tail):
 @pytest.mark.kvm
 def test_debian_vmlinux_boots_through_pvh_to_memory_init(tmp_path):
     """Boot a distribution kernel's vmlinux through PVH until it prints its memory summary."""
-    from pykvm.machine import Machine, MachineConfig
-    from pykvm.machine.config import Outcome
-
-    from .linux_kernel import find_vmlinux
+    from .linux_kernel import boot_until_memory_summary, find_vmlinux
 
     vmlinux = find_vmlinux(tmp_path)
     if vmlinux is None:
         pytest.skip("no Linux kernel image found (/boot/vmlinuz-*, /boot/vmlinux-*, $PYKVM_TEST_KERNEL)")
-    assert parse_image(vmlinux.read_bytes()[:64 << 20]).protocol == PROTOCOL_PVH
-    log = tmp_path / "console"
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
-    cfg = MachineConfig(kernel=vmlinux, mem=256 << 20, cmdline="earlyprintk=serial,ttyS0 console=ttyS0",
-                        serial_out=fd, timeout=600, crash_dir=None, cpu="host,-xsave,-cx16")
-    try:
-        with Machine(cfg) as m:
-            def watch():
-                while not m.done.wait(0.5):
-                    if b"Memory:" in log.read_bytes():
-                        m.finish(Outcome(0, "exit", "the test saw the memory summary"))
-            threading.Thread(target=watch, daemon=True).start()
-            outcome = m.run()
-    finally:
-        os.close(fd)
-    console = log.read_bytes().decode(errors="replace")
+    assert parse_image(vmlinux.read_bytes()).protocol == PROTOCOL_PVH
+    console, outcome = boot_until_memory_summary(vmlinux)
     assert "Linux version" in console, console[-2000:]
     assert "Memory:" in console, f"{outcome.message}\n{console[-3000:]}"
+    assert "No sub-1M memory is available for the trampoline" not in console

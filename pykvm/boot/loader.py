@@ -137,6 +137,7 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     acpi.write_tables(mem, acpi_tables)
 
     if image.protocol in (PROTOCOL_LINUX, PROTOCOL_PVH):
+        mmap = linux_memory_map(mmap)
         entry = _linux_entry(mem, image, mmap, len(raw), modules, acpi_tables.rsdp_addr, cpu)
     elif image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
         info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR, modules,
@@ -162,11 +163,36 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     return BootPlan(entry, image, modules, mmap, raw, acpi_tables)
 
 
+# Linux keeps the low 64 KiB and everything from the BIOS data area's base-memory size up to
+# 1 MiB for itself, and needs a few pages below 1 MiB outside those for its real-mode trampoline
+# (APs, resume): it gets the part of pykvm's firmware area that only pykvm's boot page tables use,
+# since Linux has replaced them by the time it allocates memory.
+LINUX_LOW_RAM = (abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END)
+BDA_BASE_MEMORY_KIB = 0x413
+
+
+def linux_memory_map(mmap: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The memory map for Linux: pykvm's reserved low area split so [PAGETABLE_ADDR, FW_END) is RAM."""
+    lo, hi = LINUX_LOW_RAM
+    out = []
+    for addr, length, kind in mmap:
+        end = addr + length
+        if kind == bootinfo.MMAP_RESERVED and addr <= lo and hi <= end:
+            for a, e, k in ((addr, lo, kind), (lo, hi, bootinfo.MMAP_RAM), (hi, end, kind)):
+                if e > a:
+                    out.append((a, e - a, k))
+        else:
+            out.append((addr, length, kind))
+    return out
+
+
 def _linux_entry(mem: GuestMemory, image: KernelImage, mmap, cmdline_len: int, modules: list[bootinfo.Module],
                  rsdp: int, cpu: BootCpu) -> EntryState:
     """boot_params and the 64-bit entry state (bzImage), or hvm_start_info and the 32-bit one (PVH)."""
     from . import linux
 
+    # the BIOS data area's base memory size, which Linux reads to find where the "EBDA" starts
+    mem.write(BDA_BASE_MEMORY_KIB, (LINUX_LOW_RAM[1] >> 10).to_bytes(2, "little"))
     if image.protocol == PROTOCOL_PVH:
         info = linux.hvm_start_info(FOREIGN_INFO_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR,
                                     [(m.addr, m.size) for m in modules], rsdp)
