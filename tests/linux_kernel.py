@@ -83,3 +83,43 @@ def find_bzimage() -> Path | None:
         if head[0x202:0x206] == b"HdrS":
             return path
     return None
+
+
+# How the tests (and README's "What boots" table) boot Linux on this kind of host.
+LINUX_MEM = "256M"
+LINUX_CPU = "host,-xsave,-cx16"
+LINUX_CMDLINE = "earlyprintk=serial,ttyS0 console=ttyS0"
+LINUX_TIMEOUT = "600"
+
+
+def boot_until_memory_summary(kernel, mem: str = LINUX_MEM, cpu: str = LINUX_CPU, cmdline: str = LINUX_CMDLINE,
+                              timeout: str = LINUX_TIMEOUT) -> tuple[str, object]:
+    """Boot a Linux kernel in-process, stopping once it prints "Memory:"; (console text, outcome)."""
+    import threading
+
+    from pykvm.cli import parse_size
+    from pykvm.machine import Machine, MachineConfig
+    from pykvm.machine.config import Outcome
+
+    r, w = os.pipe()
+    cfg = MachineConfig(kernel=Path(kernel), mem=parse_size(mem), cmdline=cmdline, serial_out=w,
+                        timeout=float(timeout), crash_dir=None, cpu=cpu)
+    out = bytearray()
+    try:
+        with Machine(cfg) as m:
+            def watch():
+                while True:
+                    chunk = os.read(r, 65536)
+                    if not chunk:
+                        return
+                    out.extend(chunk)
+                    if b"Memory:" in out:
+                        m.finish(Outcome(0, "exit", "saw the memory summary"))
+            t = threading.Thread(target=watch, daemon=True)
+            t.start()
+            outcome = m.run()
+    finally:
+        os.close(w)
+    t.join(5)
+    os.close(r)
+    return out.decode(errors="replace"), outcome
