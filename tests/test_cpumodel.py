@@ -75,7 +75,7 @@ def _leaves(pt: bytes, base: int, root: int, level_shift=39, depth=0):
     """(level size, count) of the large leaves in page tables built at `base`."""
     import struct
 
-    from pykvm.memory.pagewalk import ADDR_MASK, PTE_P
+    from pykvm.memory.pagewalk import ADDR_MASK, PTE_P, PTE_PS
     out = {}
     page = pt[root - base:root - base + 4096]
     for i in range(512):
