@@ -240,7 +240,7 @@ class VM:
                  strict_io: bool = False, load_addr: int | None = None, entry_mode: int = 64,
                  restart_intensity: int = 5, restart_period: float = 60.0, on_device_failure: str = "remove",
                  sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT, numa: dict | None = None,
-                 memory_log=None):
+                 memory_log=None, cpu: str = "host", display: str = "none"):
         from .artifacts import resolve_kernel
         from .machine import MachineConfig
 
@@ -264,7 +264,7 @@ class VM:
             restart_intensity=restart_intensity, restart_period=restart_period,
             on_device_failure=on_device_failure, bus=bus, disks=[disk_spec(d) for d in disks],
             devices=[device_spec(d) for d in devices], sandbox=sandbox, numa=numa,
-            memory_log=Path(memory_log) if memory_log is not None else None, **options)
+            memory_log=Path(memory_log) if memory_log is not None else None, cpu=cpu, display=display, **options)
         self._launch(cfg, None, console, serial_input, capture, start, max_transcript)
 
     @classmethod

@@ -179,11 +179,15 @@ def main():
               help="vNUMA: write the dynamic memory timeline here as JSON lines (chart: scripts/memory_chart.py).")
 @click.option("--device", "device_specs", multiple=True, metavar="NAME[,key=value...]",
               help="Add a device beyond the default set (repeatable; `pykvm devices` lists them).")
+@click.option("--cpu", "cpu_model", default="host", show_default=True, metavar="host[,+FEAT,-FEAT...]",
+              help="CPU model: the host's, with CPUID features added or hidden (QEMU/Linux names: x2apic, cx16, ...).")
+@click.option("--display", type=click.Choice(["none", "text"]), default="none", show_default=True,
+              help="text: show the guest's 80x25 VGA text screen (0xb8000) in the terminal.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
         bus, disks, sandbox, gdb_spec, gdb_wait, numa_nodes, numa_count, numa_distance, memory_max, memory_log,
-        device_specs, debug):
+        device_specs, cpu_model, display, debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
@@ -221,7 +225,8 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                     crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
                     restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
                     sandbox=sandbox == "on", numa=nodes.as_json() if nodes is not None else None,
-                    memory_log=memory_log, devices=extra_devices, start=False) as vm:
+                    memory_log=memory_log, devices=extra_devices, cpu=cpu_model, display=display,
+                    start=False) as vm:
                 stub = None
                 if gdb_spec:
                     from .machine import gdbstub

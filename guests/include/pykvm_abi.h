@@ -32,6 +32,15 @@
  * PM1a_CNT with SLP_EN) makes the VMM exit with status 0. */
 #define PYKVM_PORT_POWEROFF 0x604
 #define PYKVM_POWEROFF_VALUE 0x2000
+/* PC legacy devices hobby kernels use: the VGA CRTC index/data pair (cursor
+ * position in registers 0x0e/0x0f), the 80x25 colour text buffer, and the
+ * i8042 keyboard controller (data, status/command; command 0xfe resets). */
+#define PYKVM_PORT_VGA_CRTC 0x3d4
+#define PYKVM_VGA_TEXT_ADDR 0xb8000
+#define PYKVM_VGA_COLS 80
+#define PYKVM_VGA_ROWS 25
+#define PYKVM_PORT_I8042_DATA 0x60
+#define PYKVM_PORT_I8042_CMD 0x64
 /* Never claimed by any pykvm device: the exits guest probes it with 1-, 2-
  * and 4-byte and string accesses (reads return all ones, writes are dropped). */
 #define PYKVM_PORT_UNCLAIMED 0x7e0

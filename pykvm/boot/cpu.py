@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .. import abi
 from ..memory.pagewalk import CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE
-from .loader import EntryState
+from .cpumodel import CpuModel, apply_model, check_available, has
+from .loader import BootCpu, EntryState
 
 # Bits the page walker also needs come from memory.pagewalk; these matter only at boot.
 CR0_MP = 1 << 1
@@ -19,11 +20,13 @@ SEG_DATA = 0x3   # read/write, accessed
 SEG_TSS_BUSY = 0xB
 
 
-def cpuid_for_vcpu(supported, index: int, ffi):
-    """A copy of KVM's supported CPUID with this vCPU's APIC ids and the hypervisor bit filled in."""
+def cpuid_for_vcpu(supported, index: int, ffi, model: CpuModel | None = None):
+    """A copy of KVM's supported CPUID shaped by `model`, with this vCPU's APIC ids and the hypervisor bit."""
     n = supported.nent
     out = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
     ffi.memmove(out.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
+    if model is not None:
+        apply_model(model, [out.entries[i] for i in range(n)])
     for i in range(n):
         e = out.entries[i]
         if e.function == 1:
@@ -34,13 +37,24 @@ def cpuid_for_vcpu(supported, index: int, ffi):
     return out
 
 
-def nx_supported(supported) -> bool:
-    """True when CPUID 0x80000001 EDX.NX is offered."""
-    for i in range(supported.nent):
-        e = supported.entries[i]
-        if e.function == 0x80000001:
-            return bool(e.edx & (1 << 20))
-    return False
+def nx_supported(supported, model: CpuModel | None = None) -> bool:
+    """True when CPUID 0x80000001 EDX.NX is offered (and the model does not hide it)."""
+    return guest_has(supported, "nx", model)
+
+
+def check_model(supported, model: CpuModel) -> None:
+    """UsageError when the model asks for a feature this host's KVM lacks."""
+    check_available(model, [supported.entries[i] for i in range(supported.nent)])
+
+
+def boot_features(supported, model: CpuModel | None = None) -> BootCpu:
+    """What the loaders need to know about the guest's CPU (large pages, x2APIC)."""
+    return BootCpu(gib_pages=guest_has(supported, "pdpe1gb", model), x2apic=guest_has(supported, "x2apic", model))
+
+
+def guest_has(supported, feature: str, model: CpuModel | None = None) -> bool:
+    """Whether a guest under `model` (default: host) sees `feature` in CPUID."""
+    return has(model or CpuModel(), [supported.entries[i] for i in range(supported.nent)], feature)
 
 
 def _leaf(supported, function: int):
@@ -84,12 +98,13 @@ def apply_entry(vcpu, entry: EntryState, nx: bool) -> None:
         regs.rflags = 0x2
     else:
         long_mode = entry.mode == "long"
-        _seg(sregs.cs, abi.PYKVM_SEL_CODE64 if long_mode else abi.PYKVM_SEL_CODE32, 0, 0xFFFFFFFF,
-             SEG_CODE, db=0 if long_mode else 1, l=1 if long_mode else 0)
+        code, data = entry.selectors or (abi.PYKVM_SEL_CODE64 if long_mode else abi.PYKVM_SEL_CODE32,
+                                         abi.PYKVM_SEL_DATA)
+        _seg(sregs.cs, code, 0, 0xFFFFFFFF, SEG_CODE, db=0 if long_mode else 1, l=1 if long_mode else 0)
         for s in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _seg(s, abi.PYKVM_SEL_DATA, 0, 0xFFFFFFFF, SEG_DATA, db=1)
+            _seg(s, data, 0, 0xFFFFFFFF, SEG_DATA, db=1)
         _seg(sregs.tr, abi.PYKVM_SEL_TSS, abi.PYKVM_TSS_ADDR, 0x67, SEG_TSS_BUSY, s_flag=0, g=0)
-        sregs.gdt.base, sregs.gdt.limit = abi.PYKVM_GDT_ADDR, abi.PYKVM_SEL_TSS + 15
+        sregs.gdt.base, sregs.gdt.limit = entry.gdt or (abi.PYKVM_GDT_ADDR, abi.PYKVM_SEL_TSS + 15)
         if long_mode:
             sregs.idt.base, sregs.idt.limit = abi.PYKVM_IDT64_ADDR, 256 * 16 - 1
             sregs.cr3 = entry.cr3

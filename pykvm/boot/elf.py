@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 ET_EXEC, ET_DYN = 2, 3
 EM_386, EM_X86_64 = 3, 62
-PT_LOAD, PT_INTERP = 1, 3
+PT_LOAD, PT_INTERP, PT_NOTE = 1, 3, 4
 MAX_PHDRS = 4096
+MAX_NOTES = 4096
 
 _IDENT = struct.Struct("<4sBBBBB7x")
 _HDR = {32: struct.Struct("<HHIIIIIHHHHHH"), 64: struct.Struct("<HHIQQQIHHHHHH")}
@@ -86,6 +87,30 @@ def parse(blob: bytes) -> ElfHeader:
                 p_type, off, vaddr, paddr, filesz, memsz, p_flags, _align = f
             phdrs.append(ProgramHeader(p_type, off, vaddr, paddr, filesz, memsz, p_flags))
     return ElfHeader(bits, e_type, machine, entry, tuple(phdrs))
+
+
+def notes(blob: bytes, hdr: ElfHeader) -> list[tuple[bytes, int, bytes]]:
+    """(name without its NUL, type, descriptor) of every note in the PT_NOTE segments."""
+    out = []
+    for ph in hdr.phdrs:
+        if ph.type != PT_NOTE:
+            continue
+        if ph.offset + ph.filesz > len(blob):
+            raise ElfError(f"a PT_NOTE ends at {ph.offset + ph.filesz:#x}, past the file's {len(blob):#x} bytes")
+        pos, end = ph.offset, ph.offset + ph.filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", blob, pos)
+            name_at = pos + 12
+            desc_at = name_at + (namesz + 3) // 4 * 4
+            nxt = desc_at + (descsz + 3) // 4 * 4
+            if desc_at + descsz > end:
+                raise ElfError(f"a note at {pos:#x} runs past the end of its PT_NOTE segment")
+            out.append((bytes(blob[name_at:name_at + namesz]).rstrip(b"\0"), ntype,
+                        bytes(blob[desc_at:desc_at + descsz])))
+            if len(out) > MAX_NOTES:
+                raise ElfError(f"more than {MAX_NOTES} notes")
+            pos = nxt
+    return out
 
 
 SHT_SYMTAB = 2

@@ -27,6 +27,11 @@ MAX_IMAGE_BYTES = 1 << 32
 PROTOCOL_PYKVM64 = "pykvm64"
 PROTOCOL_MULTIBOOT = "multiboot"
 PROTOCOL_FLAT = "flat"
+PROTOCOL_LINUX = "linux"           # the x86 boot protocol: bzImage, boot_params, 64-bit entry
+PROTOCOL_PVH = "pvh"               # Xen PVH: ELF with a PHYS32_ENTRY note, hvm_start_info, 32-bit entry
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+MAX_GUNZIPPED_BYTES = 1 << 30      # a compressed kernel may expand to this much and no more
 
 
 @dataclass
@@ -56,6 +61,7 @@ class KernelImage:
     multiboot_flags: int = 0
     format: str = ""
     notes: list[str] = field(default_factory=list)
+    setup: object = None             # linux.SetupHeader for PROTOCOL_LINUX
 
     @property
     def physical_end(self) -> int:
@@ -113,8 +119,41 @@ def parse_image(blob: bytes, name: str = "<kernel>", flat_addr: int | None = Non
         raise BadImageError(f"{name}: file is empty")
     if len(blob) > MAX_IMAGE_BYTES:
         raise BadImageError(f"{name}: larger than 4 GiB")
+    compressed = blob[:3] == GZIP_MAGIC
+    if compressed:
+        blob = gunzip(blob, name)
     if flat_addr is not None:
-        return _flat(blob, name, flat_addr, flat_bits)
+        image = _flat(blob, name, flat_addr, flat_bits)
+    else:
+        image = _detect(blob, name)
+    if compressed:
+        image.format = f"gzip-compressed {image.format}"
+    return image
+
+
+def gunzip(blob: bytes, name: str = "<kernel>", limit: int = MAX_GUNZIPPED_BYTES) -> bytes:
+    """Decompress a gzip file, refusing one that expands past `limit` (a gzip bomb) or is corrupt."""
+    import zlib
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(blob, limit + 1)
+    except zlib.error as e:
+        raise BadImageError(f"{name}: corrupt gzip data ({e})") from None
+    if len(out) > limit:
+        raise BadImageError(f"{name}: gzip data expands past {limit >> 20} MiB; refusing it (a gzip bomb?)")
+    if not d.eof:
+        raise BadImageError(f"{name}: truncated gzip data")
+    if not out:
+        raise BadImageError(f"{name}: gzip data decompresses to nothing")
+    return out
+
+
+def _detect(blob: bytes, name: str) -> KernelImage:
+    from . import linux
+
+    if linux.is_bzimage(blob):
+        return _bzimage(blob, name)
     mb = find_multiboot_header(blob)
     if mb is not None and mb.flags & 0xFFFF & ~MB_SUPPORTED_REQUIRED:
         raise BadImageError(f"{name}: multiboot header requires unsupported features (flags {mb.flags:#x})")
@@ -124,6 +163,17 @@ def parse_image(blob: bytes, name: str = "<kernel>", flat_addr: int | None = Non
         return _elf(blob, name, mb)
     raise BadImageError(f"{name}: not an ELF file and no multiboot header found "
                         "(for a raw binary give --load-addr)")
+
+
+def _bzimage(blob: bytes, name: str) -> KernelImage:
+    from . import linux
+
+    hdr = linux.parse_setup_header(blob, name)
+    load = linux.load_address(hdr)
+    payload = blob[hdr.kernel_offset:]
+    seg = LoadSegment(load, load, payload, max(hdr.init_size, len(payload)))
+    return KernelImage(name, PROTOCOL_LINUX, load + linux.ENTRY64_OFFSET, [seg], bits=64,
+                       format=f"bzImage (boot protocol {hdr.version_text})", setup=hdr)
 
 
 def _flat(blob: bytes, name: str, addr: int, bits: int) -> KernelImage:
@@ -191,6 +241,16 @@ def _elf(blob: bytes, name: str, mb: MultibootHeader | None) -> KernelImage:
     if mb is not None:
         return KernelImage(name, PROTOCOL_MULTIBOOT, _physical_entry(entry, segs), segs, bits=32,
                            multiboot_flags=mb.flags, format=f"multiboot ELF{bits}")
+    from . import linux
+
+    try:
+        pvh = linux.pvh_entry(elf.notes(blob, hdr), name)
+    except elf.ElfError as e:
+        raise BadImageError(f"{name}: malformed ELF note ({e})") from None
+    if pvh is not None:
+        if not any(s.paddr <= pvh < s.pend for s in segs):
+            raise BadImageError(f"{name}: PVH entry {pvh:#x} lies in no loadable segment")
+        return KernelImage(name, PROTOCOL_PVH, pvh, segs, bits=32, format=f"ELF{bits} with a PVH entry note")
     if bits == 32:
         raise BadImageError(f"{name}: 32-bit ELF without a multiboot header: pykvm cannot tell how to enter it")
     return KernelImage(name, PROTOCOL_PYKVM64, entry, segs, bits=64, format="ELF64")

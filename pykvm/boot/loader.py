@@ -10,7 +10,7 @@ from ..errors import ImageDoesNotFitError, MemorySizeError, UsageError
 from ..memory import PAGE_SIZE, GuestMemory
 from . import acpi, bootinfo, tables
 from .firmware import Firmware
-from .image import PROTOCOL_FLAT, PROTOCOL_MULTIBOOT, KernelImage, LoadSegment
+from .image import PROTOCOL_FLAT, PROTOCOL_LINUX, PROTOCOL_MULTIBOOT, PROTOCOL_PVH, KernelImage, LoadSegment
 from .paging import build_boot_page_tables
 
 PAGE = PAGE_SIZE
@@ -18,6 +18,10 @@ MBI_NAMES_OFFSET = 2048
 # Boot tables beyond the firmware area may take this much from the top of RAM: with 2 MiB pages
 # that maps 8 TiB (one 4 KiB directory per GiB); with 1 GiB pages, any RAM the address width allows.
 MAX_TABLE_SPILL = 32 << 20
+# Linux's boot_params or PVH's hvm_start_info take the page multiboot info uses; the Linux boot
+# GDT sits after pykvm's own GDT, in the same page, below the TSS.
+FOREIGN_INFO_ADDR = abi.PYKVM_MBI_ADDR
+LINUX_GDT_ADDR = abi.PYKVM_GDT_ADDR + 0x400
 
 
 @dataclass
@@ -29,6 +33,16 @@ class EntryState:
     rsp: int = 0
     cr3: int = 0
     gprs: dict[str, int] = field(default_factory=dict)
+    gdt: tuple[int, int] | None = None          # (base, limit) instead of pykvm's GDT
+    selectors: tuple[int, int] | None = None    # (code, data) selectors in that GDT
+
+
+@dataclass(frozen=True)
+class BootCpu:
+    """What the loaders must respect of the guest's CPU model."""
+
+    gib_pages: bool = False      # CPUID pdpe1gb: boot page tables may use 1 GiB leaves
+    x2apic: bool = True          # CPUID x2apic: ACPI may describe x2APIC-only ids
 
 
 @dataclass
@@ -113,7 +127,7 @@ def _reserve(mmap: list[tuple[int, int, int]], start: int, end: int) -> list[tup
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
          argv0: str = "", initrd: Path | None = None, acpi_platform: acpi.Platform | None = None,
          acpi_topology: acpi.Topology | None = None, numa=None, *, gib_pages: bool = False,
-         phys_bits: int = 0) -> BootPlan:
+         phys_bits: int = 0, cpu: BootCpu | None = None) -> BootPlan:
     """Write everything the guest needs at boot into `mem` and return the BSP's entry state.
 
     Every guest gets ACPI tables; `acpi_platform` says which interrupt controllers and PM
@@ -123,7 +137,14 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     `numa` is (memory.numa.NumaConfig, [NodeLayout]): the
     nodes go into the SRAT/SLIT and the boot info's NUMA block, and the boot page tables also
     map the hot-add ranges (so memory plugged in later is reachable without new tables).
+    `cpu`: what the CPU model offers (default: host; its gib_pages overrides `gib_pages`).
     """
+    if cpu is not None:
+        gib_pages = cpu.gib_pages
+    else:
+        cpu = BootCpu(gib_pages=gib_pages)
+    if not cpu.x2apic and acpi_topology is not None and max(acpi_topology.apic_ids, default=0) > 0xFE:
+        raise UsageError("--cpu -x2apic: APIC ids above 254 need x2APIC")
     map_top = mem.top
     if numa is not None:
         ncfg, layouts = numa
@@ -163,7 +184,10 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     mem.write(abi.PYKVM_IDT32_ADDR, tables.idt32(firmware.stubs32))
     acpi.write_tables(mem, acpi_tables)
 
-    if image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
+    if image.protocol in (PROTOCOL_LINUX, PROTOCOL_PVH):
+        mmap = linux_memory_map(mmap)
+        entry = _linux_entry(mem, image, mmap, len(raw), modules, acpi_tables.rsdp_addr, cpu)
+    elif image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
         info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR, modules,
                                               abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET)
         if len(info) > MBI_NAMES_OFFSET or len(names) > PAGE - MBI_NAMES_OFFSET:
@@ -200,3 +224,54 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
         entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
                            gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
     return BootPlan(entry, image, modules, mmap, raw, acpi_tables)
+
+
+# Linux keeps the low 64 KiB and everything from the BIOS data area's base-memory size up to
+# 1 MiB for itself, and needs a few pages below 1 MiB outside those for its real-mode trampoline
+# (APs, resume): it gets the part of pykvm's firmware area that only pykvm's boot page tables use,
+# since Linux has replaced them by the time it allocates memory.
+LINUX_LOW_RAM = (abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END)
+BDA_BASE_MEMORY_KIB = 0x413
+
+
+def linux_memory_map(mmap: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The memory map for Linux: pykvm's reserved low area split so [PAGETABLE_ADDR, FW_END) is RAM."""
+    lo, hi = LINUX_LOW_RAM
+    out = []
+    for addr, length, kind in mmap:
+        end = addr + length
+        if kind == bootinfo.MMAP_RESERVED and addr <= lo and hi <= end:
+            for a, e, k in ((addr, lo, kind), (lo, hi, bootinfo.MMAP_RAM), (hi, end, kind)):
+                if e > a:
+                    out.append((a, e - a, k))
+        else:
+            out.append((addr, length, kind))
+    return out
+
+
+def _linux_entry(mem: GuestMemory, image: KernelImage, mmap, cmdline_len: int, modules: list[bootinfo.Module],
+                 rsdp: int, cpu: BootCpu) -> EntryState:
+    """boot_params and the 64-bit entry state (bzImage), or hvm_start_info and the 32-bit one (PVH)."""
+    from . import linux
+
+    # the BIOS data area's base memory size, which Linux reads to find where the "EBDA" starts
+    mem.write(BDA_BASE_MEMORY_KIB, (LINUX_LOW_RAM[1] >> 10).to_bytes(2, "little"))
+    if image.protocol == PROTOCOL_PVH:
+        info = linux.hvm_start_info(FOREIGN_INFO_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR,
+                                    [(m.addr, m.size) for m in modules], rsdp)
+        mem.write(FOREIGN_INFO_ADDR, info)
+        return EntryState("protected", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, gprs={"rbx": FOREIGN_INFO_ADDR})
+    initrd = (modules[0].addr, modules[0].size) if modules else None
+    mem.write(FOREIGN_INFO_ADDR, linux.boot_params(image.setup, mmap, abi.PYKVM_CMDLINE_ADDR, cmdline_len,
+                                                   initrd, rsdp))
+    # The protocol asks for an identity map of the kernel, boot_params and the command line: all
+    # of RAM and the low 4 GiB are.
+    pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, [], gib_pages=cpu.gib_pages)
+    for addr, data in pts.chunks():
+        mem.write(addr, data)
+    cr3 = pts.root
+    gdt = linux.boot_gdt()
+    mem.write(LINUX_GDT_ADDR, gdt)
+    return EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
+                      gprs={"rsi": FOREIGN_INFO_ADDR}, gdt=(LINUX_GDT_ADDR, len(gdt) - 1),
+                      selectors=(linux.BOOT_CS, linux.BOOT_DS))

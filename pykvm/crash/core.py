@@ -29,6 +29,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..devices.vga import TEXT_BYTES, screen_text
 from ..memory.sparse import nonzero_runs
 from . import notes as N
 from .layout import Layout, plan
@@ -323,6 +324,8 @@ def _json(snap: CrashSnapshot, layout: Layout, written: int, signo: int) -> str:
         "bytes_written": written,
         "crash_info_bytes": min(len(snap.crash_info), CRASH_INFO_MAX),
         "bus": snap.bus,
+        "screen": screen_text(bytes(snap.screen[:TEXT_BYTES])) if snap.screen else "",
+        "screen_cursor": list(snap.screen_cursor) if snap.screen_cursor else None,
     }
     # config comes from the caller and may hold paths or enums: stringify what JSON can't take.
     return json.dumps(doc, default=str, ensure_ascii=False)

@@ -53,9 +53,17 @@ def build_report(core_path, kernel_path=None) -> dict:
             "serial_tail": info.get("serial_tail", ""),
             "crash_info": core.vmcoreinfo.decode("utf-8", errors="replace"),
             "bus": info.get("bus") if isinstance(info.get("bus"), dict) else None,
+            "screen": _screen(info.get("screen")),
             "vcpus": [_vcpu_report(core, v, symbols) for v in core.vcpus],
         }
     return report
+
+
+def _screen(text) -> str:
+    """The note's screen text, bounded (it is what the guest wrote): at most 25 rows of 80 characters."""
+    if not isinstance(text, str):
+        return ""
+    return "\n".join(line[:80] for line in text.splitlines()[:25])
 
 
 def _vcpu_report(core: CoreFile, v: dict, symbols: SymbolTable | None) -> dict:
@@ -331,6 +339,8 @@ def render_text(report: dict) -> str:
     if tail:
         out += ["", "serial output (tail):"] + ["  " + line for line in tail.rstrip("\n").splitlines()[-40:]]
     out += _bus_lines(report.get("bus"))
+    if report.get("screen"):
+        out += ["", "VGA text screen (final):"] + ["  |" + line for line in report["screen"].splitlines()]
     if report.get("crash_info"):
         out += ["", "guest crash info:"] + ["  " + line for line in report["crash_info"].rstrip("\n").splitlines()]
     return "\n".join(out) + "\n"

@@ -76,6 +76,8 @@ class CrashSnapshot:
     config: dict = field(default_factory=dict)
     crash_info: bytes = b""
     bus: dict | None = None          # the partition bus's state (bus.host.BusHost.snapshot()), if any
+    screen: bytes = b""              # the VGA text buffer (80x25 character/attribute pairs), guest-written
+    screen_cursor: tuple[int, int] | None = None
     pykvm_version: str = __version__
 
 

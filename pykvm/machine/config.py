@@ -42,6 +42,8 @@ class MachineConfig:
     sandbox: bool = False            # seccomp-confine this process once set up (the CLI turns it on)
     numa: dict | None = None         # vNUMA: memory.numa.NumaConfig.as_json() (implies a bus with dynamic memory)
     memory_log: Path | None = None   # JSON lines of the dynamic memory timeline (vNUMA only)
+    cpu: str = "host"                # CPU model: host[,+feature,-feature...] (boot/cpumodel.py)
+    display: str = "none"            # "text": show the VGA text screen on stdout (devices/vga.py)
 
 
 @dataclass

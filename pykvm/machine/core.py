@@ -90,6 +90,9 @@ class Machine:
         if not 1 <= cfg.cpus <= 255:
             raise errors.UsageError(f"--cpus {cfg.cpus}: must be between 1 and 255")
         restoring = self._restore is not None
+        from ..boot.cpumodel import parse_cpu
+
+        cpu_model = parse_cpu(cfg.cpu)
         if not restoring:
             from ..artifacts import firmware_path
 
@@ -130,23 +133,24 @@ class Machine:
         self.bus = build_bus(self)
         self.devices = device_set.build_devices(self)
         supported = self.kvm.supported_cpuid()
+        cpu_setup.check_model(supported, cpu_model)
         if not restoring:
             from ..boot.acpi import platform_for_irqchip
 
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
                                        argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
                                        acpi_platform=platform_for_irqchip(cfg.irqchip),
-                                       gib_pages=cpu_setup.gib_pages_offered(supported),
                                        phys_bits=cpu_setup.phys_addr_bits(supported),
-                                       numa=self.numa.boot_arg() if self.numa is not None else None)
+                                       numa=self.numa.boot_arg() if self.numa is not None else None,
+                                       cpu=cpu_setup.boot_features(supported, cpu_model))
 
-        nx = cpu_setup.nx_supported(supported)
+        nx = cpu_setup.nx_supported(supported, cpu_model)
         from ..kvm.abi import ffi as kffi
 
         for i in range(cfg.cpus):
             vcpu = self.vm.create_vcpu(i)
             self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(cpu_setup.cpuid_for_vcpu(supported, i, kffi))
+            vcpu.set_cpuid2(cpu_setup.cpuid_for_vcpu(supported, i, kffi, cpu_model))
         self.exit_counts = [dict() for _ in self.vcpus]
         self.hot_io_exits = [[0] for _ in self.vcpus]
         if restoring:
@@ -172,6 +176,12 @@ class Machine:
         install_kick_handler()
         self.devices.start_all()
         self.supervisor.start()
+        display = None
+        if self.config.display == "text":
+            from .display import TextDisplay
+
+            display = TextDisplay(self)
+            display.start()             # its thread exists before the sandbox: no clone() needed later
         try:
             if self.config.sandbox:       # after set-up, before any guest code runs
                 from .. import sandbox
@@ -190,6 +200,8 @@ class Machine:
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
                 self.outcome.core_path, self.outcome.core_error = self.dumper.write(self.outcome)
         finally:
+            if display is not None:
+                display.stop()
             self._close_bus()           # finishes the request in hand (a block write) first
             self.supervisor.stop()
             self.devices.stop_all()

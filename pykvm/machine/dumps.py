@@ -44,6 +44,7 @@ class Dumper:
         m.windows.drain()
         from ..crash.core import CoreWriteError, write_core
         from ..crash.snapshot import CrashSnapshot
+        from ..devices.vga import read_screen
         from .capture import apply_trap_frame, guest_crash_info, vcpu_state
 
         try:
@@ -61,10 +62,17 @@ class Dumper:
                         "irqchip": cfg.irqchip, "protocol": m.plan.image.protocol if m.plan else None,
                         "pvpanic_events": list(m.pvpanic.events)},
                 crash_info=guest_crash_info(m.memory, m.plan),
-                bus=m.bus.snapshot() if m.bus is not None else m.bus_final)
+                bus=m.bus.snapshot() if m.bus is not None else m.bus_final,
+                screen=read_screen(m.memory), screen_cursor=_cursor(m))
             path = write_core(snap, cfg.crash_dir)
         except CoreWriteError as e:
             return None, str(e)
         except KvmError as e:
             return None, f"cannot read vCPU state: {e}"
         return path, None
+
+
+def _cursor(machine):
+    """The VGA cursor (row, column) when the machine has the CRTC device and the cursor is shown."""
+    crtc = machine.built.get("vga")
+    return crtc.cursor() if crtc is not None else None

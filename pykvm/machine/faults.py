@@ -23,8 +23,10 @@ class Faults:
         m = self.machine
         m.serial.flush()
         if isinstance(ev, GuestExit):
-            kind = "poweroff" if ev.how == "power-off" else "exit"
-            m.finish(Outcome(ev.status, kind, f"guest exited: {ev.how}", vcpu=vcpu.index if vcpu else None))
+            kind = {"power-off": "poweroff", "reset": "reset"}.get(ev.how, "exit")
+            text = (f"guest requested a reset ({getattr(ev, 'detail', ev.how)}); pykvm stops instead of rebooting"
+                    if kind == "reset" else f"guest exited: {ev.how}")
+            m.finish(Outcome(ev.status, kind, text, vcpu=vcpu.index if vcpu else None))
         elif vcpu is None:  # no vCPU context to read RIP from
             trigger = ev.trigger if isinstance(ev, GuestCrash) else "strict-io"
             m.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed: {ev}", trigger=trigger))
