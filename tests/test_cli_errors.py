@@ -218,3 +218,12 @@ def test_program_is_not_a_kernel(tmp_path):
     ls = shutil.which("ls")
     if ls:
         one_line_error(pykvm("run", ls, "--timeout", "5"), errors.EXIT_BAD_IMAGE, "this is a program, not a kernel")
+
+
+@pytest.mark.kvm
+def test_ram_whose_kvm_metadata_would_exhaust_the_host_is_refused_up_front():
+    # 64 TiB of guest RAM needs ~128 GiB of KVM page metadata in the host kernel: refused before
+    # any memory is registered, instead of driving the host out of memory
+    r = pykvm("run", "hello", "--mem", "64T", "--no-dump")
+    assert r.returncode == 22, r
+    assert b"host kernel memory" in r.stderr and r.stderr.count(b"\n") == 1

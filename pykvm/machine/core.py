@@ -34,6 +34,27 @@ TSS_ADDR = 0xFFFBD000          # three pages KVM needs on Intel for real-mode em
 IDENTITY_MAP_ADDR = 0xFFFBC000
 
 
+# KVM keeps per-page metadata for every memslot in host kernel memory (the reverse maps and
+# large-page bookkeeping: about 8 bytes per 4 KiB guest page), allocated when the slot is
+# registered, touched or not. A sparse guest far larger than the host would make the kernel
+# allocate that up front and can drive the host out of memory.
+KVM_BYTES_PER_GUEST_PAGE = 8
+
+
+def _check_host_can_track(mem: int) -> None:
+    """Refuse guest RAM whose KVM page metadata would not fit half of the host's available memory."""
+    need = mem // 4096 * KVM_BYTES_PER_GUEST_PAGE
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return   # no way to tell: let KVM decide
+    if need > avail // 2:
+        raise errors.MemorySizeError(
+            f"--mem {mem >> 30} GiB: KVM would need about {need >> 20} MiB of host kernel memory to track its "
+            f"pages, more than half of the {avail >> 20} MiB this host has available; use a smaller --mem")
+
+
 class Machine:
     """One VM: build with a config, then run() until the guest exits, crashes or times out.
 
@@ -110,6 +131,7 @@ class Machine:
             if restoring:                   # the topology came from the state file
                 raise errors.BadStateError(f"state file: vNUMA configuration: {e}") from None
             raise
+        _check_host_can_track(cfg.mem)
         try:
             if self.numa is not None:
                 self.memory = self.numa.create_memory()
