@@ -128,7 +128,7 @@ def test_stats_snapshot_is_safe_while_a_vcpu_adds_unclaimed_addresses():
     from pykvm.machine.core import Machine
 
     dm = DeviceManager()
-    fake = types.SimpleNamespace(exit_counts=[{}], hot_io_exits=[[0]], devices=dm,
+    fake = types.SimpleNamespace(exit_counts=[{}], hot_io_exits=[[0]], devices=dm, bus=None, numa=None,
                                  windows=types.SimpleNamespace(info=lambda: [],
                                                                ring_stats=types.SimpleNamespace(as_dict=dict)))
     fake.exit_summary = lambda: Machine.exit_summary(fake)
@@ -138,7 +138,7 @@ def test_stats_snapshot_is_safe_while_a_vcpu_adds_unclaimed_addresses():
         addr = 0
         while not stop.is_set():
             dm.unclaimed_access("mmio", 0xD0000000 + addr, 4, False)
-            dm.outside_d0[(f"dev{addr % 5000}", "r")] += 1
+            dm.outside_d0.add((f"dev{addr % 5000}", "r"))
             addr += 1
 
     t = threading.Thread(target=guest)
@@ -158,6 +158,8 @@ def test_unclaimed_addresses_are_bounded():
     dm = DeviceManager()
     for a in range(UNCLAIMED_KEYS + 500):
         assert dm.unclaimed_access("port", a, 1, False) == 0xFF
-    dm.unclaimed_access("port", 3, 1, False)
     assert len(dm.unclaimed) == UNCLAIMED_KEYS and dm.unclaimed_other == 500
-    assert dm.unclaimed[("port", 3, "r")] == 2
+    hot = ("port", UNCLAIMED_KEYS + 499, "r")        # listed: the newest key
+    dm.unclaimed_access("port", UNCLAIMED_KEYS + 499, 1, False)
+    assert dm.unclaimed[hot] == 2
+    assert sum(n for _k, n in dm.unclaimed.items()) + dm.unclaimed_other == UNCLAIMED_KEYS + 501

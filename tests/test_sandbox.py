@@ -181,7 +181,7 @@ def test_a_sandboxed_vmm_refuses_a_save_path_it_would_have_to_open(tmp_path):
     from pykvm.machine.control import _exchange
 
     sock = str(tmp_path / "vm.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work",
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work", "--device", "mailbox",
                              "--control", sock, "--timeout", "60", "--no-dump", "--serial", "none"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
