@@ -61,7 +61,7 @@ def test_reserved_ranges_and_duplicate_names_are_refused():
 def running(tmp_path):
     """`pykvm run mailbox --control SOCK` (the mailbox guest idles without a command line)."""
     sock = str(tmp_path / "vm.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--control", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--cmdline", "work", "--control", sock,
                              "--timeout", "60", "--no-dump"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30

@@ -186,7 +186,7 @@ def test_hot_add_through_the_control_channel(tmp_path):
     from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--control", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--cmdline", "work", "--control", sock,
                              "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
@@ -224,7 +224,7 @@ def test_cli_restart_budget_and_escalation(tmp_path):
     from pykvm.machine.control import request
 
     sock = str(tmp_path / "ctl.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--control", sock, "--timeout", "30",
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--cmdline", "work", "--control", sock, "--timeout", "30",
                              "--restart-intensity", "0/60", "--on-device-failure", "crash",
                              "--crash-dir", str(tmp_path / "cores")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

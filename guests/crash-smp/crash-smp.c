@@ -33,6 +33,11 @@ __attribute__((noinline)) uint64_t ap_crash(void)
 
 static void ap_main(unsigned cpu)
 {
+    /* crash only once the BSP is spinning in bsp_wait(), not still sending the second SIPI:
+     * the core must show it there however the host schedules the two vCPU threads */
+    uint64_t start = rdtsc();
+    while (!bsp_spins && rdtsc() - start < WAIT_TSC)
+        cpu_relax();
     printf("crash-smp: cpu %u reading a bad pointer\n", cpu);
     ap_sink = ap_crash();
     printf("FAIL bad pointer read returned\n");

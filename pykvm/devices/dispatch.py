@@ -15,7 +15,7 @@ from .tally import BoundedTally
 
 # Distinct unclaimed addresses remembered; past this a guest walking the address space only
 # raises `unclaimed_other`, so the VMM's memory stays bounded whatever the guest touches.
-UNCLAIMED_KEYS = 1024
+UNCLAIMED_KEYS = 64
 MMIO_LIMIT = 1 << 52           # guest-physical addresses x86-64 can express
 
 

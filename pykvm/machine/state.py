@@ -225,6 +225,9 @@ CONFIG_SCHEMA = {
     "on_device_failure": _enum("remove", "crash"), "device_deadline": _num(0, 3600),
     "trust": _enum("trusted", "untrusted"),
     "devices": _list(_tuple(_str(64), _map(_str(64), _scalar_option, 64)), 64),
+    "bus": _bool, "disks": _list(_tuple(_str(4096), _bool), 16),
+    "numa": _opt(_any),              # memory.numa.NumaConfig.from_json checks every field when the VM is built
+    "cpu": _str(1024), "display": _enum("none", "text"),
 }
 VCPU_SCHEMA = _obj({"regs": _hex("struct kvm_regs"), "sregs": _hex("struct kvm_sregs"),
                     "fpu": _hex("struct kvm_fpu"), "lapic": _hex("struct kvm_lapic_state"),
@@ -243,6 +246,7 @@ HEADER_SCHEMA = _obj({
          "mode": _enum(*memwindow.MODES), "payload": _tuple(_u63, _u63)}), 64), "state": _any},
         {"config": _opt(_map(_str(64), _scalar_option, 64)), "generation": _int(0, (1 << 31) - 1)}), 256),
 }, {"clock": _opt(_int(0, U64)), "policy": _opt(_map(_str(256), _int(0, U64))),
+    "numa": _opt(_any),              # dynamic memory state: memory/dynamic.py set_state checks it
     "pykvm_version": _str(64), "created": _str(64)})
 
 
