@@ -126,7 +126,7 @@ def test_display_none_prints_nothing():
 
 @pytest.mark.kvm
 def test_crash_core_carries_the_screen_and_inspect_prints_it(tmp_path):
-    r = pykvm("run", "vga-text", "--cmdline", "crash", "--crash-dir", str(tmp_path))
+    r = pykvm("run", "vga-text", "--cmdline", "crash", "--device", "i8042", "--crash-dir", str(tmp_path))
     assert r.returncode == 16, r.stderr
     (core,) = tmp_path.glob("*.core")
     from pykvm.crash.reader import CoreFile
@@ -144,7 +144,7 @@ def test_crash_core_carries_the_screen_and_inspect_prints_it(tmp_path):
 
 @pytest.mark.kvm
 def test_i8042_reset_stops_the_vm_cleanly():
-    r = pykvm("run", "vga-text", "--cmdline", "reset")
+    r = pykvm("run", "vga-text", "--cmdline", "reset", "--device", "i8042")
     assert r.returncode == 0
     assert re.search(r"guest requested a reset \(i8042 command 0xfe\)", r.stderr.decode())
 

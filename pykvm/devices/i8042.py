@@ -47,7 +47,7 @@ class I8042(Device):
         super().__init__(base=base)
         self.ports = [(base, STATUS + 1)]
         self.out: deque[tuple[int, bool]] = deque()     # (byte, from the aux port)
-        self.config = 0x45        # keyboard interrupt on, system flag, translation: a PC's default
+        self.ccb = 0x45           # controller command byte: keyboard interrupt on, system flag, translation: a PC's default
         self.pending = None       # a controller command waiting for its data byte
         self.last_command = False
         self.output_port = 0x01   # bit 0: reset line not asserted
@@ -77,7 +77,7 @@ class I8042(Device):
             self.last_command = False
             pending, self.pending = self.pending, None
             if pending == CMD_WRITE_CONFIG:
-                self.config = value
+                self.ccb = value
             elif pending == CMD_WRITE_OUTPUT_PORT:
                 self.output_port = value
                 if not value & 1:
@@ -89,7 +89,7 @@ class I8042(Device):
 
     def _command(self, cmd: int) -> None:
         if cmd == CMD_READ_CONFIG:
-            self._push(self.config)
+            self._push(self.ccb)
         elif cmd in (CMD_WRITE_CONFIG, CMD_WRITE_OUTPUT_PORT, CMD_WRITE_AUX):
             self.pending = cmd
         elif cmd == CMD_SELF_TEST:
@@ -115,13 +115,13 @@ class I8042(Device):
 
     def get_state(self) -> dict:
         """Queue, configuration byte, pending command, output port."""
-        return {"out": [[b, a] for b, a in self.out], "config": self.config, "pending": self.pending,
+        return {"out": [[b, a] for b, a in self.out], "config": self.ccb, "pending": self.pending,
                 "output_port": self.output_port}
 
     def set_state(self, state: dict) -> None:
         """Restore what get_state saved (bounded, masked)."""
         self.out = deque((int(b) & 0xFF, bool(a)) for b, a in list(state.get("out", []))[:QUEUE_MAX])
-        self.config = int(state.get("config", 0x45)) & 0xFF
+        self.ccb = int(state.get("config", 0x45)) & 0xFF
         p = state.get("pending")
         self.pending = int(p) & 0xFF if p is not None else None
         self.output_port = int(state.get("output_port", 1)) & 0xFF

@@ -166,8 +166,8 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                _simple("pykvm.devices.simple:PostCode"), {"port": "port"}, default=False),
     DeviceType("power-control", "guest-requested device power changes (D0/D3)", "pykvm.devices.power:PowerControl",
                _simple("pykvm.devices.power:PowerControl"), default=False),
-    DeviceType("i8042", "i8042 keyboard controller (0x60/0x64): status, self-tests, reset through 0xfe",
-               "pykvm.devices.i8042:I8042", _simple("pykvm.devices.i8042:I8042"), default=True),
+    DeviceType("i8042", "i8042 keyboard controller (0x60/0x64): status, self-tests, reset through 0xfe "
+               "(added by --display text)", "pykvm.devices.i8042:I8042", _simple("pykvm.devices.i8042:I8042")),
     DeviceType("vga", "VGA CRTC ports (0x3d4/0x3d5): the text screen's cursor (added by --display text)",
                "pykvm.devices.vga:VgaCrtc", _simple("pykvm.devices.vga:VgaCrtc")),
     DeviceType("mailbox", "256 supervised 32-bit slots (recovery demonstration)", "pykvm.devices.mailbox:Mailbox",

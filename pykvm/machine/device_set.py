@@ -36,8 +36,10 @@ def build_devices(machine) -> DeviceManager:
         on_pvpanic_crash_loaded=_pvpanic_crash_loaded)
     wanted = [(t.name, {}) for t in registry.TYPES.values() if t.default]
     wanted += [(name, dict(opts)) for name, opts in cfg.devices]
-    if cfg.display == "text" and not any(name == "vga" for name, _o in wanted):
-        wanted.append(("vga", {}))     # the cursor the text display shows
+    if cfg.display == "text":      # a hobby kernel: its cursor, and the keyboard controller it polls
+        for name in ("vga", "i8042"):
+            if not any(n == name for n, _o in wanted):
+                wanted.append((name, {}))
     if m.bus is not None:
         ctx.extra["bus"] = m.bus
         if not any(name == "bus" for name, _o in wanted):
