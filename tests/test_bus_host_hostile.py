@@ -469,3 +469,51 @@ def test_a_channel_broken_by_its_guest_is_closed_alone(mem):
         assert g.clean_echo()
     finally:
         g.close()
+
+
+def _write_before_commit(monkeypatch, reader, guest_write):
+    """Run guest_write() once, just before `reader` publishes its read index: the window in which a
+    guest's write sees a stale read_index, so the ring rules tell it not to signal."""
+    commit = reader.commit
+
+    def late_write():
+        monkeypatch.setattr(reader, "commit", commit)
+        guest_write()
+        return commit()
+    monkeypatch.setattr(reader, "commit", late_write)
+
+
+def test_a_packet_written_while_the_host_publishes_is_not_stranded(mem, monkeypatch):
+    g = Guest(mem)
+    try:
+        g.connect()
+        assert g.clean_echo()
+        ch = g.host.channels[1]
+        with GpadlView.create(mem, list(g.host.gpadls[ch.gpadl_id].pfns)) as v:
+            out, inp = RingWriter.from_view(v, 0, 2), RingReader.from_view(v, 2, 2)
+            echo = struct.pack("<II", abi.PYKVM_ECHO_OP_ECHO, 3)
+            signals = []
+            _write_before_commit(monkeypatch, ch.reader, lambda: signals.append(out.write(INBAND, echo + b"two", 2)))
+            assert out.write(INBAND, echo + b"one", 1)
+            g.bells.ring(1)
+            assert signals == [False]                   # the guest followed the rules and did not signal
+            got = [inp.read() for _ in range(3)]          # clean_echo's reply (not consumed), then ours
+            out.close()
+            inp.close()
+        assert [p.trans_id for p in got if p is not None] == [77, 1, 2]
+    finally:
+        g.close()
+
+
+def test_a_management_message_written_while_the_host_publishes_is_not_stranded(mem, monkeypatch):
+    g = Guest(mem)
+    try:
+        g.connect()
+        g.send(enc_msg(M.InitiateContact((V10,), 0)))
+        g.replies.clear()
+        _write_before_commit(monkeypatch, g.host._mgmt_in, lambda: g.out.write(INBAND, enc_msg(M.RequestOffers())))
+        g.send(enc_msg(M.GpadlTeardown(77)))
+        assert g.reply("gpadl_torndown", 77) is not None
+        assert g.reply("all_offers_delivered") is not None
+    finally:
+        g.close()

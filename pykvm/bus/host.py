@@ -158,15 +158,22 @@ class BusHost:
                 pass    # a busy channel: serve it again (its budget bounds one pass)
 
     def _process_mgmt(self) -> None:
+        while self._mgmt_pass():
+            pass    # more came (see _mgmt_pass): serve them now
+
+    def _mgmt_pass(self) -> bool:
+        """Handle up to max_messages_per_wake messages; True when more are waiting."""
         if self._mgmt_in is None:
-            return
+            return False
+        more = True                         # unless the ring runs dry within the budget
         for _ in range(self.limits.max_messages_per_wake):
             try:
                 pkt = self._mgmt_in.read()
             except RingError as e:
                 self.disconnect(f"management ring broken: {e.reason}")
-                return
+                return False
             if pkt is None:
+                more = False
                 break
             self.messages_in += 1
             if pkt.type != INBAND:
@@ -179,12 +186,15 @@ class BusHost:
                 else:
                     self._handle(msg)
             if self.state == "idle":        # unloaded or disconnected while handling
-                return
+                return False
         try:
             if self._mgmt_in.commit():
                 self._mgmt_irq.signal()
+            # a message written before read_index was published saw a non-empty ring and did not signal
+            return more or self._mgmt_in.unmask()
         except RingError as e:
             self.disconnect(f"management ring broken: {e.reason}")
+            return False
 
     def _send(self, data: bytes) -> None:
         if self._mgmt_out is None:
