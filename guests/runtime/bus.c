@@ -69,6 +69,23 @@ const char *bus_status_text(uint32_t s)
     return "unknown status";
 }
 
+int bus_connected(void)
+{
+    return inl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_COMMAND) == PYKVM_BUS_STATE_CONNECTED;
+}
+
+void bus_disconnect(void)
+{
+    outl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_COMMAND, PYKVM_BUS_CMD_DISCONNECT);
+}
+
+/* A wait that spun this long asks (one exit) whether the host still serves us:
+ * after a host-side disconnect no reply or free space ever comes. */
+static int host_gone(uint64_t spins)
+{
+    return (spins & 1023) == 1023 && !bus_connected();
+}
+
 static int mgmt_send(uint32_t type, const void *body, uint32_t size)
 {
     uint8_t buf[sizeof(struct pykvm_bus_msg) + sizeof(struct pykvm_bus_gpadl_header)];
@@ -87,6 +104,8 @@ static int mgmt_send(uint32_t type, const void *body, uint32_t size)
             return 0;
         if (r != RING_FULL)
             return BUS_ERR_IO;
+        if (host_gone(spins))
+            return BUS_ERR_GONE;
         cpu_relax();
     }
     return BUS_ERR_FULL;
@@ -185,6 +204,8 @@ static int mgmt_wait(uint32_t type, int match_id, uint32_t id, void *body, uint3
         if (r < 0)
             return r;
         if (r == 0) {
+            if (host_gone(spins))
+                return BUS_ERR_GONE;
             if (use_irq)
                 bus_irq_wait(seen);
             else

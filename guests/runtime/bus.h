@@ -63,6 +63,11 @@ struct bus_channel *bus_find(uint64_t if_lo, uint64_t if_hi);
 int bus_open(struct bus_channel *ch, const uint32_t *versions, int n);
 int bus_close(struct bus_channel *ch);
 int bus_unload(void);
+/* Whether the host still serves this guest (one trapped read): it disconnects a
+ * guest that keeps breaking the protocol, and then answers nothing. */
+int bus_connected(void);
+/* Drop the connection (the host closes every channel and GPADL); bus_connect again after. */
+void bus_disconnect(void);
 
 /* In-band send (waits for room, rings the doorbell when the ring says so). */
 int bus_send(struct bus_channel *ch, const void *msg, uint32_t len, uint64_t trans_id);
