@@ -111,6 +111,14 @@ static int mgmt_send(uint32_t type, const void *body, uint32_t size)
     return BUS_ERR_FULL;
 }
 
+int bus_mgmt_raw(uint16_t type, const void *payload, uint32_t len)
+{
+    int r = ring_write(&mgmt_out, type, 0, 0, payload, len);
+    if (r == RING_SIGNAL)
+        doorbell(PYKVM_BUS_MGMT_RELID);
+    return r < 0 ? r : 0;
+}
+
 static struct bus_channel *by_relid(uint32_t relid)
 {
     for (int i = 0; i < bus_nchannels; i++)
@@ -273,7 +281,6 @@ int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
     if (!ch || ch->open || ch->rescinded || n < 1 || n > PYKVM_BUS_MAX_SERVICE_VERSIONS)
         return BUS_ERR_IO;
     uint32_t half = BUS_RING_PAGES * PAGE;
-    memset(ch->ring_mem, 0, 2 * half);
     if (ring_init(&ch->out, ch->ring_mem, half) || ring_init(&ch->in, ch->ring_mem + half, half))
         return BUS_ERR_IO;
 

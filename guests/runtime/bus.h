@@ -68,6 +68,9 @@ int bus_unload(void);
 int bus_connected(void);
 /* Drop the connection (the host closes every channel and GPADL); bus_connect again after. */
 void bus_disconnect(void);
+/* Write one packet of `type` (in-band or completion) with these bytes, unchecked, to
+ * the management ring: for guests that test the host's refusals. 0 or RING_*. */
+int bus_mgmt_raw(uint16_t type, const void *payload, uint32_t len);
 
 /* In-band send (waits for room, rings the doorbell when the ring says so). */
 int bus_send(struct bus_channel *ch, const void *msg, uint32_t len, uint64_t trans_id);
