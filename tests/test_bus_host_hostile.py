@@ -37,7 +37,7 @@ CLEAN_PFN = 200                     # 4 pages the clean sequence uses for its ri
 HIGH = 0x100000                     # first pfn above the 4 GiB hole (RAM is [0, 1 MiB) + [4 GiB, 4 GiB + 1 MiB))
 V10, V11 = abi.PYKVM_BUS_VERSION_1_0, abi.PYKVM_BUS_VERSION_1_1
 ECHO = (abi.PYKVM_BUS_IF_ECHO_LO, abi.PYKVM_BUS_IF_ECHO_HI)
-LIMITS = dict(max_gpadls=4, max_gpadl_pages=16, max_total_pages=24, max_violations=8)
+LIMITS = dict(max_gpadls=4, max_gpadl_pages=16, max_total_pages=24, max_violations=8, vcpus=2)
 _REL = struct.Struct("<II")
 
 
@@ -229,6 +229,7 @@ class Guest:
 def check(g: Guest, seen):
     h, lim = g.host, g.host.limits
     assert g.bells.failures == []                               # nothing escaped a doorbell handler
+    assert len(g.irqs.allocated) <= lim.vcpus                   # one MSI route per vCPU the VM has, at most
     mapped = sum(v.size // PAGE for v in h.gpadls.values())
     assert len(h.gpadls) + len(h._pending) <= lim.max_gpadls
     assert mapped + sum(p.total for p in h._pending.values()) <= lim.max_total_pages
@@ -515,5 +516,24 @@ def test_a_management_message_written_while_the_host_publishes_is_not_stranded(m
         g.send(enc_msg(M.GpadlTeardown(77)))
         assert g.reply("gpadl_torndown", 77) is not None
         assert g.reply("all_offers_delivered") is not None
+    finally:
+        g.close()
+
+
+def test_target_vcpus_are_those_the_vm_has(mem):
+    g = Guest(mem)
+    try:
+        assert g.host.connect(MGMT_PFN * PAGE, 2) == abi.PYKVM_BUS_STATE_REFUSED
+        g.connect()
+        g.send(enc_msg(M.InitiateContact((V10,), 200)))
+        assert g.reply("version_response")[:2] == (0, 0) and g.host.state == "connected"
+        g.send(enc_msg(M.InitiateContact((V10,), 1)))
+        assert g.reply("version_response")[:2] == (1, V10)
+        g.mem.write(CLEAN_PFN * PAGE, bytes(4 * PAGE))
+        g.send(enc_msg(M.GpadlHeader(9, 4, tuple(range(CLEAN_PFN, CLEAN_PFN + 4)))))
+        g.send(enc_msg(M.OpenChannel(1, 9, 2, 255, (V10,))))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_E_INVALID)
+        assert "there is no vCPU 255 (the VM has 2)" in g.host.refusals[-1]
+        assert len(g.irqs.allocated) == 2
     finally:
         g.close()

@@ -38,6 +38,7 @@ class Limits:
     max_total_pages: int = 16384         # 64 MiB mapped for one guest
     max_violations: int = 64             # refused management messages before the guest is disconnected
     max_messages_per_wake: int = 256
+    vcpus: int = 256                     # target vCPUs a guest may name (each gets an MSI route and an eventfd)
 
 
 class _PendingGpadl:
@@ -111,6 +112,8 @@ class BusHost:
     def _irq_for(self, vcpu: int):
         irq = self._irqs.get(vcpu)
         if irq is None:
+            if not 0 <= vcpu < self.limits.vcpus:
+                raise ValueError(f"there is no vCPU {vcpu} (the VM has {self.limits.vcpus})")
             irq = self.interrupts.allocate(abi.PYKVM_BUS_VECTOR, vcpu)
             self._irqs[vcpu] = irq
         return irq

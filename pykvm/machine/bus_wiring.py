@@ -18,7 +18,7 @@ def build_bus(machine):
     if not wants_bus(cfg):
         return None
     from ..bus.doorbell import Doorbells, Interrupts
-    from ..bus.host import BusHost
+    from ..bus.host import BusHost, Limits
     from ..bus.services.block import BlockService, Disk
     from ..bus.services.echo import EchoService
     from ..bus.services.heartbeat import HeartbeatService
@@ -43,4 +43,4 @@ def build_bus(machine):
         for d in disks:
             d.close()
         raise
-    return BusHost(machine.memory, doorbells, interrupts, services, log=log)
+    return BusHost(machine.memory, doorbells, interrupts, services, limits=Limits(vcpus=cfg.cpus), log=log)
