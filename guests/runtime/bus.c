@@ -229,6 +229,11 @@ static int mgmt_wait(uint32_t type, int match_id, uint32_t id, void *body, uint3
     return BUS_ERR_IO;
 }
 
+int bus_mgmt_wait(uint32_t type, uint32_t id, void *body, uint32_t size)
+{
+    return mgmt_wait(type, 1, id, body, size);
+}
+
 int bus_connect(const uint32_t *versions, int n)
 {
     if (n < 1 || n > PYKVM_BUS_MAX_VERSIONS)

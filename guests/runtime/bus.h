@@ -71,6 +71,9 @@ void bus_disconnect(void);
 /* Write one packet of `type` (in-band or completion) with these bytes, unchecked, to
  * the management ring: for guests that test the host's refusals. 0 or RING_*. */
 int bus_mgmt_raw(uint16_t type, const void *payload, uint32_t len);
+/* Wait for the management message of `type` whose first u32 is `id` and copy
+ * `size` bytes of its body; others are handled as bus_poll() does. 0 or BUS_ERR_*. */
+int bus_mgmt_wait(uint32_t type, uint32_t id, void *body, uint32_t size);
 
 /* In-band send (waits for room, rings the doorbell when the ring says so). */
 int bus_send(struct bus_channel *ch, const void *msg, uint32_t len, uint64_t trans_id);
