@@ -537,3 +537,22 @@ def test_target_vcpus_are_those_the_vm_has(mem):
         assert len(g.irqs.allocated) == 2
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("page, field", [(0, 4), (2, 0)])    # the guest->host read_index, the host->guest write_index
+def test_an_open_refused_for_a_bad_ring_header_can_disconnect_the_guest(mem, page, field):
+    # The refusal of an open whose ring header is garbage is the violation that disconnects the
+    # guest: unmapping the GPADL then must not find the half-built ring still holding its pages.
+    g = Guest(mem, limits=dict(LIMITS, max_violations=0))
+    try:
+        g.connect()
+        g.send(enc_msg(M.InitiateContact((V10,), 0)))
+        g.mem.write(CLEAN_PFN * PAGE, bytes(4 * PAGE))
+        g.mem.write((CLEAN_PFN + page) * PAGE + field, struct.pack("<I", 0xFFFF_FFF1))
+        g.send(enc_msg(M.GpadlHeader(9, 4, tuple(range(CLEAN_PFN, CLEAN_PFN + 4)))))
+        g.send(enc_msg(M.OpenChannel(1, 9, 2, 0, (V10,))))
+        check(g, [0, 0])
+        assert g.host.state == "idle" and "0xfffffff1 is not an 8-byte aligned offset" in g.host.refusals[-1]
+        assert g.clean_echo()
+    finally:
+        g.close()
