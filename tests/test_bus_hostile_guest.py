@@ -36,7 +36,7 @@ def _run_in_process(tmp_path, cmdline):
     serial = tmp_path / f"serial-{abs(hash(cmdline))}.out"
     out_fd = os.open(serial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     machine = Machine(MachineConfig(kernel=guest("bus-hostile"), cmdline=cmdline, bus=True, serial_out=out_fd,
-                                    timeout=1200, crash_dir=tmp_path / "crashes"))
+                                    timeout=900, crash_dir=tmp_path / "crashes"))
     fds, threads = _fds(), threading.active_count()
     peak = {"fds": 0, "threads": 0}
     stop = threading.Event()
