@@ -69,6 +69,23 @@ const char *bus_status_text(uint32_t s)
     return "unknown status";
 }
 
+int bus_connected(void)
+{
+    return inl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_COMMAND) == PYKVM_BUS_STATE_CONNECTED;
+}
+
+void bus_disconnect(void)
+{
+    outl(PYKVM_PORT_BUS + PYKVM_BUS_CTL_COMMAND, PYKVM_BUS_CMD_DISCONNECT);
+}
+
+/* A wait that spun this long asks (one exit) whether the host still serves us:
+ * after a host-side disconnect no reply or free space ever comes. */
+static int host_gone(uint64_t spins)
+{
+    return (spins & 1023) == 1023 && !bus_connected();
+}
+
 static int mgmt_send(uint32_t type, const void *body, uint32_t size)
 {
     uint8_t buf[sizeof(struct pykvm_bus_msg) + sizeof(struct pykvm_bus_gpadl_header)];
@@ -87,9 +104,19 @@ static int mgmt_send(uint32_t type, const void *body, uint32_t size)
             return 0;
         if (r != RING_FULL)
             return BUS_ERR_IO;
+        if (host_gone(spins))
+            return BUS_ERR_GONE;
         cpu_relax();
     }
     return BUS_ERR_FULL;
+}
+
+int bus_mgmt_raw(uint16_t type, const void *payload, uint32_t len)
+{
+    int r = ring_write(&mgmt_out, type, 0, 0, payload, len);
+    if (r == RING_SIGNAL)
+        doorbell(PYKVM_BUS_MGMT_RELID);
+    return r < 0 ? r : 0;
 }
 
 static struct bus_channel *by_relid(uint32_t relid)
@@ -185,6 +212,8 @@ static int mgmt_wait(uint32_t type, int match_id, uint32_t id, void *body, uint3
         if (r < 0)
             return r;
         if (r == 0) {
+            if (host_gone(spins))
+                return BUS_ERR_GONE;
             if (use_irq)
                 bus_irq_wait(seen);
             else
@@ -198,6 +227,11 @@ static int mgmt_wait(uint32_t type, int match_id, uint32_t id, void *body, uint3
         mgmt_async(m);
     }
     return BUS_ERR_IO;
+}
+
+int bus_mgmt_wait(uint32_t type, uint32_t id, void *body, uint32_t size)
+{
+    return mgmt_wait(type, 1, id, body, size);
 }
 
 int bus_connect(const uint32_t *versions, int n)
@@ -252,7 +286,6 @@ int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
     if (!ch || ch->open || ch->rescinded || n < 1 || n > PYKVM_BUS_MAX_SERVICE_VERSIONS)
         return BUS_ERR_IO;
     uint32_t half = BUS_RING_PAGES * PAGE;
-    memset(ch->ring_mem, 0, 2 * half);
     if (ring_init(&ch->out, ch->ring_mem, half) || ring_init(&ch->in, ch->ring_mem + half, half))
         return BUS_ERR_IO;
 

@@ -65,6 +65,17 @@ struct bus_channel *bus_find(uint64_t if_lo, uint64_t if_hi);
 int bus_open(struct bus_channel *ch, const uint32_t *versions, int n);
 int bus_close(struct bus_channel *ch);
 int bus_unload(void);
+/* Whether the host still serves this guest (one trapped read): it disconnects a
+ * guest that keeps breaking the protocol, and then answers nothing. */
+int bus_connected(void);
+/* Drop the connection (the host closes every channel and GPADL); bus_connect again after. */
+void bus_disconnect(void);
+/* Write one packet of `type` (in-band or completion) with these bytes, unchecked, to
+ * the management ring: for guests that test the host's refusals. 0 or RING_*. */
+int bus_mgmt_raw(uint16_t type, const void *payload, uint32_t len);
+/* Wait for the management message of `type` whose first u32 is `id` and copy
+ * `size` bytes of its body; others are handled as bus_poll() does. 0 or BUS_ERR_*. */
+int bus_mgmt_wait(uint32_t type, uint32_t id, void *body, uint32_t size);
 
 /* In-band send (waits for room, rings the doorbell when the ring says so). */
 int bus_send(struct bus_channel *ch, const void *msg, uint32_t len, uint64_t trans_id);

@@ -153,7 +153,9 @@ class Channel:
             if reader.commit():
                 self.signals_out += 1
                 self.irq.signal()
-            return n == PACKETS_PER_WAKE and not self.backlog
+            # A packet written before read_index was published saw a non-empty ring and did not
+            # signal: look again now, or it waits for the guest's next doorbell.
+            return not self.backlog and (n == PACKETS_PER_WAKE or reader.unmask())
         except (RingError, ServiceError, GuestMemoryError, ChannelClosed) as e:
             self.host.channel_violation(self, str(e))
             return False

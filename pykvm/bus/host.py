@@ -39,6 +39,7 @@ class Limits:
     max_total_pages: int = 16384         # 64 MiB mapped for one guest
     max_violations: int = 64             # refused management messages before the guest is disconnected
     max_messages_per_wake: int = 256
+    vcpus: int = 256                     # target vCPUs a guest may name (each gets an MSI route and an eventfd)
 
 
 class _PendingGpadl:
@@ -74,7 +75,8 @@ class BusHost:
         self.channels: dict[int, Channel] = {}
         for relid, svc in enumerate(services, start=1):
             self.channels[relid] = Channel(self, relid, svc, (relid, int.from_bytes(os.urandom(8), "little")))
-        self.violations = 0
+        self.violations = 0                 # over the VM's life
+        self._conn_violations = 0           # since the guest last connected: what the disconnect limit counts
         self.refusals: list[str] = []       # the last reasons, newest last
         self.refusal_count = 0
         self.messages_in = self.messages_out = 0
@@ -109,11 +111,14 @@ class BusHost:
             self.target_vcpu = target_vcpu
             self.state = "connected"
             self.connects += 1
+            self._conn_violations = 0    # a reconnected guest starts with a clean record
             return abi.PYKVM_BUS_STATE_CONNECTED
 
     def _irq_for(self, vcpu: int):
         irq = self._irqs.get(vcpu)
         if irq is None:
+            if not 0 <= vcpu < self.limits.vcpus:
+                raise ValueError(f"there is no vCPU {vcpu} (the VM has {self.limits.vcpus})")
             irq = self.interrupts.allocate(abi.PYKVM_BUS_VECTOR, vcpu)
             self._irqs[vcpu] = irq
         return irq
@@ -159,15 +164,22 @@ class BusHost:
                 pass    # a busy channel: serve it again (its budget bounds one pass)
 
     def _process_mgmt(self) -> None:
+        while self._mgmt_pass():
+            pass    # more came (see _mgmt_pass): serve them now
+
+    def _mgmt_pass(self) -> bool:
+        """Handle up to max_messages_per_wake messages; True when more are waiting."""
         if self._mgmt_in is None:
-            return
+            return False
+        more = True                         # unless the ring runs dry within the budget
         for _ in range(self.limits.max_messages_per_wake):
             try:
                 pkt = self._mgmt_in.read()
             except RingError as e:
                 self.disconnect(f"management ring broken: {e.reason}")
-                return
+                return False
             if pkt is None:
+                more = False
                 break
             self.messages_in += 1
             if pkt.type != INBAND:
@@ -180,12 +192,15 @@ class BusHost:
                 else:
                     self._handle(msg)
             if self.state == "idle":        # unloaded or disconnected while handling
-                return
+                return False
         try:
             if self._mgmt_in.commit():
                 self._mgmt_irq.signal()
+            # a message written before read_index was published saw a non-empty ring and did not signal
+            return more or self._mgmt_in.unmask()
         except RingError as e:
             self.disconnect(f"management ring broken: {e.reason}")
+            return False
 
     def _send(self, data: bytes) -> None:
         if self._mgmt_out is None:
@@ -213,8 +228,9 @@ class BusHost:
     def _violation(self, reason: str) -> None:
         self._refuse(reason)
         self.violations += 1
-        if self.violations > self.limits.max_violations and self.state != "idle":
-            self.disconnect(f"{self.violations} protocol violations")
+        self._conn_violations += 1
+        if self._conn_violations > self.limits.max_violations and self.state != "idle":
+            self.disconnect(f"{self._conn_violations} protocol violations since it connected")
 
     def channel_violation(self, ch: Channel, reason: str) -> None:
         """A data channel broke its protocol: close it alone and tell the guest."""

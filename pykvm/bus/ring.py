@@ -111,6 +111,7 @@ class _Ring:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         if mv.readonly:
+            mv.release()
             raise ValueError("a ring needs a writable buffer")
         size = len(mv) - HEADER_SIZE
         if size < PAGE or size % PAGE or size >= 1 << 32:
@@ -124,8 +125,10 @@ class _Ring:
         """The ring in pages [first_page, first_page + page_count) of a GpadlView (header page first)."""
         if first_page < 0 or page_count < 2 or (first_page + page_count) * PAGE > view.size:
             raise RingError(f"ring pages {first_page}+{page_count} do not fit the {view.size // PAGE}-page GPADL")
-        with view.buf as whole:
-            return cls(whole[first_page * PAGE:(first_page + page_count) * PAGE], **kw)
+        # Every buffer made here is released on the way out, even when cls() refuses the ring:
+        # a traceback kept alive by the caller must not keep the view's pages exported.
+        with view.buf as whole, whole[first_page * PAGE:(first_page + page_count) * PAGE] as part:
+            return cls(part, **kw)
 
     def close(self) -> None:
         """Drop the ring's hold on its buffer (do this before closing the GPADL view)."""
@@ -138,6 +141,14 @@ class _Ring:
         if value >= self.data_size or value & 7:
             raise RingError(f"{what} {value:#x} is not an 8-byte aligned offset below {self.data_size:#x}")
         return value
+
+    def _own_index(self, where: int, what: str) -> int:
+        """The index this end owns, read once at start; a bad one releases the buffer before raising."""
+        try:
+            return self._index(where, what)
+        except RingError:
+            self.close()
+            raise
 
     def _get(self, where):
         return _U32.unpack_from(self._buf, where)[0]
@@ -196,7 +207,7 @@ class RingReader(_Ring):
         self.max_ranges = max_ranges
         self.max_pfns = max_pfns
         self.max_pfn = max_pfn
-        self._read = self._index(READ_INDEX, "read_index")
+        self._read = self._own_index(READ_INDEX, "read_index")
         self._published = self._read
         self._next_pos = None   # where the packet peek() returned ends
 
@@ -316,7 +327,7 @@ class RingWriter(_Ring):
 
     def __init__(self, buf):
         super().__init__(buf)
-        self._write = self._index(WRITE_INDEX, "write_index")
+        self._write = self._own_index(WRITE_INDEX, "write_index")
         self._waiting = False
 
     def free_space(self) -> int:

@@ -361,8 +361,10 @@ def _bus_lines(bus) -> list[str]:
     for ch in channels[:64]:
         if not isinstance(ch, dict):
             continue
+        v = ch.get("version")
+        version = f"{v >> 16}.{v & 0xFFFF}" if isinstance(v, int) and 0 <= v < 1 << 32 else text(v)
         line = (f"  channel {text(ch.get('relid'))} {text(ch.get('service'))}: {text(ch.get('state'))}"
-                f" v{text(ch.get('version'))} gpadl {text(ch.get('gpadl'))}"
+                f" v{version} gpadl {text(ch.get('gpadl'))}"
                 f" in {text(ch.get('packets_in'))} out {text(ch.get('packets_out'))}")
         for name in ("guest_to_host", "host_to_guest"):
             ring = ch.get(name)

@@ -31,6 +31,8 @@ class BusControl(Device):
         if offset == abi.PYKVM_BUS_CTL_GPA_HI:
             return self.gpa >> 32
         if offset == abi.PYKVM_BUS_CTL_COMMAND:
+            if self.status == abi.PYKVM_BUS_STATE_CONNECTED and self.bus is not None and self.bus.state == "idle":
+                return abi.PYKVM_BUS_STATE_IDLE     # the host disconnected the guest (violations, unload)
             return self.status
         return 0xFFFFFFFF
 

@@ -18,7 +18,7 @@ def build_bus(machine):
     if not wants_bus(cfg):
         return None
     from ..bus.doorbell import Doorbells, Interrupts
-    from ..bus.host import BusHost
+    from ..bus.host import BusHost, Limits
     from ..bus.services.block import BlockService, Disk
     from ..bus.services.echo import EchoService
     from ..bus.services.heartbeat import HeartbeatService
@@ -37,7 +37,16 @@ def build_bus(machine):
     if machine.numa is not None:
         services.append(machine.numa.make_service())
     log = lambda msg: print(f"pykvm: bus: {msg}", file=sys.stderr)  # noqa: E731
-    doorbells = Doorbells(machine.vm, on_error=lambda relid, e: log(f"channel {relid}: {type(e).__name__}: {e}"))
+    holder: list = []        # the BusHost, once built (the error hook needs it)
+
+    def on_error(relid: int, e: BaseException) -> None:
+        # a handler bug must not leave the guest waiting on a channel nobody reads: say so and
+        # disconnect it, so its driver sees the bus gone (COMMAND reads idle)
+        log(f"channel {relid}: internal error {type(e).__name__}: {e}; disconnecting the guest")
+        if holder:
+            holder[0].disconnect(f"internal error on channel {relid}")
+
+    doorbells = Doorbells(machine.vm, on_error=on_error)
     try:
         interrupts = Interrupts(machine.vm)
     except BaseException:
@@ -45,7 +54,10 @@ def build_bus(machine):
         for d in disks:
             d.close()
         raise
-    return BusHost(machine.memory, doorbells, interrupts, services, log=log, memslots=BusMemslots(machine.vm))
+    bus = BusHost(machine.memory, doorbells, interrupts, services, limits=Limits(vcpus=cfg.cpus), log=log,
+                  memslots=BusMemslots(machine.vm))
+    holder.append(bus)
+    return bus
 
 
 class BusMemslots:
