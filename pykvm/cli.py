@@ -160,6 +160,8 @@ def main():
               help="Past the restart intensity: surprise-remove the device, or stop the VM with a core.")
 @click.option("--trust", type=click.Choice(["trusted", "untrusted"]), default="trusted", show_default=True,
               help="Device access policy level (see `pykvm devices --describe NAME`).")
+@click.option("--device", "devices", multiple=True, metavar="NAME[,key=value...]",
+              help="Add a device from the registry (see `pykvm devices`); repeatable.")
 @click.option("--bus", is_flag=True, help="Give the guest a partition bus (echo, shutdown, heartbeat services).")
 @click.option("--disk", "disks", multiple=True, metavar="FILE[,ro]",
               help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
@@ -180,7 +182,7 @@ def main():
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
         load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, sandbox, gdb_spec, gdb_wait, numa_nodes, numa_count, numa_distance, memory_max, memory_log,
+        devices, bus, disks, sandbox, gdb_spec, gdb_wait, numa_nodes, numa_count, numa_distance, memory_max, memory_log,
         debug):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
     exit_port_n = _int(exit_port)
@@ -216,7 +218,7 @@ def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip,
                     serial_input=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
                     trace_io=trace_io, strict_io=strict_io, load_addr=flat_addr, entry_mode=int(entry_mode),
                     crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
-                    restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
+                    restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks, devices=devices,
                     sandbox=sandbox == "on", numa=nodes.as_json() if nodes is not None else None,
                     memory_log=memory_log, start=False) as vm:
                 stub = None
