@@ -185,8 +185,8 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
     DeviceType("pc-testdev", "QEMU pc-testdev: 0xe0 latch, 0xe4 flush-page, IO RAM at 0xff000000",
                "pykvm.devices.testdev:PcTestdev", _simple("pykvm.devices.testdev:PcTestdev")),
     DeviceType("pc-testdev-irq", "QEMU pc-testdev IRQ lines: a write to 0x2000+n drives line n",
-               "pykvm.devices.testdev:TestdevIrq",
-               lambda ctx, o: _import("pykvm.devices.testdev:TestdevIrq")(irq_line=ctx.irq_line), needs_irq=True),
+               "pykvm.devices.testdev:PcTestdevIrq",
+               lambda ctx, o: _import("pykvm.devices.testdev:PcTestdevIrq")(irq_line=ctx.irq_line), needs_irq=True),
     DeviceType("acpi-pm", "ACPI PM1a event/control (S3, S5) and PM timer at 0x600 (replaces poweroff)",
                "pykvm.devices.acpi_pm:AcpiPm",
                lambda ctx, o: _import("pykvm.devices.acpi_pm:AcpiPm")(

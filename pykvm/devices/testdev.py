@@ -22,7 +22,7 @@ _FLUSH = 4                     # offset of the flush-page port inside the 0xe0 r
 
 
 class PcTestdev(Device):
-    """The latch and flush-page ports and the IO RAM (the IRQ lines are TestdevIrq: offsets are per range)."""
+    """The latch and flush-page ports and the IO RAM (the IRQ lines are PcTestdevIrq: offsets are per range)."""
 
     name = "pc-testdev"
 
@@ -72,7 +72,7 @@ class PcTestdev(Device):
         self.ram[:len(ram[:IORAM_LEN])] = ram[:IORAM_LEN]
 
 
-class TestdevIrq(Device):
+class PcTestdevIrq(Device):
     """pc-testdev's IRQ-line ports: a byte write to 0x2000+n drives line n through `irq_line(line, level)`."""
 
     name = "pc-testdev-irq"
