@@ -57,6 +57,7 @@ ALLOWED = {
     "set_robust_list": "each new thread (glibc)",
     "rseq": "each new thread registers restartable sequences (glibc 2.35+)",
     "sched_yield": "lock back-off",
+    "sched_getaffinity": "glibc asks for the usable CPU set (seen with 4 vCPUs running the IOAPIC test); read-only",
     "getpid": "pthread_kill names the thread group in tgkill",
     "gettid": "thread identity (glibc, Python)",
     "exit": "a thread ending",

@@ -86,6 +86,24 @@ def _seg(s, selector: int, base: int, limit: int, type_: int, *, s_flag=1, db=0,
     s.unusable = 0 if present else 1
 
 
+def real_mode_reset(vcpu, vector: int) -> None:
+    """Put a vCPU in real mode at `vector` (CS = vector >> 4, IP = vector & 0xf), paging and long mode off: an S3 resume."""
+    sregs = vcpu.get_sregs()
+    regs = vcpu.get_regs()
+    seg = vector >> 4
+    for s in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _seg(s, seg if s is sregs.cs else 0, (seg << 4) if s is sregs.cs else 0, 0xFFFF,
+             SEG_CODE if s is sregs.cs else SEG_DATA, g=0)
+    sregs.cr0 = CR0_ET
+    sregs.cr4 = 0
+    sregs.efer = 0
+    sregs.idt.base, sregs.idt.limit = 0, 0x3FF
+    regs.rip = vector & 0xF
+    regs.rflags = 0x2
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)
+
+
 def apply_entry(vcpu, entry: EntryState, nx: bool) -> None:
     """Load the BSP with the entry state: segments, control registers, descriptor tables, GPRs."""
     sregs = vcpu.get_sregs()

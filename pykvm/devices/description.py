@@ -15,6 +15,8 @@ what a guest's access to each register gets. The schema (every key is required u
                                          #  DMA addresses, decode enables, anything beyond this device)
     trusted = { action = "allow" }
     untrusted = { action = "deny", read_value = 0xff }   # read_value optional: default all ones
+    count = 16                           # optional: an array of `count` registers `width` bytes apart,
+                                         #  named name.0 .. name.N-1 (RAM-like windows, tables)
 
 Actions: allow; deny (reads return read_value, writes are dropped); translate with exactly one of
 `mask = M` (writes reach the device as value & M), `clamp = [lo, hi]` (writes are clamped into
@@ -46,6 +48,8 @@ ACTIONS = ("allow", "deny", "translate")
 WIDTHS = {"port": (1, 2, 4), "mmio": (1, 2, 4, 8)}
 TOP_KEYS = ("name", "summary", "registers")
 REGISTER_KEYS = ("name", "space", "offset", "width", "access", "scope", "trusted", "untrusted")
+OPTIONAL_REGISTER_KEYS = ("count",)
+MAX_COUNT = 0x2000           # elements of one register array (a 64 KiB window of 8-byte registers)
 ACTION_KEYS = {"allow": ("action",), "deny": ("action", "read_value"),
                "translate": ("action", "mask", "clamp", "shadow")}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -205,6 +209,19 @@ def _parse_action(where: str, level: str, raw, width: int, access: str) -> Actio
     return Action("translate", shadow=True)
 
 
+def _parse_registers(path: str, i: int, raw) -> list[Register]:
+    """One [[registers]] table as its register, or as `count` registers when it is an array."""
+    is_array = isinstance(raw, dict) and "count" in raw
+    count = raw.pop("count") if is_array else 1
+    reg = _parse_register(path, i, raw)
+    if not is_array:
+        return [reg]
+    if not _is_int(count) or not 1 <= count <= MAX_COUNT:
+        raise DescriptionError(f"{path}: register {reg.name!r}: count {count!r} must be an integer in 1..{MAX_COUNT}")
+    return [Register(f"{reg.name}.{k}", reg.space, reg.offset + k * reg.width, reg.width, reg.access, reg.scope,
+                     reg.trusted, reg.untrusted) for k in range(count)]
+
+
 def _parse_register(path: str, i: int, raw) -> Register:
     label = raw.get("name") if isinstance(raw, dict) else None
     where = f"{path}: register {label!r}" if isinstance(label, str) else f"{path}: register #{i + 1}"
@@ -253,7 +270,8 @@ def parse(text: str, path: str = "<description>") -> Description:
         raise DescriptionError(f"{path}: `summary` must be a string")
     if not isinstance(regs, list) or not regs:
         raise DescriptionError(f"{path}: no [[registers]]: a description lists at least one register")
-    registers = [_parse_register(path, i, r) for i, r in enumerate(regs)]
+    registers = [reg for i, r in enumerate(regs)
+                 for reg in _parse_registers(path, i, dict(r) if isinstance(r, dict) else r)]
     seen: dict[str, Register] = {}
     for r in registers:
         if r.name in seen:

@@ -34,3 +34,13 @@ class StrictIoViolation(VmEvent):
         what = "write" if is_write else "read"
         super().__init__(f"{kind} {what} of {size} byte(s) at {addr:#x} claimed by no device (--strict-io)")
         self.kind, self.addr, self.size, self.is_write, self.value = kind, addr, size, is_write, value
+
+
+class SleepRequest(VmEvent):
+    """The guest entered an ACPI sleep state that resumes (S3): the machine waits for `wake`, then
+    restarts the vCPU at the FACS waking vector."""
+
+    def __init__(self, state: int, wake):
+        super().__init__(f"guest entered S{state}")
+        self.state = state
+        self.wake = wake

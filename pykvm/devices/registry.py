@@ -27,6 +27,7 @@ class DeviceContext:
     """What the machine lends device factories."""
 
     memory: Any = None                         # GuestMemory (DMA-capable models only)
+    # irq_line: the in-kernel irqchip with --irqchip full; the userspace IOAPIC's pins under split
     cpus: int = 1
     irq_line: Callable[[int, int], None] | None = None   # (line, level), only with the in-kernel PIC/IOAPIC
     serial_out: int | None = 1
@@ -115,6 +116,7 @@ class DeviceType:
     options: dict[str, str] = field(default_factory=dict)   # option -> kind (KINDS)
     default: bool = False                      # part of every VM
     hotplug: bool = False                      # the host may add it while the guest runs
+    needs_irq: bool = False                    # raises ISA IRQs: under the split irqchip this brings the IOAPIC
 
     def make(self, ctx: DeviceContext, raw_options: dict) -> Device:
         """Validate raw options and build an instance."""
@@ -180,6 +182,25 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.extra.get("bus"))),
     DeviceType("echo-port", "trapped echo device (the bus benchmark's reference)", "pykvm.devices.echoport:EchoPort",
                _simple("pykvm.devices.echoport:EchoPort"), {"base": "port"}),
+    DeviceType("ioapic", "I/O APIC at 0xfec00000 for the split irqchip (added with any device that raises IRQs)",
+               "pykvm.devices.ioapic:IoApic",
+               lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(
+                   deliver=ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"))),
+    DeviceType("pc-testdev", "QEMU pc-testdev: 0xe0 latch, 0xe4 flush-page, IO RAM at 0xff000000",
+               "pykvm.devices.testdev:PcTestdev", _simple("pykvm.devices.testdev:PcTestdev")),
+    DeviceType("pc-testdev-irq", "QEMU pc-testdev IRQ lines: a write to 0x2000+n drives line n",
+               "pykvm.devices.testdev:PcTestdevIrq",
+               lambda ctx, o: _import("pykvm.devices.testdev:PcTestdevIrq")(irq_line=ctx.irq_line), needs_irq=True),
+    DeviceType("acpi-pm", "ACPI PM1a event/control (S3, S5) and PM timer at 0x600 (replaces poweroff)",
+               "pykvm.devices.acpi_pm:AcpiPm",
+               lambda ctx, o: _import("pykvm.devices.acpi_pm:AcpiPm")(
+                   sci=(lambda level: ctx.irq_line(9, level)) if ctx.irq_line else None,
+                   wake=ctx.extra.get("wake")), needs_irq=True),
+    DeviceType("rtc", "MC146818 CMOS RTC at 0x70 (alarm, periodic and update interrupts on IRQ 8)",
+               "pykvm.devices.rtc:CmosRtc",
+               lambda ctx, o: _import("pykvm.devices.rtc:CmosRtc")(
+                   irq=(lambda level: ctx.irq_line(8, level)) if ctx.irq_line else None,
+                   on_alarm=getattr(ctx.extra.get("wake"), "rtc_alarm", None)), needs_irq=True),
     DeviceType("dma", "a DMA engine bounded by the access policy", "pykvm.devices.dma:Dma",
                lambda ctx, o: _import("pykvm.devices.dma:Dma")(memory=ctx.memory, irq=ctx.pulse(), **o),
                {"base": "port"}, default=False),

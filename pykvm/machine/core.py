@@ -87,6 +87,7 @@ class Machine:
         self.faults = Faults(self)
         self.dumper = Dumper(self)
         self.loop = VcpuLoop(self)
+        self.eoi_handler = None          # the userspace IOAPIC's eoi(vector) under the split irqchip
         try:
             self._build()
         except errors.PykvmError as e:
@@ -157,11 +158,9 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         cpu_setup.check_model(supported, cpu_model)
         if not restoring:
-            from ..boot.acpi import platform_for_irqchip
-
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
                                        argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
-                                       acpi_platform=platform_for_irqchip(cfg.irqchip),
+                                       acpi_platform=device_set.acpi_platform(self),
                                        phys_bits=cpu_setup.phys_addr_bits(supported),
                                        numa=self.numa.boot_arg() if self.numa is not None else None,
                                        cpu=cpu_setup.boot_features(supported, cpu_model))

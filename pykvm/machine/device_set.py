@@ -40,11 +40,22 @@ def build_devices(machine) -> DeviceManager:
         for name in ("vga", "i8042"):
             if not any(n == name for n, _o in wanted):
                 wanted.append((name, {}))
+    names = {name for name, _o in wanted}
+    if "acpi-pm" in names:            # its PM1a_CNT is the power-off port
+        wanted = [(n, o) for n, o in wanted if n != "poweroff"]
+    from ..devices.acpi_pm import WakeSignal
+
+    ctx.extra["wake"] = WakeSignal()
+    ioapic = _split_ioapic(m, ctx, wanted)
+    if ioapic is not None:
+        wanted = [(n, o) for n, o in wanted if n != "ioapic"]
     if m.bus is not None:
         ctx.extra["bus"] = m.bus
         if not any(name == "bus" for name, _o in wanted):
             wanted.append(("bus", {}))
     m.built = {}    # registry name -> the first device of that type, as built (kept after stop)
+    if ioapic is not None:
+        m.built["ioapic"] = dm.add(ioapic)
     try:
         for name, opts in wanted:
             dev = dm.add(registry.lookup(name).make(ctx, opts))
@@ -59,6 +70,44 @@ def build_devices(machine) -> DeviceManager:
                               escalate=cfg.on_device_failure, on_escalate=lambda dev, msg: _failed_for_good(m, msg),
                               deadline=cfg.device_deadline)
     return dm
+
+
+def _split_ioapic(m, ctx, wanted):
+    """Under the split irqchip, the userspace IOAPIC when asked for or when a device raises IRQs; it becomes ctx.irq_line."""
+    if m.config.irqchip == "full" or not any(
+            n == "ioapic" or registry.lookup(n).needs_irq for n, _o in wanted if n in registry.TYPES):
+        return None
+    vm = m.vm
+    ctx.extra["msi"] = lambda address, data: vm.signal_msi(address, data)
+    ctx.extra["ioapic_route"] = lambda pin, address, data: vm.gsi_routing.add_msi(pin, address, data)
+    opts = next((o for n, o in wanted if n == "ioapic"), {})
+    try:
+        ioapic = registry.lookup("ioapic").make(ctx, dict(opts))
+    except (registry.DeviceSpecError, ValueError) as e:
+        raise errors.DeviceConfigError(f"--device: {e}") from None
+    ctx.irq_line = ioapic.set_irq
+    m.eoi_handler = ioapic.eoi
+    return ioapic
+
+
+def acpi_platform(m):
+    """The ACPI platform the built devices make: IOAPIC, PM1 blocks and timer, S3, CMOS RTC."""
+    import dataclasses
+
+    from ..boot.acpi import InterruptOverride, platform_for_irqchip
+    from ..boot.acpi.topology import POLARITY_HIGH, TRIGGER_LEVEL
+
+    p = platform_for_irqchip(m.config.irqchip)
+    changes = {}
+    if "ioapic" in m.built and not p.ioapic:
+        changes.update(ioapic=True, overrides=(InterruptOverride(0, 2),
+                                               InterruptOverride(p.sci_irq, p.sci_irq, POLARITY_HIGH, TRIGGER_LEVEL)))
+    pm = m.built.get("acpi-pm")
+    if pm is not None:
+        changes.update(pm1a_evt=pm.base, pm1a_cnt=pm.base + 4, pm_timer=pm.base + 8, s3="rtc" in m.built)
+    if "rtc" in m.built:
+        changes.update(cmos_rtc=True)
+    return dataclasses.replace(p, **changes)
 
 
 def _failed_for_good(machine, message: str) -> None:

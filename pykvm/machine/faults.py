@@ -5,11 +5,13 @@ from __future__ import annotations
 from .. import errors
 from ..boot import trapframe
 from ..devices import FirmwareTrap, GuestCrash, GuestExit, VmEvent
+from ..devices.events import SleepRequest
 from ..kvm import KvmError
 from ..kvm import constants as C
 from ..memory import GuestMemoryError
 from ..memory.pagewalk import EFER_LMA, code_bits, linear_address
 from .config import Outcome
+from .sleep import sleep_and_resume
 
 
 class Faults:
@@ -27,6 +29,8 @@ class Faults:
             text = (f"guest requested a reset ({getattr(ev, 'detail', ev.how)}); pykvm stops instead of rebooting"
                     if kind == "reset" else f"guest exited: {ev.how}")
             m.finish(Outcome(ev.status, kind, text, vcpu=vcpu.index if vcpu else None))
+        elif isinstance(ev, SleepRequest) and vcpu is not None:
+            sleep_and_resume(m, vcpu, ev)
         elif vcpu is None:  # no vCPU context to read RIP from
             trigger = ev.trigger if isinstance(ev, GuestCrash) else "strict-io"
             m.finish(Outcome(errors.EXIT_GUEST_CRASH, "crash", f"guest crashed: {ev}", trigger=trigger))

@@ -192,7 +192,10 @@ class VcpuLoop:
         run = vcpu.run_ptr
         if reason == C.KVM_EXIT_HLT:
             time.sleep(0.001)  # only without an in-kernel LAPIC, which pykvm always creates
-        elif reason in (C.KVM_EXIT_INTR, C.KVM_EXIT_IRQ_WINDOW_OPEN, C.KVM_EXIT_IOAPIC_EOI):
+        elif reason == C.KVM_EXIT_IOAPIC_EOI:
+            if m.eoi_handler is not None:
+                m.eoi_handler(run.eoi.vector)
+        elif reason in (C.KVM_EXIT_INTR, C.KVM_EXIT_IRQ_WINDOW_OPEN):
             pass
         elif reason == C.KVM_EXIT_SHUTDOWN:
             m.faults.crash(vcpu, "triple-fault", "triple fault (KVM_EXIT_SHUTDOWN): the guest faulted while "

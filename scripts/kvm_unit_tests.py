@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Run x86 kvm-unit-tests under pykvm and under QEMU on this host and print a pass/fail table.
+
+    python3 scripts/kvm_unit_tests.py /tmp/kvm-unit-tests [TEST ...] [--timeout S] [--no-qemu]
+
+The suite must already be built (./configure && make) in that directory; nothing is fetched.
+A test passes when the guest exits through isa-debug-exit with status 1 (kvm-unit-tests' exit(0));
+77 << 1 | 1 means it skipped itself. QEMU runs `-M pc` with pc-testdev and isa-debug-exit, as
+kvm-unit-tests' own runner does; pykvm gets the same vCPU count, command line and test arguments,
+with the devices that stand in for the PC platform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc"]
+STATUS = {1: "PASS", 155: "SKIP", 3: "FAIL"}
+
+
+def entries(cfg_path: Path, wanted: list[str]):
+    """(name, section) of every x86_64 entry in unittests.cfg, in file order."""
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    cp.read(cfg_path)
+    for name in cp.sections():
+        sec = cp[name]
+        if sec.get("arch", "x86_64") != "x86_64" or (wanted and name not in wanted):
+            continue
+        yield name, sec
+
+
+def verdict(rc: int | None) -> str:
+    """PASS / FAIL / SKIP / TIMEOUT / rc N."""
+    if rc is None:
+        return "TIMEOUT"
+    return STATUS.get(rc, f"rc {rc}")
+
+
+def run(cmd: list[str], timeout: float, env=None) -> tuple[int | None, float]:
+    """Exit status (None on timeout) and wall seconds."""
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout, env=env)
+        return p.returncode, time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        return None, time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("suite", type=Path)
+    ap.add_argument("tests", nargs="*")
+    ap.add_argument("--timeout", type=float, default=90.0)
+    ap.add_argument("--no-qemu", action="store_true")
+    a = ap.parse_args()
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    rows = []
+    for name, sec in entries(a.suite / "x86" / "unittests.cfg", a.tests):
+        flat = a.suite / "x86" / sec["file"]
+        smp = sec.get("smp", "1").split()[0]
+        if not smp.isdigit():
+            rows.append((name, "n/a", "n/a"))
+            continue
+        args = sec.get("test_args", "").strip('"')
+        timeout = a.timeout
+        pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
+              "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
+        for d in PYKVM_DEVICES:
+            pk += ["--device", d]
+        rc, secs = run(pk, timeout + 30, env)
+        pk_v = f"{verdict(rc)} ({secs:.1f}s)"
+        q_v = "-"
+        if not a.no_qemu:
+            q = ["qemu-system-x86_64", "-machine", "pc,accel=kvm", "-m", "256", "-smp", smp, "-display", "none",
+                 "-serial", "null", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+                 "-kernel", str(flat), "-append", args] + shlex.split(sec.get("qemu_params", ""))
+            rc, secs = run(q, timeout)
+            q_v = f"{verdict(rc)} ({secs:.1f}s)"
+        rows.append((name, pk_v, q_v))
+        print(f"{name:32} {pk_v:22} {q_v}", flush=True)
+    print()
+    print(f"| test | pykvm | QEMU -M pc |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

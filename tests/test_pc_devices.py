@@ -1,0 +1,253 @@
+"""The PC platform devices kvm-unit-tests needs: pc-testdev, the split-irqchip IOAPIC, ACPI PM, CMOS RTC."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pykvm.devices import description, registry
+from pykvm.devices.acpi_pm import (PM_TIMER_HZ, RTC_STS, SLP_EN, WAK_STS, AcpiPm, WakeSignal, pm_ticks)
+from pykvm.devices.events import GuestExit, SleepRequest
+from pykvm.devices.ioapic import LEVEL, MASKED, REMOTE_IRR, IoApic, msi_of
+from pykvm.devices.rtc import B_AIE, B_DM, C_AF, C_IRQF, CmosRtc, from_bcd, periodic_hz, to_bcd
+from pykvm.devices.testdev import IORAM_LEN, PcTestdev, PcTestdevIrq
+
+
+# ------------------------------------------------------------------ pc-testdev
+def test_latch_keeps_bytes_by_offset_and_width():
+    d = PcTestdev()
+    d.io_write(0, 4, 0x11223344)
+    d.io_write(1, 1, 0xAA)
+    assert d.io_read(0, 4) == 0x1122AA44
+    assert d.io_read(2, 2) == 0x1122
+    assert d.io_read(8, 4) == 0x1122AA44          # the byte-decoded alias at 0xe8
+    d.io_write(4, 4, 0x1000)                      # flush-page
+    assert d.flushes == 1 and d.io_read(4, 4) == 0
+
+
+@given(st.integers(0, IORAM_LEN + 8), st.sampled_from([1, 2, 4, 8]), st.integers(0, (1 << 64) - 1))
+def test_ioram_round_trips_and_never_grows(offset, size, value):
+    d = PcTestdev()
+    d.mmio_write(offset, size, value & ((1 << (8 * size)) - 1))
+    assert len(d.ram) == IORAM_LEN
+    if offset + size <= IORAM_LEN:
+        assert d.mmio_read(offset, size) == value & ((1 << (8 * size)) - 1)
+
+
+def test_irq_lines_drive_the_interrupt_callable():
+    seen = []
+    d = PcTestdevIrq(irq_line=lambda line, level: seen.append((line, level)))
+    d.io_write(0x0E, 1, 1)
+    d.io_write(0x0E, 1, 0)
+    d.io_write(24, 1, 1)                          # past the 24 lines: ignored
+    assert seen == [(0x0E, 1), (0x0E, 0)]
+    assert d.io_read(0x0E, 1) == 0
+
+
+# ------------------------------------------------------------------ IOAPIC
+def _ioapic():
+    sent, routes = [], {}
+    io = IoApic(deliver=lambda a, d: sent.append((a, d)), route=lambda p, a, d: routes.__setitem__(p, (a, d)))
+    io.prepare_hardware()
+    return io, sent, routes
+
+
+def _write_redir(io, pin, entry):
+    io.mmio_write(0, 4, 0x10 + 2 * pin)
+    io.mmio_write(0x10, 4, entry & 0xFFFFFFFF)
+    io.mmio_write(0, 4, 0x11 + 2 * pin)
+    io.mmio_write(0x10, 4, entry >> 32)
+
+
+def _read_redir(io, pin):
+    io.mmio_write(0, 4, 0x10 + 2 * pin)
+    lo = io.mmio_read(0x10, 4)
+    io.mmio_write(0, 4, 0x11 + 2 * pin)
+    return lo | io.mmio_read(0x10, 4) << 32
+
+
+def test_ioapic_id_version_and_every_pin_routed_masked():
+    io, sent, routes = _ioapic()
+    assert sorted(routes) == list(range(24))
+    io.mmio_write(0, 4, 1)
+    assert io.mmio_read(0x10, 4) == (23 << 16) | 0x20
+    io.mmio_write(0x10, 4, 0)                     # version is read-only
+    assert io.mmio_read(0x10, 4) == (23 << 16) | 0x20
+    io.mmio_write(0, 4, 0)
+    io.mmio_write(0x10, 4, 0xFFFFFFFF)
+    assert io.mmio_read(0x10, 4) == 0x0F000000
+    assert _read_redir(io, 5) == MASKED
+
+
+def test_edge_pin_fires_on_rising_edges_only_when_unmasked():
+    io, sent, routes = _ioapic()
+    _write_redir(io, 14, 0x81 | MASKED)
+    io.set_irq(14, 1)
+    io.set_irq(14, 0)
+    assert sent == []
+    _write_redir(io, 14, 0x81 | (1 << 56))
+    assert routes[14] == (0xFEE01000, 0x81)
+    io.set_irq(14, 1)
+    io.set_irq(14, 1)
+    assert sent == [(0xFEE01000, 0x81)]
+
+
+def test_level_pin_holds_remote_irr_until_eoi_then_refires_while_high():
+    io, sent, routes = _ioapic()
+    _write_redir(io, 14, 0x77 | LEVEL)
+    assert routes[14][1] == 0x77 | LEVEL | (1 << 14)   # KVM only exits on EOI of level MSI routes
+    io.set_irq(14, 1)
+    io.set_irq(14, 1)
+    assert len(sent) == 1 and _read_redir(io, 14) & REMOTE_IRR
+    io.eoi(0x77)
+    assert len(sent) == 2                          # still high: delivered again
+    io.set_irq(14, 0)
+    io.eoi(0x77)
+    assert len(sent) == 2 and not _read_redir(io, 14) & REMOTE_IRR
+
+
+def test_unmasking_a_high_level_pin_delivers():
+    io, sent, _ = _ioapic()
+    _write_redir(io, 3, 0x82 | LEVEL | MASKED)
+    io.set_irq(3, 1)
+    assert sent == []
+    _write_redir(io, 3, 0x82 | LEVEL)
+    assert len(sent) == 1
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 0x10, 0x40, 0x20, 0xFC]), st.integers(0, 0xFFFFFFFF)), max_size=40),
+       st.lists(st.tuples(st.integers(-2, 30), st.integers(0, 1)), max_size=20))
+def test_ioapic_any_guest_writes_keep_entries_64_bit_and_status_bits_its_own(writes, lines):
+    io, sent, routes = _ioapic()
+    for off, v in writes:
+        io.mmio_write(off, 4, v)
+    for pin, lv in lines:
+        io.set_irq(pin, lv)
+    for e in io.redir:
+        assert 0 <= e < 1 << 64
+        if not e & LEVEL:
+            assert not e & REMOTE_IRR
+    for a, d in list(routes.values()) + sent:
+        assert 0xFEE00000 <= a <= 0xFEEFF00C and 0 <= d < 1 << 16
+
+
+def test_msi_of_logical_destination():
+    assert msi_of(0x30 | (1 << 11) | (0xFF << 56)) == (0xFEEFF004, 0x30)
+
+
+# ------------------------------------------------------------------ ACPI PM
+def test_pm_timer_counts_at_3_579545_mhz_and_wraps():
+    now = [0]
+    pm = AcpiPm(clock=lambda: now[0])
+    now[0] = 1_000_000_000
+    assert pm.io_read(8, 4) == PM_TIMER_HZ
+    assert 0 <= pm_ticks(10 ** 18) <= 0xFFFFFFFF
+
+
+def test_s5_powers_off_and_s3_sleeps_until_an_enabled_wake():
+    wake = WakeSignal()
+    sci = []
+    pm = AcpiPm(wake=wake, sci=sci.append)
+    with pytest.raises(GuestExit):
+        pm.io_write(4, 2, SLP_EN)
+    pm.io_write(2, 2, RTC_STS)                       # RTC_EN
+    with pytest.raises(SleepRequest) as ev:
+        pm.io_write(4, 2, SLP_EN | (1 << 10))
+    assert not ev.value.wake.is_set()
+    wake.rtc_alarm()
+    assert ev.value.wake.is_set()
+    assert pm.io_read(0, 2) & (WAK_STS | RTC_STS) == WAK_STS | RTC_STS
+    assert sci[-1] == 1
+    pm.io_write(0, 2, 0xFFFF)                        # write 1 to clear
+    assert pm.io_read(0, 2) == 0 and sci[-1] == 0
+    assert pm.io_read(4, 2) & 1                      # SCI_EN: ACPI mode is always on
+
+
+@given(st.integers(0, 11), st.sampled_from([1, 2, 4]), st.integers(0, 0xFFFFFFFF))
+def test_pm_block_never_lets_a_write_escape_its_registers(offset, size, value):
+    pm = AcpiPm()
+    try:
+        pm.io_write(offset, size, value)
+    except (GuestExit, SleepRequest):
+        pass
+    assert 0 <= pm.sts <= 0xFFFF and pm.en & ~(RTC_STS | 0x101) == 0 and 0 <= pm.slp_typ <= 7
+
+
+# ------------------------------------------------------------------ RTC
+def test_rtc_reads_bcd_or_binary_host_time():
+    rtc = CmosRtc(clock=lambda: 1700000000.5)       # 2023-11-14 22:13:20 UTC
+    rtc.io_write(0, 1, 0)
+    assert rtc.io_read(1, 1) == 0x20
+    rtc.io_write(0, 1, 4)
+    assert rtc.io_read(1, 1) == 0x22
+    rtc.io_write(0, 1, 0x0B)
+    rtc.io_write(1, 1, rtc.io_read(1, 1) | B_DM)
+    rtc.io_write(0, 1, 9)
+    assert rtc.io_read(1, 1) == 23
+    rtc.io_write(0, 1, 0x32)
+    assert rtc.io_read(1, 1) == 20
+
+
+def test_rtc_alarm_sets_flags_raises_irq8_and_wakes_until_register_c_is_read():
+    irq, woke = [], []
+    rtc = CmosRtc(irq=irq.append, on_alarm=lambda: woke.append(1), clock=lambda: 1700000000.0)
+    for reg in (1, 3, 5):
+        rtc.io_write(0, 1, reg)
+        rtc.io_write(1, 1, 0xC0)
+    rtc.io_write(0, 1, 0x0B)
+    rtc.io_write(1, 1, rtc.io_read(1, 1) | B_AIE)
+    rtc.tick(0x10 | (C_AF if rtc._alarm_matches() else 0))
+    assert irq == [1] and woke == [1]
+    rtc.io_write(0, 1, 0x0C)
+    assert rtc.io_read(1, 1) & (C_IRQF | C_AF) == C_IRQF | C_AF
+    assert irq == [1, 0] and rtc.io_read(1, 1) == 0
+
+
+def test_rtc_uip_is_set_just_before_the_second_turns():
+    now = [100.995]
+    rtc = CmosRtc(clock=lambda: now[0])
+    rtc.io_write(0, 1, 0x0A)
+    assert rtc.io_read(1, 1) & 0x80
+    now[0] = 100.5
+    assert not rtc.io_read(1, 1) & 0x80
+
+
+@given(st.integers(0, 99))
+def test_bcd_round_trip(v):
+    assert from_bcd(to_bcd(v)) == v
+
+
+def test_periodic_rates():
+    assert periodic_hz(0x26) == 1024 and periodic_hz(0x20) == 0 and periodic_hz(0x2F) == 2
+
+
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 0xFF)), max_size=60))
+def test_rtc_any_port_writes_stay_in_bounds(writes):
+    rtc = CmosRtc(clock=lambda: 1700000000.0)
+    for off, v in writes:
+        rtc.io_write(off, 1, v)
+        assert 0 <= rtc.io_read(off, 1) <= 0xFF
+    assert len(rtc.ram) == 128 and 0 <= rtc.index < 128
+
+
+# ------------------------------------------------------------------ descriptions and registry
+@pytest.mark.parametrize("name", ["pc-testdev", "pc-testdev-irq", "ioapic", "acpi-pm", "rtc"])
+def test_every_new_device_has_a_description_that_fits_its_model(name):
+    ctx = registry.DeviceContext()
+    dev = registry.lookup(name).make(ctx, {})
+    desc = description.for_device(dev)
+    assert desc is not None
+    desc.check_ranges(dev)
+
+
+def test_register_arrays_expand_and_are_bounded():
+    text = ('name = "x"\nsummary = ""\n[[registers]]\nname = "r"\nspace = "mmio"\noffset = 0\nwidth = 8\n'
+            'count = 3\naccess = "rw"\nscope = "local"\ntrusted = { action = "allow" }\n'
+            'untrusted = { action = "allow" }\n')
+    d = description.parse(text)
+    assert [(r.name, r.offset) for r in d.registers] == [("r.0", 0), ("r.1", 8), ("r.2", 16)]
+    with pytest.raises(description.DescriptionError):
+        description.parse(text.replace("count = 3", "count = 0"))
+    with pytest.raises(description.DescriptionError):
+        description.parse(text.replace("count = 3", "count = 99999"))
