@@ -128,6 +128,7 @@ def main():
       26   bad/incompatible state file (restore)          28 --serial/--crash-dir not writable
       30   sandbox: a blocked system call stopped the VMM, or it could not be set up
       32   bad vNUMA spec (--numa-node, --numa, --numa-distance, --memory-max)
+      34   bad topology file (pykvm up)
       130  interrupted
     """
 
