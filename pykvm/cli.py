@@ -128,6 +128,7 @@ def main():
       26   bad/incompatible state file (restore)          28 --serial/--crash-dir not writable
       30   sandbox: a blocked system call stopped the VMM, or it could not be set up
       32   bad vNUMA spec (--numa-node, --numa, --numa-distance, --memory-max)
+      34   bad topology file (pykvm up)
       130  interrupted
     """
 
@@ -518,3 +519,43 @@ def entry():
 
 if __name__ == "__main__":
     entry()
+
+
+@main.command()
+@click.argument("topology", type=click.Path(dir_okay=False))
+@click.option("--dir", "rundir", type=click.Path(file_okay=False), default=None,
+              help="Where serial output, control sockets, crash cores and logs go (default: ./up-<topology name>).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def up(topology, rundir, debug):
+    """Start the partitions of a TOPOLOGY file (TOML), each its own process, and relay between them."""
+
+    def go():
+        from pathlib import Path
+
+        from .partitions import topology as topo_mod
+        from .partitions.broker import Broker
+
+        topo = topo_mod.load(topology)
+        where = Path(rundir) if rundir else Path(f"up-{Path(topology).stem}")
+        broker = Broker(topo, where)
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stop the partitions too (finally below)
+        try:
+            broker.start()
+            for p in topo.partitions:
+                f = broker.files(p)
+                click.echo(f"partition {p.name}: serial {f['serial']}, control {f['control']}, "
+                           f"crashes {f['crashes']}, log {f['log']}")
+            sys.stdout.flush()
+            statuses = broker.run()
+        finally:
+            broker.close()
+        for p in topo.partitions:
+            click.echo(f"partition {p.name}: status {statuses.get(p.name)} (restarts {broker.generation[p.name]})")
+        click.echo(f"pykvm: up: relayed {broker.counts['relayed']} requests, {broker.counts['resent']} held "
+                   f"across a provider's loss, {broker.counts['restarts']} restarts", err=True)
+        bad = [statuses.get(p.name) for p in topo.partitions if not p.provides and statuses.get(p.name) != 0]
+        _leave(bad[0] if bad and isinstance(bad[0], int) and bad[0] > 0 else (1 if bad else 0))
+
+    _guard(go, debug)

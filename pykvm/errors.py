@@ -23,6 +23,7 @@ EXIT_BAD_STATE = 26
 EXIT_OUTPUT_UNWRITABLE = 28
 EXIT_SANDBOX = 30               # a blocked system call stopped the VMM, or the sandbox could not be set up
 EXIT_BAD_NUMA = 32               # a --numa-node/--numa/--numa-distance spec that cannot describe a machine
+EXIT_BAD_TOPOLOGY = 34           # a `pykvm up` topology file that does not validate
 
 
 class PykvmError(Exception):
@@ -101,3 +102,9 @@ class NumaSpecError(PykvmError):
     """A vNUMA spec that cannot describe a machine (overlapping cpus, sizes that do not add up, a vCPU in no node)."""
 
     exit_status = EXIT_BAD_NUMA
+
+
+class TopologyError(PykvmError):
+    """A topology file for `pykvm up` that does not validate."""
+
+    exit_status = EXIT_BAD_TOPOLOGY

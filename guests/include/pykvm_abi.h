@@ -396,6 +396,8 @@ struct pykvm_trap_frame32 {
 #define PYKVM_BUS_IF_HEARTBEAT_HI 0x0000000000000004
 #define PYKVM_BUS_IF_DYNMEM_LO 0x4d454d4e59444b50
 #define PYKVM_BUS_IF_DYNMEM_HI 0x0000000000000005
+#define PYKVM_BUS_IF_PROVIDER_LO 0x5244564f52594b50
+#define PYKVM_BUS_IF_PROVIDER_HI 0x0000000000000006
 
 #ifndef __ASSEMBLER__
 struct pykvm_bus_msg {
@@ -586,6 +588,28 @@ struct pykvm_blk_response {
     uint64_t capacity;         /* sectors */
     uint32_t sector_size;
     uint32_t reserved;
+};
+
+/* provider v1.0 (several partitions, issue 12): a guest in a service partition
+ * serves a bus interface to other partitions through the root. The root offers
+ * PYKVM_BUS_IF_PROVIDER to partitions whose topology says they provide a service;
+ * the guest opens it and sends one in-band pykvm_provider_register naming the
+ * interface and the versions it serves. The root then relays each client request
+ * as an in-band packet with flag COMPLETION_REQ whose trans_id is the root's tag;
+ * for block the payload is a pykvm_blk_request followed by the write data. The
+ * guest answers each with a completion (same trans_id) whose payload is a
+ * pykvm_blk_response followed by the read data. Data moves by copy through the
+ * root; one relayed request carries at most PYKVM_PROVIDER_MAX_SECTORS sectors
+ * (the root splits a client's larger request). */
+#define PYKVM_PROVIDER_V1_0 0x10000
+#define PYKVM_PROVIDER_MAX_SECTORS 16
+
+struct pykvm_provider_register {
+    uint64_t if_lo;
+    uint64_t if_hi;
+    uint32_t nversions;        /* 1..PYKVM_BUS_MAX_SERVICE_VERSIONS, newest first */
+    uint32_t reserved;
+    uint32_t versions[PYKVM_BUS_MAX_SERVICE_VERSIONS];
 };
 
 struct pykvm_ic_msg {          /* shutdown and heartbeat */

@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 
 from .. import errors
+from . import partition_wiring
 
 
 def wants_bus(cfg) -> bool:
     """True when the VM gets a bus: --bus, a --disk, or --device bus."""
-    return bool(cfg.bus or cfg.disks or cfg.numa or any(name == "bus" for name, _o in cfg.devices))
+    return bool(cfg.bus or cfg.disks or cfg.numa or any(name == "bus" for name, _o in cfg.devices)
+                or partition_wiring.requested())
 
 
 def build_bus(machine):
@@ -36,6 +38,11 @@ def build_bus(machine):
     services += [BlockService(d) for d in disks]
     if machine.numa is not None:
         services.append(machine.numa.make_service())
+    link = ledger = None
+    if partition_wiring.requested():         # started by `pykvm up`: proxied and provided services
+        link = partition_wiring.connect()
+        extra, ledger = partition_wiring.services(link)
+        services += extra
     log = lambda msg: print(f"pykvm: bus: {msg}", file=sys.stderr)  # noqa: E731
     holder: list = []        # the BusHost, once built (the error hook needs it)
 
@@ -54,9 +61,15 @@ def build_bus(machine):
         for d in disks:
             d.close()
         raise
-    bus = BusHost(machine.memory, doorbells, interrupts, services, limits=Limits(vcpus=cfg.cpus), log=log,
-                  memslots=BusMemslots(machine.vm))
+    import dataclasses
+
+    limits = ledger.bus_limits() if ledger is not None else Limits()
+    bus = BusHost(machine.memory, doorbells, interrupts, services, log=log, memslots=BusMemslots(machine.vm),
+                  limits=dataclasses.replace(limits, vcpus=min(limits.vcpus, cfg.cpus)))
     holder.append(bus)
+    if link is not None:
+        bus.policy, bus.partition_link = ledger, link
+        link.start(bus)
     return bus
 
 

@@ -1,0 +1,161 @@
+"""block, served by another partition: the client side of a proxied block channel.
+
+The client guest opens an offer with the block interface id and speaks exactly the
+protocol of services/block.py; it cannot tell that a service partition answers. Each
+request is validated here (the client is untrusted), put to the policy agent (writes,
+size, rate), copied out of the client's GPA-direct buffers, split into relayed requests of
+at most PYKVM_PROVIDER_MAX_SECTORS sectors and sent to the broker over the partition link.
+Replies arrive on the link thread (under the bus lock): read data is copied into the
+client's buffers and the client gets one completion when every piece is answered.
+While the service partition is down the broker holds the requests, so a client sees a
+slow request, never a lost one.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ... import abi
+from ..ring import COMPLETION, GPA_DIRECT, INBAND
+from .base import Service, ServiceError, Session, unpack_exact
+from .block import BlockSession
+
+SECTOR = abi.PYKVM_BLK_SECTOR
+CHUNK = abi.PYKVM_PROVIDER_MAX_SECTORS
+_REQ = struct.Struct("<IIQII")
+_RESP = struct.Struct("<IIQII")
+_OPS = {abi.PYKVM_BLK_OP_READ: "read", abi.PYKVM_BLK_OP_WRITE: "write", abi.PYKVM_BLK_OP_FLUSH: "flush",
+        abi.PYKVM_BLK_OP_INFO: "info"}
+
+
+class _Pending:
+    __slots__ = ("trans_id", "op", "spans", "remaining", "status", "flags", "capacity")
+
+    def __init__(self, trans_id, op, spans, pieces):
+        self.trans_id = trans_id
+        self.op = op
+        self.spans = spans
+        self.remaining = pieces
+        self.status = abi.PYKVM_BUS_OK
+        self.flags = 0
+        self.capacity = 0
+
+
+class ProxySession(Session):
+    """One client channel to a block service in another partition."""
+
+    def __init__(self, channel, version, service):
+        super().__init__(channel, version)
+        self.service = service
+        self.open = True
+        self.outstanding = 0
+        self.counts = {"read": 0, "write": 0, "flush": 0, "info": 0, "refused": 0, "errors": 0, "relayed": 0}
+
+    def _complete(self, trans_id: int, status: int, flags: int = 0, capacity: int = 0) -> None:
+        self.channel.send(COMPLETION, _RESP.pack(status, flags, capacity, SECTOR, 0), trans_id)
+
+    def on_packet(self, pkt) -> None:
+        if pkt.type not in (GPA_DIRECT, INBAND):
+            raise ServiceError(f"block takes GPA-direct or in-band requests, got packet type {pkt.type}")
+        op, _r, sector, count, _r2 = unpack_exact(_REQ, pkt.payload, "block request")
+        name = _OPS.get(op)
+        if name is None:
+            raise ServiceError(f"block: unknown operation {op}")
+        svc, ledger = self.service, self.service.ledger
+        data_op = op in (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE)
+        if data_op and not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS:
+            self.counts["errors"] += 1
+            return self._complete(pkt.trans_id, abi.PYKVM_BUS_E_INVALID)
+        if data_op and pkt.type != GPA_DIRECT:
+            raise ServiceError("block: reads and writes of a proxied disk need a GPA-direct buffer")
+        spans = BlockSession._spans(pkt.ranges, count * SECTOR) if data_op else []
+        if op == abi.PYKVM_BLK_OP_WRITE and ledger.check("may_write", svc.target) is not None:
+            self.counts["refused"] += 1
+            return self._complete(pkt.trans_id, abi.PYKVM_BUS_E_READ_ONLY, abi.PYKVM_BLK_FLAG_READ_ONLY)
+        if ledger.check("may_request", svc.target, name, count if data_op else 0) is not None:
+            self.counts["refused"] += 1
+            return self._complete(pkt.trans_id, abi.PYKVM_BUS_E_LIMIT)
+        self.counts[name] += 1
+        if not data_op:
+            p = _Pending(pkt.trans_id, op, [], 1)
+            self._relay(p, (op, 0, 0, 0, 0), b"", 0, 0)
+            return
+        data = b""
+        if op == abi.PYKVM_BLK_OP_WRITE:
+            data = b"".join(self.channel.guest_read(gpa, n) for gpa, n in spans)   # one copy, then relayed
+        pieces = (count + CHUNK - 1) // CHUNK
+        p = _Pending(pkt.trans_id, op, spans, pieces)
+        for k in range(pieces):
+            n = min(CHUNK, count - k * CHUNK)
+            at = k * CHUNK * SECTOR
+            chunk = data[at:at + n * SECTOR] if data else b""
+            self._relay(p, (op, 0, sector + k * CHUNK, n, 0), chunk, at, n * SECTOR if not data else 0)
+
+    def _relay(self, p: _Pending, blk: tuple, data: bytes, at: int, expect: int) -> None:
+        self.outstanding += 1
+        self.counts["relayed"] += 1
+        self.service.link.request(self.service.index, blk, data,
+                                  lambda resp, rdata: self._answered(p, resp, rdata, at, expect))
+
+    def _answered(self, p: _Pending, resp: tuple, rdata: bytes, at: int, expect: int) -> None:
+        """A relayed piece came back (link thread, bus lock held)."""
+        self.outstanding -= 1
+        if not self.open:
+            return
+        status, flags, capacity = resp[0], resp[1], resp[2]
+        if status == abi.PYKVM_BUS_OK and expect:
+            if len(rdata) != expect:
+                status = abi.PYKVM_BUS_E_IO
+            else:
+                self._scatter(p.spans, at, rdata)
+        if status != abi.PYKVM_BUS_OK and p.status == abi.PYKVM_BUS_OK:
+            p.status = status
+        p.flags |= flags
+        p.capacity = capacity
+        p.remaining -= 1
+        if p.remaining == 0:
+            if p.status != abi.PYKVM_BUS_OK:
+                self.counts["errors"] += 1
+            if p.op == abi.PYKVM_BLK_OP_INFO and self.service.ledger.check("may_write", self.service.target):
+                p.flags |= abi.PYKVM_BLK_FLAG_READ_ONLY      # the client learns it may not write
+            self._complete(p.trans_id, p.status, p.flags, p.capacity)
+
+    def _scatter(self, spans, at: int, data: bytes) -> None:
+        """Write data into the client's buffer spans starting at byte `at` of the buffer."""
+        pos = 0
+        for gpa, n in spans:
+            if at >= n:
+                at -= n
+                continue
+            take = min(n - at, len(data) - pos)
+            self.channel.guest_write(gpa + at, data[pos:pos + take])
+            pos += take
+            at = 0
+            if pos == len(data):
+                break
+
+    def stats(self) -> dict:
+        return dict(self.counts, outstanding=self.outstanding, served_by=self.service.target)
+
+    def close(self) -> None:
+        self.open = False          # replies still in flight are dropped when they arrive
+
+
+class BlockProxyService(Service):
+    """A block offer whose disk lives in another partition (the topology's service `target`)."""
+
+    interface = (abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI)
+    versions = (abi.PYKVM_BLOCK_V1_0,)
+
+    def __init__(self, link, index: int, target: str, ledger):
+        self.link = link
+        self.index = index          # the service's position in this partition's `uses`
+        self.target = target
+        self.ledger = ledger
+        self.name = f"block@{target}"
+
+    def open(self, channel, version: int) -> Session:
+        return ProxySession(channel, version, self)
+
+    def stats(self) -> dict:
+        return {"served_by": self.target}

@@ -1,0 +1,169 @@
+"""Several partitions (issue 12): topology validation, policy agents, the broker wire, and `pykvm up` end to end."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pykvm import errors
+from pykvm.bus import wire
+from pykvm.bus.policy import UNTRUSTED, Ledger, Rules, TopologyPolicy
+from pykvm.partitions import topology
+
+from .helpers import pykvm
+
+GOOD = """
+[[partition]]
+name = "storage"
+kernel = "bus-blocksvc"
+memory = "16M"
+provides = "disk0"
+restarts = 2
+
+[[partition]]
+name = "client1"
+kernel = "bus-block"
+cmdline = "wsec=100 wcount=40 seed=3"
+uses = ["disk0"]
+
+[[partition]]
+name = "client2"
+kernel = "bus-block"
+cmdline = "wsec=300 wcount=8 seed=5"
+trust = "untrusted"
+uses = ["disk0"]
+"""
+
+
+def load_text(tmp_path, text):
+    p = tmp_path / "t.toml"
+    p.write_text(text)
+    return topology.load(p)
+
+
+def test_topology_good(tmp_path):
+    t = load_text(tmp_path, GOOD + "\n[policy.partition.client2]\nmax_request_sectors = 8\n")
+    assert [p.name for p in t.partitions] == ["storage", "client1", "client2"]
+    assert t.provider_of("disk0").name == "storage"
+    c2 = t.by_name("client2")
+    assert c2.rules.write is False and c2.rules.max_request_sectors == 8 and c2.rules.requests_per_second == 200
+    assert t.by_name("client1").rules == Rules()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\nuses = ['nope']\n", "no partition provides nope"),
+    ("[[partition]]\nname = 'client1'\nkernel = 'k'\n", "used twice"),
+    ("[[partition]]\nname = 'Bad Name'\nkernel = 'k'\n", "partition[3].name"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\ncpus = 0\n", "x.cpus"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\nmemory = 'lots'\n", "x.memory"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\ntrust = 'maybe'\n", "x.trust"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\ncolour = 1\n", "colour: unknown key"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\nprovides = 'disk0'\n", "provided twice"),
+    ("[policy.untrusted]\nwrite = 1\n", "policy.untrusted.write"),
+    ("[policy.trusted]\nburst = 0\n", "policy.trusted.burst"),
+    ("[policy.partition.ghost]\nwrite = false\n", "policy.partition.ghost"),
+    ("[extra]\n", "unknown top-level key"),
+])
+def test_topology_refusals(tmp_path, extra, needle):
+    with pytest.raises(errors.TopologyError) as e:
+        load_text(tmp_path, GOOD + extra)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_topology_not_toml_has_its_own_status(tmp_path):
+    p = tmp_path / "t.toml"
+    p.write_text("[[partition]\n")
+    r = pykvm("up", str(p), "--dir", str(tmp_path / "run"))
+    assert r.returncode == errors.EXIT_BAD_TOPOLOGY == 34
+    err = r.stderr.decode()
+    assert "not TOML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_policy_agent_counts_and_refuses():
+    now = [0.0]
+    agent = TopologyPolicy({"u": UNTRUSTED, "t": Rules()}, {"u": ("disk0",), "t": ("disk0",)}, clock=lambda: now[0])
+    logged = []
+    u = Ledger(agent, "u", log=logged.append)
+    assert u.check("may_offer", "disk0") is None
+    assert "does not use" in u.check("may_offer", "disk1")
+    assert "may not write" in u.check("may_write", "disk0")
+    assert "over its 16-sector limit" in u.check("may_request", "disk0", "read", 17)
+    # the bucket holds `burst` requests; the next one at the same instant is over the rate
+    for _ in range(UNTRUSTED.burst):
+        assert u.check("may_request", "disk0", "read", 1) is None
+    assert "requests/s" in u.check("may_request", "disk0", "read", 1)
+    now[0] += 1.0 / UNTRUSTED.requests_per_second
+    assert u.check("may_request", "disk0", "read", 1) is None
+    snap = u.snapshot()
+    assert snap["refused"] == {"may_offer": 1, "may_write": 1, "may_request": 2}
+    assert snap["allowed"]["may_request"] == UNTRUSTED.burst + 1 and snap["refusals"] == 4 == len(logged)
+    assert u.bus_limits().max_gpadls == UNTRUSTED.max_gpadls
+    t = Ledger(agent, "t", log=logged.append)
+    assert t.check("may_write", "disk0") is None and t.check("may_request", "disk0", "write", 256) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(wire.KINDS)), st.binary(max_size=300)), max_size=8),
+       st.integers(1, 64))
+def test_wire_frames_round_trip_in_any_split(frames, step):
+    stream = b"".join(wire.frame(k, b) for k, b in frames)
+    p = wire.FrameParser()
+    got = []
+    for i in range(0, len(stream), step):
+        got += p.feed(stream[i:i + step])
+    assert got == frames and p.pending == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_wire_garbage_only_raises_wire_error(data):
+    p = wire.FrameParser()
+    try:
+        for kind, body in p.feed(data):
+            if kind in wire.JSON_KINDS:
+                wire.parse_json(body)
+            else:
+                wire.parse_data(body)
+    except wire.WireError:
+        pass
+
+
+def test_wire_refuses_oversized_and_unknown():
+    with pytest.raises(wire.WireError, match="at most"):
+        wire.FrameParser().feed(wire.HEADER.pack(wire.MAX_BODY + 1, wire.REQUEST))
+    with pytest.raises(wire.WireError, match="unknown frame kind"):
+        wire.FrameParser().feed(wire.HEADER.pack(0, 99))
+    tag, index, blk, data = wire.parse_data(wire.data_frame(wire.REQUEST, 7, 1, (2, 0, 9, 1, 0), b"x" * 512)[8:])
+    assert (tag, index, blk, data) == (7, 1, (2, 0, 9, 1, 0), b"x" * 512)
+
+
+@pytest.mark.kvm
+def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
+    """One service partition (crashes after 2 requests, restarted), a trusted and an untrusted client."""
+    topo = tmp_path / "topo.toml"
+    topo.write_text(GOOD.replace('memory = "16M"', 'memory = "16M"\ncmdline = "sectors=2048 crash_after=2"'))
+    run = tmp_path / "run"
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=240)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    assert f"partition storage: serial {run}/storage.serial, control {run}/storage.sock" in out
+    assert "partition client1: status 0" in out and "partition client2: status 0" in out
+    assert "partition storage: status" in out and "(restarts 1)" in out
+    # the service partition crashed alone: its own core, then generation 1 served everyone
+    assert (run / "storage.serial").read_text().endswith("blocksvc: served 2 requests, crashing\n")
+    assert list((run / "storage-crashes").glob("*.core")), list((run / "storage-crashes").iterdir())
+    assert "serving 2048 sectors, generation 1\n" in (run / "storage.gen1.serial").read_text()
+    c1 = (run / "client1.serial").read_text()
+    assert "block: 2048 sectors of 512 bytes, read-only 0\n" in c1
+    assert "block: read back 40 sectors at 100: pattern ok\n" in c1 and c1.endswith("block: done\n")
+    # sectors 0..7 still hold the RAM disk's initial pattern (bus-block seed 0): fnv1a of what we compute here
+    init = b"".join(bytes((s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512)) for s in range(8))
+    h = 0xcbf29ce484222325
+    for b in init:
+        h = ((h ^ b) * 0x100000001b3) & (2**64 - 1)
+    assert f"block: read 8 sectors at 0: fnv1a 0x{h:016x}\n" in c1
+    c2 = (run / "client2.serial").read_text()
+    assert "read-only 1\n" in c2 and "block: write refused: read-only\n" in c2 and c2.endswith("block: done\n")
+    assert "refused: client2 may not write to disk0" in (run / "client2.log").read_text()
+    assert "held across a provider's loss" in err
