@@ -330,7 +330,7 @@ _BY_NAME = {d: o for o in RUN_OPTIONS for d in o.decls}
 
 def parse(args: list[str]) -> tuple[dict, set] | None:
     """`pykvm run` arguments as (values by dest, dests given), or None for anything click must handle."""
-    values = {o.dest: (() if o.multiple else o.default) for o in RUN_OPTIONS}
+    values = {o.dest: (() if o.multiple else False if o.flag else o.default) for o in RUN_OPTIONS}
     given: set[str] = set()
     kernel = None
     i = 0
