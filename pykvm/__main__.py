@@ -1,5 +1,5 @@
 """`python -m pykvm` runs the CLI."""
 
-from .cli import entry
+from .runcmd import entry
 
 entry()

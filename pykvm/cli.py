@@ -3,56 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import click
 
-from . import __version__
-from .errors import (EXIT_KVM_UNAVAILABLE, EXIT_USAGE, EXIT_VMM_ERROR, BadCoreError, OutputPathError,
-                     PykvmError, UsageError)
-from .units import parse_size
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a number (decimal or 0x-prefixed hex)") from None
-
-
-def _fail(e: BaseException, debug: bool, status: int) -> None:
-    if debug:
-        import traceback
-
-        traceback.print_exception(e)
-    click.echo(f"pykvm: error: {e}", err=True)
-    sys.exit(status)
-
-
-def _KvmUnavailable():
-    """KvmUnavailable if the KVM bindings were imported (else nothing can raise it: don't load them for it)."""
-    mod = sys.modules.get(f"{__package__}.kvm.errors")
-    return mod.KvmUnavailable if mod else ()
-
-
-def _guard(fn, debug: bool):
-    """Run fn, turning known errors into one line and a distinct status (traceback only with --debug)."""
-    try:
-        return fn()
-    except PykvmError as e:
-        _fail(e, debug, e.exit_status)
-    except _KvmUnavailable() as e:
-        _fail(e, debug, EXIT_KVM_UNAVAILABLE)
-    except (click.exceptions.Exit, BrokenPipeError):
-        raise
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:  # a pykvm bug: say so, keep the status distinct
-        if not debug:
-            click.echo(f"pykvm: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)", err=True)
-            sys.exit(EXIT_VMM_ERROR)
-        _fail(e, debug, EXIT_VMM_ERROR)
+from . import __version__, runcmd
+from .errors import EXIT_KVM_UNAVAILABLE, EXIT_USAGE, BadCoreError, UsageError
+from .runcmd import check_crash_dir as _check_crash_dir, die_of_sigpipe as _die_of_sigpipe, guard as _guard
+from .runcmd import run_vm as _run_vm, serial_sink as _serial_sink
+from .units import parse_size  # noqa: F401  (tests and scripts import it from here)
 
 
 def _usage_exit(e: click.UsageError) -> None:
@@ -64,20 +23,6 @@ def _usage_exit(e: click.UsageError) -> None:
     where = " ".join(["pykvm", *reversed(names)])
     click.echo(f"pykvm: error: {e.format_message()} (see `{where} --help`)", err=True)
     sys.exit(EXIT_USAGE)
-
-
-def _die_of_sigpipe() -> None:
-    """The reader of our output went away: end as a C tool would, killed by SIGPIPE, without a message."""
-    import signal
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())   # so the interpreter's final flush cannot complain
-    except (OSError, ValueError):
-        pass
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGPIPE)
-    sys.exit(128 + signal.SIGPIPE)   # not reached
 
 
 class _Cli(click.Group):
@@ -133,188 +78,61 @@ def main():
     """
 
 
+def _click_option(o: runcmd.Opt):
+    """The click option for one row of runcmd.RUN_OPTIONS."""
+    kw = {"help": o.help}
+    if o.default is not None:
+        kw["default"] = o.default
+    if o.show_default:
+        kw["show_default"] = True
+    if o.metavar:
+        kw["metavar"] = o.metavar
+    if o.flag:
+        kw["is_flag"] = True
+    if o.multiple:
+        kw["multiple"] = True
+    if o.kind == "int":
+        kw["type"] = int
+    elif o.kind == "int-range":
+        kw["type"] = click.IntRange(*o.bounds)
+    elif o.kind == "float-positive":
+        kw["type"] = click.FloatRange(min=0, min_open=True)
+    elif o.kind == "choice":
+        kw["type"] = click.Choice(list(o.choices))
+    elif o.kind == "path":
+        exists, file_okay, dir_okay = o.path
+        path_kw = {"exists": exists} if exists else {}     # only what differs from click.Path's defaults
+        if not file_okay:
+            path_kw["file_okay"] = False
+        if not dir_okay:
+            path_kw["dir_okay"] = False
+        kw["type"] = click.Path(**path_kw)
+    return click.option(*o.decls, o.dest, **kw)
+
+
+def _run_options(fn):
+    for o in reversed(runcmd.RUN_OPTIONS):
+        fn = _click_option(o)(fn)
+    return fn
+
+
 @main.command()
 @click.argument("kernel")
-@click.option("--mem", "-m", default="128M", show_default=True, help="Guest RAM, e.g. 64M, 1G (bare number = MiB).")
-@click.option("--cpus", "-c", default=1, show_default=True, type=click.IntRange(1, 255), help="Number of vCPUs.")
-@click.option("--cmdline", "-a", default="", help="Kernel command line.")
-@click.option("--initrd", type=click.Path(exists=True, dir_okay=False), help="File passed as multiboot module 0 / initrd.")
-@click.option("--serial", default="stdio", show_default=True,
-              help="Where COM1 output goes: stdio, none, or a file path.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds.")
-@click.option("--exit-port", default="0xf4", show_default=True, help="isa-debug-exit port.")
-@click.option("--irqchip", type=click.Choice(["split", "full"]), default="split", show_default=True,
-              help="split: LAPIC in kernel; full: also IOAPIC, PIC and PIT in kernel (slower to create).")
-@click.option("--trace-io", is_flag=True, help="Print accesses to ports/MMIO no device claims.")
-@click.option("--strict-io", is_flag=True, help="Treat accesses to unclaimed ports/MMIO as a guest crash.")
-@click.option("--load-addr", default=None, help="Treat KERNEL as a flat binary loaded (and entered) here.")
-@click.option("--entry-mode", type=click.Choice(["64", "32", "16"]), default="64", show_default=True,
-              help="CPU mode for flat binaries.")
-@click.option("--crash-dir", default="crashes", show_default=True, type=click.Path(file_okay=False),
-              help="Where crash cores are written.")
-@click.option("--no-dump", is_flag=True, help="Do not write a core when the guest crashes or hangs.")
-@click.option("--control", "control_path", type=click.Path(dir_okay=False),
-              help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
-@click.option("--restart-intensity", default="5/60", show_default=True,
-              help="Device restarts allowed per period (N/SECONDS) before a failure escalates.")
-@click.option("--on-device-failure", type=click.Choice(["remove", "crash"]), default="remove", show_default=True,
-              help="Past the restart intensity: surprise-remove the device, or stop the VM with a core.")
-@click.option("--trust", type=click.Choice(["trusted", "untrusted"]), default="trusted", show_default=True,
-              help="Device access policy level (see `pykvm devices --describe NAME`).")
-@click.option("--bus", is_flag=True, help="Give the guest a partition bus (echo, shutdown, heartbeat services).")
-@click.option("--disk", "disks", multiple=True, metavar="FILE[,ro]",
-              help="A raw disk image served by the bus's block service (implies --bus); repeatable.")
-@click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
-              help="Confine the VMM with seccomp once set up (off: for debugging).")
-@click.option("--gdb", "gdb_spec", metavar="tcp::PORT|unix:PATH",
-              help="Serve gdb's remote protocol here (gdb: target remote :PORT); port 0 picks a free one.")
-@click.option("--gdb-wait", is_flag=True, help="With --gdb: run no guest code until gdb connects and continues.")
-@click.option("--numa-node", "numa_nodes", multiple=True, metavar="mem=SIZE,cpus=A-B[,min=,max=,hotadd=,buffer=PCT]",
-              help="A virtual NUMA node (repeat per node); implies the dynamic memory service on the bus.")
-@click.option("--numa", "numa_count", type=int, default=None, metavar="N",
-              help="Split --mem and --cpus evenly into N virtual NUMA nodes.")
-@click.option("--numa-distance", default=None, metavar="MATRIX",
-              help="Node distances: rows '10,21;21,10' or pairs '0-1=21' (default 10 local, 20 remote).")
-@click.option("--memory-max", default=None, metavar="SIZE", help="vNUMA: most RAM the balancer gives the VM in total.")
-@click.option("--memory-log", type=click.Path(dir_okay=False), default=None,
-              help="vNUMA: write the dynamic memory timeline here as JSON lines (chart: scripts/memory_chart.py).")
-@click.option("--device", "device_specs", multiple=True, metavar="NAME[,key=value...]",
-              help="Add a device beyond the default set (repeatable; `pykvm devices` lists them).")
-@click.option("--cpu", "cpu_model", default="host", show_default=True, metavar="host[,+FEAT,-FEAT...]",
-              help="CPU model: the host's, with CPUID features added or hidden (QEMU/Linux names: x2apic, cx16, ...).")
-@click.option("--display", type=click.Choice(["none", "text"]), default="none", show_default=True,
-              help="text: show the guest's 80x25 VGA text screen (0xb8000) in the terminal.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def run(kernel, mem, cpus, cmdline, initrd, serial, timeout, exit_port, irqchip, trace_io, strict_io,
-        load_addr, entry_mode, crash_dir, no_dump, control_path, restart_intensity, on_device_failure, trust,
-        bus, disks, sandbox, gdb_spec, gdb_wait, numa_nodes, numa_count, numa_distance, memory_max, memory_log,
-        device_specs, cpu_model, display, debug):
+@_run_options
+def run(**p):
     """Boot KERNEL (a path, or the name of a bundled guest such as `hello`)."""
-    exit_port_n = _int(exit_port)
-    if not 0 <= exit_port_n <= 0xFFFC:
-        raise click.BadParameter(f"{exit_port} is not an I/O port", param_hint="--exit-port")
-    flat_addr = _int(load_addr) if load_addr is not None else None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*", restart_intensity)
-    if not m or float(m.group(2)) <= 0:
-        raise click.BadParameter(f"{restart_intensity!r}: expected N/SECONDS, e.g. 5/60", param_hint="--restart-intensity")
-    intensity, period = int(m.group(1)), float(m.group(2))
-    if gdb_wait and not gdb_spec:
-        raise click.BadParameter("needs --gdb", param_hint="--gdb-wait")
+    try:
+        checked = runcmd.check_values(p["exit_port"], p["load_addr"], p["restart_intensity"], p["gdb_wait"],
+                                      p["gdb_spec"])
+    except runcmd.BadValue as e:
+        raise click.BadParameter(e.args[0], param_hint=e.args[1]) from None
     ctx = click.get_current_context()
-    given = lambda name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT  # noqa: E731
-
-    def go():
-        from .api import VM, device_spec
-        from .memory import numa as numa_spec
-
-        extra_devices = [device_spec(spec) for spec in device_specs]    # bad specs: one line, status 10
-        size = parse_size(mem)
-        nodes = numa_spec.from_options(numa_nodes, numa_count, numa_distance, size if given("mem") else None,
-                                       cpus if given("cpus") else None,
-                                       numa_spec.parse_size(memory_max, "--memory-max") if memory_max else None)
-        vcpus, ram = cpus, size
-        if nodes is not None:
-            vcpus, ram = nodes.cpus, nodes.mem
-        if not no_dump:
-            _check_crash_dir(crash_dir)
-        serial_out, close_fd = _serial_sink(serial)
-        serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
-        try:
-            with VM(kernel, mem=ram, cpus=vcpus, cmdline=cmdline, initrd=initrd, console=serial_out, capture=False,
-                    serial_input=serial_in, timeout=timeout, exit_port=exit_port_n, irqchip=irqchip,
-                    trace_io=trace_io, strict_io=strict_io, load_addr=flat_addr, entry_mode=int(entry_mode),
-                    crash_dir=None if no_dump else crash_dir, trust=trust, restart_intensity=intensity,
-                    restart_period=period, on_device_failure=on_device_failure, bus=bus, disks=disks,
-                    sandbox=sandbox == "on", numa=nodes.as_json() if nodes is not None else None,
-                    memory_log=memory_log, devices=extra_devices, cpu=cpu_model, display=display,
-                    start=False) as vm:
-                stub = None
-                if gdb_spec:
-                    from .machine import gdbstub
-
-                    stub = gdbstub.start(vm.machine, gdb_spec, gdb_wait)
-                try:
-                    status = _run_vm(vm, control_path, trace_io, debug)
-                finally:
-                    if stub is not None:
-                        stub.close()
-        finally:
-            if close_fd is not None:
-                os.close(close_fd)
-        _leave(status)
-
-    _guard(go, debug)
-
-
-def _run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
-    """Run a built VM on this thread with the host hooks (SIGUSR1 dumps, --control), report, return its status."""
-    import signal
-
-    # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
-    signal.signal(signal.SIGUSR1, lambda *_: vm.request_dump())
-    if control_path:
-        vm.serve_control(control_path)
-    outcome = vm.run()               # the control socket closes when the run ends
-    policy_line = vm.policy_summary
-    if policy_line:
-        click.echo(policy_line, err=True)
-    if trace_io and vm.unclaimed_io:
-        for (kind, addr, rw), n in sorted(vm.unclaimed_io.items()):
-            click.echo(f"pykvm: unclaimed {kind} {addr:#x} {rw}: {n}x", err=True)
-        unclaimed = vm.machine.devices.unclaimed
-        if unclaimed.other:
-            click.echo(f"pykvm: unclaimed elsewhere: {unclaimed.other}x "
-                       f"({unclaimed.evicted} addresses not listed)", err=True)
-    if outcome.kind not in ("exit", "poweroff"):
-        click.echo(f"pykvm: {outcome.reason}", err=True)
-        if debug and "traceback" in outcome.details:
-            click.echo(outcome.details["traceback"], err=True)
-    if outcome.core_path:
-        hint = f" --kernel {outcome.kernel}" if outcome.kernel and outcome.kernel.suffix == ".elf" else ""
-        click.echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path}{hint})",
-                   err=True)
-    elif outcome.core_error:
-        click.echo(f"pykvm: no core written: {outcome.core_error}", err=True)
-    return outcome.status
+    given = {name for name in p if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    runcmd.run(p, given, checked, _fast_exit)
 
 
 def _leave(status: int) -> None:
-    """Exit with the guest's status; from the `pykvm` command, skip interpreter teardown (~30 ms).
-
-    By now the machine is closed and every file it wrote is closed; only Python's own
-    stdio buffers remain, flushed here. In-process callers (tests, scripts) get SystemExit.
-    """
-    if not _fast_exit:
-        sys.exit(status)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-    os._exit(status)
-
-
-def _check_crash_dir(crash_dir: str) -> None:
-    """Refuse at start a --crash-dir a core could not be written to (not only when the guest crashes)."""
-    from .crash.core import CoreWriteError, check_crash_dir
-
-    try:
-        check_crash_dir(crash_dir)
-    except CoreWriteError as e:
-        raise OutputPathError(f"--crash-dir: {e} (or --no-dump)") from None
-
-
-def _serial_sink(spec: str):
-    """(fd for guest serial output or None, fd to close afterwards or None)."""
-    if spec == "stdio":
-        return 1, None
-    if spec == "none":
-        return None, None
-    try:
-        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise OutputPathError(f"--serial {spec}: cannot open for writing: {e.strerror}") from None
-    return fd, fd
+    runcmd.leave(status, _fast_exit)
 
 
 @main.command()
@@ -511,7 +329,7 @@ _fast_exit = False
 
 
 def entry():
-    """The `pykvm` command (console script and `python -m pykvm`): main() that may skip teardown."""
+    """The `pykvm` command through click (runcmd.entry() comes here for all but a plain `run`)."""
     global _fast_exit
     _fast_exit = True
     main()

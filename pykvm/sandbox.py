@@ -110,10 +110,13 @@ KVM_REQUESTS = (
 TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 
 # Modules the VMM imports lazily on paths taken after set-up: imported now, while files can be read.
+# Those a VM cannot reach are left out (each costs start-up time): cores only with a crash
+# directory, the bus's only when set-up already wired a bus (it is never added later).
 PRELOAD = ("select", "traceback", "linecache", "importlib", "hashlib", "json", "pykvm.machine.capture",
-           "pykvm.crash.core", "pykvm.crash.snapshot", "pykvm.machine.state", "pykvm.machine.control",
-           "pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
-           "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
+           "pykvm.crash.snapshot", "pykvm.machine.state", "pykvm.machine.control")
+PRELOAD_CORES = ("pykvm.crash.core",)
+PRELOAD_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
+               "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 
 _O_TMPFILE_BITS = 0o20000000                                  # __O_TMPFILE (os.O_TMPFILE adds O_DIRECTORY)
 _WRITE_BITS = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BITS
@@ -143,7 +146,7 @@ def install(crash_dir=None) -> None:
     except (ImportError, RuntimeError, OSError) as e:  # pyseccomp raises RuntimeError without libseccomp
         raise errors.SandboxError(f"the seccomp sandbox needs libseccomp2 and the pyseccomp package ({e}); "
                                   "install them, or run with --sandbox off") from None
-    _preload()
+    _preload(crash_dir is not None)
     crash_fd = None
     if crash_dir is not None:
         from .crash.core import CoreWriteError, hold_crash_dir
@@ -214,8 +217,9 @@ def _rules(sc, crash_fd: int | None):
     return out
 
 
-def _preload() -> None:
-    for name in PRELOAD:
+def _preload(cores: bool) -> None:
+    bus = any(name.startswith("pykvm.bus.") for name in sys.modules)
+    for name in PRELOAD + (PRELOAD_CORES if cores else ()) + (PRELOAD_BUS if bus else ()):
         importlib.import_module(name)
     import hashlib
 
