@@ -37,17 +37,9 @@ def server(tmp_path):
 
 
 def roundtrip(path, raw: bytes, timeout=10) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(raw)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
+    from pykvm.machine.control import exchange_raw
+
+    return exchange_raw(path, raw, timeout)
 
 
 def test_deeply_nested_line_gets_an_error_and_the_server_keeps_serving(server):

@@ -336,10 +336,14 @@ def request(path: str, req: dict, timeout: float = 60) -> dict:
 
 
 def _exchange(path: str, req: dict, timeout: float, fds: list[int] = ()) -> dict:
+    return exchange_raw(path, json.dumps(req).encode() + b"\n", timeout, fds)
+
+
+def exchange_raw(path: str, data: bytes, timeout: float, fds: list[int] = ()) -> dict:
+    """Send bytes as they are (descriptors attached to the first) and parse the one reply line."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        data = json.dumps(req).encode() + b"\n"
         sent = socket.send_fds(s, [data], list(fds)) if fds else 0
         s.sendall(data[sent:])
         buf = b""

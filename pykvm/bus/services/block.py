@@ -113,11 +113,8 @@ class BlockSession(Session):
             self.counts["write"] += 1
             self.bytes_written += nbytes
         else:
-            try:
-                data = os.pread(self.disk.fd, nbytes, sector * SECTOR)
-            except OSError:
-                return self._fail(pkt, abi.PYKVM_BUS_E_IO)
-            if len(data) != nbytes:
+            data = self._read(sector, nbytes)
+            if data is None:
                 return self._fail(pkt, abi.PYKVM_BUS_E_IO)
             at = 0
             for gpa, n in spans:
@@ -127,13 +124,18 @@ class BlockSession(Session):
             self.bytes_read += nbytes
         self._reply(pkt, abi.PYKVM_BUS_OK)
 
-    def _read_to_transfer_pages(self, pkt, sector: int, nbytes: int) -> None:
-        """An in-band READ: the data goes into the transfer pages, the guest completes it to free them."""
+    def _read(self, sector: int, nbytes: int) -> bytes | None:
+        """nbytes of the disk from sector, or None on an I/O error or a short read."""
         try:
             data = os.pread(self.disk.fd, nbytes, sector * SECTOR)
         except OSError:
-            return self._fail(pkt, abi.PYKVM_BUS_E_IO)
-        if len(data) != nbytes:
+            return None
+        return data if len(data) == nbytes else None
+
+    def _read_to_transfer_pages(self, pkt, sector: int, nbytes: int) -> None:
+        """An in-band READ: the data goes into the transfer pages, the guest completes it to free them."""
+        data = self._read(sector, nbytes)
+        if data is None:
             return self._fail(pkt, abi.PYKVM_BUS_E_IO)
         try:
             off = self.channel.xfer.place(pkt.trans_id, data)
