@@ -251,3 +251,38 @@ def test_register_arrays_expand_and_are_bounded():
         description.parse(text.replace("count = 3", "count = 0"))
     with pytest.raises(description.DescriptionError):
         description.parse(text.replace("count = 3", "count = 99999"))
+
+
+# ------------------------------------------------------------------ S3 resume state
+class _CffiVcpu:
+    """Just the sregs/regs a real vCPU hands out: cffi structs, whose field reads are fresh objects each time."""
+
+    def __init__(self):
+        from pykvm.kvm import ffi
+        self.sregs, self.regs = ffi.new("struct kvm_sregs *"), ffi.new("struct kvm_regs *")
+        self.sregs.cr0, self.sregs.efer, self.regs.rip = 0x80000011, 0x500, 0xFFFF800000001234
+
+    def get_sregs(self):
+        return self.sregs
+
+    def get_regs(self):
+        return self.regs
+
+    def set_sregs(self, s):
+        self.sregs = s
+
+    def set_regs(self, r):
+        self.regs = r
+
+
+@given(st.integers(1, 0xFFFFF))
+def test_resume_lands_at_the_waking_vector_with_flat_data_segments(vector):
+    from pykvm.boot.cpu import SEG_CODE, SEG_DATA, real_mode_reset
+    v = _CffiVcpu()
+    real_mode_reset(v, vector)
+    s = v.sregs
+    assert (s.cs.selector, s.cs.base, s.cs.type) == (vector >> 4, (vector >> 4) << 4, SEG_CODE)
+    assert s.cs.base + v.regs.rip == vector
+    for seg in (s.ds, s.es, s.ss, s.fs, s.gs):     # the resume code addresses low memory from DS 0
+        assert (seg.selector, seg.base, seg.type, seg.limit) == (0, 0, SEG_DATA, 0xFFFF)
+    assert s.cr0 & 0x80000001 == 0 and s.efer == 0 and v.regs.rflags == 2
