@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc", "pic"]
+PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc", "pic", "pit"]
 STATUS = {1: "PASS", 155: "SKIP", 3: "FAIL"}
 
 

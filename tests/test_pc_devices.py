@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -380,3 +382,63 @@ def test_pic_beside_the_in_kernel_irqchip_is_a_one_line_config_error():
     assert r.returncode == errors.EXIT_DEVICE_CONFIG and len(lines) == 1 and "has its own PIC" in lines[0]
     r = pykvm("run", "hello", "--device", "pic", "--timeout", "20")
     assert r.returncode == 0 and b"Hello from pykvm!" in r.stdout
+
+
+# ------------------------------------------------------------------ 8254 PIT
+from pykvm.devices.i8254 import MIN_PERIOD, PIT_HZ, Pit  # noqa: E402
+
+
+def test_pit_counts_down_from_the_loaded_count_and_latches():
+    now = [0]
+    pit = Pit(clock=lambda: now[0])
+    pit.io_write(3, 1, 0x34)                       # counter 0, low then high byte, mode 2
+    pit.io_write(0, 1, 0x9C)
+    pit.io_write(0, 1, 0x2E)                       # 11932: a 100 Hz rate generator
+    now[0] = 1_000_000                             # 1 ms = 1193 ticks
+    assert pit.io_read(0, 1) | pit.io_read(0, 1) << 8 == 11932 - 1193
+    pit.io_write(3, 1, 0x00)                       # counter latch: later reads keep the latched count
+    now[0] = 2_000_000
+    assert pit.io_read(0, 1) | pit.io_read(0, 1) << 8 == 11932 - 1193
+    assert pit.io_read(0, 1) | pit.io_read(0, 1) << 8 == 11932 - 2386
+    pit.io_write(3, 1, 0xE2)                       # read-back: status of counter 0
+    assert pit.io_read(0, 1) == 0b10110100
+    assert pit.period() is None                    # no IRQ wiring, no interrupts
+
+
+def test_pit_counter_0_pulses_irq0_periodically_and_stops_on_release():
+    levels = []
+    done = threading.Event()
+
+    def irq(level):
+        levels.append(level)
+        if len(levels) >= 6:
+            done.set()
+    pit = Pit(irq=irq)
+    pit.io_write(3, 1, 0x36)                       # mode 3, word access
+    pit.io_write(0, 1, 0)
+    pit.io_write(0, 1, 0)                          # 0 = 65536: 18.2 Hz
+    assert abs(pit.period() - 65536 / PIT_HZ) < 1e-9
+    pit.io_write(0, 1, 0x10)
+    pit.io_write(0, 1, 0x00)                       # 16 ticks: stretched to MIN_PERIOD
+    assert pit.period() == MIN_PERIOD
+    assert done.wait(5)
+    pit.release_hardware()
+    assert levels[:6] == [1, 0, 1, 0, 1, 0]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 0xFFFF)), max_size=60), st.integers(0, 10 ** 12))
+def test_pit_reads_are_bytes_whatever_the_guest_programs(writes, t):
+    now = [0]
+    pit = Pit(clock=lambda: now[0])
+    for port, value in writes:
+        pit.io_write(port, 1, value)
+    now[0] = t
+    for port in range(4):
+        assert 0 <= pit.io_read(port, 1) <= 0xFF
+    for c in pit.counters:
+        assert 1 <= c.reload <= 0x10000 and 0 <= c.mode <= 5 and 0 <= c.access <= 3
+    p = pit.period()
+    assert p is None
+    b = Pit(clock=lambda: now[0])
+    b.set_state(pit.get_state())
+    assert b.get_state() == pit.get_state()

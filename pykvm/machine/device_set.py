@@ -93,7 +93,10 @@ def _split_ioapic(m, ctx, wanted):
         ioapic = registry.lookup("ioapic").make(ctx, dict(opts))
     except (registry.DeviceSpecError, ValueError) as e:
         raise errors.DeviceConfigError(f"--device: {e}") from None
-    ctx.irq_line = ioapic.set_irq
+    # ISA IRQ 0 (the PIT) is IOAPIC pin 2, as the MADT's override says and QEMU wires it; IRQ 2 is the
+    # PIC cascade and reaches no pin
+    ctx.irq_line = lambda line, level: ioapic.set_irq(2, level) if line == 0 else (
+        None if line == 2 else ioapic.set_irq(line, level))
     m.eoi_handler = ioapic.eoi
     return ioapic
 
