@@ -43,6 +43,15 @@ def verdict(rc: int | None) -> str:
     return STATUS.get(rc, f"rc {rc}")
 
 
+def cpu_option(qemu_params: str) -> list[str]:
+    """`--cpu host,-f...` for the features QEMU's -cpu turns off (pykvm starts from the host's CPUID)."""
+    from pykvm.boot.cpumodel import FEATURES
+    words = shlex.split(qemu_params)
+    spec = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "-cpu"), "")
+    off = [t for t in spec.split(",")[1:] if t.startswith("-") and t[1:] in FEATURES]
+    return ["--cpu", ",".join(["host"] + off)] if off else []
+
+
 def run(cmd: list[str], timeout: float, env=None) -> tuple[int | None, float]:
     """Exit status (None on timeout) and wall seconds."""
     t0 = time.monotonic()
@@ -73,6 +82,7 @@ def main() -> int:
         timeout = a.timeout
         pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
               "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
+        pk += cpu_option(sec.get("qemu_params", ""))
         for d in PYKVM_DEVICES:
             pk += ["--device", d]
         rc, secs = run(pk, timeout + 30, env)
