@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc"]
+PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc", "pic", "pit"]
 STATUS = {1: "PASS", 155: "SKIP", 3: "FAIL"}
 
 
@@ -43,14 +43,23 @@ def verdict(rc: int | None) -> str:
     return STATUS.get(rc, f"rc {rc}")
 
 
-def run(cmd: list[str], timeout: float, env=None) -> tuple[int | None, float]:
-    """Exit status (None on timeout) and wall seconds."""
+def cpu_option(qemu_params: str) -> list[str]:
+    """`--cpu host,-f...` for the features QEMU's -cpu turns off (pykvm starts from the host's CPUID)."""
+    from pykvm.boot.cpumodel import FEATURES
+    words = shlex.split(qemu_params)
+    spec = next((words[i + 1] for i, w in enumerate(words[:-1]) if w == "-cpu"), "")
+    off = [t for t in spec.split(",")[1:] if t.startswith("-") and t[1:] in FEATURES]
+    return ["--cpu", ",".join(["host"] + off)] if off else []
+
+
+def run(cmd: list[str], timeout: float, env=None) -> tuple[int | None, float, bytes]:
+    """Exit status (None on timeout), wall seconds and stderr."""
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout, env=env)
-        return p.returncode, time.monotonic() - t0
+        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout, env=env)
+        return p.returncode, time.monotonic() - t0, p.stderr
     except subprocess.TimeoutExpired:
-        return None, time.monotonic() - t0
+        return None, time.monotonic() - t0, b""
 
 
 def main() -> int:
@@ -73,17 +82,20 @@ def main() -> int:
         timeout = a.timeout
         pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
               "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
+        pk += cpu_option(sec.get("qemu_params", ""))
         for d in PYKVM_DEVICES:
             pk += ["--device", d]
-        rc, secs = run(pk, timeout + 30, env)
+        rc, secs, _err = run(pk, timeout + 30, env)
         pk_v = f"{verdict(rc)} ({secs:.1f}s)"
         q_v = "-"
         if not a.no_qemu:
             q = ["qemu-system-x86_64", "-machine", "pc,accel=kvm", "-m", "256", "-smp", smp, "-display", "none",
                  "-serial", "null", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
                  "-kernel", str(flat), "-append", args] + shlex.split(sec.get("qemu_params", ""))
-            rc, secs = run(q, timeout)
-            q_v = f"{verdict(rc)} ({secs:.1f}s)"
+            rc, secs, err = run(q, timeout)
+            # QEMU's own start-up errors (an unknown -cpu model, a missing device) also exit with 1
+            failed = any(b"qemu-system" in line and b"warning" not in line for line in err.splitlines())
+            q_v = "QEMU error" if rc == 1 and failed else f"{verdict(rc)} ({secs:.1f}s)"
         rows.append((name, pk_v, q_v))
         print(f"{name:32} {pk_v:22} {q_v}", flush=True)
     print()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -251,3 +253,192 @@ def test_register_arrays_expand_and_are_bounded():
         description.parse(text.replace("count = 3", "count = 0"))
     with pytest.raises(description.DescriptionError):
         description.parse(text.replace("count = 3", "count = 99999"))
+
+
+# ------------------------------------------------------------------ S3 resume state
+class _CffiVcpu:
+    """Just the sregs/regs a real vCPU hands out: cffi structs, whose field reads are fresh objects each time."""
+
+    def __init__(self):
+        from pykvm.kvm import ffi
+        self.sregs, self.regs = ffi.new("struct kvm_sregs *"), ffi.new("struct kvm_regs *")
+        self.sregs.cr0, self.sregs.efer, self.regs.rip = 0x80000011, 0x500, 0xFFFF800000001234
+
+    def get_sregs(self):
+        return self.sregs
+
+    def get_regs(self):
+        return self.regs
+
+    def set_sregs(self, s):
+        self.sregs = s
+
+    def set_regs(self, r):
+        self.regs = r
+
+
+@given(st.integers(1, 0xFFFFF))
+def test_resume_lands_at_the_waking_vector_with_flat_data_segments(vector):
+    from pykvm.boot.cpu import SEG_CODE, SEG_DATA, real_mode_reset
+    v = _CffiVcpu()
+    real_mode_reset(v, vector)
+    s = v.sregs
+    assert (s.cs.selector, s.cs.base, s.cs.type) == (vector >> 4, (vector >> 4) << 4, SEG_CODE)
+    assert s.cs.base + v.regs.rip == vector
+    for seg in (s.ds, s.es, s.ss, s.fs, s.gs):     # the resume code addresses low memory from DS 0
+        assert (seg.selector, seg.base, seg.type, seg.limit) == (0, 0, SEG_DATA, 0xFFFF)
+    assert s.cr0 & 0x80000001 == 0 and s.efer == 0 and v.regs.rflags == 2
+
+
+# ------------------------------------------------------------------ 8259 PIC pair
+from pykvm.devices.i8259 import I8259, PicPair  # noqa: E402
+
+
+def _init_pair(pair, master_base=0x20, slave_base=0x28, aeoi=False):
+    """The ICW1-4 sequence Linux's init_8259A writes."""
+    for chip, base, icw3 in ((pair.master, master_base, 0x04), (pair.slave, slave_base, 0x02)):
+        pair.write(chip, 0, 0x11)
+        pair.write(chip, 1, base)
+        pair.write(chip, 1, icw3)
+        pair.write(chip, 1, 0x03 if aeoi else 0x01)
+
+
+def test_pic_starts_as_firmware_leaves_it_and_delivers_irq11_at_0x73():
+    woke = []
+    pic = I8259(notify=lambda: woke.append(1))
+    pair = pic.pair
+    pair.set_irq(11, 1)
+    pair.set_irq(11, 0)                      # an edge stays latched after the line drops
+    assert pair.output and woke == [1]
+    assert pair.ack() == 0x73
+    assert not pair.output
+    pair.write(pair.slave, 0, 0x0B)          # OCW3: read ISR
+    assert pair.read(pair.slave, 0) == 1 << 3
+    pair.write(pair.slave, 0, 0x20)          # non-specific EOI to both chips
+    pair.write(pair.master, 0, 0x20)
+    assert pair.read(pair.slave, 0) == 0 and pair.master.isr == 0
+
+
+def test_pic_icw_sequence_sets_bases_clears_masks_and_priority_holds_lower_irqs():
+    pair = PicPair()
+    pair.write(pair.master, 1, 0xFF)
+    _init_pair(pair)
+    assert pair.read(pair.master, 1) == 0     # ICW1 clears the mask
+    pair.set_irq(3, 1)
+    pair.set_irq(1, 1)
+    assert pair.ack() == 0x21                 # IRQ 1 outranks IRQ 3
+    assert not pair.output                    # IRQ 3 waits behind IRQ 1 in service
+    pair.write(pair.master, 0, 0x61)          # specific EOI of level 1
+    assert pair.ack() == 0x23
+    pair.write(pair.master, 1, 0xFF)
+    pair.set_irq(4, 1)
+    assert not pair.output and pair.ack() == 0x27   # masked: an acknowledge gets the spurious vector
+
+
+def test_pic_poll_and_aeoi():
+    pair = PicPair()
+    _init_pair(pair, aeoi=True)
+    pair.set_irq(8, 1)
+    assert pair.ack() == 0x28 and pair.master.isr == pair.slave.isr == 0
+    pair.set_irq(5, 1)
+    pair.write(pair.master, 0, 0x0C)          # OCW3 poll
+    assert pair.read(pair.master, 0) == 0x85 and not pair.output
+
+
+@given(st.lists(st.tuples(st.sampled_from(["m", "s"]), st.integers(0, 1), st.integers(0, 0xFFFF)), max_size=40),
+       st.lists(st.tuples(st.integers(-2, 20), st.integers(0, 1)), max_size=20))
+def test_pic_registers_stay_in_range_whatever_the_guest_writes(writes, lines):
+    pair = PicPair()
+    for chip, port, value in writes:
+        pair.write(pair.master if chip == "m" else pair.slave, port, value)
+    for line, level in lines:
+        pair.set_irq(line, level)
+    for chip in (pair.master, pair.slave):
+        assert all(0 <= getattr(chip, k) <= 0xFF for k in ("irr", "isr", "imr", "lines"))
+        assert chip.vector_base & 7 == 0 and chip.init_step in (0, 2, 3, 4)
+    if pair.output:
+        assert 0 <= pair.ack() <= 0xFF
+    assert pair.output == (pair.master.pending() is not None)
+
+
+def test_pic_state_round_trips_and_bounds_what_it_loads():
+    a = I8259()
+    _init_pair(a.pair)
+    a.pair.set_irq(6, 1)
+    b = I8259()
+    b.set_state(a.get_state())
+    assert b.get_state() == a.get_state() and b.pair.output
+    b.set_state({"irr": 1 << 40, "vector_base": 0x1FF, "init_step": 9})
+    assert b.chip.irr == 0 and b.chip.vector_base == 0xF8 and b.chip.init_step == 0
+
+
+@pytest.mark.kvm
+def test_pic_beside_the_in_kernel_irqchip_is_a_one_line_config_error():
+    from pykvm import errors
+
+    from .helpers import pykvm
+    r = pykvm("run", "hello", "--irqchip", "full", "--device", "pic", "--timeout", "20")
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == errors.EXIT_DEVICE_CONFIG and len(lines) == 1 and "has its own PIC" in lines[0]
+    r = pykvm("run", "hello", "--device", "pic", "--timeout", "20")
+    assert r.returncode == 0 and b"Hello from pykvm!" in r.stdout
+
+
+# ------------------------------------------------------------------ 8254 PIT
+from pykvm.devices.i8254 import MIN_PERIOD, PIT_HZ, Pit  # noqa: E402
+
+
+def test_pit_counts_down_from_the_loaded_count_and_latches():
+    now = [0]
+    pit = Pit(clock=lambda: now[0])
+    pit.io_write(3, 1, 0x34)                       # counter 0, low then high byte, mode 2
+    pit.io_write(0, 1, 0x9C)
+    pit.io_write(0, 1, 0x2E)                       # 11932: a 100 Hz rate generator
+    now[0] = 1_000_000                             # 1 ms = 1193 ticks
+    assert pit.io_read(0, 1) | pit.io_read(0, 1) << 8 == 11932 - 1193
+    pit.io_write(3, 1, 0x00)                       # counter latch: later reads keep the latched count
+    now[0] = 2_000_000
+    assert pit.io_read(0, 1) | pit.io_read(0, 1) << 8 == 11932 - 1193
+    assert pit.io_read(0, 1) | pit.io_read(0, 1) << 8 == 11932 - 2386
+    pit.io_write(3, 1, 0xE2)                       # read-back: status of counter 0
+    assert pit.io_read(0, 1) == 0b10110100
+    assert pit.period() is None                    # no IRQ wiring, no interrupts
+
+
+def test_pit_counter_0_pulses_irq0_periodically_and_stops_on_release():
+    levels = []
+    done = threading.Event()
+
+    def irq(level):
+        levels.append(level)
+        if len(levels) >= 6:
+            done.set()
+    pit = Pit(irq=irq)
+    pit.io_write(3, 1, 0x36)                       # mode 3, word access
+    pit.io_write(0, 1, 0)
+    pit.io_write(0, 1, 0)                          # 0 = 65536: 18.2 Hz
+    assert abs(pit.period() - 65536 / PIT_HZ) < 1e-9
+    pit.io_write(0, 1, 0x10)
+    pit.io_write(0, 1, 0x00)                       # 16 ticks: stretched to MIN_PERIOD
+    assert pit.period() == MIN_PERIOD
+    assert done.wait(5)
+    pit.release_hardware()
+    assert levels[:6] == [1, 0, 1, 0, 1, 0]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 0xFFFF)), max_size=60), st.integers(0, 10 ** 12))
+def test_pit_reads_are_bytes_whatever_the_guest_programs(writes, t):
+    now = [0]
+    pit = Pit(clock=lambda: now[0])
+    for port, value in writes:
+        pit.io_write(port, 1, value)
+    now[0] = t
+    for port in range(4):
+        assert 0 <= pit.io_read(port, 1) <= 0xFF
+    for c in pit.counters:
+        assert 1 <= c.reload <= 0x10000 and 0 <= c.mode <= 5 and 0 <= c.access <= 3
+    p = pit.period()
+    assert p is None
+    b = Pit(clock=lambda: now[0])
+    b.set_state(pit.get_state())
+    assert b.get_state() == pit.get_state()

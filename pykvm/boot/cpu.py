@@ -91,9 +91,10 @@ def real_mode_reset(vcpu, vector: int) -> None:
     sregs = vcpu.get_sregs()
     regs = vcpu.get_regs()
     seg = vector >> 4
-    for s in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        _seg(s, seg if s is sregs.cs else 0, (seg << 4) if s is sregs.cs else 0, 0xFFFF,
-             SEG_CODE if s is sregs.cs else SEG_DATA, g=0)
+    # cffi hands out a fresh cdata per field access, so identity tests against sregs.cs never match.
+    _seg(sregs.cs, seg, seg << 4, 0xFFFF, SEG_CODE, g=0)
+    for s in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        _seg(s, 0, 0, 0xFFFF, SEG_DATA, g=0)
     sregs.cr0 = CR0_ET
     sregs.cr4 = 0
     sregs.efer = 0
@@ -110,8 +111,9 @@ def apply_entry(vcpu, entry: EntryState, nx: bool) -> None:
     regs = vcpu.get_regs()
     if entry.mode == "real":
         seg = (entry.rip >> 4) & 0xF000
-        for s in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _seg(s, seg, seg << 4, 0xFFFF, SEG_CODE if s is sregs.cs else SEG_DATA, g=0)
+        _seg(sregs.cs, seg, seg << 4, 0xFFFF, SEG_CODE, g=0)
+        for s in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            _seg(s, seg, seg << 4, 0xFFFF, SEG_DATA, g=0)
         regs.rip = entry.rip - (seg << 4)
         regs.rflags = 0x2
     else:

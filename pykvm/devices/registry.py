@@ -186,6 +186,13 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                "pykvm.devices.ioapic:IoApic",
                lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(
                    deliver=ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"))),
+    DeviceType("pic", "the PC's 8259A pair at 0x20 and 0xa0 (vectors 0x08/0x70) on the BSP's LINT0 (split irqchip)",
+               "pykvm.devices.i8259:I8259",
+               lambda ctx, o: _import("pykvm.devices.i8259:I8259")(notify=ctx.extra.get("extint_notify"))),
+    DeviceType("pit", "8254 PIT at 0x40: counter 0 in modes 0, 2, 3 raises IRQ 0 (PIC IRQ 0, IOAPIC pin 2)",
+               "pykvm.devices.i8254:Pit",
+               lambda ctx, o: _import("pykvm.devices.i8254:Pit")(
+                   irq=(lambda level: ctx.irq_line(0, level)) if ctx.irq_line else None), needs_irq=True),
     DeviceType("pc-testdev", "QEMU pc-testdev: 0xe0 latch, 0xe4 flush-page, IO RAM at 0xff000000",
                "pykvm.devices.testdev:PcTestdev", _simple("pykvm.devices.testdev:PcTestdev")),
     DeviceType("pc-testdev-irq", "QEMU pc-testdev IRQ lines: a write to 0x2000+n drives line n",

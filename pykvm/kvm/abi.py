@@ -172,6 +172,10 @@ struct kvm_userspace_memory_region {
     uint64_t userspace_addr;
 };
 
+struct kvm_interrupt {
+    uint32_t irq;
+};
+
 struct kvm_irq_level {
     union {
         uint32_t irq;

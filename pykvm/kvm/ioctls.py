@@ -85,6 +85,7 @@ KVM_SIGNAL_MSI = _IOW(KVMIO, 0xa5, "struct kvm_msi")
 
 # vCPU ioctls
 KVM_RUN = _IO(KVMIO, 0x80)
+KVM_INTERRUPT = _IOW(KVMIO, 0x86, "struct kvm_interrupt")
 KVM_GET_REGS = _IOR(KVMIO, 0x81, "struct kvm_regs")
 KVM_SET_REGS = _IOW(KVMIO, 0x82, "struct kvm_regs")
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, "struct kvm_sregs")

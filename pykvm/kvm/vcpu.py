@@ -175,6 +175,10 @@ class Vcpu(FdOwner):
         return self._get("struct kvm_mp_state *", ioctls.KVM_GET_MP_STATE,
                          "KVM_GET_MP_STATE").mp_state
 
+    def interrupt(self, vector):
+        """KVM_INTERRUPT: hand the in-kernel LAPIC an ExtINT vector (from a userspace PIC); EEXIST while one waits."""
+        ioctl(self.fd, ioctls.KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}), "KVM_INTERRUPT")
+
     def set_mp_state(self, state):
         """KVM_SET_MP_STATE to a KVM_MP_STATE_* value."""
         ioctl(self.fd, ioctls.KVM_SET_MP_STATE,

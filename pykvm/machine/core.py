@@ -88,6 +88,7 @@ class Machine:
         self.dumper = Dumper(self)
         self.loop = VcpuLoop(self)
         self.eoi_handler = None          # the userspace IOAPIC's eoi(vector) under the split irqchip
+        self.extint = None               # the userspace 8259 pair (PicPair) whose output is the BSP's LINT0
         try:
             self._build()
         except errors.PykvmError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 from .. import abi, errors
 from ..devices import DeviceManager
@@ -10,6 +11,7 @@ from ..devices import registry
 from ..devices.policy import PolicyAuthority
 from ..devices.supervisor import Supervisor
 from .config import Outcome
+from .pausing import kick
 
 IOAPIC_BASE = 0xFEC00000
 
@@ -49,6 +51,9 @@ def build_devices(machine) -> DeviceManager:
     ioapic = _split_ioapic(m, ctx, wanted)
     if ioapic is not None:
         wanted = [(n, o) for n, o in wanted if n != "ioapic"]
+    pic = _split_pic(m, ctx, wanted)
+    if pic is not None:
+        wanted = [(n, o) for n, o in wanted if n != "pic"]
     if m.bus is not None:
         ctx.extra["bus"] = m.bus
         if not any(name == "bus" for name, _o in wanted):
@@ -56,6 +61,9 @@ def build_devices(machine) -> DeviceManager:
     m.built = {}    # registry name -> the first device of that type, as built (kept after stop)
     if ioapic is not None:
         m.built["ioapic"] = dm.add(ioapic)
+    if pic is not None:
+        m.built["pic"] = dm.add(pic)
+        dm.add(pic.companion)
     try:
         for name, opts in wanted:
             dev = dm.add(registry.lookup(name).make(ctx, opts))
@@ -85,9 +93,40 @@ def _split_ioapic(m, ctx, wanted):
         ioapic = registry.lookup("ioapic").make(ctx, dict(opts))
     except (registry.DeviceSpecError, ValueError) as e:
         raise errors.DeviceConfigError(f"--device: {e}") from None
-    ctx.irq_line = ioapic.set_irq
+    # ISA IRQ 0 (the PIT) is IOAPIC pin 2, as the MADT's override says and QEMU wires it; IRQ 2 is the
+    # PIC cascade and reaches no pin
+    ctx.irq_line = lambda line, level: ioapic.set_irq(2, level) if line == 0 else (
+        None if line == 2 else ioapic.set_irq(line, level))
     m.eoi_handler = ioapic.eoi
     return ioapic
+
+
+def _split_pic(m, ctx, wanted):
+    """The userspace 8259 pair when asked for: ISA lines reach it as well as the IOAPIC, its output the BSP."""
+    opts = next((o for n, o in wanted if n == "pic"), None)
+    if opts is None:
+        return None
+    if m.config.irqchip == "full":
+        raise errors.DeviceConfigError("--device pic: the in-kernel irqchip (--irqchip full) has its own PIC")
+
+    def notify():
+        # the pair's output rose: a BSP blocked in KVM_RUN (say, in HLT) must come out to take the vector
+        threads = m.threads[:1]
+        if threads and threads[0] is not threading.current_thread():
+            kick(threads)
+
+    ctx.extra["extint_notify"] = notify
+    try:
+        pic = registry.lookup("pic").make(ctx, dict(opts))
+    except (registry.DeviceSpecError, ValueError) as e:
+        raise errors.DeviceConfigError(f"--device: {e}") from None
+    ioapic_line = ctx.irq_line
+    if ioapic_line is None:
+        ctx.irq_line = pic.pair.set_irq
+    else:
+        ctx.irq_line = lambda line, level: (ioapic_line(line, level), pic.pair.set_irq(line, level))
+    m.extint = pic.pair
+    return pic
 
 
 def acpi_platform(m):

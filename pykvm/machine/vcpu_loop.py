@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 import time
 import traceback
@@ -9,6 +10,7 @@ import traceback
 from .. import errors
 from ..devices import GuestCrash, VmEvent
 from ..devices.supervisor import DeviceHung
+from ..kvm import KvmError
 from ..kvm import constants as C
 from .config import Outcome
 
@@ -108,7 +110,10 @@ class VcpuLoop:
         writes = m.devices.live_port_writes
         hot = m.hot_io_exits[vcpu.index]   # [n]: exits this loop handles inline (the slow path counts its own)
         EXIT_IO = C.KVM_EXIT_IO
+        extint = m.extint if vcpu.index == 0 else None   # the 8259 pair feeds the BSP's LINT0 only
         while True:
+            if extint is not None and extint.output:
+                self._offer_extint(vcpu, extint)
             if run():
                 if m.stopping:  # EINTR/EAGAIN from a kick
                     return
@@ -130,6 +135,19 @@ class VcpuLoop:
                         pack[size](mm, off, h[0](port - h[1], size) & masks[size])
                         continue
             self._exit_slow(vcpu, mm, reason)
+
+    def _offer_extint(self, vcpu, pic) -> None:
+        """Hand the PIC's vector to KVM once the guest can take it; until then ask KVM for an interrupt-window exit."""
+        run = vcpu.run_ptr
+        if run.ready_for_interrupt_injection and run.if_flag:
+            try:
+                vcpu.interrupt(pic.ack())      # acknowledged only now, as INTA happens when the CPU takes it
+            except KvmError as e:
+                # EEXIST (KVM still holds a vector) cannot follow ready_for_interrupt_injection; anything else is ours
+                if e.errno != errno.EEXIST:
+                    raise
+        if pic.output:
+            run.request_interrupt_window = 1          # cleared by the KVM_EXIT_IRQ_WINDOW_OPEN it brings
 
     def _exit_slow(self, vcpu, mm, reason: int) -> None:
         """Exits the hot loop does not take: string, unclaimed or inactive I/O, MMIO, and the rest."""
@@ -195,7 +213,9 @@ class VcpuLoop:
         elif reason == C.KVM_EXIT_IOAPIC_EOI:
             if m.eoi_handler is not None:
                 m.eoi_handler(run.eoi.vector)
-        elif reason in (C.KVM_EXIT_INTR, C.KVM_EXIT_IRQ_WINDOW_OPEN):
+        elif reason == C.KVM_EXIT_IRQ_WINDOW_OPEN:
+            run.request_interrupt_window = 0          # the loop asks again if the PIC still has a vector
+        elif reason == C.KVM_EXIT_INTR:
             pass
         elif reason == C.KVM_EXIT_SHUTDOWN:
             m.faults.crash(vcpu, "triple-fault", "triple fault (KVM_EXIT_SHUTDOWN): the guest faulted while "
