@@ -525,13 +525,18 @@ class GdbStub:
         return b""
 
     # ---- registers
-    def _registers(self, index: int) -> list[bytes]:
-        v = self.m.vcpus[index]
+    @staticmethod
+    def _state(v):
+        """(regs, sregs, fpu or None) of a stopped vCPU; some hosts cannot read the FPU."""
         try:
             fpu = v.get_fpu()
         except KvmError:
             fpu = None
-        values = gdbregs.read_values(v.get_regs(), v.get_sregs(), fpu)
+        return v.get_regs(), v.get_sregs(), fpu
+
+    def _registers(self, index: int) -> list[bytes]:
+        v = self.m.vcpus[index]
+        values = gdbregs.read_values(*self._state(v))
         out = self._ended
         frame = out.details.get("frame") if out is not None and out.kind == "crash" else None
         if frame is not None and (out.vcpu or 0) == index:
@@ -549,11 +554,7 @@ class GdbStub:
         if len(raw) != gdbregs.G_SIZE:
             return EINVAL
         v = self.m.vcpus[self._current()]
-        regs, sregs = v.get_regs(), v.get_sregs()
-        try:
-            fpu = v.get_fpu()
-        except KvmError:
-            fpu = None
+        regs, sregs, fpu = self._state(v)
         changed = set()
         pos = 0
         current = b"".join(gdbregs.read_values(regs, sregs, fpu))
@@ -571,11 +572,7 @@ class GdbStub:
         if index >= len(gdbregs.REGS) or len(raw) != gdbregs.REG_SIZES[index]:
             return EINVAL
         v = self.m.vcpus[self._current()]
-        regs, sregs = v.get_regs(), v.get_sregs()
-        try:
-            fpu = v.get_fpu()
-        except KvmError:
-            fpu = None
+        regs, sregs, fpu = self._state(v)
         self._store(v, {gdbregs.write_value(index, raw, regs, sregs, fpu)}, regs, sregs, fpu)
         return b"OK"
 
