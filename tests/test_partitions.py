@@ -138,6 +138,13 @@ def test_wire_refuses_oversized_and_unknown():
     assert (tag, index, blk, data) == (7, 1, (2, 0, 9, 1, 0), b"x" * 512)
 
 
+def test_wire_deeply_nested_json_is_a_wire_error():
+    # json.loads raises RecursionError (not ValueError) on deep nesting well inside MAX_JSON
+    for body in (b"[" * 60000, b'{"a":' * 20000):
+        with pytest.raises(wire.WireError, match="not JSON"):
+            wire.parse_json(body)
+
+
 @pytest.mark.kvm
 def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
     """One service partition (crashes after 2 requests, restarted), a trusted and an untrusted client."""
