@@ -6,7 +6,6 @@ many pages; impossible pressure reports; floods; malformed packets) being refuse
 clamped with a reason while no page the host did not ask for is ever released.
 """
 
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
