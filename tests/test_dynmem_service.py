@@ -6,7 +6,6 @@ many pages; impossible pressure reports; floods; malformed packets) being refuse
 clamped with a reason while no page the host did not ask for is ever released.
 """
 
-import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -219,7 +218,7 @@ def test_hostile_guest_never_gets_an_unrequested_page_released(msgs):
             n_before = len(ch.sent)
             try:
                 sess.on_packet(p)
-            except (ServiceError, struct.error):
+            except ServiceError:
                 pass
             for o in sent_ops(ch)[n_before:]:
                 if o[0] == abi.PYKVM_DM_OP_BALLOON:

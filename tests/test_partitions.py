@@ -138,6 +138,13 @@ def test_wire_refuses_oversized_and_unknown():
     assert (tag, index, blk, data) == (7, 1, (2, 0, 9, 1, 0), b"x" * 512)
 
 
+def test_wire_deeply_nested_json_is_a_wire_error():
+    # json.loads raises RecursionError (not ValueError) on deep nesting well inside MAX_JSON
+    for body in (b"[" * 60000, b'{"a":' * 10000):
+        with pytest.raises(wire.WireError, match="not JSON"):
+            wire.parse_json(body)
+
+
 @pytest.mark.kvm
 def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
     """One service partition (crashes after 2 requests, restarted), a trusted and an untrusted client."""
@@ -167,3 +174,49 @@ def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
     assert "read-only 1\n" in c2 and "block: write refused: read-only\n" in c2 and c2.endswith("block: done\n")
     assert "refused: client2 may not write to disk0" in (run / "client2.log").read_text()
     assert "held across a provider's loss" in err
+
+
+class _FakeChannel:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, ptype, payload, trans_id, *rest):
+        self.sent.append((ptype, bytes(payload), trans_id))
+
+    def guest_read(self, gpa, n):
+        return b"\0" * n
+
+
+class _FakeLink:
+    def __init__(self):
+        self.frames = []
+
+    def request(self, index, blk, data, callback):
+        self.frames.append(wire.data_frame(wire.REQUEST, 1, index, blk, data))   # packs like the real link
+
+
+class _AllowAll:
+    def check(self, *args):
+        return None
+
+
+def test_proxy_refuses_a_sector_range_past_2_64():
+    """A client read whose later pieces would start past the u64 sector space is E_INVALID, not a struct.error."""
+    import struct
+    from types import SimpleNamespace
+
+    from pykvm import abi
+    from pykvm.bus.ring import GPA_DIRECT
+    from pykvm.bus.services.proxy import BlockProxyService
+
+    svc = BlockProxyService(_FakeLink(), 0, "disk", _AllowAll())
+    ch = _FakeChannel()
+    session = svc.open(ch, abi.PYKVM_BLOCK_V1_0)
+    count = abi.PYKVM_PROVIDER_MAX_SECTORS + 1                     # two relayed pieces
+    payload = struct.pack("<IIQII", abi.PYKVM_BLK_OP_READ, 0, (1 << 64) - 1, count, 0)
+    pages = (count * abi.PYKVM_BLK_SECTOR + 4095) // 4096
+    pkt = SimpleNamespace(type=GPA_DIRECT, payload=payload, trans_id=5,
+                          ranges=[(count * abi.PYKVM_BLK_SECTOR, 0, list(range(16, 16 + pages)))])
+    session.on_packet(pkt)
+    assert svc.link.frames == []
+    assert [struct.unpack_from("<I", p)[0] for _t, p, _i in ch.sent] == [abi.PYKVM_BUS_E_INVALID]

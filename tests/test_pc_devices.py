@@ -442,3 +442,27 @@ def test_pit_reads_are_bytes_whatever_the_guest_programs(writes, t):
     b = Pit(clock=lambda: now[0])
     b.set_state(pit.get_state())
     assert b.get_state() == pit.get_state()
+
+
+@pytest.mark.parametrize("offset", [float("inf"), float("nan"), 1e300, -1e15, 1e15])
+def test_rtc_state_file_offset_outside_a_clock_year_is_refused(offset):
+    """A state file's time offset the guest could never have set is refused at restore, not left to crash a read."""
+    rtc = CmosRtc(clock=lambda: 1700000000.5)
+    with pytest.raises(ValueError):
+        rtc.set_state({"ram": "", "index": 0, "offset": offset})
+    for reg in (0, 9, 0x32):                             # still readable: the bad offset was not kept
+        rtc.io_write(0, 1, reg)
+        assert 0 <= rtc.io_read(1, 1) <= 0xFF
+
+
+def test_rtc_state_offset_the_guest_can_reach_is_restored():
+    """Years 0 and 9999 (century 0 / 99 writes) survive a save and restore."""
+    for century, year in ((0x00, 0x01), (0x99, 0x99)):
+        rtc = CmosRtc(clock=lambda: 1700000000.5)
+        for reg, v in ((0x32, century), (9, year)):
+            rtc.io_write(0, 1, reg)
+            rtc.io_write(1, 1, v)
+        again = CmosRtc(clock=lambda: 1700000000.5)
+        again.set_state(rtc.get_state())
+        again.io_write(0, 1, 9)
+        assert again.io_read(1, 1) == year

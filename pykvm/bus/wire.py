@@ -50,7 +50,7 @@ def parse_json(body: bytes) -> dict:
         raise WireError(f"control frame of {len(body)} bytes (at most {MAX_JSON})")
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # deep nesting recurses past the limit well inside MAX_JSON
         raise WireError(f"control frame is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise WireError("control frame is not a JSON object")

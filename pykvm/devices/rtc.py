@@ -29,6 +29,7 @@ DONT_CARE = 0xC0
 UIP_WINDOW = 0.01             # seconds; a real RTC holds UIP 244 us, which a trapped guest may never see
 IRQ = 8
 BASE_HZ = 32768
+MAX_YEAR = 10099              # writes reach year 10000 at most (century 99, then a day past 9999)
 
 
 def periodic_hz(reg_a: int) -> float:
@@ -232,9 +233,16 @@ class CmosRtc(Device):
             return {"ram": self.ram.hex(), "index": self.index, "offset": self.offset}
 
     def set_state(self, state: dict) -> None:
-        """Reload what get_state saved."""
+        """Reload what get_state saved (ValueError for a time offset no guest write could have made)."""
+        offset = float(state.get("offset", 0.0))
+        try:
+            year = time.gmtime(int(self.clock() + offset)).tm_year
+        except (ValueError, OverflowError, OSError):
+            year = -1
+        if not 0 <= year <= MAX_YEAR:       # every clock read would raise, or encode past a byte
+            raise ValueError(f"RTC time offset {offset} is outside years 0..{MAX_YEAR}")
         with self.lock:
             ram = bytes.fromhex(state.get("ram", ""))[:RAM_SIZE]
             self.ram[:len(ram)] = ram
             self.index = int(state.get("index", 0)) & 0x7F
-            self.offset = float(state.get("offset", 0.0))
+            self.offset = offset

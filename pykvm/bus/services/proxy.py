@@ -63,7 +63,8 @@ class ProxySession(Session):
             raise ServiceError(f"block: unknown operation {op}")
         svc, ledger = self.service, self.service.ledger
         data_op = op in (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE)
-        if data_op and not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS:
+        # the provider checks the disk's size; here only that every relayed piece's sector fits its u64
+        if data_op and (not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS or sector + count > 1 << 64):
             self.counts["errors"] += 1
             return self._complete(pkt.trans_id, abi.PYKVM_BUS_E_INVALID)
         if data_op and pkt.type != GPA_DIRECT:
