@@ -298,3 +298,39 @@ def test_guest_doorbells_cost_no_exit_and_interrupts_arrive(tmp_path, irqchip, x
     assert r["irq_wakes"] == m and r["signals"] == m
     # (c) closing gave back every fd and the thread
     assert r["leaked_fds"] == [] and r["threads"] == 0
+
+
+def test_the_bus_and_its_doorbells_share_one_lock_so_stats_never_deadlock_a_doorbell():
+    """A doorbell callback takes the bus lock under the doorbell lock; stats took them the other way round."""
+    import threading
+    import time
+
+    from pykvm.bus.doorbell import Doorbells
+    from pykvm.bus.host import BusHost
+
+    class NoInterrupts:
+        def close(self):
+            pass
+
+    doorbells = Doorbells(vm=None)          # no channel is added, so the VM is never touched
+    host = BusHost(None, doorbells, NoInterrupts(), [])
+    done = []
+
+    def doorbell_thread_like():
+        with doorbells.lock:                # what the dispatch thread holds while a callback runs
+            time.sleep(0.2)
+            with host.lock:                 # what BusHost's callback then takes
+                done.append("callback")
+
+    t = threading.Thread(target=doorbell_thread_like, daemon=True)
+    t.start()
+    time.sleep(0.05)
+    snap = threading.Thread(target=lambda: done.append(host.snapshot()["state"]), daemon=True)
+    snap.start()                            # `ctl stats` on the machine's main thread
+    t.join(5)
+    snap.join(5)
+    deadlocked = t.is_alive() or snap.is_alive()
+    if not deadlocked:                      # a deadlocked pair would block close() too: leave it to die with the run
+        doorbells.close()
+    assert not deadlocked, "the bus and its doorbell thread deadlocked"
+    assert sorted(map(str, done)) == ["callback", "idle"]

@@ -99,6 +99,11 @@ class Doorbells:
                 raise KeyError(f"doorbell channel {channel_id} is not registered")
             self._drop(ch)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every callback runs under: the bus's owner takes this one, so there is one lock order."""
+        return self._lock
+
     def __contains__(self, channel_id):
         return channel_id in self._channels
 

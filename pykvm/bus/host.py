@@ -61,7 +61,10 @@ class BusHost:
         self.interrupts = interrupts        # bus.doorbell.Interrupts (MSI routes + irqfd)
         self.limits = limits or Limits()
         self.log = log or (lambda msg: print(f"pykvm: bus: {msg}", file=sys.stderr))
-        self.lock = threading.RLock()
+        # One lock with the doorbell thread, which holds its lock while a callback (this host)
+        # runs: separate locks taken in opposite orders (a doorbell, then the bus; `stats` or a
+        # rescind, then the doorbells) deadlocked the bus and the machine's main thread.
+        self.lock = getattr(doorbells, "lock", None) or threading.RLock()
         self.state = "idle"                 # idle -> connected -> contact (version agreed) -> idle
         self.version = None
         self.target_vcpu = 0
