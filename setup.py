@@ -45,7 +45,8 @@ class BuildPyWithData(build_py):
             # (prepend: pip's isolated build env reaches cffi through PYTHONPATH itself)
             pythonpath = [os.path.abspath(self.build_lib)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
             env = dict(os.environ, PYKVM_BUILD_DIR=tmp, PYTHONPATH=os.pathsep.join(pythonpath))
-            subprocess.run([sys.executable, "-c", "import pykvm.abi, pykvm.kvm"], check=True, env=env, cwd=tmp)
+            load = "import pykvm.abi, pykvm.kvm, pykvm.sandbox; pykvm.sandbox.bindings()"
+            subprocess.run([sys.executable, "-c", load], check=True, env=env, cwd=tmp)
             shutil.copytree(Path(tmp) / "ffi", prebuilt / "ffi", ignore=SKIP)
 
 

@@ -141,11 +141,8 @@ def install(crash_dir=None) -> None:
     """Filter every thread of this process from now on; SandboxError when that cannot be done."""
     if _state["active"]:
         return
-    try:
-        import pyseccomp as sc
-    except (ImportError, RuntimeError, OSError) as e:  # pyseccomp raises RuntimeError without libseccomp
-        raise errors.SandboxError(f"the seccomp sandbox needs libseccomp2 and the pyseccomp package ({e}); "
-                                  "install them, or run with --sandbox off") from None
+    from . import seccomp_program
+
     _preload(crash_dir is not None)
     crash_fd = None
     if crash_dir is not None:
@@ -155,46 +152,46 @@ def install(crash_dir=None) -> None:
             crash_fd = hold_crash_dir(crash_dir)
         except CoreWriteError:
             pass  # a crash is still reported; its core's absence names the reason, as without the sandbox
-    for nr in range(1024):
-        try:
-            _names[nr] = sc.resolve_syscall(sc.Arch.NATIVE, nr).decode()
-        except ValueError:
-            pass
-    flt = sc.SyscallFilter(sc.TRAP)
     try:
-        for name in ALLOWED:
-            if _known(sc, name):
-                flt.add_rule(sc.ALLOW, name)
-        for action, name, args in _rules(sc, crash_fd):
-            if _known(sc, name):   # an older libseccomp may not know a newer call; nothing can make it then
-                flt.add_rule(action, name, *args)
-        flt.set_attr(sc.Attr.CTL_TSYNC, 1)
+        program, names = seccomp_program.program_for(lambda pid: policy(crash_fd, pid), os.getpid())
+    except (ImportError, RuntimeError) as e:  # pyseccomp raises RuntimeError without libseccomp
+        raise errors.SandboxError(f"the seccomp sandbox needs libseccomp2 and the pyseccomp package ({e}); "
+                                  "install them, or run with --sandbox off") from None
+    except (OSError, seccomp_program.ProgramError) as e:
+        raise errors.SandboxError(f"cannot compile the seccomp filter: {getattr(e, 'strerror', None) or e}; "
+                                  "run with --sandbox off") from None
+    _names.update(names)
+    try:
         _install_sigsys_handler()
-        flt.load()
+        seccomp_program.load(program)
     except OSError as e:
         raise errors.SandboxError(f"cannot install the seccomp filter: {e.strerror or e}; "
                                   "run with --sandbox off") from None
     _state["active"] = True
 
 
-def _known(sc, name: str) -> bool:
-    return sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0
+def policy(crash_fd: int | None, pid: int) -> list:
+    """Every rule as data: (action, system call, [(argument, mask, value)...]), action "allow" or ("errno", N).
+
+    Calls no rule names are trapped. The compiled program's cache entry is keyed by this list.
+    """
+    return [("allow", name, []) for name in ALLOWED] + _rules(crash_fd, pid)
 
 
-def _rules(sc, crash_fd: int | None):
+def _rules(crash_fd: int | None, pid: int) -> list:
     """(action, system call, argument conditions) for the calls allowed only with some arguments."""
-    eq = lambda arg, value, mask=_U32: sc.Arg(arg, sc.MASKED_EQ, mask, value)  # noqa: E731
-    refuse = sc.ERRNO(errno.EACCES)
+    eq = lambda arg, value, mask=_U32: (arg, mask, value)  # noqa: E731  (argument & mask) == value
+    refuse = ("errno", errno.EACCES)
     out = [
-        (sc.ALLOW, "mmap", [eq(2, 0, _PROT_EXEC)]),              # never new executable memory
-        (sc.ALLOW, "mprotect", [eq(2, 0, _PROT_EXEC)]),
-        (sc.ALLOW, "clone", [eq(0, _CLONE_THREAD, _CLONE_THREAD)]),   # threads, never processes
-        (sc.ERRNO(errno.ENOSYS), "clone3", []),                  # its flags live in memory seccomp cannot read:
+        ("allow", "mmap", [eq(2, 0, _PROT_EXEC)]),              # never new executable memory
+        ("allow", "mprotect", [eq(2, 0, _PROT_EXEC)]),
+        ("allow", "clone", [eq(0, _CLONE_THREAD, _CLONE_THREAD)]),   # threads, never processes
+        (("errno", errno.ENOSYS), "clone3", []),                 # its flags live in memory seccomp cannot read:
                                                                  # glibc then falls back to clone
-        (sc.ALLOW, "tgkill", [eq(0, os.getpid())]),              # vCPU kicks, only within this process
-        (sc.ALLOW, "newfstatat", [eq(3, _AT_EMPTY_PATH, _AT_EMPTY_PATH)]),   # fstat of a descriptor
+        ("allow", "tgkill", [eq(0, pid)]),                       # vCPU kicks, only within this process
+        ("allow", "newfstatat", [eq(3, _AT_EMPTY_PATH, _AT_EMPTY_PATH)]),   # fstat of a descriptor
         (refuse, "newfstatat", [eq(3, 0, _AT_EMPTY_PATH)]),      # stat of a path
-        (sc.ALLOW, "statx", [eq(2, _AT_EMPTY_PATH, _AT_EMPTY_PATH)]),
+        ("allow", "statx", [eq(2, _AT_EMPTY_PATH, _AT_EMPTY_PATH)]),
         (refuse, "statx", [eq(2, 0, _AT_EMPTY_PATH)]),
         (refuse, "openat", [eq(2, 0, _WRITE_BITS)]),             # read-only opens fail, not stop the VMM
         (refuse, "open", [eq(1, 0, _WRITE_BITS)]),
@@ -202,18 +199,18 @@ def _rules(sc, crash_fd: int | None):
     for name in ("stat", "lstat", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getcwd"):
         out.append((refuse, name, []))
     for name in KVM_REQUESTS:
-        out.append((sc.ALLOW, "ioctl", [eq(1, getattr(K, name))]))
+        out.append(("allow", "ioctl", [eq(1, getattr(K, name))]))
     for name in TTY_REQUESTS:
-        out.append((sc.ALLOW, "ioctl", [eq(1, getattr(termios, name))]))
+        out.append(("allow", "ioctl", [eq(1, getattr(termios, name))]))
     for cmd in ("F_GETFD", "F_SETFD", "F_GETFL", "F_SETFL", "F_DUPFD_CLOEXEC", "F_ADD_SEALS", "F_GET_SEALS"):
-        out.append((sc.ALLOW, "fcntl", [eq(1, getattr(fcntl, cmd))]))
+        out.append(("allow", "fcntl", [eq(1, getattr(fcntl, cmd))]))
     if crash_fd is not None:
         # a new unnamed core file in the crash directory, then its name there (crash/core.py)
-        out.append((sc.ALLOW, "openat", [eq(0, crash_fd),
-                                         eq(2, os.O_WRONLY | os.O_TMPFILE, _U32 & ~_IGNORED_OPEN_BITS)]))
-        out.append((sc.ALLOW, "linkat", [eq(2, crash_fd), eq(4, _AT_SYMLINK_FOLLOW)]))
+        out.append(("allow", "openat", [eq(0, crash_fd),
+                                        eq(2, os.O_WRONLY | os.O_TMPFILE, _U32 & ~_IGNORED_OPEN_BITS)]))
+        out.append(("allow", "linkat", [eq(2, crash_fd), eq(4, _AT_SYMLINK_FOLLOW)]))
         # a crash directory that does not exist yet is created by the first core, under the held ancestor
-        out.append((sc.ALLOW, "mkdirat", [eq(0, crash_fd)]))
+        out.append(("allow", "mkdirat", [eq(0, crash_fd)]))
     return out
 
 
@@ -227,16 +224,27 @@ def _preload(cores: bool) -> None:
 
 
 # ---------------------------------------------------------------- reporting a violation
+SIGSYS_CDEF = """
+    typedef struct { int si_signo; int si_errno; int si_code; int pad;
+                     void *call_addr; int syscall; unsigned int arch; } sigsys_info;
+    struct sigaction_glibc { void *handler; unsigned long mask[16]; int flags; void *restorer; };
+    int sigaction(int signum, const struct sigaction_glibc *act, struct sigaction_glibc *old);
+"""
+
+
+def bindings() -> None:
+    """Load (so generate, on a cold cache) the cffi types install() uses; a wheel build ships them prebuilt."""
+    from . import ffigen, seccomp_program
+
+    ffigen.load("sigsys", SIGSYS_CDEF)
+    seccomp_program.ffi()
+
+
 def _install_sigsys_handler() -> None:
     """A SA_SIGINFO handler for SIGSYS: Python's own handlers do not see which call was trapped."""
     from . import ffigen
 
-    ffi = ffigen.load("sigsys", """
-        typedef struct { int si_signo; int si_errno; int si_code; int pad;
-                         void *call_addr; int syscall; unsigned int arch; } sigsys_info;
-        struct sigaction_glibc { void *handler; unsigned long mask[16]; int flags; void *restorer; };
-        int sigaction(int signum, const struct sigaction_glibc *act, struct sigaction_glibc *old);
-    """)
+    ffi = ffigen.load("sigsys", SIGSYS_CDEF)
     libc = ffi.dlopen(None)
     callback = ffi.callback("void(int, sigsys_info *, void *)", _on_sigsys)
     act = ffi.new("struct sigaction_glibc *")
