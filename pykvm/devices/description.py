@@ -1,4 +1,4 @@
-"""Declarative device descriptions: one TOML file per device model, read with tomllib and validated strictly.
+"""Declarative device descriptions: one TOML file per device model, read with tomllib (cached) and validated strictly.
 
 A description names the device (its `Device.name`), lists its registers and says, per trust level,
 what a guest's access to each register gets. The schema (every key is required unless marked):
@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import tomlcache
 from ..errors import DeviceConfigError
 
 TRUST_LEVELS = ("trusted", "untrusted")
@@ -260,8 +260,8 @@ def _parse_register(path: str, i: int, raw) -> Register:
 def parse(text: str, path: str = "<description>") -> Description:
     """A Description from TOML text; DescriptionError (naming `path` and the register) when invalid."""
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+        data = tomlcache.loads(text)    # tomllib's result, parsed once per text and cached
+    except tomlcache.TomlError as e:
         raise DescriptionError(f"{path}: not valid TOML: {e}") from None
     _unknown(path, data, TOP_KEYS)
     name, summary, regs = data.get("name"), data.get("summary"), data.get("registers")

@@ -1,0 +1,82 @@
+"""TOML parsed once and cached: a cached document is exactly tomllib's, a damaged entry is parsed again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pykvm import tomlcache
+from pykvm.devices import description
+
+TEXT = 'name = "serial"\nsummary = "x"\n[[registers]]\nname = "a"\noffset = 0x10\nratio = 1.5\nflag = true\n'
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYKVM_BUILD_DIR", str(tmp_path))
+    return tmp_path
+
+
+def path_of(text: str) -> str:
+    return tomlcache.entry_path(hashlib.sha256(text.encode()).hexdigest())
+
+
+def test_a_cached_document_is_tomllibs(cache):
+    assert tomlcache.loads(TEXT) == tomllib.loads(TEXT)     # parsed and stored
+    entry = json.loads(open(path_of(TEXT)).read())
+    assert entry["data"] == tomllib.loads(TEXT)
+    assert tomlcache.loads(TEXT) == tomllib.loads(TEXT)     # read back
+
+
+def test_a_valid_looking_entry_with_other_data_is_not_trusted(cache):
+    tomlcache.loads(TEXT)
+    path = path_of(TEXT)
+    entry = json.loads(open(path).read())
+    entry["data"]["name"] = "evil"                            # the digest no longer matches
+    open(path, "w").write(json.dumps(entry))
+    assert tomlcache.loads(TEXT)["name"] == "serial"
+    assert json.loads(open(path).read())["data"]["name"] == "serial"   # rewritten
+
+
+def test_invalid_toml_is_an_error_cached_or_not(cache):
+    with pytest.raises(tomlcache.TomlError):
+        tomlcache.loads("name = ")
+    with pytest.raises(description.DescriptionError, match="not valid TOML"):
+        description.parse("name = ", "x.toml")
+
+
+def test_dates_are_parsed_each_time_not_cached(cache):
+    text = "when = 1979-05-27T07:32:00Z\n"
+    assert tomlcache.loads(text) == tomllib.loads(text)
+    assert not (cache / "toml").exists() or not list((cache / "toml").iterdir())
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_a_mutated_entry_gives_tomllibs_result(tmp_path_factory, data):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYKVM_BUILD_DIR", str(tmp_path_factory.mktemp("c")))
+        _mutate_and_read(data)
+
+
+def _mutate_and_read(data) -> None:
+    tomlcache.loads(TEXT)
+    path = path_of(TEXT)
+    raw = bytearray(open(path, "rb").read())
+    for _ in range(data.draw(st.integers(1, 3))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    open(path, "wb").write(raw)
+    assert tomlcache.loads(TEXT) == tomllib.loads(TEXT)
+
+
+def test_every_shipped_description_reads_the_same_through_the_cache(cache):
+    for p in sorted(description.HERE.glob("*.toml")):
+        text = p.read_text()
+        assert tomlcache.loads(text) == tomllib.loads(text) == tomlcache.loads(text)
