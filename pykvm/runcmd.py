@@ -209,14 +209,17 @@ def run(p: dict, given: set, checked: tuple, fast_exit: bool) -> None:
 
     def go():
         from .api import VM, device_spec
-        from .memory import numa as numa_spec
 
         extra_devices = [device_spec(spec) for spec in p["device_specs"]]    # bad specs: one line, status 10
         size = parse_size(p["mem"])
-        nodes = numa_spec.from_options(p["numa_nodes"], p["numa_count"], p["numa_distance"],
-                                       size if "mem" in given else None, p["cpus"] if "cpus" in given else None,
-                                       numa_spec.parse_size(p["memory_max"], "--memory-max")
-                                       if p["memory_max"] else None)
+        nodes = None
+        if p["numa_nodes"] or p["numa_count"] is not None or p["numa_distance"] is not None or p["memory_max"]:
+            from .memory import numa as numa_spec   # its dataclasses cost a plain run ~3 ms
+
+            nodes = numa_spec.from_options(p["numa_nodes"], p["numa_count"], p["numa_distance"],
+                                           size if "mem" in given else None, p["cpus"] if "cpus" in given else None,
+                                           numa_spec.parse_size(p["memory_max"], "--memory-max")
+                                           if p["memory_max"] else None)
         vcpus, ram = p["cpus"], size
         if nodes is not None:
             vcpus, ram = nodes.cpus, nodes.mem

@@ -10,7 +10,6 @@ import time
 
 from .. import abi, errors
 from ..memory import GuestMemory, GuestMemoryError
-from ..memory import numa as numa_cfg
 from ..memory.dynamic import DynamicMemory
 from .control import command
 
@@ -20,7 +19,9 @@ MAX_LOG_REASONS = 20          # refusal reasons printed to stderr per run (all g
 class MachineNuma:
     """The vNUMA side of one machine: config, layouts, DynamicMemory, the memory log."""
 
-    def __init__(self, machine, cfg: numa_cfg.NumaConfig):
+    def __init__(self, machine, cfg):
+        from ..memory import numa as numa_cfg   # only a VM with vNUMA pays for its import
+
         self.machine = machine
         self.cfg = cfg
         self.layouts = numa_cfg.plan(cfg, abi.PYKVM_MMIO_HOLE)
@@ -37,6 +38,8 @@ class MachineNuma:
         cfg = machine.config
         if cfg.numa is None:
             return None
+        from ..memory import numa as numa_cfg
+
         ncfg = numa_cfg.NumaConfig.from_json(cfg.numa)
         if ncfg.mem != cfg.mem:
             raise errors.NumaSpecError(f"the nodes hold {ncfg.mem >> 20} MiB but the VM has {cfg.mem >> 20} MiB")
