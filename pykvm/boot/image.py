@@ -150,9 +150,9 @@ def gunzip(blob: bytes, name: str = "<kernel>", limit: int = MAX_GUNZIPPED_BYTES
 
 
 def _detect(blob: bytes, name: str) -> KernelImage:
-    from . import linux
+    from .bzsig import is_bzimage
 
-    if linux.is_bzimage(blob):
+    if is_bzimage(blob):
         return _bzimage(blob, name)
     mb = find_multiboot_header(blob)
     if mb is not None and mb.flags & 0xFFFF & ~MB_SUPPORTED_REQUIRED:

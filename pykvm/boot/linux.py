@@ -11,11 +11,10 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import BadImageError, ImageDoesNotFitError
+from .bzsig import BOOT_FLAG, BOOT_FLAG_OFF, HEADER_MAGIC, HEADER_MAGIC_OFF, is_bzimage  # noqa: F401 (API)
 
 # ---- the bzImage setup header (offsets in the file and in boot_params alike)
 SETUP_HEADER_START = 0x1F1
-BOOT_FLAG_OFF, BOOT_FLAG = 0x1FE, 0xAA55
-HEADER_MAGIC_OFF, HEADER_MAGIC = 0x202, b"HdrS"
 SETUP_HEADER_MAX_END = 0x290          # boot_params fields after the header start here
 MIN_PROTOCOL = 0x020C                 # 2.12: xloadflags, the 64-bit entry
 LOADED_HIGH = 1 << 0
@@ -68,12 +67,6 @@ class SetupHeader:
     def version_text(self) -> str:
         """'2.15' style."""
         return f"{self.version >> 8}.{self.version & 0xFF:02d}"
-
-
-def is_bzimage(blob: bytes) -> bool:
-    """True when blob carries the boot protocol's 'HdrS' magic and the 0xAA55 boot flag."""
-    return (len(blob) >= HEADER_MAGIC_OFF + 4 and blob[HEADER_MAGIC_OFF:HEADER_MAGIC_OFF + 4] == HEADER_MAGIC
-            and struct.unpack_from("<H", blob, BOOT_FLAG_OFF)[0] == BOOT_FLAG)
 
 
 def parse_setup_header(blob: bytes, name: str = "<kernel>") -> SetupHeader:
