@@ -145,35 +145,55 @@ def test_wire_deeply_nested_json_is_a_wire_error():
             wire.parse_json(body)
 
 
+def _pattern(seed, s):
+    """Sector s of bus-block's write pattern for seed (seed 0: the service's initial disk)."""
+    return bytes((seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512))
+
+
 @pytest.mark.kvm
-def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
-    """One service partition (crashes after 2 requests, restarted), a trusted and an untrusted client."""
+def test_up_service_partition_crashes_mid_run_clients_reopen_and_no_completed_write_is_lost(tmp_path):
+    """A file-backed service partition, a trusted and an untrusted client; the service crashes after 2 writes."""
+    store = tmp_path / "store.img"
+    store.write_bytes(b"".join(_pattern(0, s) for s in range(2048)))
     topo = tmp_path / "topo.toml"
-    topo.write_text(GOOD.replace('memory = "16M"', 'memory = "16M"\ncmdline = "sectors=2048 crash_after=2"'))
+    topo.write_text(GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = "{store}"\n'
+                                 'cmdline = "store=disk crash_after_writes=2"'))
     run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=240)
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
     out, err = r.stdout.decode(), r.stderr.decode()
-    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    logs = {f.name: f.read_text() for f in run.glob("*.log")}
+    serials = {f.name: f.read_text() for f in run.glob("*.serial")}
+    assert r.returncode == 0, (out, err, logs, serials)
     assert f"partition storage: serial {run}/storage.serial, control {run}/storage.sock" in out
     assert "partition client1: status 0" in out and "partition client2: status 0" in out
-    assert "partition storage: status" in out and "(restarts 1)" in out
-    # the service partition crashed alone: its own core, then generation 1 served everyone
-    assert (run / "storage.serial").read_text().endswith("blocksvc: served 2 requests, crashing\n")
+    assert "partition storage: status 0 (restarts 1)" in out
+    # the service partition crashed alone after completing two writes: its own core, then generation 1
+    assert serials["storage.serial"].endswith("blocksvc: served 2 writes, crashing\n")
     assert list((run / "storage-crashes").glob("*.core")), list((run / "storage-crashes").iterdir())
-    assert "serving 2048 sectors, generation 1\n" in (run / "storage.gen1.serial").read_text()
-    c1 = (run / "client1.serial").read_text()
+    assert "serving 2048 sectors of the host's disk, generation 1\n" in serials["storage.gen1.serial"]
+    assert "1 provider losses (offers rescinded" in err
+    # client1 had its offer rescinded mid-run, reopened the new one and read back every sector it wrote
+    c1 = serials["client1.serial"]
     assert "block: 2048 sectors of 512 bytes, read-only 0\n" in c1
+    assert "block: channel rescinded, waiting for a new offer\nblock: reopened, version 1.0\n" in c1
+    assert c1.index("reopened") < c1.index("block: wrote 40 sectors at 100\n")
     assert "block: read back 40 sectors at 100: pattern ok\n" in c1 and c1.endswith("block: done\n")
-    # sectors 0..7 still hold the RAM disk's initial pattern (bus-block seed 0): fnv1a of what we compute here
-    init = b"".join(bytes((s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512)) for s in range(8))
+    assert "its provider went away; offer" in logs["client1.log"] and "served again; offered as channel" in \
+        logs["client1.log"]
     h = 0xcbf29ce484222325
-    for b in init:
+    for b in b"".join(_pattern(0, s) for s in range(8)):
         h = ((h ^ b) * 0x100000001b3) & (2**64 - 1)
     assert f"block: read 8 sectors at 0: fnv1a 0x{h:016x}\n" in c1
-    c2 = (run / "client2.serial").read_text()
+    # the untrusted client: reads served, every write refused by policy (and nothing of it on the disk)
+    c2 = serials["client2.serial"]
     assert "read-only 1\n" in c2 and "block: write refused: read-only\n" in c2 and c2.endswith("block: done\n")
-    assert "refused: client2 may not write to disk0" in (run / "client2.log").read_text()
-    assert "held across a provider's loss" in err
+    assert "refused: client2 may not write to disk0" in logs["client2.log"]
+    # the host file: client1's 40 sectors (two of them completed before the crash), the rest as it was
+    disk = store.read_bytes()
+    assert len(disk) == 2048 * 512
+    for s in range(2048):
+        want = _pattern(3, s) if 100 <= s < 140 else _pattern(0, s)
+        assert disk[s * 512:(s + 1) * 512] == want, f"sector {s}"
 
 
 class _FakeChannel:

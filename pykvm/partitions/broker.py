@@ -235,7 +235,8 @@ class Broker:
         """The provider of service stopped serving: clients rescind it first, then its open requests fail."""
         if self.providers.pop(service, None) is None:
             return
-        self.counts["rescinds"] += 1
+        if not self.stopping:                 # at the end the providers are closed on purpose
+            self.counts["rescinds"] += 1
         self._tell_clients(service, "down")
         lost = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
         for t, (_s, c, ctag, _body) in lost:
