@@ -71,6 +71,26 @@ def test_topology_refusals(tmp_path, extra, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_topology_disk_is_checked_and_made_absolute(tmp_path, monkeypatch):
+    img = tmp_path / "store.img"
+    img.write_bytes(bytes(4096))
+    monkeypatch.chdir(tmp_path)
+    t = load_text(tmp_path, GOOD.replace('memory = "16M"', 'memory = "16M"\ndisk = "store.img"'))
+    assert t.by_name("storage").disk == str(img) and t.by_name("client1").disk is None
+    (tmp_path / "small.img").write_bytes(bytes(511))
+    (tmp_path / "dir.img").mkdir()
+    for value, needle in [('"missing.img"', "No such file"), ('"small.img"', "at least 512 bytes"),
+                          ('"dir.img"', "not a regular file"), ('"a,ro"', "without commas"), ('""', "without commas"),
+                          ("7", "expected a string")]:
+        with pytest.raises(errors.TopologyError) as e:
+            load_text(tmp_path, GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = {value}'))
+        assert needle in str(e.value) and "storage.disk" in str(e.value) and "\n" not in str(e.value)
+    two = GOOD.replace('memory = "16M"', 'memory = "16M"\ndisk = "store.img"').replace(
+        'seed=3"', f'seed=3"\ndisk = "{img}"')
+    with pytest.raises(errors.TopologyError, match="client1.disk: .* is also the disk of storage"):
+        load_text(tmp_path, two)
+
+
 def test_topology_not_toml_has_its_own_status(tmp_path):
     p = tmp_path / "t.toml"
     p.write_text("[[partition]\n")
@@ -240,3 +260,97 @@ def test_proxy_refuses_a_sector_range_past_2_64():
     session.on_packet(pkt)
     assert svc.link.frames == []
     assert [struct.unpack_from("<I", p)[0] for _t, p, _i in ch.sent] == [abi.PYKVM_BUS_E_INVALID]
+
+
+# ---------------------------------------------------------------- the broker's recovery, without KVM
+class _Peer:
+    """The partition end of a broker connection: frames the broker sent it."""
+
+    def __init__(self, broker, name):
+        import socket
+
+        from pykvm.partitions.broker import _Conn
+
+        a, self.sock = socket.socketpair()
+        self.conn = _Conn(a)
+        self.parser = wire.FrameParser()
+        broker._frame(self.conn, wire.HELLO, wire.json_frame(wire.HELLO, {"name": name})[8:])
+        self.early = self.frames()
+        assert self.early.pop(0)[0] == wire.WELCOME
+
+    def frames(self):
+        self.sock.setblocking(False)
+        out, self.early = getattr(self, "early", []), []
+        try:
+            while True:
+                out += self.parser.feed(self.sock.recv(1 << 16))
+        except BlockingIOError:
+            pass
+        return out
+
+
+def _status(frames):
+    return [wire.parse_json(b) for k, b in frames if k == wire.STATUS]
+
+
+def _replies(frames):
+    return [wire.parse_data(b)[:3] for k, b in frames if k == wire.REPLY]
+
+
+def test_broker_rescinds_before_failing_and_offers_again_on_register(tmp_path):
+    from pykvm import abi
+    from pykvm.partitions.broker import Broker
+
+    broker = Broker(load_text(tmp_path, GOOD), tmp_path, log=lambda m: None)
+    blk = (abi.PYKVM_BLK_OP_WRITE, 0, 100, 1, 0)
+    c1, c2, st = _Peer(broker, "client1"), _Peer(broker, "client2"), _Peer(broker, "storage")
+    # before the provider ever registered, requests are held, not failed
+    broker._frame(c1.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 7, 0, blk, b"a" * 512)[8:])
+    assert c1.frames() == []
+    broker._frame(st.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block"})[8:])
+    (req,) = st.frames()
+    assert req[0] == wire.REQUEST and wire.parse_data(req[1])[2] == blk
+    assert _status(c1.frames()) == [{"service": "disk0", "state": "up"}] == _status(c2.frames())
+    # the provider goes away with that request unanswered: "down" first, then E_IO for it
+    broker._drop(st.conn, None)
+    f1 = c1.frames()
+    assert [k for k, _b in f1] == [wire.STATUS, wire.REPLY]
+    assert _status(f1) == [{"service": "disk0", "state": "down"}] and _replies(f1) == [(7, 0, (abi.PYKVM_BUS_E_IO,
+                                                                                                0, 0, 0, 0))]
+    assert _status(c2.frames()) == [{"service": "disk0", "state": "down"}]
+    # a request racing the rescind is failed at once, not held for the restart
+    broker._frame(c2.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 9, 0, blk)[8:])
+    assert _replies(c2.frames()) == [(9, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0))]
+    assert broker.counts["rescinds"] == 1 and broker.counts["failed"] == 1
+    # a client that connects while the service is down learns it at once
+    broker._drop(c2.conn, None)
+    c2 = _Peer(broker, "client2")
+    assert _status(c2.frames()) == [{"service": "disk0", "state": "down"}]
+    # the restarted provider registers: the clients are told to offer it again
+    st = _Peer(broker, "storage")
+    broker._frame(st.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block"})[8:])
+    assert _status(c1.frames()) == [{"service": "disk0", "state": "up"}] == _status(c2.frames())
+    with pytest.raises(wire.WireError, match="registered twice"):
+        broker._frame(st.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block"})[8:])
+
+
+def test_broker_restart_intensity_bounds_restarts_in_a_period(tmp_path):
+    from pykvm.partitions.broker import Broker
+
+    broker = Broker(load_text(tmp_path, GOOD.replace("restarts = 2", "restarts = 10")), tmp_path,
+                    log=lambda m: None, intensity=(2, 3600.0))
+    p = broker.topo.by_name("storage")
+    assert broker._may_restart(p) and broker._may_restart(p) and not broker._may_restart(p)
+    broker.restarted["storage"][0] -= 7200           # the first restart left the period
+    assert broker._may_restart(p)
+    broker.generation["storage"] = 10                # and `restarts` bounds the total
+    broker.restarted["storage"].clear()
+    assert not broker._may_restart(p)
+
+
+@pytest.mark.parametrize("value", ["5", "x/60", "5/0", "1234567890/1", "-1/5"])
+def test_up_refuses_a_bad_restart_intensity(tmp_path, value):
+    p = tmp_path / "t.toml"
+    p.write_text(GOOD)
+    r = pykvm("up", str(p), "--dir", str(tmp_path / "run"), "--restart-intensity", value)
+    assert r.returncode == 2 and "--restart-intensity" in r.stderr.decode()

@@ -182,6 +182,13 @@ def parse(doc: dict) -> Topology:
     for name in per:
         if topo.by_name(name) is None:
             raise TopologyError(f"policy.partition.{name}: no such partition")
+    disks: dict[str, str] = {}
+    for p in parts:                    # two VMMs writing one file would corrupt it
+        if p.disk is not None:
+            key = os.path.realpath(p.disk)
+            if key in disks:
+                raise TopologyError(f"partition {p.name}.disk: {p.disk} is also the disk of {disks[key]}")
+            disks[key] = p.name
     seen = set()
     for p in parts:
         if p.provides is not None:
