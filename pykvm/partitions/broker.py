@@ -244,7 +244,8 @@ class Broker:
             self.counts["failed"] += 1
             if self.conns.get(c.name) is c:
                 self._send(c, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
-        self.log(f"{service}: its provider went away with {len(lost)} requests unanswered; offers rescinded")
+        if not self.stopping:
+            self.log(f"{service}: its provider went away with {len(lost)} requests unanswered; offers rescinded")
 
     def _drop(self, c: _Conn, reason: str | None) -> None:
         try:
