@@ -13,7 +13,6 @@ uint32_t bus_host_nversions;
 int bus_nchannels;
 struct bus_channel bus_channels[BUS_MAX_CHANNELS];
 uint64_t bus_doorbells;
-uint32_t bus_offers_seen;
 
 static uint8_t mgmt_area[2 * MGMT_RING_BYTES] __attribute__((aligned(PAGE)));
 static uint8_t ring_pool[BUS_MAX_CHANNELS][2 * BUS_RING_PAGES * PAGE] __attribute__((aligned(PAGE)));
@@ -178,7 +177,6 @@ static void mgmt_async(const struct pykvm_bus_msg *m)
         for (uint32_t i = 0; i < ch->nversions; i++)
             ch->versions[i] = o->versions[i];
         ch->ring_mem = ring_pool[slot];
-        bus_offers_seen++;
     }
     /* anything else unasked for (a late TORNDOWN, ...) needs nothing */
 }

@@ -55,7 +55,6 @@ extern uint32_t bus_host_nversions;
 extern int bus_nchannels;
 extern struct bus_channel bus_channels[BUS_MAX_CHANNELS];
 extern uint64_t bus_doorbells;       /* doorbells rung (for benchmarks) */
-extern uint32_t bus_offers_seen;     /* offers taken, those of bus_connect included */
 
 /* Use the bus interrupt to wait (installs the handler, enables interrupts). */
 void bus_use_irq(void);
