@@ -343,9 +343,15 @@ if __name__ == "__main__":
 @click.argument("topology", type=click.Path(dir_okay=False))
 @click.option("--dir", "rundir", type=click.Path(file_okay=False), default=None,
               help="Where serial output, control sockets, crash cores and logs go (default: ./up-<topology name>).")
+@click.option("--restart-intensity", "restart_intensity", default="5/60", show_default=True,
+              help="Restarts of one crashed partition allowed per period (N/SECONDS), on top of its `restarts`.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def up(topology, rundir, debug):
+def up(topology, rundir, restart_intensity, debug):
     """Start the partitions of a TOPOLOGY file (TOML), each its own process, and relay between them."""
+    try:
+        intensity = runcmd.parse_intensity(restart_intensity)
+    except runcmd.BadValue as e:
+        raise click.BadParameter(e.args[0], param_hint=e.args[1]) from None
 
     def go():
         from pathlib import Path
@@ -355,7 +361,7 @@ def up(topology, rundir, debug):
 
         topo = topo_mod.load(topology)
         where = Path(rundir) if rundir else Path(f"up-{Path(topology).stem}")
-        broker = Broker(topo, where)
+        broker = Broker(topo, where, intensity=intensity)
         import signal
 
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stop the partitions too (finally below)
@@ -371,8 +377,9 @@ def up(topology, rundir, debug):
             broker.close()
         for p in topo.partitions:
             click.echo(f"partition {p.name}: status {statuses.get(p.name)} (restarts {broker.generation[p.name]})")
-        click.echo(f"pykvm: up: relayed {broker.counts['relayed']} requests, {broker.counts['resent']} held "
-                   f"across a provider's loss, {broker.counts['restarts']} restarts", err=True)
+        click.echo(f"pykvm: up: relayed {broker.counts['relayed']} requests, {broker.counts['rescinds']} provider "
+                   f"losses (offers rescinded, {broker.counts['failed']} requests failed), "
+                   f"{broker.counts['restarts']} restarts", err=True)
         bad = [statuses.get(p.name) for p in topo.partitions if not p.provides and statuses.get(p.name) != 0]
         _leave(bad[0] if bad and isinstance(bad[0], int) and bad[0] > 0 else (1 if bad else 0))
 

@@ -104,18 +104,24 @@ class BadValue(Exception):
 def check_values(exit_port: str, load_addr: str | None, restart_intensity: str, gdb_wait: bool,
                  gdb_spec: str | None) -> tuple[int, int | None, int, float]:
     """(exit port, flat load address, restart intensity, period) checked; BadValue names the problem."""
-    import re
-
     exit_port_n = _int(exit_port)
     if not 0 <= exit_port_n <= 0xFFFC:
         raise BadValue(f"{exit_port} is not an I/O port", "--exit-port")
     flat_addr = _int(load_addr) if load_addr is not None else None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*", restart_intensity)
-    if not m or float(m.group(2)) <= 0:
-        raise BadValue(f"{restart_intensity!r}: expected N/SECONDS, e.g. 5/60", "--restart-intensity")
+    intensity, period = parse_intensity(restart_intensity)
     if gdb_wait and not gdb_spec:
         raise BadValue("needs --gdb", "--gdb-wait")
-    return exit_port_n, flat_addr, int(m.group(1)), float(m.group(2))
+    return exit_port_n, flat_addr, intensity, period
+
+
+def parse_intensity(text: str) -> tuple[int, float]:
+    """(N, SECONDS) of a --restart-intensity value N/SECONDS; BadValue names the problem."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9}(?:\.\d+)?)\s*", text)
+    if not m or float(m.group(2)) <= 0:
+        raise BadValue(f"{text!r}: expected N/SECONDS, e.g. 5/60", "--restart-intensity")
+    return int(m.group(1)), float(m.group(2))
 
 
 def _int(text: str) -> int:

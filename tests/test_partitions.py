@@ -71,6 +71,26 @@ def test_topology_refusals(tmp_path, extra, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_topology_disk_is_checked_and_made_absolute(tmp_path, monkeypatch):
+    img = tmp_path / "store.img"
+    img.write_bytes(bytes(4096))
+    monkeypatch.chdir(tmp_path)
+    t = load_text(tmp_path, GOOD.replace('memory = "16M"', 'memory = "16M"\ndisk = "store.img"'))
+    assert t.by_name("storage").disk == str(img) and t.by_name("client1").disk is None
+    (tmp_path / "small.img").write_bytes(bytes(511))
+    (tmp_path / "dir.img").mkdir()
+    for value, needle in [('"missing.img"', "No such file"), ('"small.img"', "at least 512 bytes"),
+                          ('"dir.img"', "not a regular file"), ('"a,ro"', "without commas"), ('""', "without commas"),
+                          ("7", "expected a string")]:
+        with pytest.raises(errors.TopologyError) as e:
+            load_text(tmp_path, GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = {value}'))
+        assert needle in str(e.value) and "storage.disk" in str(e.value) and "\n" not in str(e.value)
+    two = GOOD.replace('memory = "16M"', 'memory = "16M"\ndisk = "store.img"').replace(
+        'seed=3"', f'seed=3"\ndisk = "{img}"')
+    with pytest.raises(errors.TopologyError, match="client1.disk: .* is also the disk of storage"):
+        load_text(tmp_path, two)
+
+
 def test_topology_not_toml_has_its_own_status(tmp_path):
     p = tmp_path / "t.toml"
     p.write_text("[[partition]\n")
@@ -145,35 +165,55 @@ def test_wire_deeply_nested_json_is_a_wire_error():
             wire.parse_json(body)
 
 
+def _pattern(seed, s):
+    """Sector s of bus-block's write pattern for seed (seed 0: the service's initial disk)."""
+    return bytes((seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512))
+
+
 @pytest.mark.kvm
-def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
-    """One service partition (crashes after 2 requests, restarted), a trusted and an untrusted client."""
+def test_up_service_partition_crashes_mid_run_clients_reopen_and_no_completed_write_is_lost(tmp_path):
+    """A file-backed service partition, a trusted and an untrusted client; the service crashes after 2 writes."""
+    store = tmp_path / "store.img"
+    store.write_bytes(b"".join(_pattern(0, s) for s in range(2048)))
     topo = tmp_path / "topo.toml"
-    topo.write_text(GOOD.replace('memory = "16M"', 'memory = "16M"\ncmdline = "sectors=2048 crash_after=2"'))
+    topo.write_text(GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = "{store}"\n'
+                                 'cmdline = "store=disk crash_after_writes=2"'))
     run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=240)
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
     out, err = r.stdout.decode(), r.stderr.decode()
-    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    logs = {f.name: f.read_text() for f in run.glob("*.log")}
+    serials = {f.name: f.read_text() for f in run.glob("*.serial")}
+    assert r.returncode == 0, (out, err, logs, serials)
     assert f"partition storage: serial {run}/storage.serial, control {run}/storage.sock" in out
     assert "partition client1: status 0" in out and "partition client2: status 0" in out
-    assert "partition storage: status" in out and "(restarts 1)" in out
-    # the service partition crashed alone: its own core, then generation 1 served everyone
-    assert (run / "storage.serial").read_text().endswith("blocksvc: served 2 requests, crashing\n")
+    assert "partition storage: status 0 (restarts 1)" in out
+    # the service partition crashed alone after completing two writes: its own core, then generation 1
+    assert serials["storage.serial"].endswith("blocksvc: served 2 writes, crashing\n")
     assert list((run / "storage-crashes").glob("*.core")), list((run / "storage-crashes").iterdir())
-    assert "serving 2048 sectors, generation 1\n" in (run / "storage.gen1.serial").read_text()
-    c1 = (run / "client1.serial").read_text()
+    assert "serving 2048 sectors of the host's disk, generation 1\n" in serials["storage.gen1.serial"]
+    assert "1 provider losses (offers rescinded" in err
+    # client1 had its offer rescinded mid-run, reopened the new one and read back every sector it wrote
+    c1 = serials["client1.serial"]
     assert "block: 2048 sectors of 512 bytes, read-only 0\n" in c1
+    assert "block: channel rescinded, waiting for a new offer\nblock: reopened, version 1.0\n" in c1
+    assert c1.index("reopened") < c1.index("block: wrote 40 sectors at 100\n")
     assert "block: read back 40 sectors at 100: pattern ok\n" in c1 and c1.endswith("block: done\n")
-    # sectors 0..7 still hold the RAM disk's initial pattern (bus-block seed 0): fnv1a of what we compute here
-    init = b"".join(bytes((s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512)) for s in range(8))
+    assert "its provider went away; offer" in logs["client1.log"] and "served again; offered as channel" in \
+        logs["client1.log"]
     h = 0xcbf29ce484222325
-    for b in init:
+    for b in b"".join(_pattern(0, s) for s in range(8)):
         h = ((h ^ b) * 0x100000001b3) & (2**64 - 1)
     assert f"block: read 8 sectors at 0: fnv1a 0x{h:016x}\n" in c1
-    c2 = (run / "client2.serial").read_text()
+    # the untrusted client: reads served, every write refused by policy (and nothing of it on the disk)
+    c2 = serials["client2.serial"]
     assert "read-only 1\n" in c2 and "block: write refused: read-only\n" in c2 and c2.endswith("block: done\n")
-    assert "refused: client2 may not write to disk0" in (run / "client2.log").read_text()
-    assert "held across a provider's loss" in err
+    assert "refused: client2 may not write to disk0" in logs["client2.log"]
+    # the host file: client1's 40 sectors (two of them completed before the crash), the rest as it was
+    disk = store.read_bytes()
+    assert len(disk) == 2048 * 512
+    for s in range(2048):
+        want = _pattern(3, s) if 100 <= s < 140 else _pattern(0, s)
+        assert disk[s * 512:(s + 1) * 512] == want, f"sector {s}"
 
 
 class _FakeChannel:
@@ -220,3 +260,97 @@ def test_proxy_refuses_a_sector_range_past_2_64():
     session.on_packet(pkt)
     assert svc.link.frames == []
     assert [struct.unpack_from("<I", p)[0] for _t, p, _i in ch.sent] == [abi.PYKVM_BUS_E_INVALID]
+
+
+# ---------------------------------------------------------------- the broker's recovery, without KVM
+class _Peer:
+    """The partition end of a broker connection: frames the broker sent it."""
+
+    def __init__(self, broker, name):
+        import socket
+
+        from pykvm.partitions.broker import _Conn
+
+        a, self.sock = socket.socketpair()
+        self.conn = _Conn(a)
+        self.parser = wire.FrameParser()
+        broker._frame(self.conn, wire.HELLO, wire.json_frame(wire.HELLO, {"name": name})[8:])
+        self.early = self.frames()
+        assert self.early.pop(0)[0] == wire.WELCOME
+
+    def frames(self):
+        self.sock.setblocking(False)
+        out, self.early = getattr(self, "early", []), []
+        try:
+            while True:
+                out += self.parser.feed(self.sock.recv(1 << 16))
+        except BlockingIOError:
+            pass
+        return out
+
+
+def _status(frames):
+    return [wire.parse_json(b) for k, b in frames if k == wire.STATUS]
+
+
+def _replies(frames):
+    return [wire.parse_data(b)[:3] for k, b in frames if k == wire.REPLY]
+
+
+def test_broker_rescinds_before_failing_and_offers_again_on_register(tmp_path):
+    from pykvm import abi
+    from pykvm.partitions.broker import Broker
+
+    broker = Broker(load_text(tmp_path, GOOD), tmp_path, log=lambda m: None)
+    blk = (abi.PYKVM_BLK_OP_WRITE, 0, 100, 1, 0)
+    c1, c2, st = _Peer(broker, "client1"), _Peer(broker, "client2"), _Peer(broker, "storage")
+    # before the provider ever registered, requests are held, not failed
+    broker._frame(c1.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 7, 0, blk, b"a" * 512)[8:])
+    assert c1.frames() == []
+    broker._frame(st.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block"})[8:])
+    (req,) = st.frames()
+    assert req[0] == wire.REQUEST and wire.parse_data(req[1])[2] == blk
+    assert _status(c1.frames()) == [{"service": "disk0", "state": "up"}] == _status(c2.frames())
+    # the provider goes away with that request unanswered: "down" first, then E_IO for it
+    broker._drop(st.conn, None)
+    f1 = c1.frames()
+    assert [k for k, _b in f1] == [wire.STATUS, wire.REPLY]
+    assert _status(f1) == [{"service": "disk0", "state": "down"}] and _replies(f1) == [(7, 0, (abi.PYKVM_BUS_E_IO,
+                                                                                                0, 0, 0, 0))]
+    assert _status(c2.frames()) == [{"service": "disk0", "state": "down"}]
+    # a request racing the rescind is failed at once, not held for the restart
+    broker._frame(c2.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 9, 0, blk)[8:])
+    assert _replies(c2.frames()) == [(9, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0))]
+    assert broker.counts["rescinds"] == 1 and broker.counts["failed"] == 1
+    # a client that connects while the service is down learns it at once
+    broker._drop(c2.conn, None)
+    c2 = _Peer(broker, "client2")
+    assert _status(c2.frames()) == [{"service": "disk0", "state": "down"}]
+    # the restarted provider registers: the clients are told to offer it again
+    st = _Peer(broker, "storage")
+    broker._frame(st.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block"})[8:])
+    assert _status(c1.frames()) == [{"service": "disk0", "state": "up"}] == _status(c2.frames())
+    with pytest.raises(wire.WireError, match="registered twice"):
+        broker._frame(st.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block"})[8:])
+
+
+def test_broker_restart_intensity_bounds_restarts_in_a_period(tmp_path):
+    from pykvm.partitions.broker import Broker
+
+    broker = Broker(load_text(tmp_path, GOOD.replace("restarts = 2", "restarts = 10")), tmp_path,
+                    log=lambda m: None, intensity=(2, 3600.0))
+    p = broker.topo.by_name("storage")
+    assert broker._may_restart(p) and broker._may_restart(p) and not broker._may_restart(p)
+    broker.restarted["storage"][0] -= 7200           # the first restart left the period
+    assert broker._may_restart(p)
+    broker.generation["storage"] = 10                # and `restarts` bounds the total
+    broker.restarted["storage"].clear()
+    assert not broker._may_restart(p)
+
+
+@pytest.mark.parametrize("value", ["5", "x/60", "5/0", "1234567890/1", "-1/5"])
+def test_up_refuses_a_bad_restart_intensity(tmp_path, value):
+    p = tmp_path / "t.toml"
+    p.write_text(GOOD)
+    r = pykvm("up", str(p), "--dir", str(tmp_path / "run"), "--restart-intensity", value)
+    assert r.returncode == 2 and "--restart-intensity" in r.stderr.decode()

@@ -11,6 +11,14 @@
  *   crash=2           instead: write the wcount sectors over and over, requests
  *                     alternating between the patterns of seed and seed + 1,
  *                     until the host stops the VM (run it with --timeout)
+ *   reopen_ms=N       how long to wait for the block service to be offered again
+ *                     after a rescind (default 60000, about; at most 8 reopens)
+ *
+ * Recovery (a disk served by another partition, `pykvm up`): when the root
+ * rescinds the block offer (the service partition went away), the request in
+ * flight never completes; it fails with BUS_ERR_GONE, the driver waits for a
+ * new offer of the block interface, opens it and issues that request again.
+ * A write it saw completed is not written again.
  *
  * Pattern: byte i of sector s is (seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff.
  * The checksum is 64-bit FNV-1a over the bytes read.
@@ -62,6 +70,8 @@ static uint8_t pkt[256] __attribute__((aligned(8)));
 static struct bus_channel *ch;
 static uint64_t next_id = 1;
 static struct pykvm_blk_response last;
+static uint32_t reopen_ms = 60000, reopens;
+#define MAX_REOPENS 8
 
 static uint8_t pattern(uint32_t seed, uint64_t s, uint32_t i)
 {
@@ -93,10 +103,14 @@ static int send_req(uint32_t op, uint64_t sector, uint32_t count, const struct r
     return bus_send_packet(ch, type, PYKVM_VMPKT_FLAG_COMPLETION_REQ, next_id++, bufs, nbufs, &rq, sizeof(rq));
 }
 
-/* Wait for the completion of request `id`; its status, or -1 when none came. */
+#define GONE (-2)
+
+/* Wait for the completion of request `id`; its status, -1 when none came, GONE when rescinded. */
 static int64_t complete(uint64_t id)
 {
     int n = bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull);
+    if (n == BUS_ERR_GONE && ch->rescinded)
+        return GONE;
     if (n <= 0)
         return -1;
     const struct pykvm_vmpacket *d = (const void *)pkt;
@@ -108,12 +122,34 @@ static int64_t complete(uint64_t id)
     return last.status;
 }
 
+/* The block offer was rescinded: wait for the service to be offered again and open it; 0 when open. */
+static int reopen(void)
+{
+    char vb[12];
+    if (reopens >= MAX_REOPENS)
+        return -1;
+    printf("block: channel rescinded, waiting for a new offer\n");
+    ch = bus_wait_offer(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, reopen_ms);
+    uint32_t want[1] = { PYKVM_BLOCK_V1_0 };
+    if (!ch || bus_open(ch, want, 1))
+        return -1;
+    reopens++;
+    printf("block: reopened, version %s\n", bus_version_text(ch->version, vb));
+    return 0;
+}
+
+/* One request and its completion; a request the rescind took is issued again on the reopened channel. */
 static int64_t request(uint32_t op, uint64_t sector, uint32_t count, const struct rt_gpa_buf *bufs, uint32_t nbufs)
 {
-    uint64_t id = next_id;
-    if (send_req(op, sector, count, bufs, nbufs))
-        return -1;
-    return complete(id);
+    for (;;) {
+        uint64_t id = next_id;
+        int r = send_req(op, sector, count, bufs, nbufs);
+        int64_t st = r == BUS_ERR_GONE && ch->rescinded ? GONE : r ? -1 : complete(id);
+        if (st != GONE)
+            return st;
+        if (reopen())
+            return -1;
+    }
 }
 
 static RT_NORETURN void fail(const char *what, int64_t status, uint32_t code)
@@ -235,6 +271,7 @@ void kmain(struct pykvm_boot_info *bi)
     uint32_t rcount = (uint32_t)arg_u64(cmd, "rcount", 8), wcount = (uint32_t)arg_u64(cmd, "wcount", 24);
     uint32_t seed = (uint32_t)arg_u64(cmd, "seed", 1);
     uint32_t crash = (uint32_t)arg_u64(cmd, "crash", 0);
+    reopen_ms = (uint32_t)arg_u64(cmd, "reopen_ms", 60000);
     if (rcount > MAX_RW)
         rcount = MAX_RW;
     if (wcount > (crash ? MAX_CRASH : MAX_RW))

@@ -1,7 +1,8 @@
 /*
  * bus-blocksvc: a service partition's guest. It serves the block-storage
  * interface (PYKVM_BUS_IF_BLOCK_*) to other partitions through the root's
- * provider channel (pykvm_abi.h "provider v1.0"), over a RAM disk it owns.
+ * provider channel (pykvm_abi.h "provider v1.0"), over a RAM disk it owns or,
+ * with store=disk, over the host's block service (its partition's `disk`).
  * Clients use it with the same driver they use against the host's block
  * service; they cannot tell which partition serves them.
  *
@@ -10,7 +11,14 @@
  *   crash_after=N    dereference NULL after serving N requests, but only when
  *                    generation=0 (the root appends generation=K to a restarted
  *                    partition's command line, so a restart does not crash again)
+ *   crash_after_writes=N  the same, after completing N writes (generation 0 only)
  *   ro=1             a read-only disk (writes answered PYKVM_BUS_E_READ_ONLY)
+ *   store=disk       serve the host's block service's disk (`disk = FILE` in the
+ *                    topology, `--disk FILE`) instead of a RAM disk: every read and
+ *                    write goes to the host first, and a client's write is completed
+ *                    only after the host completed it (a FLUSH after the host flushed),
+ *                    so a write a client saw completed survives this partition's
+ *                    crash; a restarted generation serves the same file
  *
  * The RAM disk starts with sector s byte i = (s * 151 + i * 7 + (i >> 8)) & 0xff,
  * the pattern of bus-block with seed 0, so reads before any write are checkable.
@@ -21,8 +29,11 @@
  *   on crash_after: "blocksvc: served N requests, crashing\n" then #PF at 0 (status 16)
  *   on a rescind or unload of the provider channel: "blocksvc: provider channel gone\n"
  *     then power-off (status 0)
+ *   with store=disk the serving line is "blocksvc: serving S sectors of the host's
+ *   disk, generation G\n"
  * Failures: exit 2 connect refused, 3 no provider offer (the topology gives the
- * partition nothing to provide), 4 open or register refused, 5 the ring broke.
+ * partition nothing to provide), 4 open or register refused, 5 the ring broke,
+ * 6 store=disk without a host block offer, or the host's block service failed.
  */
 #include "rt.h"
 #include "bus.h"
@@ -34,19 +45,55 @@
 static uint8_t disk[MAX_SECTORS * SECTOR] __attribute__((aligned(4096)));
 static uint8_t pkt[MAX_DATA + 256] __attribute__((aligned(8)));
 static uint8_t reply[MAX_DATA + sizeof(struct pykvm_blk_response)] __attribute__((aligned(8)));
+static uint8_t hpkt[256] __attribute__((aligned(8)));
+static struct bus_channel *host_disk;     /* store=disk: the host's block service */
+static uint64_t host_id = 1;
+
+/* One request to the host's block service, data in buf (GPA-direct); its response, or status E_IO. */
+static struct pykvm_blk_response host_io(uint32_t op, uint64_t sector, uint32_t count, void *buf)
+{
+    struct pykvm_blk_response rs = { .status = PYKVM_BUS_E_IO };
+    struct pykvm_blk_request rq = { .op = op, .sector = sector, .count = count };
+    struct rt_gpa_buf b = { .addr = va_to_pa(buf), .len = count * SECTOR };
+    uint64_t id = host_id++;
+    if (bus_send_packet(host_disk, count ? PYKVM_VMPKT_DATA_GPA_DIRECT : PYKVM_VMPKT_DATA_INBAND,
+                        PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, &b, count ? 1 : 0, &rq, sizeof(rq)))
+        return rs;
+    int n = bus_recv_wait(host_disk, hpkt, sizeof(hpkt), 2000000000ull);
+    const struct pykvm_vmpacket *d = (const void *)hpkt;
+    uint32_t len;
+    const void *p = bus_payload(hpkt, &len);
+    if (n > 0 && d->type == PYKVM_VMPKT_COMP && d->trans_id == id && len >= sizeof(rs))
+        memcpy(&rs, p, sizeof(rs));
+    return rs;
+}
+
+static RT_NORETURN void crash(const char *what, uint64_t n)
+{
+    printf("blocksvc: served %llu %s, crashing\n", (unsigned long long)n, what);
+    page_unmap(0);
+    volatile uint8_t *null = 0;
+    __asm__("" : "+r"(null));
+    (void)*null;
+    exit_code(5);
+}
 
 void kmain(struct pykvm_boot_info *bi)
 {
     const char *cmd = bootinfo_cmdline(bi);
     uint64_t sectors = arg_u64(cmd, "sectors", 2048);
     uint64_t crash_after = arg_u64(cmd, "crash_after", 0);
+    uint64_t crash_after_writes = arg_u64(cmd, "crash_after_writes", 0);
+    char store[8];
+    int store_disk = arg_str(cmd, "store", store, sizeof(store)) && !strcmp(store, "disk");
     uint64_t generation = arg_u64(cmd, "generation", 0);
     int ro = arg_u64(cmd, "ro", 0) != 0;
     if (sectors < 1 || sectors > MAX_SECTORS)
         sectors = MAX_SECTORS;
-    for (uint64_t s = 0; s < sectors; s++)
-        for (uint32_t i = 0; i < SECTOR; i++)
-            disk[s * SECTOR + i] = (uint8_t)(s * 151 + i * 7 + (i >> 8));
+    if (!store_disk)
+        for (uint64_t s = 0; s < sectors; s++)
+            for (uint32_t i = 0; i < SECTOR; i++)
+                disk[s * SECTOR + i] = (uint8_t)(s * 151 + i * 7 + (i >> 8));
 
     bus_use_irq();
     uint32_t busv[1] = { PYKVM_BUS_VERSION_1_0 };
@@ -61,6 +108,21 @@ void kmain(struct pykvm_boot_info *bi)
         printf("blocksvc: no provider offer\n");
         exit_code(3);
     }
+    if (store_disk) {
+        uint32_t bwant[1] = { PYKVM_BLOCK_V1_0 };
+        host_disk = bus_find(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI);
+        if (!host_disk || bus_open(host_disk, bwant, 1)) {
+            printf("blocksvc: store=disk needs the host's block service (topology: disk = FILE)\n");
+            exit_code(6);
+        }
+        struct pykvm_blk_response info = host_io(PYKVM_BLK_OP_INFO, 0, 0, 0);
+        if (info.status != PYKVM_BUS_OK || info.sector_size != SECTOR || !info.capacity) {
+            printf("blocksvc: the host's disk: %s\n", bus_status_text(info.status));
+            exit_code(6);
+        }
+        sectors = info.capacity;
+        ro = ro || (info.flags & PYKVM_BLK_FLAG_READ_ONLY);
+    }
     uint32_t want[1] = { PYKVM_PROVIDER_V1_0 };
     if (bus_open(ch, want, 1)) {
         printf("blocksvc: open refused: %s\n", bus_status_text(bus_last_status));
@@ -72,10 +134,10 @@ void kmain(struct pykvm_boot_info *bi)
         printf("blocksvc: register failed\n");
         exit_code(4);
     }
-    printf("blocksvc: serving %llu sectors, generation %llu\n", (unsigned long long)sectors,
-           (unsigned long long)generation);
+    printf("blocksvc: serving %llu sectors%s, generation %llu\n", (unsigned long long)sectors,
+           store_disk ? " of the host's disk" : "", (unsigned long long)generation);
 
-    uint64_t served = 0;
+    uint64_t served = 0, writes = 0;
     for (;;) {
         /* one wait at a time, then the management ring: a rescind must not wait for 1024 wakeups */
         int n = bus_recv_wait(ch, pkt, sizeof(pkt), 1);
@@ -107,19 +169,30 @@ void kmain(struct pykvm_boot_info *bi)
             uint32_t data = len - (uint32_t)sizeof(rq);
             int in_range = rq.count >= 1 && rq.count <= PYKVM_PROVIDER_MAX_SECTORS && rq.sector < sectors &&
                            rq.count <= sectors - rq.sector;
-            if (rq.op == PYKVM_BLK_OP_INFO || rq.op == PYKVM_BLK_OP_FLUSH) {
+            if (rq.op == PYKVM_BLK_OP_INFO) {
                 rs->status = PYKVM_BUS_OK;
+            } else if (rq.op == PYKVM_BLK_OP_FLUSH) {
+                rs->status = store_disk ? host_io(PYKVM_BLK_OP_FLUSH, 0, 0, 0).status : PYKVM_BUS_OK;
             } else if (rq.op == PYKVM_BLK_OP_READ && in_range) {
-                out = rq.count * SECTOR;
-                memcpy(reply + sizeof(*rs), disk + rq.sector * SECTOR, out);
-                rs->status = PYKVM_BUS_OK;
+                if (store_disk) {
+                    rs->status = host_io(PYKVM_BLK_OP_READ, rq.sector, rq.count, reply + sizeof(*rs)).status;
+                } else {
+                    memcpy(reply + sizeof(*rs), disk + rq.sector * SECTOR, rq.count * SECTOR);
+                    rs->status = PYKVM_BUS_OK;
+                }
+                out = rs->status == PYKVM_BUS_OK ? rq.count * SECTOR : 0;
             } else if (rq.op == PYKVM_BLK_OP_WRITE && in_range && data >= rq.count * SECTOR) {
                 if (ro) {
                     rs->status = PYKVM_BUS_E_READ_ONLY;
+                } else if (store_disk) {
+                    /* the data stays in pkt: the host copies it out before it completes */
+                    rs->status = host_io(PYKVM_BLK_OP_WRITE, rq.sector, rq.count, (uint8_t *)p + sizeof(rq)).status;
                 } else {
                     memcpy(disk + rq.sector * SECTOR, p + sizeof(rq), rq.count * SECTOR);
                     rs->status = PYKVM_BUS_OK;
                 }
+                if (rs->status == PYKVM_BUS_OK)
+                    writes++;
             }
         }
         if (bus_send_packet(ch, PYKVM_VMPKT_COMP, 0, d->trans_id, 0, 0, reply, (uint32_t)sizeof(*rs) + out)) {
@@ -127,12 +200,9 @@ void kmain(struct pykvm_boot_info *bi)
             exit_code(5);
         }
         served++;
-        if (crash_after && generation == 0 && served == crash_after) {
-            printf("blocksvc: served %llu requests, crashing\n", (unsigned long long)served);
-            page_unmap(0);
-            volatile uint8_t *null = 0;
-            __asm__("" : "+r"(null));
-            (void)*null;
-        }
+        if (crash_after && generation == 0 && served == crash_after)
+            crash("requests", served);
+        if (crash_after_writes && generation == 0 && writes == crash_after_writes)
+            crash("writes", writes);
     }
 }

@@ -600,7 +600,22 @@ struct pykvm_blk_response {
  * guest answers each with a completion (same trans_id) whose payload is a
  * pykvm_blk_response followed by the read data. Data moves by copy through the
  * root; one relayed request carries at most PYKVM_PROVIDER_MAX_SECTORS sectors
- * (the root splits a client's larger request). */
+ * (the root splits a client's larger request).
+ *
+ * Recovery: when a service partition that served stops (crash, stop, broken
+ * link), the root RESCINDs the proxied offer in every client partition before
+ * anything else. Requests outstanding on the rescinded channel FAIL: they never
+ * complete (the channel's rings are no longer read or written), the driver
+ * tears down the GPADL, releases the relid and reports BUS_ERR_GONE; a write it
+ * did not see completed may or may not be on the disk, so the driver issues it
+ * again after reopening. When the restarted service partition registers, the
+ * root sends a new OFFER of the same interface and instance with a relid never
+ * used before (a late CLOSE or RELID_RELEASED names the old channel only); the
+ * driver opens it like any offer. A write a client saw completed is not lost
+ * across the restart when the service writes through to a host file before it
+ * completes (bus-blocksvc store=disk). A guest that ignores the rescind only
+ * gets refusals for the old relid; old relids it never releases are forgotten
+ * past 16, and re-offers stop at relid 255. */
 #define PYKVM_PROVIDER_V1_0 0x10000
 #define PYKVM_PROVIDER_MAX_SECTORS 16
 

@@ -153,10 +153,19 @@ static void mgmt_async(const struct pykvm_bus_msg *m)
             ch->closed_reason = r->reason;
             ch->open = 0;
         }
-    } else if (m->type == PYKVM_BUS_MSG_OFFER && m->size >= sizeof(struct pykvm_bus_offer)
-               && bus_nchannels < BUS_MAX_CHANNELS) {
+    } else if (m->type == PYKVM_BUS_MSG_OFFER && m->size >= sizeof(struct pykvm_bus_offer)) {
+        /* an offer while running (a service offered again after a rescind) takes the slot of
+         * a rescinded channel whose GPADL is gone, so its ring pages are free again */
         const struct pykvm_bus_offer *o = body;
-        struct bus_channel *ch = &bus_channels[bus_nchannels];
+        int slot = -1;
+        for (int i = 0; i < bus_nchannels && slot < 0; i++)
+            if (bus_channels[i].rescinded && !bus_channels[i].gpadl)
+                slot = i;
+        if (slot < 0 && bus_nchannels < BUS_MAX_CHANNELS)
+            slot = bus_nchannels++;
+        if (slot < 0 || by_relid(o->relid))
+            return;                 /* no room, or a relid we hold: ignore it */
+        struct bus_channel *ch = &bus_channels[slot];
         memset(ch, 0, sizeof(*ch));
         ch->relid = o->relid;
         ch->if_lo = o->interface_lo;
@@ -167,8 +176,7 @@ static void mgmt_async(const struct pykvm_bus_msg *m)
                                                                            : PYKVM_BUS_MAX_SERVICE_VERSIONS;
         for (uint32_t i = 0; i < ch->nversions; i++)
             ch->versions[i] = o->versions[i];
-        ch->ring_mem = ring_pool[bus_nchannels];
-        bus_nchannels++;
+        ch->ring_mem = ring_pool[slot];
     }
     /* anything else unasked for (a late TORNDOWN, ...) needs nothing */
 }
@@ -408,9 +416,10 @@ int bus_recv_wait(struct bus_channel *ch, void *buf, uint32_t max, uint64_t spin
         int n = bus_recv(ch, buf, max);
         if (n)
             return n;
-        if ((i & 1023) == 1023 && bus_poll() < 0)
+        /* with interrupts every wake may be the management ring's (a rescind): look at once */
+        if ((use_irq || (i & 1023) == 1023) && bus_poll() < 0)
             return BUS_ERR_IO;
-        if (use_irq)
+        if (use_irq && ch->open)
             bus_irq_wait(seen);
         else
             cpu_relax();
@@ -436,4 +445,22 @@ int bus_take_xfer(struct bus_channel *ch, const void *pkt, void *dst, uint32_t m
     }
     int rc = bus_send_packet(ch, PYKVM_VMPKT_COMP, 0, d->trans_id, 0, 0, 0, 0);
     return rc ? rc : (int)done;
+}
+
+struct bus_channel *bus_wait_offer(uint64_t if_lo, uint64_t if_hi, uint32_t ms)
+{
+    if (!use_irq)
+        bus_use_irq();      /* wait halted, not spinning: the restarting partition needs the CPU */
+    for (uint32_t i = 0; i <= ms; i++) {
+        uint32_t seen = bus_irq_count;
+        if (bus_poll() < 0)
+            break;
+        struct bus_channel *ch = bus_find(if_lo, if_hi);
+        if (ch || !bus_connected())
+            return ch;
+        lapic_timer_oneshot(PYKVM_BUS_VECTOR, 1000000);   /* about 1 ms at KVM's 1 GHz APIC bus */
+        bus_irq_wait(seen);
+    }
+    lapic_timer_stop();
+    return 0;
 }

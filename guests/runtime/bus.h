@@ -11,7 +11,8 @@
  * Asynchronous host messages (RESCIND, CLOSED) are taken whenever the driver
  * reads the management ring: the channel is marked (rescinded / closed_by_host)
  * and its calls fail with BUS_ERR_GONE; a rescinded channel's GPADL is torn
- * down and its relid released.
+ * down and its relid released. An OFFER that comes later (the service offered
+ * again) takes a rescinded channel's slot: bus_find / bus_wait_offer find it.
  */
 #ifndef RT_BUS_H
 #define RT_BUS_H
@@ -91,7 +92,13 @@ const void *bus_payload(const void *pkt, uint32_t *len);
  * from the channel's transfer page set into dst, then complete the packet's
  * transaction so the host can reuse the pages; the bytes copied, or < 0. */
 int bus_take_xfer(struct bus_channel *ch, const void *pkt, void *dst, uint32_t max);
-/* Read pending management messages (rescinds, closes); returns how many. */
+/* Wait up to about `ms` milliseconds (halted, bus interrupts enabled) for an offer
+ * of the interface that is not rescinded: after a RESCIND the host may offer the
+ * service again, under a new relid, when its provider is back (several partitions,
+ * pykvm_abi.h "recovery"). The channel (to bus_open again), or 0 when none came or
+ * the host disconnected this guest. */
+struct bus_channel *bus_wait_offer(uint64_t if_lo, uint64_t if_hi, uint32_t ms);
+/* Read pending management messages (rescinds, closes, new offers); returns how many. */
 int bus_poll(void);
 const char *bus_status_text(uint32_t status);
 /* "1.1" for 0x10001 into buf (>= 12 bytes). */

@@ -45,6 +45,7 @@ class Channel:
         self.wakes = 0
         self.opens = 0
         self.closed_reason: str | None = None
+        self.released = False           # the guest released the relid after a rescind
 
     # ---------------------------------------------------------------- open / close
     def open(self, view, inbound_offset: int, irq, version: int, xfer=None) -> None:

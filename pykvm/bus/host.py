@@ -28,6 +28,8 @@ from .transfer import TransferPageSet
 PAGE = 4096
 MGMT_RING_PAGES = 1 + abi.PYKVM_BUS_MGMT_DATA_PAGES
 SUPPORTED_VERSIONS = (abi.PYKVM_BUS_VERSION_1_0,)   # newest first
+MAX_RELID = 255            # re-offers take fresh relids; past this one the service stays rescinded
+MAX_RETIRED = 16           # superseded channels kept until their guest releases them (one that never does)
 
 
 @dataclass
@@ -78,6 +80,8 @@ class BusHost:
         self.channels: dict[int, Channel] = {}
         for relid, svc in enumerate(services, start=1):
             self.channels[relid] = Channel(self, relid, svc, (relid, int.from_bytes(os.urandom(8), "little")))
+        self._next_relid = len(self.channels) + 1     # never reused: a late message names one channel only
+        self._retired: list[int] = []       # rescinded relids a re-offer superseded, oldest first
         self.violations = 0                 # over the VM's life
         self._conn_violations = 0           # since the guest last connected: what the disconnect limit counts
         self.refusals: list[str] = []       # the last reasons, newest last
@@ -392,6 +396,9 @@ class BusHost:
         if ch is None or ch.state != "rescinded":
             return self._violation(f"release of channel {msg.relid}, which was not rescinded")
         ch.released = True
+        if msg.relid in self._retired:      # its service lives on under a newer relid: forget this one
+            self._retired.remove(msg.relid)
+            del self.channels[msg.relid]
 
     def _unload(self, _msg) -> None:
         self._send(M.simple("unload_response"))
@@ -410,6 +417,34 @@ class BusHost:
             ch.state = "rescinded"
             if self.state == "contact":
                 self._send(M.relid_msg("rescind", relid))
+
+    def reoffer(self, relid: int) -> int:
+        """Offer a rescinded channel's service again, as a fresh offer with a new relid; that relid.
+
+        The VMBus model: a rescind, then a new offer. The new relid is never one used before,
+        so a guest's late CLOSE or RELID_RELEASED of the old channel cannot touch the new one.
+        ValueError when relid is not rescinded or the relids are used up.
+        """
+        with self.lock:
+            old = self.channels.get(relid)
+            if old is None or old.state != "rescinded":
+                raise ValueError(f"channel {relid} is not rescinded")
+            if self._next_relid > MAX_RELID:
+                raise ValueError(f"no relid left to offer {old.service.name} again (at most {MAX_RELID})")
+            new = self._next_relid
+            self._next_relid += 1
+            ch = Channel(self, new, old.service, old.instance)
+            ch.opens = old.opens
+            self.channels[new] = ch
+            if getattr(old, "released", False):
+                del self.channels[relid]
+            else:                           # kept until released; a guest that never releases loses the oldest
+                self._retired.append(relid)
+                while len(self._retired) > MAX_RETIRED:
+                    self.channels.pop(self._retired.pop(0), None)
+            if self.state == "contact":
+                self._send(M.offer(new, ch.service.interface, ch.instance, ch.service.versions))
+            return new
 
     def session(self, service_name: str):
         """The open session of the first channel of a service, or None."""

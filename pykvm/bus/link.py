@@ -3,9 +3,13 @@
 Connected during set-up (before the sandbox: no connect afterwards), with a synchronous
 HELLO/WELCOME that tells the partition its name, trust, the services it uses and
 provides, and its policy. Then one thread reads frames: replies to this partition's
-client requests, and requests for the service its guest provides. Callbacks run with the
-bus lock held, as bus-thread code does. When the broker goes away, client requests in
-flight fail with PYKVM_BUS_E_IO and a provider channel is rescinded (its guest stops).
+client requests, requests for the service its guest provides, and the state of the
+services this partition uses: when a service's provider goes away the broker says
+"down" and the proxied offer is rescinded in this partition's guest; when a restarted
+provider registers, "up", and the service is offered again under a fresh relid (the
+guest reopens it). Callbacks run with the bus lock held, as bus-thread code does. When
+the broker goes away, client requests in flight fail with PYKVM_BUS_E_IO and a provider
+channel is rescinded (its guest stops).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class PartitionLink:
         self._pending: dict[int, object] = {}     # tag -> callback(resp, data), client side
         self.provider = None                      # ProviderSession while the guest serves
         self.closed = False
-        self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0}
+        self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0}
         self._thread = None
 
     @classmethod
@@ -154,7 +158,36 @@ class PartitionLink:
                     self._send(wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
                     return
                 self.provider.submit(tag, blk, data)
-        # STATUS and anything else informational: nothing to do here
+        elif kind == wire.STATUS:
+            obj = wire.parse_json(body)
+            service, state = obj.get("service"), obj.get("state")
+            uses = self.welcome.get("uses") or []
+            if service not in uses or state not in ("down", "up"):
+                raise wire.WireError(f"status {obj!r}: expected a service this partition uses, down or up")
+            with self.bus.lock:
+                self.service_state(service, state)
+        # anything else informational: nothing to do here
+
+    def service_state(self, service: str, state: str) -> None:
+        """The provider of service went down (rescind its proxied offer) or serves again (offer it anew)."""
+        bus = self.bus
+        current = {}                              # the proxy service object -> its newest channel
+        for relid, ch in bus.channels.items():
+            if getattr(ch.service, "target", None) == service and getattr(ch.service, "link", None) is self:
+                if ch.service not in current or relid > current[ch.service].relid:
+                    current[ch.service] = ch
+        for ch in current.values():
+            try:
+                if state == "down" and ch.state != "rescinded":
+                    bus.rescind(ch.relid)
+                    self.counts["rescinds"] += 1
+                    self.log(f"{service}: its provider went away; offer {ch.relid} rescinded")
+                elif state == "up" and ch.state == "rescinded":
+                    new = bus.reoffer(ch.relid)
+                    self.counts["reoffers"] += 1
+                    self.log(f"{service}: served again; offered as channel {new}")
+            except ValueError as e:
+                self.log(f"{service}: {e}")
 
     def _broker_gone(self) -> None:
         self.closed = True

@@ -5,11 +5,19 @@ control socket, own crash directory), so a partition that crashes writes its own
 stops alone. The broker process runs no guest code: it starts the partitions with
 PYKVM_PARTITION=NAME@SOCKET, welcomes each on its unix socket with what the topology gives
 it, and relays block requests from clients to the partition providing the service, by
-copy. While a provider is down (crashed, restarting, not yet registered) its requests
-are held, in order, and sent again once it registers: a client sees a slow request, never
-a lost or doubled completion. A crashed partition is started again up to its `restarts`
-(the command line gets generation=K); once every client partition has ended, the broker
-closes the providers' links, their provider channels are rescinded and they power off.
+copy.
+
+Recovery: requests sent before a provider first registers are held (bounded) and sent
+once it does. When a provider that served goes away (crashed, stopped, its link broke),
+every client using the service is told "down" first (its root rescinds the proxied
+offer), then every request of that service not yet answered is answered
+PYKVM_BUS_E_IO (the client's root drops those answers: its channel is gone, and the
+client's driver re-issues what it did not see completed). A crashed partition is
+started again up to its `restarts`, and at most `intensity` times in `period` seconds
+(`pykvm up --restart-intensity N/SECONDS`; the command line gets generation=K); when it
+registers, the clients are told "up" and their roots offer the service anew. Once
+every client partition has ended, the broker closes the providers' links, their
+provider channels are rescinded and they power off.
 """
 
 from __future__ import annotations
@@ -44,8 +52,10 @@ class _Conn:
 class Broker:
     """Owns the partitions of a topology and the relay between them."""
 
-    def __init__(self, topo, rundir: Path, log=None):
+    def __init__(self, topo, rundir: Path, log=None, intensity: tuple[int, float] = (5, 60.0)):
         self.topo = topo
+        self.intensity, self.period = intensity
+        self.restarted: dict[str, deque] = {p.name: deque() for p in topo.partitions}   # restart times
         self.rundir = Path(rundir)
         self.log = log or (lambda msg: print(f"pykvm: up: {msg}", file=sys.stderr))
         self.sel = selectors.DefaultSelector()
@@ -57,8 +67,9 @@ class Broker:
         self.providers: dict[str, _Conn] = {}              # service -> the registered provider's connection
         self.held: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
         self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, frame body)
+        self.served: set[str] = set()                       # services whose provider registered at least once
         self.tags = itertools.count(1)
-        self.counts = {"relayed": 0, "replies": 0, "held": 0, "resent": 0, "restarts": 0, "refused": 0}
+        self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0}
         self.stopping = False
 
     # ---------------------------------------------------------------- partitions
@@ -76,6 +87,8 @@ class Broker:
         argv = [sys.executable, "-m", "pykvm", "run", p.kernel, "--mem", str(p.memory >> 10) + "K",
                 "--cpus", str(p.cpus), "--cmdline", cmdline, "--serial", str(f["serial"]),
                 "--control", str(f["control"]), "--crash-dir", str(f["crashes"]), "--trust", p.trust]
+        if p.disk:
+            argv += ["--disk", p.disk]
         env = dict(os.environ, PYKVM_PARTITION=f"{p.name}@{self.path}")
         with open(f["log"], "wb") as log:
             self.procs[p.name] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -153,6 +166,9 @@ class Broker:
             self._send(c, wire.json_frame(wire.WELCOME, {
                 "name": p.name, "trust": p.trust, "uses": list(p.uses), "provides": p.provides,
                 "rules": asdict(p.rules), "generation": self.generation[p.name]}))
+            for service in p.uses:             # a client (re)starting while its service is down
+                if service in self.served and service not in self.providers:
+                    self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": "down"}))
             return
         p = self.topo.by_name(c.name)
         if kind == wire.REGISTER:
@@ -160,9 +176,13 @@ class Broker:
             if p.provides is None or obj.get("interface") != "block":
                 raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
                                      "does not provide")
+            if self.providers.get(p.provides) is c:
+                raise wire.WireError(f"{p.name} registered twice")
             self.providers[p.provides] = c
+            self.served.add(p.provides)
             self.log(f"{p.name} serves {p.provides} (generation {self.generation[p.name]})")
             self._flush(p.provides)
+            self._tell_clients(p.provides, "up")
         elif kind == wire.STATUS:
             if p.provides and self.providers.get(p.provides) is c and wire.parse_json(body).get("provider") == "down":
                 self._provider_lost(p.provides)
@@ -172,7 +192,8 @@ class Broker:
                 raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
             service = p.uses[index]
             q = self.held[service]
-            if len(q) >= MAX_HELD:
+            if (service in self.served and service not in self.providers) or len(q) >= MAX_HELD:
+                # down after serving: the client's offer is (being) rescinded; it re-issues after the re-offer
                 self.counts["refused"] += 1
                 return self._send(c, wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
             q.append((c, tag, body))
@@ -203,16 +224,28 @@ class Broker:
             self.counts["relayed"] += 1
             self._send(prov, wire.frame(wire.REQUEST, wire.TAG.pack(btag, 0) + body[wire.TAG.size:]))
 
+    def _tell_clients(self, service: str, state: str) -> None:
+        """Send STATUS {service, state} to every connected partition that uses service."""
+        for p in self.topo.partitions:
+            c = self.conns.get(p.name)
+            if c is not None and service in p.uses:
+                self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": state}))
+
     def _provider_lost(self, service: str) -> None:
-        """The provider of service stopped serving: hold what it had not answered, oldest first."""
-        self.providers.pop(service, None)
-        back = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
-        for t, (_s, c, ctag, body) in reversed(back):
+        """The provider of service stopped serving: clients rescind it first, then its open requests fail."""
+        if self.providers.pop(service, None) is None:
+            return
+        if not self.stopping:                 # at the end the providers are closed on purpose
+            self.counts["rescinds"] += 1
+        self._tell_clients(service, "down")
+        lost = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
+        for t, (_s, c, ctag, _body) in lost:
             del self.inflight[t]
-            self.held[service].appendleft((c, ctag, body))
-            self.counts["resent"] += 1
-        if back:
-            self.log(f"{service}: its provider went away with {len(back)} requests unanswered; holding them")
+            self.counts["failed"] += 1
+            if self.conns.get(c.name) is c:
+                self._send(c, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+        if not self.stopping:
+            self.log(f"{service}: its provider went away with {len(lost)} requests unanswered; offers rescinded")
 
     def _drop(self, c: _Conn, reason: str | None) -> None:
         try:
@@ -239,7 +272,7 @@ class Broker:
             if c is not None:
                 self._drop(c, None)
             self.status[name] = rc
-            if rc != 0 and not self.stopping and self.generation[name] < p.restarts:
+            if rc != 0 and not self.stopping and self._may_restart(p):
                 self.generation[name] += 1
                 self.counts["restarts"] += 1
                 self.log(f"{name} ended with status {rc}; restart {self.generation[name]} of {p.restarts}")
@@ -251,6 +284,19 @@ class Broker:
         clients = [p.name for p in self.topo.partitions if not p.provides]
         if not self.stopping and clients and not any(n in self.procs for n in clients):
             self._stop_providers()
+
+    def _may_restart(self, p) -> bool:
+        """Whether crashed partition p is within its `restarts` and the restart intensity (then counted)."""
+        if self.generation[p.name] >= p.restarts:
+            return False
+        now, times = time.monotonic(), self.restarted[p.name]
+        while times and now - times[0] > self.period:
+            times.popleft()
+        if len(times) >= self.intensity:
+            self.log(f"{p.name}: {len(times)} restarts within {self.period:g} s; not restarting it again")
+            return False
+        times.append(now)
+        return True
 
     def _fail_held(self, service: str) -> None:
         """The provider of service is gone for good: answer everything held for it with PYKVM_BUS_E_IO."""

@@ -10,6 +10,9 @@
     provides = "disk0"            # at most one service, served by the guest (block)
     uses = ["disk0"]              # services of other partitions this one's guest sees
     restarts = 3                  # times a crashed partition is started again, default 0
+    disk = "store.img"            # a raw host file served to this partition by the host's block
+                                  # service (its `--disk`); an existing regular file of at least
+                                  # one sector, no comma; relative to the current directory
 
     [policy.trusted]              # overrides of the trusted defaults (bus/policy.py Rules)
     [policy.untrusted]            # overrides of the conservative untrusted defaults
@@ -21,7 +24,9 @@ duplicate name, a service used but provided by no partition: TopologyError namin
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 
@@ -31,7 +36,7 @@ from ..units import parse_size
 
 NAME = re.compile(r"[a-z0-9_-]{1,32}")
 MAX_PARTITIONS = 16
-_KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts"}
+_KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts", "disk"}
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Partition:
     provides: str | None = None
     uses: tuple[str, ...] = ()
     restarts: int = 0
+    disk: str | None = None         # absolute path of the host file given as --disk
     rules: Rules = field(default_factory=Rules)
 
 
@@ -91,6 +97,20 @@ def _int(value, where: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise TopologyError(f"{where}: expected an integer in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def _disk(value, where: str) -> str:
+    """The absolute path of a partition's disk file, checked to be a regular file of a sector or more."""
+    path = _str(value, where)
+    if not path or "," in path or "\0" in path or len(path) > 4096:
+        raise TopologyError(f"{where}: expected a file path without commas, got {value!r}")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TopologyError(f"{where}: {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size < 512:
+        raise TopologyError(f"{where}: {path} is not a regular file of at least 512 bytes")
+    return os.path.abspath(path)
 
 
 def parse(doc: dict) -> Topology:
@@ -156,11 +176,19 @@ def parse(doc: dict) -> Topology:
                                cpus=_int(e.get("cpus", 1), f"{where}.cpus", 1, 16),
                                cmdline=_str(e.get("cmdline", ""), f"{where}.cmdline"), trust=trust,
                                provides=provides, uses=uses,
-                               restarts=_int(e.get("restarts", 0), f"{where}.restarts", 0, 100), rules=rules))
+                               restarts=_int(e.get("restarts", 0), f"{where}.restarts", 0, 100),
+                               disk=_disk(e["disk"], f"{where}.disk") if "disk" in e else None, rules=rules))
     topo = Topology(parts)
     for name in per:
         if topo.by_name(name) is None:
             raise TopologyError(f"policy.partition.{name}: no such partition")
+    disks: dict[str, str] = {}
+    for p in parts:                    # two VMMs writing one file would corrupt it
+        if p.disk is not None:
+            key = os.path.realpath(p.disk)
+            if key in disks:
+                raise TopologyError(f"partition {p.name}.disk: {p.disk} is also the disk of {disks[key]}")
+            disks[key] = p.name
     seen = set()
     for p in parts:
         if p.provides is not None:

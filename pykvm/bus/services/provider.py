@@ -5,7 +5,8 @@ root then hands it relayed client requests (submit(), from the partition link's 
 under the bus lock) one at a time, and passes each completion back to the broker. The
 guest is untrusted like any other: a completion for a transaction that is not
 outstanding, a reply of the wrong length or a registration for an interface the root
-does not relay closes the channel (the broker then holds the requests for a restart).
+does not relay closes the channel (the broker then rescinds the clients' offers and
+fails the requests this partition had not answered).
 """
 
 from __future__ import annotations

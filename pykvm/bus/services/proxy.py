@@ -7,8 +7,9 @@ size, rate), copied out of the client's GPA-direct buffers, split into relayed r
 at most PYKVM_PROVIDER_MAX_SECTORS sectors and sent to the broker over the partition link.
 Replies arrive on the link thread (under the bus lock): read data is copied into the
 client's buffers and the client gets one completion when every piece is answered.
-While the service partition is down the broker holds the requests, so a client sees a
-slow request, never a lost one.
+When the service partition goes away the link rescinds this offer (its requests in
+flight fail: replies that come later are dropped) and offers it again, under a new
+relid, once a restarted service partition registers (see bus/link.py, broker.py).
 """
 
 from __future__ import annotations
