@@ -11,6 +11,14 @@
  *                    generation=0 (the root appends generation=K to a restarted
  *                    partition's command line, so a restart does not crash again)
  *   ro=1             a read-only disk (writes answered PYKVM_BUS_E_READ_ONLY)
+ *   remap=0          open the provider channel at v1.0 only (no remapped requests)
+ *   probe=1          on each INFO or FLUSH after a remapped request, read the
+ *                    window where that request's buffer was and print whether
+ *                    it is still mapped (it must not be: reads give all ones)
+ *
+ * At provider v1.1 (the default) a request of a client partition may come
+ * remapped: its buffer is mapped in this guest's physical address space
+ * (pykvm_abi.h, PYKVM_PROVIDER_REQ_REMAPPED) and read or written in place.
  *
  * The RAM disk starts with sector s byte i = (s * 151 + i * 7 + (i >> 8)) & 0xff,
  * the pattern of bus-block with seed 0, so reads before any write are checkable.
@@ -19,7 +27,9 @@
  *   "blocksvc: connected, N offers\n"
  *   "blocksvc: serving S sectors, generation G\n"
  *   on crash_after: "blocksvc: served N requests, crashing\n" then #PF at 0 (status 16)
- *   on a rescind or unload of the provider channel: "blocksvc: provider channel gone\n"
+ *   probe=1: "blocksvc: window after request: unmapped\n" (or "...: still mapped: 0x<hex>\n")
+ *   on a rescind or unload of the provider channel:
+ *     "blocksvc: served N requests, M remapped\n", "blocksvc: provider channel gone\n"
  *     then power-off (status 0)
  * Failures: exit 2 connect refused, 3 no provider offer (the topology gives the
  * partition nothing to provide), 4 open or register refused, 5 the ring broke.
@@ -42,6 +52,8 @@ void kmain(struct pykvm_boot_info *bi)
     uint64_t crash_after = arg_u64(cmd, "crash_after", 0);
     uint64_t generation = arg_u64(cmd, "generation", 0);
     int ro = arg_u64(cmd, "ro", 0) != 0;
+    int remap = arg_u64(cmd, "remap", 1) != 0;
+    int probe = arg_u64(cmd, "probe", 0) != 0;
     if (sectors < 1 || sectors > MAX_SECTORS)
         sectors = MAX_SECTORS;
     for (uint64_t s = 0; s < sectors; s++)
@@ -61,8 +73,8 @@ void kmain(struct pykvm_boot_info *bi)
         printf("blocksvc: no provider offer\n");
         exit_code(3);
     }
-    uint32_t want[1] = { PYKVM_PROVIDER_V1_0 };
-    if (bus_open(ch, want, 1)) {
+    uint32_t want[2] = { PYKVM_PROVIDER_V1_1, PYKVM_PROVIDER_V1_0 };
+    if (bus_open(ch, remap ? want : want + 1, remap ? 2 : 1)) {
         printf("blocksvc: open refused: %s\n", bus_status_text(bus_last_status));
         exit_code(4);
     }
@@ -75,13 +87,15 @@ void kmain(struct pykvm_boot_info *bi)
     printf("blocksvc: serving %llu sectors, generation %llu\n", (unsigned long long)sectors,
            (unsigned long long)generation);
 
-    uint64_t served = 0;
+    uint64_t served = 0, remapped = 0, last_window = 0;
     for (;;) {
         /* one wait at a time, then the management ring: a rescind must not wait for 1024 wakeups */
         int n = bus_recv_wait(ch, pkt, sizeof(pkt), 1);
         if (n == 0)
             bus_poll();
         if (n == BUS_ERR_GONE || ch->rescinded || ch->closed_by_host) {
+            printf("blocksvc: served %llu requests, %llu remapped\n", (unsigned long long)served,
+                   (unsigned long long)remapped);
             printf("blocksvc: provider channel gone\n");
             poweroff();
         }
@@ -107,7 +121,39 @@ void kmain(struct pykvm_boot_info *bi)
             uint32_t data = len - (uint32_t)sizeof(rq);
             int in_range = rq.count >= 1 && rq.count <= PYKVM_PROVIDER_MAX_SECTORS && rq.sector < sectors &&
                            rq.count <= sectors - rq.sector;
-            if (rq.op == PYKVM_BLK_OP_INFO || rq.op == PYKVM_BLK_OP_FLUSH) {
+            if (rq.reserved == PYKVM_PROVIDER_REQ_REMAPPED) {
+                /* the client's buffer is mapped at [gpa, gpa + length) for as long as we hold this request */
+                struct pykvm_provider_remap rm;
+                int ok = data >= sizeof(rm);
+                if (ok)
+                    memcpy(&rm, p + sizeof(rq), sizeof(rm));
+                ok = ok && rq.count >= 1 && rq.count <= PYKVM_BLK_MAX_SECTORS && rq.sector < sectors &&
+                     rq.count <= sectors - rq.sector && rm.length == rq.count * SECTOR &&
+                     rm.gpa >= PYKVM_PROVIDER_REMAP_GPA &&
+                     rm.gpa + rm.length <= PYKVM_PROVIDER_REMAP_GPA + PYKVM_PROVIDER_REMAP_PAGES * 4096ull;
+                if (ok && rq.op == PYKVM_BLK_OP_READ) {
+                    memcpy((void *)(uintptr_t)rm.gpa, disk + rq.sector * SECTOR, rm.length);
+                    rs->status = PYKVM_BUS_OK;
+                } else if (ok && rq.op == PYKVM_BLK_OP_WRITE) {
+                    if (ro) {
+                        rs->status = PYKVM_BUS_E_READ_ONLY;
+                    } else {
+                        memcpy(disk + rq.sector * SECTOR, (const void *)(uintptr_t)rm.gpa, rm.length);
+                        rs->status = PYKVM_BUS_OK;
+                    }
+                }
+                if (ok) {
+                    remapped++;
+                    last_window = rm.gpa;
+                }
+            } else if (rq.op == PYKVM_BLK_OP_INFO || rq.op == PYKVM_BLK_OP_FLUSH) {
+                if (probe && last_window) {
+                    uint64_t v = *(volatile const uint64_t *)(uintptr_t)last_window;
+                    if (v == ~0ull)
+                        printf("blocksvc: window after request: unmapped\n");
+                    else
+                        printf("blocksvc: window after request: still mapped: 0x%llx\n", (unsigned long long)v);
+                }
                 rs->status = PYKVM_BUS_OK;
             } else if (rq.op == PYKVM_BLK_OP_READ && in_range) {
                 out = rq.count * SECTOR;

@@ -10,6 +10,12 @@ are held, in order, and sent again once it registers: a client sees a slow reque
 a lost or doubled completion. A crashed partition is started again up to its `restarts`
 (the command line gets generation=K); once every client partition has ended, the broker
 closes the providers' links, their provider channels are rescinded and they power off.
+
+A REMAP request (transfer by memory map change, pykvm/bus/remap.py) carries the client's
+memfds; the broker passes them to a provider that registered with remap and keeps no
+copy. It is never held: while the provider is down or cannot remap, and when the
+provider goes away with it unanswered, the client gets it back declined and sends it by
+copy. When a client goes away, its providers are told to unmap its pages at once.
 """
 
 from __future__ import annotations
@@ -57,8 +63,11 @@ class Broker:
         self.providers: dict[str, _Conn] = {}              # service -> the registered provider's connection
         self.held: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
         self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, frame body)
+        self.remapped: set[int] = set()                    # broker tags of inflight REMAP requests
+        self.remap_ok: dict[str, bool] = {}                # service -> its registered provider takes REMAP
         self.tags = itertools.count(1)
-        self.counts = {"relayed": 0, "replies": 0, "held": 0, "resent": 0, "restarts": 0, "refused": 0}
+        self.counts = {"relayed": 0, "replies": 0, "held": 0, "resent": 0, "restarts": 0, "refused": 0,
+                       "remapped": 0, "remap_declined": 0}
         self.stopping = False
 
     # ---------------------------------------------------------------- partitions
@@ -121,18 +130,25 @@ class Broker:
         self.sel.register(sock, selectors.EVENT_READ, c)
 
     def _readable(self, c: _Conn) -> None:
+        frames = []
         try:
-            data = c.sock.recv(1 << 16)
+            data, fds = wire.recv(c.sock)
+            if not data:
+                wire.close_fds(fds)
+                return self._drop(c, None)
+            frames = c.parser.feed(data, fds)
+            while frames:
+                f = frames.pop(0)
+                if f.fds and f[0] == wire.REMAP:
+                    self._remap(c, f[1], f.fds)       # owns f.fds from here
+                else:
+                    self._frame(c, f[0], f[1])
         except OSError:
-            data = b""
-        if not data:
-            return self._drop(c, None)
-        try:
-            frames = c.parser.feed(data)
-            for kind, body in frames:
-                self._frame(c, kind, body)
+            self._drop(c, None)
         except wire.WireError as e:
             self._drop(c, str(e))
+        for f in frames:
+            wire.close_fds(f.fds)
 
     def _send(self, c: _Conn, data: bytes) -> None:
         try:
@@ -161,11 +177,18 @@ class Broker:
                 raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
                                      "does not provide")
             self.providers[p.provides] = c
+            self.remap_ok[p.provides] = obj.get("remap") is True
             self.log(f"{p.name} serves {p.provides} (generation {self.generation[p.name]})")
             self._flush(p.provides)
         elif kind == wire.STATUS:
-            if p.provides and self.providers.get(p.provides) is c and wire.parse_json(body).get("provider") == "down":
+            obj = wire.parse_json(body)
+            if p.provides and self.providers.get(p.provides) is c and obj.get("provider") == "down":
                 self._provider_lost(p.provides)
+            elif type(obj.get("cancel")) is int:        # a client stopped waiting for a remapped request
+                for t, (svc, client, ctag, _b) in self.inflight.items():
+                    if client is c and ctag == obj["cancel"] and t in self.remapped and svc in self.providers:
+                        self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
+                        break
         elif kind == wire.REQUEST:
             tag, index, blk, _data = wire.parse_data(body)
             if index >= len(p.uses):
@@ -183,12 +206,42 @@ class Broker:
             if entry is None or self.providers.get(entry[0]) is not c:
                 raise wire.WireError(f"{p.name} answered transaction {tag}, which it was not given")
             del self.inflight[tag]
+            declined = tag in self.remapped and _i == wire.DECLINED
+            self.remapped.discard(tag)
             _svc, client, ctag, _b = entry
-            self.counts["replies"] += 1
+            self.counts["replies" if not declined else "remap_declined"] += 1
             if self.conns.get(client.name) is client:
-                self._send(client, wire.data_frame(wire.REPLY, ctag, 0, resp, data))
+                self._send(client, wire.data_frame(wire.REPLY, ctag, wire.DECLINED if declined else 0, resp, data))
+        elif kind == wire.REMAP:
+            self._remap(c, body, ())
         else:
             raise wire.WireError(f"unexpected {wire.KINDS[kind]} frame from {p.name}")
+
+    def _remap(self, c: _Conn, body: bytes, fds) -> None:
+        """A client's REMAP request: to its provider with the descriptors, or declined; fds are closed here."""
+        try:
+            p = self.topo.by_name(c.name) if c.name else None
+            if p is None:
+                raise wire.WireError("remap before hello")
+            tag, index, _blk, _desc = wire.parse_data(body)
+            if index >= len(p.uses):
+                raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
+            service = p.uses[index]
+            prov = self.providers.get(service)
+            if prov is None or not self.remap_ok.get(service) or not fds or self.held[service]:
+                self.counts["remap_declined"] += 1
+                return self._send(c, wire.data_frame(wire.REPLY, tag, wire.DECLINED, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            btag = next(self.tags)
+            self.inflight[btag] = (service, c, tag, body)
+            self.remapped.add(btag)
+            self.counts["remapped"] += 1
+            try:
+                wire.send(prov.sock, wire.frame(wire.REMAP, wire.TAG.pack(btag, 0) + body[wire.TAG.size:], len(fds)),
+                          fds)
+            except OSError:
+                pass            # its EOF arrives through the selector; the request is declined then
+        finally:
+            wire.close_fds(fds)
 
     def _flush(self, service: str) -> None:
         """Send the held requests of service to its provider, if it is up."""
@@ -209,6 +262,12 @@ class Broker:
         back = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
         for t, (_s, c, ctag, body) in reversed(back):
             del self.inflight[t]
+            if t in self.remapped:           # its descriptors are gone: the client sends it again by copy
+                self.remapped.discard(t)
+                self.counts["remap_declined"] += 1
+                if self.conns.get(c.name) is c:
+                    self._send(c, wire.data_frame(wire.REPLY, ctag, wire.DECLINED, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+                continue
             self.held[service].appendleft((c, ctag, body))
             self.counts["resent"] += 1
         if back:
@@ -220,6 +279,10 @@ class Broker:
         except (KeyError, ValueError):
             pass
         c.sock.close()
+        c.parser.close()
+        for t, (svc, client, _ct, _b) in list(self.inflight.items()):
+            if client is c and t in self.remapped and self.providers.get(svc) is not None:
+                self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
         if reason:
             self.log(f"{c.name or 'a partition'}: link dropped: {reason}")
         if c.name is not None and self.conns.get(c.name) is c:
