@@ -160,6 +160,10 @@ class ProviderSession(Session):
             e = self.queue.popleft()
             if e[3] is not None:
                 wire.close_fds(e[3][0])
+        c = self.counts
+        if c["remapped"] or c["declined"]:
+            self.link.log(f"provider closed: {self.served} served, {c['remapped']} remapped, {c['unmapped']} unmapped, "
+                          f"{c['declined']} declined, window mapped: {'yes' if self.window else 'no'}")
         self.link.provider_down(self)
 
 

@@ -196,6 +196,10 @@ class ProxySession(Session):
         for tag in list(self.remap_tags):
             self.service.link.cancel_remap(tag)      # the client's pages leave the service partition now
         self.remap_tags.clear()
+        c = self.counts
+        if c["remapped"] or c["remap_declined"]:
+            self.service.link.log(f"{self.service.name}: {c['remapped']} requests remapped, {c['remap_declined']} "
+                                  f"declined, {c['relayed']} pieces relayed by copy")
 
 
 class BlockProxyService(Service):
