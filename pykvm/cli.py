@@ -372,8 +372,8 @@ def up(topology, rundir, debug):
         for p in topo.partitions:
             click.echo(f"partition {p.name}: status {statuses.get(p.name)} (restarts {broker.generation[p.name]})")
         click.echo(f"pykvm: up: relayed {broker.counts['relayed']} requests, {broker.counts['resent']} held "
-                   f"across a provider's loss, {broker.counts['restarts']} restarts, {broker.counts['remapped']} remapped "
-                   f"({broker.counts['remap_declined']} declined)", err=True)
+                   f"across a provider's loss, {broker.counts['restarts']} restarts, "
+                   f"{broker.counts['remapped']} remapped ({broker.counts['remap_declined']} declined)", err=True)
         bad = [statuses.get(p.name) for p in topo.partitions if not p.provides and statuses.get(p.name) != 0]
         _leave(bad[0] if bad and isinstance(bad[0], int) and bad[0] > 0 else (1 if bad else 0))
 

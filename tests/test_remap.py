@@ -1,4 +1,4 @@
-"""Transfer by memory map change (issue 12): descriptor frames, remap descriptors, the provider's window, and a topology."""
+"""Transfer by memory map change (issue 12): descriptor frames, remap descriptors, the window, a topology."""
 
 from __future__ import annotations
 
@@ -336,15 +336,16 @@ def proxy(mem, rules, decline=False):
 
 def read_pkt(count, offset=0):
     pages = (offset + count * SECTOR + PAGE - 1) // PAGE
-    return SimpleNamespace(type=GPA_DIRECT, trans_id=9, payload=struct.pack("<IIQII", abi.PYKVM_BLK_OP_READ, 0, 0, count, 0),
+    payload = struct.pack("<IIQII", abi.PYKVM_BLK_OP_READ, 0, 0, count, 0)
+    return SimpleNamespace(type=GPA_DIRECT, trans_id=9, payload=payload,
                            ranges=[(count * SECTOR, offset, list(range(32, 32 + pages)))])
 
 
 def test_proxy_remaps_large_requests_copies_small_and_falls_back(mem):
     s, svc, ledger, ch = proxy(mem, Rules())
     s.on_packet(read_pkt(64, 0x300))              # 32 KiB: remapped, one request, no data copied
-    s.on_packet(read_pkt(8))                      # 4 KiB: under remap_min, by copy
-    assert len(svc.link.remaps) == 1 and [b[3] for b, _n in svc.link.copies] == [8] and ch.sent == [0, 0]
+    s.on_packet(read_pkt(7))                      # 3.5 KiB: under remap_min (a page), by copy
+    assert len(svc.link.remaps) == 1 and [b[3] for b, _n in svc.link.copies] == [7] and ch.sent == [0, 0]
     blk, desc, fds = svc.link.remaps[0]
     assert blk[3] == 64 and fds == [mem.region_of(0).fd]
     assert remap.parse(desc, 1, 64 * SECTOR) == (0x300, [(0, 32 * PAGE, 9)])

@@ -28,7 +28,7 @@ from .block import BlockSession
 
 SECTOR = abi.PYKVM_BLK_SECTOR
 CHUNK = abi.PYKVM_PROVIDER_MAX_SECTORS
-REMAP_MIN = 16384        # bytes; below it copying is cheaper (scripts/bench_partitions.py)
+REMAP_MIN = 4096         # bytes: one page (see remap_min_bytes in bus/policy.py)
 _REQ = struct.Struct("<IIQII")
 _RESP = struct.Struct("<IIQII")
 _OPS = {abi.PYKVM_BLK_OP_READ: "read", abi.PYKVM_BLK_OP_WRITE: "write", abi.PYKVM_BLK_OP_FLUSH: "flush",
