@@ -414,3 +414,20 @@ def test_up_large_block_io_by_remapping(tmp_path):
     # INFO and FLUSH are the only pieces that went by copy
     assert "block@disk0: 8 requests remapped, 0 declined, 2 pieces relayed by copy" in logs["client1.log"]
     assert "refused: client2 may not have its pages remapped into another partition" in logs["client2.log"]
+
+
+@pytest.mark.kvm
+def test_up_provider_at_v1_0_gets_everything_by_copy(tmp_path):
+    """A service guest that opens the provider channel at v1.0: every remap is declined, the copy path serves it."""
+    topo = tmp_path / "topo.toml"
+    topo.write_text(TOPOLOGY.split("[[partition]]\nname = \"client2\"")[0]
+                    .replace('cmdline = "probe=1"', 'cmdline = "remap=0"').replace("n=4 sectors=128", "n=2 sectors=64"))
+    run = tmp_path / "run"
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
+    err = r.stderr.decode()
+    logs = {f.name: f.read_text() for f in run.glob("*.log")}
+    assert r.returncode == 0, (r.stdout.decode(), err, logs)
+    assert "bench: disk verified 2 requests of 64 sectors\n" in (run / "client1.serial").read_text()
+    assert "0 remapped (4 declined)" in err
+    assert "served 18 requests, 0 remapped\n" in (run / "storage.serial").read_text()   # 4 x 4 pieces, INFO, FLUSH
+    assert "block@disk0: 0 requests remapped, 4 declined, 18 pieces relayed by copy" in logs["client1.log"]
