@@ -8,6 +8,17 @@
  *            (--device echo-port): rep outsb of the message, rep insb back.
  * mode=block n=N: N sequential 4 KiB reads through the block service
  *            (GPA-direct buffer), up to W in flight.
+ * mode=disk  n=N sectors=S write=0|1 off=O base=B spin=M verify=0|1:
+ *            N sequential block requests of S sectors (1..256) at B, B+S, ...
+ *            (wrapping inside the disk), one buffer starting at byte O of
+ *            its page; a block service of the host or of another partition
+ *            (scripts/bench_partitions.py). Prints "bench: ready", spins
+ *            M thousand loop iterations (time for the host to read
+ *            counters), "bench: start", runs, "bench: done", spins again,
+ *            sends one FLUSH (a guest loop iteration costs microseconds
+ *            under nested KVM). verify=1 instead writes the N requests with a
+ *            pattern (as bus-block's, seed = request + 1) and reads each back
+ *            into a cleared buffer: "bench: disk verified N requests of S sectors".
  * Prints "bench: <mode> <n> done, <doorbells> doorbells\n" and powers off;
  * exit code 3 on any mismatch or error.
  */
@@ -18,6 +29,7 @@ static uint8_t msg[sizeof(struct pykvm_echo_msg) + PYKVM_ECHO_MAX] __attribute__
 static uint8_t back[PYKVM_ECHO_MAX];
 static uint8_t pkt[PYKVM_ECHO_MAX + 128] __attribute__((aligned(8)));
 static uint8_t blockbuf[16][4096] __attribute__((aligned(4096)));
+static uint8_t diskbuf[PYKVM_BLK_MAX_SECTORS * PYKVM_BLK_SECTOR + 4096] __attribute__((aligned(4096)));
 
 static void fail(const char *what)
 {
@@ -100,6 +112,90 @@ static void bench_block(uint32_t n, uint32_t window)
     }
 }
 
+static int64_t disk_request(struct bus_channel *ch, uint32_t op, uint64_t sector, uint32_t count, uint8_t *buf,
+                            uint64_t id, uint64_t *capacity)
+{
+    struct pykvm_blk_request rq = { .op = op, .sector = sector, .count = count };
+    struct rt_gpa_buf b = { va_to_pa(buf), count * PYKVM_BLK_SECTOR };
+    int data = op == PYKVM_BLK_OP_READ || op == PYKVM_BLK_OP_WRITE;
+    if (bus_send_packet(ch, data ? PYKVM_VMPKT_DATA_GPA_DIRECT : PYKVM_VMPKT_DATA_INBAND,
+                        PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, &b, data ? 1 : 0, &rq, sizeof(rq)))
+        fail("send failed");
+    int got = bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull);
+    const struct pykvm_vmpacket *d = (const void *)pkt;
+    uint32_t len;
+    const struct pykvm_blk_response *r = bus_payload(pkt, &len);
+    if (got <= 0 || d->trans_id != id || len < sizeof(*r))
+        fail("no block completion");
+    if (capacity)
+        *capacity = r->capacity;
+    return r->status;
+}
+
+static uint8_t pattern(uint32_t seed, uint64_t s, uint32_t i)
+{
+    return (uint8_t)(seed * 73 + s * 151 + i * 7 + (i >> 8));
+}
+
+static void spin(uint64_t thousands)
+{
+    for (volatile uint64_t k = 0; k < thousands * 1000ull; k++)
+        ;
+}
+
+static void bench_disk(const char *cmd, uint32_t n)
+{
+    struct bus_channel *ch = open_service(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, PYKVM_BLOCK_V1_0);
+    uint32_t count = (uint32_t)arg_u64(cmd, "sectors", 1);
+    uint32_t off = (uint32_t)arg_u64(cmd, "off", 0) & ~7u;
+    uint64_t base = arg_u64(cmd, "base", 0), spins = arg_u64(cmd, "spin", 100), cap = 0;
+    int write = arg_u64(cmd, "write", 0) != 0, verify = arg_u64(cmd, "verify", 0) != 0;
+    if (count < 1 || count > PYKVM_BLK_MAX_SECTORS || off >= 4096)
+        fail("bad sectors or off");
+    uint8_t *buf = diskbuf + off;
+    uint64_t id = 1;
+    if (disk_request(ch, PYKVM_BLK_OP_INFO, 0, 0, buf, id++, &cap) != PYKVM_BUS_OK || cap < base + count)
+        fail("disk too small");
+    uint64_t slots = (cap - base) / count;
+    if (verify) {
+        if (n > slots)
+            fail("verify: the requests do not fit the disk");
+        for (uint32_t k = 0; k < n; k++) {
+            uint64_t s0 = base + (uint64_t)k * count;
+            for (uint32_t i = 0; i < count * PYKVM_BLK_SECTOR; i++)
+                buf[i] = pattern(k + 1, s0 + i / PYKVM_BLK_SECTOR, i % PYKVM_BLK_SECTOR);
+            if (disk_request(ch, PYKVM_BLK_OP_WRITE, s0, count, buf, id++, 0) != PYKVM_BUS_OK)
+                fail("verify: write failed");
+        }
+        for (uint32_t k = 0; k < n; k++) {
+            uint64_t s0 = base + (uint64_t)k * count;
+            memset(buf, 0, count * PYKVM_BLK_SECTOR);
+            if (disk_request(ch, PYKVM_BLK_OP_READ, s0, count, buf, id++, 0) != PYKVM_BUS_OK)
+                fail("verify: read failed");
+            for (uint32_t i = 0; i < count * PYKVM_BLK_SECTOR; i++)
+                if (buf[i] != pattern(k + 1, s0 + i / PYKVM_BLK_SECTOR, i % PYKVM_BLK_SECTOR)) {
+                    printf("bench: verify: request %u byte %u differs\n", k, i);
+                    exit_code(3);
+                }
+        }
+        printf("bench: disk verified %u requests of %u sectors\n", n, count);
+    } else {
+        for (uint32_t i = 0; i < count * PYKVM_BLK_SECTOR; i++)
+            buf[i] = (uint8_t)i;
+        printf("bench: ready\n");
+        spin(spins);
+        printf("bench: start\n");
+        uint32_t op = write ? PYKVM_BLK_OP_WRITE : PYKVM_BLK_OP_READ;
+        for (uint32_t k = 0; k < n; k++)
+            if (disk_request(ch, op, base + (k % slots) * count, count, buf, id++, 0) != PYKVM_BUS_OK)
+                fail("bad block reply");
+        printf("bench: done\n");
+        spin(spins);
+    }
+    if (disk_request(ch, PYKVM_BLK_OP_FLUSH, 0, 0, buf, id++, 0) != PYKVM_BUS_OK)
+        fail("flush failed");
+}
+
 void kmain(struct pykvm_boot_info *bi)
 {
     const char *cmd = bootinfo_cmdline(bi);
@@ -117,6 +213,8 @@ void kmain(struct pykvm_boot_info *bi)
         bench_port(n, size);
     else if (!strcmp(mode, "block"))
         bench_block(n, window);
+    else if (!strcmp(mode, "disk"))
+        bench_disk(cmd, n);
     else
         fail("unknown mode");
     printf("bench: %s %u done, %llu doorbells\n", mode, n, (unsigned long long)bus_doorbells);

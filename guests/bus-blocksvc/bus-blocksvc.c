@@ -19,6 +19,14 @@
  *                    only after the host completed it (a FLUSH after the host flushed),
  *                    so a write a client saw completed survives this partition's
  *                    crash; a restarted generation serves the same file
+ *   remap=0          open the provider channel at v1.0 only (no remapped requests)
+ *   probe=1          on each INFO or FLUSH after a remapped request, read the
+ *                    window where that request's buffer was and print whether
+ *                    it is still mapped (it must not be: reads give all ones)
+ *
+ * At provider v1.1 (the default) a request of a client partition may come
+ * remapped: its buffer is mapped in this guest's physical address space
+ * (pykvm_abi.h, PYKVM_PROVIDER_REQ_REMAPPED) and read or written in place.
  *
  * The RAM disk starts with sector s byte i = (s * 151 + i * 7 + (i >> 8)) & 0xff,
  * the pattern of bus-block with seed 0, so reads before any write are checkable.
@@ -27,7 +35,9 @@
  *   "blocksvc: connected, N offers\n"
  *   "blocksvc: serving S sectors, generation G\n"
  *   on crash_after: "blocksvc: served N requests, crashing\n" then #PF at 0 (status 16)
- *   on a rescind or unload of the provider channel: "blocksvc: provider channel gone\n"
+ *   probe=1: "blocksvc: window after request: unmapped\n" (or "...: still mapped: 0x<hex>\n")
+ *   on a rescind or unload of the provider channel:
+ *     "blocksvc: served N requests, M remapped\n", "blocksvc: provider channel gone\n"
  *     then power-off (status 0)
  *   with store=disk the serving line is "blocksvc: serving S sectors of the host's
  *   disk, generation G\n"
@@ -46,6 +56,7 @@ static uint8_t disk[MAX_SECTORS * SECTOR] __attribute__((aligned(4096)));
 static uint8_t pkt[MAX_DATA + 256] __attribute__((aligned(8)));
 static uint8_t reply[MAX_DATA + sizeof(struct pykvm_blk_response)] __attribute__((aligned(8)));
 static uint8_t hpkt[256] __attribute__((aligned(8)));
+static uint8_t bounce[MAX_DATA] __attribute__((aligned(4096)));
 static struct bus_channel *host_disk;     /* store=disk: the host's block service */
 static uint64_t host_id = 1;
 
@@ -68,6 +79,35 @@ static struct pykvm_blk_response host_io(uint32_t op, uint64_t sector, uint32_t 
     return rs;
 }
 
+/* A remapped request on the RAM disk: copy between the window and the disk in place. */
+static uint32_t ram_io(uint32_t op, uint64_t sector, uint32_t count, uint64_t gpa)
+{
+    if (op == PYKVM_BLK_OP_READ)
+        memcpy((void *)(uintptr_t)gpa, disk + sector * SECTOR, count * SECTOR);
+    else
+        memcpy(disk + sector * SECTOR, (const void *)(uintptr_t)gpa, count * SECTOR);
+    return PYKVM_BUS_OK;
+}
+
+/* A remapped request with store=disk: the host's block service only takes this guest's RAM,
+ * so the window's bytes go through `bounce` a PYKVM_PROVIDER_MAX_SECTORS piece at a time. */
+static uint32_t window_io(uint32_t op, uint64_t sector, uint32_t count, uint64_t gpa)
+{
+    for (uint32_t done = 0; done < count;) {
+        uint32_t n = count - done < PYKVM_PROVIDER_MAX_SECTORS ? count - done : PYKVM_PROVIDER_MAX_SECTORS;
+        uint8_t *w = (uint8_t *)(uintptr_t)(gpa + (uint64_t)done * SECTOR);
+        if (op == PYKVM_BLK_OP_WRITE)
+            memcpy(bounce, w, n * SECTOR);
+        uint32_t st = host_io(op, sector + done, n, bounce).status;
+        if (st != PYKVM_BUS_OK)
+            return st;
+        if (op == PYKVM_BLK_OP_READ)
+            memcpy(w, bounce, n * SECTOR);
+        done += n;
+    }
+    return PYKVM_BUS_OK;
+}
+
 static RT_NORETURN void crash(const char *what, uint64_t n)
 {
     printf("blocksvc: served %llu %s, crashing\n", (unsigned long long)n, what);
@@ -88,6 +128,8 @@ void kmain(struct pykvm_boot_info *bi)
     int store_disk = arg_str(cmd, "store", store, sizeof(store)) && !strcmp(store, "disk");
     uint64_t generation = arg_u64(cmd, "generation", 0);
     int ro = arg_u64(cmd, "ro", 0) != 0;
+    int remap = arg_u64(cmd, "remap", 1) != 0;
+    int probe = arg_u64(cmd, "probe", 0) != 0;
     if (sectors < 1 || sectors > MAX_SECTORS)
         sectors = MAX_SECTORS;
     if (!store_disk)
@@ -123,8 +165,8 @@ void kmain(struct pykvm_boot_info *bi)
         sectors = info.capacity;
         ro = ro || (info.flags & PYKVM_BLK_FLAG_READ_ONLY);
     }
-    uint32_t want[1] = { PYKVM_PROVIDER_V1_0 };
-    if (bus_open(ch, want, 1)) {
+    uint32_t want[2] = { PYKVM_PROVIDER_V1_1, PYKVM_PROVIDER_V1_0 };
+    if (bus_open(ch, remap ? want : want + 1, remap ? 2 : 1)) {
         printf("blocksvc: open refused: %s\n", bus_status_text(bus_last_status));
         exit_code(4);
     }
@@ -137,13 +179,15 @@ void kmain(struct pykvm_boot_info *bi)
     printf("blocksvc: serving %llu sectors%s, generation %llu\n", (unsigned long long)sectors,
            store_disk ? " of the host's disk" : "", (unsigned long long)generation);
 
-    uint64_t served = 0, writes = 0;
+    uint64_t served = 0, writes = 0, remapped = 0, last_window = 0;
     for (;;) {
         /* one wait at a time, then the management ring: a rescind must not wait for 1024 wakeups */
         int n = bus_recv_wait(ch, pkt, sizeof(pkt), 1);
         if (n == 0)
             bus_poll();
         if (n == BUS_ERR_GONE || ch->rescinded || ch->closed_by_host) {
+            printf("blocksvc: served %llu requests, %llu remapped\n", (unsigned long long)served,
+                   (unsigned long long)remapped);
             printf("blocksvc: provider channel gone\n");
             poweroff();
         }
@@ -169,10 +213,40 @@ void kmain(struct pykvm_boot_info *bi)
             uint32_t data = len - (uint32_t)sizeof(rq);
             int in_range = rq.count >= 1 && rq.count <= PYKVM_PROVIDER_MAX_SECTORS && rq.sector < sectors &&
                            rq.count <= sectors - rq.sector;
-            if (rq.op == PYKVM_BLK_OP_INFO) {
+            if (rq.reserved == PYKVM_PROVIDER_REQ_REMAPPED) {
+                /* the client's buffer is mapped at [gpa, gpa + length) for as long as we hold this request */
+                struct pykvm_provider_remap rm;
+                int ok = data >= sizeof(rm);
+                if (ok)
+                    memcpy(&rm, p + sizeof(rq), sizeof(rm));
+                ok = ok && rq.count >= 1 && rq.count <= PYKVM_BLK_MAX_SECTORS && rq.sector < sectors &&
+                     rq.count <= sectors - rq.sector && rm.length == rq.count * SECTOR &&
+                     rm.gpa >= PYKVM_PROVIDER_REMAP_GPA &&
+                     rm.gpa + rm.length <= PYKVM_PROVIDER_REMAP_GPA + PYKVM_PROVIDER_REMAP_PAGES * 4096ull;
+                if (ok && rq.op == PYKVM_BLK_OP_WRITE && ro) {
+                    rs->status = PYKVM_BUS_E_READ_ONLY;
+                } else if (ok && (rq.op == PYKVM_BLK_OP_READ || rq.op == PYKVM_BLK_OP_WRITE)) {
+                    rs->status = store_disk ? window_io(rq.op, rq.sector, rq.count, rm.gpa)
+                                            : ram_io(rq.op, rq.sector, rq.count, rm.gpa);
+                    if (rq.op == PYKVM_BLK_OP_WRITE && rs->status == PYKVM_BUS_OK)
+                        writes++;
+                }
+                if (ok) {
+                    remapped++;
+                    last_window = rm.gpa;
+                }
+            } else if (rq.op == PYKVM_BLK_OP_INFO || rq.op == PYKVM_BLK_OP_FLUSH) {
+                if (probe && last_window) {
+                    uint64_t v = *(volatile const uint64_t *)(uintptr_t)last_window;
+                    if (v == ~0ull)
+                        printf("blocksvc: window after request: unmapped\n");
+                    else
+                        printf("blocksvc: window after request: still mapped: 0x%llx\n", (unsigned long long)v);
+                }
                 rs->status = PYKVM_BUS_OK;
-            } else if (rq.op == PYKVM_BLK_OP_FLUSH) {
-                rs->status = store_disk ? host_io(PYKVM_BLK_OP_FLUSH, 0, 0, 0).status : PYKVM_BUS_OK;
+                if (rq.op == PYKVM_BLK_OP_FLUSH && store_disk)
+                    rs->status = host_io(PYKVM_BLK_OP_FLUSH, 0, 0, 0).status;
+                rs->status = PYKVM_BUS_OK;
             } else if (rq.op == PYKVM_BLK_OP_READ && in_range) {
                 if (store_disk) {
                     rs->status = host_io(PYKVM_BLK_OP_READ, rq.sector, rq.count, reply + sizeof(*rs)).status;

@@ -618,6 +618,26 @@ struct pykvm_blk_response {
  * past 16, and re-offers stop at relid 255. */
 #define PYKVM_PROVIDER_V1_0 0x10000
 #define PYKVM_PROVIDER_MAX_SECTORS 16
+/* provider v1.1 adds transfer by memory map change. A guest that opens the
+ * provider channel at v1.1 may get block requests whose pykvm_blk_request has
+ * reserved == PYKVM_PROVIDER_REQ_REMAPPED, followed by a pykvm_provider_remap
+ * instead of write data: the client's buffer is mapped at guest-physical
+ * [gpa, gpa + length) (inside the window at PYKVM_PROVIDER_REMAP_GPA, one
+ * request at a time), length == count * 512, count up to PYKVM_BLK_MAX_SECTORS.
+ * The guest reads (client write) or writes (client read) it in place and
+ * answers with a pykvm_blk_response and no data. The window is mapped only
+ * while the request is outstanding (read-only for a client write): once the
+ * guest completes it, accesses there are unclaimed MMIO (reads all ones). */
+#define PYKVM_PROVIDER_V1_1 0x10001
+#define PYKVM_PROVIDER_REQ_REMAPPED 1
+#define PYKVM_PROVIDER_REMAP_GPA 0xdf000000
+#define PYKVM_PROVIDER_REMAP_PAGES 64
+
+struct pykvm_provider_remap {
+    uint64_t gpa;              /* where the buffer's first byte is in this guest */
+    uint32_t length;           /* bytes */
+    uint32_t reserved;
+};
 
 struct pykvm_provider_register {
     uint64_t if_lo;

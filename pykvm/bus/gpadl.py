@@ -78,7 +78,12 @@ class GpadlView:
     def create(cls, memory, pfns, max_pages: int = DEFAULT_MAX_PAGES) -> "GpadlView":
         """Validate `pfns` against `memory` (a GuestMemory) and map exactly those pages, in order."""
         runs = _runs(memory, pfns, max_pages)
-        size = len(pfns) * PAGE_SIZE
+        return cls.from_fd_runs([(region.fd, off, n) for region, off, n in runs], tuple(pfns))
+
+    @classmethod
+    def from_fd_runs(cls, runs, pfns=()) -> "GpadlView":
+        """Map [(fd, byte offset, pages)] runs (already validated by the caller) one after another."""
+        size = sum(n for _fd, _o, n in runs) * PAGE_SIZE
         # The reservation: untouched anonymous memory (nothing committed), every page of
         # which is replaced below; the mmap object is what later munmaps the whole range.
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, prot=_RW)
@@ -87,9 +92,8 @@ class GpadlView:
             base = int(ffi.cast("uintptr_t", p))
             ffi.release(p)
             at = base
-            for region, off, n in runs:
-                got = lib.mmap(ffi.cast("void *", at), n * PAGE_SIZE, _RW, mmap.MAP_SHARED | _MAP_FIXED,
-                               region.fd, off)
+            for fd, off, n in runs:
+                got = lib.mmap(ffi.cast("void *", at), n * PAGE_SIZE, _RW, mmap.MAP_SHARED | _MAP_FIXED, fd, off)
                 got = int(ffi.cast("uintptr_t", got))
                 if got != at:
                     err = ffi.errno
@@ -99,7 +103,14 @@ class GpadlView:
         except BaseException:
             mm.close()
             raise
-        return cls(mm, base, tuple(pfns), len(runs))
+        view = cls(mm, base, tuple(pfns), len(runs))
+        view.size = size
+        return view
+
+    @property
+    def host_addr(self) -> int:
+        """Where the view starts in this process (for a memslot over it)."""
+        return self._base
 
     @property
     def closed(self) -> bool:

@@ -10,6 +10,11 @@ provider registers, "up", and the service is offered again under a fresh relid (
 guest reopens it). Callbacks run with the bus lock held, as bus-thread code does. When
 the broker goes away, client requests in flight fail with PYKVM_BUS_E_IO and a provider
 channel is rescinded (its guest stops).
+
+Remapped requests (pykvm/bus/remap.py) go as REMAP frames with the client's memfds
+attached; their callback gets resp None when the request was declined (the proxy then
+sends it by copy). A STATUS {"cancel": tag} from the broker tells the provider that the
+client of a remapped request went away, so its pages leave this partition at once.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class PartitionLink:
         self._pending: dict[int, object] = {}     # tag -> callback(resp, data), client side
         self.provider = None                      # ProviderSession while the guest serves
         self.closed = False
-        self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0}
+        self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0,
+                       "remap_requests": 0, "remap_declined": 0}
         self._thread = None
 
     @classmethod
@@ -86,12 +92,12 @@ class PartitionLink:
         self._thread.start()
 
     # ---------------------------------------------------------------- sending (any thread)
-    def _send(self, data: bytes) -> bool:
+    def _send(self, data: bytes, fds=()) -> bool:
         if self.closed:
             return False
         with self._send_lock:
             try:
-                self.sock.sendall(data)
+                wire.send(self.sock, data, fds)
                 return True
             except OSError:
                 return False
@@ -105,15 +111,32 @@ class PartitionLink:
             self._pending.pop(tag, None)
             callback((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")
 
-    def reply(self, tag: int, resp: tuple, data: bytes) -> None:
-        """Return the guest's answer to a relayed request."""
-        self.counts["served"] += 1
-        self._send(wire.data_frame(wire.REPLY, tag, 0, resp, data))
+    def request_remap(self, index: int, blk: tuple, desc: bytes, fds, callback) -> int:
+        """Relay a request whose buffer the service partition maps (fds: the memfds desc names, sent, not closed)."""
+        tag = next(self._tags)
+        self._pending[tag] = callback
+        self.counts["remap_requests"] += 1
+        body = wire.TAG.pack(tag, index) + wire.BLK.pack(*blk) + desc
+        if not self._send(wire.frame(wire.REMAP, body, len(fds)), fds):
+            self._pending.pop(tag, None)
+            callback((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")
+        return tag
 
-    def provider_up(self, session, interface: str, versions) -> None:
-        """The guest registered as the provider of its service."""
+    def cancel_remap(self, tag: int) -> None:
+        """This partition no longer waits for remapped request `tag`: its pages leave the service partition now."""
+        if self._pending.pop(tag, None) is not None:
+            self._send(wire.json_frame(wire.STATUS, {"cancel": tag}))
+
+    def reply(self, tag: int, resp: tuple, data: bytes, declined: bool = False) -> None:
+        """Return the guest's answer to a relayed request (declined: a remapped one this side would not map)."""
+        self.counts["served" if not declined else "remap_declined"] += 1
+        self._send(wire.data_frame(wire.REPLY, tag, wire.DECLINED if declined else 0, resp, data))
+
+    def provider_up(self, session, interface: str, versions, remap: bool = False) -> None:
+        """The guest registered as the provider of its service (remap: it takes remapped requests)."""
         self.provider = session
-        self._send(wire.json_frame(wire.REGISTER, {"interface": interface, "versions": list(versions)}))
+        self._send(wire.json_frame(wire.REGISTER, {"interface": interface, "versions": list(versions),
+                                                   "remap": bool(remap)}))
 
     def provider_down(self, session) -> None:
         """The provider channel closed: the broker holds requests until the guest registers again."""
@@ -126,47 +149,73 @@ class PartitionLink:
         frames, self._early = self._early, []
         try:
             while True:
-                for kind, body in frames:
+                while frames:
+                    f = frames.pop(0)
                     try:
-                        self._dispatch(kind, body)
+                        self._dispatch(f[0], f[1], f.fds)
                     except wire.WireError:
                         raise
                     except Exception as e:   # a pykvm bug: keep serving the other requests, say so
-                        self.log(f"internal error on a {wire.KINDS[kind]} frame: {type(e).__name__}: {e}")
-                data = self.sock.recv(1 << 16)
+                        self.log(f"internal error on a {wire.KINDS[f[0]]} frame: {type(e).__name__}: {e}")
+                data, fds = wire.recv(self.sock)
                 if not data:
+                    wire.close_fds(fds)
                     break
-                frames = self._parser.feed(data)
+                frames = self._parser.feed(data, fds)
         except (OSError, wire.WireError) as e:
             self.log(f"dropped: {e}")
+        for f in frames:
+            wire.close_fds(f.fds)
+        self._parser.close()
         self._broker_gone()
 
-    def _dispatch(self, kind: int, body: bytes) -> None:
+    def _dispatch(self, kind: int, body: bytes, fds=()) -> None:
         if kind == wire.REPLY:
-            tag, _i, resp, data = wire.parse_data(body)
+            tag, index, resp, data = wire.parse_data(body)
             with self.bus.lock:
                 cb = self._pending.pop(tag, None)
                 if cb is None:
                     self.counts["dropped"] += 1
                     return
                 self.counts["replies"] += 1
+                if index == wire.DECLINED:
+                    self.counts["remap_declined"] += 1
+                    resp = None
                 cb(resp, data)
-        elif kind == wire.REQUEST:
-            tag, _i, blk, data = wire.parse_data(body)
+        elif kind in (wire.REQUEST, wire.REMAP):
+            try:
+                tag, _i, blk, data = wire.parse_data(body)
+            except wire.WireError:
+                wire.close_fds(fds)
+                raise
             with self.bus.lock:
                 if self.provider is None:
-                    self._send(wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+                    wire.close_fds(fds)
+                    self._send(wire.data_frame(wire.REPLY, tag, wire.DECLINED if kind == wire.REMAP else 0,
+                                               (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
                     return
-                self.provider.submit(tag, blk, data)
+                if kind == wire.REMAP:
+                    self.provider.submit_remap(tag, blk, data, fds)
+                else:
+                    self.provider.submit(tag, blk, data)
         elif kind == wire.STATUS:
             obj = wire.parse_json(body)
+            if "cancel" in obj:
+                tag = obj.get("cancel")
+                if type(tag) is not int:
+                    raise wire.WireError(f"status {obj!r}: a cancel names a request tag")
+                with self.bus.lock:
+                    if self.provider is not None:
+                        self.provider.cancel(tag)
+                return
             service, state = obj.get("service"), obj.get("state")
             uses = self.welcome.get("uses") or []
             if service not in uses or state not in ("down", "up"):
                 raise wire.WireError(f"status {obj!r}: expected a service this partition uses, down or up")
             with self.bus.lock:
                 self.service_state(service, state)
-        # anything else informational: nothing to do here
+        else:
+            wire.close_fds(fds)      # informational frames carry none (the parser ensures it); be sure
 
     def service_state(self, service: str, state: str) -> None:
         """The provider of service went down (rescind its proxied offer) or serves again (offer it anew)."""
@@ -195,7 +244,7 @@ class PartitionLink:
         with bus.lock:
             pending, self._pending = self._pending, {}
             for cb in pending.values():
-                cb((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")
+                cb((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")     # not None: no copy path is left either
             for ch in bus.channels.values():
                 if ch.service.name == "provider" and ch.state != "rescinded":
                     try:

@@ -32,6 +32,9 @@ class Rules:
     requests_per_second: int = 0          # per channel; 0 = unlimited
     burst: int = 64                       # requests a channel may send at once above the rate
     remap: bool = True                    # may buffers be remapped into the service partition
+    remap_min_bytes: int = 4096           # requests from this size are remapped (when remap); smaller ones copied:
+    #   remapping wins from 2 KiB in scripts/bench_partitions.py, and below a page it would show the
+    #   service partition more of the client's page than the request's bytes
     max_gpadls: int = 64                  # bus Limits of the partition
     max_gpadl_pages: int = 4096
     max_total_pages: int = 16384
@@ -40,7 +43,8 @@ class Rules:
 TRUSTED = Rules()
 UNTRUSTED = Rules(write=False, max_request_sectors=16, requests_per_second=200, burst=16, remap=False,
                   max_gpadls=8, max_gpadl_pages=64, max_total_pages=256)
-_BOUNDS = {"max_request_sectors": (1, 256), "requests_per_second": (0, 10**7), "burst": (1, 10**6),
+_BOUNDS = {"max_request_sectors": (1, 256), "remap_min_bytes": (512, 1 << 20),
+           "requests_per_second": (0, 10**7), "burst": (1, 10**6),
            "max_gpadls": (1, 4096), "max_gpadl_pages": (1, 1 << 20), "max_total_pages": (1, 1 << 22)}
 
 

@@ -52,7 +52,7 @@ def services(link):
         out.append(ProviderService(link))
     for index, target in enumerate(w["uses"]):
         if ledger.check("may_offer", target) is None:
-            out.append(BlockProxyService(link, index, target, ledger))
+            out.append(BlockProxyService(link, index, target, ledger, remap_min=rules.remap_min_bytes))
     return out, ledger
 
 

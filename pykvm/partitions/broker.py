@@ -18,6 +18,13 @@ started again up to its `restarts`, and at most `intensity` times in `period` se
 registers, the clients are told "up" and their roots offer the service anew. Once
 every client partition has ended, the broker closes the providers' links, their
 provider channels are rescinded and they power off.
+
+A REMAP request (transfer by memory map change, pykvm/bus/remap.py) carries the client's
+memfds; the broker passes them to a provider that registered with remap and keeps no
+copy. It is never held: while the provider is down or cannot remap, the client gets it
+back declined and sends it by copy; when the provider goes away with it unanswered, it
+fails like any other request. When a client goes away, its providers are told to unmap
+its pages at once.
 """
 
 from __future__ import annotations
@@ -68,8 +75,11 @@ class Broker:
         self.held: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
         self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, frame body)
         self.served: set[str] = set()                       # services whose provider registered at least once
+        self.remapped: set[int] = set()                    # broker tags of inflight REMAP requests
+        self.remap_ok: dict[str, bool] = {}                # service -> its registered provider takes REMAP
         self.tags = itertools.count(1)
-        self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0}
+        self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
+                       "remapped": 0, "remap_declined": 0}
         self.stopping = False
 
     # ---------------------------------------------------------------- partitions
@@ -134,18 +144,25 @@ class Broker:
         self.sel.register(sock, selectors.EVENT_READ, c)
 
     def _readable(self, c: _Conn) -> None:
+        frames = []
         try:
-            data = c.sock.recv(1 << 16)
+            data, fds = wire.recv(c.sock)
+            if not data:
+                wire.close_fds(fds)
+                return self._drop(c, None)
+            frames = c.parser.feed(data, fds)
+            while frames:
+                f = frames.pop(0)
+                if f.fds and f[0] == wire.REMAP:
+                    self._remap(c, f[1], f.fds)       # owns f.fds from here
+                else:
+                    self._frame(c, f[0], f[1])
         except OSError:
-            data = b""
-        if not data:
-            return self._drop(c, None)
-        try:
-            frames = c.parser.feed(data)
-            for kind, body in frames:
-                self._frame(c, kind, body)
+            self._drop(c, None)
         except wire.WireError as e:
             self._drop(c, str(e))
+        for f in frames:
+            wire.close_fds(f.fds)
 
     def _send(self, c: _Conn, data: bytes) -> None:
         try:
@@ -180,12 +197,19 @@ class Broker:
                 raise wire.WireError(f"{p.name} registered twice")
             self.providers[p.provides] = c
             self.served.add(p.provides)
+            self.remap_ok[p.provides] = obj.get("remap") is True
             self.log(f"{p.name} serves {p.provides} (generation {self.generation[p.name]})")
             self._flush(p.provides)
             self._tell_clients(p.provides, "up")
         elif kind == wire.STATUS:
-            if p.provides and self.providers.get(p.provides) is c and wire.parse_json(body).get("provider") == "down":
+            obj = wire.parse_json(body)
+            if p.provides and self.providers.get(p.provides) is c and obj.get("provider") == "down":
                 self._provider_lost(p.provides)
+            elif type(obj.get("cancel")) is int:        # a client stopped waiting for a remapped request
+                for t, (svc, client, ctag, _b) in self.inflight.items():
+                    if client is c and ctag == obj["cancel"] and t in self.remapped and svc in self.providers:
+                        self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
+                        break
         elif kind == wire.REQUEST:
             tag, index, blk, _data = wire.parse_data(body)
             if index >= len(p.uses):
@@ -204,12 +228,42 @@ class Broker:
             if entry is None or self.providers.get(entry[0]) is not c:
                 raise wire.WireError(f"{p.name} answered transaction {tag}, which it was not given")
             del self.inflight[tag]
+            declined = tag in self.remapped and _i == wire.DECLINED
+            self.remapped.discard(tag)
             _svc, client, ctag, _b = entry
-            self.counts["replies"] += 1
+            self.counts["replies" if not declined else "remap_declined"] += 1
             if self.conns.get(client.name) is client:
-                self._send(client, wire.data_frame(wire.REPLY, ctag, 0, resp, data))
+                self._send(client, wire.data_frame(wire.REPLY, ctag, wire.DECLINED if declined else 0, resp, data))
+        elif kind == wire.REMAP:
+            self._remap(c, body, ())
         else:
             raise wire.WireError(f"unexpected {wire.KINDS[kind]} frame from {p.name}")
+
+    def _remap(self, c: _Conn, body: bytes, fds) -> None:
+        """A client's REMAP request: to its provider with the descriptors, or declined; fds are closed here."""
+        try:
+            p = self.topo.by_name(c.name) if c.name else None
+            if p is None:
+                raise wire.WireError("remap before hello")
+            tag, index, _blk, _desc = wire.parse_data(body)
+            if index >= len(p.uses):
+                raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
+            service = p.uses[index]
+            prov = self.providers.get(service)
+            if prov is None or not self.remap_ok.get(service) or not fds or self.held[service]:
+                self.counts["remap_declined"] += 1
+                return self._send(c, wire.data_frame(wire.REPLY, tag, wire.DECLINED, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            btag = next(self.tags)
+            self.inflight[btag] = (service, c, tag, body)
+            self.remapped.add(btag)
+            self.counts["remapped"] += 1
+            try:
+                wire.send(prov.sock, wire.frame(wire.REMAP, wire.TAG.pack(btag, 0) + body[wire.TAG.size:], len(fds)),
+                          fds)
+            except OSError:
+                pass            # its EOF arrives through the selector; the request is declined then
+        finally:
+            wire.close_fds(fds)
 
     def _flush(self, service: str) -> None:
         """Send the held requests of service to its provider, if it is up."""
@@ -241,6 +295,7 @@ class Broker:
         lost = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
         for t, (_s, c, ctag, _body) in lost:
             del self.inflight[t]
+            self.remapped.discard(t)          # its pages went with the provider's VM
             self.counts["failed"] += 1
             if self.conns.get(c.name) is c:
                 self._send(c, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
@@ -253,6 +308,10 @@ class Broker:
         except (KeyError, ValueError):
             pass
         c.sock.close()
+        c.parser.close()
+        for t, (svc, client, _ct, _b) in list(self.inflight.items()):
+            if client is c and t in self.remapped and self.providers.get(svc) is not None:
+                self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
         if reason:
             self.log(f"{c.name or 'a partition'}: link dropped: {reason}")
         if c.name is not None and self.conns.get(c.name) is c:

@@ -7,6 +7,12 @@ guest is untrusted like any other: a completion for a transaction that is not
 outstanding, a reply of the wrong length or a registration for an interface the root
 does not relay closes the channel (the broker then rescinds the clients' offers and
 fails the requests this partition had not answered).
+
+At provider v1.1 a request may come remapped (pykvm/bus/remap.py): the client's pages
+are mapped at the window for exactly the time the guest holds the request, and removed
+before the answer goes back, when the channel closes, or when the link goes away. A
+remapped request this side cannot map (bad descriptor, not a memfd, KVM refuses, too
+many waiting) is declined: the client's root sends it again by copy.
 """
 
 from __future__ import annotations
@@ -15,13 +21,16 @@ import struct
 from collections import deque
 
 from ... import abi
+from .. import remap, wire
 from ..ring import COMPLETION, COMPLETION_REQ, INBAND
 from .base import Service, ServiceError, Session, unpack_exact
 
 SECTOR = abi.PYKVM_BLK_SECTOR
 _REGISTER = struct.Struct("<QQII%dI" % abi.PYKVM_BUS_MAX_SERVICE_VERSIONS)
 _BLK = struct.Struct("<IIQII")
+_REMAP = struct.Struct("<QII")      # struct pykvm_provider_remap
 RELAYED = {(abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI): "block"}
+MAX_WAITING_REMAPS = 8             # remapped requests queued with their descriptors; more are declined
 
 
 class ProviderSession(Session):
@@ -31,9 +40,17 @@ class ProviderSession(Session):
         super().__init__(channel, version)
         self.link = link
         self.registered = None          # (interface name, versions) once the guest registered
-        self.queue: deque = deque()     # (tag, blk, data) waiting for the guest
-        self.inflight = None            # (tag, op, count) the guest is serving
+        self.queue: deque = deque()     # (tag, blk, data, remap) waiting for the guest; remap = (fds, runs, offset)
+        self.inflight = None            # (tag, op, count, remapped) the guest is serving
+        self.window = None              # the RemapWindow of the request in flight, if remapped
         self.served = 0
+        self.counts = {"remapped": 0, "declined": 0, "unmapped": 0}
+        self.closed = False
+
+    @property
+    def can_remap(self) -> bool:
+        """The guest speaks provider v1.1 and this VM can add memslots."""
+        return self.version >= abi.PYKVM_PROVIDER_V1_1 and getattr(self.channel.host, "memslots", None) is not None
 
     def on_packet(self, pkt) -> None:
         if self.registered is None:
@@ -46,41 +63,108 @@ class ProviderSession(Session):
             if not 1 <= n <= abi.PYKVM_BUS_MAX_SERVICE_VERSIONS:
                 raise ServiceError(f"provider: {n} versions (1..{abi.PYKVM_BUS_MAX_SERVICE_VERSIONS})")
             self.registered = (interface, tuple(versions[:n]))
-            self.link.provider_up(self, interface, self.registered[1])
+            self.link.provider_up(self, interface, self.registered[1], remap=self.can_remap)
             return
         if pkt.type != COMPLETION:
             raise ServiceError(f"provider: packet of type {pkt.type}, expected a completion")
         if self.inflight is None or pkt.trans_id != self.inflight[0]:
             raise ServiceError(f"provider: completion for transaction {pkt.trans_id}, which is not outstanding")
-        tag, op, count = self.inflight
+        tag, op, count, remapped = self.inflight
         resp = unpack_exact(_BLK, pkt.payload, "provider reply")
         data = bytes(pkt.payload[_BLK.size:])
-        want = count * SECTOR if op == abi.PYKVM_BLK_OP_READ and resp[0] == abi.PYKVM_BUS_OK else 0
+        want = count * SECTOR if op == abi.PYKVM_BLK_OP_READ and resp[0] == abi.PYKVM_BUS_OK and not remapped else 0
         if not want <= len(data) < want + 8:     # the payload is padded to 8 bytes, nothing more
             raise ServiceError(f"provider: reply of {len(data)} data bytes to a request for {want}")
         self.inflight = None
+        self._unmap()                            # the pages leave this partition before the client hears back
         self.served += 1
         self.link.reply(tag, resp, data[:want])
         self._next()
 
     def submit(self, tag: int, blk: tuple, data: bytes) -> None:
         """Queue a relayed request for the guest (bus lock held)."""
-        self.queue.append((tag, blk, data))
+        self.queue.append((tag, blk, data, None))
         if self.inflight is None:
             self._next()
 
+    def submit_remap(self, tag: int, blk: tuple, desc: bytes, fds: tuple) -> None:
+        """Queue a remapped request (bus lock held); this session owns fds from here (closed or declined)."""
+        op, _r, _sector, count, _r2 = blk
+        try:
+            if self.closed or not self.can_remap:
+                raise remap.RemapError("this provider does not take remapped requests")
+            if op not in (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE) or not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS:
+                raise remap.RemapError(f"remapped operation {op} of {count} sectors")
+            if sum(1 for e in self.queue if e[3] is not None) >= MAX_WAITING_REMAPS:
+                raise remap.RemapError("too many remapped requests waiting")
+            offset, runs = remap.parse(desc, len(fds), count * SECTOR)
+        except remap.RemapError as e:
+            wire.close_fds(fds)
+            return self._decline(tag, str(e))
+        self.queue.append((tag, blk, b"", (fds, runs, offset)))
+        if self.inflight is None:
+            self._next()
+
+    def _decline(self, tag: int, reason: str) -> None:
+        self.counts["declined"] += 1
+        self.last_decline = reason
+        self.link.reply(tag, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"", declined=True)
+
     def _next(self) -> None:
-        if not self.queue or self.channel.writer is None:
+        while self.queue and self.channel.writer is not None and self.inflight is None:
+            tag, blk, data, rm = self.queue.popleft()
+            if rm is None:
+                self.inflight = (tag, blk[0], blk[3], False)
+                self.channel.send(INBAND, _BLK.pack(*blk) + data, tag, COMPLETION_REQ)
+                return
+            fds, runs, offset = rm
+            try:
+                self.window = remap.RemapWindow(self.channel.host.memslots, fds, runs,
+                                                writable=blk[0] == abi.PYKVM_BLK_OP_READ)
+            except (remap.RemapError, OSError) as e:
+                self._decline(tag, str(e))
+                continue
+            finally:
+                wire.close_fds(fds)              # the mapping keeps the pages; this VMM keeps no descriptor
+            self.counts["remapped"] += 1
+            self.inflight = (tag, blk[0], blk[3], True)
+            op, _r, sector, count, _r2 = blk
+            self.channel.send(INBAND, _BLK.pack(op, abi.PYKVM_PROVIDER_REQ_REMAPPED, sector, count, 0) +
+                              _REMAP.pack(remap.WINDOW_GPA + offset, count * SECTOR, 0), tag, COMPLETION_REQ)
             return
-        tag, blk, data = self.queue.popleft()
-        self.inflight = (tag, blk[0], blk[3])
-        self.channel.send(INBAND, _BLK.pack(*blk) + data, tag, COMPLETION_REQ)
+
+    def _unmap(self) -> None:
+        w, self.window = self.window, None
+        if w is not None:
+            w.close()
+            self.counts["unmapped"] += 1
+
+    def cancel(self, tag: int) -> None:
+        """The client of `tag` went away: its pages leave this partition now (the guest's answer is dropped)."""
+        if self.inflight is not None and self.inflight[0] == tag and self.inflight[3]:
+            self._unmap()
+        for i, e in enumerate(self.queue):
+            if e[0] == tag and e[3] is not None:
+                del self.queue[i]
+                wire.close_fds(e[3][0])
+                break
 
     def stats(self) -> dict:
-        return {"registered": self.registered[0] if self.registered else None, "served": self.served,
-                "queued": len(self.queue), "inflight": self.inflight is not None}
+        return dict(self.counts, registered=self.registered[0] if self.registered else None, served=self.served,
+                    queued=len(self.queue), inflight=self.inflight is not None, window_mapped=self.window is not None,
+                    version=self.version)
 
     def close(self) -> None:
+        self.closed = True
+        self._unmap()
+        while self.queue:
+            e = self.queue.popleft()
+            if e[3] is not None:
+                wire.close_fds(e[3][0])
+        c = self.counts
+        if c["remapped"] or c["declined"]:
+            self.link.log(f"provider closed: {self.served} served, {c['remapped']} remapped, {c['unmapped']} unmapped, "
+                          f"{c['declined']} declined, window mapped: {'yes' if self.window else 'no'}")
         self.link.provider_down(self)
 
 
@@ -89,7 +173,7 @@ class ProviderService(Service):
 
     name = "provider"
     interface = (abi.PYKVM_BUS_IF_PROVIDER_LO, abi.PYKVM_BUS_IF_PROVIDER_HI)
-    versions = (abi.PYKVM_PROVIDER_V1_0,)
+    versions = (abi.PYKVM_PROVIDER_V1_1, abi.PYKVM_PROVIDER_V1_0)
 
     def __init__(self, link):
         self.link = link

@@ -10,6 +10,11 @@ client's buffers and the client gets one completion when every piece is answered
 When the service partition goes away the link rescinds this offer (its requests in
 flight fail: replies that come later are dropped) and offers it again, under a new
 relid, once a restarted service partition registers (see bus/link.py, broker.py).
+
+A read or write of at least `remap_min` bytes whose buffer is remappable (bus/remap.py)
+and which the policy agent allows (may_remap) goes as one REMAP request instead: no
+copy, no splitting; the service partition maps the pages for the request's duration.
+Declined (the provider cannot map it or is down), it goes by copy.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from __future__ import annotations
 import struct
 
 from ... import abi
+from .. import remap, wire
 from ..ring import COMPLETION, GPA_DIRECT, INBAND
 from .base import Service, ServiceError, Session, unpack_exact
 from .block import BlockSession
 
 SECTOR = abi.PYKVM_BLK_SECTOR
 CHUNK = abi.PYKVM_PROVIDER_MAX_SECTORS
+REMAP_MIN = 4096         # bytes: one page (see remap_min_bytes in bus/policy.py)
 _REQ = struct.Struct("<IIQII")
 _RESP = struct.Struct("<IIQII")
 _OPS = {abi.PYKVM_BLK_OP_READ: "read", abi.PYKVM_BLK_OP_WRITE: "write", abi.PYKVM_BLK_OP_FLUSH: "flush",
@@ -50,7 +57,9 @@ class ProxySession(Session):
         self.service = service
         self.open = True
         self.outstanding = 0
-        self.counts = {"read": 0, "write": 0, "flush": 0, "info": 0, "refused": 0, "errors": 0, "relayed": 0}
+        self.counts = {"read": 0, "write": 0, "flush": 0, "info": 0, "refused": 0, "errors": 0, "relayed": 0,
+                       "remapped": 0, "remap_declined": 0}
+        self.remap_tags: set[int] = set()      # link tags of remapped requests not answered yet
 
     def _complete(self, trans_id: int, status: int, flags: int = 0, capacity: int = 0) -> None:
         self.channel.send(COMPLETION, _RESP.pack(status, flags, capacity, SECTOR, 0), trans_id)
@@ -82,16 +91,60 @@ class ProxySession(Session):
             p = _Pending(pkt.trans_id, op, [], 1)
             self._relay(p, (op, 0, 0, 0, 0), b"", 0, 0)
             return
+        nbytes = count * SECTOR
+        if nbytes >= svc.remap_min and svc.link is not None:
+            planned = remap.plan(self.channel.host.memory, pkt.ranges, nbytes)
+            if planned is not None and ledger.check("may_remap", svc.target, nbytes) is None:
+                return self._relay_remap(pkt.trans_id, op, sector, count, spans, planned)
+        self._copy(pkt.trans_id, op, sector, count, spans)
+
+    def _copy(self, trans_id: int, op: int, sector: int, count: int, spans) -> None:
+        """Relay a read or write by copy, in pieces of at most CHUNK sectors."""
         data = b""
         if op == abi.PYKVM_BLK_OP_WRITE:
             data = b"".join(self.channel.guest_read(gpa, n) for gpa, n in spans)   # one copy, then relayed
         pieces = (count + CHUNK - 1) // CHUNK
-        p = _Pending(pkt.trans_id, op, spans, pieces)
+        p = _Pending(trans_id, op, spans, pieces)
         for k in range(pieces):
             n = min(CHUNK, count - k * CHUNK)
             at = k * CHUNK * SECTOR
             chunk = data[at:at + n * SECTOR] if data else b""
             self._relay(p, (op, 0, sector + k * CHUNK, n, 0), chunk, at, n * SECTOR if not data else 0)
+
+    def _relay_remap(self, trans_id: int, op: int, sector: int, count: int, spans, planned) -> None:
+        """Relay one request whose pages the service partition maps (no data copied)."""
+        offset, runs = planned
+        fds: list[int] = []
+        index_of: dict[int, int] = {}
+        desc_runs = []
+        for region, off, n in runs:
+            if region.fd not in index_of:
+                index_of[region.fd] = len(fds)
+                fds.append(region.fd)
+            desc_runs.append((index_of[region.fd], off, n))
+        if len(fds) > wire.MAX_FDS:
+            return self._copy(trans_id, op, sector, count, spans)
+        p = _Pending(trans_id, op, spans, 1)
+        self.outstanding += 1
+        self.counts["remapped"] += 1
+        box: list = [None, False]             # link tag, answered
+
+        def answered(resp, rdata):
+            box[1] = True
+            self.remap_tags.discard(box[0])
+            if resp is None:                    # declined: the same request by copy
+                self.outstanding -= 1
+                self.counts["remapped"] -= 1
+                self.counts["remap_declined"] += 1
+                if self.open:
+                    self._copy(trans_id, op, sector, count, spans)
+                return
+            self._answered(p, resp, b"", 0, 0)
+
+        box[0] = self.service.link.request_remap(self.service.index, (op, 0, sector, count, 0),
+                                                 remap.pack(offset, desc_runs), fds, answered)
+        if not box[1]:
+            self.remap_tags.add(box[0])
 
     def _relay(self, p: _Pending, blk: tuple, data: bytes, at: int, expect: int) -> None:
         self.outstanding += 1
@@ -141,6 +194,13 @@ class ProxySession(Session):
 
     def close(self) -> None:
         self.open = False          # replies still in flight are dropped when they arrive
+        for tag in list(self.remap_tags):
+            self.service.link.cancel_remap(tag)      # the client's pages leave the service partition now
+        self.remap_tags.clear()
+        c = self.counts
+        if c["remapped"] or c["remap_declined"]:
+            self.service.link.log(f"{self.service.name}: {c['remapped']} requests remapped, {c['remap_declined']} "
+                                  f"declined, {c['relayed']} pieces relayed by copy")
 
 
 class BlockProxyService(Service):
@@ -149,8 +209,9 @@ class BlockProxyService(Service):
     interface = (abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI)
     versions = (abi.PYKVM_BLOCK_V1_0,)
 
-    def __init__(self, link, index: int, target: str, ledger):
+    def __init__(self, link, index: int, target: str, ledger, remap_min: int = REMAP_MIN):
         self.link = link
+        self.remap_min = remap_min   # bytes from which a request is remapped rather than copied
         self.index = index          # the service's position in this partition's `uses`
         self.target = target
         self.ledger = ledger

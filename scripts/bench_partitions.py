@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Partition benchmark: block requests served by another partition, by copy and by remapping, vs the host's service.
+
+One run, same machine, same client guest (bus-bench mode=disk): N sequential requests of
+each size, served three ways:
+  host   `pykvm run bus-bench --disk FILE`: the host's own block service (the reference)
+  copy   `pykvm up`: a bus-blocksvc service partition, data copied through the broker
+         (16-sector pieces, two socket hops each way)
+  remap  the same topology with remapping from 512 bytes: the client's pages are mapped
+         into the service partition for each request (pykvm/bus/remap.py)
+Reported per size and way: requests/s, MiB/s, VMM exits per request (every VMM of the
+run: the client's, and the service partition's), and ratios against host and copy.
+The smallest block request is one 512-byte sector: a 64-byte request is not possible
+with block I/O, so "64 B" is measured as 512 B.
+
+Timing: the guest prints "bench: ready", spins, "bench: start", runs the requests,
+"bench: done", spins; this script polls the client's serial file (1 ms) and reads
+`ctl stats` of every VMM during the spins, so boot and set-up are not counted. The
+exits of the two marker lines are measured once (n=0) and subtracted.
+
+    python3 scripts/bench_partitions.py [--n 200] [--sizes 512,65536] [--write] [--spin 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TOPOLOGY = """
+[[partition]]
+name = "storage"
+kernel = "bus-blocksvc"
+memory = "16M"
+provides = "disk0"
+cmdline = "sectors=4096"
+
+[[partition]]
+name = "client"
+kernel = "bus-bench"
+memory = "16M"
+cmdline = "{cmdline}"
+uses = ["disk0"]
+
+[policy.partition.client]
+remap = {remap}
+remap_min_bytes = 512
+"""
+
+
+def _exits(sock: Path) -> int:
+    from pykvm.machine.control import request
+
+    return sum(sum(v.values()) for v in request(str(sock), {"cmd": "stats"})["exits"])
+
+
+def _requests(sock: Path) -> tuple[int, int]:
+    """(data requests, remapped) the client's block or proxy channel has seen."""
+    from pykvm.machine.control import request
+
+    bus = request(str(sock), {"cmd": "stats"})["bus"] or {}
+    for ch in bus.get("channels", []):
+        s = ch.get("session") or ch.get("stats") or {}
+        if "read" in s and "write" in s:
+            return s["read"] + s["write"], s.get("remapped", 0)
+    return 0, 0
+
+
+def _wait_for(serial: Path, marker: str, proc, deadline: float) -> float:
+    while True:
+        now = time.perf_counter()
+        try:
+            if marker in serial.read_text(errors="replace"):
+                return now
+        except FileNotFoundError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the run ended before {marker!r}: status {proc.returncode}; see {serial.parent}")
+        if now > deadline:
+            raise SystemExit(f"no {marker!r} in {serial} within the time limit")
+        time.sleep(0.001)
+
+
+def measure(proc, serial: Path, socks: list[Path], client: Path, n: int) -> dict:
+    """Wall time and exits of the n requests between the markers, from the serial file and ctl stats."""
+    deadline = time.perf_counter() + 900
+    try:
+        _wait_for(serial, "bench: ready", proc, deadline)
+        e0 = [_exits(s) for s in socks]
+        r0 = _requests(client)
+        t0 = _wait_for(serial, "bench: start", proc, deadline)
+        t1 = _wait_for(serial, "bench: done", proc, deadline)
+        e1 = [_exits(s) for s in socks]
+        r1 = _requests(client)
+        if proc.wait(timeout=300) != 0:
+            raise SystemExit(f"the run failed with status {proc.returncode}; see {serial.parent}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if r1[0] - r0[0] != n:
+        print(f"  warning: the counters were read late ({r1[0] - r0[0]} of {n} requests between them); "
+              "raise --spin", file=sys.stderr)
+    return {"seconds": max(t1 - t0, 1e-9), "exits": sum(e1) - sum(e0), "remapped": r1[1] - r0[1]}
+
+
+def cmdline(n: int, sectors: int, write: bool, spin: int) -> str:
+    return f"mode=disk n={n} sectors={sectors} write={int(write)} spin={spin}"
+
+
+def run_host(work: Path, n: int, sectors: int, write: bool, spin: int) -> dict:
+    """The client guest against the host's block service (--disk)."""
+    disk = work / "disk.img"
+    if not disk.exists():
+        with open(disk, "wb") as f:
+            f.truncate(4096 * 512)
+    d = Path(tempfile.mkdtemp(dir=work))
+    serial, sock = d / "client.serial", d / "client.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "bus-bench", "--mem", "16M", "--disk", str(disk),
+                             "--serial", str(serial), "--control", str(sock), "--cmdline",
+                             cmdline(n, sectors, write, spin)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(d / "client.log", "wb"))
+    return measure(proc, serial, [sock], sock, n)
+
+
+def run_topology(work: Path, n: int, sectors: int, write: bool, spin: int, remap: bool) -> dict:
+    """The client guest in a partition, served by the bus-blocksvc partition by copy or by remapping."""
+    d = Path(tempfile.mkdtemp(dir=work))
+    topo = d / "topo.toml"
+    topo.write_text(TOPOLOGY.format(cmdline=cmdline(n, sectors, write, spin), remap=str(remap).lower()))
+    run = d / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "up", str(topo), "--dir", str(run)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(d / "up.log", "wb"))
+    return measure(proc, run / "client.serial", [run / "client.sock", run / "storage.sock"], run / "client.sock", n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="requests per size and way")
+    ap.add_argument("--sizes", default="512,65536", help="request sizes in bytes (multiples of 512, up to 128 KiB)")
+    ap.add_argument("--write", action="store_true", help="writes instead of reads")
+    ap.add_argument("--spin", type=int, default=100, help="guest spin (thousands of loop iterations) around the run")
+    ap.add_argument("--ways", default="host,copy,remap")
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    if any(s % 512 or not 512 <= s <= 128 << 10 for s in sizes):
+        raise SystemExit("--sizes: multiples of 512 from 512 to 131072")
+    ways = a.ways.split(",")
+    from pykvm.artifacts import bundled_guests
+
+    bundled_guests()                       # build once, before anything is timed
+    op = "writes" if a.write else "reads"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        marker = run_host(work, 0, 1, a.write, a.spin)["exits"]
+        print(f"client -> service block {op}, {a.n} sequential requests per size and way "
+              f"(marker lines: {marker} exits, subtracted)")
+        print(f"{'size':>7} {'way':<6} {'req/s':>9} {'MiB/s':>8} {'exits/req':>10} {'remapped':>9}")
+        results = {}
+        for size in sizes:
+            sectors = size // 512
+            for way in ways:
+                if way == "host":
+                    r = run_host(work, a.n, sectors, a.write, a.spin)
+                else:
+                    r = run_topology(work, a.n, sectors, a.write, a.spin, remap=way == "remap")
+                rate = a.n / r["seconds"]
+                results[(size, way)] = rate
+                print(f"{size:>7} {way:<6} {rate:>9.1f} {rate * size / (1 << 20):>8.2f} "
+                      f"{(r['exits'] - marker) / a.n:>10.2f} {r['remapped']:>9}", flush=True)
+        print("ratios of requests/s:")
+        for size in sizes:
+            g = lambda w: results.get((size, w))  # noqa: E731
+            parts = []
+            for num, den in (("copy", "host"), ("remap", "host"), ("remap", "copy")):
+                if g(num) and g(den):
+                    parts.append(f"{num}/{den} {g(num) / g(den):.2f}")
+            print(f"{size:>7}: " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
