@@ -36,6 +36,20 @@ def entries(cfg_path: Path, wanted: list[str]):
         yield name, sec
 
 
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def entry_timeout(value: str | None, default: float) -> float:
+    """An entry's own `timeout` (coreutils timeout syntax: 90, 90s, 5m...), else `default`."""
+    text = (value or "").strip()
+    unit = text[-1:] if text[-1:] in "smhd" else ""
+    try:
+        seconds = float(text[:len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        return default
+    return seconds if 0 < seconds < 1e6 else default
+
+
 def verdict(rc: int | None) -> str:
     """PASS / FAIL / SKIP / TIMEOUT / rc N."""
     if rc is None:
@@ -66,7 +80,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suite", type=Path)
     ap.add_argument("tests", nargs="*")
-    ap.add_argument("--timeout", type=float, default=90.0)
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds for entries without their own timeout")
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
     root = Path(__file__).resolve().parent.parent
@@ -79,7 +93,7 @@ def main() -> int:
             rows.append((name, "n/a", "n/a"))
             continue
         args = sec.get("test_args", "").strip('"')
-        timeout = a.timeout
+        timeout = entry_timeout(sec.get("timeout"), a.timeout)
         pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
               "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
         pk += cpu_option(sec.get("qemu_params", ""))
