@@ -14,8 +14,11 @@ next interrupt still pending in the IRR and merges with it.
 from __future__ import annotations
 
 import threading
+import traceback
 
+from .. import errors
 from ..kvm.abi import ffi
+from .config import Outcome
 
 FIRST_LOOK = 0.02     # seconds a level interrupt stays in service before the LAPICs are looked at
 LONGEST_WAIT = 1.0    # the doubling waits stop growing here
@@ -60,6 +63,16 @@ class EoiWatch:
             self._thread.join(2.0)
 
     def _run(self) -> None:
+        m = self.machine
+        try:
+            self._watch()
+        except Exception as e:
+            if not m.stopping:     # a KVM call failing on a live VM is pykvm's bug: end the VM as such
+                m.finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error", f"internal error in the EOI watch: "
+                                 f"{type(e).__name__}: {e}", trigger="vmm-error",
+                                 details={"traceback": traceback.format_exc()}))
+
+    def _watch(self) -> None:
         m = self.machine
         wait = FIRST_LOOK
         while not self._stop.is_set() and not m.stopping:
