@@ -50,3 +50,14 @@ def test_cpu_option_turns_off_what_qemu_params_turn_off():
 @given(st.text(max_size=12))
 def test_any_timeout_text_gives_a_positive_number(text):
     assert 0 < kut.entry_timeout(text, 7.0) < 1e6
+
+
+def test_test_args_lose_their_quotes_as_the_suites_shell_runner_does():
+    # 'vmcall' reaching the guest with its quotes names no test: the run "passes" having run nothing
+    assert kut.test_args("'vmcall'") == "vmcall"
+    assert kut.test_args('"-pause_filter_test -svm_unsupported_instruction_intercept_test"') == \
+        "-pause_filter_test -svm_unsupported_instruction_intercept_test"
+    assert kut.test_args("tscdeadline") == "tscdeadline"
+    words = kut.test_args('"10000000 `date +%s`"').split()
+    assert words[0] == "10000000" and words[1].isdigit()
+    assert kut.test_args("'unbalanced") == "'unbalanced"
