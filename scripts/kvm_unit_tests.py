@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))    # this tree's pykvm (its CPU feature names), as the runs below use
+
 PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc", "pic", "pit"]
 STATUS = {1: "PASS", 155: "SKIP", 3: "FAIL"}
 
@@ -34,6 +37,30 @@ def entries(cfg_path: Path, wanted: list[str]):
         if sec.get("arch", "x86_64") != "x86_64" or (wanted and name not in wanted):
             continue
         yield name, sec
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def entry_timeout(value: str | None, default: float) -> float:
+    """An entry's own `timeout` (coreutils timeout syntax: 90, 90s, 5m...), else `default`."""
+    text = (value or "").strip()
+    unit = text[-1:] if text[-1:] in "smhd" else ""
+    try:
+        seconds = float(text[:len(text) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        return default
+    return seconds if 0 < seconds < 1e6 else default
+
+
+def test_args(raw: str) -> str:
+    """The guest command line an entry's test_args make once a shell has read them, as kvm-unit-tests'
+    runner passes them: quotes removed, and sieve's `date +%s` replaced by the time now."""
+    raw = raw.replace("`date +%s`", str(int(time.time())))
+    try:
+        return " ".join(shlex.split(raw))
+    except ValueError:        # unbalanced quotes: what the file says
+        return raw
 
 
 def verdict(rc: int | None) -> str:
@@ -66,11 +93,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suite", type=Path)
     ap.add_argument("tests", nargs="*")
-    ap.add_argument("--timeout", type=float, default=90.0)
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds for entries without their own timeout")
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     rows = []
     for name, sec in entries(a.suite / "x86" / "unittests.cfg", a.tests):
         flat = a.suite / "x86" / sec["file"]
@@ -78,8 +104,8 @@ def main() -> int:
         if not smp.isdigit():
             rows.append((name, "n/a", "n/a"))
             continue
-        args = sec.get("test_args", "").strip('"')
-        timeout = a.timeout
+        args = test_args(sec.get("test_args", ""))
+        timeout = entry_timeout(sec.get("timeout"), a.timeout)
         pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
               "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
         pk += cpu_option(sec.get("qemu_params", ""))

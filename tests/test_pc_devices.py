@@ -109,6 +109,44 @@ def test_level_pin_holds_remote_irr_until_eoi_then_refires_while_high():
     assert len(sent) == 2 and not _read_redir(io, 14) & REMOTE_IRR
 
 
+def test_recover_ends_only_deliveries_no_lapic_holds_and_refires_a_high_line():
+    # a host that lost the EOI exit (the vCPU blocked in HLT with it queued): the machine saw the
+    # vector in no IRR/ISR and hands the stale delivery back; the line is still high, so it fires again
+    io, sent, _ = _ioapic()
+    _write_redir(io, 14, 0x9A | LEVEL)
+    _write_redir(io, 13, 0x64 | LEVEL)
+    io.set_irq(14, 1)
+    io.set_irq(13, 1)
+    stale = io.outstanding()
+    assert set(stale) == {13, 14} and len(sent) == 2
+    assert io.recover(stale, held={0x64}) == [14]      # 0x64 is still in a LAPIC: not ended
+    assert len(sent) == 3 and sent[-1][1] & 0xFF == 0x9A
+    assert _read_redir(io, 14) & REMOTE_IRR and _read_redir(io, 13) & REMOTE_IRR
+    assert io.recover(stale, held=set()) == [13]       # 14's entry is a newer delivery now
+    assert io.recovered == 2
+
+
+def test_recover_ignores_a_delivery_ended_meanwhile_and_bad_pins():
+    io, sent, _ = _ioapic()
+    _write_redir(io, 14, 0x9A | LEVEL)
+    io.set_irq(14, 1)
+    stale = io.outstanding()
+    io.set_irq(14, 0)
+    io.eoi(0x9A)                                       # the real EOI exit came after all
+    assert io.recover({**stale, 99: 1, -1: 1}, held=set()) == []
+    assert len(sent) == 1 and io.outstanding() == {}
+
+
+def test_level_delivery_notifies_the_watch():
+    seen = []
+    io = IoApic(on_level_sent=lambda: seen.append(1))
+    _write_redir(io, 2, 0x30)
+    io.set_irq(2, 1)                                   # edge: nothing awaits an EOI
+    _write_redir(io, 3, 0x31 | LEVEL)
+    io.set_irq(3, 1)
+    assert seen == [1]
+
+
 def test_unmasking_a_high_level_pin_delivers():
     io, sent, _ = _ioapic()
     _write_redir(io, 3, 0x82 | LEVEL | MASKED)

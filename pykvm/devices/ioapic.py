@@ -6,6 +6,12 @@ then exits with KVM_EXIT_IOAPIC_EOI and the machine calls `eoi(vector)`. KVM onl
 vectors it finds in the GSI routing table as level-triggered MSI routes of pins below 24, so every
 redirection write hands the machine the pin's MSI through `route(pin, address, data)`; delivery is
 `deliver(address, data)` (KVM_SIGNAL_MSI). The model itself never touches an ioctl.
+
+Some hosts lose that exit: a KVM that emulates a run of guest instructions in one go (PVM batches
+them) can take the EOI and then a HLT in the same batch, and the vCPU blocks with the exit still
+queued, so Remote IRR would stay set and a line still high never fires again. `outstanding()` and
+`recover()` let the machine finish such an EOI itself once it has seen the vector in no LAPIC's
+ISR or IRR (see machine/eoi_watch.py); `on_level_sent()` tells it a level interrupt went out.
 """
 
 from __future__ import annotations
@@ -46,17 +52,20 @@ class IoApic(Device):
 
     name = "ioapic"
 
-    def __init__(self, base: int = BASE, deliver=None, route=None):
+    def __init__(self, base: int = BASE, deliver=None, route=None, on_level_sent=None):
         super().__init__(base=base)
         self.mmio = [(base, SIZE)]
         self.deliver = deliver or (lambda address, data: None)
         self.route = route or (lambda pin, address, data: None)
+        self.on_level_sent = on_level_sent or (lambda: None)
         self.lock = threading.RLock()
         self.ioregsel = 0
         self.id = 0
         self.redir = [MASKED] * PINS
         self.levels = [0] * PINS
         self.delivered = 0
+        self.sent_at = [0] * PINS      # per pin, the value of `delivered` when its level interrupt last went out
+        self.recovered = 0             # EOIs finished by recover() rather than by an EOI exit
 
     def prepare_hardware(self) -> None:
         """Tell the machine every pin's (masked) route, so KVM's table matches the model from the start."""
@@ -85,11 +94,34 @@ class IoApic(Device):
                     self.redir[pin] = entry & ~REMOTE_IRR
                     self._service(pin)
 
+    def outstanding(self) -> dict[int, int]:
+        """{pin: delivery number} of every level pin whose interrupt awaits its EOI (Remote IRR set)."""
+        with self.lock:
+            return {pin: self.sent_at[pin] for pin, e in enumerate(self.redir) if e & REMOTE_IRR}
+
+    def recover(self, stale: dict[int, int], held: set[int]) -> list[int]:
+        """End the deliveries in `stale` ({pin: delivery number}) whose vector is not in `held` (the vectors
+        some LAPIC still has in its IRR or ISR): the guest EOI'd them; returns the pins so ended."""
+        done = []
+        with self.lock:
+            for pin, number in stale.items():
+                if not 0 <= pin < PINS:
+                    continue
+                entry = self.redir[pin]
+                if entry & REMOTE_IRR and self.sent_at[pin] == number and entry & 0xFF not in held:
+                    self.redir[pin] = entry & ~REMOTE_IRR
+                    self.recovered += 1
+                    done.append(pin)
+                    self._service(pin)
+        return done
+
     def _service(self, pin: int) -> None:
         entry = self.redir[pin]
         if self.levels[pin] and entry & LEVEL and not entry & (MASKED | REMOTE_IRR):
             self.redir[pin] = entry | REMOTE_IRR
             self._send(pin, entry)
+            self.sent_at[pin] = self.delivered
+            self.on_level_sent()
 
     def _send(self, pin: int, entry: int) -> None:
         self.delivered += 1

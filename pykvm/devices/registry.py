@@ -185,7 +185,8 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
     DeviceType("ioapic", "I/O APIC at 0xfec00000 for the split irqchip (added with any device that raises IRQs)",
                "pykvm.devices.ioapic:IoApic",
                lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(
-                   deliver=ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"))),
+                   deliver=ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"),
+                   on_level_sent=ctx.extra.get("ioapic_level_sent"))),
     DeviceType("pic", "the PC's 8259A pair at 0x20 and 0xa0 (vectors 0x08/0x70) on the BSP's LINT0 (split irqchip)",
                "pykvm.devices.i8259:I8259",
                lambda ctx, o: _import("pykvm.devices.i8259:I8259")(notify=ctx.extra.get("extint_notify"))),

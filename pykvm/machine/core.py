@@ -89,6 +89,7 @@ class Machine:
         self.loop = VcpuLoop(self)
         self.eoi_handler = None          # the userspace IOAPIC's eoi(vector) under the split irqchip
         self.extint = None               # the userspace 8259 pair (PicPair) whose output is the BSP's LINT0
+        self.eoi_watch = None            # eoi_watch.EoiWatch beside the userspace IOAPIC
         try:
             self._build()
         except errors.PykvmError as e:
@@ -204,6 +205,8 @@ class Machine:
 
             display = TextDisplay(self)
             display.start()             # its thread exists before the sandbox: no clone() needed later
+        if self.eoi_watch is not None:
+            self.eoi_watch.start()      # likewise
         try:
             if self.config.sandbox:       # after set-up, before any guest code runs
                 from .. import sandbox
@@ -224,6 +227,8 @@ class Machine:
         finally:
             if display is not None:
                 display.stop()
+            if self.eoi_watch is not None:
+                self.eoi_watch.stop()
             self._close_bus()           # finishes the request in hand (a block write) first
             self.supervisor.stop()
             self.devices.stop_all()

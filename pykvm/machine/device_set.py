@@ -11,6 +11,7 @@ from ..devices import registry
 from ..devices.policy import PolicyAuthority
 from ..devices.supervisor import Supervisor
 from .config import Outcome
+from .eoi_watch import EoiWatch
 from .pausing import kick
 
 IOAPIC_BASE = 0xFEC00000
@@ -88,11 +89,15 @@ def _split_ioapic(m, ctx, wanted):
     vm = m.vm
     ctx.extra["msi"] = lambda address, data: vm.signal_msi(address, data)
     ctx.extra["ioapic_route"] = lambda pin, address, data: vm.gsi_routing.add_msi(pin, address, data)
+    watch = EoiWatch(m)
+    ctx.extra["ioapic_level_sent"] = watch.notify
     opts = next((o for n, o in wanted if n == "ioapic"), {})
     try:
         ioapic = registry.lookup("ioapic").make(ctx, dict(opts))
     except (registry.DeviceSpecError, ValueError) as e:
         raise errors.DeviceConfigError(f"--device: {e}") from None
+    watch.ioapic = ioapic
+    m.eoi_watch = watch
     # ISA IRQ 0 (the PIT) is IOAPIC pin 2, as the MADT's override says and QEMU wires it; IRQ 2 is the
     # PIC cascade and reaches no pin
     ctx.irq_line = lambda line, level: ioapic.set_irq(2, level) if line == 0 else (
