@@ -220,3 +220,116 @@ def test_proxy_refuses_a_sector_range_past_2_64():
     session.on_packet(pkt)
     assert svc.link.frames == []
     assert [struct.unpack_from("<I", p)[0] for _t, p, _i in ch.sent] == [abi.PYKVM_BUS_E_INVALID]
+
+
+def _up_popen(topo, run):
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "pykvm", "up", str(topo), "--dir", str(run)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
+
+
+def _wait_for(path, text, proc, timeout=240.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path}: "
+                         f"{path.read_text() if path.exists() else 'no file'}")
+
+
+VERSIONS = """
+[[partition]]
+name = "old"
+kernel = "bus-blocksvc"
+provides = "disk0"
+
+[[partition]]
+name = "new"
+kernel = "bus-blocksvc"
+cmdline = "versions=1.1,1.0"
+provides = "disk1"
+
+[[partition]]
+name = "client1"
+kernel = "bus-block"
+cmdline = "versions=1.1,1.0 wsec=100 wcount=16 seed=3"
+uses = ["disk0"]
+
+[[partition]]
+name = "client2"
+kernel = "bus-block"
+cmdline = "versions=1.1 wsec=300 wcount=8 seed=5 linger=1"
+trust = "untrusted"
+uses = ["disk1"]
+
+[[partition]]
+name = "client3"
+kernel = "bus-block"
+cmdline = "versions=2.0"
+uses = ["disk0"]
+
+[policy.partition.client2]
+versions = ["1.0"]
+"""
+
+
+@pytest.mark.kvm
+def test_up_versions_across_partitions_and_ctl_policy(tmp_path):
+    """Older minor serves a newer client; a policy caps a version; a major mismatch names both lists; ctl policy."""
+    import json
+
+    topo = tmp_path / "topo.toml"
+    topo.write_text(VERSIONS)
+    run = tmp_path / "run"
+    proc = _up_popen(topo, run)
+    try:
+        _wait_for(run / "client2.serial", "block: lingering\n", proc)
+        r = pykvm("ctl", str(run / "client2.sock"), "policy")
+        assert r.returncode == 0, r.stderr
+        pol = json.loads(r.stdout)["policy"]
+        assert pol["partition"] == "client2" and pol["agent"] == "TopologyPolicy"
+        assert pol["allowed"]["may_offer"] == 1 and pol["allowed"]["may_open"] == 1
+        assert pol["refused"]["may_open"] == 1 and pol["refused"]["may_write"] >= 1
+        assert "client2 may not use disk1 at version 1.1 (its policy allows 1.0)" in pol["last_refusals"]
+        assert "client2 may not write to disk1" in pol["last_refusals"]
+        link = json.loads(r.stdout)["link"]
+        assert link["service_versions"] == {"disk1": ["1.1", "1.0"]} and link["trust"] == "untrusted"
+        r = pykvm("ctl", str(run / "client2.sock"), "stats")
+        chans = [c for c in json.loads(r.stdout)["bus"]["channels"] if c["service"] == "block@disk1"]
+        assert chans[0]["session"]["version"] == "1.0", chans
+        r = pykvm("ctl", str(run / "client2.sock"), "rescind", f"relid={chans[0]['relid']}")
+        assert r.returncode == 0, r.stderr
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = out.decode(), err.decode()
+    # `up` exits with the first failing client's status: client3's refused open (exit_code(4): status 9)
+    assert proc.returncode == 9, (out, err)
+    assert "partition client1: status 0" in out and "partition client2: status 0" in out
+    assert "partition client3: status 9" in out
+    c1 = (run / "client1.serial").read_text()
+    assert "block: open, version 1.0\n" in c1 and "block: read back 16 sectors at 100: pattern ok\n" in c1
+    assert "blocksvc: a client at version 1.0\n" in (run / "old.serial").read_text()
+    c2 = (run / "client2.serial").read_text()
+    assert "block: open, version 1.0\n" in c2 and c2.endswith("block: rescinded\n")
+    assert "blocksvc: a client at version 1.0\n" in (run / "new.serial").read_text()
+    assert "serving 2048 sectors, generation 0, versions 1.1 1.0\n" in (run / "new.serial").read_text()
+    # the incompatible pair: both lists on the client's console and in its VMM log
+    c3 = (run / "client3.serial").read_text()
+    assert "block: open refused: no common version; this guest speaks 2.0, the service 1.0\n" in c3
+    assert ("(block@disk0): the guest speaks 2.0, disk0's service partition 1.0: no common major version"
+            in (run / "client3.log").read_text())
+    assert "refused: client2 may not use disk1 at version 1.1" in (run / "client2.log").read_text()
+    assert "new serves disk1 at versions 1.1, 1.0" in err

@@ -10,6 +10,17 @@ are held, in order, and sent again once it registers: a client sees a slow reque
 a lost or doubled completion. A crashed partition is started again up to its `restarts`
 (the command line gets generation=K); once every client partition has ended, the broker
 closes the providers' links, their provider channels are rescinded and they power off.
+
+Versions: a provider registers the versions its guest serves; a partition that uses
+services is started once their providers have registered (or ended for good, or after
+START_WAIT), and its welcome carries those versions, so its proxy offers exactly what the
+service partition speaks. A provider registering again (a restart) sends the new list.
+
+A provider that answers nothing for its `request_timeout` (topology, default 30 s) while
+requests are outstanding is lost: the oldest unanswered request is answered
+PYKVM_BUS_E_IO (it may be the one that hangs the provider, so it is not sent again), the
+link is dropped with the reason, the partition is stopped (SIGKILL) and treated as a
+crashed one: restarted within its `restarts`, the rest of its requests held meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from ..bus import wire
 POLL = 0.2
 MAX_HELD = 4096           # requests held for a service that is down; more are answered E_IO
 STOP_GRACE = 10.0
+START_WAIT = 120.0        # longest a partition waits to start for the services it uses to register
 
 
 class _Conn:
@@ -39,6 +51,7 @@ class _Conn:
         self.sock = sock
         self.parser = wire.FrameParser()
         self.name = None
+        self.progress = 0.0        # a provider: when it last answered (or was given work while idle)
 
 
 class Broker:
@@ -58,8 +71,13 @@ class Broker:
         self.held: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
         self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, frame body)
         self.tags = itertools.count(1)
-        self.counts = {"relayed": 0, "replies": 0, "held": 0, "resent": 0, "restarts": 0, "refused": 0}
+        self.counts = {"relayed": 0, "replies": 0, "held": 0, "resent": 0, "restarts": 0, "refused": 0,
+                       "timeouts": 0}
         self.stopping = False
+        self.versions: dict[str, list[int]] = {}           # service -> versions its provider registered
+        self.gone: set[str] = set()                        # services whose provider ended for good
+        self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
+        self.start_deadline = 0.0
 
     # ---------------------------------------------------------------- partitions
     def files(self, p, gen: int = 0) -> dict:
@@ -94,19 +112,38 @@ class Broker:
         os.chmod(self.path, 0o600)
         self.lsock.listen(64)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
-        for p in sorted(self.topo.partitions, key=lambda p: p.provides is None):
-            self.spawn(p)
+        self.start_deadline = time.monotonic() + START_WAIT
+        for p in self.topo.partitions:
+            if not p.uses:
+                self.spawn(p)
+        self._spawn_ready()
+
+    def _spawn_ready(self) -> None:
+        """Start the waiting partitions whose services have all registered or ended (all after START_WAIT)."""
+        late = time.monotonic() > self.start_deadline
+        for p in list(self.waiting):
+            if late or all(u in self.versions or u in self.gone for u in p.uses):
+                if late:
+                    missing = [u for u in p.uses if u not in self.versions and u not in self.gone]
+                    if missing:
+                        self.log(f"{p.name}: starting without {', '.join(missing)}, not registered after "
+                                 f"{START_WAIT:.0f} s")
+                self.waiting.remove(p)
+                self.spawn(p)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, int]:
         """Relay until every partition has ended; their exit statuses."""
-        while self.procs:
+        while self.procs or self.waiting:
             for key, _ev in self.sel.select(POLL):
                 if key.data is None:
                     self._accept()
                 else:
                     self._readable(key.data)
+            self._check_timeouts()
             self._reap()
+            if self.waiting and not self.stopping:
+                self._spawn_ready()
             if self.stopping and time.monotonic() > self.deadline:
                 self.kill_stragglers()
         return self.status
@@ -152,7 +189,8 @@ class Broker:
             self.conns[name] = c
             self._send(c, wire.json_frame(wire.WELCOME, {
                 "name": p.name, "trust": p.trust, "uses": list(p.uses), "provides": p.provides,
-                "rules": asdict(p.rules), "generation": self.generation[p.name]}))
+                "rules": asdict(p.rules), "generation": self.generation[p.name],
+                "versions": {u: self.versions[u] for u in p.uses if u in self.versions}}))
             return
         p = self.topo.by_name(c.name)
         if kind == wire.REGISTER:
@@ -160,11 +198,26 @@ class Broker:
             if p.provides is None or obj.get("interface") != "block":
                 raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
                                      "does not provide")
+            versions = obj.get("versions")
+            if (not isinstance(versions, list) or not 1 <= len(versions) <= 8
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 32 for v in versions)):
+                raise wire.WireError(f"{p.name} registered versions {versions!r}, expected 1..8 u32 versions")
             self.providers[p.provides] = c
-            self.log(f"{p.name} serves {p.provides} (generation {self.generation[p.name]})")
+            self.versions[p.provides] = versions
+            c.progress = time.monotonic()
+            self.log(f"{p.name} serves {p.provides} at versions "
+                     f"{', '.join(f'{v >> 16}.{v & 0xFFFF}' for v in versions)} (generation {self.generation[p.name]})")
+            for q in self.topo.partitions:       # clients running already learn the versions of a restart
+                qc = self.conns.get(q.name)
+                if qc is not None and p.provides in q.uses:
+                    self._send(qc, wire.json_frame(wire.STATUS, {"service": p.provides, "versions": versions}))
             self._flush(p.provides)
+            self._spawn_ready()
         elif kind == wire.STATUS:
-            if p.provides and self.providers.get(p.provides) is c and wire.parse_json(body).get("provider") == "down":
+            obj = wire.parse_json(body)
+            if p.provides and self.providers.get(p.provides) is c and obj.get("provider") == "down":
+                reason = obj.get("reason")
+                self.log(f"{p.name}: its provider channel closed" + (f": {reason}" if isinstance(reason, str) else ""))
                 self._provider_lost(p.provides)
         elif kind == wire.REQUEST:
             tag, index, blk, _data = wire.parse_data(body)
@@ -184,6 +237,7 @@ class Broker:
                 raise wire.WireError(f"{p.name} answered transaction {tag}, which it was not given")
             del self.inflight[tag]
             _svc, client, ctag, _b = entry
+            c.progress = time.monotonic()
             self.counts["replies"] += 1
             if self.conns.get(client.name) is client:
                 self._send(client, wire.data_frame(wire.REPLY, ctag, 0, resp, data))
@@ -194,6 +248,8 @@ class Broker:
         """Send the held requests of service to its provider, if it is up."""
         prov = self.providers.get(service)
         q = self.held[service]
+        if prov is not None and q and not any(e[0] == service for e in self.inflight.values()):
+            prov.progress = time.monotonic()       # idle until now: its clock starts with this work
         while prov is not None and q:
             c, ctag, body = q.popleft()
             if self.conns.get(c.name) is not c:
@@ -202,6 +258,29 @@ class Broker:
             self.inflight[btag] = (service, c, ctag, body)
             self.counts["relayed"] += 1
             self._send(prov, wire.frame(wire.REQUEST, wire.TAG.pack(btag, 0) + body[wire.TAG.size:]))
+
+    def _check_timeouts(self) -> None:
+        """Lose a provider that answered nothing for its request_timeout while requests were outstanding."""
+        now = time.monotonic()
+        for service, c in list(self.providers.items()):
+            p = self.topo.by_name(c.name)
+            if now - c.progress <= p.request_timeout:
+                continue
+            mine = sorted(t for t, e in self.inflight.items() if e[0] == service)
+            if not mine:
+                continue
+            _s, client, ctag, _b = self.inflight.pop(mine[0])
+            self.counts["timeouts"] += 1
+            if self.conns.get(client.name) is client:
+                self._send(client, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            self._drop(c, f"request {mine[0]} for {service} from {client.name} unanswered after "
+                          f"{p.request_timeout:g} s: the provider is lost and stopped")
+            proc = self.procs.get(p.name)
+            if proc is not None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def _provider_lost(self, service: str) -> None:
         """The provider of service stopped serving: hold what it had not answered, oldest first."""
@@ -247,9 +326,10 @@ class Broker:
             else:
                 self.log(f"{name} ended with status {rc}")
                 if p.provides and not self.stopping:
+                    self.gone.add(p.provides)
                     self._fail_held(p.provides)
         clients = [p.name for p in self.topo.partitions if not p.provides]
-        if not self.stopping and clients and not any(n in self.procs for n in clients):
+        if not self.stopping and clients and not self.waiting and not any(n in self.procs for n in clients):
             self._stop_providers()
 
     def _fail_held(self, service: str) -> None:

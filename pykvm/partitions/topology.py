@@ -10,10 +10,13 @@
     provides = "disk0"            # at most one service, served by the guest (block)
     uses = ["disk0"]              # services of other partitions this one's guest sees
     restarts = 3                  # times a crashed partition is started again, default 0
+    request_timeout = 30          # a provider silent this long (seconds, 0.1..3600) with requests
+                                  # outstanding is lost: stopped, its oldest request answered E_IO
 
     [policy.trusted]              # overrides of the trusted defaults (bus/policy.py Rules)
     [policy.untrusted]            # overrides of the conservative untrusted defaults
     [policy.partition.NAME]       # overrides for one partition, on top of its trust level
+                                  # (versions = ["1.0"]: the service versions it may open)
 
 Everything is validated strictly: an unknown key, a wrong type, a value out of range, a
 duplicate name, a service used but provided by no partition: TopologyError naming it.
@@ -31,7 +34,8 @@ from ..units import parse_size
 
 NAME = re.compile(r"[a-z0-9_-]{1,32}")
 MAX_PARTITIONS = 16
-_KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts"}
+_KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts", "request_timeout"}
+REQUEST_TIMEOUT = 30.0
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Partition:
     provides: str | None = None
     uses: tuple[str, ...] = ()
     restarts: int = 0
+    request_timeout: float = REQUEST_TIMEOUT
     rules: Rules = field(default_factory=Rules)
 
 
@@ -91,6 +96,12 @@ def _int(value, where: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise TopologyError(f"{where}: expected an integer in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def _seconds(value, where: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise TopologyError(f"{where}: expected a number of seconds in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
 
 
 def parse(doc: dict) -> Topology:
@@ -156,7 +167,10 @@ def parse(doc: dict) -> Topology:
                                cpus=_int(e.get("cpus", 1), f"{where}.cpus", 1, 16),
                                cmdline=_str(e.get("cmdline", ""), f"{where}.cmdline"), trust=trust,
                                provides=provides, uses=uses,
-                               restarts=_int(e.get("restarts", 0), f"{where}.restarts", 0, 100), rules=rules))
+                               restarts=_int(e.get("restarts", 0), f"{where}.restarts", 0, 100),
+                               request_timeout=_seconds(e.get("request_timeout", REQUEST_TIMEOUT),
+                                                        f"{where}.request_timeout", 0.1, 3600),
+                               rules=rules))
     topo = Topology(parts)
     for name in per:
         if topo.by_name(name) is None:

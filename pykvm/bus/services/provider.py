@@ -6,6 +6,9 @@ under the bus lock) one at a time, and passes each completion back to the broker
 guest is untrusted like any other: a completion for a transaction that is not
 outstanding, a reply of the wrong length or a registration for an interface the root
 does not relay closes the channel (the broker then holds the requests for a restart).
+The registered versions must be distinct, newest first, and of a major the root relays
+(block 1.x: the relayed request and response layouts are those of block 1.0); the
+client partitions' proxies offer them and say which one a relayed request is for.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from collections import deque
 
 from ... import abi
 from ..ring import COMPLETION, COMPLETION_REQ, INBAND
+from ..messages import versions_text
 from .base import Service, ServiceError, Session, unpack_exact
 
 SECTOR = abi.PYKVM_BLK_SECTOR
 _REGISTER = struct.Struct("<QQII%dI" % abi.PYKVM_BUS_MAX_SERVICE_VERSIONS)
 _BLK = struct.Struct("<IIQII")
 RELAYED = {(abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI): "block"}
+RELAYED_MAJORS = {"block": (abi.PYKVM_BLOCK_V1_0 >> 16,)}
 
 
 class ProviderSession(Session):
@@ -44,7 +49,13 @@ class ProviderSession(Session):
                 raise ServiceError(f"provider: interface {hi:016x}{lo:016x} is not one the root relays")
             if not 1 <= n <= abi.PYKVM_BUS_MAX_SERVICE_VERSIONS:
                 raise ServiceError(f"provider: {n} versions (1..{abi.PYKVM_BUS_MAX_SERVICE_VERSIONS})")
-            self.registered = (interface, tuple(versions[:n]))
+            versions = tuple(versions[:n])
+            majors = RELAYED_MAJORS[interface]
+            if (any(v >> 16 not in majors for v in versions) or len(set(versions)) != n
+                    or list(versions) != sorted(versions, reverse=True)):
+                raise ServiceError(f"provider: {interface} versions {versions_text(versions)} registered; the root "
+                                   f"relays {interface} {', '.join(f'{m}.x' for m in majors)}, distinct, newest first")
+            self.registered = (interface, versions)
             self.link.provider_up(self, interface, self.registered[1])
             return
         if pkt.type != COMPLETION:
@@ -80,7 +91,7 @@ class ProviderSession(Session):
                 "queued": len(self.queue), "inflight": self.inflight is not None}
 
     def close(self) -> None:
-        self.link.provider_down(self)
+        self.link.provider_down(self, self.channel.closed_reason)
 
 
 class ProviderService(Service):
