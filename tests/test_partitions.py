@@ -333,3 +333,131 @@ def test_up_versions_across_partitions_and_ctl_policy(tmp_path):
             in (run / "client3.log").read_text())
     assert "refused: client2 may not use disk1 at version 1.1" in (run / "client2.log").read_text()
     assert "new serves disk1 at versions 1.1, 1.0" in err
+
+
+HOSTILE_SERVICES = """
+[[partition]]
+name = "storage"
+kernel = "bus-blocksvc"
+provides = "disk0"
+
+[[partition]]
+name = "badtag"
+kernel = "bus-blocksvc"
+cmdline = "hostile=tag"
+request_timeout = 5
+provides = "disk1"
+
+[[partition]]
+name = "badlen"
+kernel = "bus-blocksvc"
+cmdline = "hostile=length"
+request_timeout = 5
+provides = "disk2"
+
+[[partition]]
+name = "silent"
+kernel = "bus-blocksvc"
+cmdline = "hostile=silent"
+provides = "disk3"
+request_timeout = 2
+
+[[partition]]
+name = "client1"
+kernel = "bus-block"
+cmdline = "wsec=100 wcount=40 seed=3"
+uses = ["disk0"]
+
+[[partition]]
+name = "prober"
+kernel = "bus-block"
+cmdline = "probe=1"
+uses = ["disk1", "disk2", "disk3"]
+"""
+
+
+def _check_clean_client(run, name="client1"):
+    c1 = (run / f"{name}.serial").read_text()
+    assert "block: read back 40 sectors at 100: pattern ok\n" in c1 and c1.endswith("block: done\n"), c1
+
+
+@pytest.mark.kvm
+def test_up_hostile_service_partitions_are_contained(tmp_path):
+    """Wrong transaction ids, a reply of the wrong length, silence: each provider is cut off alone."""
+    topo = tmp_path / "topo.toml"
+    topo.write_text(HOSTILE_SERVICES)
+    run = tmp_path / "run"
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    import re
+
+    _check_clean_client(run)
+    probe = (run / "prober.serial").read_text()
+    # its clients' requests fail with PYKVM_BUS_E_IO; the root and the other partitions go on
+    assert probe.count("info I/O error, read I/O error\n") == 3 and probe.endswith("block: probed\n"), probe
+    assert "partition storage: status 0" in out and "partition client1: status 0" in out
+    # a cut-off provider's guest powers off when it sees its channel closed (0); one that does not is
+    # stopped by the root once its service has been down for request_timeout with requests held (-9)
+    assert re.search(r"partition badtag: status (0|-9) ", out) and re.search(r"partition badlen: status (0|-9) ", out)
+    assert "partition silent: status -9" in out            # stopped by the root after its request_timeout
+    assert "badtag: its provider channel closed: provider: completion for transaction" in err
+    assert "badlen: its provider channel closed: provider: reply of 1024 data bytes to a request for 0" in err
+    assert re.search(r"silent: link dropped: request \d+ for disk3 from prober unanswered after 2 s: "
+                     r"the provider is lost and stopped", err), err
+    assert "(provider): provider: completion for transaction" in (run / "badtag.log").read_text()
+
+
+HOSTILE_CLIENTS = """
+[[partition]]
+name = "storage"
+kernel = "bus-blocksvc"
+provides = "disk0"
+
+[[partition]]
+name = "client1"
+kernel = "bus-block"
+cmdline = "wsec=100 wcount=40 seed=3"
+uses = ["disk0"]
+
+[[partition]]
+name = "flooder"
+kernel = "bus-block"
+cmdline = "hostile=flood"
+uses = ["disk0"]
+
+[[partition]]
+name = "malformed"
+kernel = "bus-block"
+cmdline = "hostile=malformed"
+trust = "untrusted"
+uses = ["disk0"]
+
+[policy.partition.flooder]
+requests_per_second = 1
+burst = 1
+"""
+
+
+@pytest.mark.kvm
+def test_up_hostile_clients_are_contained(tmp_path):
+    """A client that floods and one that sends a malformed request lose their channel; the others go on."""
+    topo = tmp_path / "topo.toml"
+    topo.write_text(HOSTILE_CLIENTS)
+    run = tmp_path / "run"
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    _check_clean_client(run)
+    flood = (run / "flooder.serial").read_text()
+    import re
+
+    m = re.search(r"block: flood: channel closed by the host after (\d+) requests \((\d+) limited\)\n", flood)
+    assert m and int(m.group(1)) >= 65 and 1 <= int(m.group(2)) <= 63, flood
+    flog = (run / "flooder.log").read_text()
+    assert "(block@disk0): flooding: 64 requests in a row over the policy's limits; channel closed" in flog
+    assert "refused: flooder: over 1 requests/s on disk0" in flog
+    assert "block: malformed: channel closed by the host\n" in (run / "malformed.serial").read_text()
+    assert ("(block@disk0): block request: 8 bytes, expected at least 24; channel closed"
+            in (run / "malformed.log").read_text())
+    assert "partition storage: status 0" in out

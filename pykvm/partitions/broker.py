@@ -21,6 +21,8 @@ requests are outstanding is lost: the oldest unanswered request is answered
 PYKVM_BUS_E_IO (it may be the one that hangs the provider, so it is not sent again), the
 link is dropped with the reason, the partition is stopped (SIGKILL) and treated as a
 crashed one: restarted within its `restarts`, the rest of its requests held meanwhile.
+So is a provider whose service stays down (its channel closed for a protocol violation,
+the guest still running) for request_timeout while requests are held for it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Broker:
         self.versions: dict[str, list[int]] = {}           # service -> versions its provider registered
         self.gone: set[str] = set()                        # services whose provider ended for good
         self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
+        self.down_since: dict[str, float] = {}             # service -> when its provider stopped serving
         self.start_deadline = 0.0
 
     # ---------------------------------------------------------------- partitions
@@ -99,6 +102,8 @@ class Broker:
             self.procs[p.name] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.status.pop(p.name, None)
+        if p.provides:
+            self.down_since[p.provides] = time.monotonic()     # a (re)start gets its full time to register
 
     def start(self) -> None:
         """Listen, then start every partition (providers first)."""
@@ -203,6 +208,7 @@ class Broker:
                     or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 32 for v in versions)):
                 raise wire.WireError(f"{p.name} registered versions {versions!r}, expected 1..8 u32 versions")
             self.providers[p.provides] = c
+            self.down_since.pop(p.provides, None)
             self.versions[p.provides] = versions
             c.progress = time.monotonic()
             self.log(f"{p.name} serves {p.provides} at versions "
@@ -225,7 +231,7 @@ class Broker:
                 raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
             service = p.uses[index]
             q = self.held[service]
-            if len(q) >= MAX_HELD:
+            if len(q) >= MAX_HELD or (service in self.gone and service not in self.providers):
                 self.counts["refused"] += 1
                 return self._send(c, wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
             q.append((c, tag, body))
@@ -260,8 +266,21 @@ class Broker:
             self._send(prov, wire.frame(wire.REQUEST, wire.TAG.pack(btag, 0) + body[wire.TAG.size:]))
 
     def _check_timeouts(self) -> None:
-        """Lose a provider that answered nothing for its request_timeout while requests were outstanding."""
+        """Lose a provider that answered nothing for its request_timeout while requests were outstanding,
+        or whose service stayed down that long with requests held (its channel closed, the guest alive)."""
         now = time.monotonic()
+        for service, since in list(self.down_since.items()):
+            p = self.topo.provider_of(service)
+            proc = self.procs.get(p.name)
+            if self.held[service] and proc is not None and now - since > p.request_timeout:
+                del self.down_since[service]
+                self.counts["timeouts"] += 1
+                self.log(f"{p.name}: {service} down for {p.request_timeout:g} s with {len(self.held[service])} "
+                         "requests held: the partition is stopped")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
         for service, c in list(self.providers.items()):
             p = self.topo.by_name(c.name)
             if now - c.progress <= p.request_timeout:
@@ -284,7 +303,8 @@ class Broker:
 
     def _provider_lost(self, service: str) -> None:
         """The provider of service stopped serving: hold what it had not answered, oldest first."""
-        self.providers.pop(service, None)
+        if self.providers.pop(service, None) is not None:
+            self.down_since[service] = time.monotonic()
         back = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
         for t, (_s, c, ctag, body) in reversed(back):
             del self.inflight[t]
