@@ -461,3 +461,149 @@ def test_up_hostile_clients_are_contained(tmp_path):
     assert ("(block@disk0): block request: 8 bytes, expected at least 24; channel closed"
             in (run / "malformed.log").read_text())
     assert "partition storage: status 0" in out
+
+
+# ---------------------------------------------------------------- versions across partitions (no KVM)
+from pykvm.bus.policy import PolicyError, parse_versions  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 0xFFFF), st.integers(0, 0xFFFF)), max_size=8, unique=True))
+def test_policy_versions_round_trip(pairs):
+    assert parse_versions([f"{a}.{b}" for a, b in pairs], "v") == tuple(a << 16 | b for a, b in pairs)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.lists(st.one_of(st.text(max_size=12), st.integers(), st.none(), st.booleans()), max_size=10),
+                 st.text(max_size=10), st.integers(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))
+def test_policy_versions_garbage_only_raises_policy_error(value):
+    try:
+        out = parse_versions(value, "policy.x.versions")
+    except PolicyError as e:
+        assert "policy.x.versions" in str(e) and "\n" not in str(e)
+    else:
+        assert all(0x10000 <= v <= 0xFFFFFFFF for v in out) and len(set(out)) == len(out) <= 8
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("[policy.untrusted]\nversions = '1.0'\n", "policy.untrusted.versions: expected a list"),
+    ("[policy.trusted]\nversions = ['1']\n", "got '1'"),
+    ("[policy.trusted]\nversions = ['0.1']\n", "major 1..65535"),
+    ("[policy.trusted]\nversions = ['1.0', '1.0']\n", "listed twice"),
+    ("[policy.trusted]\nmax_outstanding = 0\n", "policy.trusted.max_outstanding"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\nrequest_timeout = 0\n", "x.request_timeout"),
+    ("[[partition]]\nname = 'x'\nkernel = 'k'\nrequest_timeout = 'soon'\n", "x.request_timeout"),
+])
+def test_topology_refuses_bad_versions_and_timeouts(tmp_path, extra, needle):
+    with pytest.raises(errors.TopologyError) as e:
+        load_text(tmp_path, GOOD + extra)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_topology_versions_and_timeout_parse(tmp_path):
+    t = load_text(tmp_path, GOOD.replace('restarts = 2', 'restarts = 2\nrequest_timeout = 2.5')
+                  + "[policy.partition.client2]\nversions = ['1.1', '1.0']\n")
+    assert t.by_name("storage").request_timeout == 2.5 and t.by_name("client1").request_timeout == 30.0
+    assert t.by_name("client2").rules.versions == (0x10001, 0x10000) and t.by_name("client1").rules.versions == ()
+
+
+class _VersionLink(_FakeLink):
+    def __init__(self, versions):
+        super().__init__()
+        self.service_versions = {"disk": versions} if versions else {}
+
+
+def _proxy(provider_versions, policy_versions=()):
+    from pykvm.bus.services.proxy import BlockProxyService
+
+    agent = TopologyPolicy({"c": Rules(versions=policy_versions)}, {"c": ("disk",)})
+    logged = []
+    ledger = Ledger(agent, "c", log=logged.append)
+    return BlockProxyService(_VersionLink(provider_versions), 0, "disk", ledger), ledger, logged
+
+
+@pytest.mark.parametrize("provider, policy, proposed, want", [
+    ((0x10000,), (), (0x10001, 0x10000), 0x10000),        # an older minor serves a newer client
+    ((0x10000,), (), (0x10001,), 0x10000),
+    ((0x10001, 0x10000), (), (0x10001,), 0x10001),         # the newest both speak
+    ((0x10001, 0x10000), (), (0x10005,), 0x10001),
+    ((0x10001, 0x10000), (0x10000,), (0x10001,), 0x10000),  # the policy caps it; the newer one is refused
+    ((), (), (0x10000,), 0x10000),                          # not registered yet: block 1.0
+])
+def test_proxy_serves_the_newest_common_allowed_version(provider, policy, proposed, want):
+    svc, ledger, _logged = _proxy(provider, policy)
+    assert svc.choose_version(proposed) == (want, None)
+    snap = ledger.snapshot()
+    assert snap["allowed"] == {"may_open": 1}
+    assert snap["refused"] == ({"may_open": 1} if policy and want not in proposed[:1] else {})
+
+
+def test_proxy_refuses_an_incompatible_major_naming_both_lists():
+    svc, ledger, _ = _proxy((0x10001, 0x10000))
+    assert svc.choose_version((0x20000,)) == (None, "the guest speaks 2.0, disk's service partition 1.1, 1.0: "
+                                                    "no common major version")
+    assert ledger.snapshot()["allowed"] == {} and ledger.snapshot()["refused"] == {}
+    svc, ledger, logged = _proxy((0x10001, 0x10000), (0x20000,))
+    version, why = svc.choose_version((0x10001, 0x10000))
+    assert version is None and why == "c may not use disk at version 1.0 (its policy allows 2.0)"
+    assert ledger.snapshot()["refused"] == {"may_open": 2} and len(logged) == 2
+
+
+def _provider_register(versions):
+    import struct
+    from types import SimpleNamespace
+
+    from pykvm import abi
+    from pykvm.bus.ring import INBAND
+    from pykvm.bus.services.provider import ProviderSession
+
+    class Link:
+        up = None
+
+        def provider_up(self, session, interface, vs):
+            self.up = (interface, vs)
+
+    link = Link()
+    s = ProviderSession(_FakeChannel(), abi.PYKVM_PROVIDER_V1_0, link)
+    padded = list(versions) + [0] * (abi.PYKVM_BUS_MAX_SERVICE_VERSIONS - len(versions))
+    payload = struct.pack("<QQII%dI" % len(padded), abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI,
+                          len(versions), 0, *padded)
+    s.on_packet(SimpleNamespace(type=INBAND, payload=payload, trans_id=0))
+    return link.up
+
+
+def test_provider_registration_versions_are_checked():
+    from pykvm.bus.services.base import ServiceError
+
+    assert _provider_register([0x10001, 0x10000]) == ("block", (0x10001, 0x10000))
+    for bad, needle in (([0x20000], "versions 2.0 registered; the root relays block 1.x"),
+                        ([0x10000, 0x10000], "1.0, 1.0 registered"), ([0x10000, 0x10001], "1.0, 1.1 registered")):
+        with pytest.raises(ServiceError, match=needle.replace(".", r"\.")):
+            _provider_register(bad)
+
+
+def test_proxy_closes_a_flooding_channel_and_limits_outstanding():
+    import struct
+    from types import SimpleNamespace
+
+    from pykvm import abi
+    from pykvm.bus.ring import INBAND
+    from pykvm.bus.services.base import ServiceError
+    from pykvm.bus.services.proxy import FLOOD_STREAK, BlockProxyService
+
+    agent = TopologyPolicy({"c": Rules(max_outstanding=3)}, {"c": ("disk",)})
+    ledger = Ledger(agent, "c", log=lambda m: None)
+    svc = BlockProxyService(_VersionLink(()), 0, "disk", ledger)
+    ch = _FakeChannel()
+    session = svc.open(ch, abi.PYKVM_BLOCK_V1_0)
+    info = struct.pack("<IIQII", abi.PYKVM_BLK_OP_INFO, 0, 0, 0, 0)
+    for i in range(3 + FLOOD_STREAK - 1):          # nothing is answered: 3 relayed, then refusals
+        session.on_packet(SimpleNamespace(type=INBAND, payload=info, trans_id=i))
+    assert len(svc.link.frames) == 3
+    # each relayed request says which version the client's channel speaks (blk request's reserved field)
+    assert all(wire.parse_data(f[8:])[2][1] == abi.PYKVM_BLOCK_V1_0 for f in svc.link.frames)
+    statuses = [struct.unpack_from("<I", p)[0] for _t, p, _i in ch.sent]
+    assert statuses == [abi.PYKVM_BUS_E_LIMIT] * (FLOOD_STREAK - 1)
+    with pytest.raises(ServiceError, match=f"flooding: {FLOOD_STREAK} requests in a row"):
+        session.on_packet(SimpleNamespace(type=INBAND, payload=info, trans_id=999))
+    assert "3 requests unanswered on disk (at most 3)" in ledger.snapshot()["last_refusals"][-1]
