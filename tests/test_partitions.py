@@ -160,7 +160,7 @@ def test_up_service_partition_two_clients_crash_and_restart(tmp_path):
     # the service partition crashed alone: its own core, then generation 1 served everyone
     assert (run / "storage.serial").read_text().endswith("blocksvc: served 2 requests, crashing\n")
     assert list((run / "storage-crashes").glob("*.core")), list((run / "storage-crashes").iterdir())
-    assert "serving 2048 sectors, generation 1\n" in (run / "storage.gen1.serial").read_text()
+    assert "serving 2048 sectors, generation 1, versions 1.0\n" in (run / "storage.gen1.serial").read_text()
     c1 = (run / "client1.serial").read_text()
     assert "block: 2048 sectors of 512 bytes, read-only 0\n" in c1
     assert "block: read back 40 sectors at 100: pattern ok\n" in c1 and c1.endswith("block: done\n")
