@@ -205,7 +205,7 @@ class FakeLink:
     def provider_up(self, *a, **k):
         pass
 
-    def provider_down(self, session):
+    def provider_down(self, session, reason=None):
         pass
 
     def log(self, msg):
@@ -217,6 +217,7 @@ class FakeChannel:
         self.host = SimpleNamespace(memslots=FakeMemslots())
         self.writer = object()
         self.sent = []
+        self.closed_reason = None
 
     def send(self, ptype, payload, trans_id, *rest):
         self.sent.append((ptype, bytes(payload), trans_id))
@@ -243,13 +244,13 @@ def test_window_maps_the_client_pages_for_the_request_only():
     s.registered = ("block", (abi.PYKVM_BLOCK_V1_0,))
     fd = os.dup(client)
     desc = remap.pack(0x100, [(0, 11 * PAGE, 2)])           # only pages 11 and 12 ("B", "C")
-    s.submit_remap(7, (abi.PYKVM_BLK_OP_WRITE, 0, 4, 8, 0), desc, (fd,))
+    s.submit_remap(7, (abi.PYKVM_BLK_OP_WRITE, abi.PYKVM_BLOCK_V1_0, 4, 8, abi.PYKVM_PROVIDER_REQ_REMAPPED), desc, (fd,))
     (slot, (gpa, size, readonly, host)), = ch.host.memslots.mapped.items()
     assert (gpa, size, readonly) == (remap.WINDOW_GPA, 2 * PAGE, True)    # the guest only reads a client write
     assert s.window.view.read(0, 1) == b"B" and s.window.view.read(PAGE, 1) == b"C"
     blk = struct.unpack_from("<IIQII", ch.sent[0][1])
     rm = struct.unpack_from("<QII", ch.sent[0][1], 24)
-    assert blk == (abi.PYKVM_BLK_OP_WRITE, abi.PYKVM_PROVIDER_REQ_REMAPPED, 4, 8, 0)
+    assert blk == (abi.PYKVM_BLK_OP_WRITE, abi.PYKVM_BLOCK_V1_0, 4, 8, abi.PYKVM_PROVIDER_REQ_REMAPPED)
     assert rm == (remap.WINDOW_GPA + 0x100, 8 * SECTOR, 0)
     s.on_packet(completion(7))
     assert ch.host.memslots.mapped == {} and s.window is None

@@ -13,6 +13,20 @@
  *                     until the host stops the VM (run it with --timeout)
  *   reopen_ms=N       how long to wait for the block service to be offered again
  *                     after a rescind (default 60000, about; at most 8 reopens)
+ *   versions=1.1,1.0  the block versions to open with, newest first (default 1.0)
+ *   linger=1          at the end, keep the channel open until the host rescinds
+ *                     it ("block: lingering\n", then "block: rescinded\n")
+ *   probe=1           instead: for every block offer, open it, send INFO and read
+ *                     sector 0: "block: offer K: info STATUS, read STATUS\n"
+ *                     (statuses as bus_status_text, "no completion" for none,
+ *                     "rescinded" when the offer was rescinded meanwhile), or
+ *                     "block: offer K: rescinded\n" for one rescinded before
+ *   hostile=flood     instead: send INFO requests without waiting until the host
+ *                     closes the channel: "block: flood: channel closed by the
+ *                     host after N requests (L limited)\n"
+ *   hostile=malformed instead: send a block request of 8 bytes: "block: malformed:
+ *                     channel closed by the host\n"
+ *                     (both exit 7 when the host does not close the channel)
  *
  * Recovery (a disk served by another partition, `pykvm up`): when the root
  * rescinds the block offer (the service partition went away), the request in
@@ -45,6 +59,8 @@
  * "block: N writes in flight, crashing\n" and a #PF on address 0 (status 16).
  * With crash=2: "block: open, version 1.0\n", "block: writing until stopped\n"
  * (then status 18 from --timeout).
+ * An open refused for its version prints "block: open refused: version; this
+ * guest speaks 2.0, the service 1.1, 1.0\n".
  * Failures print "block: ..." and exit with debug-exit codes: 2 connect
  * refused, 3 no block offer, 4 open refused, 5 a request failed or its
  * completion went missing, 6 read-back differs, 7 a refusal did not come
@@ -122,6 +138,9 @@ static int64_t complete(uint64_t id)
     return last.status;
 }
 
+static uint32_t want[PYKVM_BUS_MAX_SERVICE_VERSIONS] = { PYKVM_BLOCK_V1_0 };   /* versions= (opens and reopens) */
+static int nwant;
+
 /* The block offer was rescinded: wait for the service to be offered again and open it; 0 when open. */
 static int reopen(void)
 {
@@ -130,13 +149,14 @@ static int reopen(void)
         return -1;
     printf("block: channel rescinded, waiting for a new offer\n");
     ch = bus_wait_offer(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, reopen_ms);
-    uint32_t want[1] = { PYKVM_BLOCK_V1_0 };
-    if (!ch || bus_open(ch, want, 1))
+    if (!ch || bus_open(ch, want, (uint32_t)nwant))
         return -1;
     reopens++;
     printf("block: reopened, version %s\n", bus_version_text(ch->version, vb));
     return 0;
 }
+
+static int probing;     /* probe=1: a rescind ends the offer's probe instead of waiting for a new offer */
 
 /* One request and its completion; a request the rescind took is issued again on the reopened channel. */
 static int64_t request(uint32_t op, uint64_t sector, uint32_t count, const struct rt_gpa_buf *bufs, uint32_t nbufs)
@@ -145,7 +165,7 @@ static int64_t request(uint32_t op, uint64_t sector, uint32_t count, const struc
         uint64_t id = next_id;
         int r = send_req(op, sector, count, bufs, nbufs);
         int64_t st = r == BUS_ERR_GONE && ch->rescinded ? GONE : r ? -1 : complete(id);
-        if (st != GONE)
+        if (st != GONE || probing)
             return st;
         if (reopen())
             return -1;
@@ -264,6 +284,88 @@ static RT_NORETURN void write_until_stopped(uint32_t seed, uint64_t sector, uint
     }
 }
 
+static void print_versions(const uint32_t *v, uint32_t n)
+{
+    char vb[12];
+    for (uint32_t i = 0; i < n; i++)
+        printf("%s%s", i ? ", " : "", bus_version_text(v[i], vb));
+}
+
+/* Whether the host closed ch, after reading the management ring for a while. */
+static int closed_by_host(uint64_t rounds)
+{
+    for (uint64_t i = 0; i < rounds && !ch->closed_by_host; i++)
+        bus_poll();
+    return ch->closed_by_host;
+}
+
+static RT_NORETURN void flood(void)
+{
+    uint32_t sent = 0, limited = 0;
+    struct pykvm_blk_request rq = { .op = PYKVM_BLK_OP_INFO };
+    while (sent < 100000 && !ch->closed_by_host) {
+        int r = bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, next_id++, 0, 0,
+                                &rq, sizeof(rq));
+        if (r == 0)
+            sent++;
+        while (bus_recv(ch, pkt, sizeof(pkt)) > 0) {
+            uint32_t len;
+            const struct pykvm_blk_response *rs = bus_payload(pkt, &len);
+            limited += len >= sizeof(*rs) && rs->status == PYKVM_BUS_E_LIMIT;
+        }
+        if (r || (sent & 15) == 0)
+            bus_poll();
+    }
+    if (!closed_by_host(1000)) {
+        printf("block: flood: %u requests and the channel is still open\n", sent);
+        exit_code(7);
+    }
+    printf("block: flood: channel closed by the host after %u requests (%u limited)\n", sent, limited);
+    poweroff();
+}
+
+static RT_NORETURN void malformed(void)
+{
+    uint8_t junk[8] = { PYKVM_BLK_OP_READ };
+    bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, next_id++, 0, 0, junk, sizeof(junk));
+    if (!closed_by_host(1000000)) {
+        printf("block: malformed: the channel is still open\n");
+        exit_code(7);
+    }
+    printf("block: malformed: channel closed by the host\n");
+    poweroff();
+}
+
+static const char *probe_text(int64_t st)
+{
+    return st == GONE ? "rescinded" : st < 0 ? "no completion" : bus_status_text((uint32_t)st);
+}
+
+static RT_NORETURN void probe(const uint32_t *want, int nwant)
+{
+    probing = 1;
+    for (int k = 0; k < bus_nchannels; k++) {
+        ch = &bus_channels[k];
+        if (ch->if_lo != PYKVM_BUS_IF_BLOCK_LO || ch->if_hi != PYKVM_BUS_IF_BLOCK_HI)
+            continue;
+        if (ch->rescinded) {
+            printf("block: offer %d: rescinded\n", k);
+            continue;
+        }
+        if (bus_open(ch, want, nwant)) {
+            printf("block: offer %d: open refused: %s\n", k, bus_status_text(bus_last_status));
+            continue;
+        }
+        int64_t info = request(PYKVM_BLK_OP_INFO, 0, 0, 0, 0);
+        struct rt_gpa_buf b;
+        buf_of(&b, rbuf, SECTOR);
+        int64_t rd = request(PYKVM_BLK_OP_READ, 0, 1, &b, 1);
+        printf("block: offer %d: info %s, read %s\n", k, probe_text(info), probe_text(rd));
+    }
+    printf("block: probed\n");
+    poweroff();
+}
+
 void kmain(struct pykvm_boot_info *bi)
 {
     const char *cmd = bootinfo_cmdline(bi);
@@ -272,6 +374,15 @@ void kmain(struct pykvm_boot_info *bi)
     uint32_t seed = (uint32_t)arg_u64(cmd, "seed", 1);
     uint32_t crash = (uint32_t)arg_u64(cmd, "crash", 0);
     reopen_ms = (uint32_t)arg_u64(cmd, "reopen_ms", 60000);
+    nwant = arg_versions(cmd, "versions", want, PYKVM_BUS_MAX_SERVICE_VERSIONS);
+    char hostile[16] = "";
+    arg_str(cmd, "hostile", hostile, sizeof(hostile));
+    if (nwant < 0) {
+        printf("block: bad versions= argument\n");
+        exit_code(4);
+    }
+    if (nwant == 0)
+        nwant = 1;
     if (rcount > MAX_RW)
         rcount = MAX_RW;
     if (wcount > (crash ? MAX_CRASH : MAX_RW))
@@ -285,17 +396,29 @@ void kmain(struct pykvm_boot_info *bi)
         exit_code(2);
     }
     printf("bus: connected, version %s, %d offers\n", bus_version_text(bus_version, vb), offers);
+    if (arg_u64(cmd, "probe", 0))
+        probe(want, nwant);
     ch = bus_find(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI);
     if (!ch) {
         printf("block: no block offer (run with --disk FILE)\n");
         exit_code(3);
     }
-    uint32_t want[1] = { PYKVM_BLOCK_V1_0 };
-    if (bus_open(ch, want, 1)) {
-        printf("block: open refused: %s\n", bus_status_text(bus_last_status));
+    if (bus_open(ch, want, nwant)) {
+        printf("block: open refused: %s", bus_status_text(bus_last_status));
+        if (bus_last_status == PYKVM_BUS_E_VERSION) {
+            printf("; this guest speaks ");
+            print_versions(want, (uint32_t)nwant);
+            printf(", the service ");
+            print_versions(ch->versions, ch->nversions);
+        }
+        printf("\n");
         exit_code(4);
     }
     printf("block: open, version %s\n", bus_version_text(ch->version, vb));
+    if (!strcmp(hostile, "flood"))
+        flood();
+    if (!strcmp(hostile, "malformed"))
+        malformed();
     if (crash == 1)
         crash_mid_write(seed, wsec, wcount);
     if (crash == 2)
@@ -348,6 +471,16 @@ void kmain(struct pykvm_boot_info *bi)
     if (st != PYKVM_BUS_E_INVALID)
         fail("read past the end", st, 7);
     printf("block: read at sector %llu: %s\n", (unsigned long long)capacity, bus_status_text((uint32_t)st));
+    if (arg_u64(cmd, "linger", 0)) {
+        printf("block: lingering\n");
+        bus_use_irq();
+        while (!ch->rescinded) {
+            bus_recv_wait(ch, pkt, sizeof(pkt), 1);
+            bus_poll();
+        }
+        printf("block: rescinded\n");
+        poweroff();
+    }
     bus_close(ch);
     bus_unload();
     printf("block: done\n");

@@ -23,17 +23,26 @@
  *   probe=1          on each INFO or FLUSH after a remapped request, read the
  *                    window where that request's buffer was and print whether
  *                    it is still mapped (it must not be: reads give all ones)
+ *   versions=1.1,1.0 the block versions to register, newest first (default 1.0);
+ *                    a relayed request for another version is answered
+ *                    PYKVM_BUS_E_VERSION
+ *   hostile=tag      answer every request with a wrong transaction id
+ *   hostile=length   answer every request with 1024 data bytes too many
+ *   hostile=silent   never answer (the root's request_timeout must step in)
  *
  * At provider v1.1 (the default) a request of a client partition may come
  * remapped: its buffer is mapped in this guest's physical address space
- * (pykvm_abi.h, PYKVM_PROVIDER_REQ_REMAPPED) and read or written in place.
+ * (pykvm_abi.h, reserved2 == PYKVM_PROVIDER_REQ_REMAPPED) and read or written
+ * in place.
  *
  * The RAM disk starts with sector s byte i = (s * 151 + i * 7 + (i >> 8)) & 0xff,
  * the pattern of bus-block with seed 0, so reads before any write are checkable.
  *
  * Serial output:
  *   "blocksvc: connected, N offers\n"
- *   "blocksvc: serving S sectors, generation G\n"
+ *   "blocksvc: serving S sectors, generation G, versions 1.1 1.0\n"
+ *   with hostile=MODE: "blocksvc: hostile: MODE\n"
+ *   the first request of each version: "blocksvc: a client at version V\n"
  *   on crash_after: "blocksvc: served N requests, crashing\n" then #PF at 0 (status 16)
  *   probe=1: "blocksvc: window after request: unmapped\n" (or "...: still mapped: 0x<hex>\n")
  *   on a rescind or unload of the provider channel:
@@ -43,7 +52,8 @@
  *   disk, generation G\n"
  * Failures: exit 2 connect refused, 3 no provider offer (the topology gives the
  * partition nothing to provide), 4 open or register refused, 5 the ring broke,
- * 6 store=disk without a host block offer, or the host's block service failed.
+ * 6 store=disk without a host block offer, or the host's block service failed,
+ * or a malformed versions= or hostile= argument.
  */
 #include "rt.h"
 #include "bus.h"
@@ -54,7 +64,7 @@
 
 static uint8_t disk[MAX_SECTORS * SECTOR] __attribute__((aligned(4096)));
 static uint8_t pkt[MAX_DATA + 256] __attribute__((aligned(8)));
-static uint8_t reply[MAX_DATA + sizeof(struct pykvm_blk_response)] __attribute__((aligned(8)));
+static uint8_t reply[MAX_DATA + 1024 + sizeof(struct pykvm_blk_response)] __attribute__((aligned(8)));
 static uint8_t hpkt[256] __attribute__((aligned(8)));
 static uint8_t bounce[MAX_DATA] __attribute__((aligned(4096)));
 static struct bus_channel *host_disk;     /* store=disk: the host's block service */
@@ -118,6 +128,7 @@ static RT_NORETURN void crash(const char *what, uint64_t n)
     exit_code(5);
 }
 
+
 void kmain(struct pykvm_boot_info *bi)
 {
     const char *cmd = bootinfo_cmdline(bi);
@@ -130,6 +141,19 @@ void kmain(struct pykvm_boot_info *bi)
     int ro = arg_u64(cmd, "ro", 0) != 0;
     int remap = arg_u64(cmd, "remap", 1) != 0;
     int probe = arg_u64(cmd, "probe", 0) != 0;
+    uint32_t versions[PYKVM_BUS_MAX_SERVICE_VERSIONS] = { PYKVM_BLOCK_V1_0 };
+    int nversions = arg_versions(cmd, "versions", versions, PYKVM_BUS_MAX_SERVICE_VERSIONS);
+    char hostile[16] = "";
+    arg_str(cmd, "hostile", hostile, sizeof(hostile));
+    int bad_tag = !strcmp(hostile, "tag"), bad_len = !strcmp(hostile, "length"), silent = !strcmp(hostile, "silent");
+    if (nversions < 0 || (hostile[0] && !bad_tag && !bad_len && !silent)) {
+        printf("blocksvc: bad versions= or hostile= argument\n");
+        exit_code(6);
+    }
+    if (nversions == 0)
+        nversions = 1;
+    uint32_t seen[PYKVM_BUS_MAX_SERVICE_VERSIONS];
+    int nseen = 0;
     if (sectors < 1 || sectors > MAX_SECTORS)
         sectors = MAX_SECTORS;
     if (!store_disk)
@@ -171,13 +195,21 @@ void kmain(struct pykvm_boot_info *bi)
         exit_code(4);
     }
     struct pykvm_provider_register reg = { .if_lo = PYKVM_BUS_IF_BLOCK_LO, .if_hi = PYKVM_BUS_IF_BLOCK_HI,
-                                           .nversions = 1, .versions = { PYKVM_BLOCK_V1_0 } };
+                                           .nversions = (uint32_t)nversions };
+    for (int i = 0; i < nversions; i++)
+        reg.versions[i] = versions[i];
     if (bus_send(ch, &reg, sizeof(reg), 0)) {
         printf("blocksvc: register failed\n");
         exit_code(4);
     }
-    printf("blocksvc: serving %llu sectors%s, generation %llu\n", (unsigned long long)sectors,
+    char vb[12];
+    printf("blocksvc: serving %llu sectors%s, generation %llu, versions", (unsigned long long)sectors,
            store_disk ? " of the host's disk" : "", (unsigned long long)generation);
+    for (int i = 0; i < nversions; i++)
+        printf(" %s", bus_version_text(versions[i], vb));
+    printf("\n");
+    if (hostile[0])
+        printf("blocksvc: hostile: %s\n", hostile);
 
     uint64_t served = 0, writes = 0, remapped = 0, last_window = 0;
     for (;;) {
@@ -207,13 +239,28 @@ void kmain(struct pykvm_boot_info *bi)
         rs->sector_size = SECTOR;
         rs->flags = ro ? PYKVM_BLK_FLAG_READ_ONLY : 0;
         rs->status = PYKVM_BUS_E_INVALID;
+        if (silent)
+            continue;
         if (d->type == PYKVM_VMPKT_DATA_INBAND && len >= sizeof(struct pykvm_blk_request)) {
             struct pykvm_blk_request rq;
             memcpy(&rq, p, sizeof(rq));
+            int known = 0, first = 1;     /* reserved: the version the client's channel negotiated */
+            for (int i = 0; i < nversions; i++)
+                known |= versions[i] == rq.reserved;
+            for (int i = 0; i < nseen; i++)
+                first &= seen[i] != rq.reserved;
+            if (known && first && nseen < PYKVM_BUS_MAX_SERVICE_VERSIONS) {
+                seen[nseen++] = rq.reserved;
+                printf("blocksvc: a client at version %s\n", bus_version_text(rq.reserved, vb));
+            }
+            if (!known)
+                rq.op = 0;                /* answered PYKVM_BUS_E_VERSION below */
             uint32_t data = len - (uint32_t)sizeof(rq);
             int in_range = rq.count >= 1 && rq.count <= PYKVM_PROVIDER_MAX_SECTORS && rq.sector < sectors &&
                            rq.count <= sectors - rq.sector;
-            if (rq.reserved == PYKVM_PROVIDER_REQ_REMAPPED) {
+            if (!known) {
+                rs->status = PYKVM_BUS_E_VERSION;
+            } else if (rq.reserved2 == PYKVM_PROVIDER_REQ_REMAPPED) {
                 /* the client's buffer is mapped at [gpa, gpa + length) for as long as we hold this request */
                 struct pykvm_provider_remap rm;
                 int ok = data >= sizeof(rm);
@@ -269,7 +316,10 @@ void kmain(struct pykvm_boot_info *bi)
                     writes++;
             }
         }
-        if (bus_send_packet(ch, PYKVM_VMPKT_COMP, 0, d->trans_id, 0, 0, reply, (uint32_t)sizeof(*rs) + out)) {
+        if (bad_len)
+            out += 1024;                  /* reply has room for 2 sectors past the largest answer */
+        if (bus_send_packet(ch, PYKVM_VMPKT_COMP, 0, d->trans_id + (bad_tag ? 0x1000 : 0), 0, 0, reply,
+                            (uint32_t)sizeof(*rs) + out)) {
             printf("blocksvc: reply failed\n");
             exit_code(5);
         }

@@ -596,7 +596,9 @@ struct pykvm_blk_response {
  * the guest opens it and sends one in-band pykvm_provider_register naming the
  * interface and the versions it serves. The root then relays each client request
  * as an in-band packet with flag COMPLETION_REQ whose trans_id is the root's tag;
- * for block the payload is a pykvm_blk_request followed by the write data. The
+ * for block the payload is a pykvm_blk_request followed by the write data (its
+ * `reserved` field holds the block version the client's channel negotiated, one
+ * of the registered versions: the root relays block 1.x only). The
  * guest answers each with a completion (same trans_id) whose payload is a
  * pykvm_blk_response followed by the read data. Data moves by copy through the
  * root; one relayed request carries at most PYKVM_PROVIDER_MAX_SECTORS sectors
@@ -620,7 +622,8 @@ struct pykvm_blk_response {
 #define PYKVM_PROVIDER_MAX_SECTORS 16
 /* provider v1.1 adds transfer by memory map change. A guest that opens the
  * provider channel at v1.1 may get block requests whose pykvm_blk_request has
- * reserved == PYKVM_PROVIDER_REQ_REMAPPED, followed by a pykvm_provider_remap
+ * reserved2 == PYKVM_PROVIDER_REQ_REMAPPED (reserved still holds the version),
+ * followed by a pykvm_provider_remap
  * instead of write data: the client's buffer is mapped at guest-physical
  * [gpa, gpa + length) (inside the window at PYKVM_PROVIDER_REMAP_GPA, one
  * request at a time), length == count * 512, count up to PYKVM_BLK_MAX_SECTORS.

@@ -48,3 +48,27 @@ uint64_t arg_u64(const char *cmdline, const char *key, uint64_t def)
     }
     return v;
 }
+
+int arg_versions(const char *cmdline, const char *key, uint32_t *out, int max)
+{
+    char buf[96];
+    if (!arg_str(cmdline, key, buf, sizeof(buf)))
+        return 0;
+    int n = 0;
+    const char *s = buf;
+    while (*s && n < max) {
+        uint32_t major = 0, minor = 0, digits = 0;
+        for (; *s >= '0' && *s <= '9' && digits < 6; s++, digits++)
+            major = major * 10 + (uint32_t)(*s - '0');
+        if (!digits || *s++ != '.')
+            return -1;
+        for (digits = 0; *s >= '0' && *s <= '9' && digits < 6; s++, digits++)
+            minor = minor * 10 + (uint32_t)(*s - '0');
+        if (!digits || major > 0xffff || minor > 0xffff || (*s && *s != ','))
+            return -1;
+        out[n++] = major << 16 | minor;
+        if (*s == ',')
+            s++;
+    }
+    return *s ? -1 : n;
+}

@@ -419,6 +419,13 @@ int bus_recv_wait(struct bus_channel *ch, void *buf, uint32_t max, uint64_t spin
         /* with interrupts every wake may be the management ring's (a rescind): look at once */
         if ((use_irq || (i & 1023) == 1023) && bus_poll() < 0)
             return BUS_ERR_IO;
+        if (use_irq && !ring_empty(&mgmt_in)) {
+            /* a management message (CLOSED, RESCIND) whose interrupt came before `seen` was
+             * taken: halting now would wait for an interrupt that already happened */
+            if (bus_poll() < 0)
+                return BUS_ERR_IO;
+            continue;
+        }
         if (use_irq && ch->open)
             bus_irq_wait(seen);
         else

@@ -233,5 +233,8 @@ static inline void bus_doorbell(uint32_t channel_id)
  * def when absent or malformed. */
 int arg_str(const char *cmdline, const char *key, char *out, size_t max);
 uint64_t arg_u64(const char *cmdline, const char *key, uint64_t def);
+/* arg_versions: "1.1,1.0" as version numbers (0x10001, 0x10000) into out (at
+ * most max); how many, 0 when the key is absent, -1 when the value is malformed. */
+int arg_versions(const char *cmdline, const char *key, uint32_t *out, int max);
 
 #endif

@@ -72,6 +72,8 @@ class Channel:
 
     def close(self, reason: str | None = None) -> None:
         """Stop using the rings (the GPADL's owner unmaps them later); idempotent."""
+        if reason:
+            self.closed_reason = reason      # before the session closes: it may pass the reason on
         if self.session is not None:
             try:
                 self.session.close()
@@ -88,8 +90,6 @@ class Channel:
             self.xfer = None
         if self.state == "open":
             self.state = "offered"
-        if reason:
-            self.closed_reason = reason
 
     @property
     def is_open(self) -> bool:

@@ -354,10 +354,9 @@ class BusHost:
             self._violation(f"open of channel {msg.relid}, which is open")
             return self._send(M.open_result(msg.relid, abi.PYKVM_BUS_E_STATE))
         svc = ch.service
-        version = M.negotiate(msg.versions, svc.versions)
+        version, why = svc.choose_version(msg.versions)
         if version is None:
-            self._refuse(f"channel {ch.relid} ({svc.name}): the guest speaks {M.versions_text(msg.versions)}, "
-                         f"the service {M.versions_text(svc.versions)}: no common major version")
+            self._refuse(f"channel {ch.relid} ({svc.name}): {why}")
             return self._send(M.open_result(msg.relid, abi.PYKVM_BUS_E_VERSION, 0, svc.versions))
         view = self.gpadls.get(msg.ring_gpadl)
         if view is None or any(c.is_open and c.gpadl_id == msg.ring_gpadl for c in self.channels.values()):

@@ -47,6 +47,10 @@ class PartitionLink:
         self._tags = itertools.count(1)
         self._pending: dict[int, object] = {}     # tag -> callback(resp, data), client side
         self.provider = None                      # ProviderSession while the guest serves
+        # service -> the versions its provider's guest registered (welcome, then STATUS frames)
+        self.service_versions: dict[str, tuple[int, ...]] = {}
+        for service, versions in (welcome.get("versions") or {}).items():
+            self._set_versions(service, versions)
         self.closed = False
         self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0,
                        "remap_requests": 0, "remap_declined": 0}
@@ -138,11 +142,16 @@ class PartitionLink:
         self._send(wire.json_frame(wire.REGISTER, {"interface": interface, "versions": list(versions),
                                                    "remap": bool(remap)}))
 
-    def provider_down(self, session) -> None:
-        """The provider channel closed: the broker holds requests until the guest registers again."""
+    def provider_down(self, session, reason: str | None = None) -> None:
+        """The provider channel closed (reason: why the root closed it): the broker rescinds and fails its requests."""
         if self.provider is session:
             self.provider = None
-            self._send(wire.json_frame(wire.STATUS, {"provider": "down"}))
+            self._send(wire.json_frame(wire.STATUS, {"provider": "down", "reason": reason}))
+
+    def _set_versions(self, service, versions) -> None:
+        if (isinstance(service, str) and isinstance(versions, list) and 1 <= len(versions) <= 8
+                and all(isinstance(v, int) and 0 < v < 1 << 32 for v in versions)):
+            self.service_versions[service] = tuple(versions)
 
     # ---------------------------------------------------------------- receiving (link thread)
     def _read(self) -> None:
@@ -213,6 +222,8 @@ class PartitionLink:
             if service not in uses or state not in ("down", "up"):
                 raise wire.WireError(f"status {obj!r}: expected a service this partition uses, down or up")
             with self.bus.lock:
+                if "versions" in obj:          # a provider registered (again): the versions it serves now
+                    self._set_versions(service, obj["versions"])
                 self.service_state(service, state)
         else:
             wire.close_fds(fds)      # informational frames carry none (the parser ensures it); be sure
@@ -260,4 +271,6 @@ class PartitionLink:
         """Link counters for `ctl policy` / stats."""
         return dict(self.counts, name=self.name, trust=self.welcome.get("trust"), uses=self.welcome.get("uses"),
                     provides=self.welcome.get("provides"), generation=self.welcome.get("generation"),
+                    service_versions={s: [f"{v >> 16}.{v & 0xFFFF}" for v in vs]
+                                      for s, vs in self.service_versions.items()},
                     outstanding=len(self._pending), connected=not self.closed)

@@ -11,12 +11,14 @@ counts every decision and logs every refusal (rate-limited) for `pykvm ctl SOCK 
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 from dataclasses import dataclass, fields, replace
 
 from .host import Limits
+from .messages import version_text, versions_text
 
 
 class PolicyError(ValueError):
@@ -38,14 +40,36 @@ class Rules:
     max_gpadls: int = 64                  # bus Limits of the partition
     max_gpadl_pages: int = 4096
     max_total_pages: int = 16384
+    max_outstanding: int = 64             # relayed requests unanswered per channel (a flood is refused, then closed)
+    versions: tuple[int, ...] = ()        # service versions the partition may open; () = any
 
 
 TRUSTED = Rules()
 UNTRUSTED = Rules(write=False, max_request_sectors=16, requests_per_second=200, burst=16, remap=False,
-                  max_gpadls=8, max_gpadl_pages=64, max_total_pages=256)
+                  max_gpadls=8, max_gpadl_pages=64, max_total_pages=256, max_outstanding=16)
 _BOUNDS = {"max_request_sectors": (1, 256), "remap_min_bytes": (512, 1 << 20),
            "requests_per_second": (0, 10**7), "burst": (1, 10**6),
-           "max_gpadls": (1, 4096), "max_gpadl_pages": (1, 1 << 20), "max_total_pages": (1, 1 << 22)}
+           "max_gpadls": (1, 4096), "max_gpadl_pages": (1, 1 << 20), "max_total_pages": (1, 1 << 22),
+           "max_outstanding": (1, 4096)}
+_VERSION = re.compile(r"(\d{1,5})\.(\d{1,5})")
+MAX_VERSIONS = 8
+
+
+def parse_versions(value, where: str) -> tuple[int, ...]:
+    """A list of "MAJOR.MINOR" strings as version numbers (0x10001 for "1.1"); PolicyError names the bad entry."""
+    if not isinstance(value, list) or len(value) > MAX_VERSIONS:
+        raise PolicyError(f"{where}: expected a list of at most {MAX_VERSIONS} versions like \"1.0\", got {value!r}")
+    out = []
+    for v in value:
+        m = _VERSION.fullmatch(v) if isinstance(v, str) else None
+        major, minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        if m is None or not 1 <= major <= 0xFFFF or minor > 0xFFFF:
+            raise PolicyError(f"{where}: expected versions like \"1.0\" (major 1..65535, minor 0..65535), got {v!r}")
+        n = major << 16 | minor
+        if n in out:
+            raise PolicyError(f"{where}: version {v} is listed twice")
+        out.append(n)
+    return tuple(out)
 
 
 def parse_rules(table, base: Rules, where: str) -> Rules:
@@ -58,7 +82,9 @@ def parse_rules(table, base: Rules, where: str) -> Rules:
         f = known.get(key)
         if f is None:
             raise PolicyError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        if f.type in ("bool", bool):
+        if key == "versions":
+            value = parse_versions(value, f"{where}.{key}")
+        elif f.type in ("bool", bool):
             if not isinstance(value, bool):
                 raise PolicyError(f"{where}.{key}: expected true or false, got {value!r}")
         else:
@@ -84,8 +110,8 @@ class PolicyAgent:
         """May `partition` write to the block service `service`?"""
         return None
 
-    def may_request(self, partition: str, service: str, op: str, sectors: int):
-        """May `partition` send this request on its `service` channel now?"""
+    def may_request(self, partition: str, service: str, op: str, sectors: int, outstanding: int = 0):
+        """May `partition` send this request on its `service` channel now (with `outstanding` unanswered)?"""
         return None
 
     def may_remap(self, partition: str, service: str, nbytes: int):
@@ -114,15 +140,24 @@ class TopologyPolicy(PolicyAgent):
             return f"{partition} does not use {service} in the topology"
         return None
 
+    def may_open(self, partition, service, version):
+        allowed = self._rules(partition).versions
+        if allowed and version not in allowed:
+            return (f"{partition} may not use {service} at version {version_text(version)} "
+                    f"(its policy allows {versions_text(allowed)})")
+        return None
+
     def may_write(self, partition, service):
         if not self._rules(partition).write:
             return f"{partition} may not write to {service}"
         return None
 
-    def may_request(self, partition, service, op, sectors):
+    def may_request(self, partition, service, op, sectors, outstanding=0):
         r = self._rules(partition)
         if sectors > r.max_request_sectors:
             return f"{partition}: a {sectors}-sector request is over its {r.max_request_sectors}-sector limit"
+        if outstanding >= r.max_outstanding:
+            return f"{partition}: {outstanding} requests unanswered on {service} (at most {r.max_outstanding})"
         if r.requests_per_second:
             now = self.clock()
             b = self._buckets.setdefault((partition, service), [float(r.burst), now])

@@ -44,7 +44,7 @@ def services(link):
     from ..bus.services.proxy import BlockProxyService
 
     w = link.welcome
-    rules = Rules(**w["rules"])
+    rules = Rules(**dict(w["rules"], versions=tuple(w["rules"].get("versions", ()))))
     agent = TopologyPolicy({link.name: rules}, {link.name: tuple(w["uses"])})
     ledger = Ledger(agent, link.name)
     out = []

@@ -8,16 +8,29 @@ it, and relays block requests from clients to the partition providing the servic
 copy.
 
 Recovery: requests sent before a provider first registers are held (bounded) and sent
-once it does. When a provider that served goes away (crashed, stopped, its link broke),
-every client using the service is told "down" first (its root rescinds the proxied
-offer), then every request of that service not yet answered is answered
+once it does. When a provider that served goes away (crashed, stopped, its link broke,
+timed out), every client using the service is told "down" first (its root rescinds the
+proxied offer), then every request of that service not yet answered is answered
 PYKVM_BUS_E_IO (the client's root drops those answers: its channel is gone, and the
 client's driver re-issues what it did not see completed). A crashed partition is
 started again up to its `restarts`, and at most `intensity` times in `period` seconds
 (`pykvm up --restart-intensity N/SECONDS`; the command line gets generation=K); when it
-registers, the clients are told "up" and their roots offer the service anew. Once
-every client partition has ended, the broker closes the providers' links, their
-provider channels are rescinded and they power off.
+registers, the clients are told "up" with the versions it registered and their roots
+offer the service anew. Once every client partition has ended, the broker closes the
+providers' links, their provider channels are rescinded and they power off.
+
+Versions: a provider registers the versions its guest serves; a partition that uses
+services is started once their providers have registered (or ended for good, or after
+START_WAIT), and its welcome carries those versions, so its proxy offers exactly what the
+service partition speaks. A provider registering again (a restart) sends the new list
+with its "up".
+
+A provider that answers nothing for its `request_timeout` (topology, default 30 s) while
+requests are outstanding is lost: the oldest unanswered request is answered
+PYKVM_BUS_E_IO (it may be the one that hangs the provider, so it is not sent again), the
+link is dropped with the reason, the partition is stopped (SIGKILL) and treated as a
+crashed one (rescind, fail, restart within its `restarts`). So is a provider whose
+service stays down while requests are held for it for request_timeout.
 
 A REMAP request (transfer by memory map change, pykvm/bus/remap.py) carries the client's
 memfds; the broker passes them to a provider that registered with remap and keeps no
@@ -47,6 +60,7 @@ from ..bus import wire
 POLL = 0.2
 MAX_HELD = 4096           # requests held for a service that is down; more are answered E_IO
 STOP_GRACE = 10.0
+START_WAIT = 120.0        # longest a partition waits to start for the services it uses to register
 
 
 class _Conn:
@@ -54,6 +68,7 @@ class _Conn:
         self.sock = sock
         self.parser = wire.FrameParser()
         self.name = None
+        self.progress = 0.0        # a provider: when it last answered (or was given work while idle)
 
 
 class Broker:
@@ -79,8 +94,13 @@ class Broker:
         self.remap_ok: dict[str, bool] = {}                # service -> its registered provider takes REMAP
         self.tags = itertools.count(1)
         self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
-                       "remapped": 0, "remap_declined": 0}
+                       "remapped": 0, "remap_declined": 0, "timeouts": 0}
         self.stopping = False
+        self.versions: dict[str, list[int]] = {}           # service -> versions its provider registered
+        self.gone: set[str] = set()                        # services whose provider ended for good
+        self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
+        self.down_since: dict[str, float] = {}             # service -> when its provider stopped serving
+        self.start_deadline = 0.0
 
     # ---------------------------------------------------------------- partitions
     def files(self, p, gen: int = 0) -> dict:
@@ -104,6 +124,8 @@ class Broker:
             self.procs[p.name] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.status.pop(p.name, None)
+        if p.provides:
+            self.down_since[p.provides] = time.monotonic()     # a (re)start gets its full time to register
 
     def start(self) -> None:
         """Listen, then start every partition (providers first)."""
@@ -117,19 +139,38 @@ class Broker:
         os.chmod(self.path, 0o600)
         self.lsock.listen(64)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
-        for p in sorted(self.topo.partitions, key=lambda p: p.provides is None):
-            self.spawn(p)
+        self.start_deadline = time.monotonic() + START_WAIT
+        for p in self.topo.partitions:
+            if not p.uses:
+                self.spawn(p)
+        self._spawn_ready()
+
+    def _spawn_ready(self) -> None:
+        """Start the waiting partitions whose services have all registered or ended (all after START_WAIT)."""
+        late = time.monotonic() > self.start_deadline
+        for p in list(self.waiting):
+            if late or all(u in self.versions or u in self.gone for u in p.uses):
+                if late:
+                    missing = [u for u in p.uses if u not in self.versions and u not in self.gone]
+                    if missing:
+                        self.log(f"{p.name}: starting without {', '.join(missing)}, not registered after "
+                                 f"{START_WAIT:.0f} s")
+                self.waiting.remove(p)
+                self.spawn(p)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, int]:
         """Relay until every partition has ended; their exit statuses."""
-        while self.procs:
+        while self.procs or self.waiting:
             for key, _ev in self.sel.select(POLL):
                 if key.data is None:
                     self._accept()
                 else:
                     self._readable(key.data)
+            self._check_timeouts()
             self._reap()
+            if self.waiting and not self.stopping:
+                self._spawn_ready()
             if self.stopping and time.monotonic() > self.deadline:
                 self.kill_stragglers()
         return self.status
@@ -182,7 +223,8 @@ class Broker:
             self.conns[name] = c
             self._send(c, wire.json_frame(wire.WELCOME, {
                 "name": p.name, "trust": p.trust, "uses": list(p.uses), "provides": p.provides,
-                "rules": asdict(p.rules), "generation": self.generation[p.name]}))
+                "rules": asdict(p.rules), "generation": self.generation[p.name],
+                "versions": {u: self.versions[u] for u in p.uses if u in self.versions}}))
             for service in p.uses:             # a client (re)starting while its service is down
                 if service in self.served and service not in self.providers:
                     self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": "down"}))
@@ -193,17 +235,28 @@ class Broker:
             if p.provides is None or obj.get("interface") != "block":
                 raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
                                      "does not provide")
+            versions = obj.get("versions")
+            if (not isinstance(versions, list) or not 1 <= len(versions) <= 8
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 32 for v in versions)):
+                raise wire.WireError(f"{p.name} registered versions {versions!r}, expected 1..8 u32 versions")
             if self.providers.get(p.provides) is c:
                 raise wire.WireError(f"{p.name} registered twice")
             self.providers[p.provides] = c
             self.served.add(p.provides)
             self.remap_ok[p.provides] = obj.get("remap") is True
-            self.log(f"{p.name} serves {p.provides} (generation {self.generation[p.name]})")
+            self.down_since.pop(p.provides, None)
+            self.versions[p.provides] = versions
+            c.progress = time.monotonic()
+            self.log(f"{p.name} serves {p.provides} at versions "
+                     f"{', '.join(f'{v >> 16}.{v & 0xFFFF}' for v in versions)} (generation {self.generation[p.name]})")
             self._flush(p.provides)
-            self._tell_clients(p.provides, "up")
+            self._tell_clients(p.provides, "up", versions)   # running clients learn a restart's versions
+            self._spawn_ready()
         elif kind == wire.STATUS:
             obj = wire.parse_json(body)
             if p.provides and self.providers.get(p.provides) is c and obj.get("provider") == "down":
+                reason = obj.get("reason")
+                self.log(f"{p.name}: its provider channel closed" + (f": {reason}" if isinstance(reason, str) else ""))
                 self._provider_lost(p.provides)
             elif type(obj.get("cancel")) is int:        # a client stopped waiting for a remapped request
                 for t, (svc, client, ctag, _b) in self.inflight.items():
@@ -216,7 +269,8 @@ class Broker:
                 raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
             service = p.uses[index]
             q = self.held[service]
-            if (service in self.served and service not in self.providers) or len(q) >= MAX_HELD:
+            if (len(q) >= MAX_HELD or (service in self.served and service not in self.providers)
+                    or (service in self.gone and service not in self.providers)):
                 # down after serving: the client's offer is (being) rescinded; it re-issues after the re-offer
                 self.counts["refused"] += 1
                 return self._send(c, wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
@@ -231,6 +285,7 @@ class Broker:
             declined = tag in self.remapped and _i == wire.DECLINED
             self.remapped.discard(tag)
             _svc, client, ctag, _b = entry
+            c.progress = time.monotonic()
             self.counts["replies" if not declined else "remap_declined"] += 1
             if self.conns.get(client.name) is client:
                 self._send(client, wire.data_frame(wire.REPLY, ctag, wire.DECLINED if declined else 0, resp, data))
@@ -269,6 +324,8 @@ class Broker:
         """Send the held requests of service to its provider, if it is up."""
         prov = self.providers.get(service)
         q = self.held[service]
+        if prov is not None and q and not any(e[0] == service for e in self.inflight.values()):
+            prov.progress = time.monotonic()       # idle until now: its clock starts with this work
         while prov is not None and q:
             c, ctag, body = q.popleft()
             if self.conns.get(c.name) is not c:
@@ -278,17 +335,57 @@ class Broker:
             self.counts["relayed"] += 1
             self._send(prov, wire.frame(wire.REQUEST, wire.TAG.pack(btag, 0) + body[wire.TAG.size:]))
 
-    def _tell_clients(self, service: str, state: str) -> None:
-        """Send STATUS {service, state} to every connected partition that uses service."""
+    def _check_timeouts(self) -> None:
+        """Lose a provider that answered nothing for its request_timeout while requests were outstanding,
+        or whose service stayed down that long with requests held (its channel closed, the guest alive)."""
+        now = time.monotonic()
+        for service, since in list(self.down_since.items()):
+            p = self.topo.provider_of(service)
+            proc = self.procs.get(p.name)
+            if self.held[service] and proc is not None and now - since > p.request_timeout:
+                del self.down_since[service]
+                self.counts["timeouts"] += 1
+                self.log(f"{p.name}: {service} down for {p.request_timeout:g} s with {len(self.held[service])} "
+                         "requests held: the partition is stopped")
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for service, c in list(self.providers.items()):
+            p = self.topo.by_name(c.name)
+            if now - c.progress <= p.request_timeout:
+                continue
+            mine = sorted(t for t, e in self.inflight.items() if e[0] == service)
+            if not mine:
+                continue
+            _s, client, ctag, _b = self.inflight.pop(mine[0])
+            self.counts["timeouts"] += 1
+            if self.conns.get(client.name) is client:
+                self._send(client, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            self._drop(c, f"request {mine[0]} for {service} from {client.name} unanswered after "
+                          f"{p.request_timeout:g} s: the provider is lost and stopped")
+            proc = self.procs.get(p.name)
+            if proc is not None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def _tell_clients(self, service: str, state: str, versions=None) -> None:
+        """Send STATUS {service, state[, versions]} to every connected partition that uses service."""
+        msg = {"service": service, "state": state}
+        if versions is not None:
+            msg["versions"] = versions
         for p in self.topo.partitions:
             c = self.conns.get(p.name)
             if c is not None and service in p.uses:
-                self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": state}))
+                self._send(c, wire.json_frame(wire.STATUS, msg))
 
     def _provider_lost(self, service: str) -> None:
         """The provider of service stopped serving: clients rescind it first, then its open requests fail."""
         if self.providers.pop(service, None) is None:
             return
+        self.down_since[service] = time.monotonic()
         if not self.stopping:                 # at the end the providers are closed on purpose
             self.counts["rescinds"] += 1
         self._tell_clients(service, "down")
@@ -339,9 +436,10 @@ class Broker:
             else:
                 self.log(f"{name} ended with status {rc}")
                 if p.provides and not self.stopping:
+                    self.gone.add(p.provides)
                     self._fail_held(p.provides)
         clients = [p.name for p in self.topo.partitions if not p.provides]
-        if not self.stopping and clients and not any(n in self.procs for n in clients):
+        if not self.stopping and clients and not self.waiting and not any(n in self.procs for n in clients):
             self._stop_providers()
 
     def _may_restart(self, p) -> bool:

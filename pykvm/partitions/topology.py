@@ -13,10 +13,13 @@
     disk = "store.img"            # a raw host file served to this partition by the host's block
                                   # service (its `--disk`); an existing regular file of at least
                                   # one sector, no comma; relative to the current directory
+    request_timeout = 30          # a provider silent this long (seconds, 0.1..3600) with requests
+                                  # outstanding is lost: stopped, its oldest request answered E_IO
 
     [policy.trusted]              # overrides of the trusted defaults (bus/policy.py Rules)
     [policy.untrusted]            # overrides of the conservative untrusted defaults
     [policy.partition.NAME]       # overrides for one partition, on top of its trust level
+                                  # (versions = ["1.0"]: the service versions it may open)
 
 Everything is validated strictly: an unknown key, a wrong type, a value out of range, a
 duplicate name, a service used but provided by no partition: TopologyError naming it.
@@ -36,7 +39,9 @@ from ..units import parse_size
 
 NAME = re.compile(r"[a-z0-9_-]{1,32}")
 MAX_PARTITIONS = 16
-_KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts", "disk"}
+_KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts", "disk",
+         "request_timeout"}
+REQUEST_TIMEOUT = 30.0
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Partition:
     uses: tuple[str, ...] = ()
     restarts: int = 0
     disk: str | None = None         # absolute path of the host file given as --disk
+    request_timeout: float = REQUEST_TIMEOUT
     rules: Rules = field(default_factory=Rules)
 
 
@@ -111,6 +117,13 @@ def _disk(value, where: str) -> str:
     if not stat.S_ISREG(st.st_mode) or st.st_size < 512:
         raise TopologyError(f"{where}: {path} is not a regular file of at least 512 bytes")
     return os.path.abspath(path)
+
+
+def _seconds(value, where: str, lo: float, hi: float) -> float:
+    """A number of seconds in [lo, hi] as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise TopologyError(f"{where}: expected a number of seconds in [{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
 
 
 def parse(doc: dict) -> Topology:
@@ -177,7 +190,10 @@ def parse(doc: dict) -> Topology:
                                cmdline=_str(e.get("cmdline", ""), f"{where}.cmdline"), trust=trust,
                                provides=provides, uses=uses,
                                restarts=_int(e.get("restarts", 0), f"{where}.restarts", 0, 100),
-                               disk=_disk(e["disk"], f"{where}.disk") if "disk" in e else None, rules=rules))
+                               disk=_disk(e["disk"], f"{where}.disk") if "disk" in e else None,
+                               request_timeout=_seconds(e.get("request_timeout", REQUEST_TIMEOUT),
+                                                        f"{where}.request_timeout", 0.1, 3600),
+                               rules=rules))
     topo = Topology(parts)
     for name in per:
         if topo.by_name(name) is None:

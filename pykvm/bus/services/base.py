@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+from ..messages import negotiate, versions_text
+
 
 class ServiceError(Exception):
     """A packet the service refuses; the channel is closed with this reason."""
@@ -36,6 +38,14 @@ class Service:
     versions: tuple[int, ...] = ()          # newest first
     session_class = Session
     transfer_pages = 0                      # pages of a transfer page set each open channel gets
+
+    def choose_version(self, proposed) -> tuple[int | None, str | None]:
+        """(version to open at, None) or (None, why not) for the guest's proposal (newest first)."""
+        version = negotiate(proposed, self.versions)
+        if version is None:
+            return None, (f"the guest speaks {versions_text(proposed)}, the service {versions_text(self.versions)}: "
+                          "no common major version")
+        return version, None
 
     def open(self, channel, version: int) -> Session:
         """A session for a channel the guest opened at `version`."""

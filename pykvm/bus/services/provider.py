@@ -6,7 +6,10 @@ under the bus lock) one at a time, and passes each completion back to the broker
 guest is untrusted like any other: a completion for a transaction that is not
 outstanding, a reply of the wrong length or a registration for an interface the root
 does not relay closes the channel (the broker then rescinds the clients' offers and
-fails the requests this partition had not answered).
+fails the requests this partition had not answered). The registered versions must be
+distinct, newest first, and of a major the root relays (block 1.x: the relayed request
+and response layouts are those of block 1.0); the client partitions' proxies offer them
+and say which one a relayed request is for.
 
 At provider v1.1 a request may come remapped (pykvm/bus/remap.py): the client's pages
 are mapped at the window for exactly the time the guest holds the request, and removed
@@ -23,6 +26,7 @@ from collections import deque
 from ... import abi
 from .. import remap, wire
 from ..ring import COMPLETION, COMPLETION_REQ, INBAND
+from ..messages import versions_text
 from .base import Service, ServiceError, Session, unpack_exact
 
 SECTOR = abi.PYKVM_BLK_SECTOR
@@ -31,6 +35,7 @@ _BLK = struct.Struct("<IIQII")
 _REMAP = struct.Struct("<QII")      # struct pykvm_provider_remap
 RELAYED = {(abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI): "block"}
 MAX_WAITING_REMAPS = 8             # remapped requests queued with their descriptors; more are declined
+RELAYED_MAJORS = {"block": (abi.PYKVM_BLOCK_V1_0 >> 16,)}
 
 
 class ProviderSession(Session):
@@ -62,7 +67,13 @@ class ProviderSession(Session):
                 raise ServiceError(f"provider: interface {hi:016x}{lo:016x} is not one the root relays")
             if not 1 <= n <= abi.PYKVM_BUS_MAX_SERVICE_VERSIONS:
                 raise ServiceError(f"provider: {n} versions (1..{abi.PYKVM_BUS_MAX_SERVICE_VERSIONS})")
-            self.registered = (interface, tuple(versions[:n]))
+            versions = tuple(versions[:n])
+            majors = RELAYED_MAJORS[interface]
+            if (any(v >> 16 not in majors for v in versions) or len(set(versions)) != n
+                    or list(versions) != sorted(versions, reverse=True)):
+                raise ServiceError(f"provider: {interface} versions {versions_text(versions)} registered; the root "
+                                   f"relays {interface} {', '.join(f'{m}.x' for m in majors)}, distinct, newest first")
+            self.registered = (interface, versions)
             self.link.provider_up(self, interface, self.registered[1], remap=self.can_remap)
             return
         if pkt.type != COMPLETION:
@@ -83,6 +94,7 @@ class ProviderSession(Session):
 
     def submit(self, tag: int, blk: tuple, data: bytes) -> None:
         """Queue a relayed request for the guest (bus lock held)."""
+        blk = blk[:4] + (0,)      # reserved2 marks a remapped request (PYKVM_PROVIDER_REQ_REMAPPED): never by copy
         self.queue.append((tag, blk, data, None))
         if self.inflight is None:
             self._next()
@@ -128,8 +140,8 @@ class ProviderSession(Session):
                 wire.close_fds(fds)              # the mapping keeps the pages; this VMM keeps no descriptor
             self.counts["remapped"] += 1
             self.inflight = (tag, blk[0], blk[3], True)
-            op, _r, sector, count, _r2 = blk
-            self.channel.send(INBAND, _BLK.pack(op, abi.PYKVM_PROVIDER_REQ_REMAPPED, sector, count, 0) +
+            op, version, sector, count, _r2 = blk
+            self.channel.send(INBAND, _BLK.pack(op, version, sector, count, abi.PYKVM_PROVIDER_REQ_REMAPPED) +
                               _REMAP.pack(remap.WINDOW_GPA + offset, count * SECTOR, 0), tag, COMPLETION_REQ)
             return
 
@@ -165,7 +177,7 @@ class ProviderSession(Session):
         if c["remapped"] or c["declined"]:
             self.link.log(f"provider closed: {self.served} served, {c['remapped']} remapped, {c['unmapped']} unmapped, "
                           f"{c['declined']} declined, window mapped: {'yes' if self.window else 'no'}")
-        self.link.provider_down(self)
+        self.link.provider_down(self, self.channel.closed_reason)
 
 
 class ProviderService(Service):

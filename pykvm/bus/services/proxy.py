@@ -15,6 +15,14 @@ A read or write of at least `remap_min` bytes whose buffer is remappable (bus/re
 and which the policy agent allows (may_remap) goes as one REMAP request instead: no
 copy, no splitting; the service partition maps the pages for the request's duration.
 Declined (the provider cannot map it or is down), it goes by copy.
+
+Versions: the offer lists the versions the service partition's guest registered (block
+majors the root relays), learned from the broker; the client opens at the newest one both
+speak that the policy agent allows (may_open, asked per candidate, newest first), and every
+relayed request carries that version in its pykvm_blk_request.reserved field (a remapped
+one also has reserved2 = PYKVM_PROVIDER_REQ_REMAPPED).
+Floods: a channel has at most the policy's max_outstanding requests relayed and unanswered;
+more are answered PYKVM_BUS_E_LIMIT, and FLOOD_STREAK limit refusals in a row close it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import struct
 
 from ... import abi
 from .. import remap, wire
+from ..messages import negotiate, version_text, versions_text
 from ..ring import COMPLETION, GPA_DIRECT, INBAND
 from .base import Service, ServiceError, Session, unpack_exact
 from .block import BlockSession
@@ -32,6 +41,7 @@ CHUNK = abi.PYKVM_PROVIDER_MAX_SECTORS
 REMAP_MIN = 4096         # bytes: one page (see remap_min_bytes in bus/policy.py)
 _REQ = struct.Struct("<IIQII")
 _RESP = struct.Struct("<IIQII")
+FLOOD_STREAK = 64           # E_LIMIT answers in a row after which a channel is closed as flooding
 _OPS = {abi.PYKVM_BLK_OP_READ: "read", abi.PYKVM_BLK_OP_WRITE: "write", abi.PYKVM_BLK_OP_FLUSH: "flush",
         abi.PYKVM_BLK_OP_INFO: "info"}
 
@@ -56,7 +66,9 @@ class ProxySession(Session):
         super().__init__(channel, version)
         self.service = service
         self.open = True
-        self.outstanding = 0
+        self.outstanding = 0            # relayed pieces unanswered
+        self.requests_open = 0          # client requests not yet completed
+        self.limited = 0                # E_LIMIT answers in a row
         self.counts = {"read": 0, "write": 0, "flush": 0, "info": 0, "refused": 0, "errors": 0, "relayed": 0,
                        "remapped": 0, "remap_declined": 0}
         self.remap_tags: set[int] = set()      # link tags of remapped requests not answered yet
@@ -83,13 +95,18 @@ class ProxySession(Session):
         if op == abi.PYKVM_BLK_OP_WRITE and ledger.check("may_write", svc.target) is not None:
             self.counts["refused"] += 1
             return self._complete(pkt.trans_id, abi.PYKVM_BUS_E_READ_ONLY, abi.PYKVM_BLK_FLAG_READ_ONLY)
-        if ledger.check("may_request", svc.target, name, count if data_op else 0) is not None:
+        if ledger.check("may_request", svc.target, name, count if data_op else 0, self.requests_open) is not None:
             self.counts["refused"] += 1
+            self.limited += 1
+            if self.limited >= FLOOD_STREAK:
+                raise ServiceError(f"flooding: {self.limited} requests in a row over the policy's limits")
             return self._complete(pkt.trans_id, abi.PYKVM_BUS_E_LIMIT)
+        self.limited = 0
         self.counts[name] += 1
+        self.requests_open += 1
         if not data_op:
             p = _Pending(pkt.trans_id, op, [], 1)
-            self._relay(p, (op, 0, 0, 0, 0), b"", 0, 0)
+            self._relay(p, (op, self.version, 0, 0, 0), b"", 0, 0)
             return
         nbytes = count * SECTOR
         if nbytes >= svc.remap_min and svc.link is not None:
@@ -109,7 +126,7 @@ class ProxySession(Session):
             n = min(CHUNK, count - k * CHUNK)
             at = k * CHUNK * SECTOR
             chunk = data[at:at + n * SECTOR] if data else b""
-            self._relay(p, (op, 0, sector + k * CHUNK, n, 0), chunk, at, n * SECTOR if not data else 0)
+            self._relay(p, (op, self.version, sector + k * CHUNK, n, 0), chunk, at, n * SECTOR if not data else 0)
 
     def _relay_remap(self, trans_id: int, op: int, sector: int, count: int, spans, planned) -> None:
         """Relay one request whose pages the service partition maps (no data copied)."""
@@ -141,7 +158,8 @@ class ProxySession(Session):
                 return
             self._answered(p, resp, b"", 0, 0)
 
-        box[0] = self.service.link.request_remap(self.service.index, (op, 0, sector, count, 0),
+        box[0] = self.service.link.request_remap(self.service.index,
+                                                 (op, self.version, sector, count, abi.PYKVM_PROVIDER_REQ_REMAPPED),
                                                  remap.pack(offset, desc_runs), fds, answered)
         if not box[1]:
             self.remap_tags.add(box[0])
@@ -169,6 +187,7 @@ class ProxySession(Session):
         p.capacity = capacity
         p.remaining -= 1
         if p.remaining == 0:
+            self.requests_open -= 1
             if p.status != abi.PYKVM_BUS_OK:
                 self.counts["errors"] += 1
             if p.op == abi.PYKVM_BLK_OP_INFO and self.service.ledger.check("may_write", self.service.target):
@@ -190,7 +209,8 @@ class ProxySession(Session):
                 break
 
     def stats(self) -> dict:
-        return dict(self.counts, outstanding=self.outstanding, served_by=self.service.target)
+        return dict(self.counts, outstanding=self.outstanding, requests_open=self.requests_open,
+                    served_by=self.service.target, version=version_text(self.version))
 
     def close(self) -> None:
         self.open = False          # replies still in flight are dropped when they arrive
@@ -207,7 +227,7 @@ class BlockProxyService(Service):
     """A block offer whose disk lives in another partition (the topology's service `target`)."""
 
     interface = (abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI)
-    versions = (abi.PYKVM_BLOCK_V1_0,)
+    default_versions = (abi.PYKVM_BLOCK_V1_0,)    # offered until the service partition registered its own
 
     def __init__(self, link, index: int, target: str, ledger, remap_min: int = REMAP_MIN):
         self.link = link
@@ -217,8 +237,29 @@ class BlockProxyService(Service):
         self.ledger = ledger
         self.name = f"block@{target}"
 
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The versions the service partition's guest registered (newest first)."""
+        return tuple(self.link.service_versions.get(self.target, ())) or self.default_versions
+
+    def choose_version(self, proposed):
+        """The newest version both sides speak that the policy lets this partition use."""
+        offered = self.versions
+        version = negotiate(proposed, offered)
+        if version is None:
+            return None, (f"the guest speaks {versions_text(proposed)}, {self.target}'s service partition "
+                          f"{versions_text(offered)}: no common major version")
+        why = None
+        while version is not None:
+            why = self.ledger.check("may_open", self.target, version)
+            if why is None:
+                return version, None
+            offered = tuple(v for v in offered if v != version)
+            version = negotiate(proposed, offered)
+        return None, why
+
     def open(self, channel, version: int) -> Session:
         return ProxySession(channel, version, self)
 
     def stats(self) -> dict:
-        return {"served_by": self.target}
+        return {"served_by": self.target, "versions": versions_text(self.versions)}
