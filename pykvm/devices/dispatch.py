@@ -119,6 +119,39 @@ class DeviceManager:
             self._mmio_starts.insert(i, base)
             self._mmio.insert(i, [base, length, dev, None, None])
 
+    def mmio_free(self, base: int, length: int) -> bool:
+        """Whether [base, base + length) is neither reserved nor decoded by any device."""
+        with self.lock:
+            return 0 <= base and base + length <= MMIO_LIMIT and not any(
+                base < b + n and b < base + length
+                for b, n, *_ in [*self.reserved, *((e[0], e[1]) for e in self._mmio)])
+
+    def set_mmio(self, dev: Device, ranges: list[tuple[int, int]]) -> None:
+        """Move a device's MMIO ranges while it lives (a PCI BAR the guest reprograms): all or nothing.
+
+        The new ranges get the checks `add` makes; a device in D0 is relinked at once, so the next
+        access to the old addresses is unclaimed and the next to the new ones reaches the device.
+        """
+        with self.lock:
+            if dev.windows:
+                raise DeviceConfigError(f"{dev.name}: a device with memory-backed windows cannot move its MMIO")
+            others = [e for e in self._mmio if e[2] is not dev]
+            for base, length in ranges:
+                if length <= 0 or base < 0 or base + length > MMIO_LIMIT:
+                    raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} is not a guest-physical range")
+                for b, n, what in self.reserved:
+                    if base < b + n and b < base + length:
+                        raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {what}")
+                for b, n, other, *_ in others:
+                    if base < b + n and b < base + length:
+                        raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {other.name}")
+            entries = sorted(others + [[b, n, dev, None, None] for b, n in ranges], key=lambda e: e[0])
+            dev.mmio = list(ranges)
+            self._mmio_starts = [e[0] for e in entries]
+            self._mmio = entries
+            if dev.state is State.D0:
+                self._link(dev, True)
+
     def _disown(self, dev: Device) -> None:
         self._link(dev, False)
         for base, length in dev.ports:
