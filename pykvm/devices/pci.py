@@ -24,7 +24,7 @@ from .vtd_tables import VtdFault
 CONFIG_ADDRESS = 0xCF8
 CONFIG_PORTS = 8               # 0xcf8..0xcff: the address register and the four data bytes
 SLOTS = 32
-HOLE_START = 0xFE000000        # where the "firmware" places BARs
+HOLE_START = 0xFE800000        # where the "firmware" places BARs (above the identity device's default)
 HOLE_END = 0xFEC00000          # the IOAPIC
 
 # configuration-space offsets
