@@ -159,8 +159,8 @@ class IntelIommu(Device):
             self.ir_table = (irta & T.ADDR_MASK, 1 << ((irta & 0xF) + 1))
             sts |= SIRTP
         for bit in (TE, QIE, IRE, CFI):
-            if bit == IRE and not self.intremap or bit == CFI and not self.intremap:
-                continue
+            if bit in (IRE, CFI) and not self.intremap:
+                continue                                   # intremap=off: no remapping to enable
             if cmd & bit and not sts & bit:
                 if bit == QIE:
                     self._put(IQH, 0)                      # enabling the queue starts it at its head
