@@ -79,6 +79,26 @@ def cpu_option(qemu_params: str) -> list[str]:
     return ["--cpu", ",".join(["host"] + off)] if off else []
 
 
+QEMU_DEVICES = {"edu": "edu", "intel-iommu": "intel-iommu"}     # QEMU -device name -> pykvm --device name
+QEMU_DEVICE_OPTIONS = {"intel-iommu": ("intremap", "eim")}
+
+
+def device_options(qemu_params: str) -> list[str]:
+    """`--device` options for what qemu_params add: `-M q35` brings the PCI host, `-device edu` and
+    `-device intel-iommu,...` their models (with the options pykvm's model knows)."""
+    words = shlex.split(qemu_params)
+    out = []
+    for flag, value in zip(words, words[1:]):
+        if flag in ("-M", "-machine") and value.split(",")[0] == "q35":
+            out += ["--device", "pci-host"]
+        elif flag == "-device":
+            name, *opts = value.split(",")
+            if name in QEMU_DEVICES:
+                keep = [o for o in opts if o.partition("=")[0] in QEMU_DEVICE_OPTIONS.get(name, ())]
+                out += ["--device", ",".join([QEMU_DEVICES[name]] + keep)]
+    return out
+
+
 def run(cmd: list[str], timeout: float, env=None) -> tuple[int | None, float, bytes]:
     """Exit status (None on timeout), wall seconds and stderr."""
     t0 = time.monotonic()
@@ -109,6 +129,7 @@ def main() -> int:
         pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
               "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
         pk += cpu_option(sec.get("qemu_params", ""))
+        pk += device_options(sec.get("qemu_params", ""))
         for d in PYKVM_DEVICES:
             pk += ["--device", d]
         rc, secs, _err = run(pk, timeout + 30, env)

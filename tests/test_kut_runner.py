@@ -61,3 +61,10 @@ def test_test_args_lose_their_quotes_as_the_suites_shell_runner_does():
     words = kut.test_args('"10000000 `date +%s`"').split()
     assert words[0] == "10000000" and words[1].isdigit()
     assert kut.test_args("'unbalanced") == "'unbalanced"
+
+
+def test_qemu_pci_devices_become_pykvm_devices():
+    assert kut.device_options("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu") == [
+        "--device", "pci-host", "--device", "intel-iommu,intremap=on,eim=off", "--device", "edu"]
+    assert kut.device_options("-device intel-iommu,intremap=on,caching-mode=on") == ["--device", "intel-iommu,intremap=on"]
+    assert kut.device_options("-machine pc -device pc-testdev") == []

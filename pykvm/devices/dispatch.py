@@ -41,6 +41,9 @@ class DeviceManager:
         self.live_port_writes: dict[int, tuple] = {}
         self._mmio_starts: list[int] = []
         self._mmio: list[list] = []               # [base, length, owner, read_cb | None, write_cb | None]
+        # what the access paths read: one attribute holding both lists, replaced whole after each
+        # change of ranges, so a vCPU never pairs one version's starts with another's entries
+        self._mmio_index: tuple[list[int], list[list]] = ([], [])
         self.reserved: list[tuple[int, int, str]] = []   # guest-physical ranges no device may claim
         # the guest picks these keys: bounded, and readable while vCPU threads count
         self.unclaimed = BoundedTally(UNCLAIMED_KEYS)
@@ -118,6 +121,41 @@ class DeviceManager:
             i = bisect.bisect(self._mmio_starts, base)
             self._mmio_starts.insert(i, base)
             self._mmio.insert(i, [base, length, dev, None, None])
+        self._mmio_index = (list(self._mmio_starts), list(self._mmio))
+
+    def mmio_free(self, base: int, length: int) -> bool:
+        """Whether [base, base + length) is neither reserved nor decoded by any device."""
+        with self.lock:
+            return 0 <= base and base + length <= MMIO_LIMIT and not any(
+                base < b + n and b < base + length
+                for b, n, *_ in [*self.reserved, *((e[0], e[1]) for e in self._mmio)])
+
+    def set_mmio(self, dev: Device, ranges: list[tuple[int, int]]) -> None:
+        """Move a device's MMIO ranges while it lives (a PCI BAR the guest reprograms): all or nothing.
+
+        The new ranges get the checks `add` makes; a device in D0 is relinked at once, so the next
+        access to the old addresses is unclaimed and the next to the new ones reaches the device.
+        """
+        with self.lock:
+            if dev.windows:
+                raise DeviceConfigError(f"{dev.name}: a device with memory-backed windows cannot move its MMIO")
+            others = [e for e in self._mmio if e[2] is not dev]
+            for base, length in ranges:
+                if length <= 0 or base < 0 or base + length > MMIO_LIMIT:
+                    raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} is not a guest-physical range")
+                for b, n, what in self.reserved:
+                    if base < b + n and b < base + length:
+                        raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {what}")
+                for b, n, other, *_ in others:
+                    if base < b + n and b < base + length:
+                        raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {other.name}")
+            entries = sorted(others + [[b, n, dev, None, None] for b, n in ranges], key=lambda e: e[0])
+            dev.mmio = list(ranges)
+            self._mmio_starts = [e[0] for e in entries]
+            self._mmio = entries
+            self._mmio_index = (list(self._mmio_starts), list(entries))
+            if dev.state is State.D0:
+                self._link(dev, True)
 
     def _disown(self, dev: Device) -> None:
         self._link(dev, False)
@@ -128,6 +166,7 @@ class DeviceManager:
         keep = [(s, e) for s, e in zip(self._mmio_starts, self._mmio) if e[2] is not dev]
         self._mmio_starts = [s for s, _ in keep]
         self._mmio = [e for _, e in keep]
+        self._mmio_index = (list(self._mmio_starts), list(self._mmio))
 
     def _link(self, dev: Device, live: bool) -> None:
         """Put (live) or take out the ranges `dev` owns in the hot tables."""
@@ -259,9 +298,10 @@ class DeviceManager:
 
     def mmio_access(self, addr: int, size: int, is_write: bool, value: int = 0) -> int:
         """An MMIO access: to the owning device if it is in D0, else like nothing is there."""
-        i = bisect.bisect_right(self._mmio_starts, addr) - 1
+        starts, entries = self._mmio_index
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
-            base, length, dev, rd, wr = self._mmio[i]
+            base, length, dev, rd, wr = entries[i]
             if addr < base + length:
                 if rd is None:
                     return self.inactive_access(dev, size, is_write)
@@ -273,9 +313,10 @@ class DeviceManager:
 
     def mmio_lookup(self, addr: int) -> tuple[Device, int] | None:
         """(device, base) decoding this guest-physical address, or None."""
-        i = bisect.bisect_right(self._mmio_starts, addr) - 1
+        starts, entries = self._mmio_index
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0:
-            base, length, dev, *_ = self._mmio[i]
+            base, length, dev, *_ = entries[i]
             if addr < base + length:
                 return dev, base
         return None

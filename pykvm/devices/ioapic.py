@@ -34,6 +34,7 @@ POLARITY_LOW = 1 << 13
 DELIVERY_STATUS = 1 << 12
 RO_BITS = REMOTE_IRR | DELIVERY_STATUS   # the guest cannot write these
 ID_MASK = 0x0F000000
+REMAPPABLE = 1 << 48                      # interrupt format bit of a VT-d remappable entry
 
 
 def msi_of(entry: int) -> tuple[int, int]:
@@ -41,6 +42,10 @@ def msi_of(entry: int) -> tuple[int, int]:
     dest = (entry >> 56) & 0xFF
     logical = (entry >> 11) & 1
     address = 0xFEE00000 | (dest << 12) | (logical << 2)
+    if entry & REMAPPABLE:
+        # remappable format (VT-d): bits 63:48 carry the IRTE handle and land in address bits 19:4,
+        # bit 11 is handle[15] in address bit 2, so the IOMMU reads the handle as from any MSI
+        address = 0xFEE00000 | (((entry >> 48) & 0xFFFF) << 4) | (logical << 2)
     data = (entry & 0xFF) | (((entry >> 8) & 7) << 8)
     if entry & LEVEL:
         data |= LEVEL | (1 << 14)                # level-triggered, asserted

@@ -75,10 +75,16 @@ def _seconds(v: float) -> float:
     return v
 
 
+def _switch(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise DeviceSpecError(f"{v!r} is not on or off")
+    return v == "on"
+
+
 # option kinds: (python type the value must become, range/format check)
 KINDS: dict[str, tuple[type, Callable]] = {
     "port": (int, _port), "addr": (int, _addr), "name": (str, _name), "seconds": (float, _seconds),
-    "text": (str, _text),
+    "text": (str, _text), "switch": (str, _switch),
 }
 
 
@@ -117,6 +123,7 @@ class DeviceType:
     default: bool = False                      # part of every VM
     hotplug: bool = False                      # the host may add it while the guest runs
     needs_irq: bool = False                    # raises ISA IRQs: under the split irqchip this brings the IOAPIC
+    pci: bool = False                          # sits on the PCI host (brought in with the first such device)
 
     def make(self, ctx: DeviceContext, raw_options: dict) -> Device:
         """Validate raw options and build an instance."""
@@ -185,7 +192,7 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
     DeviceType("ioapic", "I/O APIC at 0xfec00000 for the split irqchip (added with any device that raises IRQs)",
                "pykvm.devices.ioapic:IoApic",
                lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(
-                   deliver=ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"),
+                   deliver=ctx.extra.get("irq_msi") or ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"),
                    on_level_sent=ctx.extra.get("ioapic_level_sent"))),
     DeviceType("pic", "the PC's 8259A pair at 0x20 and 0xa0 (vectors 0x08/0x70) on the BSP's LINT0 (split irqchip)",
                "pykvm.devices.i8259:I8259",
@@ -209,10 +216,46 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                lambda ctx, o: _import("pykvm.devices.rtc:CmosRtc")(
                    irq=(lambda level: ctx.irq_line(8, level)) if ctx.irq_line else None,
                    on_alarm=getattr(ctx.extra.get("wake"), "rtc_alarm", None)), needs_irq=True),
+    DeviceType("pci-host", "PCI configuration mechanism #1 (0xcf8/0xcfc), bus 0, q35 host bridge at 00:00.0 "
+               "(added with any PCI device)", "pykvm.devices.pci:PciHost",
+               lambda ctx, o: _import("pykvm.devices.pci:PciHost")(
+                   irq_line=ctx.irq_line, msi=ctx.extra.get("msi"), memory=ctx.memory)),
+    DeviceType("edu", "QEMU's edu PCI device (1234:11e8): DMA through the IOMMU, MSI or INTx",
+               "pykvm.devices.edu:Edu", lambda ctx, o: _pci_function(ctx, _import("pykvm.devices.edu:Edu")()),
+               needs_irq=True, pci=True),
+    DeviceType("intel-iommu", "Intel VT-d IOMMU at 0xfed90000: DMA and interrupt remapping, queued invalidation",
+               "pykvm.devices.intel_iommu:IntelIommu",
+               lambda ctx, o: _iommu(ctx, o), {"intremap": "switch", "eim": "switch"}, pci=True),
     DeviceType("dma", "a DMA engine bounded by the access policy", "pykvm.devices.dma:Dma",
                lambda ctx, o: _import("pykvm.devices.dma:Dma")(memory=ctx.memory, irq=ctx.pulse(), **o),
                {"base": "port"}, default=False),
 ]}
+
+
+def _pci_function(ctx: DeviceContext, fn):
+    host = ctx.extra.get("pci")
+    if host is None:
+        raise DeviceSpecError(f"device {fn.name}: no PCI host (the machine adds pci-host with a PCI device)")
+    placed = ctx.extra.get("mmio_free")
+    host.attach(fn, placed)
+    return fn
+
+
+def _iommu(ctx: DeviceContext, opts: dict):
+    host = ctx.extra.get("pci")
+    if host is None:
+        raise DeviceSpecError("device intel-iommu: no PCI host (the machine adds pci-host with it)")
+    if host.iommu is not None:
+        raise DeviceSpecError("device intel-iommu: only one IOMMU per machine")
+    if opts.get("eim"):
+        raise DeviceSpecError("device intel-iommu: eim=on (x2APIC interrupt remapping) is not offered")
+    if opts.get("intremap", True) and ctx.extra.get("irqchip") == "full":
+        raise DeviceSpecError("device intel-iommu: intremap=on needs the split irqchip (the in-kernel IOAPIC "
+                              "cannot be remapped)")
+    iommu = _import("pykvm.devices.intel_iommu:IntelIommu")(
+        memory=ctx.memory, deliver=ctx.extra.get("msi"), intremap=opts.get("intremap", True))
+    host.iommu = iommu
+    return iommu
 
 
 def lookup(name: str) -> DeviceType:

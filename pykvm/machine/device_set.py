@@ -37,6 +37,8 @@ def build_devices(machine) -> DeviceManager:
         serial_out=cfg.serial_out, serial_in=cfg.serial_in,
         serial_unbuffered=cfg.serial_unbuffered, exit_port=cfg.exit_port,
         on_pvpanic_crash_loaded=_pvpanic_crash_loaded)
+    ctx.extra["irqchip"] = cfg.irqchip
+    ctx.extra["msi"] = lambda address, data: m.vm.signal_msi(address, data)
     wanted = [(t.name, {}) for t in registry.TYPES.values() if t.default]
     wanted += [(name, dict(opts)) for name, opts in cfg.devices]
     if cfg.display == "text":      # a hobby kernel: its cursor, and the keyboard controller it polls
@@ -46,6 +48,8 @@ def build_devices(machine) -> DeviceManager:
     names = {name for name, _o in wanted}
     if "acpi-pm" in names:            # its PM1a_CNT is the power-off port
         wanted = [(n, o) for n, o in wanted if n != "poweroff"]
+    if any(registry.TYPES[n].pci for n, _o in wanted if n in registry.TYPES) and "pci-host" not in names:
+        wanted.insert(0, ("pci-host", {}))     # a PCI device brings its bus
     from ..devices.acpi_pm import WakeSignal
 
     ctx.extra["wake"] = WakeSignal()
@@ -66,6 +70,12 @@ def build_devices(machine) -> DeviceManager:
         m.built["pic"] = dm.add(pic)
         dm.add(pic.companion)
     try:
+        host_opts = next((o for n, o in wanted if n == "pci-host"), None)
+        if host_opts is not None:       # before the functions that attach to it
+            wanted = [(n, o) for n, o in wanted if n != "pci-host"]
+            host = m.built["pci-host"] = dm.add(registry.lookup("pci-host").make(ctx, dict(host_opts)))
+            ctx.extra["pci"] = host
+            ctx.extra["mmio_free"] = dm.mmio_free
         for name, opts in wanted:
             dev = dm.add(registry.lookup(name).make(ctx, opts))
             m.built.setdefault(name, dev)
@@ -88,7 +98,32 @@ def _split_ioapic(m, ctx, wanted):
         return None
     vm = m.vm
     ctx.extra["msi"] = lambda address, data: vm.signal_msi(address, data)
-    ctx.extra["ioapic_route"] = lambda pin, address, data: vm.gsi_routing.add_msi(pin, address, data)
+
+    def iommu():
+        host = ctx.extra.get("pci")
+        return None if host is None else host.iommu
+
+    def irq_msi(address, data):
+        # the IOAPIC's interrupt requests go through interrupt remapping when there is an IOMMU
+        unit = iommu()
+        if unit is None:
+            vm.signal_msi(address, data)
+        else:
+            unit.interrupt(address, data, None)
+
+    def route(pin, address, data):
+        # KVM's route for the pin must hold the vector the guest will EOI: the remapped one
+        unit = iommu()
+        if unit is not None:
+            from ..devices.vtd_tables import VtdFault
+            try:
+                address, data = unit.remap(address, data, None)
+            except VtdFault:
+                pass               # not remappable yet (an IRTE the guest has still to write)
+        vm.gsi_routing.add_msi(pin, address, data)
+
+    ctx.extra["irq_msi"] = irq_msi
+    ctx.extra["ioapic_route"] = route
     watch = EoiWatch(m)
     ctx.extra["ioapic_level_sent"] = watch.notify
     opts = next((o for n, o in wanted if n == "ioapic"), {})
