@@ -64,6 +64,21 @@ class DeviceManager:
         """Keep devices out of a guest-physical range the machine uses (RAM, the LAPIC page, ...)."""
         self.reserved.append((base, length, what))
 
+    def _mmio_clash(self, base: int, length: int, entries) -> str | None:
+        """Why [base, base + length) cannot be decoded next to `entries` (MMIO table rows), or None."""
+        if length <= 0:
+            return f"empty MMIO range at {base:#x}"
+        if base < 0 or base + length > MMIO_LIMIT:
+            return (f"MMIO {base:#x}+{length:#x} is outside the guest-physical address space "
+                    f"(0-{MMIO_LIMIT - 1:#x})")
+        for b, n, what in self.reserved:
+            if base < b + n and b < base + length:
+                return f"MMIO {base:#x}+{length:#x} overlaps {what} at {b:#x}+{n:#x}"
+        for b, n, other, *_ in entries:
+            if base < b + n and b < base + length:
+                return f"MMIO {base:#x}+{length:#x} overlaps {other.name} at {b:#x}+{n:#x}"
+        return None
+
     def _check_free(self, dev: Device) -> None:
         for base, length in dev.ports:
             if length <= 0 or base < 0 or base + length > 0x10000:
@@ -73,19 +88,9 @@ class DeviceManager:
                     other = self.port_map[p][0]
                     raise DeviceConfigError(f"{dev.name}: I/O port {p:#x} already belongs to {other.name}")
         for base, length in dev.mmio:
-            if length <= 0:
-                raise DeviceConfigError(f"{dev.name}: empty MMIO range at {base:#x}")
-            if base < 0 or base + length > MMIO_LIMIT:
-                raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} is outside the guest-physical "
-                                        f"address space (0-{MMIO_LIMIT - 1:#x})")
-            for b, n, what in self.reserved:
-                if base < b + n and b < base + length:
-                    raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {what} "
-                                            f"at {b:#x}+{n:#x}")
-            for b, n, other, *_ in self._mmio:
-                if base < b + n and b < base + length:
-                    raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {other.name} "
-                                            f"at {b:#x}+{n:#x}")
+            clash = self._mmio_clash(base, length, self._mmio)
+            if clash:
+                raise DeviceConfigError(f"{dev.name}: {clash}")
         for w in dev.windows:
             if not any(b <= w.gpa and w.gpa + w.size <= b + n for b, n in dev.mmio):
                 raise DeviceConfigError(f"{dev.name}: window {w.name} lies outside the device's MMIO ranges")
@@ -126,9 +131,7 @@ class DeviceManager:
     def mmio_free(self, base: int, length: int) -> bool:
         """Whether [base, base + length) is neither reserved nor decoded by any device."""
         with self.lock:
-            return 0 <= base and base + length <= MMIO_LIMIT and not any(
-                base < b + n and b < base + length
-                for b, n, *_ in [*self.reserved, *((e[0], e[1]) for e in self._mmio)])
+            return self._mmio_clash(base, length, self._mmio) is None
 
     def set_mmio(self, dev: Device, ranges: list[tuple[int, int]]) -> None:
         """Move a device's MMIO ranges while it lives (a PCI BAR the guest reprograms): all or nothing.
@@ -141,14 +144,9 @@ class DeviceManager:
                 raise DeviceConfigError(f"{dev.name}: a device with memory-backed windows cannot move its MMIO")
             others = [e for e in self._mmio if e[2] is not dev]
             for base, length in ranges:
-                if length <= 0 or base < 0 or base + length > MMIO_LIMIT:
-                    raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} is not a guest-physical range")
-                for b, n, what in self.reserved:
-                    if base < b + n and b < base + length:
-                        raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {what}")
-                for b, n, other, *_ in others:
-                    if base < b + n and b < base + length:
-                        raise DeviceConfigError(f"{dev.name}: MMIO {base:#x}+{length:#x} overlaps {other.name}")
+                clash = self._mmio_clash(base, length, others)
+                if clash:
+                    raise DeviceConfigError(f"{dev.name}: {clash}")
             entries = sorted(others + [[b, n, dev, None, None] for b, n in ranges], key=lambda e: e[0])
             dev.mmio = list(ranges)
             self._mmio_starts = [e[0] for e in entries]
