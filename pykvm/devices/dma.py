@@ -62,7 +62,7 @@ class Dma(Device):
         self._zero()
         # host-side account (not guest-visible state)
         self.resets = 0
-        self.transfers: list[tuple[int, int, int]] = []   # (src, dst, length) of every copy performed
+        self.transfers: list[tuple[int, int, int]] = []   # (src, dst, length) of the latest 16 copies
         self.errors = 0
         self.interrupts: list[int] = []                   # lines raised
 
@@ -170,6 +170,7 @@ class Dma(Device):
                 return
             self.memory.write(dst, self.memory.read(src, n))
         self.transfers.append((src, dst, n))
+        del self.transfers[:-16]                  # the latest only: the guest starts as many as it likes
         self.status = STATUS_DONE
         if self.ctrl & CTRL_IRQ_EN:
             line = (self.ctrl & CTRL_IRQ_MASK) >> CTRL_IRQ_SHIFT

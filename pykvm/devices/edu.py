@@ -52,7 +52,7 @@ class Edu(PciFunction):
         self.dma_regs = {REG_SRC: 0, REG_DST: 0, REG_COUNT: 0, REG_CMD: 0}
         self.buffer = bytearray(BUF_SIZE)
         # host-side account
-        self.transfers: list[tuple[int, int, int, bool]] = []   # (src, dst, count, from_device) done
+        self.transfers: list[tuple[int, int, int, bool]] = []   # (src, dst, count, from_device) of the latest 16 done
         self.dma_errors: list[str] = []
 
     # ------------------------------------------------------------ registers
@@ -136,6 +136,7 @@ class Edu(PciFunction):
             else:
                 self.buffer[at:at + count] = self.host.dma_read(self, bus & DMA_MASK, count)
             self.transfers.append((src, dst, count, from_device))
+            del self.transfers[:-16]              # the latest only: the guest starts as many as it likes
         except DmaError as e:
             self.dma_errors.append(str(e)[:200])
             del self.dma_errors[:-16]
