@@ -19,6 +19,19 @@ def pykvm(*args: str, timeout: float = 60, env: dict | None = None, stdin=subpro
                           timeout=timeout, env=full_env, stdin=stdin)
 
 
+def pykvm_up(tmp_path: Path, topology: str, timeout: float = 300):
+    """`pykvm up` of a topology text in tmp_path, asserted to succeed: (run dir, stdout, stderr, logs by file name)."""
+    topo = tmp_path / "topo.toml"
+    topo.write_text(topology)
+    run = tmp_path / "run"
+    r = pykvm("up", str(topo), "--dir", str(run), timeout=timeout)
+    out, err = r.stdout.decode(), r.stderr.decode()
+    logs = {f.name: f.read_text() for f in run.glob("*.log")}
+    serials = {f.name: f.read_text() for f in run.glob("*.serial")}
+    assert r.returncode == 0, (out, err, logs, serials)
+    return run, out, err, logs
+
+
 # Devices beyond the default set that bundled guests drive (pykvm run --device NAME)
 MAILBOX_DEVICES = [("mailbox", {}), ("power-control", {})]
 WINDOW_POLL_DEVICES = [("identity", {}), ("post-code", {})]

@@ -11,7 +11,7 @@ from pykvm.bus import wire
 from pykvm.bus.policy import UNTRUSTED, Ledger, Rules, TopologyPolicy
 from pykvm.partitions import topology
 
-from .helpers import pykvm
+from .helpers import pykvm, pykvm_up
 
 GOOD = """
 [[partition]]
@@ -175,15 +175,9 @@ def test_up_service_partition_crashes_mid_run_clients_reopen_and_no_completed_wr
     """A file-backed service partition, a trusted and an untrusted client; the service crashes after 2 writes."""
     store = tmp_path / "store.img"
     store.write_bytes(b"".join(_pattern(0, s) for s in range(2048)))
-    topo = tmp_path / "topo.toml"
-    topo.write_text(GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = "{store}"\n'
-                                 'cmdline = "store=disk crash_after_writes=2"'))
-    run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
-    out, err = r.stdout.decode(), r.stderr.decode()
-    logs = {f.name: f.read_text() for f in run.glob("*.log")}
+    run, out, err, logs = pykvm_up(tmp_path, GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = "{store}"\n'
+                                                          'cmdline = "store=disk crash_after_writes=2"'))
     serials = {f.name: f.read_text() for f in run.glob("*.serial")}
-    assert r.returncode == 0, (out, err, logs, serials)
     assert f"partition storage: serial {run}/storage.serial, control {run}/storage.sock" in out
     assert "partition client1: status 0" in out and "partition client2: status 0" in out
     assert "partition storage: status 0 (restarts 1)" in out
@@ -517,12 +511,7 @@ def _check_clean_client(run, name="client1"):
 @pytest.mark.kvm
 def test_up_hostile_service_partitions_are_contained(tmp_path):
     """Wrong transaction ids, a reply of the wrong length, silence: each provider is cut off alone."""
-    topo = tmp_path / "topo.toml"
-    topo.write_text(HOSTILE_SERVICES)
-    run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
-    out, err = r.stdout.decode(), r.stderr.decode()
-    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    run, out, err, _logs = pykvm_up(tmp_path, HOSTILE_SERVICES)
     import re
 
     _check_clean_client(run)
@@ -580,12 +569,7 @@ burst = 1
 @pytest.mark.kvm
 def test_up_hostile_clients_are_contained(tmp_path):
     """A client that floods and one that sends a malformed request lose their channel; the others go on."""
-    topo = tmp_path / "topo.toml"
-    topo.write_text(HOSTILE_CLIENTS)
-    run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
-    out, err = r.stdout.decode(), r.stderr.decode()
-    assert r.returncode == 0, (out, err, [(f.name, f.read_text()) for f in run.glob("*.log")])
+    run, out, err, _logs = pykvm_up(tmp_path, HOSTILE_CLIENTS)
     _check_clean_client(run)
     flood = (run / "flooder.serial").read_text()
     import re

@@ -17,7 +17,7 @@ from pykvm.bus.policy import UNTRUSTED, Ledger, Rules, TopologyPolicy
 from pykvm.bus.ring import GPA_DIRECT
 from pykvm.memory.guest import GuestMemory
 
-from .helpers import pykvm
+from .helpers import pykvm_up
 
 PAGE = 4096
 SECTOR = abi.PYKVM_BLK_SECTOR
@@ -396,13 +396,7 @@ max_request_sectors = 64
 @pytest.mark.kvm
 def test_up_large_block_io_by_remapping(tmp_path):
     """client1's 64 KiB writes and reads are remapped into the service partition and verified; client2 is copied."""
-    topo = tmp_path / "topo.toml"
-    topo.write_text(TOPOLOGY)
-    run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
-    out, err = r.stdout.decode(), r.stderr.decode()
-    logs = {f.name: f.read_text() for f in run.glob("*.log")}
-    assert r.returncode == 0, (out, err, logs)
+    run, _out, err, logs = pykvm_up(tmp_path, TOPOLOGY)
     assert "bench: disk verified 4 requests of 128 sectors\n" in (run / "client1.serial").read_text()
     assert "bench: done\n" in (run / "client2.serial").read_text()
     # 8 remapped requests (4 writes, 4 reads), none declined; everything of client2 went by copy
@@ -420,14 +414,9 @@ def test_up_large_block_io_by_remapping(tmp_path):
 @pytest.mark.kvm
 def test_up_provider_at_v1_0_gets_everything_by_copy(tmp_path):
     """A service guest that opens the provider channel at v1.0: every remap is declined, the copy path serves it."""
-    topo = tmp_path / "topo.toml"
-    topo.write_text(TOPOLOGY.split("[[partition]]\nname = \"client2\"")[0]
-                    .replace('cmdline = "probe=1"', 'cmdline = "remap=0"').replace("n=4 sectors=128", "n=2 sectors=64"))
-    run = tmp_path / "run"
-    r = pykvm("up", str(topo), "--dir", str(run), timeout=300)
-    err = r.stderr.decode()
-    logs = {f.name: f.read_text() for f in run.glob("*.log")}
-    assert r.returncode == 0, (r.stdout.decode(), err, logs)
+    run, _out, err, logs = pykvm_up(tmp_path, TOPOLOGY.split("[[partition]]\nname = \"client2\"")[0]
+                                    .replace('cmdline = "probe=1"', 'cmdline = "remap=0"')
+                                    .replace("n=4 sectors=128", "n=2 sectors=64"))
     assert "bench: disk verified 2 requests of 64 sectors\n" in (run / "client1.serial").read_text()
     assert "0 remapped (4 declined)" in err
     assert "served 18 requests, 0 remapped\n" in (run / "storage.serial").read_text()   # 4 x 4 pieces, INFO, FLUSH
