@@ -29,8 +29,8 @@ A provider that answers nothing for its `request_timeout` (topology, default 30 
 requests are outstanding is lost: the oldest unanswered request is answered
 PYKVM_BUS_E_IO (it may be the one that hangs the provider, so it is not sent again), the
 link is dropped with the reason, the partition is stopped (SIGKILL) and treated as a
-crashed one (rescind, fail, restart within its `restarts`). So is a provider whose
-service stays down while requests are held for it for request_timeout.
+crashed one (rescind, fail, restart within its `restarts`). So is a provider that does
+not register within request_timeout of its first start while requests are held for it.
 
 A REMAP request (transfer by memory map change, pykvm/bus/remap.py) carries the client's
 memfds; the broker passes them to a provider that registered with remap and keeps no
@@ -89,14 +89,14 @@ class Broker:
         self.providers: dict[str, _Conn] = {}              # service -> the registered provider's connection
         self.held: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
         self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, frame body)
-        self.served: set[str] = set()                       # services whose provider registered at least once
         self.remapped: set[int] = set()                    # broker tags of inflight REMAP requests
         self.remap_ok: dict[str, bool] = {}                # service -> its registered provider takes REMAP
         self.tags = itertools.count(1)
         self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
                        "remapped": 0, "remap_declined": 0, "timeouts": 0}
         self.stopping = False
-        self.versions: dict[str, list[int]] = {}           # service -> versions its provider registered
+        self.versions: dict[str, list[int]] = {}           # service -> versions its provider last registered
+        #   (a service in it has been served at least once)
         self.gone: set[str] = set()                        # services whose provider ended for good
         self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
         self.down_since: dict[str, float] = {}             # service -> when its provider stopped serving
@@ -226,7 +226,7 @@ class Broker:
                 "rules": asdict(p.rules), "generation": self.generation[p.name],
                 "versions": {u: self.versions[u] for u in p.uses if u in self.versions}}))
             for service in p.uses:             # a client (re)starting while its service is down
-                if service in self.served and service not in self.providers:
+                if service in self.versions and service not in self.providers:
                     self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": "down"}))
             return
         p = self.topo.by_name(c.name)
@@ -242,7 +242,6 @@ class Broker:
             if self.providers.get(p.provides) is c:
                 raise wire.WireError(f"{p.name} registered twice")
             self.providers[p.provides] = c
-            self.served.add(p.provides)
             self.remap_ok[p.provides] = obj.get("remap") is True
             self.down_since.pop(p.provides, None)
             self.versions[p.provides] = versions
@@ -269,8 +268,8 @@ class Broker:
                 raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
             service = p.uses[index]
             q = self.held[service]
-            if (len(q) >= MAX_HELD or (service in self.served and service not in self.providers)
-                    or (service in self.gone and service not in self.providers)):
+            if len(q) >= MAX_HELD or ((service in self.versions or service in self.gone)
+                                      and service not in self.providers):
                 # down after serving: the client's offer is (being) rescinded; it re-issues after the re-offer
                 self.counts["refused"] += 1
                 return self._send(c, wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
@@ -337,7 +336,8 @@ class Broker:
 
     def _check_timeouts(self) -> None:
         """Lose a provider that answered nothing for its request_timeout while requests were outstanding,
-        or whose service stayed down that long with requests held (its channel closed, the guest alive)."""
+        or that did not register within request_timeout of its start while requests were held for it
+        (after a provider served, nothing is held: requests fail until the restart registers)."""
         now = time.monotonic()
         for service, since in list(self.down_since.items()):
             p = self.topo.provider_of(service)
@@ -347,10 +347,7 @@ class Broker:
                 self.counts["timeouts"] += 1
                 self.log(f"{p.name}: {service} down for {p.request_timeout:g} s with {len(self.held[service])} "
                          "requests held: the partition is stopped")
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                self._kill(p.name)
         for service, c in list(self.providers.items()):
             p = self.topo.by_name(c.name)
             if now - c.progress <= p.request_timeout:
@@ -364,12 +361,16 @@ class Broker:
                 self._send(client, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
             self._drop(c, f"request {mine[0]} for {service} from {client.name} unanswered after "
                           f"{p.request_timeout:g} s: the provider is lost and stopped")
-            proc = self.procs.get(p.name)
-            if proc is not None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            self._kill(p.name)
+
+    def _kill(self, name: str) -> None:
+        """Stop partition `name` at once (SIGKILL to its process group); _reap then handles it as a crash."""
+        proc = self.procs.get(name)
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _tell_clients(self, service: str, state: str, versions=None) -> None:
         """Send STATUS {service, state[, versions]} to every connected partition that uses service."""
@@ -478,11 +479,8 @@ class Broker:
 
     def kill_stragglers(self) -> None:
         """After the grace period, stop partitions that did not end by themselves."""
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for name in list(self.procs):
+            self._kill(name)
 
     def close(self) -> None:
         """Stop every partition still running and remove the broker socket."""
