@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from .record import record, field
 from pathlib import Path
 
 from .errors import EXIT_USAGE, MemorySizeError, PykvmError, UsageError
@@ -73,7 +73,7 @@ class EOF(ExpectError):
     """The VM ended before the pattern appeared (pexpect.EOF); `outcome` says how it ended."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Outcome:
     """How a VM's run ended.
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from dataclasses import dataclass
+from .record import record
 
 from .errors import EXIT_KVM_UNAVAILABLE, EXIT_VMM_ERROR, OutputPathError, PykvmError
 from .units import parse_size
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Opt:
     """One `pykvm run` option: its click declaration, as data."""
 
@@ -220,7 +220,7 @@ def run(p: dict, given: set, checked: tuple, fast_exit: bool) -> None:
         size = parse_size(p["mem"])
         nodes = None
         if p["numa_nodes"] or p["numa_count"] is not None or p["numa_distance"] is not None or p["memory_max"]:
-            from .memory import numa as numa_spec   # its dataclasses cost a plain run ~3 ms
+            from .memory import numa as numa_spec   # a plain run does not need it
 
             nodes = numa_spec.from_options(p["numa_nodes"], p["numa_count"], p["numa_distance"],
                                            size if "mem" in given else None, p["cpus"] if "cpus" in given else None,

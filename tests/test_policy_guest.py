@@ -95,13 +95,12 @@ class RecordingDma(Dma):
 
 
 def run_probe(tmp_path, monkeypatch, trust):
-    import dataclasses
-
     import pykvm.machine as machine
+    from pykvm import record
     from pykvm.devices import registry
 
     dma = registry.TYPES["dma"]
-    monkeypatch.setitem(registry.TYPES, "dma", dataclasses.replace(
+    monkeypatch.setitem(registry.TYPES, "dma", record.replace(
         dma, build=lambda ctx, o: RecordingDma(memory=ctx.memory, irq=ctx.pulse(), **o)))
     log = tmp_path / f"serial-{trust}.log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -132,7 +132,8 @@ def test_the_policy_names_only_real_requests_and_calls():
 
 # ------------------------------------------------------------------ a whole VMM (needs KVM)
 EVIL_SERIAL = """
-import dataclasses, os, sys
+import os, sys
+from pykvm import record
 from pykvm.cli import main
 from pykvm.devices import registry
 from pykvm.devices.serial import Serial16550
@@ -147,7 +148,7 @@ class Evil(Serial16550):
         super().io_write(offset, size, value)
 
 # a device model gone bad: the first byte the guest prints triggers it
-registry.TYPES["serial"] = dataclasses.replace(registry.TYPES["serial"], build=lambda ctx, o: Evil(
+registry.TYPES["serial"] = record.replace(registry.TYPES["serial"], build=lambda ctx, o: Evil(
     out_fd=ctx.serial_out, in_fd=ctx.serial_in, irq=None))
 main(sys.argv[1:])
 """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from ..record import record
 
 from .. import abi, __version__
 
@@ -20,7 +20,7 @@ MBI_LOADER_NAME = 1 << 9
 MBI_SIZE = 116
 
 
-@dataclass
+@record
 class Module:
     """A file placed in guest RAM for the kernel (multiboot module / initrd)."""
 

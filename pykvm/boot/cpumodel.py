@@ -9,7 +9,7 @@ is an error rather than a silent drop: a user asking for it wants to know.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record, field
 
 from ..errors import UsageError
 
@@ -72,7 +72,7 @@ def canonical(name: str) -> str:
     return ALIASES.get(n, n)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CpuModel:
     """A base model ("host") and the features added or removed on top of it."""
 

@@ -9,7 +9,7 @@ file before use: ElfError names what is wrong.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from ..record import record
 
 ET_EXEC, ET_DYN = 2, 3
 EM_386, EM_X86_64 = 3, 62
@@ -26,7 +26,7 @@ class ElfError(ValueError):
     """A malformed or truncated ELF file."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ProgramHeader:
     type: int
     offset: int
@@ -37,7 +37,7 @@ class ProgramHeader:
     flags: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ElfHeader:
     bits: int              # 32 or 64
     type: int              # ET_*

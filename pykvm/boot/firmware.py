@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from pathlib import Path
 
 from .. import abi
@@ -10,7 +10,7 @@ from ..errors import ToolchainError
 from .image import LoadSegment
 
 
-@dataclass
+@record
 class Firmware:
     """Stub code to load and where the 64-bit and 32-bit stub tables start."""
 

@@ -7,7 +7,7 @@ downstream sees only `KernelImage` with bounded, consistent segments.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from ..record import record, field
 from pathlib import Path
 
 from ..errors import BadImageError
@@ -34,7 +34,7 @@ GZIP_MAGIC = b"\x1f\x8b\x08"
 MAX_GUNZIPPED_BYTES = 1 << 30      # a compressed kernel may expand to this much and no more
 
 
-@dataclass
+@record
 class LoadSegment:
     """Bytes to place at a guest-physical address, zero-filled up to memsz."""
 
@@ -49,7 +49,7 @@ class LoadSegment:
         return self.paddr + self.memsz
 
 
-@dataclass
+@record
 class KernelImage:
     """A parsed kernel: how to enter it and what to load where."""
 
@@ -69,7 +69,7 @@ class KernelImage:
         return max(s.pend for s in self.segments)
 
 
-@dataclass
+@record
 class MultibootHeader:
     """The fields of a multiboot v1 header found in a kernel file."""
 

@@ -8,7 +8,7 @@ file: every field used is checked here and a bad one is a BadImageError naming i
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from ..record import record
 
 from ..errors import BadImageError, ImageDoesNotFitError
 from .bzsig import BOOT_FLAG, BOOT_FLAG_OFF, HEADER_MAGIC, HEADER_MAGIC_OFF, is_bzimage  # noqa: F401 (API)
@@ -42,7 +42,7 @@ GDT_CODE64 = 0x00AF9B000000FFFF
 GDT_DATA = 0x00CF93000000FFFF
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SetupHeader:
     """The fields of a bzImage setup header pykvm uses, validated."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record, field
 from pathlib import Path
 
 from .. import abi
@@ -24,7 +24,7 @@ FOREIGN_INFO_ADDR = abi.PYKVM_MBI_ADDR
 LINUX_GDT_ADDR = abi.PYKVM_GDT_ADDR + 0x400
 
 
-@dataclass
+@record
 class EntryState:
     """The BSP's register state at entry, independent of KVM structures."""
 
@@ -37,7 +37,7 @@ class EntryState:
     selectors: tuple[int, int] | None = None    # (code, data) selectors in that GDT
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BootCpu:
     """What the loaders must respect of the guest's CPU model."""
 
@@ -45,7 +45,7 @@ class BootCpu:
     x2apic: bool = True          # CPUID x2apic: ACPI may describe x2APIC-only ids
 
 
-@dataclass
+@record
 class BootPlan:
     """What the loader did: the entry state and what a crash report wants to know."""
 

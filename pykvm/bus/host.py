@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from ..record import record
 
 from .. import abi
 from . import messages as M
@@ -32,7 +32,7 @@ MAX_RELID = 255            # re-offers take fresh relids; past this one the serv
 MAX_RETIRED = 16           # superseded channels kept until their guest releases them (one that never does)
 
 
-@dataclass
+@record
 class Limits:
     """What one guest may ask of the bus."""
 

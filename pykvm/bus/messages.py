@@ -9,7 +9,7 @@ host's messages.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from ..record import record
 
 from .. import abi
 
@@ -38,36 +38,36 @@ def versions_text(vs) -> str:
     return ", ".join(version_text(v) for v in vs) or "none"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InitiateContact:
     versions: tuple[int, ...]
     target_vcpu: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RequestOffers:
     pass
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GpadlHeader:
     gpadl: int
     total: int
     pfns: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GpadlBody:
     gpadl: int
     pfns: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class GpadlTeardown:
     gpadl: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OpenChannel:
     relid: int
     ring_gpadl: int
@@ -76,17 +76,17 @@ class OpenChannel:
     versions: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CloseChannel:
     relid: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RelidReleased:
     relid: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Unload:
     pass
 

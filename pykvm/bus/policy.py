@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields, replace
+from ..record import record, fields, replace
 
 from .host import Limits
 from .messages import version_text, versions_text
@@ -25,7 +25,7 @@ class PolicyError(ValueError):
     """A policy section that does not validate; the message names the key."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Rules:
     """What one partition may do with the services of others."""
 

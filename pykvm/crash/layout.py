@@ -8,7 +8,7 @@ space comes first, then the other address spaces, then the identity view.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record, field
 
 from ..memory import GuestMemory
 from ..memory.pagewalk import (CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_TABLES,
@@ -29,7 +29,7 @@ DEFAULT_MAX_SEGMENTS = 8192
 DEFAULT_MAX_SPACES = 16
 
 
-@dataclass
+@record
 class Load:
     """One PT_LOAD: addresses, size, offset relative to the data area, flags."""
 
@@ -40,7 +40,7 @@ class Load:
     flags: int
 
 
-@dataclass
+@record
 class Layout:
     """All PT_LOADs in program-header order plus what the pykvm note says about them."""
 

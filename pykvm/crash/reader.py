@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from dataclasses import dataclass
+from ..record import record
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
@@ -20,7 +20,7 @@ class CoreFormatError(Exception):
     """The file is not a pykvm core, or it is truncated or damaged."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LoadSegment:
     """One PT_LOAD of the core."""
 

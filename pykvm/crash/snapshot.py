@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record, field
 
 from .. import __version__
 from ..memory import GuestMemory, GuestMemoryError
@@ -33,7 +33,7 @@ GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 
 
-@dataclass
+@record
 class VcpuState:
     """Registers of one vCPU as KVM reports them.
 
@@ -54,7 +54,7 @@ class VcpuState:
     mode: str = ""
 
 
-@dataclass
+@record
 class CrashSnapshot:
     """Everything a core file records about one guest death.
 

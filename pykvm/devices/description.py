@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from ..record import record
 from pathlib import Path
 
 from .. import tomlcache
@@ -61,7 +61,7 @@ class DescriptionError(DeviceConfigError):
     """A device description that is malformed, or that does not match its device model."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Action:
     """What one trust level gets for one register."""
 
@@ -91,7 +91,7 @@ class Action:
         return "translate shadow"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Register:
     """One register of a device, with what each trust level may do to it."""
 
@@ -112,7 +112,7 @@ class Register:
         return self.trusted if trust == "trusted" else self.untrusted
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Description:
     """A device's declared registers; `path` names the file for messages."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from ..record import record, field
 
 
 class State(enum.Enum):
@@ -20,7 +20,7 @@ class State(enum.Enum):
     RESTARTING = "restarting"
 
 
-@dataclass
+@record
 class Window:
     """A guest-physical register window backed by memory holding what the hardware would return.
 

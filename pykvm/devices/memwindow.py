@@ -20,7 +20,7 @@ in a zone the VMM registered, else the entry is dropped and counted.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from ..record import record, field
 
 from ..memory.region import PAGE_SIZE, MemoryRegion
 from .device import Device, State, Window
@@ -142,7 +142,7 @@ RING_ENTRY = struct.Struct("<QII8s")       # struct kvm_coalesced_mmio: phys_add
 RING_MAX = (PAGE_SIZE - RING_HEADER.size) // RING_ENTRY.size   # KVM_COALESCED_MMIO_MAX (170)
 
 
-@dataclass
+@record
 class RingStats:
     """What draining found: applied writes and everything dropped as malformed."""
 

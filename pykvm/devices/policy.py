@@ -39,7 +39,7 @@ import collections
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from ..record import record
 
 from ..errors import DeviceConfigError, UsageError
 from . import description as _desc
@@ -56,7 +56,7 @@ def _ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Denial:
     """One refused access, as kept in `PolicyAuthority.audit`."""
 

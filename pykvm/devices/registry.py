@@ -8,7 +8,7 @@ the VM's file descriptors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record, field
 from typing import Any, Callable
 
 from .. import abi
@@ -22,7 +22,7 @@ class DeviceSpecError(ValueError):
     """A device name or option the registry cannot accept."""
 
 
-@dataclass
+@record
 class DeviceContext:
     """What the machine lends device factories."""
 
@@ -111,7 +111,7 @@ def parse_option(kind: str, raw) -> Any:
     return check(raw)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceType:
     """One buildable device type."""
 

@@ -10,7 +10,7 @@ unchecked. Nothing here touches guest memory: `walk` reads table entries through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from typing import Callable
 
 PAGE = 0x1000
@@ -62,7 +62,7 @@ def _u64(v: int) -> int:
     return v
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RootEntry:
     """A legacy-mode root entry: the context table of one bus."""
 
@@ -79,7 +79,7 @@ class RootEntry:
         return cls(lo & ADDR_MASK)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ContextEntry:
     """A legacy-mode context entry: how one device function's DMA is translated."""
 
@@ -137,7 +137,7 @@ def walk(read_u64: Callable[[int], int | None], table: int, iova: int, write: bo
     raise AssertionError("unreachable: level 1 is always a leaf")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Irte:
     """An interrupt-remapping table entry in remapped (not posted) mode, xAPIC destination."""
 
@@ -209,7 +209,7 @@ INV_CONTEXT, INV_IOTLB, INV_DEVICE_IOTLB, INV_IEC, INV_WAIT = 1, 2, 3, 4, 5
 WAIT_IF, WAIT_SW, WAIT_FN = 1 << 4, 1 << 5, 1 << 6
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InvDescriptor:
     """One invalidation descriptor; for a wait descriptor, what to do on completion."""
 

@@ -61,11 +61,11 @@ def build_bus(machine):
         for d in disks:
             d.close()
         raise
-    import dataclasses
+    from .. import record
 
     limits = ledger.bus_limits() if ledger is not None else Limits()
     bus = BusHost(machine.memory, doorbells, interrupts, services, log=log, memslots=BusMemslots(machine.vm),
-                  limits=dataclasses.replace(limits, vcpus=min(limits.vcpus, cfg.cpus)))
+                  limits=record.replace(limits, vcpus=min(limits.vcpus, cfg.cpus)))
     holder.append(bus)
     if link is not None:
         bus.policy, bus.partition_link = ledger, link

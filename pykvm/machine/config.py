@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..record import record, field
 from pathlib import Path
 
 from .. import abi
@@ -10,7 +10,7 @@ from .. import abi
 MIN_MEMORY = 2 << 20
 
 
-@dataclass
+@record
 class MachineConfig:
     """Everything that describes one VM run."""
 
@@ -46,7 +46,7 @@ class MachineConfig:
     display: str = "none"            # "text": show the VGA text screen on stdout (devices/vga.py)
 
 
-@dataclass
+@record
 class Outcome:
     """How the run ended: an exit status and the words that go with it."""
 

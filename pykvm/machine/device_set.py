@@ -171,7 +171,7 @@ def _split_pic(m, ctx, wanted):
 
 def acpi_platform(m):
     """The ACPI platform the built devices make: IOAPIC, PM1 blocks and timer, S3, CMOS RTC."""
-    import dataclasses
+    from .. import record
 
     from ..boot.acpi import InterruptOverride, platform_for_irqchip
     from ..boot.acpi.topology import POLARITY_HIGH, TRIGGER_LEVEL
@@ -186,7 +186,7 @@ def acpi_platform(m):
         changes.update(pm1a_evt=pm.base, pm1a_cnt=pm.base + 4, pm_timer=pm.base + 8, s3="rtc" in m.built)
     if "rtc" in m.built:
         changes.update(cmos_rtc=True)
-    return dataclasses.replace(p, **changes)
+    return record.replace(p, **changes)
 
 
 def _failed_for_good(machine, message: str) -> None:

@@ -10,7 +10,7 @@ falls back to hardware breakpoints and to watchpoints checked after single steps
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from typing import NamedTuple
 
 from ..kvm import KvmError
@@ -95,7 +95,7 @@ def watch_ok(addr: int, length: int) -> bool:
     return length in _LEN_FIELD and addr % length == 0
 
 
-@dataclass
+@record
 class HostDebug:
     """What this host's KVM can do for a debugger."""
 

@@ -41,7 +41,7 @@ RAM layout, device set, device class or window layout.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import record
 import datetime
 import fcntl
 import hashlib
@@ -315,7 +315,7 @@ def restore_vcpu(vcpu, st: dict) -> list[int]:
 def config_to_json(cfg) -> dict:
     """The MachineConfig fields that describe the VM, as JSON data."""
     out = {}
-    for f in dataclasses.fields(cfg):
+    for f in record.fields(cfg):
         if f.name in RUN_ONLY:
             continue
         value = getattr(cfg, f.name)
@@ -333,7 +333,7 @@ def config_from_json(data: dict, **run):
     """A MachineConfig from saved fields plus the run-only ones (`run`); unknown saved fields are ignored."""
     from .config import MachineConfig
 
-    names = {f.name for f in dataclasses.fields(MachineConfig)}
+    names = {f.name for f in record.fields(MachineConfig)}
     kwargs = {k: v for k, v in data.items() if k in names and k not in RUN_ONLY}
     for k in PATH_FIELDS:
         if kwargs.get(k) is not None:

@@ -11,12 +11,12 @@ oscillating around its target. Nothing one node needs ever shrinks another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 
 PER_MILLE = 1000
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NodeView:
     """The numbers one decision uses, in pages."""
 
@@ -31,7 +31,7 @@ class NodeView:
     buffer: int               # percent
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Decision:
     """What to do with one node: action is "balloon", "unballoon", "hotadd" or "none"."""
 

@@ -9,7 +9,7 @@ and the parsers check every field and raise NumaSpecError with a one-line reason
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from ..record import record
 
 from ..errors import NumaSpecError
 from .region import PAGE_SIZE
@@ -28,7 +28,7 @@ _UNITS = {"": MIB, "K": 1 << 10, "M": MIB, "G": GIB, "T": 1 << 40}
 _KEYS = ("mem", "cpus", "min", "max", "hotadd", "buffer")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NodeSpec:
     """One node as configured: sizes in bytes, vCPU indexes, buffer target in percent."""
 
@@ -45,7 +45,7 @@ class NodeSpec:
                 "hotadd": self.hotadd, "buffer": self.buffer}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NodeLayout:
     """Where a node lives in guest-physical space: RAM ranges and the reserved hot-add range."""
 
@@ -53,7 +53,7 @@ class NodeLayout:
     hotadd: tuple[int, int]          # (base, length); length 0 when the node cannot grow
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NumaConfig:
     """The checked vNUMA configuration of one VM."""
 

@@ -10,7 +10,7 @@ table only yields fewer mappings.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from ..record import record
 from typing import NamedTuple
 
 from .guest import GuestMemory
@@ -55,7 +55,7 @@ class Mapping(NamedTuple):
     nx: bool
 
 
-@dataclass
+@record
 class WalkStats:
     """What a walk looked at and whether it stopped early (for the crash report)."""
 

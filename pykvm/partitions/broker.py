@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict
+from ..record import asdict
 from pathlib import Path
 
 from .. import abi

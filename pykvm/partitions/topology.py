@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import tomllib
-from dataclasses import dataclass, field
+from ..record import record, field
 
 from ..bus.policy import TRUSTED, UNTRUSTED, PolicyError, Rules, parse_rules
 from ..errors import MemorySizeError, TopologyError
@@ -44,7 +44,7 @@ _KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "us
 REQUEST_TIMEOUT = 30.0
 
 
-@dataclass
+@record
 class Partition:
     """One partition of the topology."""
 
@@ -62,7 +62,7 @@ class Partition:
     rules: Rules = field(default_factory=Rules)
 
 
-@dataclass
+@record
 class Topology:
     """The partitions, in file order."""
 

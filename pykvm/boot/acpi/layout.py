@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ...record import record
 
 from ... import abi
 from ...errors import ImageDoesNotFitError
@@ -12,7 +12,7 @@ from .topology import Platform, Topology, validate
 TABLE_ALIGN = 16
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AcpiTables:
     """The built tables: (guest-physical address, signature, bytes) each, RSDP first."""
 

@@ -6,7 +6,7 @@ field and raises UsageError with a one-line reason before any table is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ...record import record
 
 from ...errors import UsageError
 
@@ -30,7 +30,7 @@ DEFAULT_PM1A_EVT = 0x600     # QEMU's PM block: the power-off port 0x604 is its 
 DEFAULT_PM1A_CNT = 0x604
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Node:
     """One proximity domain: its vCPUs (indexes) and guest-physical (base, length) ranges."""
 
@@ -39,7 +39,7 @@ class Node:
     hotplug: tuple[tuple[int, int], ...] = ()   # reserved for hot-add: SRAT marks them hot-pluggable
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Topology:
     """The vCPUs (APIC id per vCPU index) and, with vNUMA, the nodes and their distance matrix."""
 
@@ -55,7 +55,7 @@ class Topology:
         return tuple(tuple(LOCAL_DISTANCE if i == j else REMOTE_DISTANCE for j in range(n)) for i in range(n))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class InterruptOverride:
     """A MADT interrupt source override: ISA IRQ `source` arrives on `gsi` with these MPS flags."""
 
@@ -65,7 +65,7 @@ class InterruptOverride:
     trigger: int = TRIGGER_CONFORMING
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Platform:
     """Interrupt controllers, legacy devices and ACPI PM ports the tables advertise."""
 
