@@ -60,3 +60,30 @@ def test_run_module_does_not_import_click():
     code = "import sys, pykvm.runcmd; assert 'click' not in sys.modules, 'click imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
+
+
+def test_run_vm_turns_the_collector_back_on_before_the_guest_runs():
+    import gc
+
+    from pykvm import runcmd
+
+    seen = []
+
+    class FakeVM:
+        policy_summary = ""
+        unclaimed_io = {}
+
+        def request_dump(self):
+            pass
+
+        def run(self):
+            seen.append(gc.isenabled())
+            return type("O", (), {"kind": "exit", "status": 7, "core_path": None, "core_error": None})()
+
+    gc.disable()   # as fast_run leaves it
+    try:
+        assert runcmd.run_vm(FakeVM(), None, False, False) == 7
+        assert seen == [True] and gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
