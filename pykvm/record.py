@@ -23,14 +23,14 @@ class FrozenInstanceError(AttributeError):
 
 
 class Field:
-    """One field of a record: its name, default or default factory, and whether repr shows it."""
+    """One field of a record: its name, annotation (as written), default or default factory, and whether repr shows it."""
 
-    __slots__ = ("name", "default", "default_factory", "repr")
+    __slots__ = ("name", "type", "default", "default_factory", "repr")
 
     def __init__(self, default=_MISSING, default_factory=_MISSING, repr=True):
         if default is not _MISSING and default_factory is not _MISSING:
             raise ValueError("cannot specify both default and default_factory")
-        self.name = None
+        self.name = self.type = None
         self.default = default
         self.default_factory = default_factory
         self.repr = repr
@@ -92,10 +92,10 @@ def _asdict(value):
 def _process(cls, frozen: bool):
     table = []
     seen_default = False
-    for name in cls.__dict__.get("__annotations__", {}):
+    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
         value = cls.__dict__.get(name, _MISSING)
         f = value if isinstance(value, Field) else Field(default=value)
-        f.name = name
+        f.name, f.type = name, annotation
         if isinstance(value, Field):
             if f.default is _MISSING:
                 delattr(cls, name)

@@ -88,6 +88,7 @@ def test_defaults_and_factories():
     assert a.secret == b"" and a.inner is None
     assert Point.y == 0                                   # plain defaults stay class attributes
     assert [f.name for f in fields(Box)] == ["name", "items", "secret", "inner"]
+    assert [f.type for f in fields(Box)] == ["str", "list", "bytes", "Point | None"]   # as written
     assert fields(a) == fields(Box)
 
 
