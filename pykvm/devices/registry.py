@@ -9,7 +9,9 @@ the VM's file descriptors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+TYPE_CHECKING = False
+if TYPE_CHECKING:                 # annotations only (they are strings here): importing typing costs every run
+    from typing import Any, Callable
 
 from .. import abi
 from .device import Device
