@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib
 import os
 import signal
 import sys
@@ -109,14 +108,19 @@ KVM_REQUESTS = (
 # Terminal and descriptor requests Python itself makes: isatty (click, io.open), socket timeouts, CLOEXEC.
 TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 
-# Modules the VMM imports lazily on paths taken after set-up: imported now, while files can be read.
-# Those a VM cannot reach are left out (each costs start-up time): cores only with a crash
-# directory, the bus's only when set-up already wired a bus (it is never added later).
-PRELOAD = ("select", "traceback", "linecache", "importlib", "hashlib", "json", "pykvm.machine.capture",
-           "pykvm.crash.snapshot", "pykvm.machine.state", "pykvm.machine.control")
-PRELOAD_CORES = ("pykvm.crash.core",)
-PRELOAD_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
-               "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
+# Modules the VMM may import on paths taken after set-up (an internal error's traceback, a crash
+# report, a state save, a control command), with every pure-Python module they import that a
+# plain run has not loaded. lateimport holds them in memory while files can still be read: each
+# costs a read at set-up and is executed only if a run takes its path. Extension modules among
+# them are imported at once (loading one opens a file); optional ones left out (_json, _datetime)
+# make their module fall back to its pure-Python code.
+LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machine.capture", "pykvm.crash.snapshot",
+        "pykvm.machine.state", "pykvm.memory.sparse", "datetime", "math")
+LATE_CORES = ("pykvm.crash.core", "pykvm.crash.layout", "pykvm.crash.notes", "pykvm.crash.x86", "pykvm.devices.vga",
+              "encodings.cp437", "tempfile", "shutil", "random", "bisect", "fnmatch", "weakref", "_weakrefset",
+              "_random", "_sha512")
+LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
+            "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 
 _O_TMPFILE_BITS = 0o20000000                                  # __O_TMPFILE (os.O_TMPFILE adds O_DIRECTORY)
 _WRITE_BITS = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BITS
@@ -143,7 +147,7 @@ def install(crash_dir=None) -> None:
         return
     from . import seccomp_program
 
-    _preload(crash_dir is not None)
+    _hold_late_modules(crash_dir is not None)
     crash_fd = None
     if crash_dir is not None:
         from .crash.core import CoreWriteError, hold_crash_dir
@@ -167,6 +171,9 @@ def install(crash_dir=None) -> None:
     except OSError as e:
         raise errors.SandboxError(f"cannot install the seccomp filter: {e.strerror or e}; "
                                   "run with --sandbox off") from None
+    from . import lateimport
+
+    lateimport.serve()    # from now on a module not loaded or held is refused by name, not looked for on disk
     _state["active"] = True
 
 
@@ -214,13 +221,27 @@ def _rules(crash_fd: int | None, pid: int) -> list:
     return out
 
 
-def _preload(cores: bool) -> None:
-    bus = any(name.startswith("pykvm.bus.") for name in sys.modules)
-    for name in PRELOAD + (PRELOAD_CORES if cores else ()) + (PRELOAD_BUS if bus else ()):
-        importlib.import_module(name)
-    import hashlib
+def late_modules(cores: bool) -> tuple:
+    """The modules to hold for this process: the bus's only when set-up wired a bus (none is added later),
+    every hot-pluggable device's only when a control socket can ask for one."""
+    names = LATE + (LATE_CORES if cores else ())
+    if any(name.startswith("pykvm.bus.") for name in sys.modules):
+        names += LATE_BUS
+    if "pykvm.machine.control" in sys.modules:
+        from .devices import registry
 
-    hashlib.sha256(b"").digest()   # OpenSSL loads its configuration and providers on first use
+        names += tuple(t.cls.partition(":")[0] for t in registry.TYPES.values() if t.hotplug)
+    return names
+
+
+def _hold_late_modules(cores: bool) -> None:
+    from . import lateimport
+
+    lateimport.hold(late_modules(cores))
+    if "_hashlib" in sys.modules:
+        import hashlib
+
+        hashlib.sha256(b"").digest()   # OpenSSL loads its configuration and providers on first use
 
 
 # ---------------------------------------------------------------- reporting a violation

@@ -8,10 +8,12 @@ the VM's file descriptors.
 
 from __future__ import annotations
 
-from ..record import record, field
-from typing import Any, Callable
+TYPE_CHECKING = False
+if TYPE_CHECKING:                 # annotations only (they are strings here): importing typing costs every run
+    from typing import Any, Callable
 
 from .. import abi
+from ..record import field, record
 from .device import Device
 
 PORT_MAX = 0xFFFF

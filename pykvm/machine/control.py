@@ -2,7 +2,7 @@
 
 A request is {"cmd": NAME, ...args}; the reply is {"ok": true, ...} or {"ok": false, "error": "..."}.
 Commands run on the machine's main thread (Machine.call), never concurrently with each other.
-Built-in commands: dump, devices, stats; other layers register more with `command(name)`.
+Built-in commands: dump, devices, stats; other layers register more with `commands.command(name)`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ import threading
 import time
 from pathlib import Path
 
+from .commands import COMMANDS, command
+
 MAX_REQUEST = 64 * 1024          # bytes in one request line
 MAX_DEPTH = 16                   # nesting of [ and { in one request (requests are flat objects)
 MAX_CLIENTS = 256                # connections served at once; more wait in the listen backlog
 MAX_REPLY_BACKLOG = 4 << 20      # unsent reply bytes a client may leave unread before it is dropped
 IDLE_TIMEOUT = 30.0              # a connection silent this long is closed (it blocks nobody meanwhile)
 MAX_FDS = 4                      # descriptors one request may carry (save passes one)
-COMMANDS: dict = {}
-
-
-def command(name: str):
-    """Register `fn(machine, request) -> dict` as the handler of a control command."""
-    def deco(fn):
-        COMMANDS[name] = fn
-        return fn
-    return deco
 
 
 def nesting_depth(line: bytes) -> int:

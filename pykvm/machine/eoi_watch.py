@@ -14,7 +14,6 @@ next interrupt still pending in the IRR and merges with it.
 from __future__ import annotations
 
 import threading
-import traceback
 
 from .. import errors
 from ..kvm.abi import ffi
@@ -68,6 +67,8 @@ class EoiWatch:
             self._watch()
         except Exception as e:
             if not m.stopping:     # a KVM call failing on a live VM is pykvm's bug: end the VM as such
+                import traceback   # here, not at the top: only a failure needs it (held under the sandbox)
+
                 m.finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error", f"internal error in the EOI watch: "
                                  f"{type(e).__name__}: {e}", trigger="vmm-error",
                                  details={"traceback": traceback.format_exc()}))

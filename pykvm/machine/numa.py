@@ -11,7 +11,7 @@ import time
 from .. import abi, errors
 from ..memory import GuestMemory, GuestMemoryError
 from ..memory.dynamic import DynamicMemory
-from .control import command
+from .commands import command
 
 MAX_LOG_REASONS = 20          # refusal reasons printed to stderr per run (all go to the memory log)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .. import errors
-from .control import command
+from .commands import command
 
 ENV = "PYKVM_PARTITION"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import struct
 import time
-import traceback
 
 from .. import errors
 from ..devices import GuestCrash, VmEvent
@@ -56,6 +55,8 @@ class VcpuLoop:
         try:
             self._loop(vcpu)
         except Exception as e:
+            import traceback   # here, not at the top: only a failure needs it (held under the sandbox)
+
             m.finish(Outcome(errors.EXIT_VMM_ERROR, "vmm-error",
                              f"internal error on vCPU {vcpu.index}: {type(e).__name__}: {e}",
                              vcpu=vcpu.index, trigger="vmm-error", details={"traceback": traceback.format_exc()}))

@@ -1,0 +1,158 @@
+"""Modules held in memory before the sandbox: imported from there later, and nothing else imported at all."""
+
+from __future__ import annotations
+
+import os
+import py_compile
+import site
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .helpers import ROOT
+
+
+def python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter from the tree root (held modules and the finder are per process).
+
+    Without site (-S; site-packages on PYTHONPATH instead): .pth files can import modules at start (certifi,
+    say) that would hide a late module's missing dependency here but not for a user.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *site.getsitepackages()]))
+    return subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("cores, control", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_late_module_imports_from_memory_after_the_run_paths_imports(cores, control):
+    # What a plain `pykvm run` has loaded when the sandbox goes on, then every module the sandbox holds, imported
+    # with nothing but memory to import from: a dependency missing from sandbox.py's lists fails here by name.
+    # A first process generates the cffi modules (a cold cache imports cffi and pycparser, which a run does not).
+    warm = python("import pykvm.machine, pykvm.sandbox; pykvm.sandbox.bindings()")
+    assert warm.returncode == 0, warm.stderr
+    r = python("""
+        import sys
+        import pykvm.runcmd, pykvm.api, pykvm.machine, pykvm.sandbox as sb
+        assert "cffi" not in sys.modules, "the cffi modules were generated in this process"
+        if sys.argv[2] == "True":
+            import pykvm.machine.control
+        from pykvm import lateimport
+        names = sb.late_modules(cores=sys.argv[1] == "True")
+        lateimport.hold(names)
+        lateimport.serve()
+        for name in names:
+            __import__(name)
+            print(name, type(sys.modules[name].__spec__.loader).__name__)
+        if sys.argv[1] == "True":
+            "x".encode("cp437")   # the core writer's screen text: codecs look encodings up by import
+    """, str(cores), str(control))
+    assert r.returncode == 0, r.stderr
+    loaders = dict(line.split() for line in r.stdout.splitlines())
+    assert loaders["traceback"] == "_MemoryFinder" and loaders["pykvm.machine.state"] == "_MemoryFinder"
+    assert ("pykvm.devices.mailbox" in loaders) == control      # hot-pluggable: held when a control socket exists
+
+
+def test_a_module_not_held_is_refused_by_name_and_a_held_one_runs_only_when_imported():
+    r = python("""
+        import sys
+        from pykvm import lateimport
+        lateimport.hold(["colorsys"])
+        lateimport.serve()
+        print("colorsys" in sys.modules)
+        import colorsys
+        print(colorsys.rgb_to_hsv(1.0, 0.0, 0.0))
+        try:
+            import wave
+        except ModuleNotFoundError as e:
+            print(e.name, "|", e)
+    """)
+    assert r.returncode == 0, r.stderr
+    first, second, third = r.stdout.splitlines()
+    assert first == "False" and second == "(0.0, 1.0, 1.0)"
+    assert third.startswith("wave | No module named 'wave': pykvm did not read it before its sandbox was installed")
+
+
+@pytest.fixture
+def package(tmp_path):
+    """A package dir with module m.py (VALUE = 42) and its cached bytecode."""
+    src = tmp_path / "m.py"
+    src.write_text("VALUE = 42\n")
+    cached = py_compile.compile(str(src), doraise=True)
+    return tmp_path, cached
+
+
+HOLD_M = """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from pykvm import lateimport
+    lateimport.hold(["m"])
+    lateimport.serve()
+    try:
+        import m
+        print("imported", m.VALUE)
+    except ImportError as e:
+        print("refused", e)
+"""
+
+
+def test_bytecode_damaged_after_its_header_fails_its_import_clearly(package):
+    root, cached = package
+    data = open(cached, "rb").read()
+    open(cached, "wb").write(data[:16] + data[16:][: len(data[16:]) // 2])     # header intact, code truncated
+    r = python(HOLD_M, str(root))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("refused cannot import m: its bytecode ") and "is damaged" in r.stdout
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: b"\0\0\0\0" + d[4:],                 # not this interpreter's magic number
+    lambda d: d[:4] + b"\x07\0\0\0" + d[8:],       # unknown flags
+    lambda d: d[:8] + b"\0\0\0\0" + d[12:],        # another source's mtime
+    lambda d: d[:10],                              # shorter than a header
+])
+def test_bytecode_with_a_bad_header_is_not_used_and_the_source_is(package, damage):
+    root, cached = package
+    open(cached, "wb").write(damage(open(cached, "rb").read()))
+    r = python(HOLD_M, str(root))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "imported 42\n"
+
+
+@pytest.mark.kvm
+def test_a_vmm_bug_under_the_sandbox_reports_its_traceback_and_writes_a_core(tmp_path):
+    # The traceback, the crash capture and the core writer are imported only now, from memory: the process can
+    # no longer open a file.
+    image = tmp_path / "g.bin"
+    # movabs r12, 0xabcdef; mov dx, 0x700; out dx, al; hlt
+    image.write_bytes(bytes.fromhex("49bcefcdab0000000000" "66ba0007" "ee" "f4"))
+    r = python("""
+        import sys
+        from pathlib import Path
+        from pykvm.devices import Device
+        from pykvm.machine import Machine, MachineConfig
+
+        class Exploding(Device):
+            name = "exploding"
+            ports = [(0x700, 1)]
+
+            def io_write(self, offset, size, value):
+                raise RuntimeError("model bug")
+
+        cfg = MachineConfig(kernel=Path(sys.argv[1]), flat_addr=0x100000, timeout=20, crash_dir=Path(sys.argv[2]),
+                            sandbox=True)
+        assert "traceback" not in sys.modules
+        with Machine(cfg) as m:
+            m.devices.add(Exploding())
+            outcome = m.run()
+        print(outcome.status, outcome.kind, outcome.core_path)
+        print(type(sys.modules["traceback"].__spec__.loader).__name__)
+        print(outcome.details["traceback"].splitlines()[-1])
+    """, str(image), str(tmp_path / "cores"))
+    assert r.returncode == 0, r.stderr
+    status_line, loader, last = r.stdout.splitlines()
+    status, kind, core = status_line.split()
+    assert status == "20" and kind == "vmm-error" and os.path.exists(core)
+    assert loader == "_MemoryFinder"
+    assert last == "RuntimeError: model bug"
