@@ -9,12 +9,11 @@ An installed package ships the firmware prebuilt: a user's own kernel needs no c
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import sys
 from pathlib import Path
 
-from . import paths
+from . import digest, paths
 from .errors import ToolchainError, UnknownGuestError
 
 REQUIRED_TOOLS = ("make", "gcc", "ld", "as", "objcopy", "nm", "ar")
@@ -58,7 +57,8 @@ def _build(kind: str, tops: list[Path], make_dir: Path, what: str) -> Path:
     """Run make for make_dir into its keyed cache directory unless that build is already complete."""
     if kind in _ready:
         return _ready[kind]
-    h = hashlib.sha256(_toolchain())
+    h = digest.new()
+    h.update(_toolchain())
     for top in tops:
         _tree_hash(h, paths.SOURCE_ROOT, top)
     out = paths.cache_root() / f"{kind}-{h.hexdigest()[:16]}"

@@ -9,7 +9,6 @@ calls generate()); a source tree generates them into the cache on first use.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import _cffi_backend
 
-from . import paths
+from . import digest, paths
 
 _DIRECTIVE = re.compile(r"^\s*#\s*(if|ifdef|ifndef|else|elif|endif|include|error|pragma)\b")
 _GUARD = re.compile(r"^\s*#\s*define\s+\w+_H\s*$")
@@ -34,8 +33,8 @@ def module_name(name: str, cdef: str) -> str:
     # The generated format is stable within a major version (the module carries its own
     # format number, which _cffi_backend checks), so a wheel built with cffi 2.0 serves 2.1.
     major = _cffi_backend.__version__.split(".")[0]
-    digest = hashlib.sha256(f"{major}\0{cdef}".encode()).hexdigest()[:20]
-    return f"_pykvm_{name}_{digest}"
+    key = digest.hexdigest(f"{major}\0{cdef}".encode())[:20]
+    return f"_pykvm_{name}_{key}"
 
 
 def generate(name: str, cdef: str, outdir: Path) -> Path:

@@ -115,9 +115,9 @@ TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 # them are imported at once (loading one opens a file); optional ones left out (_json, _datetime)
 # make their module fall back to its pure-Python code.
 LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machine.capture", "pykvm.crash.snapshot",
-        "pykvm.machine.state", "pykvm.memory.sparse", "datetime", "math")
-LATE_CORES = ("pykvm.crash.core", "pykvm.crash.layout", "pykvm.crash.notes", "pykvm.crash.x86", "pykvm.devices.vga",
-              "encodings.cp437", "tempfile", "shutil", "random", "bisect", "fnmatch", "weakref", "_weakrefset",
+        "datetime", "math")
+LATE_CORES = ("pykvm.crash.core", "pykvm.memory.sparse", "pykvm.crash.layout", "pykvm.crash.notes", "pykvm.crash.x86",
+              "pykvm.devices.vga", "encodings.cp437", "tempfile", "shutil", "random", "bisect", "fnmatch", "weakref", "_weakrefset",
               "_random", "_sha512")
 LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
             "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
@@ -228,6 +228,9 @@ def late_modules(cores: bool) -> tuple:
     if any(name.startswith("pykvm.bus.") for name in sys.modules):
         names += LATE_BUS
     if "pykvm.machine.control" in sys.modules:
+        # only `ctl save` writes a state file under the sandbox (it takes the file as a descriptor); its
+        # digest needs hashlib, and so OpenSSL (~2 ms to load), which a run without --control never does
+        names += ("pykvm.machine.state", "pykvm.memory.sparse", "hashlib", "_hashlib")
         from .devices import registry
 
         names += tuple(t.cls.partition(":")[0] for t in registry.TYPES.values() if t.hotplug)

@@ -16,11 +16,10 @@ is compiled again and rewritten, never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from . import ffigen, paths
+from . import digest, ffigen, paths
 
 FORMAT = 1
 # Two stand-in pids (inside the kernel's pid range, so the compiled program has the same shape
@@ -65,12 +64,12 @@ def libseccomp_version() -> str | None:
 def cache_key(policy: list, version: str) -> str:
     """The name of the cache entry for this policy (rules with the stand-in pid) and libseccomp version."""
     text = json.dumps([FORMAT, os.uname().machine, version, policy], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return digest.hexdigest(text.encode())[:32]
 
 
 def _digest(entry: dict) -> str:
     body = {k: v for k, v in entry.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return digest.hexdigest(json.dumps(body, sort_keys=True).encode())
 
 
 def read_entry(path, key: str) -> tuple[bytes, list[int], dict[int, str]] | None:

@@ -9,11 +9,10 @@ they would tomllib's (the cache saves the parsing, never the checking).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from . import paths
+from . import digest, paths
 
 FORMAT = 1
 
@@ -23,11 +22,11 @@ class TomlError(ValueError):
 
 
 def _digest(data) -> str:
-    return hashlib.sha256(json.dumps([FORMAT, data], sort_keys=True).encode()).hexdigest()
+    return digest.hexdigest(json.dumps([FORMAT, data], sort_keys=True).encode())
 
 
 def entry_path(text_hash: str) -> str:
-    """Where the cache entry of a text with this sha256 lives."""
+    """Where the cache entry of a text with this digest lives."""
     return os.path.join(paths.cache_root(), "toml", f"{text_hash[:40]}.json")
 
 
@@ -46,7 +45,7 @@ def read_entry(path: str, text_hash: str):
 
 def loads(text: str) -> dict:
     """tomllib.loads(text), from the cache when a valid entry is there; TomlError when not valid TOML."""
-    text_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    text_hash = digest.hexdigest(text.encode("utf-8", "surrogatepass"))
     path = entry_path(text_hash)
     data = read_entry(path, text_hash)
     if data is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 
@@ -10,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import tomlcache
+from pykvm import digest, tomlcache
 from pykvm.devices import description
 
 TEXT = 'name = "serial"\nsummary = "x"\n[[registers]]\nname = "a"\noffset = 0x10\nratio = 1.5\nflag = true\n'
@@ -23,7 +22,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def path_of(text: str) -> str:
-    return tomlcache.entry_path(hashlib.sha256(text.encode()).hexdigest())
+    return tomlcache.entry_path(digest.hexdigest(text.encode()))
 
 
 def test_a_cached_document_is_tomllibs(cache):
