@@ -73,6 +73,14 @@ class MemoryRegion:
 
 def buffer_address(buf) -> int:
     """Host virtual address of a writable buffer (for KVM_SET_USER_MEMORY_REGION)."""
-    import ctypes
+    # cffi's backend is loaded by then for the KVM bindings; importing ctypes only for
+    # this cost ~1.5 ms of every run. The buffer export is released at once, so the
+    # mmap can still be closed.
+    import _cffi_backend
 
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    ffi = _cffi_backend.FFI()
+    p = ffi.from_buffer(buf, require_writable=True)
+    try:
+        return int(ffi.cast("uintptr_t", p))
+    finally:
+        ffi.release(p)
