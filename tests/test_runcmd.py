@@ -60,3 +60,25 @@ def test_run_module_does_not_import_click():
     code = "import sys, pykvm.runcmd; assert 'click' not in sys.modules, 'click imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
     assert r.returncode == 0, r.stderr.decode()
+
+
+def _intensity_by_pattern(text):
+    """parse_intensity's answer as the N/SECONDS pattern alone gives it (None: BadValue)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9}(?:\.\d+)?)\s*", text)
+    if not m or float(m.group(2)) <= 0:
+        return None
+    return int(m.group(1)), float(m.group(2))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(alphabet="0123456789/ .\u0663\t+-x", max_size=24),
+                 st.builds(lambda a, b: f"{a}/{b}", st.integers(0, 10**10), st.integers(0, 10**10)),
+                 st.text(max_size=12)))
+def test_restart_intensity_plain_form_reads_as_the_pattern_does(text):
+    try:
+        got = runcmd.parse_intensity(text)
+    except runcmd.BadValue:
+        got = None
+    assert got == _intensity_by_pattern(text)
