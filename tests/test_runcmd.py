@@ -80,10 +80,33 @@ def test_run_vm_turns_the_collector_back_on_before_the_guest_runs():
             seen.append(gc.isenabled())
             return type("O", (), {"kind": "exit", "status": 7, "core_path": None, "core_error": None})()
 
-    gc.disable()   # as fast_run leaves it
+    runcmd._pause_gc()   # as fast_run does
     try:
+        assert not gc.isenabled()
         assert runcmd.run_vm(FakeVM(), None, False, False) == 7
         assert seen == [True] and gc.isenabled()
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def _intensity_by_pattern(text):
+    """parse_intensity's answer as the N/SECONDS pattern alone gives it (None: BadValue)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d{1,9})\s*/\s*(\d{1,9}(?:\.\d+)?)\s*", text)
+    if not m or float(m.group(2)) <= 0:
+        return None
+    return int(m.group(1)), float(m.group(2))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(alphabet="0123456789/ .\u0663\t+-x", max_size=24),
+                 st.builds(lambda a, b: f"{a}/{b}", st.integers(0, 10**10), st.integers(0, 10**10)),
+                 st.text(max_size=12)))
+def test_restart_intensity_plain_form_reads_as_the_pattern_does(text):
+    try:
+        got = runcmd.parse_intensity(text)
+    except runcmd.BadValue:
+        got = None
+    assert got == _intensity_by_pattern(text)

@@ -178,6 +178,9 @@ class DeviceManager:
             for base, length in dev.ports:
                 if self.port_map.get(base, (None,))[0] is not dev:
                     continue  # a replacement being prepared does not own its ranges yet
+                if not live:  # taking out needs only the ports, not the policy's callbacks
+                    reads.update(dict.fromkeys(range(base, base + length)))
+                    continue
                 rd, wr = self._wrap(dev, "port", base, dev.io_read, dev.io_write)
                 for p in range(base, base + length):
                     reads[p] = (rd, base)
