@@ -15,7 +15,8 @@ from .paths import ABI_HEADER
 
 def _load():
     try:
-        text = ABI_HEADER.read_text()
+        with open(ABI_HEADER) as f:   # paths are str: a run never imports pathlib
+            text = f.read()
     except OSError as e:
         raise RuntimeError(f"cannot read the guest ABI header {ABI_HEADER}: {e.strerror}; "
                            "reinstall pykvm (the header ships inside the package)") from e

@@ -23,9 +23,9 @@ import re
 import threading
 import time
 from .record import record, field
-from pathlib import Path
 
 from .errors import EXIT_USAGE, MemorySizeError, PykvmError, UsageError
+from .paths import clean
 from .units import parse_size
 
 __all__ = ["VM", "Outcome", "ExpectError", "Timeout", "EOF", "VMError", "parse_size"]
@@ -80,19 +80,31 @@ class Outcome:
     status: the `pykvm run` exit status (0 power-off, odd: the guest's debug-exit code, 16 crash,
     18 timeout, 20 pykvm error, 130 stopped by the host); kind: "poweroff", "exit", "crash",
     "timeout", "reset", "saved", "stopped", "interrupted" or "vmm-error"; reason: one line for
-    people; core_path: the crash core, when one was written; transcript: serial output (bytes).
+    people; core_path: the crash core (a pathlib.Path), when one was written; transcript: serial
+    output (bytes); kernel: the kernel file (a pathlib.Path). core_file and kernel_file are the
+    same two paths as str (what the fields hold: building a Path costs only those who ask).
     """
 
     status: int
     kind: str
     reason: str
-    core_path: Path | None = None
+    core_file: str | None = None
     core_error: str | None = None
     transcript: bytes = b""
     vcpu: int | None = None
     trigger: str | None = None
-    kernel: Path | None = None
+    kernel_file: str | None = None
     details: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def core_path(self) -> Path | None:
+        """The crash core, when one was written (a pathlib.Path)."""
+        return _as_path(self.core_file)
+
+    @property
+    def kernel(self) -> Path | None:
+        """The kernel file the VM booted (a pathlib.Path)."""
+        return _as_path(self.kernel_file)
 
     @property
     def ok(self) -> bool:
@@ -121,6 +133,15 @@ class Outcome:
         from .crash.inspect import render_text
 
         return render_text(report)
+
+
+def _as_path(path) -> Path | None:
+    """path as a pathlib.Path (None stays None); pathlib is imported only here, for API callers that ask."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    return Path(path)
 
 
 def _compile(pattern) -> re.Pattern:
@@ -258,13 +279,13 @@ class VM:
             options["exit_port"] = exit_port
         cfg = MachineConfig(
             kernel=resolve_kernel(str(kernel)), kernel_name=str(kernel), mem=size, cpus=cpus, cmdline=cmdline,
-            initrd=Path(initrd) if initrd is not None else None, timeout=timeout, irqchip=irqchip,
+            initrd=clean(initrd) if initrd is not None else None, timeout=timeout, irqchip=irqchip,
             trace_io=trace_io, strict_io=strict_io, flat_addr=load_addr, flat_bits=entry_mode,
-            crash_dir=Path(crash_dir) if crash_dir is not None else None, trust=trust,
+            crash_dir=clean(crash_dir) if crash_dir is not None else None, trust=trust,
             restart_intensity=restart_intensity, restart_period=restart_period,
             on_device_failure=on_device_failure, bus=bus, disks=[disk_spec(d) for d in disks],
             devices=[device_spec(d) for d in devices], sandbox=sandbox, numa=numa,
-            memory_log=Path(memory_log) if memory_log is not None else None, cpu=cpu, display=display, **options)
+            memory_log=clean(memory_log) if memory_log is not None else None, cpu=cpu, display=display, **options)
         self._launch(cfg, None, console, serial_input, capture, start, max_transcript)
 
     @classmethod
@@ -277,7 +298,7 @@ class VM:
         saved = state if isinstance(state, SavedState) else load_state(state)
         vm = cls.__new__(cls)
         try:
-            cfg = saved.machine_config(timeout=timeout, crash_dir=Path(crash_dir) if crash_dir is not None else None,
+            cfg = saved.machine_config(timeout=timeout, crash_dir=clean(crash_dir) if crash_dir is not None else None,
                                        sandbox=sandbox)
         except BaseException:
             saved.close()
@@ -533,9 +554,9 @@ class VM:
 
     def _make_outcome(self) -> Outcome:
         mo = self.machine.outcome
-        return Outcome(status=mo.status, kind=mo.kind, reason=mo.message, core_path=mo.core_path,
+        return Outcome(status=mo.status, kind=mo.kind, reason=mo.message, core_file=mo.core_path,
                        core_error=mo.core_error, transcript=self._log.text(), vcpu=mo.vcpu,
-                       trigger=mo.trigger, kernel=Path(self.config.kernel) if self.config.kernel else None,
+                       trigger=mo.trigger, kernel_file=clean(self.config.kernel) if self.config.kernel else None,
                        details=dict(mo.details))
 
     def pause(self) -> None:
@@ -675,7 +696,7 @@ class VM:
             path, err = m.dumper.write(MachineOutcome(0, "dump", "core requested by the host", trigger="host-request"))
         if path is None:
             raise VMError(f"no core written: {err}")
-        return path
+        return _as_path(path)
 
     def request_dump(self) -> None:
         """Ask for a core without waiting (safe in a signal handler); its path goes to stderr."""
@@ -705,8 +726,8 @@ class VM:
     # ------------------------------------------------------------------ reports
     @property
     def kernel(self) -> Path:
-        """The kernel file this VM booted."""
-        return Path(self.config.kernel)
+        """The kernel file this VM booted (a pathlib.Path)."""
+        return _as_path(self.config.kernel)
 
     def stats(self) -> dict:
         """Exit counts, unclaimed I/O, device events, windows and bus counters (as `pykvm ctl stats`)."""

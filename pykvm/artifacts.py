@@ -11,14 +11,13 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-from pathlib import Path
 
 from . import digest, paths
 from .errors import ToolchainError, UnknownGuestError
 
 REQUIRED_TOOLS = ("make", "gcc", "ld", "as", "objcopy", "nm", "ar")
 _NOT_GUESTS = {"include", "ld", "runtime", "tools"}  # guests/ subdirectories shared by all guests
-_ready: dict[str, Path] = {}
+_ready: dict[str, str] = {}
 
 
 def _toolchain() -> bytes:
@@ -41,7 +40,7 @@ def _toolchain() -> bytes:
     return "\n".join(parts).encode()
 
 
-def _tree_hash(h, root: Path, top: Path) -> None:
+def _tree_hash(h, root: str, top: str) -> None:
     """Feed every file under top (relative name and content, in sorted order) into h."""
     for dirpath, dirs, files in os.walk(top):
         dirs.sort()
@@ -53,7 +52,7 @@ def _tree_hash(h, root: Path, top: Path) -> None:
             h.update(b"\0")
 
 
-def _build(kind: str, tops: list[Path], make_dir: Path, what: str) -> Path:
+def _build(kind: str, tops: list[str], make_dir: str, what: str) -> str:
     """Run make for make_dir into its keyed cache directory unless that build is already complete."""
     if kind in _ready:
         return _ready[kind]
@@ -61,65 +60,70 @@ def _build(kind: str, tops: list[Path], make_dir: Path, what: str) -> Path:
     h.update(_toolchain())
     for top in tops:
         _tree_hash(h, paths.SOURCE_ROOT, top)
-    out = paths.cache_root() / f"{kind}-{h.hexdigest()[:16]}"
-    done = out / ".done"
-    if not done.exists():
+    out = os.path.join(paths.cache_root(), f"{kind}-{h.hexdigest()[:16]}")
+    done = os.path.join(out, ".done")
+    if not os.path.exists(done):
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = open(out / ".lock", "w")
+            os.makedirs(out, exist_ok=True)
+            lock = open(os.path.join(out, ".lock"), "w")
         except OSError as e:
             raise ToolchainError(f"cannot create the build directory {out}: {e.strerror} "
                                  "(set PYKVM_BUILD_DIR or XDG_CACHE_HOME to a writable directory)") from None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent pykvm processes build once
-            if not done.exists():
+            if not os.path.exists(done):
                 import subprocess
 
                 print(f"pykvm: building {what} into {out} (once per source version)...", file=sys.stderr, flush=True)
-                r = subprocess.run(["make", "-s", "-C", str(make_dir), f"O={out}"], capture_output=True, text=True)
+                r = subprocess.run(["make", "-s", "-C", make_dir, f"O={out}"], capture_output=True, text=True)
                 if r.returncode:
                     tail = (r.stderr or r.stdout).strip().splitlines()[-15:]
-                    raise ToolchainError(f"building {make_dir.name} failed:\n" + "\n".join(tail))
-                done.touch()
+                    raise ToolchainError(f"building {os.path.basename(make_dir)} failed:\n" + "\n".join(tail))
+                open(done, "a").close()
     _ready[kind] = out
     return out
 
 
 def guest_names() -> list[str]:
     """Names of the bundled guests' source directories (what `guests --build` compiles)."""
-    return sorted(p.name for p in paths.GUESTS_SRC.iterdir() if p.is_dir() and p.name not in _NOT_GUESTS)
+    g = paths.GUESTS_SRC
+    return sorted(n for n in os.listdir(g) if n not in _NOT_GUESTS and os.path.isdir(os.path.join(g, n)))
 
 
-def firmware_path() -> Path:
+def firmware_path() -> str:
     """The exception-stub firmware ELF: shipped prebuilt when installed, else built from source."""
-    shipped = paths.PREBUILT / "firmware" / "stubs.elf"
-    if shipped.is_file():
+    shipped = os.path.join(paths.PREBUILT, "firmware", "stubs.elf")
+    if os.path.isfile(shipped):
         return shipped
     g = paths.GUESTS_SRC
-    out = _build("firmware", [paths.FIRMWARE_SRC, g / "include", g / "tools"], paths.FIRMWARE_SRC,
-                 "the exception-stub firmware")
-    return out / "firmware" / "stubs.elf"
+    out = _build("firmware", [paths.FIRMWARE_SRC, os.path.join(g, "include"), os.path.join(g, "tools")],
+                 paths.FIRMWARE_SRC, "the exception-stub firmware")
+    return os.path.join(out, "firmware", "stubs.elf")
 
 
-def guests_dir() -> Path:
+def guests_dir() -> str:
     """Directory of the built bundled guests (building them first if needed)."""
     n = len(guest_names())
-    return _build("guests", [paths.GUESTS_SRC], paths.GUESTS_SRC, f"{n} bundled guests") / "guests"
+    return os.path.join(_build("guests", [paths.GUESTS_SRC], paths.GUESTS_SRC, f"{n} bundled guests"), "guests")
 
 
-def bundled_guests() -> dict[str, Path]:
+def bundled_guests() -> dict[str, str]:
     """Name -> path of every built bundled guest."""
     found = {}
-    for p in sorted(guests_dir().glob("*")):
-        if p.suffix in (".elf", ".bin") and p.is_file():
-            found.setdefault(p.stem, p)
+    d = guests_dir()
+    for name in sorted(os.listdir(d)):
+        stem, ext = os.path.splitext(name)
+        p = os.path.join(d, name)
+        if stem and ext in (".elf", ".bin") and os.path.isfile(p):
+            found.setdefault(stem, p)
     return found
 
 
-def resolve_kernel(spec: str) -> Path:
-    """A path to a kernel file, or the name of a bundled guest."""
-    p = Path(spec)
-    if p.exists() or os.sep in spec or spec.endswith((".elf", ".bin")):
+def resolve_kernel(spec) -> str:
+    """A path to a kernel file (str or os.PathLike), or the name of a bundled guest."""
+    spec = os.fspath(spec)
+    p = paths.clean(spec)
+    if os.path.exists(p) or os.sep in spec or spec.endswith((".elf", ".bin")):
         return p
     guests = bundled_guests()
     if spec in guests:

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import re
 import sys
-from pathlib import Path
 
 import _cffi_backend
 
@@ -37,7 +36,7 @@ def module_name(name: str, cdef: str) -> str:
     return f"_pykvm_{name}_{key}"
 
 
-def generate(name: str, cdef: str, outdir: Path) -> Path:
+def generate(name: str, cdef: str, outdir) -> str:
     """Parse the declarations (the one slow step) and write the module into outdir; return its path."""
     import cffi
     from cffi.recompiler import make_py_source
@@ -45,10 +44,11 @@ def generate(name: str, cdef: str, outdir: Path) -> Path:
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     mod = module_name(name, cdef)
-    outdir.mkdir(parents=True, exist_ok=True)
-    tmp = outdir / f".{mod}.{os.getpid()}.tmp"
-    make_py_source(ffi, mod, str(tmp))
-    final = outdir / f"{mod}.py"
+    outdir = os.fspath(outdir)
+    os.makedirs(outdir, exist_ok=True)
+    tmp = os.path.join(outdir, f".{mod}.{os.getpid()}.tmp")
+    make_py_source(ffi, mod, tmp)
+    final = os.path.join(outdir, f"{mod}.py")
     os.replace(tmp, final)  # atomic: a concurrent run sees the whole module or none
     return final
 
@@ -58,12 +58,12 @@ def load(name: str, cdef: str):
     mod = module_name(name, cdef)
     if mod in sys.modules:
         return sys.modules[mod].ffi
-    for where in (paths.PREBUILT / "ffi", paths.cache_root() / "ffi"):
-        path = where / f"{mod}.py"
-        if path.is_file():
+    for where in (os.path.join(paths.PREBUILT, "ffi"), os.path.join(paths.cache_root(), "ffi")):
+        path = os.path.join(where, f"{mod}.py")
+        if os.path.isfile(path):
             return _import(mod, path).ffi
     try:
-        path = generate(name, cdef, paths.cache_root() / "ffi")
+        path = generate(name, cdef, os.path.join(paths.cache_root(), "ffi"))
     except OSError:  # an unwritable cache costs speed, not correctness
         import cffi
 
@@ -73,7 +73,7 @@ def load(name: str, cdef: str):
     return _import(mod, path).ffi
 
 
-def _import(mod: str, path: Path):
+def _import(mod: str, path: str):
     spec = importlib.util.spec_from_file_location(mod, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

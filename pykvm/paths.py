@@ -4,29 +4,40 @@ Run from a source tree, the guest and firmware sources are the tree's guests/ an
 firmware/. Installed from a wheel, they are package data under pykvm/_data (copied
 there by setup.py, which also puts the prebuilt firmware and cffi modules in
 _data/prebuilt). Build outputs never go into either: they go to the user's cache.
+
+Paths are plain strings: `pykvm run` never imports pathlib (with what it pulls in,
+urllib.parse and ipaddress among them, ~4 ms of every run).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
-_DATA = PACKAGE / "_data"
-INSTALLED = (_DATA / "guests").is_dir()
-SOURCE_ROOT = _DATA if INSTALLED else PACKAGE.parent
-GUESTS_SRC = SOURCE_ROOT / "guests"
-FIRMWARE_SRC = SOURCE_ROOT / "firmware"
-ABI_HEADER = GUESTS_SRC / "include" / "pykvm_abi.h"
-PREBUILT = _DATA / "prebuilt"  # only in an installed package
+PACKAGE = os.path.dirname(os.path.realpath(__file__))
+_DATA = os.path.join(PACKAGE, "_data")
+INSTALLED = os.path.isdir(os.path.join(_DATA, "guests"))
+SOURCE_ROOT = _DATA if INSTALLED else os.path.dirname(PACKAGE)
+GUESTS_SRC = os.path.join(SOURCE_ROOT, "guests")
+FIRMWARE_SRC = os.path.join(SOURCE_ROOT, "firmware")
+ABI_HEADER = os.path.join(GUESTS_SRC, "include", "pykvm_abi.h")
+PREBUILT = os.path.join(_DATA, "prebuilt")  # only in an installed package
 
 
-def cache_root() -> Path:
+def clean(path) -> str:
+    """A str or os.PathLike path as str(pathlib.Path(path)) spells it: no empty or '.' components, no trailing '/'."""
+    s = os.fspath(path)
+    if isinstance(s, bytes):
+        s = os.fsdecode(s)
+    parts = [c for c in s.split("/") if c and c != "."]
+    root = "//" if s.startswith("//") and not s.startswith("///") else "/" if s.startswith("/") else ""
+    return root + "/".join(parts) if root or parts else "."
+
+
+def cache_root() -> str:
     """Directory for everything pykvm generates: PYKVM_BUILD_DIR, else $XDG_CACHE_HOME/pykvm (~/.cache/pykvm)."""
     explicit = os.environ.get("PYKVM_BUILD_DIR")
     if explicit:
-        return Path(explicit)
+        return clean(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "pykvm"
-
+    base = xdg if xdg and os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(clean(base), "pykvm")

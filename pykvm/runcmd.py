@@ -292,9 +292,10 @@ def run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
         echo(f"pykvm: {outcome.reason}", err=True)
         if debug and "traceback" in outcome.details:
             echo(outcome.details["traceback"], err=True)
-    if outcome.core_path:
-        hint = f" --kernel {outcome.kernel}" if outcome.kernel and outcome.kernel.suffix == ".elf" else ""
-        echo(f"pykvm: core written to {outcome.core_path} (inspect: pykvm inspect {outcome.core_path}{hint})",
+    core, kernel = outcome.core_file, outcome.kernel_file   # str: a run never builds a pathlib.Path
+    if core:
+        hint = f" --kernel {kernel}" if kernel and os.path.splitext(kernel)[1] == ".elf" else ""
+        echo(f"pykvm: core written to {core} (inspect: pykvm inspect {core}{hint})",
              err=True)
     elif outcome.core_error:
         echo(f"pykvm: no core written: {outcome.core_error}", err=True)

@@ -43,4 +43,4 @@ def guest(name: str) -> Path:
     """Path of a built bundled guest (builds them on first use)."""
     from pykvm.artifacts import bundled_guests
 
-    return bundled_guests()[name]
+    return Path(bundled_guests()[name])

@@ -137,6 +137,8 @@ def test_eof_carries_the_crash_outcome_and_core(tmp_path):
     out = e.value.outcome
     assert (out.kind, out.status, out.crashed) == ("crash", errors.EXIT_GUEST_CRASH, True)
     assert out.core_path.parent == tmp_path and out.core_path.is_file()
+    # the fields hold str (a run never imports pathlib); the API hands out Paths
+    assert out.core_file == str(out.core_path) and out.kernel == vm.kernel and out.kernel.suffix == ".elf"
     report = out.report()
     assert report["vector"] == 14
     assert [f["symbol"].split("+")[0] for f in report["vcpus"][0]["backtrace"]["frames"][:4]] == ["c", "b", "a", "kmain"]

@@ -162,8 +162,8 @@ def cring(tmp_path_factory):
             pytest.fail("gcc not found (CI must have it)")
         pytest.skip("gcc not found")
     so = tmp_path_factory.mktemp("ring") / "libring.so"
-    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{GUESTS_SRC / 'include'}",
-           f"-I{GUESTS_SRC / 'runtime'}", "-o", str(so), str(GUESTS_SRC / "runtime" / "ring.c")]
+    cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{GUESTS_SRC}/include",
+           f"-I{GUESTS_SRC}/runtime", "-o", str(so), f"{GUESTS_SRC}/runtime/ring.c"]
     build = subprocess.run(cmd, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     ffi = cffi.FFI()

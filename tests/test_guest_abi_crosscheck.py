@@ -8,6 +8,7 @@ struct added to the header (the partition bus rings, packets, range lists) is ch
 without touching this file; the bus names below make sure they were reached.
 """
 
+import os
 import shutil
 import subprocess
 
@@ -78,7 +79,7 @@ def gcc_values(tmp_path_factory):
     _, lines = _expected()
     src, exe = tmp / "guest_abi.c", tmp / "guest_abi"
     src.write_text(PROGRAM.replace("BODY", "\n".join(lines)))
-    build = subprocess.run(["gcc", "-std=gnu11", "-m64", "-O0", "-Wall", "-Werror", f"-I{ABI_HEADER.parent}",
+    build = subprocess.run(["gcc", "-std=gnu11", "-m64", "-O0", "-Wall", "-Werror", f"-I{os.path.dirname(ABI_HEADER)}",
                             "-o", str(exe), str(src)], capture_output=True, text=True)
     assert build.returncode == 0, f"generated C program failed to compile:\n{build.stderr[-3000:]}"
     run = subprocess.run([str(exe)], capture_output=True, text=True, check=True)

@@ -159,3 +159,29 @@ def test_a_vmm_bug_under_the_sandbox_reports_its_traceback_and_writes_a_core(tmp
     assert status == "20" and kind == "vmm-error" and os.path.exists(core)
     assert loader == "_MemoryFinder"
     assert last == "RuntimeError: model bug"
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name, cores", [("multiboot", False), ("crash-ud", True)])
+def test_a_plain_run_never_imports_pathlib_not_even_to_write_a_core(tmp_path, name, cores):
+    # pathlib and what it pulls in (urllib.parse, ipaddress, ntpath) cost ~4 ms of every run; the run path
+    # works on str paths, and the API builds a Path only for a caller who asks (Outcome.core_path, VM.kernel)
+    from .helpers import guest
+
+    crash_dir = tmp_path / "cores"
+    r = python("""
+        import os, sys
+        exit_ = os._exit
+        def leave(status):
+            print("pathlib loaded:", "pathlib" in sys.modules, file=sys.stderr, flush=True)
+            exit_(status)
+        os._exit = leave
+        sys.argv = ["pykvm", "run", *sys.argv[1:]]
+        from pykvm import runcmd
+        runcmd.entry()
+    """, str(guest(name)), "--serial", "none", "--crash-dir", str(crash_dir), *(() if cores else ("--no-dump",)))
+    assert r.stderr.splitlines()[-1] == "pathlib loaded: False", r.stderr
+    if cores:
+        assert r.returncode == 16, r.stderr
+        (core,) = os.listdir(crash_dir)
+        assert f"core written to {crash_dir}/{core} " in r.stderr

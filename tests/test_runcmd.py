@@ -78,7 +78,7 @@ def test_run_vm_turns_the_collector_back_on_before_the_guest_runs():
 
         def run(self):
             seen.append(gc.isenabled())
-            return type("O", (), {"kind": "exit", "status": 7, "core_path": None, "core_error": None})()
+            return type("O", (), {"kind": "exit", "status": 7, "core_file": None, "core_error": None, "kernel_file": None})()
 
     runcmd._pause_gc()   # as fast_run does
     try:

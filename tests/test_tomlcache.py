@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -76,6 +77,6 @@ def _mutate_and_read(data) -> None:
 
 
 def test_every_shipped_description_reads_the_same_through_the_cache(cache):
-    for p in sorted(description.HERE.glob("*.toml")):
+    for p in sorted(Path(description.HERE).glob("*.toml")):
         text = p.read_text()
         assert tomlcache.loads(text) == tomllib.loads(text) == tomlcache.loads(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..record import record
-from pathlib import Path
 
 from .. import abi
 from ..errors import ToolchainError
@@ -19,12 +18,13 @@ class Firmware:
     stubs32: int
 
 
-def load_firmware(path: Path) -> Firmware:
+def load_firmware(path) -> Firmware:
     """Read the built stubs ELF and check it stays inside its slot in the firmware area."""
     from . import elf
 
     try:
-        blob = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            blob = f.read()
     except OSError as e:
         raise ToolchainError(f"firmware {path}: {e.strerror}; rebuild with `make -C firmware`") from None
     try:

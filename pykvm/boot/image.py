@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import struct
 from ..record import record, field
-from pathlib import Path
 
 from ..errors import BadImageError
+from ..paths import clean
 
 MULTIBOOT_MAGIC = 0x1BADB002
 MULTIBOOT_SEARCH = 8192
@@ -99,9 +99,9 @@ def find_multiboot_header(blob: bytes) -> MultibootHeader | None:
     return None
 
 
-def load_image(path: str | Path, flat_addr: int | None = None, flat_bits: int = 64) -> KernelImage:
-    """Read and parse a kernel file; raises BadImageError with a one-line reason."""
-    path = Path(path)
+def load_image(path, flat_addr: int | None = None, flat_bits: int = 64) -> KernelImage:
+    """Read and parse a kernel file (path: str or os.PathLike); raises BadImageError with a one-line reason."""
+    path = clean(path)
     try:
         with open(path, "rb") as f:
             blob = f.read(MAX_IMAGE_BYTES + 1)
@@ -109,7 +109,7 @@ def load_image(path: str | Path, flat_addr: int | None = None, flat_bits: int = 
         raise BadImageError(f"{path}: is a directory, not a kernel image") from None
     except OSError as e:
         raise BadImageError(f"{path}: cannot read kernel: {e.strerror}") from None
-    return parse_image(blob, str(path), flat_addr=flat_addr, flat_bits=flat_bits)
+    return parse_image(blob, path, flat_addr=flat_addr, flat_bits=flat_bits)
 
 
 def parse_image(blob: bytes, name: str = "<kernel>", flat_addr: int | None = None,

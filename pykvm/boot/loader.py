@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
 from ..record import record, field
-from pathlib import Path
 
 from .. import abi
 from ..errors import ImageDoesNotFitError, MemorySizeError, UsageError
@@ -125,7 +126,7 @@ def _reserve(mmap: list[tuple[int, int, int]], start: int, end: int) -> list[tup
 
 
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
-         argv0: str = "", initrd: Path | None = None, acpi_platform: acpi.Platform | None = None,
+         argv0: str = "", initrd=None, acpi_platform: acpi.Platform | None = None,
          acpi_topology: acpi.Topology | None = None, numa=None, *, gib_pages: bool = False,
          phys_bits: int = 0, cpu: BootCpu | None = None) -> BootPlan:
     """Write everything the guest needs at boot into `mem` and return the BSP's entry state.
@@ -160,12 +161,14 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
 
     modules = []
     if initrd is not None:
-        data = Path(initrd).read_bytes()
+        initrd = os.fspath(initrd)
+        with open(initrd, "rb") as f:
+            data = f.read()
         addr = (max(image.physical_end, 1 << 20) + PAGE - 1) & ~(PAGE - 1)
         seg = LoadSegment(addr, addr, data, max(len(data), 1))
         _check_fits(mem, seg, f"initrd {initrd}")
         _load_segment(mem, seg)
-        modules.append(bootinfo.Module(addr, len(data), str(initrd)))
+        modules.append(bootinfo.Module(addr, len(data), initrd))
 
     mmap = bootinfo.memory_map([(r.gpa, r.size) for r in mem.regions])
     if image.protocol == PROTOCOL_MULTIBOOT:

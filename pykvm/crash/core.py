@@ -27,7 +27,6 @@ import os
 import struct
 import tempfile
 import threading
-from pathlib import Path
 
 from ..devices.vga import TEXT_BYTES, screen_text
 from ..memory.sparse import nonzero_runs
@@ -35,6 +34,7 @@ from . import notes as N
 from .layout import Layout, plan
 from .snapshot import CRASH_INFO_MAX, SERIAL_TAIL_MAX, CrashSnapshot, VcpuState
 from .x86 import seg_flags, signal_for, vector_name
+from ..paths import clean
 
 FORMAT_VERSION = 1
 ET_CORE = 4
@@ -63,17 +63,24 @@ class CoreWriteError(Exception):
     """The core file could not be written; nothing was left under the final name."""
 
 
-def write_core(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limits) -> Path:
-    """Write `snapshot` atomically to a new `<prefix>-<UTC time>-<pid>-<n>.core` in `crash_dir`; return its path.
+def write_core(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limits):
+    """Write `snapshot` atomically to a new `<prefix>-<UTC time>-<pid>-<n>.core` in `crash_dir`; return its pathlib.Path.
 
     Every file operation is relative to a descriptor of `crash_dir`: the one hold_crash_dir() keeps
     (the only way into the filesystem the sandbox leaves open), else one opened for this call.
     `limits` are passed to layout.plan: max_segments, max_spaces, walk_max_entries, walk_max_tables.
     """
-    crash_dir = Path(crash_dir)
-    if str(crash_dir) in _unusable:  # found unusable while the process could still look (hold_crash_dir)
-        raise CoreWriteError(_unusable[str(crash_dir)])
-    dfd = _held.get(str(crash_dir))
+    from pathlib import Path  # only for callers who want one: the VMM's own crash path uses write_core_file
+
+    return Path(write_core_file(snapshot, crash_dir, prefix, **limits))
+
+
+def write_core_file(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", **limits) -> str:
+    """write_core, returning the core's path as str (what a run's crash path uses: it never imports pathlib)."""
+    crash_dir = clean(crash_dir)
+    if crash_dir in _unusable:  # found unusable while the process could still look (hold_crash_dir)
+        raise CoreWriteError(_unusable[crash_dir])
+    dfd = _held.get(crash_dir)
     own = dfd is None
     if own:
         dfd = _open_dir(crash_dir)
@@ -114,23 +121,31 @@ def hold_crash_dir(crash_dir) -> int:
     through /proc/self/fd), which is what the seccomp sandbox allows; CoreWriteError otherwise,
     and every later write_core there fails with the same message without touching the filesystem.
     """
-    crash_dir = Path(crash_dir)
-    if str(crash_dir) in _held:
-        return _held[str(crash_dir)]
+    crash_dir = clean(crash_dir)
+    if crash_dir in _held:
+        return _held[crash_dir]
     try:
         dfd = _hold(crash_dir)
     except CoreWriteError as e:
-        _unusable[str(crash_dir)] = str(e)
+        _unusable[crash_dir] = str(e)
         raise
-    _held[str(crash_dir)] = dfd
+    _held[crash_dir] = dfd
     return dfd
 
 
-def _hold(crash_dir: Path) -> int:
+def _split(path: str) -> tuple[str, str]:
+    """(parent, name) of a clean() path as pathlib has them: the parent of '.' or '/' is itself, with name ''."""
+    head, name = os.path.split(path)
+    if not name:
+        return path, ""
+    return head or ".", name
+
+
+def _hold(crash_dir: str) -> int:
     base, missing = crash_dir, []
-    while not base.is_dir() and base.parent != base and not base.exists():
-        missing.insert(0, base.name)
-        base = base.parent
+    while not os.path.isdir(base) and _split(base)[0] != base and not os.path.exists(base):
+        base, name = _split(base)
+        missing.insert(0, name)
     dfd = _open_dir(base)
     try:
         if not _proc_fd_links():
@@ -148,7 +163,7 @@ def _hold(crash_dir: Path) -> int:
 
 def held_parent(crash_dir) -> bool:
     """Whether the held crash directory does not exist yet (its first core creates it with mkdirat)."""
-    dfd = _held.get(str(crash_dir))
+    dfd = _held.get(clean(crash_dir))
     return dfd is not None and bool(_sub.get(dfd))
 
 
@@ -157,7 +172,7 @@ def _rel(dfd: int, name: str) -> str:
     return f"{sub}/{name}" if sub else name
 
 
-def _make_sub(dfd: int, crash_dir: Path) -> None:
+def _make_sub(dfd: int, crash_dir: str) -> None:
     """Create the missing components of a crash directory held through an ancestor (mkdirat only)."""
     sub = _sub.get(dfd, "")
     path = ""
@@ -171,9 +186,9 @@ def _make_sub(dfd: int, crash_dir: Path) -> None:
             raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir}")) from e
 
 
-def _open_dir(crash_dir: Path) -> int:
+def _open_dir(crash_dir: str) -> int:
     try:
-        crash_dir.mkdir(parents=True, exist_ok=True)
+        os.makedirs(crash_dir, exist_ok=True)
         return os.open(crash_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise CoreWriteError(_explain(e, f"cannot create crash directory {crash_dir}")) from e
@@ -185,15 +200,16 @@ def check_crash_dir(crash_dir) -> None:
     An existing directory is probed with a temporary file (the only test that sees ACLs, read-only
     mounts and quotas alike); a missing one must have a writable nearest existing ancestor.
     """
-    crash_dir = Path(crash_dir)
+    crash_dir = clean(crash_dir)
     probe = crash_dir
-    while not probe.exists():
-        if probe.is_symlink():
+    while not os.path.exists(probe):
+        if os.path.islink(probe):
             raise CoreWriteError(f"cannot create crash directory {crash_dir}: {probe} is a dangling symlink")
-        if probe.parent == probe:
+        parent = _split(probe)[0]
+        if parent == probe:
             break
-        probe = probe.parent
-    if not probe.is_dir():
+        probe = parent
+    if not os.path.isdir(probe):
         raise CoreWriteError(f"cannot use crash directory {crash_dir}: {probe} is not a directory")
     if probe != crash_dir:
         try:
@@ -359,7 +375,7 @@ def _proc_fd_links() -> bool:
     return _proc_ok
 
 
-def _create_temp(dfd: int, crash_dir: Path, prefix: str) -> tuple[int, str | None]:
+def _create_temp(dfd: int, crash_dir: str, prefix: str) -> tuple[int, str | None]:
     """A new file in the directory `dfd`: unnamed (O_TMPFILE: (fd, None)) where the filesystem
     allows, else exclusively created under a temporary name ((fd, name)); same filesystem, so
     publishing is a link. Created 0600: guest memory may be sensitive."""
@@ -381,7 +397,7 @@ def _create_temp(dfd: int, crash_dir: Path, prefix: str) -> tuple[int, str | Non
     raise CoreWriteError(f"cannot find a free temporary name in {crash_dir}")
 
 
-def _publish(fd: int, tmp: str | None, dfd: int, crash_dir: Path, prefix: str) -> Path:
+def _publish(fd: int, tmp: str | None, dfd: int, crash_dir: str, prefix: str) -> str:
     """Give the finished file a unique final name without ever replacing an existing file."""
     stamp = _stamp()
     for _ in range(1000):
@@ -402,7 +418,7 @@ def _publish(fd: int, tmp: str | None, dfd: int, crash_dir: Path, prefix: str) -
             if tmp is not None:
                 os.unlink(tmp, dir_fd=dfd)
         os.fsync(dfd)
-        return crash_dir / base
+        return base if crash_dir == "." else f"{crash_dir.rstrip('/')}/{base}"
     raise CoreWriteError(f"cannot find a free core file name in {crash_dir}")
 
 

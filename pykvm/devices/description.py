@@ -37,10 +37,10 @@ import os
 import re
 from collections.abc import Mapping
 from ..record import record
-from pathlib import Path
 
 from .. import tomlcache
 from ..errors import DeviceConfigError
+from ..paths import clean
 
 TRUST_LEVELS = ("trusted", "untrusted")
 SPACES = ("port", "mmio")
@@ -55,7 +55,7 @@ MAX_COUNT = 0x2000           # elements of one register array (a 64 KiB window o
 ACTION_KEYS = {"allow": ("action",), "deny": ("action", "read_value"),
                "translate": ("action", "mask", "clamp", "shadow")}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-HERE = Path(__file__).resolve().parent
+HERE = os.path.dirname(os.path.realpath(__file__))
 
 
 class DescriptionError(DeviceConfigError):
@@ -290,9 +290,9 @@ def parse(text: str, path: str = "<description>") -> Description:
 
 def load(path) -> Description:
     """Read and validate one description file."""
-    path = Path(path)
+    path = clean(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = _read(path).decode("utf-8")
     except OSError as e:
         raise DescriptionError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
@@ -300,11 +300,13 @@ def load(path) -> Description:
     return parse(text, _display(path))
 
 
-def _display(path: Path, resolved: bool = False) -> str:
-    try:
-        return str((path if resolved else path.resolve()).relative_to(HERE.parent.parent))
-    except ValueError:
-        return str(path)
+def _display(path: str, resolved: bool = False) -> str:
+    """The path relative to the tree (or installed package) root when under it, else as given."""
+    full = path if resolved else os.path.realpath(path)
+    root = os.path.dirname(os.path.dirname(HERE))
+    if full.startswith(root + os.sep):
+        return full[len(root) + 1:]
+    return path
 
 
 def _read(path: str) -> bytes:
@@ -322,8 +324,11 @@ def _read(path: str) -> bytes:
 def load_dir(directory) -> dict[str, Description]:
     """Every *.toml description in `directory`, by device name (two files for one name is an error)."""
     out: dict[str, Description] = {}
-    for p in sorted(Path(directory).glob("*.toml")):
-        d = load(p)
+    directory = os.fspath(directory)
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".toml"):
+            continue
+        d = load(os.path.join(directory, name))
         if d.name in out:
             raise DescriptionError(f"{d.path}: describes device {d.name!r}, already described by {out[d.name].path}")
         out[d.name] = d
@@ -338,10 +343,10 @@ class _Shipped(Mapping):
     refuses opens once the VM runs); a file whose `name` is not its stem fails when parsed.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: str):
         # Every run reads all of them: plain os calls, one path resolution for the directory
         # rather than one per file, cost a third of pathlib's glob, read_bytes and resolve.
-        self._dir = directory.resolve()
+        self._dir = os.path.realpath(directory)
         self._raw: dict[str, bytes | OSError] = {}
         for name in sorted(os.listdir(self._dir)):
             if name.endswith(".toml"):
@@ -355,7 +360,7 @@ class _Shipped(Mapping):
         d = self._parsed.get(name)
         if d is None:
             data = self._raw[name]
-            path = self._dir / f"{name}.toml"
+            path = os.path.join(self._dir, f"{name}.toml")
             if isinstance(data, OSError):
                 raise DescriptionError(f"{path}: cannot read: {data.strerror}")
             try:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import abi
 from ..crash.snapshot import VcpuState, read_crash_info
 from ..kvm import KvmError
 from ..kvm.abi import ffi as kffi
 from ..kvm.vcpu import regs_to_dict, sregs_to_dict
 
-DEFAULT_CRASH_DIR = Path("crashes")
+DEFAULT_CRASH_DIR = "crashes"
 
 
 def fpu_to_dict(fpu) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..record import record, field
-from pathlib import Path
 
 from .. import abi
 
@@ -14,12 +13,12 @@ MIN_MEMORY = 2 << 20
 class MachineConfig:
     """Everything that describes one VM run."""
 
-    kernel: Path
+    kernel: str                      # paths here: str or os.PathLike (pykvm's own code passes str)
     kernel_name: str = ""            # argv[0] for multiboot command lines (what the user typed)
     mem: int = 128 << 20
     cpus: int = 1
     cmdline: str = ""
-    initrd: Path | None = None
+    initrd: str | None = None
     serial_out: int | None = 1       # fd, or None to discard
     serial_in: int | None = None
     serial_unbuffered: bool = False  # each output byte goes to serial_out at once (else per line)
@@ -30,7 +29,7 @@ class MachineConfig:
     strict_io: bool = False
     flat_addr: int | None = None
     flat_bits: int = 64
-    crash_dir: Path | None = None    # where cores go; None disables dumping
+    crash_dir: str | None = None     # where cores go; None disables dumping
     restart_intensity: int = 5       # device restarts allowed per restart_period before escalating
     restart_period: float = 60.0
     on_device_failure: str = "remove"  # past the intensity: "remove" (guest sees surprise removal) or "crash"
@@ -41,7 +40,7 @@ class MachineConfig:
     disks: list = field(default_factory=list)     # block devices on the bus: [(path, read_only)]
     sandbox: bool = False            # seccomp-confine this process once set up (the CLI turns it on)
     numa: dict | None = None         # vNUMA: memory.numa.NumaConfig.as_json() (implies a bus with dynamic memory)
-    memory_log: Path | None = None   # JSON lines of the dynamic memory timeline (vNUMA only)
+    memory_log: str | None = None    # JSON lines of the dynamic memory timeline (vNUMA only)
     cpu: str = "host"                # CPU model: host[,+feature,-feature...] (boot/cpumodel.py)
     display: str = "none"            # "text": show the VGA text screen on stdout (devices/vga.py)
 
@@ -56,5 +55,5 @@ class Outcome:
     vcpu: int | None = None
     trigger: str | None = None
     details: dict = field(default_factory=dict)
-    core_path: Path | None = None
+    core_path: str | None = None
     core_error: str | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from ..kvm import KvmError
 from .config import Outcome
@@ -23,7 +22,7 @@ class Dumper:
         path, err = self.host_dump()
         print(f"pykvm: host-requested core: {path if path else 'failed: ' + str(err)}", file=sys.stderr)
 
-    def host_dump(self) -> tuple[Path | None, str | None]:
+    def host_dump(self) -> tuple[str | None, str | None]:
         """Pause every vCPU, write a 'host-request' core, resume; (path, None) or (None, why not)."""
         m = self.machine
         if not m.pause():
@@ -35,14 +34,14 @@ class Dumper:
         finally:
             m.resume()
 
-    def write(self, outcome: Outcome) -> tuple[Path | None, str | None]:
+    def write(self, outcome: Outcome) -> tuple[str | None, str | None]:
         """Snapshot every vCPU and guest RAM into a core; (path, None) or (None, why not)."""
         m = self.machine
         cfg = m.config
         if cfg.crash_dir is None:
             return None, None
         m.windows.drain()
-        from ..crash.core import CoreWriteError, write_core
+        from ..crash.core import CoreWriteError, write_core_file
         from ..crash.snapshot import CrashSnapshot
         from ..devices.vga import read_screen
         from .capture import apply_trap_frame, guest_crash_info, vcpu_state
@@ -64,7 +63,7 @@ class Dumper:
                 crash_info=guest_crash_info(m.memory, m.plan),
                 bus=m.bus.snapshot() if m.bus is not None else m.bus_final,
                 screen=read_screen(m.memory), screen_cursor=_cursor(m))
-            path = write_core(snap, cfg.crash_dir)
+            path = write_core_file(snap, cfg.crash_dir)
         except CoreWriteError as e:
             return None, str(e)
         except KvmError as e:
