@@ -144,8 +144,8 @@ def echo(message: str, err: bool = False) -> None:
     if stream is None:
         return
     out = message + "\n"
-    if not _isatty(stream):
-        import re
+    if "\033" in out and not _isatty(stream):
+        import re   # only for a message with escapes: a plain run (maybe sandboxed by now) never loads re
 
         out = re.sub(r"\033\[[;?0-9]*[a-zA-Z]", "", out)
     stream.write(out)

@@ -11,22 +11,24 @@ seccomp(SET_MODE_FILTER, TSYNC)).
 A cache entry is named by a hash of everything the program depends on: the rules, the
 libseccomp version and the architecture. It is checked before use (its own digest, its key,
 the program's size and the stand-in pid at every recorded position); anything wrong and it
-is compiled again and rewritten, never loaded.
+is compiled again and rewritten, never loaded. Entries are pykvm/cachefile.py's format, which
+loads without json or re.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-from . import digest, ffigen, paths
+from . import cachefile, digest, ffigen, paths
 
-FORMAT = 1
+FORMAT = 2                   # 2: cachefile entries, keyed by the policy's repr (1: JSON)
 # Two stand-in pids (inside the kernel's pid range, so the compiled program has the same shape
 # as with a real one); the instructions where the two programs differ are where the pid goes.
 PID_A, PID_B = 0x3FFFF1, 0x3FFFF2
 MAX_INSNS = 4096             # BPF_MAXINSNS: the kernel refuses longer programs
 INSN = 8                     # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+MAX_NR = 1024                # system call numbers named (x86-64's are below 512)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 CDEF = """
     struct scmp_version { unsigned int major; unsigned int minor; unsigned int micro; };
@@ -63,58 +65,43 @@ def libseccomp_version() -> str | None:
 
 def cache_key(policy: list, version: str) -> str:
     """The name of the cache entry for this policy (rules with the stand-in pid) and libseccomp version."""
-    text = json.dumps([FORMAT, os.uname().machine, version, policy], sort_keys=True)
+    # repr of plain str/int/tuple/list data is exact and stable, and needs no json import on every run
+    text = repr([FORMAT, os.uname().machine, version, policy])
     return digest.hexdigest(text.encode())[:32]
 
 
-def _digest(entry: dict) -> str:
-    body = {k: v for k, v in entry.items() if k != "digest"}
-    return digest.hexdigest(json.dumps(body, sort_keys=True).encode())
+def _name_ok(name) -> bool:
+    return isinstance(name, str) and name != "" and _NAME_CHARS.issuperset(name)
 
 
 def read_entry(path, key: str) -> tuple[bytes, list[int], dict[int, str]] | None:
     """(program with PID_A in place, pid positions, syscall names) from a cache file, or None if absent or bad."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(1 << 20)
-        entry = json.loads(raw)
-        if not isinstance(entry, dict) or entry.get("digest") != _digest(entry) or entry.get("key") != key:
-            return None
-        program = bytes.fromhex(entry["program"])
-        pid_at, names = entry["pid_at"], entry["names"]
-        if not program or len(program) % INSN or len(program) > MAX_INSNS * INSN:
-            return None
-        if not isinstance(pid_at, list) or not pid_at or not isinstance(names, list):
-            return None
-        for i in pid_at:
-            if type(i) is not int or not 0 <= i < len(program) // INSN or _k(program, i) != PID_A:
-                return None
-        table = {}
-        for item in names:
-            nr, name = item
-            if type(nr) is not int or not isinstance(name, str):
-                return None
-            table[nr] = name
-        return program, pid_at, table
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):   # unreadable, not JSON or hex, wrong shape
+    entry = cachefile.read(path)
+    if type(entry) is not dict or entry.keys() != {"key", "program", "pid_at", "names"} or entry["key"] != key:
         return None
+    program, pid_at, names = entry["program"], entry["pid_at"], entry["names"]
+    if type(program) is not bytes or not program or len(program) % INSN or len(program) > MAX_INSNS * INSN:
+        return None
+    if type(pid_at) is not list or not pid_at or type(names) is not str:
+        return None
+    for i in pid_at:
+        if type(i) is not int or not 0 <= i < len(program) // INSN or _k(program, i) != PID_A:
+            return None
+    # names: the name of system call N on line N, empty where there is none
+    lines = names.split("\n")
+    if len(lines) > MAX_NR or not _NAME_CHARS.issuperset(names.replace("\n", "")):
+        return None
+    return program, pid_at, {nr: name for nr, name in enumerate(lines) if name}
 
 
 def write_entry(path, key: str, program: bytes, pid_at: list[int], names: dict[int, str]) -> None:
     """Store a compiled program atomically; an unwritable cache costs speed, not correctness."""
-    entry = {"key": key, "program": program.hex(), "pid_at": pid_at, "names": sorted(names.items())}
-    entry["digest"] = _digest(entry)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(json.dumps(entry))
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    if not all(type(nr) is int and 0 <= nr < MAX_NR and _name_ok(name) for nr, name in names.items()):
+        return        # a name the entry cannot hold: compiled on every run rather than cached wrong
+    lines = [""] * (max(names) + 1 if names else 0)
+    for nr, name in names.items():
+        lines[nr] = name
+    cachefile.write(path, {"key": key, "program": bytes(program), "pid_at": list(pid_at), "names": "\n".join(lines)})
 
 
 def _k(program: bytes, index: int) -> int:
@@ -181,7 +168,7 @@ def program_for(make_policy_for_pid, pid: int) -> tuple[bytes, dict[int, str]]:
         compiled = compile_policy(policy, make_policy_for_pid)   # pyseccomp will say what is missing
         return patch_pid(compiled[0], compiled[1], pid), compiled[2]
     key = cache_key(policy, version)
-    path = os.path.join(paths.cache_root(), "seccomp", f"{key}.json")
+    path = os.path.join(paths.cache_root(), "seccomp", f"{key}.entry")
     cached = read_entry(path, key)
     if cached is None:
         cached = compile_policy(policy, make_policy_for_pid)

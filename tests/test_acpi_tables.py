@@ -265,6 +265,12 @@ def test_bad_aml_names_are_refused():
         aml.name(b"_s5_", aml.integer(0))
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=6), st.text(alphabet="AZ_09az\n\xc1 ", max_size=6).map(str.encode)))
+def test_aml_name_segments_are_the_pattern_without_re(seg):
+    assert aml.is_name_seg(seg) == bool(re.fullmatch(rb"[A-Z_][A-Z0-9_]{3}", seg))
+
+
 def test_facs_layout():
     facs = fadt.facs()
     assert len(facs) == 64 and facs[:4] == b"FACS" and struct.unpack_from("<I", facs, 4)[0] == 64

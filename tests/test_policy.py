@@ -120,6 +120,14 @@ def test_instance_names_fall_back_to_the_model_class_name():
     assert D.for_device(Mailbox(name="mailbox2")) is D.shipped()["mailbox"]
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(alphabet="aZ09_.-\n \xe9\u0131/", max_size=6), st.text(max_size=6), st.integers()))
+def test_register_names_are_the_pattern_without_re(name):
+    import re
+
+    assert D.is_register_name(name) == (isinstance(name, str) and bool(re.fullmatch(r"[A-Za-z0-9_.-]+", name)))
+
+
 # ------------------------------------------------------------------ validation errors
 GOOD_REG = """
 [[registers]]
@@ -152,6 +160,8 @@ def reg(**over) -> str:
     ('name = "x"\nsummary = "s"\n', r"no \[\[registers\]\]"),
     (desc_text(reg(colour='"red"')), r"register 'r': unknown key 'colour' \(allowed: name, space"),
     (desc_text(reg(scope=None)), r"register 'r': missing scope"),
+    (desc_text(reg(name='"a b"')), r"name must be letters, digits"),
+    (desc_text(reg(name='"a\\n"')), r"name must be letters, digits"),   # the old pattern's $ let a final newline by
     (desc_text(reg(trusted='{ action = "permit" }')), r"register 'r': trusted: action 'permit' is not one of "
                                                        r"allow, deny, translate"),
     (desc_text(reg(untrusted='{ action = "allow", read_value = 1 }')), r"untrusted: unknown key 'read_value'"),

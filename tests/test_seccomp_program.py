@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import errors, sandbox, seccomp_program as sp
+from pykvm import cachefile, errors, sandbox, seccomp_program as sp
 
 from .helpers import ROOT
 
@@ -28,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def entry_path(cache) -> str:
-    (path,) = (cache / "seccomp").glob("*.json")
+    (path,) = (cache / "seccomp").glob("*.entry")
     return str(path)
 
 
@@ -46,35 +45,36 @@ def test_the_cached_program_is_libseccomps_with_the_pid_in_place(cache):
 
 
 @pytest.mark.parametrize("damage", ["flip a program byte", "truncate", "garbage", "wrong key", "pid moved",
-                                    "empty program"])
+                                    "empty program", "a name that is no name", "names as a table", "extra field"])
 def test_a_damaged_entry_is_never_used_and_is_rebuilt(cache, damage):
     good, _ = sp.program_for(make, 777)
     path = entry_path(cache)
-    text = open(path).read()
-    entry = json.loads(text)
+    raw = open(path, "rb").read()
+    entry = cachefile.loads(raw)
     if damage == "flip a program byte":
-        hexed = entry["program"]
-        entry["program"] = hexed[:40] + ("0" if hexed[40] != "0" else "1") + hexed[41:]
-        text = json.dumps(entry)                      # the digest no longer matches
+        at = raw.index(entry["program"]) + 20
+        raw = raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1:]     # the digest no longer matches
     elif damage == "truncate":
-        text = text[: len(text) // 2]
+        raw = raw[: len(raw) // 2]
     elif damage == "garbage":
-        text = "\x00\xff not json"
-    elif damage == "wrong key":
-        entry["key"] = "0" * 32
-        entry["digest"] = sp._digest(entry)           # self-consistent, but for other inputs
-        text = json.dumps(entry)
-    elif damage == "pid moved":
-        entry["pid_at"] = [i + 1 for i in entry["pid_at"]]
-        entry["digest"] = sp._digest(entry)
-        text = json.dumps(entry)
-    else:
-        entry["program"] = ""
-        entry["digest"] = sp._digest(entry)
-        text = json.dumps(entry)
-    with open(path, "w") as f:
-        f.write(text)
-    key = os.path.basename(path)[:-5]
+        raw = b"\x00\xff not an entry"
+    else:                                                       # each self-consistent, but wrong
+        if damage == "wrong key":
+            entry["key"] = "0" * 32
+        elif damage == "pid moved":
+            entry["pid_at"] = [i + 1 for i in entry["pid_at"]]
+        elif damage == "empty program":
+            entry["program"] = b""
+        elif damage == "a name that is no name":
+            entry["names"] = entry["names"].replace("execve", "exec ve")
+        elif damage == "names as a table":
+            entry["names"] = {"59": "execve"}
+        else:
+            entry["more"] = 1
+        raw = cachefile.dumps(entry)
+    with open(path, "wb") as f:
+        f.write(raw)
+    key = os.path.basename(path)[:-len(".entry")]
     assert sp.read_entry(path, key) is None
     assert sp.program_for(make, 777)[0] == good       # compiled again ...
     assert sp.read_entry(path, key) is not None       # ... and the entry rewritten whole
@@ -84,7 +84,7 @@ def test_a_damaged_entry_is_never_used_and_is_rebuilt(cache, damage):
 @given(data=st.data())
 def test_reading_a_mutated_entry_gives_the_original_or_nothing(tmp_path_factory, data):
     d = tmp_path_factory.mktemp("entry")
-    path = str(d / "e.json")
+    path = str(d / "e.entry")
     program = bytes(range(16)) + sp.PID_A.to_bytes(4, "little").rjust(8, b"\x01")
     sp.write_entry(path, "k", program, [2], {0: "read", 59: "execve"})
     raw = bytearray(open(path, "rb").read())
@@ -102,7 +102,7 @@ def test_reading_a_mutated_entry_gives_the_original_or_nothing(tmp_path_factory,
 @given(st.binary(max_size=300))
 @settings(max_examples=200, deadline=None)
 def test_reading_arbitrary_bytes_never_raises(tmp_path_factory, raw):
-    path = str(tmp_path_factory.mktemp("entry") / "e.json")
+    path = str(tmp_path_factory.mktemp("entry") / "e.entry")
     with open(path, "wb") as f:
         f.write(raw)
     assert sp.read_entry(path, "k") is None
@@ -129,11 +129,10 @@ def test_a_sandboxed_process_with_a_corrupted_cache_still_stops_forbidden_calls(
     assert r.returncode == errors.EXIT_SANDBOX and r.stdout == "False\n", r.stderr
     assert "blocked system call execve (#59)" in r.stderr
     path = entry_path(tmp_path)
-    entry = json.loads(open(path).read())
-    entry["program"] = entry["program"][:-16]          # one instruction short: the digest catches it
-    with open(path, "w") as f:
-        f.write(json.dumps(entry))
+    raw = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(raw[:-20] + raw[-12:])                 # eight bytes gone: the digest catches it
     r = run()
     assert r.returncode == errors.EXIT_SANDBOX and r.stdout == "True\n", r.stderr
     assert "blocked system call execve (#59)" in r.stderr
-    assert sp.read_entry(path, os.path.basename(path)[:-5]) is not None
+    assert sp.read_entry(path, os.path.basename(path)[:-len(".entry")]) is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import digest, tomlcache
+from pykvm import cachefile, digest, tomlcache
 from pykvm.devices import description
 
 TEXT = 'name = "serial"\nsummary = "x"\n[[registers]]\nname = "a"\noffset = 0x10\nratio = 1.5\nflag = true\n'
@@ -28,19 +28,34 @@ def path_of(text: str) -> str:
 
 def test_a_cached_document_is_tomllibs(cache):
     assert tomlcache.loads(TEXT) == tomllib.loads(TEXT)     # parsed and stored
-    entry = json.loads(open(path_of(TEXT)).read())
-    assert entry["data"] == tomllib.loads(TEXT)
+    entry = cachefile.loads(open(path_of(TEXT), "rb").read())
+    assert entry == {"text": digest.hexdigest(TEXT.encode()), "data": tomllib.loads(TEXT)}
     assert tomlcache.loads(TEXT) == tomllib.loads(TEXT)     # read back
 
 
 def test_a_valid_looking_entry_with_other_data_is_not_trusted(cache):
     tomlcache.loads(TEXT)
     path = path_of(TEXT)
-    entry = json.loads(open(path).read())
-    entry["data"]["name"] = "evil"                            # the digest no longer matches
-    open(path, "w").write(json.dumps(entry))
+    raw = open(path, "rb").read()
+    at = raw.index(b"serial")
+    open(path, "wb").write(raw[:at] + b"evil!!" + raw[at + 6:])      # the digest no longer matches
     assert tomlcache.loads(TEXT)["name"] == "serial"
-    assert json.loads(open(path).read())["data"]["name"] == "serial"   # rewritten
+    assert cachefile.loads(open(path, "rb").read())["data"]["name"] == "serial"   # rewritten
+
+
+@pytest.mark.parametrize("make_entry", [
+    lambda h: {"text": "0" * 64, "data": {"name": "evil"}},            # intact, but for another text
+    lambda h: {"data": {"name": "evil"}},
+    lambda h: {"text": h, "data": ["evil"]},                            # the right text, the wrong shape
+    lambda h: {"text": h, "data": {"name": "evil"}, "extra": 1},
+    lambda h: [h, {"name": "evil"}],
+])
+def test_an_intact_entry_of_another_text_or_shape_is_not_used(cache, make_entry):
+    path = path_of(TEXT)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").write(cachefile.dumps(make_entry(digest.hexdigest(TEXT.encode()))))
+    assert tomlcache.loads(TEXT) == tomllib.loads(TEXT)
+    assert cachefile.loads(open(path, "rb").read())["data"] == tomllib.loads(TEXT)   # rewritten
 
 
 def test_invalid_toml_is_an_error_cached_or_not(cache):

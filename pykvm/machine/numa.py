@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -29,6 +28,7 @@ class MachineNuma:
         self.service = None
         self.t0 = time.monotonic()
         self._log_fd = None
+        self._dumps = None        # json.dumps, with a memory log
         self._log_lock = threading.Lock()
         self._printed = 0
 
@@ -60,6 +60,9 @@ class MachineNuma:
                                 map_slot=lambda slot, gpa, size, addr: vm.set_user_memory_region(slot, gpa, size, addr))
         path = self.machine.config.memory_log
         if path is not None:
+            import json   # only with a --memory-log (and before the sandbox, which stops imports from disk)
+
+            self._dumps = json.dumps
             try:
                 self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             except OSError as e:
@@ -91,7 +94,7 @@ class MachineNuma:
             n = self.dm.nodes[node]
             rec.update(size=n.online * 4096, ballooned=n.ballooned * 4096, hot_added=n.hot_pages * 4096,
                        host_bytes=n.host_bytes())
-        line = (json.dumps(rec) + "\n").encode()
+        line = (self._dumps(rec) + "\n").encode()
         with self._log_lock:
             try:
                 os.write(self._log_fd, line)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import struct
 
 from .sdt import sdt
@@ -14,7 +13,9 @@ NAME_OP = 0x08
 PACKAGE_OP = 0x12
 ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF
 BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, QWORD_PREFIX = 0x0A, 0x0B, 0x0C, 0x0E
-NAME_SEG = re.compile(rb"[A-Z_][A-Z0-9_]{3}")
+# A name segment is [A-Z_][A-Z0-9_]{3} (ACPI 6.5, 20.2.2); checked without `re`, which a run does not load
+_LEAD_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_"
+_SEG_CHARS = _LEAD_CHARS + b"0123456789"
 MAX_PKG_LENGTH = (1 << 28) - 1
 
 # Sleep types written to PM1_CNT.SLP_TYP: QEMU's values, which pykvm's PM1a control port follows
@@ -56,9 +57,14 @@ def package(values: list[int]) -> bytes:
     return bytes([PACKAGE_OP]) + pkg_length(len(body)) + body
 
 
+def is_name_seg(seg: bytes) -> bool:
+    """Whether seg is a four-character AML name segment ([A-Z_][A-Z0-9_]{3})."""
+    return len(seg) == 4 and seg[0] in _LEAD_CHARS and not bytes(seg).translate(None, _SEG_CHARS)
+
+
 def name(seg: bytes, value: bytes) -> bytes:
     """Name(SEG, value) for a four-character name segment."""
-    if not NAME_SEG.fullmatch(seg):
+    if not is_name_seg(seg):
         raise ValueError(f"bad AML name segment {seg!r}")
     return bytes([NAME_OP]) + seg + value
 
