@@ -117,10 +117,10 @@ TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machine.capture", "pykvm.crash.snapshot",
         "datetime", "math",
         # textwrap and tokenize need re, which a plain run no longer imports itself
-        "re", "re._compiler", "re._parser", "re._constants", "re._casefix")
+        "re", "re._compiler", "re._parser", "re._constants", "re._casefix", "copyreg")
 LATE_CORES = ("pykvm.crash.core", "pykvm.memory.sparse", "pykvm.crash.layout", "pykvm.crash.notes", "pykvm.crash.x86",
-              "pykvm.devices.vga", "encodings.cp437", "tempfile", "shutil", "random", "bisect", "fnmatch", "weakref", "_weakrefset",
-              "_random", "_sha512", "json", "json.decoder", "json.scanner", "json.encoder")
+              "pykvm.devices.vga", "encodings.cp437", "tempfile", "shutil", "random", "bisect", "fnmatch", "weakref",
+              "_weakrefset", "_random", "_sha512", "json", "json.decoder", "json.scanner", "json.encoder")
 LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
             "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 
