@@ -347,7 +347,7 @@ def leave(status: int, fast_exit: bool) -> None:
 
 def check_crash_dir(crash_dir: str) -> None:
     """Refuse at start a --crash-dir a core could not be written to (not only when the guest crashes)."""
-    from .crash.core import CoreWriteError, check_crash_dir as check
+    from .crash.crashdir import CoreWriteError, check_crash_dir as check
 
     try:
         check(crash_dir)

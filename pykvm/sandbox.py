@@ -9,7 +9,7 @@ the import system probing a path) fail the way they would on an unreadable file 
 killing the VMM; nothing can be opened for writing, created, deleted or executed.
 
 The filesystem is reachable only through the crash directory's descriptor, which
-crash.core.hold_crash_dir() opens here: a core is an unnamed O_TMPFILE file in it, named at
+crash.crashdir.hold_crash_dir() opens here: a core is an unnamed O_TMPFILE file in it, named at
 the end with linkat through /proc/self/fd. seccomp sees descriptors and flags, never path
 strings: an absolute path makes the dirfd irrelevant, so a compromised VMM could still create
 a new file (never open, overwrite, read or remove an existing one) where the user may write.
@@ -118,9 +118,9 @@ LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machin
         "datetime", "math",
         # textwrap and tokenize need re, which a plain run no longer imports itself
         "re", "re._compiler", "re._parser", "re._constants", "re._casefix", "copyreg")
-LATE_CORES = ("pykvm.crash.core", "pykvm.memory.sparse", "pykvm.crash.layout", "pykvm.crash.notes", "pykvm.crash.x86",
-              "pykvm.devices.vga", "encodings.cp437", "tempfile", "shutil", "random", "bisect", "fnmatch", "weakref",
-              "_weakrefset", "_random", "_sha512", "json", "json.decoder", "json.scanner", "json.encoder")
+LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.memory.sparse", "pykvm.crash.layout",
+              "pykvm.crash.notes", "pykvm.crash.x86", "pykvm.devices.vga", "encodings.cp437",
+              "json", "json.decoder", "json.scanner", "json.encoder")
 LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
             "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 
@@ -152,7 +152,7 @@ def install(crash_dir=None) -> None:
     _hold_late_modules(crash_dir is not None)
     crash_fd = None
     if crash_dir is not None:
-        from .crash.core import CoreWriteError, hold_crash_dir
+        from .crash.crashdir import CoreWriteError, hold_crash_dir
 
         try:
             crash_fd = hold_crash_dir(crash_dir)
