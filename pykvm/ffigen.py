@@ -9,7 +9,6 @@ calls generate()); a source tree generates them into the cache on first use.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -94,8 +93,15 @@ def load(name: str, cdef: str):
 
 
 def _import(mod: str, path: str):
-    spec = importlib.util.spec_from_file_location(mod, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # importlib.machinery is loaded with the interpreter; importlib.util (spec_from_file_location)
+    # would bring contextlib and importlib._abc to every run for this one call
+    from importlib.machinery import ModuleSpec, SourceFileLoader
+
+    loader = SourceFileLoader(mod, path)
+    spec = ModuleSpec(mod, loader, origin=path)
+    spec.has_location = True            # so __file__ is set and the bytecode is cached beside it
+    module = type(sys)(mod)
+    module.__spec__, module.__loader__, module.__file__ = spec, loader, path
+    loader.exec_module(module)
     sys.modules[mod] = module
     return module

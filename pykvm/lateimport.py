@@ -25,7 +25,10 @@ import marshal
 import os
 import sys
 from importlib.machinery import ModuleSpec, SourceFileLoader, SourcelessFileLoader
-from importlib.util import MAGIC_NUMBER
+try:    # what importlib.util.MAGIC_NUMBER re-exports, without importing importlib.util (and contextlib) every run
+    from _frozen_importlib_external import MAGIC_NUMBER
+except ImportError:
+    from importlib.util import MAGIC_NUMBER
 from types import CodeType
 
 _HEADER = 16                  # magic, flags, then mtime and source size (or a source hash)

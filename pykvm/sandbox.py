@@ -116,8 +116,8 @@ TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 # make their module fall back to its pure-Python code.
 LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machine.capture", "pykvm.crash.snapshot",
         "datetime", "math",
-        # textwrap and tokenize need re, which a plain run no longer imports itself
-        "re", "re._compiler", "re._parser", "re._constants", "re._casefix", "copyreg")
+        # textwrap and tokenize need re, and traceback contextlib, which a plain run no longer imports itself
+        "re", "re._compiler", "re._parser", "re._constants", "re._casefix", "copyreg", "contextlib")
 LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.memory.sparse", "pykvm.crash.layout",
               "pykvm.crash.notes", "pykvm.crash.x86", "pykvm.devices.vga", "encodings.cp437",
               "json", "json.decoder", "json.scanner", "json.encoder")
