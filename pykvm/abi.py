@@ -26,7 +26,7 @@ def _load():
 def define_names(text: str) -> list[str]:
     """The names re.findall(r"^\\s*#\\s*define\\s+(PYKVM_\\w+)\\s+\\S", text, re.M) gives, without `re`."""
     # Every run reads the header, and `re` costs ~1.4 ms to import. This is that pattern's scan,
-    # step by step (tests/test_guest_abi_crosscheck.py holds it to the pattern): each match starts
+    # step by step (tests/test_header_scan.py holds it to the pattern): each match starts
     # at a '#' with only whitespace before it on its line, and the next starts after the match's
     # last character (the value's first, which may be lines further on).
     names = []

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from .record import record, field
 
 from .errors import EXIT_USAGE, MemorySizeError, PykvmError, UsageError
 from .paths import clean
+from .record import field, record
 from .units import parse_size
 
 __all__ = ["VM", "Outcome", "ExpectError", "Timeout", "EOF", "VMError", "parse_size"]

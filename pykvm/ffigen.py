@@ -32,7 +32,7 @@ def _is_word(text: str) -> bool:
 def _dropped(line: str) -> bool:
     # Every run hashes the ABI header's cdef, so this is plain string work, not `re` (~1.4 ms to
     # import). It drops exactly the lines r"\s*#\s*(if|ifdef|ifndef|else|elif|endif|include|error|pragma)\b"
-    # or r"\s*#\s*define\s+\w+_H\s*$" match (tests/test_ffigen.py holds it to those patterns).
+    # or r"\s*#\s*define\s+\w+_H\s*$" match (tests/test_header_scan.py holds it to those patterns).
     stripped = line.lstrip()
     if not stripped.startswith("#"):
         return False

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from .record import record
 
 from .errors import EXIT_KVM_UNAVAILABLE, EXIT_VMM_ERROR, OutputPathError, PykvmError
+from .record import record
 from .units import parse_size
 
 

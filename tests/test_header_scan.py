@@ -15,6 +15,7 @@ def _header_text() -> str:
     with open(ABI_HEADER) as f:
         return f.read()
 
+
 _DEFINE = re.compile(r"^\s*#\s*define\s+(PYKVM_\w+)\s+\S", re.M)        # what abi.py used to findall
 _DIRECTIVE = re.compile(r"^\s*#\s*(if|ifdef|ifndef|else|elif|endif|include|error|pragma)\b")   # ffigen's
 _GUARD = re.compile(r"^\s*#\s*define\s+\w+_H\s*$")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import struct
-from ..record import record
 
 from .. import abi, __version__
+from ..record import record
 
 MMAP_RAM = abi.PYKVM_MMAP_RAM
 MMAP_RESERVED = abi.PYKVM_MMAP_RESERVED

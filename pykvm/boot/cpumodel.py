@@ -9,9 +9,8 @@ is an error rather than a silent drop: a user asking for it wants to know.
 
 from __future__ import annotations
 
-from ..record import record, field
-
 from ..errors import UsageError
+from ..record import field, record
 
 # name -> (leaf, subleaf, register, bit). Only leaves whose bits are plain feature flags.
 FEATURES: dict[str, tuple[int, int, str, int]] = {}

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..record import record
-
 from .. import abi
 from ..errors import ToolchainError
+from ..record import record
 from .image import LoadSegment
 
 

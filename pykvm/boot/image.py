@@ -7,10 +7,10 @@ downstream sees only `KernelImage` with bounded, consistent segments.
 from __future__ import annotations
 
 import struct
-from ..record import record, field
 
 from ..errors import BadImageError
 from ..paths import clean
+from ..record import field, record
 
 MULTIBOOT_MAGIC = 0x1BADB002
 MULTIBOOT_SEARCH = 8192

@@ -8,9 +8,9 @@ file: every field used is checked here and a bad one is a BadImageError naming i
 from __future__ import annotations
 
 import struct
-from ..record import record
 
 from ..errors import BadImageError, ImageDoesNotFitError
+from ..record import record
 from .bzsig import BOOT_FLAG, BOOT_FLAG_OFF, HEADER_MAGIC, HEADER_MAGIC_OFF, is_bzimage  # noqa: F401 (API)
 
 # ---- the bzImage setup header (offsets in the file and in boot_params alike)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from ..record import record, field
-
 from .. import abi
 from ..errors import ImageDoesNotFitError, MemorySizeError, UsageError
 from ..memory import PAGE_SIZE, GuestMemory
+from ..record import field, record
 from . import acpi, bootinfo, tables
 from .firmware import Firmware
 from .image import PROTOCOL_FLAT, PROTOCOL_LINUX, PROTOCOL_MULTIBOOT, PROTOCOL_PVH, KernelImage, LoadSegment

@@ -16,9 +16,9 @@ import os
 import sys
 import threading
 import time
-from ..record import record
 
 from .. import abi
+from ..record import record
 from . import messages as M
 from .channel import Channel
 from .gpadl import GpadlError, GpadlView

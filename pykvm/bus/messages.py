@@ -9,9 +9,9 @@ host's messages.
 from __future__ import annotations
 
 import struct
-from ..record import record
 
 from .. import abi
+from ..record import record
 
 _sizeof = abi.ffi.sizeof
 HDR = struct.Struct("<II")

@@ -15,8 +15,8 @@ import re
 import sys
 import threading
 import time
-from ..record import record, fields, replace
 
+from ..record import fields, record, replace
 from .host import Limits
 from .messages import version_text, versions_text
 

@@ -8,11 +8,10 @@ space comes first, then the other address spaces, then the identity view.
 
 from __future__ import annotations
 
-from ..record import record, field
-
 from ..memory import GuestMemory
 from ..memory.pagewalk import (CR0_PG, CR4_LA57, CR4_PAE, CR4_PSE, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_TABLES,
                                EFER_LMA, EFER_NXE, WalkStats, paging_mode, walk)
+from ..record import field, record
 from .notes import u64
 from .snapshot import CrashSnapshot
 

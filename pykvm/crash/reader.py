@@ -5,11 +5,11 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from ..record import record
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
+from ..record import record
 from . import notes as N
 from .x86 import cpu_mode, seg_attrs
 

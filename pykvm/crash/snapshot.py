@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..record import record, field
-
 from .. import __version__
 from ..memory import GuestMemory, GuestMemoryError
+from ..record import field, record
 
 # Every way a guest can die that the machine reports; core.py accepts any
 # string, these are the ones the tools know how to explain.

@@ -35,11 +35,11 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from ..record import record
 
 from .. import tomlcache
 from ..errors import DeviceConfigError
 from ..paths import clean
+from ..record import record
 
 TRUST_LEVELS = ("trusted", "untrusted")
 SPACES = ("port", "mmio")
@@ -316,14 +316,8 @@ def _display(path: str, resolved: bool = False) -> str:
 
 def _read(path: str) -> bytes:
     """A whole file's bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def load_dir(directory) -> dict[str, Description]:

@@ -20,9 +20,9 @@ in a zone the VMM registered, else the entry is dropped and counted.
 from __future__ import annotations
 
 import struct
-from ..record import record, field
 
 from ..memory.region import PAGE_SIZE, MemoryRegion
+from ..record import field, record
 from .device import Device, State, Window
 
 MODES = ("backed", "trapped")

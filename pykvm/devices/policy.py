@@ -39,9 +39,9 @@ import collections
 import sys
 import threading
 import time
-from ..record import record
 
 from ..errors import DeviceConfigError, UsageError
+from ..record import record
 from . import description as _desc
 from .description import TRUST_LEVELS, Description, Register
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..record import record, field
-
 from .. import abi
+from ..record import field, record
 
 MIN_MEMORY = 2 << 20
 

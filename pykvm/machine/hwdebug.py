@@ -10,11 +10,11 @@ falls back to hardware breakpoints and to watchpoints checked after single steps
 
 from __future__ import annotations
 
-from ..record import record
 from typing import NamedTuple
 
 from ..kvm import KvmError
 from ..kvm import constants as C
+from ..record import record
 
 SLOTS = 4
 RW_EXEC, RW_WRITE, RW_ACCESS = 0, 1, 3        # DR7 R/W field values (2 is I/O, unused)

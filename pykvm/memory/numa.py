@@ -9,9 +9,9 @@ and the parsers check every field and raise NumaSpecError with a one-line reason
 from __future__ import annotations
 
 import re
-from ..record import record
 
 from ..errors import NumaSpecError
+from ..record import record
 from .region import PAGE_SIZE
 
 MIB = 1 << 20

@@ -51,11 +51,11 @@ import subprocess
 import sys
 import time
 from collections import deque
-from ..record import asdict
 from pathlib import Path
 
 from .. import abi
 from ..bus import wire
+from ..record import asdict
 
 POLL = 0.2
 MAX_HELD = 4096           # requests held for a service that is down; more are answered E_IO

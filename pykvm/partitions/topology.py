@@ -31,10 +31,10 @@ import os
 import re
 import stat
 import tomllib
-from ..record import record, field
 
 from ..bus.policy import TRUSTED, UNTRUSTED, PolicyError, Rules, parse_rules
 from ..errors import MemorySizeError, TopologyError
+from ..record import field, record
 from ..units import parse_size
 
 NAME = re.compile(r"[a-z0-9_-]{1,32}")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ...record import record
-
 from ... import abi
 from ...errors import ImageDoesNotFitError
+from ...record import record
 from . import aml, fadt, madt, sdt, srat
 from .topology import Platform, Topology, validate
 

@@ -6,9 +6,8 @@ field and raises UsageError with a one-line reason before any table is built.
 
 from __future__ import annotations
 
-from ...record import record
-
 from ...errors import UsageError
+from ...record import record
 
 LOCAL_DISTANCE = 10          # SLIT: a node's distance to itself, by definition
 REMOTE_DISTANCE = 20         # the default between two different nodes (what Linux assumes without a SLIT)
