@@ -294,7 +294,7 @@ class VM:
                 serial_input="pipe", capture: bool = True, start: bool = True, sandbox: bool = False,
                 max_transcript: int = MAX_TRANSCRIPT) -> "VM":
         """Continue a VM saved with save() or `pykvm ctl SOCK save` (state: its path; BadStateError if unfit)."""
-        from .machine.state import SavedState, load_state
+        from .snapshot.state import SavedState, load_state
 
         saved = state if isinstance(state, SavedState) else load_state(state)
         vm = cls.__new__(cls)
@@ -705,7 +705,7 @@ class VM:
 
     def save(self, path, stop: bool = False) -> dict:
         """Save the running VM to path (VM.restore or `pykvm restore` continues it); stop=True ends this run."""
-        from .machine.state import SaveRefused, save_vm
+        from .snapshot.state import SaveRefused, save_vm
 
         m = self._live_machine()
         try:
@@ -715,7 +715,7 @@ class VM:
 
     def serve_control(self, path) -> None:
         """Serve `pykvm ctl` commands on a unix socket at path until the run ends."""
-        from .machine.control import ControlServer
+        from .control.server import ControlServer
 
         if self._control is not None:
             raise VMError("this VM already serves a control socket")

@@ -153,7 +153,7 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandb
 
     def go():
         from .api import VM
-        from .machine.state import load_state
+        from .snapshot.state import load_state
 
         saved = load_state(state_file)
         if not no_dump:
@@ -243,7 +243,7 @@ def ctl(socket_path, command, args):
     """Send COMMAND (dump, devices, stats, ...) with KEY=VALUE ARGS to a `pykvm run --control` socket."""
     import json
 
-    from .machine.control import request
+    from .control.client import request
 
     req = {"cmd": command}
     for a in args:

@@ -252,7 +252,7 @@ def run(p: dict, given: set, checked: tuple, fast_exit: bool) -> None:
                     start=False) as vm:
                 stub = None
                 if p["gdb_spec"]:
-                    from .machine import gdbstub
+                    from .gdb import stub as gdbstub
 
                     stub = gdbstub.start(vm.machine, p["gdb_spec"], p["gdb_wait"])
                 try:

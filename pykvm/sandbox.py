@@ -229,10 +229,10 @@ def late_modules(cores: bool) -> tuple:
     names = LATE + (LATE_CORES if cores else ())
     if any(name.startswith("pykvm.bus.") for name in sys.modules):
         names += LATE_BUS
-    if "pykvm.machine.control" in sys.modules:
+    if "pykvm.control.server" in sys.modules:
         # only `ctl save` writes a state file under the sandbox (it takes the file as a descriptor); its
         # digest needs hashlib, and so OpenSSL (~2 ms to load), which a run without --control never does
-        names += ("pykvm.machine.state", "pykvm.memory.sparse", "hashlib", "_hashlib")
+        names += ("pykvm.snapshot.state", "pykvm.memory.sparse", "hashlib", "_hashlib")
         from .devices import registry
 
         names += tuple(t.cls.partition(":")[0] for t in registry.TYPES.values() if t.hotplug)

@@ -56,14 +56,14 @@ remap_min_bytes = 512
 
 
 def _exits(sock: Path) -> int:
-    from pykvm.machine.control import request
+    from pykvm.control.client import request
 
     return sum(sum(v.values()) for v in request(str(sock), {"cmd": "stats"})["exits"])
 
 
 def _requests(sock: Path) -> tuple[int, int]:
     """(data requests, remapped) the client's block or proxy channel has seen."""
-    from pykvm.machine.control import request
+    from pykvm.control.client import request
 
     bus = request(str(sock), {"cmd": "stats"})["bus"] or {}
     for ch in bus.get("channels", []):

@@ -18,7 +18,7 @@ from pykvm import abi
 from pykvm.bus.ring import COMPLETION, GPA_DIRECT, INBAND, XFER_PAGES, Packet
 from pykvm.bus.services.base import ServiceError
 from pykvm.bus.services.block import BlockSession, Disk
-from pykvm.machine.control import request
+from pykvm.control.client import request
 from pykvm.memory import GuestMemoryError
 
 from .helpers import ROOT, pykvm

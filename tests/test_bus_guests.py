@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pykvm.machine.control import request
+from pykvm.control.client import request
 
 from .helpers import ROOT, pykvm
 

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.machine import control
-from pykvm.machine.control import ControlServer, request
+from pykvm.control.server import ControlServer
+from pykvm.control.client import request
 
 
 class FakeMachine:
@@ -37,7 +38,7 @@ def server(tmp_path):
 
 
 def roundtrip(path, raw: bytes, timeout=10) -> dict:
-    from pykvm.machine.control import exchange_raw
+    from pykvm.control.client import exchange_raw
 
     return exchange_raw(path, raw, timeout)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from pykvm.machine import rsp
+from pykvm.gdb import rsp
 
 from .helpers import ROOT, guest
 from .test_crash_support import gdb_or_skip

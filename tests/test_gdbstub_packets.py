@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykvm.machine import Machine, MachineConfig, gdbregs, rsp
-from pykvm.machine.gdbstub import GdbStub, Stop
+from pykvm.machine import Machine, MachineConfig
+from pykvm.gdb import registers as gdbregs, rsp
+from pykvm.gdb.stub import GdbStub, Stop
 
 from .helpers import guest
 

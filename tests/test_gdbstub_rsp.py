@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.kvm.abi import ffi
-from pykvm.machine import gdbregs, hwdebug, rsp
+from pykvm.gdb import hwdebug, registers as gdbregs, rsp
 
 # ---------------------------------------------------------------- framing
 

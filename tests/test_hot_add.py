@@ -12,7 +12,7 @@ from pykvm import abi
 from pykvm.devices import DeviceManager
 from pykvm.devices.device import Device
 from pykvm.errors import DeviceConfigError
-from pykvm.machine.control import request
+from pykvm.control.client import request
 
 from .helpers import MAILBOX_ARGS, ROOT, pykvm
 

@@ -37,7 +37,7 @@ def test_every_late_module_imports_from_memory_after_the_run_paths_imports(cores
         import pykvm.runcmd, pykvm.api, pykvm.machine, pykvm.sandbox as sb
         assert "cffi" not in sys.modules, "the cffi modules were generated in this process"
         if sys.argv[2] == "True":
-            import pykvm.machine.control
+            import pykvm.control.server
         from pykvm import lateimport
         names = sb.late_modules(cores=sys.argv[1] == "True")
         lateimport.hold(names)
@@ -53,7 +53,7 @@ def test_every_late_module_imports_from_memory_after_the_run_paths_imports(cores
     assert loaders["traceback"] == "_MemoryFinder"
     assert ("pykvm.devices.mailbox" in loaders) == control      # hot-pluggable: held when a control socket exists
     # only `ctl save` writes state under the sandbox: its writer (and OpenSSL, for the digest) only with control
-    assert loaders.get("pykvm.machine.state") == ("_MemoryFinder" if control else None)
+    assert loaders.get("pykvm.snapshot.state") == ("_MemoryFinder" if control else None)
     assert ("_hashlib" in loaders) == control
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from pykvm.machine.state import load_state
+from pykvm.snapshot.state import load_state
 
 from .helpers import ROOT, guest, pykvm
 from .test_crash_support import gdb_or_skip
@@ -68,7 +68,7 @@ def test_restored_guest_verifies_every_page(saved, tmp_path):
 
 def test_restore_refuses_tampered_balloon_state(saved, tmp_path):
     """A ballooned range outside its node in the state file: exit 26 with a reason, not a crash."""
-    from pykvm.machine import state as st
+    from pykvm.snapshot import state as st
 
     s = load_state(saved["state"])
     try:

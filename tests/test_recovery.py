@@ -183,7 +183,7 @@ def test_hot_add_through_the_control_channel(tmp_path):
     import subprocess
     import sys
 
-    from pykvm.machine.control import request
+    from pykvm.control.client import request
 
     sock = str(tmp_path / "ctl.sock")
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--cmdline", "work", "--control", sock,
@@ -221,7 +221,7 @@ def test_cli_restart_budget_and_escalation(tmp_path):
     import subprocess
     import sys
 
-    from pykvm.machine.control import request
+    from pykvm.control.client import request
 
     sock = str(tmp_path / "ctl.sock")
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", *MAILBOX_ARGS, "--cmdline", "work", "--control", sock, "--timeout", "30",

@@ -180,7 +180,7 @@ def test_sandbox_off_lets_the_same_model_through(tmp_path):
 
 @pytest.mark.kvm
 def test_a_sandboxed_vmm_refuses_a_save_path_it_would_have_to_open(tmp_path):
-    from pykvm.machine.control import _exchange
+    from pykvm.control.client import _exchange
 
     sock = str(tmp_path / "vm.sock")
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "mailbox", "--cmdline", "work", "--device", "mailbox",

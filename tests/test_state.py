@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykvm.machine import state as S
-from pykvm.machine.control import request
+from pykvm.snapshot import state as S
+from pykvm.control.client import request
 from pykvm.errors import EXIT_BAD_STATE, BadStateError
 
 from .helpers import ROOT, WINDOW_POLL_ARGS, WINDOW_POLL_DEVICES, pykvm

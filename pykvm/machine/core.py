@@ -177,9 +177,7 @@ class Machine:
         self.exit_counts = [dict() for _ in self.vcpus]
         self.hot_io_exits = [[0] for _ in self.vcpus]
         if restoring:
-            from .state import apply_state
-
-            apply_state(self, self._restore)
+            self._restore.apply(self)     # the saved state (pykvm.snapshot) puts itself in
         else:
             cpu_setup.apply_entry(self.vcpus[0], self.plan.entry, nx)
 

@@ -10,7 +10,6 @@ import time
 from .. import abi, errors
 from ..memory import GuestMemory, GuestMemoryError
 from ..memory.dynamic import DynamicMemory
-from .commands import command
 
 MAX_LOG_REASONS = 20          # refusal reasons printed to stderr per run (all go to the memory log)
 
@@ -113,15 +112,6 @@ class MachineNuma:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
-
-
-@command("numa")
-def _numa(machine, req) -> dict:
-    """`pykvm ctl SOCK numa`: the per-node table."""
-    numa = getattr(machine, "numa", None)
-    if numa is None:
-        raise ValueError("this VM has no vNUMA nodes (run it with --numa-node or --numa)")
-    return numa.snapshot()
 
 
 def render(snapshot: dict) -> str:

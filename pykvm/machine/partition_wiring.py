@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 
 from .. import errors
-from .commands import command
 
 ENV = "PYKVM_PARTITION"
 
@@ -56,11 +55,3 @@ def services(link):
     return out, ledger
 
 
-@command("policy")
-def _policy(machine, req) -> dict:
-    """The policy agent's decisions for this partition (counts, recent refusals) and its link to the broker."""
-    bus = machine.bus
-    ledger = getattr(bus, "policy", None)
-    if ledger is None:
-        raise ValueError("this VM is not a partition of a topology (start it with `pykvm up`)")
-    return {"policy": ledger.snapshot(), "link": bus.partition_link.snapshot()}

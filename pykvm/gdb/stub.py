@@ -27,8 +27,8 @@ from ..kvm import KvmError
 from ..kvm import constants as C
 from ..memory import GuestMemoryError
 from ..memory.pagewalk import translate
-from . import gdbregs, hwdebug, rsp
-from .config import Outcome
+from . import hwdebug, registers, rsp
+from ..machine.config import Outcome
 
 SIGINT, SIGTRAP, SIGKILL, SIGSEGV, SIGALRM = 2, 5, 9, 11, 14
 EINVAL, EFAULT, ENOSPC, EPERM = b"E16", b"E0e", b"E1c", b"E01"
@@ -477,8 +477,8 @@ class GdbStub:
             annex, off, length = a
             if annex != "target.xml":
                 return b"E00"
-            chunk = gdbregs.TARGET_XML[off:off + length]
-            return (b"m" if off + length < len(gdbregs.TARGET_XML) else b"l") + chunk
+            chunk = registers.TARGET_XML[off:off + length]
+            return (b"m" if off + length < len(registers.TARGET_XML) else b"l") + chunk
         if k == "threads_first":
             return b"m" + ",".join(f"{i + 1:x}" for i in range(n)).encode()
         if k == "threads_next":
@@ -506,7 +506,7 @@ class GdbStub:
         if k == "read_registers":
             return b"".join(self._registers(self._current())).hex().encode()
         if k == "read_register":
-            if a[0] >= len(gdbregs.REGS):
+            if a[0] >= len(registers.REGS):
                 return EFAULT
             return self._registers(self._current())[a[0]].hex().encode()
         if k == "write_registers":
@@ -536,32 +536,32 @@ class GdbStub:
 
     def _registers(self, index: int) -> list[bytes]:
         v = self.m.vcpus[index]
-        values = gdbregs.read_values(*self._state(v))
+        values = registers.read_values(*self._state(v))
         out = self._ended
         frame = out.details.get("frame") if out is not None and out.kind == "crash" else None
         if frame is not None and (out.vcpu or 0) == index:
             # a crash caught by the firmware stubs: show the faulting instruction, not the stub
-            for name in gdbregs.GPRS + ("rip",):
-                values[gdbregs.INDEX[name]] = (frame[name] & rsp.U64).to_bytes(8, "little")
-            values[gdbregs.INDEX["eflags"]] = (frame["rflags"] & 0xFFFFFFFF).to_bytes(4, "little")
+            for name in registers.GPRS + ("rip",):
+                values[registers.INDEX[name]] = (frame[name] & rsp.U64).to_bytes(8, "little")
+            values[registers.INDEX["eflags"]] = (frame["rflags"] & 0xFFFFFFFF).to_bytes(4, "little")
             for name in ("cs", "ss"):
-                values[gdbregs.INDEX[name]] = (frame[name] & 0xFFFF).to_bytes(4, "little")
+                values[registers.INDEX[name]] = (frame[name] & 0xFFFF).to_bytes(4, "little")
         return values
 
     def _write_registers(self, raw: bytes) -> bytes:
         if self._ended is not None:
             return EPERM
-        if len(raw) != gdbregs.G_SIZE:
+        if len(raw) != registers.G_SIZE:
             return EINVAL
         v = self.m.vcpus[self._current()]
         regs, sregs, fpu = self._state(v)
         changed = set()
         pos = 0
-        current = b"".join(gdbregs.read_values(regs, sregs, fpu))
-        for i, size in enumerate(gdbregs.REG_SIZES):
+        current = b"".join(registers.read_values(regs, sregs, fpu))
+        for i, size in enumerate(registers.REG_SIZES):
             part = raw[pos:pos + size]
             if part != current[pos:pos + size]:
-                changed.add(gdbregs.write_value(i, part, regs, sregs, fpu))
+                changed.add(registers.write_value(i, part, regs, sregs, fpu))
             pos += size
         self._store(v, changed, regs, sregs, fpu)
         return b"OK"
@@ -569,11 +569,11 @@ class GdbStub:
     def _write_register(self, index: int, raw: bytes) -> bytes:
         if self._ended is not None:
             return EPERM
-        if index >= len(gdbregs.REGS) or len(raw) != gdbregs.REG_SIZES[index]:
+        if index >= len(registers.REGS) or len(raw) != registers.REG_SIZES[index]:
             return EINVAL
         v = self.m.vcpus[self._current()]
         regs, sregs, fpu = self._state(v)
-        self._store(v, {gdbregs.write_value(index, raw, regs, sregs, fpu)}, regs, sregs, fpu)
+        self._store(v, {registers.write_value(index, raw, regs, sregs, fpu)}, regs, sregs, fpu)
         return b"OK"
 
     @staticmethod

@@ -331,7 +331,7 @@ def config_to_json(cfg) -> dict:
 
 def config_from_json(data: dict, **run):
     """A MachineConfig from saved fields plus the run-only ones (`run`); unknown saved fields are ignored."""
-    from .config import MachineConfig
+    from ..machine.config import MachineConfig
 
     names = {f.name for f in record.fields(MachineConfig)}
     kwargs = {k: v for k, v in data.items() if k in names and k not in RUN_ONLY}
@@ -572,6 +572,10 @@ class SavedState:
         self._f.seek(self.payload_at + offset)
         if self._f.readinto(view) != length:
             raise BadStateError("state file changed while being restored (short read)")
+
+    def apply(self, machine) -> None:
+        """Put this state into a Machine built from machine_config() (vCPUs created, not run)."""
+        apply_state(machine, self)
 
     def machine_config(self, **run):
         """The saved MachineConfig with this run's serial, timeout and crash directory."""

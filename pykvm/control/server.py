@@ -2,7 +2,7 @@
 
 A request is {"cmd": NAME, ...args}; the reply is {"ok": true, ...} or {"ok": false, "error": "..."}.
 Commands run on the machine's main thread (Machine.call), never concurrently with each other.
-Built-in commands: dump, devices, stats; other layers register more with `commands.command(name)`.
+The commands and their handlers are in commands.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import selectors
 import socket
 import threading
 import time
-from pathlib import Path
 
-from .commands import COMMANDS, command
+from .commands import COMMANDS
 
 MAX_REQUEST = 64 * 1024          # bytes in one request line
 MAX_DEPTH = 16                   # nesting of [ and { in one request (requests are flat objects)
@@ -317,166 +316,9 @@ class ControlServer:
             time.sleep(0.01)
 
 
-def request(path: str, req: dict, timeout: float = 60) -> dict:
-    """Client side: send one request to a running pykvm and return its reply.
-
-    `save` with a path: this client creates the file and passes its descriptor (SCM_RIGHTS), so
-    the VMM, sandboxed or not, opens no path; the file gets its final name once the VMM wrote it.
-    """
-    if req.get("cmd") == "save" and isinstance(req.get("path"), str) and req["path"]:
-        return _save_through_descriptor(path, req, timeout)
-    return _exchange(path, req, timeout)
-
-
-def _exchange(path: str, req: dict, timeout: float, fds: list[int] = ()) -> dict:
-    return exchange_raw(path, json.dumps(req).encode() + b"\n", timeout, fds)
-
-
-def exchange_raw(path: str, data: bytes, timeout: float, fds: list[int] = ()) -> dict:
-    """Send bytes as they are (descriptors attached to the first) and parse the one reply line."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        sent = socket.send_fds(s, [data], list(fds)) if fds else 0
-        s.sendall(data[sent:])
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return json.loads(buf)
-
-
-def _save_through_descriptor(path: str, req: dict, timeout: float) -> dict:
-    """Create a temporary file beside the target, let the VMM write the state into it, then rename it."""
-    target = Path(req["path"]).absolute()
-    if not target.parent.is_dir():
-        return {"ok": False, "error": f"cannot save to {target}: directory {target.parent} does not exist"}
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # guest RAM inside
-    except OSError as e:
-        return {"ok": False, "error": f"cannot save to {target}: {e.strerror}"}
-    try:
-        reply = _exchange(path, {**req, "path": str(target)}, timeout, [fd])
-        if reply.get("ok") and reply.get("fd"):  # written through the descriptor (else: by path, or not at all)
-            os.replace(tmp, target)
-        return reply
-    finally:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-
-
 def _close_all(fds) -> None:
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
-
-
-@command("dump")
-def _dump(machine, req) -> dict:
-    path, err = machine.host_dump()
-    if path is None:
-        raise RuntimeError(err or "no core written (dumping disabled with --no-dump?)")
-    return {"core": str(path)}
-
-
-@command("devices")
-def _devices(machine, req) -> dict:
-    return {"devices": [{"name": d.name, "state": d.state.value, "generation": d.generation,
-                         "describe": d.describe()} for d in machine.devices.devices]}
-
-
-@command("stats")
-def _stats(machine, req) -> dict:
-    return machine.stats()
-
-
-@command("hot-add")
-def _hot_add(machine, req) -> dict:
-    """Add a device of a hot-pluggable registry type: type=NAME plus its options."""
-    from ..devices import registry
-
-    kind = registry.lookup(str(req.get("type", "")))
-    if not kind.hotplug:
-        pluggable = ", ".join(sorted(t.name for t in registry.TYPES.values() if t.hotplug))
-        raise ValueError(f"device type {kind.name} cannot be hot-added (hot-pluggable: {pluggable})")
-    options = {k: v for k, v in req.items() if k not in ("cmd", "type")}
-    dev = machine.devices.hot_add(kind.make(machine.device_context, options))
-    machine.supervisor.ensure_running()
-    return {"device": dev.describe()}
-
-
-@command("hot-remove")
-def _hot_remove(machine, req) -> dict:
-    dev = machine.devices.hot_remove(str(req.get("name", "")), surprise=bool(req.get("surprise", False)))
-    return {"device": dev.name, "state": dev.state.value}
-
-
-@command("power")
-def _power(machine, req) -> dict:
-    dev = machine.devices.find(str(req.get("name", "")))
-    state = str(req.get("state", "")).lower()
-    if state not in ("d0", "d3"):
-        raise ValueError("state must be d0 or d3")
-    machine.devices.set_power(dev, state == "d0")
-    return {"device": dev.name, "state": dev.state.value}
-
-
-@command("inject")
-def _inject(machine, req) -> dict:
-    dev = machine.devices.find(str(req.get("name", "")))
-    if not hasattr(dev, "inject"):
-        raise ValueError(f"device {dev.name} takes no injected faults")
-    dev.inject(str(req.get("kind", "raise")))
-    return {"device": dev.name, "generation": dev.generation}
-
-
-@command("save")
-def _save(machine, req) -> dict:
-    """Save the VM (pykvm restore FILE continues it) into the file whose descriptor came with the
-    request (what `request` sends), or, unsandboxed, to path=FILE; stop=true ends this VM afterwards (a move)."""
-    from .. import sandbox
-    from .state import save_vm
-
-    stop = req.get("stop", False)
-    if stop in ("true", "false"):
-        stop = stop == "true"
-    if not isinstance(stop, bool):
-        raise ValueError("stop must be true or false")
-    fds = req.get("_fds") or []
-    if len(fds) > 1:
-        raise ValueError("save takes at most one file descriptor")
-    if not fds and sandbox.active():
-        raise ValueError("this VMM is sandboxed and opens no paths: send the file's descriptor with the "
-                         "request (pykvm ctl and control.request do)")
-    return save_vm(machine, str(req.get("path", "")), stop=stop, fd=fds[0] if fds else None)
-
-
-@command("shutdown")
-def _shutdown(machine, req) -> dict:
-    """Ask the guest to power off cleanly over the partition bus's shutdown service."""
-    if machine.bus is None:
-        raise ValueError("this VM has no partition bus (run it with --bus)")
-    machine.bus.with_session("shutdown", lambda s: s.request())
-    return {"requested": True}
-
-
-@command("rescind")
-def _rescind(machine, req) -> dict:
-    """Withdraw a bus channel from the guest: relid=N."""
-    if machine.bus is None:
-        raise ValueError("this VM has no partition bus (run it with --bus)")
-    relid = req.get("relid")
-    if isinstance(relid, str) and relid.isdigit():
-        relid = int(relid)
-    if not isinstance(relid, int) or isinstance(relid, bool):
-        raise ValueError("rescind needs relid=N")
-    machine.bus.rescind(relid)
-    return {"rescinded": relid}
