@@ -7,7 +7,7 @@ The header is parsed once per content (ffigen caches the parsed types), not per 
 
 from __future__ import annotations
 
-from . import ffigen
+from .startup import ffigen
 from .paths import ABI_HEADER
 
 

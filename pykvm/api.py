@@ -263,7 +263,7 @@ class VM:
                  restart_intensity: int = 5, restart_period: float = 60.0, on_device_failure: str = "remove",
                  sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT, numa: dict | None = None,
                  memory_log=None, cpu: str = "host", display: str = "none"):
-        from .artifacts import resolve_kernel
+        from .startup.artifacts import resolve_kernel
         from .machine import MachineConfig
 
         size = parse_size(mem) if isinstance(mem, str) else mem

@@ -313,7 +313,7 @@ def guests(build_only, debug):
     """List the bundled guests (built from source on first use)."""
 
     def go():
-        from .artifacts import bundled_guests, firmware_path, guests_dir
+        from .startup.artifacts import bundled_guests, firmware_path, guests_dir
 
         if build_only:
             click.echo(f"firmware         {firmware_path()}")

@@ -147,7 +147,7 @@ def install(crash_dir=None) -> None:
     """Filter every thread of this process from now on; SandboxError when that cannot be done."""
     if _state["active"]:
         return
-    from . import seccomp_program
+    from .startup import seccomp_program
 
     _hold_late_modules(crash_dir is not None)
     crash_fd = None
@@ -173,7 +173,7 @@ def install(crash_dir=None) -> None:
     except OSError as e:
         raise errors.SandboxError(f"cannot install the seccomp filter: {e.strerror or e}; "
                                   "run with --sandbox off") from None
-    from . import lateimport
+    from .startup import lateimport
 
     lateimport.serve()    # from now on a module not loaded or held is refused by name, not looked for on disk
     _state["active"] = True
@@ -240,7 +240,7 @@ def late_modules(cores: bool) -> tuple:
 
 
 def _hold_late_modules(cores: bool) -> None:
-    from . import lateimport
+    from .startup import lateimport
 
     lateimport.hold(late_modules(cores))
     if "_hashlib" in sys.modules:
@@ -260,7 +260,7 @@ SIGSYS_CDEF = """
 
 def bindings() -> None:
     """Load (so generate, on a cold cache) the cffi types install() uses; a wheel build ships them prebuilt."""
-    from . import ffigen, seccomp_program
+    from .startup import ffigen, seccomp_program
 
     ffigen.load("sigsys", SIGSYS_CDEF)
     seccomp_program.ffi()
@@ -268,7 +268,7 @@ def bindings() -> None:
 
 def _install_sigsys_handler() -> None:
     """A SA_SIGINFO handler for SIGSYS: Python's own handlers do not see which call was trapped."""
-    from . import ffigen
+    from .startup import ffigen
 
     ffi = ffigen.load("sigsys", SIGSYS_CDEF)
     libc = ffi.dlopen(None)

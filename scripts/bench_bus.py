@@ -32,7 +32,7 @@ def _cpu_ticks() -> tuple[int, int]:
 
 def run_guest(cmdline: str, devices=(), disks=(), bus=True):
     """(seconds from run() to the end, total exits, serial text, VMM CPU seconds) of one bus-bench run."""
-    from pykvm.artifacts import bundled_guests
+    from pykvm.startup.artifacts import bundled_guests
     from pykvm.machine import Machine, MachineConfig
 
     with tempfile.TemporaryFile() as out:

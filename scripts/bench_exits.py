@@ -81,7 +81,7 @@ def exit_bench(rounds: int, tmp: Path) -> None:
 
 def boot_bench(rounds: int) -> None:
     qemu = shutil.which("qemu-system-x86_64")
-    from pykvm.artifacts import bundled_guests
+    from pykvm.startup.artifacts import bundled_guests
 
     guest = bundled_guests().get("multiboot")
     if guest is None:

@@ -153,7 +153,7 @@ def main() -> None:
     if any(s % 512 or not 512 <= s <= 128 << 10 for s in sizes):
         raise SystemExit("--sizes: multiples of 512 from 512 to 131072")
     ways = a.ways.split(",")
-    from pykvm.artifacts import bundled_guests
+    from pykvm.startup.artifacts import bundled_guests
 
     bundled_guests()                       # build once, before anything is timed
     op = "writes" if a.write else "reads"

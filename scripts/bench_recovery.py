@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--hangs", type=int, default=5)
     args = ap.parse_args()
 
-    from pykvm.artifacts import bundled_guests
+    from pykvm.startup.artifacts import bundled_guests
     from pykvm.machine import Machine, MachineConfig
 
     tmp = tempfile.mkdtemp(prefix="pykvm-bench-recovery-")

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs; the best of each phase is reported")
     args = ap.parse_args()
 
-    from pykvm.artifacts import bundled_guests
+    from pykvm.startup.artifacts import bundled_guests
     from pykvm.kvm import constants as C
     from pykvm.machine import Machine, MachineConfig
 

@@ -48,7 +48,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session", autouse=True)
 def _built_once():
     """Build firmware and guests before any test, so no test's stderr carries the one-time build notice."""
-    from pykvm import artifacts
+    from pykvm.startup import artifacts
     from pykvm.errors import ToolchainError
 
     try:

@@ -41,6 +41,6 @@ WINDOW_POLL_ARGS = ("--device", "identity", "--device", "post-code")
 
 def guest(name: str) -> Path:
     """Path of a built bundled guest (builds them on first use)."""
-    from pykvm.artifacts import bundled_guests
+    from pykvm.startup.artifacts import bundled_guests
 
     return Path(bundled_guests()[name])

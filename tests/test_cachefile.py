@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import cachefile, digest
+from pykvm.startup import cachefile, digest
 
 scalars = st.one_of(st.booleans(), st.integers(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                     st.text(max_size=20), st.binary(max_size=20))

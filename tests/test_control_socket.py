@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm.machine import control
+from pykvm.control import server as control
 from pykvm.control.server import ControlServer
 from pykvm.control.client import request
 

@@ -7,7 +7,8 @@ import re
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pykvm import abi, ffigen
+from pykvm import abi
+from pykvm.startup import ffigen
 from pykvm.paths import ABI_HEADER
 
 

@@ -38,7 +38,7 @@ def test_every_late_module_imports_from_memory_after_the_run_paths_imports(cores
         assert "cffi" not in sys.modules, "the cffi modules were generated in this process"
         if sys.argv[2] == "True":
             import pykvm.control.server
-        from pykvm import lateimport
+        from pykvm.startup import lateimport
         names = sb.late_modules(cores=sys.argv[1] == "True")
         lateimport.hold(names)
         lateimport.serve()
@@ -60,7 +60,7 @@ def test_every_late_module_imports_from_memory_after_the_run_paths_imports(cores
 def test_a_module_not_held_is_refused_by_name_and_a_held_one_runs_only_when_imported():
     r = python("""
         import sys
-        from pykvm import lateimport
+        from pykvm.startup import lateimport
         lateimport.hold(["colorsys"])
         lateimport.serve()
         print("colorsys" in sys.modules)
@@ -89,7 +89,7 @@ def package(tmp_path):
 HOLD_M = """
     import sys
     sys.path.insert(0, sys.argv[1])
-    from pykvm import lateimport
+    from pykvm.startup import lateimport
     lateimport.hold(["m"])
     lateimport.serve()
     try:

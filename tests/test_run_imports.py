@@ -42,7 +42,7 @@ def test_a_plain_run_imports_neither_json_nor_re(tmp_path):
     assert last.startswith("loaded:"), r.stderr
     loaded, importers = last[len("loaded:"):].split("|")
     # the sandbox's lateimport looks the modules up to hold them in memory (it does not run them)
-    assert loaded.split() == [] and all(i.endswith("<-pykvm.lateimport") for i in importers.split()), last
+    assert loaded.split() == [] and all(i.endswith("<-pykvm.startup.lateimport") for i in importers.split()), last
 
 
 def test_the_installed_command_is_our_script_not_a_generated_wrapper():

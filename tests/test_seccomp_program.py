@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import cachefile, errors, sandbox, seccomp_program as sp
+from pykvm import errors, sandbox
+from pykvm.startup import cachefile, seccomp_program as sp
 
 from .helpers import ROOT
 

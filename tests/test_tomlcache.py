@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import cachefile, digest, tomlcache
+from pykvm.startup import cachefile, digest, tomlcache
 from pykvm.devices import description
 
 TEXT = 'name = "serial"\nsummary = "x"\n[[registers]]\nname = "a"\noffset = 0x10\nratio = 1.5\nflag = true\n'

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import ffigen
+from ..startup import ffigen
 
 ffi = ffigen.load("buslibc", """
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);

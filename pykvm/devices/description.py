@@ -36,7 +36,7 @@ import functools
 import os
 from collections.abc import Mapping
 
-from .. import tomlcache
+from ..startup import tomlcache
 from ..errors import DeviceConfigError
 from ..paths import clean
 from ..record import record

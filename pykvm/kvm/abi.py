@@ -3,10 +3,10 @@
 Field names match the kernel headers exactly: tests/test_kvm_abi_crosscheck.py compiles
 a C program against <linux/kvm.h> and checks every size and offset declared here.
 Anonymous unions are kept anonymous so ``run.io.port`` and ``level.irq`` read as in C.
-The declarations are parsed once and cached (pykvm/ffigen.py), not on every run.
+The declarations are parsed once and cached (pykvm/startup/ffigen.py), not on every run.
 """
 
-from .. import ffigen
+from ..startup import ffigen
 
 CDEF = """
 /* ---- asm/kvm.h (x86) ---- */

@@ -4,7 +4,7 @@ import errno
 import mmap
 import os
 
-from .. import ffigen
+from ..startup import ffigen
 from . import ioctls
 from ._sys import FdOwner, ioctl
 from .abi import cdata_to_python, ffi, field_offsets

@@ -118,7 +118,7 @@ class Machine:
 
         cpu_model = parse_cpu(cfg.cpu)
         if not restoring:
-            from ..artifacts import firmware_path
+            from ..startup.artifacts import firmware_path
 
             image = load_image(cfg.kernel, flat_addr=cfg.flat_addr, flat_bits=cfg.flat_bits)
             firmware = load_firmware(firmware_path())

@@ -11,7 +11,7 @@ seccomp(SET_MODE_FILTER, TSYNC)).
 A cache entry is named by a hash of everything the program depends on: the rules, the
 libseccomp version and the architecture. It is checked before use (its own digest, its key,
 the program's size and the stand-in pid at every recorded position); anything wrong and it
-is compiled again and rewritten, never loaded. Entries are pykvm/cachefile.py's format, which
+is compiled again and rewritten, never loaded. Entries are pykvm/startup/cachefile.py's format, which
 loads without json or re.
 """
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 
-from . import cachefile, digest, ffigen, paths
+from .. import paths
+from . import cachefile, digest, ffigen
 
 FORMAT = 2                   # 2: cachefile entries, keyed by the policy's repr (1: JSON)
 # Two stand-in pids (inside the kernel's pid range, so the compiled program has the same shape

@@ -12,8 +12,9 @@ import fcntl
 import os
 import sys
 
-from . import digest, paths
-from .errors import ToolchainError, UnknownGuestError
+from .. import paths
+from . import digest
+from ..errors import ToolchainError, UnknownGuestError
 
 REQUIRED_TOOLS = ("make", "gcc", "ld", "as", "objcopy", "nm", "ar")
 _NOT_GUESTS = {"include", "ld", "runtime", "tools"}  # guests/ subdirectories shared by all guests

@@ -2,7 +2,7 @@
 
 Every `pykvm run` checks the device descriptions of the devices it builds (TOML files that
 change only with pykvm itself); importing tomllib and parsing them cost ~4 ms a run. An entry
-(pykvm/cachefile.py's format, which loads without json or re) holds the text's hash and the
+(pykvm/startup/cachefile.py's format, which loads without json or re) holds the text's hash and the
 data, under a digest of both; it is used only when it is intact and names this text. Anything
 else is parsed again and the entry rewritten. Callers validate the data exactly as they would
 tomllib's (the cache saves the parsing, never the checking).
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 
-from . import cachefile, digest, paths
+from .. import paths
+from . import cachefile, digest
 
 
 class TomlError(ValueError):

@@ -14,7 +14,8 @@ import sys
 
 import _cffi_backend
 
-from . import digest, paths
+from .. import paths
+from . import digest
 
 _DIRECTIVES = ("if", "ifdef", "ifndef", "else", "elif", "endif", "include", "error", "pragma")
 
