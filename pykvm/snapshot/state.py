@@ -49,7 +49,6 @@ import json
 import os
 import stat
 import struct
-from pathlib import Path
 
 from .. import __version__
 from ..devices import State, memwindow
@@ -319,8 +318,8 @@ def config_to_json(cfg) -> dict:
         if f.name in RUN_ONLY:
             continue
         value = getattr(cfg, f.name)
-        if isinstance(value, Path):
-            value = str(value)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
         try:
             json.dumps(value)
         except (TypeError, ValueError):
@@ -336,8 +335,8 @@ def config_from_json(data: dict, **run):
     names = {f.name for f in record.fields(MachineConfig)}
     kwargs = {k: v for k, v in data.items() if k in names and k not in RUN_ONLY}
     for k in PATH_FIELDS:
-        if kwargs.get(k) is not None:
-            kwargs[k] = Path(kwargs[k])
+        if kwargs.get(k) is not None and not isinstance(kwargs[k], str):
+            raise BadStateError(f"malformed state file: config.{k} is not a path")
     if "kernel" not in kwargs:
         raise BadStateError("malformed state file: the machine configuration names no kernel")
     kwargs.update(run)
@@ -448,8 +447,8 @@ def write_file(path, header: dict, pieces) -> int:
     memoryview pieces (views of guest RAM) are released as soon as they are written, so no stray
     reference (a traceback, a sampled frame) can keep guest memory exported afterwards.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             size = _write_to(f, header, pieces)
@@ -511,9 +510,9 @@ def save_vm(machine, path: str, stop: bool = False, fd: int | None = None) -> di
     """
     if not path and fd is None:
         raise SaveRefused("save needs path=FILE")
-    target = Path(path)
-    if fd is None and not target.parent.is_dir():
-        raise SaveRefused(f"cannot save to {path}: directory {target.parent} does not exist")
+    parent = os.path.dirname(os.path.abspath(path))
+    if fd is None and not os.path.isdir(parent):
+        raise SaveRefused(f"cannot save to {path}: directory {parent} does not exist")
     _check_saveable(machine)
     if not machine.pause():
         machine.resume()
@@ -525,19 +524,19 @@ def save_vm(machine, path: str, stop: bool = False, fd: int | None = None) -> di
             machine.serial.flush()
             header, pieces = capture(machine)
             try:
-                size = write_file(target, header, pieces) if fd is None else write_fd(fd, header, pieces)
+                size = write_file(path, header, pieces) if fd is None else write_fd(fd, header, pieces)
             finally:
                 _release(pieces)
                 del pieces
         if stop:
-            from .config import Outcome
+            from ..machine.config import Outcome
 
             stopped = machine.finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
                                               f"(continue it with: pykvm restore {path})"))
     finally:
         if not stopped:
             machine.resume()
-    return {"path": str(target), "fd": fd is not None, "bytes": size, "vcpus": len(header["vcpus"]),
+    return {"path": str(path), "fd": fd is not None, "bytes": size, "vcpus": len(header["vcpus"]),
             "ram_bytes": sum(r[1] for reg in header["memory"]["regions"] for r in reg["runs"]),
             "stopped": stopped}
 
@@ -547,7 +546,7 @@ class SavedState:
     """A verified state file: the parsed header, and payload sections read on demand."""
 
     def __init__(self, path, header: dict, payload_at: int, payload_len: int):
-        self.path = Path(path)
+        self.path = os.fspath(path)
         self.header = header
         self.payload_at = payload_at
         self.payload_len = payload_len
@@ -587,9 +586,9 @@ class SavedState:
 
 def load_state(path) -> SavedState:
     """Open and verify a state file: magic, format version, length, SHA-256, header; else BadStateError."""
-    path = Path(path)
+    path = os.fspath(path)
     try:
-        size = path.stat().st_size
+        size = os.stat(path).st_size
         f = open(path, "rb")
     except OSError as e:
         raise BadStateError(f"cannot read state file {path}: {e.strerror}") from None
