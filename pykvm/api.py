@@ -240,6 +240,8 @@ class VM:
       cmdline     the kernel command line; initrd: a file passed as initrd / multiboot module 0
       disks       raw images for the bus block service: "FILE[,ro]" or (path, read_only); implies bus
       devices     extra devices: "NAME[,key=value...]" (as `--device`) or (name, {key: value})
+      machine     the machine preset the devices are added to: "minimal" (the default set) or "pc"
+                  (PIC, PIT, IOAPIC, RTC, ACPI PM, i8042; `pykvm devices` lists the presets)
       trust       device access policy: "trusted" or "untrusted"
       timeout     seconds before the VM is stopped with a "timeout" outcome (and a core)
       crash_dir   where cores go (None: no cores); bus: give the guest a partition bus
@@ -262,7 +264,7 @@ class VM:
                  strict_io: bool = False, load_addr: int | None = None, entry_mode: int = 64,
                  restart_intensity: int = 5, restart_period: float = 60.0, on_device_failure: str = "remove",
                  sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT, numa: dict | None = None,
-                 memory_log=None, cpu: str = "host", display: str = "none"):
+                 memory_log=None, cpu: str = "host", display: str = "none", machine: str = "minimal"):
         from .startup.artifacts import resolve_kernel
         from .machine import MachineConfig
 
@@ -285,7 +287,7 @@ class VM:
             crash_dir=clean(crash_dir) if crash_dir is not None else None, trust=trust,
             restart_intensity=restart_intensity, restart_period=restart_period,
             on_device_failure=on_device_failure, bus=bus, disks=[disk_spec(d) for d in disks],
-            devices=[device_spec(d) for d in devices], sandbox=sandbox, numa=numa,
+            devices=_machine_devices(machine, irqchip, devices), sandbox=sandbox, numa=numa,
             memory_log=clean(memory_log) if memory_log is not None else None, cpu=cpu, display=display, **options)
         self._launch(cfg, None, console, serial_input, capture, start, max_transcript)
 
@@ -748,6 +750,18 @@ class VM:
 def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise UsageError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _machine_devices(machine, irqchip: str, devices) -> list[tuple[str, dict]]:
+    """The preset's devices plus the extra ones (which win where both name a type)."""
+    from .devices import registry
+
+    extra = [device_spec(d) for d in devices]
+    try:
+        return registry.with_preset(machine, irqchip, extra)
+    except registry.DeviceSpecError:
+        raise UsageError(f"--machine {machine!r}: not a machine preset (known: {', '.join(registry.PRESETS)}; "
+                         "`pykvm devices` lists what each adds)") from None
 
 
 def device_spec(spec) -> tuple[str, dict]:

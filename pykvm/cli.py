@@ -288,7 +288,8 @@ def dump(pid):
 @click.option("--describe", "name", metavar="NAME", help="Print one device's registers and what each trust level gets.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def devices(name, debug):
-    """List the device types (the default set, and those `run --device NAME` adds); --describe shows one's registers."""
+    """List the device types (the default set, and those `run --device NAME` adds) and the machine presets
+    (`run --machine NAME`); --describe shows one device's registers."""
 
     def go():
         from .devices import description, registry
@@ -296,6 +297,9 @@ def devices(name, debug):
         table = description.shipped()
         if name is None:
             for line in registry.describe_types():
+                click.echo(line.rstrip())
+            click.echo("\nmachine presets (run --machine NAME; --device adds to them):")
+            for line in registry.describe_presets():
                 click.echo(line.rstrip())
             return
         if name not in table:

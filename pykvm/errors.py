@@ -1,6 +1,6 @@
 """Errors meant for people, each with its own process exit status.
 
-Exit statuses of `pykvm run` (also in README.md):
+Exit statuses of `pykvm run` (also in docs/cli.md):
   0        the guest powered off cleanly
   odd      the guest's own exit code through the debug-exit port: (value << 1) | 1
   even     pykvm's verdicts below

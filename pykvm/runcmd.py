@@ -87,6 +87,9 @@ RUN_OPTIONS = (
     Opt(("--memory-log",), "memory_log",
         "vNUMA: write the dynamic memory timeline here as JSON lines (chart: scripts/memory_chart.py).",
         kind="path", path=(False, True, False)),
+    Opt(("--machine",), "machine", "Machine preset: minimal (the default set) or pc (adds the PIC, PIT, IOAPIC, RTC, "
+        "ACPI PM and i8042); --device adds to it; `pykvm devices` lists the presets.", default="minimal",
+        show_default=True, metavar="minimal|pc"),
     Opt(("--device",), "device_specs", "Add a device beyond the default set (repeatable; `pykvm devices` lists "
         "them).", metavar="NAME[,key=value...]", multiple=True),
     Opt(("--cpu",), "cpu_model", "CPU model: the host's, with CPUID features added or hidden (QEMU/Linux names: "
@@ -248,8 +251,8 @@ def run(p: dict, given: set, checked: tuple, fast_exit: bool) -> None:
                     restart_intensity=intensity, restart_period=period,
                     on_device_failure=p["on_device_failure"], bus=p["bus"], disks=p["disks"],
                     sandbox=p["sandbox"] == "on", numa=nodes.as_json() if nodes is not None else None,
-                    memory_log=p["memory_log"], devices=extra_devices, cpu=p["cpu_model"], display=p["display"],
-                    start=False) as vm:
+                    memory_log=p["memory_log"], devices=extra_devices, machine=p["machine"], cpu=p["cpu_model"],
+                    display=p["display"], start=False) as vm:
                 stub = None
                 if p["gdb_spec"]:
                     from .gdb import stub as gdbstub

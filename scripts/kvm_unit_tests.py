@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Run x86 kvm-unit-tests under pykvm and under QEMU on this host and print a pass/fail table.
 
-    python3 scripts/kvm_unit_tests.py /tmp/kvm-unit-tests [TEST ...] [--timeout S] [--no-qemu]
+    python3 scripts/kvm_unit_tests.py /tmp/kvm-unit-tests [TEST ...] [--all] [--timeout S] [--no-qemu]
 
 The suite must already be built (./configure && make) in that directory; nothing is fetched.
-A test passes when the guest exits through isa-debug-exit with status 1 (kvm-unit-tests' exit(0));
-77 << 1 | 1 means it skipped itself. QEMU runs `-M pc` with pc-testdev and isa-debug-exit, as
-kvm-unit-tests' own runner does; pykvm gets the same vCPU count, command line and test arguments,
-with the devices that stand in for the PC platform.
+Statuses are read as the suite's runner reads them: the guest's exit(0) through isa-debug-exit
+is status 1 (PASS); a test that skipped itself returns 77 >> 1 from report_summary(), which
+debug-exit makes (38 << 1) | 1 = 77 (SKIP, autotools' number); anything else fails. Entries are
+chosen as the suite's runner chooses them: a `check = PATH=VALUE ...` line whose files do not
+hold those values skips the entry, and an entry in the `nodefault` group runs only when named
+(or with --all). QEMU runs `-M pc` with pc-testdev and isa-debug-exit, as kvm-unit-tests' own
+runner does; pykvm gets the same vCPU count, command line and test arguments on `--machine pc`
+with the same test devices added.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))    # this tree's pykvm (its CPU feature names), as the runs below use
 
-PYKVM_DEVICES = ["pc-testdev", "pc-testdev-irq", "acpi-pm", "rtc", "pic", "pit"]
-STATUS = {1: "PASS", 155: "SKIP", 3: "FAIL"}
+# kvm-unit-tests adds pc-testdev to QEMU's -M pc; pykvm's pc preset leaves its test devices out too
+PYKVM_MACHINE = ["--machine", "pc", "--device", "pc-testdev", "--device", "pc-testdev-irq"]
+STATUS = {1: "PASS", 77: "SKIP"}
 
 
 def entries(cfg_path: Path, wanted: list[str]):
@@ -64,10 +69,40 @@ def test_args(raw: str) -> str:
 
 
 def verdict(rc: int | None) -> str:
-    """PASS / FAIL / SKIP / TIMEOUT / rc N."""
+    """PASS / SKIP / TIMEOUT / FAIL (rc N), as the suite's runner reads a debug-exit status."""
     if rc is None:
         return "TIMEOUT"
-    return STATUS.get(rc, f"rc {rc}")
+    return STATUS.get(rc, f"FAIL (rc {rc})")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def unmet_check(check: str | None, read=_read) -> str | None:
+    """Why an entry's `check = PATH=VALUE ...` rules it out here ("PATH not equal to VALUE"), or None.
+
+    As the suite's runner does: each word is PATH=VALUE (split at the first '='), and the file's
+    text with its trailing newlines removed (what `$(cat PATH)` gives) must equal VALUE; a file
+    that cannot be read holds nothing.
+    """
+    for word in (check or "").split():
+        path, _eq, value = word.partition("=")
+        if not path:
+            continue
+        text = read(path)
+        if (text or "").rstrip("\n") != value:
+            return f"{path} not equal to {value}"
+    return None
+
+
+def nodefault(sec) -> bool:
+    """Whether the entry is in the `nodefault` group (run only when asked for by name)."""
+    return "nodefault" in (sec.get("groups") or "").split()
 
 
 def cpu_option(qemu_params: str) -> list[str]:
@@ -115,11 +150,18 @@ def main() -> int:
     ap.add_argument("tests", nargs="*")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds for entries without their own timeout")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--all", action="store_true", help="also run the entries in the nodefault group")
     a = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rows = []
     for name, sec in entries(a.suite / "x86" / "unittests.cfg", a.tests):
         flat = a.suite / "x86" / sec["file"]
+        why = "manual run only (nodefault)" if nodefault(sec) and not a.all and name not in a.tests else \
+            unmet_check(sec.get("check"))
+        if why:
+            rows.append((name, f"SKIP ({why})", "-" if a.no_qemu else f"SKIP ({why})"))
+            print(f"{name:32} SKIP ({why})", flush=True)
+            continue
         smp = sec.get("smp", "1").split()[0]
         if not smp.isdigit():
             rows.append((name, "n/a", "n/a"))
@@ -129,9 +171,7 @@ def main() -> int:
         pk = [sys.executable, "-m", "pykvm", "run", str(flat), "--cpus", smp, "--mem", "256M",
               "--timeout", str(timeout), "--no-dump", "--serial", "none", "--cmdline", args]
         pk += cpu_option(sec.get("qemu_params", ""))
-        pk += device_options(sec.get("qemu_params", ""))
-        for d in PYKVM_DEVICES:
-            pk += ["--device", d]
+        pk += PYKVM_MACHINE + device_options(sec.get("qemu_params", ""))
         rc, secs, _err = run(pk, timeout + 30, env)
         pk_v = f"{verdict(rc)} ({secs:.1f}s)"
         q_v = "-"

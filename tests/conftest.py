@@ -72,5 +72,5 @@ def pytest_runtest_setup(item):
     if problem is None:
         return
     if IN_CI:
-        pytest.fail(f"{problem}: CI runs must have KVM (see README: enabling /dev/kvm on CI runners)")
+        pytest.fail(f"{problem}: CI runs must have KVM (see docs/cli.md, Prerequisites: enabling /dev/kvm on CI runners)")
     pytest.skip(f"needs KVM: {problem}")

@@ -1,5 +1,5 @@
-"""README's "What boots" table stays true: every row's command runs with the status it states,
-and the tables name every boot format and every device pykvm has."""
+"""docs/guests.md's "What boots" table stays true: every row's command runs with the status it states,
+and the tables (with docs/devices.md's) name every boot format and every device pykvm has."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from .helpers import ROOT, guest, pykvm
 FORMATS = ("ELF64", "multiboot v1, ELF32", "a.out kludge", "bzImage", "PHYS32_ENTRY", "gzip")
 
 
-def _section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def _section(title: str, page: str) -> str:
+    text = (ROOT / "docs" / page).read_text()
     start = text.index(f"## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end >= 0 else len(text)]
@@ -36,16 +36,16 @@ def _rows(section: str, first_col: str) -> list[list[str]]:
     return rows
 
 
-BOOTS = _rows(_section("What boots"), "kernel")
-DEVICES = _rows(_section("What boots"), "device")
+BOOTS = _rows(_section("What boots", "guests.md"), "kernel")
+DEVICES = _rows(_section("The device set", "devices.md"), "device")
 
 
 def test_table_names_every_format_and_device():
     formats = " ".join(r[1] for r in BOOTS)
     for f in FORMATS:
-        assert f in formats, f"README's table has no row for {f}"
+        assert f in formats, f"docs/guests.md's table has no row for {f}"
     named = {re.fullmatch(r"`([\w-]+)`", r[0]).group(1) for r in DEVICES}
-    assert named == set(registry.TYPES), "README's device table and the registry disagree"
+    assert named == set(registry.TYPES), "docs/devices.md's device table and the registry disagree"
     for r in DEVICES:
         name = r[0].strip("`")
         assert (r[2] == "yes") == registry.TYPES[name].default, name

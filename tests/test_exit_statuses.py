@@ -1,4 +1,4 @@
-"""One exit-status table, three places: pykvm/errors.py, README.md's table and `pykvm --help`."""
+"""One exit-status table, three places: pykvm/errors.py, docs/cli.md's table and `pykvm --help`."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ def from_errors() -> set[int]:
     return {v for k, v in vars(errors).items() if k.startswith("EXIT_")} | {INTERRUPTED}
 
 
-def readme_table() -> dict[int, str]:
-    text = (ROOT / "README.md").read_text()
-    table = text.split("### Exit statuses", 1)[1].split("\n\n", 2)[1]
+def docs_table() -> dict[int, str]:
+    text = (ROOT / "docs" / "cli.md").read_text()
+    table = text.split("## Exit statuses", 1)[1].split("\n\n", 2)[1]
     return {int(m[1]): m[2] for m in re.finditer(r"^\| (\d+) \| (.*) \|$", table, re.M)}
 
 
@@ -28,8 +28,8 @@ def help_statuses() -> set[int]:
     return {int(m) for line in block.splitlines()[1:] for m in re.findall(r"(?:^|\s{2,})(\d{1,3})\s+(?=\S)", line)}
 
 
-def test_every_status_in_errors_is_in_the_readme_and_help():
-    assert set(readme_table()) == from_errors()
+def test_every_status_in_errors_is_in_the_docs_and_help():
+    assert set(docs_table()) == from_errors()
     assert help_statuses() == from_errors()
 
 
@@ -38,4 +38,4 @@ def test_every_error_class_has_a_documented_distinct_status():
                and c is not errors.PykvmError]
     statuses = [c.exit_status for c in classes]
     assert len(statuses) == len(set(statuses))
-    assert set(statuses) <= set(readme_table())
+    assert set(statuses) <= set(docs_table())

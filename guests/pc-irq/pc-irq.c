@@ -10,11 +10,14 @@
  *               handler EOIs its LAPIC but leaves the line high, so the I/O APIC must deliver it
  *               again; the second lowers it (kvm-unit-tests ioapic "retriggered level interrupts
  *               without masking")                                           (--device pc-testdev-irq)
+ *   rtc         the CMOS RTC answers at 0x70/0x71: register D says its RAM is valid, and the
+ *               seconds register holds a BCD or binary second                (--device rtc)
  *
  * Serial output, exact:
- *   "pit-ioapic: 5 ticks\n" | "pit-pic: 5 ticks\n" | "retrigger: 2 interrupts\n"
+ *   "pit-ioapic: 5 ticks\n" | "pit-pic: 5 ticks\n" | "retrigger: 2 interrupts\n" | "rtc: present\n"
  * then power-off (status 0). An unknown mode prints "pc-irq: unknown mode\n" and exits with
- * debug-exit code 2; "retrigger" gives up after 10 wake-ups ("retrigger: N interrupts", code 3).
+ * debug-exit code 2; "retrigger" gives up after 10 wake-ups ("retrigger: N interrupts", code 3);
+ * "rtc" without an RTC (ports reading all ones) prints "rtc: absent" (code 4).
  * Interrupts that stop coming leave the guest halted: the VMM's --timeout ends it.
  */
 #include "rt.h"
@@ -142,6 +145,32 @@ static void retrigger(void)
         exit_code(3);
 }
 
+#define CMOS_INDEX 0x70
+#define CMOS_DATA 0x71
+#define CMOS_SECONDS 0x00
+#define CMOS_STATUS_B 0x0b
+#define CMOS_STATUS_D 0x0d
+#define CMOS_D_VRT 0x80
+#define CMOS_B_BINARY 0x04
+
+static uint8_t cmos_read(uint8_t reg)
+{
+    outb(CMOS_INDEX, reg);
+    return inb(CMOS_DATA);
+}
+
+static void rtc(void)
+{
+    uint8_t d = cmos_read(CMOS_STATUS_D), b = cmos_read(CMOS_STATUS_B), sec = cmos_read(CMOS_SECONDS);
+    if (!(b & CMOS_B_BINARY))
+        sec = (uint8_t)((sec >> 4) * 10 + (sec & 0x0f));
+    if (d != CMOS_D_VRT || sec > 59) {
+        printf("rtc: absent\n");
+        exit_code(4);
+    }
+    printf("rtc: present\n");
+}
+
 void kmain(struct pykvm_boot_info *bi)
 {
     const char *err = bootinfo_validate(bi);
@@ -156,6 +185,8 @@ void kmain(struct pykvm_boot_info *bi)
         pit_pic();
     else if (!strcmp(mode, "retrigger"))
         retrigger();
+    else if (!strcmp(mode, "rtc"))
+        rtc();
     else {
         printf("pc-irq: unknown mode\n");
         exit_code(2);

@@ -260,6 +260,54 @@ def _iommu(ctx: DeviceContext, opts: dict):
     return iommu
 
 
+@record(frozen=True)
+class Preset:
+    """A machine preset (`--machine NAME`): device types added to the default set."""
+
+    name: str
+    summary: str
+    devices: tuple = ()               # registry names, added before any --device
+    in_kernel: tuple = ()             # of those, the ones `--irqchip full` already has in the kernel
+
+
+# What `--machine` names. `pc` is what QEMU's `-M pc` gives that pykvm models and a PC kernel
+# probes for: the 8259 pair, the 8254 PIT, the IOAPIC (Linux: "No IOAPIC entries present"
+# without it), the CMOS RTC, the ACPI PM block (PM timer, S3/S5) and the i8042. Not in it:
+# pc-testdev and pc-testdev-irq (test devices: kvm-unit-tests adds them to `-M pc` with
+# `-device pc-testdev` too), pci-host (pykvm's is q35's host bridge, not the i440FX `-M pc`
+# has; `--device pci-host` adds it) and vga (`--display text` brings it).
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("minimal", "the default set only: what a tiny kernel needs (the default)"),
+    Preset("pc", "a PC platform as a PC kernel probes it: 8259 PIC, 8254 PIT, IOAPIC, CMOS RTC, ACPI PM, i8042",
+           ("ioapic", "pic", "pit", "rtc", "acpi-pm", "i8042"), in_kernel=("ioapic", "pic", "pit")),
+]}
+DEFAULT_PRESET = "minimal"
+
+
+def preset_devices(name: str, irqchip: str = "split") -> list[tuple[str, dict]]:
+    """The (name, options) a preset adds to the default set; DeviceSpecError names the known presets."""
+    preset = PRESETS.get(name) if isinstance(name, str) else None
+    if preset is None:
+        raise DeviceSpecError(f"unknown machine {name!r} (known: {', '.join(PRESETS)})")
+    skip = preset.in_kernel if irqchip == "full" else ()
+    return [(d, {}) for d in preset.devices if d not in skip]
+
+
+def with_preset(name: str, irqchip: str, devices: list) -> list[tuple[str, dict]]:
+    """A preset's devices, then `devices`; a device named in both is built once, with `devices`' options."""
+    named = {n for n, _o in devices}
+    return [(n, o) for n, o in preset_devices(name, irqchip) if n not in named] + list(devices)
+
+
+def describe_presets() -> list[str]:
+    """One line per machine preset: name and the devices it adds to the default set."""
+    lines = []
+    for p in PRESETS.values():
+        adds = " ".join(p.devices) or "-"
+        lines.append(f"{p.name:14} {adds:38} {p.summary}")
+    return lines
+
+
 def lookup(name: str) -> DeviceType:
     """The type called `name`, or DeviceSpecError listing the known ones."""
     t = TYPES.get(name)
