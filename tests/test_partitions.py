@@ -270,10 +270,10 @@ class _Peer:
     def __init__(self, broker, name):
         import socket
 
-        from pykvm.partitions.broker import _Conn
+        from pykvm.partitions.conn import Conn
 
         a, self.sock = socket.socketpair()
-        self.conn = _Conn(a)
+        self.conn = Conn(a, name)
         self.parser = wire.FrameParser()
         broker._frame(self.conn, wire.HELLO, wire.json_frame(wire.HELLO, {"name": name})[8:])
         self.early = self.frames()
@@ -321,7 +321,7 @@ def test_broker_rescinds_before_failing_and_offers_again_on_register(tmp_path):
                                                                                                 0, 0, 0, 0))]
     assert _status(c2.frames()) == [{"service": "disk0", "state": "down"}]
     # a request racing the rescind is failed at once, not held for the restart
-    broker._frame(c2.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 9, 0, blk)[8:])
+    broker._frame(c2.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 9, 0, (abi.PYKVM_BLK_OP_READ, 0, 100, 1, 0))[8:])
     assert _replies(c2.frames()) == [(9, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0))]
     assert broker.counts["rescinds"] == 1 and broker.counts["failed"] == 1
     # a client that connects while the service is down learns it at once

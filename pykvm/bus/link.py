@@ -1,8 +1,10 @@
 """A partition process's connection to the broker (`pykvm up`): relayed requests, replies, provider state.
 
-Connected during set-up (before the sandbox: no connect afterwards), with a synchronous
-HELLO/WELCOME that tells the partition its name, trust, the services it uses and
-provides, and its policy. Then one thread reads frames: replies to this partition's
+The socket is this process's end of a socketpair the broker made for this partition
+before starting it (inherited; there is no named socket anyone could connect to). During
+set-up a synchronous HELLO/WELCOME tells the partition its name, trust, the services it
+uses and provides, and its policy. The broker enforces that policy again on every frame
+(pykvm/partitions/admission.py); the proxy's own checks are the first line, not the only one. Then one thread reads frames: replies to this partition's
 client requests, requests for the service its guest provides, and the state of the
 services this partition uses: when a service's provider goes away the broker says
 "down" and the proxied offer is rescinded in this partition's guest; when a restarted
@@ -57,12 +59,10 @@ class PartitionLink:
         self._thread = None
 
     @classmethod
-    def connect(cls, path: str, name: str, log=None) -> "PartitionLink":
-        """Connect, say hello, wait for the welcome (LinkError on any failure)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def open(cls, sock: socket.socket, name: str, log=None) -> "PartitionLink":
+        """Say hello on the broker's socket, wait for the welcome (LinkError on any failure; sock closed then)."""
         sock.settimeout(CONNECT_TIMEOUT)
         try:
-            sock.connect(path)
             sock.sendall(wire.json_frame(wire.HELLO, {"name": name}))
             parser = wire.FrameParser()
             frames = []
@@ -79,7 +79,7 @@ class PartitionLink:
                 raise LinkError("the broker's welcome does not describe this partition")
         except (OSError, wire.WireError) as e:
             sock.close()
-            raise LinkError(f"partition broker {path}: {e}") from None
+            raise LinkError(f"partition broker link: {e}") from None
         except LinkError:
             sock.close()
             raise

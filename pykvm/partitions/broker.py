@@ -2,10 +2,18 @@
 
 Process model: every partition is its own `pykvm run` process (own VM, own sandbox, own
 control socket, own crash directory), so a partition that crashes writes its own core and
-stops alone. The broker process runs no guest code: it starts the partitions with
-PYKVM_PARTITION=NAME@SOCKET, welcomes each on its unix socket with what the topology gives
-it, and relays block requests from clients to the partition providing the service, by
-copy.
+stops alone. The broker process runs no guest code: it makes a socketpair for each
+partition, starts it with one end (PYKVM_PARTITION=NAME, PYKVM_BROKER_FD=N), welcomes it
+with what the topology gives it, and relays block requests from clients to the partition
+providing the service, by copy. There is no named socket: who speaks on a link is fixed
+by the broker when it starts the process, so no other process can take a partition's name.
+
+Policy: every frame a client relays is put to that client's rules here (admission.py),
+whatever its own VMM decided: a compromised client VMM gets the refusals its guest would
+get, and no more than its share. Each service gets at most WINDOW requests at a time,
+taken round-robin from its clients' queues (each bounded by the client's policy), so a
+flooding client neither starves the others nor makes a working provider look silent.
+The decisions are counted per partition and written to DIR/broker-policy.json.
 
 Recovery: requests sent before a provider first registers are held (bounded) and sent
 once it does. When a provider that served goes away (crashed, stopped, its link broke,
@@ -43,6 +51,7 @@ its pages at once.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import selectors
 import signal
@@ -55,20 +64,18 @@ from pathlib import Path
 
 from .. import abi
 from ..bus import wire
+from ..bus.policy import Ledger
 from ..record import asdict
+from .admission import Grant, Refused, agent_for
+from .conn import Conn
 
 POLL = 0.2
-MAX_HELD = 4096           # requests held for a service that is down; more are answered E_IO
+WINDOW = 8                # requests given to one provider at a time (its VMM waits with at most 8 remapped ones)
 STOP_GRACE = 10.0
 START_WAIT = 120.0        # longest a partition waits to start for the services it uses to register
-
-
-class _Conn:
-    def __init__(self, sock):
-        self.sock = sock
-        self.parser = wire.FrameParser()
-        self.name = None
-        self.progress = 0.0        # a provider: when it last answered (or was given work while idle)
+STATUS_EVERY = 1.0        # seconds between rewrites of broker-policy.json while decisions change
+ENV_NAME, ENV_FD = "PYKVM_PARTITION", "PYKVM_BROKER_FD"
+_E_IO = (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)
 
 
 class Broker:
@@ -81,19 +88,19 @@ class Broker:
         self.rundir = Path(rundir)
         self.log = log or (lambda msg: print(f"pykvm: up: {msg}", file=sys.stderr))
         self.sel = selectors.DefaultSelector()
-        self.path = str(self.rundir / "broker.sock")
         self.procs: dict[str, subprocess.Popen] = {}
         self.generation: dict[str, int] = {p.name: 0 for p in topo.partitions}
         self.status: dict[str, int] = {}
-        self.conns: dict[str, _Conn] = {}                  # partition name -> its live connection
-        self.providers: dict[str, _Conn] = {}              # service -> the registered provider's connection
-        self.held: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
-        self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, frame body)
+        self.conns: dict[str, Conn] = {}                   # partition name -> its live, welcomed connection
+        self.providers: dict[str, Conn] = {}               # service -> the registered provider's connection
+        self.grants: dict[str, deque] = {p.provides: deque() for p in topo.partitions if p.provides}
+        #   service -> the Grants of its connected clients, in round-robin order
+        self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, body, grant)
         self.remapped: set[int] = set()                    # broker tags of inflight REMAP requests
-        self.remap_ok: dict[str, bool] = {}                # service -> its registered provider takes REMAP
+        self.remap_ok: dict[str, bool] = {}                # service -> its provider takes remapped requests
         self.tags = itertools.count(1)
         self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
-                       "remapped": 0, "remap_declined": 0, "timeouts": 0}
+                       "remapped": 0, "remap_declined": 0, "timeouts": 0, "policy_refused": 0}
         self.stopping = False
         self.versions: dict[str, list[int]] = {}           # service -> versions its provider last registered
         #   (a service in it has been served at least once)
@@ -101,6 +108,14 @@ class Broker:
         self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
         self.down_since: dict[str, float] = {}             # service -> when its provider stopped serving
         self.start_deadline = 0.0
+        self.wake = None                                   # when a rate-shaped request may go next
+        agent = agent_for(topo)
+        self.ledgers = {p.name: Ledger(agent, p.name, log=lambda m: self.log(f"policy: {m}"))
+                        for p in topo.partitions}
+        self.status_path = self.rundir / "broker-policy.json"
+        self._status_written = (-1, 0.0)
+        self._handlers = {wire.HELLO: self._on_hello, wire.REGISTER: self._on_register, wire.STATUS: self._on_status,
+                          wire.REQUEST: self._on_request, wire.REPLY: self._on_reply, wire.REMAP: self._on_remap}
 
     # ---------------------------------------------------------------- partitions
     def files(self, p, gen: int = 0) -> dict:
@@ -109,9 +124,8 @@ class Broker:
         return {"serial": self.rundir / f"{p.name}{sfx}.serial", "control": self.rundir / f"{p.name}.sock",
                 "crashes": self.rundir / f"{p.name}-crashes", "log": self.rundir / f"{p.name}{sfx}.log"}
 
-    def spawn(self, p) -> None:
-        """Start (or restart) partition p as a `pykvm run` process."""
-        gen = self.generation[p.name]
+    def command(self, p, gen: int) -> list[str]:
+        """The argv that starts generation gen of partition p."""
         f = self.files(p, gen)
         cmdline = (p.cmdline + f" generation={gen}").strip() if gen else p.cmdline
         argv = [sys.executable, "-m", "pykvm", "run", p.kernel, "--mem", str(p.memory >> 10) + "K",
@@ -119,26 +133,33 @@ class Broker:
                 "--control", str(f["control"]), "--crash-dir", str(f["crashes"]), "--trust", p.trust]
         if p.disk:
             argv += ["--disk", p.disk]
-        env = dict(os.environ, PYKVM_PARTITION=f"{p.name}@{self.path}")
-        with open(f["log"], "wb") as log:
-            self.procs[p.name] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                                  stderr=subprocess.STDOUT, start_new_session=True)
+        return argv
+
+    def spawn(self, p) -> None:
+        """Start (or restart) partition p as a `pykvm run` process holding its end of a new socketpair."""
+        gen = self.generation[p.name]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, **{ENV_NAME: p.name, ENV_FD: str(theirs.fileno())})
+        try:
+            with open(self.files(p, gen)["log"], "wb") as log:
+                os.fchmod(log.fileno(), 0o600)
+                self.procs[p.name] = subprocess.Popen(self.command(p, gen), env=env, stdin=subprocess.DEVNULL,
+                                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                      pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()                  # the child's now: its end closes when the child ends
+        c = Conn(ours, p.name)
+        self.sel.register(ours, selectors.EVENT_READ, c)
         self.status.pop(p.name, None)
         if p.provides:
             self.down_since[p.provides] = time.monotonic()     # a (re)start gets its full time to register
 
     def start(self) -> None:
-        """Listen, then start every partition (providers first)."""
+        """Start every partition (providers first)."""
         self.rundir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.lsock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self.lsock.listen(64)
-        self.sel.register(self.lsock, selectors.EVENT_READ, None)
         self.start_deadline = time.monotonic() + START_WAIT
         for p in self.topo.partitions:
             if not p.uses:
@@ -162,29 +183,23 @@ class Broker:
     def run(self) -> dict[str, int]:
         """Relay until every partition has ended; their exit statuses."""
         while self.procs or self.waiting:
-            for key, _ev in self.sel.select(POLL):
-                if key.data is None:
-                    self._accept()
-                else:
+            timeout = POLL if self.wake is None else max(0.0, min(POLL, self.wake - time.monotonic()))
+            for key, ev in self.sel.select(timeout):
+                if ev & selectors.EVENT_WRITE and not key.data.closed:
+                    self._writable(key.data)
+                if ev & selectors.EVENT_READ and not key.data.closed:
                     self._readable(key.data)
+            self._pump_all()
             self._check_timeouts()
             self._reap()
             if self.waiting and not self.stopping:
                 self._spawn_ready()
             if self.stopping and time.monotonic() > self.deadline:
                 self.kill_stragglers()
+            self._write_status()
         return self.status
 
-    def _accept(self) -> None:
-        try:
-            sock, _ = self.lsock.accept()
-        except OSError:
-            return
-        sock.setblocking(True)
-        c = _Conn(sock)
-        self.sel.register(sock, selectors.EVENT_READ, c)
-
-    def _readable(self, c: _Conn) -> None:
+    def _readable(self, c: Conn) -> None:
         frames = []
         try:
             data, fds = wire.recv(c.sock)
@@ -192,12 +207,9 @@ class Broker:
                 wire.close_fds(fds)
                 return self._drop(c, None)
             frames = c.parser.feed(data, fds)
-            while frames:
+            while frames and not c.closed:
                 f = frames.pop(0)
-                if f.fds and f[0] == wire.REMAP:
-                    self._remap(c, f[1], f.fds)       # owns f.fds from here
-                else:
-                    self._frame(c, f[0], f[1])
+                self._frame(c, f[0], f[1], f.fds)
         except OSError:
             self._drop(c, None)
         except wire.WireError as e:
@@ -205,134 +217,217 @@ class Broker:
         for f in frames:
             wire.close_fds(f.fds)
 
-    def _send(self, c: _Conn, data: bytes) -> None:
+    def _writable(self, c: Conn) -> None:
         try:
-            c.sock.sendall(data)
+            c.flush()
         except OSError:
-            pass            # its EOF arrives through the selector
+            return self._drop(c, None)
+        if not c.pending:
+            self.sel.modify(c.sock, selectors.EVENT_READ, c)
 
-    def _frame(self, c: _Conn, kind: int, body: bytes) -> None:
-        if c.name is None:
-            if kind != wire.HELLO:
-                raise wire.WireError(f"{wire.KINDS[kind]} before hello")
-            name = wire.parse_json(body).get("name")
-            p = self.topo.by_name(name) if isinstance(name, str) else None
-            if p is None or name in self.conns:
-                raise wire.WireError(f"hello from {name!r}, which is no partition or already connected")
-            c.name = name
-            self.conns[name] = c
-            self._send(c, wire.json_frame(wire.WELCOME, {
-                "name": p.name, "trust": p.trust, "uses": list(p.uses), "provides": p.provides,
-                "rules": asdict(p.rules), "generation": self.generation[p.name],
-                "versions": {u: self.versions[u] for u in p.uses if u in self.versions}}))
-            for service in p.uses:             # a client (re)starting while its service is down
-                if service in self.versions and service not in self.providers:
-                    self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": "down"}))
-            return
-        p = self.topo.by_name(c.name)
-        if kind == wire.REGISTER:
-            obj = wire.parse_json(body)
-            if p.provides is None or obj.get("interface") != "block":
-                raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
-                                     "does not provide")
-            versions = obj.get("versions")
-            if (not isinstance(versions, list) or not 1 <= len(versions) <= 8
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 32 for v in versions)):
-                raise wire.WireError(f"{p.name} registered versions {versions!r}, expected 1..8 u32 versions")
-            if self.providers.get(p.provides) is c:
-                raise wire.WireError(f"{p.name} registered twice")
-            self.providers[p.provides] = c
-            self.remap_ok[p.provides] = obj.get("remap") is True
-            self.down_since.pop(p.provides, None)
-            self.versions[p.provides] = versions
-            c.progress = time.monotonic()
-            self.log(f"{p.name} serves {p.provides} at versions "
-                     f"{', '.join(f'{v >> 16}.{v & 0xFFFF}' for v in versions)} (generation {self.generation[p.name]})")
-            self._flush(p.provides)
-            self._tell_clients(p.provides, "up", versions)   # running clients learn a restart's versions
-            self._spawn_ready()
-        elif kind == wire.STATUS:
-            obj = wire.parse_json(body)
-            if p.provides and self.providers.get(p.provides) is c and obj.get("provider") == "down":
-                reason = obj.get("reason")
-                self.log(f"{p.name}: its provider channel closed" + (f": {reason}" if isinstance(reason, str) else ""))
-                self._provider_lost(p.provides)
-            elif type(obj.get("cancel")) is int:        # a client stopped waiting for a remapped request
-                for t, (svc, client, ctag, _b) in self.inflight.items():
-                    if client is c and ctag == obj["cancel"] and t in self.remapped and svc in self.providers:
-                        self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
-                        break
-        elif kind == wire.REQUEST:
-            tag, index, blk, _data = wire.parse_data(body)
-            if index >= len(p.uses):
-                raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
-            service = p.uses[index]
-            q = self.held[service]
-            if len(q) >= MAX_HELD or ((service in self.versions or service in self.gone)
-                                      and service not in self.providers):
-                # down after serving: the client's offer is (being) rescinded; it re-issues after the re-offer
-                self.counts["refused"] += 1
-                return self._send(c, wire.data_frame(wire.REPLY, tag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
-            q.append((c, tag, body))
-            self._flush(service)
-        elif kind == wire.REPLY:
-            tag, _i, resp, data = wire.parse_data(body)
-            entry = self.inflight.get(tag)
-            if entry is None or self.providers.get(entry[0]) is not c:
-                raise wire.WireError(f"{p.name} answered transaction {tag}, which it was not given")
-            del self.inflight[tag]
-            declined = tag in self.remapped and _i == wire.DECLINED
-            self.remapped.discard(tag)
-            _svc, client, ctag, _b = entry
-            c.progress = time.monotonic()
-            self.counts["replies" if not declined else "remap_declined"] += 1
-            if self.conns.get(client.name) is client:
-                self._send(client, wire.data_frame(wire.REPLY, ctag, wire.DECLINED if declined else 0, resp, data))
-        elif kind == wire.REMAP:
-            self._remap(c, body, ())
-        else:
-            raise wire.WireError(f"unexpected {wire.KINDS[kind]} frame from {p.name}")
-
-    def _remap(self, c: _Conn, body: bytes, fds) -> None:
-        """A client's REMAP request: to its provider with the descriptors, or declined; fds are closed here."""
+    def _send(self, c: Conn, data: bytes, fds=()) -> None:
         try:
-            p = self.topo.by_name(c.name) if c.name else None
-            if p is None:
-                raise wire.WireError("remap before hello")
-            tag, index, _blk, _desc = wire.parse_data(body)
-            if index >= len(p.uses):
-                raise wire.WireError(f"{p.name} sent a request for service {index}; it uses {len(p.uses)}")
-            service = p.uses[index]
-            prov = self.providers.get(service)
-            if prov is None or not self.remap_ok.get(service) or not fds or self.held[service]:
+            c.send(data, fds)
+        except OSError:
+            return           # its EOF arrives through the selector
+        if c.stalled:
+            self._drop(c, "it does not read its link (over 16 MiB waiting)")
+        elif c.pending and not c.closed:
+            try:
+                self.sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+            except (KeyError, ValueError):
+                pass         # not in the selector (tests drive a Conn directly)
+
+    def _reply(self, c: Conn, tag: int, resp: tuple, data: bytes = b"", declined: bool = False) -> None:
+        """Answer a client's request `tag` (a declined REMAP: index DECLINED, the client copies instead)."""
+        if self.conns.get(c.name) is c:
+            self._send(c, wire.data_frame(wire.REPLY, tag, wire.DECLINED if declined else 0, resp, data))
+
+    # ---------------------------------------------------------------- frames, one handler per kind
+    def _frame(self, c: Conn, kind: int, body: bytes, fds=()) -> None:
+        """Handle one frame from c; REMAP owns fds (closed here), no other kind carries any."""
+        if c.name is None and kind != wire.HELLO:
+            wire.close_fds(fds)
+            raise wire.WireError(f"{wire.KINDS[kind]} before hello")
+        handler = self._handlers.get(kind)
+        if handler is None:
+            wire.close_fds(fds)
+            raise wire.WireError(f"unexpected {wire.KINDS[kind]} frame from {c.name}")
+        handler(c, body, fds)
+
+    def _on_hello(self, c: Conn, body: bytes, _fds) -> None:
+        name = wire.parse_json(body).get("name")
+        if c.name is not None:
+            raise wire.WireError(f"{c.name} said hello twice")
+        if name != c.identity:
+            raise wire.WireError(f"hello as {name!r} on the link made for {c.identity}")
+        p = self.topo.by_name(name)
+        if name in self.conns:
+            raise wire.WireError(f"hello from {name}, which is already connected")
+        c.name = name
+        self.conns[name] = c
+        for service in p.uses:
+            g = Grant(c, p, service, self.ledgers[name])
+            c.grants.append(g)
+            self.grants[service].append(g)
+        self._send(c, wire.json_frame(wire.WELCOME, {
+            "name": p.name, "trust": p.trust, "uses": list(p.uses), "provides": p.provides,
+            "rules": asdict(p.rules), "generation": self.generation[p.name],
+            "versions": {u: self.versions[u] for u in p.uses if u in self.versions}}))
+        for service in p.uses:             # a client (re)starting while its service is down
+            if service in self.versions and service not in self.providers:
+                self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": "down"}))
+
+    def _on_register(self, c: Conn, body: bytes, _fds) -> None:
+        p = self.topo.by_name(c.name)
+        obj = wire.parse_json(body)
+        if p.provides is None or obj.get("interface") != "block":
+            raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
+                                 "does not provide")
+        versions = obj.get("versions")
+        if (not isinstance(versions, list) or not 1 <= len(versions) <= 8
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 32 for v in versions)):
+            raise wire.WireError(f"{p.name} registered versions {versions!r}, expected 1..8 u32 versions")
+        if self.providers.get(p.provides) is c:
+            raise wire.WireError(f"{p.name} registered twice")
+        self.providers[p.provides] = c
+        self.remap_ok[p.provides] = obj.get("remap") is True
+        self.down_since.pop(p.provides, None)
+        self.versions[p.provides] = versions
+        c.progress = time.monotonic()
+        self.log(f"{p.name} serves {p.provides} at versions "
+                 f"{', '.join(f'{v >> 16}.{v & 0xFFFF}' for v in versions)} (generation {self.generation[p.name]})")
+        self._pump(p.provides)
+        self._tell_clients(p.provides, "up", versions)   # running clients learn a restart's versions
+        self._spawn_ready()
+
+    def _on_status(self, c: Conn, body: bytes, _fds) -> None:
+        p = self.topo.by_name(c.name)
+        obj = wire.parse_json(body)
+        if p.provides and self.providers.get(p.provides) is c and obj.get("provider") == "down":
+            reason = obj.get("reason")
+            self.log(f"{p.name}: its provider channel closed" + (f": {reason}" if isinstance(reason, str) else ""))
+            self._provider_lost(p.provides)
+        elif type(obj.get("cancel")) is int:        # a client stopped waiting for a remapped request
+            for t, (svc, client, ctag, _b, _g) in self.inflight.items():
+                if client is c and ctag == obj["cancel"] and t in self.remapped and svc in self.providers:
+                    self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
+                    break
+
+    def _grant(self, c: Conn, index: int) -> Grant:
+        if index >= len(c.grants):
+            raise wire.WireError(f"{c.name} sent a request for service {index}; it uses {len(c.grants)}")
+        return c.grants[index]
+
+    def _admit(self, c: Conn, g: Grant, tag: int, blk: tuple, data_len: int, remapped: bool) -> bool:
+        """Put a client's frame to its policy; False when it was answered with the refusal."""
+        try:
+            g.admit(blk, data_len, remapped)
+        except Refused as r:
+            self.counts["policy_refused"] += 1
+            if r.declined:
                 self.counts["remap_declined"] += 1
-                return self._send(c, wire.data_frame(wire.REPLY, tag, wire.DECLINED, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            self._reply(c, tag, (r.status, r.flags, 0, 0, 0), declined=r.declined)
+            return False
+        if (g.service in self.versions or g.service in self.gone) and g.service not in self.providers:
+            # down after serving: the client's offer is (being) rescinded; it re-issues after the re-offer
+            g.answered()
+            self.counts["refused"] += 1
+            self._reply(c, tag, _E_IO, declined=remapped)
+            return False
+        return True
+
+    def _on_request(self, c: Conn, body: bytes, _fds) -> None:
+        tag, index, blk, data = wire.parse_data(body)
+        g = self._grant(c, index)
+        if self._admit(c, g, tag, blk, len(data), False):
+            g.queue.append((tag, body))
+            self._pump(g.service)
+
+    def _on_remap(self, c: Conn, body: bytes, fds) -> None:
+        """A REMAP goes to the provider now with its descriptors, or is declined (never held); fds closed here."""
+        try:
+            tag, index, blk, _desc = wire.parse_data(body)
+            g = self._grant(c, index)
+            if not self._admit(c, g, tag, blk, 0, True):
+                return
+            service = g.service
+            prov = self.providers.get(service)
+            now = time.monotonic()
+            if (prov is None or not self.remap_ok.get(service) or not fds or g.queue
+                    or self._busy(service) >= WINDOW or not g.may_send(now)):
+                g.answered()
+                self.counts["remap_declined"] += 1
+                return self._reply(c, tag, _E_IO, declined=True)
             btag = next(self.tags)
-            self.inflight[btag] = (service, c, tag, body)
+            if not self._busy(service):
+                prov.progress = now
+            self.inflight[btag] = (service, c, tag, body, g)
             self.remapped.add(btag)
             self.counts["remapped"] += 1
-            try:
-                wire.send(prov.sock, wire.frame(wire.REMAP, wire.TAG.pack(btag, 0) + body[wire.TAG.size:], len(fds)),
-                          fds)
-            except OSError:
-                pass            # its EOF arrives through the selector; the request is declined then
+            self._send(prov, wire.frame(wire.REMAP, wire.TAG.pack(btag, 0) + body[wire.TAG.size:], len(fds)), fds)
         finally:
             wire.close_fds(fds)
 
-    def _flush(self, service: str) -> None:
-        """Send the held requests of service to its provider, if it is up."""
+    def _on_reply(self, c: Conn, body: bytes, _fds) -> None:
+        p = self.topo.by_name(c.name)
+        tag, index, resp, data = wire.parse_data(body)
+        entry = self.inflight.get(tag)
+        if entry is None or self.providers.get(entry[0]) is not c:
+            raise wire.WireError(f"{p.name} answered transaction {tag}, which it was not given")
+        del self.inflight[tag]
+        declined = tag in self.remapped and index == wire.DECLINED
+        self.remapped.discard(tag)
+        service, client, ctag, req, g = entry
+        g.answered()
+        c.progress = time.monotonic()
+        self.counts["replies" if not declined else "remap_declined"] += 1
+        if wire.BLK.unpack_from(req, wire.TAG.size)[0] == abi.PYKVM_BLK_OP_INFO and not g.partition.rules.write:
+            resp = (resp[0], resp[1] | abi.PYKVM_BLK_FLAG_READ_ONLY) + tuple(resp[2:])   # it may not write
+        self._reply(client, ctag, resp, data, declined)
+        self._pump(service)
+
+    # ---------------------------------------------------------------- giving work to providers
+    def _busy(self, service: str) -> int:
+        return sum(1 for e in self.inflight.values() if e[0] == service)
+
+    def _pump(self, service: str) -> None:
+        """Give the provider of service queued requests, round-robin over its clients, up to WINDOW at a time."""
         prov = self.providers.get(service)
-        q = self.held[service]
-        if prov is not None and q and not any(e[0] == service for e in self.inflight.values()):
-            prov.progress = time.monotonic()       # idle until now: its clock starts with this work
-        while prov is not None and q:
-            c, ctag, body = q.popleft()
-            if self.conns.get(c.name) is not c:
-                continue                     # the client went away meanwhile
+        if prov is None:
+            return
+        rot = self.grants[service]
+        busy = self._busy(service)
+        now = time.monotonic()
+        while busy < WINDOW:
+            for _ in range(len(rot)):
+                g = rot[0]
+                rot.rotate(-1)
+                if g.queue and g.may_send(now):
+                    break
+            else:
+                break                       # nothing queued, or only requests waiting for their rate
+            ctag, body = g.queue.popleft()
+            if not busy:
+                prov.progress = now          # idle until now: its clock starts with this work
             btag = next(self.tags)
-            self.inflight[btag] = (service, c, ctag, body)
+            self.inflight[btag] = (service, g.client, ctag, body, g)
             self.counts["relayed"] += 1
+            busy += 1
             self._send(prov, wire.frame(wire.REQUEST, wire.TAG.pack(btag, 0) + body[wire.TAG.size:]))
+        waits = [g.next_token(now) for g in rot if g.queue]
+        if waits and busy < WINDOW:
+            self.wake = min(waits) if self.wake is None else min(self.wake, min(waits))
+
+    def _pump_all(self) -> None:
+        """Let rate-shaped requests go once their time has come."""
+        if self.wake is not None and time.monotonic() >= self.wake:
+            self.wake = None
+            for service in self.grants:
+                self._pump(service)
+
+    def _queued(self, service: str) -> int:
+        return sum(len(g.queue) for g in self.grants[service])
 
     def _check_timeouts(self) -> None:
         """Lose a provider that answered nothing for its request_timeout while requests were outstanding,
@@ -342,10 +437,11 @@ class Broker:
         for service, since in list(self.down_since.items()):
             p = self.topo.provider_of(service)
             proc = self.procs.get(p.name)
-            if self.held[service] and proc is not None and now - since > p.request_timeout:
+            held = self._queued(service)
+            if held and proc is not None and now - since > p.request_timeout:
                 del self.down_since[service]
                 self.counts["timeouts"] += 1
-                self.log(f"{p.name}: {service} down for {p.request_timeout:g} s with {len(self.held[service])} "
+                self.log(f"{p.name}: {service} down for {p.request_timeout:g} s with {held} "
                          "requests held: the partition is stopped")
                 self._kill(p.name)
         for service, c in list(self.providers.items()):
@@ -355,10 +451,11 @@ class Broker:
             mine = sorted(t for t, e in self.inflight.items() if e[0] == service)
             if not mine:
                 continue
-            _s, client, ctag, _b = self.inflight.pop(mine[0])
+            _s, client, ctag, _b, g = self.inflight.pop(mine[0])
+            self.remapped.discard(mine[0])
+            g.answered()
             self.counts["timeouts"] += 1
-            if self.conns.get(client.name) is client:
-                self._send(client, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            self._reply(client, ctag, _E_IO)
             self._drop(c, f"request {mine[0]} for {service} from {client.name} unanswered after "
                           f"{p.request_timeout:g} s: the provider is lost and stopped")
             self._kill(p.name)
@@ -391,27 +488,37 @@ class Broker:
             self.counts["rescinds"] += 1
         self._tell_clients(service, "down")
         lost = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
-        for t, (_s, c, ctag, _body) in lost:
+        for t, (_s, c, ctag, _body, g) in lost:
             del self.inflight[t]
             self.remapped.discard(t)          # its pages went with the provider's VM
+            g.answered()
             self.counts["failed"] += 1
-            if self.conns.get(c.name) is c:
-                self._send(c, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+            self._reply(c, ctag, _E_IO)
+        for g in self.grants[service]:        # given no provider yet: they fail with the others
+            while g.queue:
+                ctag, _body = g.queue.popleft()
+                g.answered()
+                self.counts["failed"] += 1
+                self._reply(g.client, ctag, _E_IO)
         if not self.stopping:
             self.log(f"{service}: its provider went away with {len(lost)} requests unanswered; offers rescinded")
 
-    def _drop(self, c: _Conn, reason: str | None) -> None:
+    def _drop(self, c: Conn, reason: str | None) -> None:
+        if c.closed:
+            return
         try:
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):
             pass
-        c.sock.close()
-        c.parser.close()
-        for t, (svc, client, _ct, _b) in list(self.inflight.items()):
+        c.close()
+        for t, (svc, client, _ct, _b, _g) in list(self.inflight.items()):
             if client is c and t in self.remapped and self.providers.get(svc) is not None:
                 self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
+        for g in c.grants:                    # its queued requests go with it; answers to the rest are dropped
+            self.grants[g.service].remove(g)
+            g.queue.clear()
         if reason:
-            self.log(f"{c.name or 'a partition'}: link dropped: {reason}")
+            self.log(f"{c.name or c.identity}: link dropped: {reason}")
         if c.name is not None and self.conns.get(c.name) is c:
             del self.conns[c.name]
             p = self.topo.by_name(c.name)
@@ -459,12 +566,12 @@ class Broker:
     def _fail_held(self, service: str) -> None:
         """The provider of service is gone for good: answer everything held for it with PYKVM_BUS_E_IO."""
         self._provider_lost(service)
-        q = self.held[service]
-        while q:
-            c, ctag, _body = q.popleft()
-            self.counts["refused"] += 1
-            if self.conns.get(c.name) is c:
-                self._send(c, wire.data_frame(wire.REPLY, ctag, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0)))
+        for g in self.grants[service]:
+            while g.queue:
+                ctag, _body = g.queue.popleft()
+                g.answered()
+                self.counts["refused"] += 1
+                self._reply(g.client, ctag, _E_IO)
 
     def _stop_providers(self) -> None:
         """Every client has ended: close the providers' links (their guests see a rescind and power off)."""
@@ -474,20 +581,45 @@ class Broker:
             c = self.conns.get(name)
             if c is not None:
                 self._drop(c, None)
-        self.sel.unregister(self.lsock)
-        self.lsock.close()
 
     def kill_stragglers(self) -> None:
         """After the grace period, stop partitions that did not end by themselves."""
         for name in list(self.procs):
             self._kill(name)
 
+    # ---------------------------------------------------------------- status
+    def policy_snapshot(self) -> dict:
+        """The broker's policy decisions per partition (counts, recent refusals, its queues)."""
+        out = {}
+        for p in self.topo.partitions:
+            c = self.conns.get(p.name)
+            out[p.name] = dict(self.ledgers[p.name].snapshot(), trust=p.trust,
+                               services=[g.snapshot() for g in c.grants] if c is not None else [])
+        return out
+
+    def _write_status(self, force: bool = False) -> None:
+        """Rewrite DIR/broker-policy.json (0600) when decisions changed, at most every STATUS_EVERY seconds."""
+        n = sum(sum(ld.allowed.values()) + sum(ld.refused.values()) for ld in self.ledgers.values())
+        now = time.monotonic()
+        last, when = self._status_written
+        if n == last or (not force and now - when < STATUS_EVERY):
+            return
+        self._status_written = (n, now)
+        tmp = self.status_path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with open(fd, "w") as f:
+                json.dump({"policy": self.policy_snapshot(), "counts": self.counts}, f, indent=1)
+            os.replace(tmp, self.status_path)
+        except OSError as e:
+            self.log(f"{self.status_path}: {e.strerror}")
+
     def close(self) -> None:
-        """Stop every partition still running and remove the broker socket."""
+        """Stop every partition still running; write the final policy status."""
+        self.stopping = True
         self.kill_stragglers()
         for proc in self.procs.values():
             proc.wait()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        for key in list(self.sel.get_map().values()):
+            self._drop(key.data, None)
+        self._write_status(force=True)
