@@ -90,8 +90,7 @@ class Grant:
         data_op = op in _DATA_OPS
         if remapped and not data_op:
             raise wire.WireError(f"{self.partition.name}: a remapped {name} on {self.service}")
-        if data_op and (not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS or sector + count > 1 << 64
-                        or (not remapped and count > CHUNK)):
+        if data_op and (not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS or sector + count > 1 << 64):
             self.counts["refused"] += 1
             raise Refused(abi.PYKVM_BUS_E_INVALID)
         want = count * abi.PYKVM_BLK_SECTOR if op == abi.PYKVM_BLK_OP_WRITE and not remapped else 0
@@ -112,6 +111,9 @@ class Grant:
                                      f"on {self.service}")
             raise Refused(abi.PYKVM_BUS_E_LIMIT)
         self.limited = 0
+        if data_op and not remapped and count > CHUNK:       # a proxy relays at most CHUNK sectors a piece
+            self.counts["refused"] += 1
+            raise Refused(abi.PYKVM_BUS_E_INVALID)
         if remapped and ledger.check("may_remap", self.service, count * abi.PYKVM_BLK_SECTOR) is not None:
             raise Refused(abi.PYKVM_BUS_E_IO, declined=True)
         self.outstanding += 1
