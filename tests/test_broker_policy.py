@@ -231,7 +231,7 @@ READ = (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLOCK_V1_0, 0, 1, 0)
 
 def test_a_flooding_client_does_not_starve_a_trusted_one(tmp_path):
     """The provider gets WINDOW requests at a time, taken round-robin from the clients' queues."""
-    from pykvm.partitions.broker import WINDOW
+    from pykvm.partitions.relay import WINDOW
 
     b, st = _broker(tmp_path)
     hog, c1 = Peer(b, "hog"), Peer(b, "client1")
