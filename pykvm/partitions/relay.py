@@ -270,7 +270,7 @@ class Relay:
         rot = self.grants[service]
         busy = self._busy(service)
         now = time.monotonic()
-        while busy < WINDOW:
+        while busy < WINDOW and not prov.closed:
             for _ in range(len(rot)):
                 g = rot[0]
                 rot.rotate(-1)
