@@ -384,7 +384,8 @@ def up(topology, rundir, restart_intensity, debug):
         click.echo(f"pykvm: up: relayed {broker.counts['relayed']} requests, {broker.counts['rescinds']} provider "
                    f"losses (offers rescinded, {broker.counts['failed']} requests failed), "
                    f"{broker.counts['restarts']} restarts, "
-                   f"{broker.counts['remapped']} remapped ({broker.counts['remap_declined']} declined)", err=True)
+                   f"{broker.counts['remapped']} remapped ({broker.counts['remap_declined']} declined), "
+                   f"{broker.counts['policy_refused']} refused by policy (see {broker.status_path})", err=True)
         bad = [statuses.get(p.name) for p in topo.partitions if not p.provides and statuses.get(p.name) != 0]
         _leave(bad[0] if bad and isinstance(bad[0], int) and bad[0] > 0 else (1 if bad else 0))
 

@@ -270,10 +270,10 @@ class _Peer:
     def __init__(self, broker, name):
         import socket
 
-        from pykvm.partitions.broker import _Conn
+        from pykvm.partitions.conn import Conn
 
         a, self.sock = socket.socketpair()
-        self.conn = _Conn(a)
+        self.conn = Conn(a, name)
         self.parser = wire.FrameParser()
         broker._frame(self.conn, wire.HELLO, wire.json_frame(wire.HELLO, {"name": name})[8:])
         self.early = self.frames()
@@ -321,7 +321,7 @@ def test_broker_rescinds_before_failing_and_offers_again_on_register(tmp_path):
                                                                                                 0, 0, 0, 0))]
     assert _status(c2.frames()) == [{"service": "disk0", "state": "down"}]
     # a request racing the rescind is failed at once, not held for the restart
-    broker._frame(c2.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 9, 0, blk)[8:])
+    broker._frame(c2.conn, wire.REQUEST, wire.data_frame(wire.REQUEST, 9, 0, (abi.PYKVM_BLK_OP_READ, 0, 100, 1, 0))[8:])
     assert _replies(c2.frames()) == [(9, 0, (abi.PYKVM_BUS_E_IO, 0, 0, 0, 0))]
     assert broker.counts["rescinds"] == 1 and broker.counts["failed"] == 1
     # a client that connects while the service is down learns it at once
@@ -438,6 +438,16 @@ def test_up_versions_across_partitions_and_ctl_policy(tmp_path):
         assert "client2 may not write to disk1" in pol["last_refusals"]
         link = json.loads(r.stdout)["link"]
         assert link["service_versions"] == {"disk1": ["1.1", "1.0"]} and link["trust"] == "untrusted"
+        # the broker's own decisions (it enforces the policy again) reach ctl policy within a second or so
+        import time
+
+        end = time.monotonic() + 20
+        while link["broker_policy"] is None and time.monotonic() < end:
+            time.sleep(0.5)
+            link = json.loads(pykvm("ctl", str(run / "client2.sock"), "policy").stdout)["link"]
+        bp = link["broker_policy"]
+        assert bp["partition"] == "client2" and bp["trust"] == "untrusted" and bp["refusals"] == 0, bp
+        assert bp["allowed"]["may_request"] >= 1 and bp["services"][0]["service"] == "disk1", bp
         r = pykvm("ctl", str(run / "client2.sock"), "stats")
         chans = [c for c in json.loads(r.stdout)["bus"]["channels"] if c["service"] == "block@disk1"]
         assert chans[0]["session"]["version"] == "1.0", chans

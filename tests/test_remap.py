@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import struct
@@ -27,9 +28,12 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def memfd(size: int) -> int:
-    fd = os.memfd_create("remap-test", os.MFD_CLOEXEC)
+def memfd(size: int, seals: int = fcntl.F_SEAL_SHRINK) -> int:
+    """A memfd of size bytes sealed as guest RAM is (seals=0: unsealed, as a hostile client could send)."""
+    fd = os.memfd_create("remap-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     return fd
 
 
@@ -177,6 +181,45 @@ def test_check_fd_accepts_only_long_enough_shared_memory(tmp_path):
     finally:
         for x in (r, w, fd):
             os.close(x)
+
+
+def test_check_fd_refuses_a_memfd_that_can_shrink():
+    """An unsealed memfd could be truncated under the service VMM's mapping (SIGBUS there): refused."""
+    for seals in (0, fcntl.F_SEAL_GROW, fcntl.F_SEAL_WRITE):
+        fd = memfd(2 * PAGE, seals)
+        try:
+            with pytest.raises(remap.RemapError, match="not sealed against shrinking"):
+                remap.check_fd(fd, PAGE)
+        finally:
+            os.close(fd)
+    fd = os.memfd_create("remap-test", os.MFD_CLOEXEC)        # no MFD_ALLOW_SEALING: sealed with F_SEAL_SEAL only
+    os.ftruncate(fd, 2 * PAGE)
+    try:
+        with pytest.raises(remap.RemapError, match="not sealed against shrinking"):
+            remap.check_fd(fd, PAGE)
+    finally:
+        os.close(fd)
+
+
+def test_guest_ram_cannot_be_truncated_or_unsealed():
+    """Guest RAM memfds carry F_SEAL_SHRINK (and F_SEAL_SEAL): a receiver may map them safely."""
+    from pykvm.memory.region import MemoryRegion
+
+    r = MemoryRegion(0, 4 * PAGE)
+    try:
+        seals = fcntl.fcntl(r.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+        with pytest.raises(PermissionError):
+            os.ftruncate(r.fd, PAGE)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(r.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        os.ftruncate(r.fd, 8 * PAGE)                   # growing stays possible (no region needs it today)
+        assert os.fstat(r.fd).st_size == 8 * PAGE
+        remap.check_fd(r.fd, 4 * PAGE)
+        r.view[PAGE] = 7                                # the mapping is untouched
+        assert r.view[PAGE] == 7
+    finally:
+        r.close()
 
 
 # ---------------------------------------------------------------- service side: the window

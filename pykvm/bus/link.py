@@ -1,8 +1,10 @@
 """A partition process's connection to the broker (`pykvm up`): relayed requests, replies, provider state.
 
-Connected during set-up (before the sandbox: no connect afterwards), with a synchronous
-HELLO/WELCOME that tells the partition its name, trust, the services it uses and
-provides, and its policy. Then one thread reads frames: replies to this partition's
+The socket is this process's end of a socketpair the broker made for this partition
+before starting it (inherited; there is no named socket anyone could connect to). During
+set-up a synchronous HELLO/WELCOME tells the partition its name, trust, the services it
+uses and provides, and its policy. The broker enforces that policy again on every frame
+(pykvm/partitions/admission.py); the proxy's own checks are the first line, not the only one. Then one thread reads frames: replies to this partition's
 client requests, requests for the service its guest provides, and the state of the
 services this partition uses: when a service's provider goes away the broker says
 "down" and the proxied offer is rescinded in this partition's guest; when a restarted
@@ -52,17 +54,16 @@ class PartitionLink:
         for service, versions in (welcome.get("versions") or {}).items():
             self._set_versions(service, versions)
         self.closed = False
+        self.broker_policy = None                 # the broker's decisions about this partition (it enforces them)
         self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0,
                        "remap_requests": 0, "remap_declined": 0}
         self._thread = None
 
     @classmethod
-    def connect(cls, path: str, name: str, log=None) -> "PartitionLink":
-        """Connect, say hello, wait for the welcome (LinkError on any failure)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def open(cls, sock: socket.socket, name: str, log=None) -> "PartitionLink":
+        """Say hello on the broker's socket, wait for the welcome (LinkError on any failure; sock closed then)."""
         sock.settimeout(CONNECT_TIMEOUT)
         try:
-            sock.connect(path)
             sock.sendall(wire.json_frame(wire.HELLO, {"name": name}))
             parser = wire.FrameParser()
             frames = []
@@ -79,7 +80,7 @@ class PartitionLink:
                 raise LinkError("the broker's welcome does not describe this partition")
         except (OSError, wire.WireError) as e:
             sock.close()
-            raise LinkError(f"partition broker {path}: {e}") from None
+            raise LinkError(f"partition broker link: {e}") from None
         except LinkError:
             sock.close()
             raise
@@ -209,6 +210,11 @@ class PartitionLink:
                     self.provider.submit(tag, blk, data)
         elif kind == wire.STATUS:
             obj = wire.parse_json(body)
+            if "policy" in obj:                # the broker's decisions about this partition, for `ctl policy`
+                if not isinstance(obj["policy"], dict):
+                    raise wire.WireError("status: the broker's policy report is not an object")
+                self.broker_policy = obj["policy"]
+                return
             if "cancel" in obj:
                 tag = obj.get("cancel")
                 if type(tag) is not int:
@@ -273,4 +279,4 @@ class PartitionLink:
                     provides=self.welcome.get("provides"), generation=self.welcome.get("generation"),
                     service_versions={s: [f"{v >> 16}.{v & 0xFFFF}" for v in vs]
                                       for s, vs in self.service_versions.items()},
-                    outstanding=len(self._pending), connected=not self.closed)
+                    outstanding=len(self._pending), connected=not self.closed, broker_policy=self.broker_policy)

@@ -102,14 +102,20 @@ def parse(data: bytes, nfds: int, nbytes: int):
 
 
 def check_fd(fd: int, end: int) -> None:
-    """RemapError unless fd is a memfd (sealable shared memory) at least `end` bytes long."""
+    """RemapError unless fd is a memfd sealed against shrinking and at least `end` bytes long.
+
+    Unsealed, the client could truncate it while this VMM maps it: this VMM (and KVM on the
+    guest's behalf) would then fault on pages that no longer exist (SIGBUS).
+    """
     try:
         st = os.fstat(fd)
-        fcntl.fcntl(fd, fcntl.F_GET_SEALS)      # EINVAL for anything but memfd/shmem files
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)      # EINVAL for anything but memfd/shmem files
     except OSError as e:
         raise RemapError(f"received descriptor is not guest memory: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise RemapError("received descriptor is not a memory file")
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise RemapError("received memory file is not sealed against shrinking (F_SEAL_SHRINK)")
     if st.st_size < end:
         raise RemapError(f"received memory file of {st.st_size} bytes; a run ends at {end}")
 

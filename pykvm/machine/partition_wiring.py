@@ -1,9 +1,9 @@
 """Makes a `pykvm run` process a partition of a topology when `pykvm up` started it.
 
-`pykvm up` sets PYKVM_PARTITION=NAME@BROKER_SOCKET in each partition's environment (a
-single `pykvm run` has no such variable and is unchanged). The partition connects to
-the broker during set-up, learns from its welcome what it uses, provides and may do,
-and gets: a proxied block offer per service it uses (as the policy agent allows), a
+`pykvm up` starts each partition with its end of a socketpair to the broker and says
+which in the environment: PYKVM_PARTITION=NAME, PYKVM_BROKER_FD=N (a single `pykvm run`
+has no such variables and is unchanged). The partition greets the broker on it during
+set-up, learns from its welcome what it uses, provides and may do, and gets: a proxied block offer per service it uses (as the policy agent allows), a
 provider offer when it provides one, and bus limits from the policy. `pykvm ctl SOCK
 policy` shows the agent's decisions.
 """
@@ -15,6 +15,7 @@ import os
 from .. import errors
 
 ENV = "PYKVM_PARTITION"
+ENV_FD = "PYKVM_BROKER_FD"
 
 
 def requested() -> bool:
@@ -23,15 +24,29 @@ def requested() -> bool:
 
 
 def connect():
-    """The PartitionLink to the broker named in the environment (UsageError when it cannot be reached)."""
+    """The PartitionLink on the broker socket the environment names (UsageError when it is not one)."""
+    import socket
+    import stat
+
     from ..bus.link import LinkError, PartitionLink
 
-    spec = os.environ.get(ENV, "")
-    name, sep, path = spec.partition("@")
-    if not sep or not name or not path:
-        raise errors.UsageError(f"{ENV}={spec!r}: expected NAME@BROKER_SOCKET")
+    name, spec = os.environ.get(ENV, ""), os.environ.get(ENV_FD, "")
+    if not name or not spec.isdigit() or int(spec) < 3:
+        raise errors.UsageError(f"{ENV}={name!r} {ENV_FD}={spec!r}: expected a partition name and the number "
+                                "of the inherited broker socket (`pykvm up` sets both)")
+    fd = int(spec)
     try:
-        return PartitionLink.connect(path, name)
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise errors.UsageError(f"{ENV_FD}={fd}: not a socket")
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise errors.UsageError(f"{ENV_FD}={fd}: {e.strerror}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise errors.UsageError(f"{ENV_FD}={fd}: not a unix stream socket")
+    sock.set_inheritable(False)
+    try:
+        return PartitionLink.open(sock, name)
     except LinkError as e:
         raise errors.UsageError(str(e)) from None
 

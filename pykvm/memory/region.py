@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
 PAGE_SIZE = 4096
+RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL   # what a receiver of a guest RAM memfd may rely on
 
 
 class GuestMemoryError(Exception):
@@ -17,7 +19,10 @@ class MemoryRegion:
 
     A memfd rather than anonymous memory so the crash dumper can find the pages
     the guest touched with SEEK_DATA/SEEK_HOLE, and so a region can later be
-    shared with another process (a partition, a restored VM).
+    shared with another process (a partition, a restored VM). Sealed against
+    shrinking (RAM never shrinks; memory given back is punched, not truncated):
+    a process it is shared with can map it without risking SIGBUS, whatever this
+    one does later. Growing stays possible; no further seal is ever added.
     """
 
     def __init__(self, gpa: int, size: int, name: str = "ram", node: int = 0):
@@ -27,9 +32,10 @@ class MemoryRegion:
         self.size = size
         self.name = name
         self.node = node
-        self.fd = os.memfd_create(f"pykvm-{name}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"pykvm-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, RAM_SEALS)
             self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self.fd)
