@@ -150,3 +150,29 @@ def test_any_packet_gets_an_answer_not_an_exception(stub, body):
     stub.breaks.dregs.clear()
     stub.breaks.soft_watches.clear()
     assert len(bytes.fromhex(ask(stub, b"g").decode())) == gdbregs.G_SIZE
+
+
+def test_breakpoint_and_watchpoint_tables_are_bounded(stub):
+    """100k Z packets grew the VMM by 40 MB; now each table stops at its cap with E1c."""
+    from pykvm.gdb import breakpoints
+
+    breaks = stub.breaks
+    base = 0x100000
+    orig = stub.m.memory.read(base, breakpoints.MAX_SW_BREAKS + 64)
+    z2 = [ask(stub, b"Z2,%x,4" % (base + 8 * i)) for i in range(breakpoints.MAX_SOFT_WATCHES + 50)]
+    if not stub.host.data_watch:
+        assert z2[:breakpoints.MAX_SOFT_WATCHES] == [b"OK"] * breakpoints.MAX_SOFT_WATCHES
+        assert set(z2[breakpoints.MAX_SOFT_WATCHES:]) == {b"E1c"}
+        assert len(breaks.soft_watches) == breakpoints.MAX_SOFT_WATCHES
+    else:
+        assert z2.count(b"OK") <= 4 and len(breaks.dregs.values()) <= 8
+    z0 = [ask(stub, b"Z0,%x,1" % (base + i)) for i in range(breakpoints.MAX_SW_BREAKS + 50)]
+    if stub.host.int3:
+        assert set(z0[breakpoints.MAX_SW_BREAKS:]) == {b"E1c"}
+        assert len(breaks.sw_breaks) == breakpoints.MAX_SW_BREAKS
+    else:
+        assert z0.count(b"OK") <= 4 and set(z0[4:]) == {b"E1c"}
+    assert len(breaks.notes) <= breakpoints.MAX_NOTES
+    breaks.clear()
+    assert not breaks.sw_breaks and not breaks.soft_watches and not breaks.dregs.any()
+    assert stub.m.memory.read(base, len(orig)) == orig          # every int3 put back
