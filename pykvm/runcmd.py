@@ -294,8 +294,10 @@ def run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
             echo(outcome.details["traceback"], err=True)
     core, kernel = outcome.core_file, outcome.kernel_file   # str: a run never builds a pathlib.Path
     if core:
-        hint = f" --kernel {kernel}" if kernel and os.path.splitext(kernel)[1] == ".elf" else ""
-        echo(f"pykvm: core written to {core} (inspect: pykvm inspect {core}{hint})",
+        from .paths import shell_word as quote   # the kernel's name may come from a state file
+
+        hint = f" --kernel {quote(kernel)}" if kernel and os.path.splitext(kernel)[1] == ".elf" else ""
+        echo(f"pykvm: core written to {core} (inspect: pykvm inspect {quote(core)}{hint})",
              err=True)
     elif outcome.core_error:
         echo(f"pykvm: no core written: {outcome.core_error}", err=True)
