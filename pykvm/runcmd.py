@@ -272,12 +272,19 @@ def run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
     """Run a built VM on this thread with the host hooks (SIGUSR1 dumps, --control), report, return its status."""
     import signal
 
+    from .vmproc import announce, drain
+
     _resume_gc()
-    # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
-    signal.signal(signal.SIGUSR1, lambda *_: vm.request_dump())
+    # `pykvm dump PID` (SIGUSR1, once vmproc proved this is a VM): write a core and keep going
+    announced = announce()
+    signal.signal(signal.SIGUSR1, lambda *_: (vm.request_dump(), drain(announced)))
     if control_path:
         vm.serve_control(control_path)
-    outcome = vm.run()               # the control socket closes when the run ends
+    try:
+        outcome = vm.run()           # the control socket closes when the run ends
+    finally:
+        if announced is not None:
+            announced.close()
     policy_line = vm.policy_summary
     if policy_line:
         echo(policy_line, err=True)

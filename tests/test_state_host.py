@@ -137,3 +137,32 @@ def test_disk_binding_never_opens_a_saved_path_and_fails_only_with_bad_state(tmp
         assert "\n" not in str(e)
         return
     assert [p for p, _ in out] == [str(p) for p, _ in given_]    # only the command line's paths
+
+
+def test_a_vm_with_intel_iommu_saved_through_ctl_restores(tmp_path):
+    """Issue 19 finding 8: intremap (an on/off switch, true once parsed) failed the schema with 26."""
+    sock = tmp_path / "ctl.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "crash-hang", "--device", "intel-iommu",
+                             "--control", str(sock), "--timeout", "120", "--no-dump"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        state = tmp_path / "vm.state"
+        reply = request(str(sock), {"cmd": "save", "path": str(state), "stop": True})
+        assert reply["ok"], reply
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    saved = S.load_state(state)
+    try:
+        iommu = [d for d in saved.header["devices"] if d["class"].endswith(":IntelIommu")]
+        assert iommu and iommu[0]["config"]["intremap"] is True
+    finally:
+        saved.close()
+    r = pykvm("restore", str(state), "--trust", "trusted", "--timeout", "2", "--no-dump", timeout=60)
+    assert r.returncode == 18, r.stderr.decode()
