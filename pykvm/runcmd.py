@@ -371,7 +371,8 @@ def serial_sink(spec: str):
     if spec == "none":
         return None, None
     try:
-        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # 0600 when created: what a guest prints is the user's (an existing file keeps its mode)
+        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise OutputPathError(f"--serial {spec}: cannot open for writing: {e.strerror}") from None
     return fd, fd

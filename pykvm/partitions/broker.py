@@ -120,7 +120,7 @@ class Broker:
         if p.disk:
             argv += ["--disk", p.disk]
         env = dict(os.environ, PYKVM_PARTITION=f"{p.name}@{self.path}")
-        with open(f["log"], "wb") as log:
+        with open(os.open(f["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as log:
             self.procs[p.name] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.status.pop(p.name, None)

@@ -494,7 +494,13 @@ def write_file(path, header: dict, pieces) -> int:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        # 0600 (guest RAM inside), and never through a name someone placed there first
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        _release(pieces)
+        raise
+    try:
+        with open(fd, "wb") as f:
             size = _write_to(f, header, pieces)
         os.replace(tmp, path)
     except BaseException:
