@@ -166,3 +166,72 @@ def test_a_vm_with_intel_iommu_saved_through_ctl_restores(tmp_path):
         saved.close()
     r = pykvm("restore", str(state), "--trust", "trusted", "--timeout", "2", "--no-dump", timeout=60)
     assert r.returncode == 18, r.stderr.decode()
+
+
+HOSTILE = st.sampled_from([None, True, False, -1, 0, 1, 2 ** 64, 1.5, "", "x", "/etc/shadow", "/dev/sda",
+                           "a\x1b[2Jb", "a\nb", "x.elf; rm -rf ~", [], [["/etc/passwd", False]],
+                           [["/etc/passwd", True], ["/etc/passwd", False]], [[1, 2]], {}, {"size": 1},
+                           [{"size": 32768, "read_only": False}], [{"size": 1, "read_only": True}],
+                           "trusted", "untrusted", "root", [["edu", {}]], [["mailbox", {"base": True}]],
+                           [["intel-iommu", {"intremap": True}]]])
+HOST_FIELDS = [("config", "kernel"), ("config", "kernel_name"), ("config", "initrd"), ("config", "disks"),
+               ("config", "trust"), ("config", "devices"), ("config", "bus"), ("config", "display"),
+               ("config", "numa"), ("config", "cpu"), (None, "disks")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(edits=st.lists(st.tuples(st.sampled_from(HOST_FIELDS), HOSTILE), min_size=1, max_size=3),
+       trust=st.sampled_from([None, "trusted", "untrusted"]))
+def test_edited_host_fields_restore_with_the_given_disk_or_are_refused_with_26(saved_block, tmp_path_factory,
+                                                                               edits, trust):
+    """Whatever a resealed header says about host resources: status 0 or 26, no traceback, and the only
+    file opened as a disk is the command line's."""
+    import copy
+
+    from pykvm.errors import PykvmError
+    from pykvm.machine import Machine
+
+    state, disk = saved_block
+    tmp = tmp_path_factory.mktemp("edit")
+    mine = tmp / "mine.img"
+    mine.write_bytes(disk.read_bytes())
+    opened = []
+    saved = S.load_state(state)
+    try:
+        header, payload = copy.deepcopy(saved.header), saved.section(0, saved.payload_len)
+    finally:
+        saved.close()
+    for (where, key), value in edits:
+        (header["config"] if where == "config" else header)[key] = value
+    out = tmp / "edited.state"
+    S.write_file(out, header, [payload])
+    from pykvm.bus.services import block
+
+    real_init = block.Disk.__init__
+
+    def spy(self, path, read_only=False):
+        opened.append(str(path))
+        real_init(self, path, read_only)
+
+    block.Disk.__init__ = spy
+    try:
+        status = 0
+        try:
+            loaded = S.load_state(out)
+        except PykvmError as e:
+            status = e.exit_status
+        else:
+            try:
+                cfg = loaded.machine_config(disks=[(str(mine), False)], trust=trust, serial_out=None,
+                                            serial_in=None, timeout=1.0, crash_dir=None)
+                with Machine(cfg, restore=loaded):
+                    pass
+            except PykvmError as e:
+                assert "\n" not in str(e)
+                status = e.exit_status
+            finally:
+                loaded.close()
+    finally:
+        block.Disk.__init__ = real_init
+    assert status in (0, EXIT_BAD_STATE)
+    assert set(opened) <= {str(mine)}
