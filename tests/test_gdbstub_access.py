@@ -86,8 +86,8 @@ def foreign_peer(kind: str, where) -> str:
 class Gdbd:
     """`pykvm run gdb-target --gdb SPEC --gdb-wait ...`, with where it listens read from stderr."""
 
-    def __init__(self, spec: str, *args: str):
-        cmd = [sys.executable, "-m", "pykvm", "run", "gdb-target", "--gdb", spec, "--gdb-wait", *args]
+    def __init__(self, spec: str, *args: str, guest: str = "gdb-target"):
+        cmd = [sys.executable, "-m", "pykvm", "run", guest, "--gdb", spec, "--gdb-wait", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
         self.head = []
@@ -157,6 +157,7 @@ def test_unix_socket_is_0600_and_unreachable_for_another_user():
     finally:
         os.umask(old)
     try:
+        assert vmm.where == path
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
         assert "CONNECT-FAILED PermissionError" in foreign_peer("unix", path)
         with socket.socket(socket.AF_UNIX) as conn:
@@ -254,3 +255,39 @@ def test_tcp_owner_lookup_finds_this_process(tmp_path):
     finally:
         srv.close()
         owners.close()
+
+
+def _read_until(conn: socket.socket, marker: bytes) -> bytes:
+    got = b""
+    while marker not in got:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_timeout_ends_a_crashed_vm_that_gdb_keeps_looking_at(tmp_path):
+    """A crash waits for gdb to look (SIGSEGV stop), but not past --timeout."""
+    vmm = Gdbd("tcp::0", "--timeout", "5", "--crash-dir", str(tmp_path / "cores"), guest="crash-null")
+    conn = socket.create_connection(("127.0.0.1", vmm.port), timeout=60)
+    try:
+        conn.sendall(rsp.frame(b"QStartNoAckMode"))
+        _read_until(conn, b"OK")
+        conn.sendall(rsp.frame(b"c"))
+        stop = _read_until(conn, b"#")
+        status, err = vmm.finish(timeout=60)
+        rest = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    finally:
+        conn.close()
+    assert status == 16, err
+    assert b"T0b" in stop                                    # the crash, shown as SIGSEGV
+    assert b"$X0b#" in rest, rest
+    said = [bytes.fromhex(h.decode()).decode() for h in re.findall(rb"\$O([0-9a-f]+)#", rest)]
+    assert any("--timeout 5s reached while gdb held the crashed VM" in s for s in said), said
+    assert "core written to" in err

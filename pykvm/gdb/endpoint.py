@@ -46,8 +46,10 @@ class Endpoint:
     @property
     def where(self) -> str:
         """What gdb's `target remote` takes."""
+        if self.path:
+            return self.path               # the socket was bound elsewhere, then linked here
         name = self.sock.getsockname()
-        return name if isinstance(name, str) else f"{name[0]}:{name[1]}"
+        return f"{name[0]}:{name[1]}"
 
     def accept(self) -> socket.socket | None:
         """The next connection from this user, or None (a refused or failed one)."""

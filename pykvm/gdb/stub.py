@@ -88,6 +88,8 @@ class GdbStub:
         self.stops.wake()
         if self._thread is not None:
             self._thread.join(2)
+        if self._thread is None or not self._thread.is_alive():
+            self.stops.close()
         conn = self.conn
         if conn is not None:
             try:
