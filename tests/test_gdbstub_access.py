@@ -15,14 +15,14 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from pykvm import hostsock
 from pykvm.gdb import rsp
 
-from .helpers import ROOT, pykvm
+from .helpers import pykvm
+from .test_gdbstub_gdb import Vmm
 
 pytestmark = pytest.mark.kvm
 
@@ -83,41 +83,30 @@ def foreign_peer(kind: str, where) -> str:
     return r.stdout
 
 
-class Gdbd:
-    """`pykvm run gdb-target --gdb SPEC --gdb-wait ...`, with where it listens read from stderr."""
+class Gdbd(Vmm):
+    """`pykvm run GUEST --gdb SPEC --gdb-wait ARGS`."""
 
     def __init__(self, spec: str, *args: str, guest: str = "gdb-target"):
-        cmd = [sys.executable, "-m", "pykvm", "run", guest, "--gdb", spec, "--gdb-wait", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL)
-        self.head = []
-        for line in self.proc.stderr:
-            line = line.decode(errors="replace")
-            self.head.append(line)
-            m = re.search(r"gdb: listening on (\S+)", line)
-            if m:
-                self.where = m.group(1)
-                break
-        else:
-            raise AssertionError("no gdb listener: " + "".join(self.head))
-
-    @property
-    def port(self) -> int:
-        return int(self.where.rpartition(":")[2])
+        super().__init__(guest, *args, gdb=spec)
 
     def finish(self, timeout: float = 60) -> tuple[int, str]:
-        try:
-            _out, err = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _out, err = self.proc.communicate()
-            raise AssertionError("pykvm did not end: " + "".join(self.head) + err.decode(errors="replace"))
-        return self.proc.returncode, "".join(self.head) + err.decode(errors="replace")
+        status, _out, err = super().finish(timeout)
+        return status, err
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate()
+
+
+def read_all(conn: socket.socket) -> bytes:
+    """Everything until the stub closes the connection."""
+    got = b""
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
 
 
 def owner_exchange(conn: socket.socket) -> bytes:
@@ -144,7 +133,7 @@ def test_a_foreign_uid_is_refused_on_tcp_and_the_owner_is_served():
     finally:
         vmm.kill()
     _status, err = vmm.finish()
-    assert f"refused a connection from 127.0.0.1" in err and f"uid {NOBODY}" in err
+    assert "refused a connection from 127.0.0.1" in err and f"uid {NOBODY}" in err
 
 
 def test_unix_socket_is_0600_and_unreachable_for_another_user():
@@ -174,12 +163,7 @@ def test_timeout_ends_the_vm_while_a_silent_gdb_holds_it():
     conn = socket.create_connection(("127.0.0.1", vmm.port), timeout=60)
     try:
         status, err = vmm.finish(timeout=60)     # before the fix: alive until the client left
-        got = b""
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            got += chunk
+        got = read_all(conn)
     finally:
         conn.close()
     assert status == 18, err
@@ -277,12 +261,7 @@ def test_timeout_ends_a_crashed_vm_that_gdb_keeps_looking_at(tmp_path):
         conn.sendall(rsp.frame(b"c"))
         stop = _read_until(conn, b"#")
         status, err = vmm.finish(timeout=60)
-        rest = b""
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
+        rest = read_all(conn)
     finally:
         conn.close()
     assert status == 16, err

@@ -27,16 +27,10 @@ SECTOR = 512
 WRITES = "crash=2 wsec=16 wcount=24 seed=3"     # rewrites sectors 16..39 until the host stops it
 
 
-@pytest.fixture(scope="module")
-def saved_block(tmp_path_factory):
-    """A bus-block VM saved before its first instruction (--gdb-wait holds it; a connected bus cannot be
-    saved), with disk.img as its disk: (state path, disk path)."""
-    tmp = tmp_path_factory.mktemp("block")
-    disk = tmp / "disk.img"
-    disk.write_bytes(b"\0" * (64 * SECTOR))
+def run_and_save(tmp, *run_args: str) -> tuple:
+    """`pykvm run RUN_ARGS --control SOCK`, saved with `ctl save stop=true` at once: (state path, stderr)."""
     sock = tmp / "ctl.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "bus-block", "--disk", str(disk),
-                             "--cmdline", WRITES, "--control", str(sock), "--gdb", "tcp::0", "--gdb-wait",
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", *run_args, "--control", str(sock),
                              "--timeout", "120", "--no-dump"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -49,11 +43,23 @@ def saved_block(tmp_path_factory):
         assert reply["ok"], reply
         _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
-        assert f"pykvm restore {state} --trust trusted --disk {disk}" in err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    return state, err.decode()
+
+
+@pytest.fixture(scope="module")
+def saved_block(tmp_path_factory):
+    """A bus-block VM saved before its first instruction (--gdb-wait holds it; a connected bus cannot be
+    saved), with disk.img as its disk: (state path, disk path)."""
+    tmp = tmp_path_factory.mktemp("block")
+    disk = tmp / "disk.img"
+    disk.write_bytes(b"\0" * (64 * SECTOR))
+    state, err = run_and_save(tmp, "bus-block", "--disk", str(disk), "--cmdline", WRITES,
+                              "--gdb", "tcp::0", "--gdb-wait")
+    assert f"pykvm restore {state} --trust trusted --disk {disk}" in err
     return state, disk
 
 
@@ -141,23 +147,7 @@ def test_disk_binding_never_opens_a_saved_path_and_fails_only_with_bad_state(tmp
 
 def test_a_vm_with_intel_iommu_saved_through_ctl_restores(tmp_path):
     """Issue 19 finding 8: intremap (an on/off switch, true once parsed) failed the schema with 26."""
-    sock = tmp_path / "ctl.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "crash-hang", "--device", "intel-iommu",
-                             "--control", str(sock), "--timeout", "120", "--no-dump"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while not sock.exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        state = tmp_path / "vm.state"
-        reply = request(str(sock), {"cmd": "save", "path": str(state), "stop": True})
-        assert reply["ok"], reply
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    state, _err = run_and_save(tmp_path, "crash-hang", "--device", "intel-iommu")
     saved = S.load_state(state)
     try:
         iommu = [d for d in saved.header["devices"] if d["class"].endswith(":IntelIommu")]

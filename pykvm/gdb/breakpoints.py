@@ -12,8 +12,8 @@ import collections
 from ..kvm import constants as C
 from ..memory import GuestMemoryError
 from . import hwdebug
+from .rsp import EFAULT, EINVAL, ENOSPC
 
-EINVAL, EFAULT, ENOSPC = b"E16", b"E0e", b"E1c"
 MAX_SW_BREAKS = 1024           # int3 breakpoints at once (gdb's rbreak on a large kernel stays well below)
 MAX_SOFT_WATCHES = 16          # watchpoints checked after single steps
 MAX_SOFT_WATCH = 64            # bytes one such watchpoint may cover

@@ -17,6 +17,8 @@ MAX_MEMORY_READ = (MAX_PACKET - 32) // 2   # bytes one 'm' reply can carry as he
 MAX_REGISTER = 64            # bytes one register value may have (xmm is 16, st 10)
 U64 = (1 << 64) - 1
 INTERRUPT = 0x03             # gdb sends a bare ^C byte to stop a running target
+# error replies (gdb shows the errno): malformed, bad address, no room, not permitted
+EINVAL, EFAULT, ENOSPC, EPERM = b"E16", b"E0e", b"E1c", b"E01"
 
 _HEX = re.compile(rb"[0-9a-fA-F]+\Z")
 

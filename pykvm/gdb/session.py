@@ -15,9 +15,8 @@ from ..kvm import KvmError
 from ..machine.config import Outcome
 from ..memory import GuestMemoryError
 from . import registers, rsp
+from .rsp import EFAULT, EINVAL
 from .stops import SIGINT, SIGSEGV, SIGTRAP, Stop, exit_packet, stop_reply
-
-EINVAL, EFAULT = b"E16", b"E0e"
 
 
 def console(text: str) -> bytes:

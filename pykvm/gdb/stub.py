@@ -22,15 +22,15 @@ import time
 from .. import errors
 from ..kvm import KvmError
 from ..memory.pagewalk import translate
+from ..machine.config import Outcome
 from . import hwdebug, rsp
 from .breakpoints import Breakpoints
 from .endpoint import Endpoint, listen
+from .rsp import EFAULT
 from .session import Session
 from .stops import SIGTRAP, Stop, Stops
 from .vcpuregs import VcpuRegisters
-from ..machine.config import Outcome
 
-EFAULT = b"E0e"
 PAGE = 4096
 END_GRACE = 5.0                # seconds a session that is told the VM ended may take to go away
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from ..kvm import KvmError
 from . import registers, rsp
-
-EINVAL, EFAULT, EPERM = b"E16", b"E0e", b"E01"
+from .rsp import EFAULT, EINVAL, EPERM
 
 
 def _state(v):
