@@ -292,16 +292,25 @@ class VM:
         self._launch(cfg, None, console, serial_input, capture, start, max_transcript)
 
     @classmethod
-    def restore(cls, state, *, timeout: float | None = None, crash_dir=None, console=None,
-                serial_input="pipe", capture: bool = True, start: bool = True, sandbox: bool = False,
+    def restore(cls, state, *, disks=(), trust: str | None = None, timeout: float | None = None, crash_dir=None,
+                console=None, serial_input="pipe", capture: bool = True, start: bool = True, sandbox: bool = False,
                 max_transcript: int = MAX_TRANSCRIPT) -> "VM":
-        """Continue a VM saved with save() or `pykvm ctl SOCK save` (state: its path; BadStateError if unfit)."""
+        """Continue a VM saved with save() or `pykvm ctl SOCK save` (state: its path; BadStateError if unfit).
+
+        Host resources come from the caller, never from the file: `disks` ("FILE[,ro]" or (path,
+        read_only), in the saved order, each matching the saved disk's size and mode), and `trust`
+        ("trusted" must be given to restore a VM that was trusted; the file alone grants at most
+        "untrusted").
+        """
         from .snapshot.state import SavedState, load_state
 
+        if trust is not None:
+            _choice("trust", trust, ("trusted", "untrusted"))
         saved = state if isinstance(state, SavedState) else load_state(state)
         vm = cls.__new__(cls)
         try:
-            cfg = saved.machine_config(timeout=timeout, crash_dir=clean(crash_dir) if crash_dir is not None else None,
+            cfg = saved.machine_config(disks=[disk_spec(d) for d in disks], trust=trust, timeout=timeout,
+                                       crash_dir=clean(crash_dir) if crash_dir is not None else None,
                                        sandbox=sandbox)
         except BaseException:
             saved.close()

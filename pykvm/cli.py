@@ -147,9 +147,17 @@ def _leave(status: int) -> None:
               help="Serve host commands (pykvm ctl) on this unix socket while the guest runs.")
 @click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Confine the VMM with seccomp once set up (off: for debugging).")
+@click.option("--disk", "disks", multiple=True, metavar="FILE[,ro]",
+              help="The saved VM's disks, in their original order (repeat); each must match the saved size and mode.")
+@click.option("--trust", type=click.Choice(["trusted", "untrusted"]),
+              help="Trust level of the restored VM; a VM saved as trusted needs --trust trusted.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandbox, debug):
-    """Continue a VM saved with `pykvm ctl SOCK save path=STATE_FILE` (exit status 26: bad state file)."""
+def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandbox, disks, trust, debug):
+    """Continue a VM saved with `pykvm ctl SOCK save path=STATE_FILE` (exit status 26: bad state file).
+
+    The state file names no host file that is opened: give the saved VM's disks again with
+    --disk (checked against the saved size and mode), and its trust with --trust.
+    """
 
     def go():
         from .api import VM
@@ -165,7 +173,8 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandb
             raise
         serial_in = 0 if serial == "stdio" and sys.stdin.isatty() and not os.environ.get("CI") else None
         try:
-            with VM.restore(saved, console=serial_out, capture=False, serial_input=serial_in, timeout=timeout,
+            with VM.restore(saved, disks=disks, trust=trust, console=serial_out, capture=False,
+                            serial_input=serial_in, timeout=timeout,
                             crash_dir=None if no_dump else crash_dir, sandbox=sandbox == "on", start=False) as vm:
                 status = _run_vm(vm, control_path, False, debug)
         finally:

@@ -275,12 +275,19 @@ def run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
     """Run a built VM on this thread with the host hooks (SIGUSR1 dumps, --control), report, return its status."""
     import signal
 
+    from .vmproc import announce, drain
+
     _resume_gc()
-    # `pykvm dump PID` (SIGUSR1): write a core of the running guest and keep going
-    signal.signal(signal.SIGUSR1, lambda *_: vm.request_dump())
+    # `pykvm dump PID` (SIGUSR1, once vmproc proved this is a VM): write a core and keep going
+    announced = announce()
+    signal.signal(signal.SIGUSR1, lambda *_: (vm.request_dump(), drain(announced)))
     if control_path:
         vm.serve_control(control_path)
-    outcome = vm.run()               # the control socket closes when the run ends
+    try:
+        outcome = vm.run()           # the control socket closes when the run ends
+    finally:
+        if announced is not None:
+            announced.close()
     policy_line = vm.policy_summary
     if policy_line:
         echo(policy_line, err=True)
@@ -297,8 +304,10 @@ def run_vm(vm, control_path: str | None, trace_io: bool, debug: bool) -> int:
             echo(outcome.details["traceback"], err=True)
     core, kernel = outcome.core_file, outcome.kernel_file   # str: a run never builds a pathlib.Path
     if core:
-        hint = f" --kernel {kernel}" if kernel and os.path.splitext(kernel)[1] == ".elf" else ""
-        echo(f"pykvm: core written to {core} (inspect: pykvm inspect {core}{hint})",
+        from .paths import shell_word as quote   # the kernel's name may come from a state file
+
+        hint = f" --kernel {quote(kernel)}" if kernel and os.path.splitext(kernel)[1] == ".elf" else ""
+        echo(f"pykvm: core written to {core} (inspect: pykvm inspect {quote(core)}{hint})",
              err=True)
     elif outcome.core_error:
         echo(f"pykvm: no core written: {outcome.core_error}", err=True)
@@ -365,7 +374,8 @@ def serial_sink(spec: str):
     if spec == "none":
         return None, None
     try:
-        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # 0600 when created: what a guest prints is the user's (an existing file keeps its mode)
+        fd = os.open(spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise OutputPathError(f"--serial {spec}: cannot open for writing: {e.strerror}") from None
     return fd, fd

@@ -204,7 +204,7 @@ def test_dump_save_and_restore(tmp_path):
         out = vm.wait()
         assert out.kind == "saved"
         saved_value = struct.unpack("<Q", vm.read_phys(counter, 8))[0]
-    with VM.restore(state, timeout=1, crash_dir=tmp_path / "cores") as vm2:
+    with VM.restore(state, trust="trusted", timeout=1, crash_dir=tmp_path / "cores") as vm2:
         out = vm2.wait()
         assert out.kind == "timeout" and out.core_path is not None
         assert struct.unpack("<Q", vm2.read_phys(counter, 8))[0] > saved_value

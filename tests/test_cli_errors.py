@@ -168,36 +168,83 @@ def test_dump_refuses_a_process_that_is_not_a_pykvm_vm():
     import os
 
     for pid in (1, os.getpid()):
-        one_line_error(pykvm("dump", str(pid)), errors.EXIT_USAGE, str(pid), "not a `pykvm run`")
+        one_line_error(pykvm("dump", str(pid)), errors.EXIT_USAGE, str(pid), "not a `pykvm run`")  # no announcement
     one_line_error(pykvm("dump", "999999999"), errors.EXIT_USAGE, "no process")
     one_line_error(pykvm("dump", "0"), errors.EXIT_USAGE)
 
 
-def test_dump_check_reads_owner_command_line_and_handler(tmp_path):
-    """check_vm against a fake /proc: other users, other programs, and a VM not yet catching SIGUSR1."""
+def test_dump_check_reads_owner_and_handler(tmp_path):
+    """check_vm against a fake /proc: other users, and a process not catching SIGUSR1."""
     import os
 
     from pykvm.vmproc import NotAVmError, check_vm
 
-    def fake(pid, argv, uid, sigcgt):
+    def fake(pid, uid, sigcgt):
         d = tmp_path / str(pid)
         d.mkdir()
-        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
         (d / "status").write_text(f"Name:\tpython3\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nSigCgt:\t{sigcgt:016x}\n")
 
     me, usr1 = os.getuid(), 1 << 9
-    fake(10, ["python3", "-m", "pykvm", "run", "hello"], me, usr1)
-    fake(11, ["/usr/local/bin/pykvm", "restore", "x.state"], me, usr1 | 2)
-    fake(12, ["python3", "-m", "pykvm", "run", "hello"], me + 1, usr1)
-    fake(13, ["sleep", "100"], me, usr1)
-    fake(14, ["python3", "-m", "pykvm", "run", "hello"], me, 0)
-    fake(15, ["python3", "-m", "pykvm", "guests"], me, usr1)
+    fake(10, me, usr1)
+    fake(11, me, usr1 | 2)
+    fake(12, me + 1, usr1)
+    fake(14, me, 0)
     check_vm(10, str(tmp_path))
     check_vm(11, str(tmp_path))
-    for pid, why in ((12, "another user"), (13, "not a `pykvm run`"), (14, "not running a guest yet"),
-                     (15, "not a `pykvm run`"), (16, "no process")):
+    for pid, why in ((12, "another user"), (14, "does not take dump requests"), (16, "no process")):
         with pytest.raises(NotAVmError, match=why):
             check_vm(pid, str(tmp_path))
+
+
+IMPOSTOR = r"""
+import os, signal, socket, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: open(sys.argv[1], "a").write("signalled\n"))
+if sys.argv[2] == "other-pid":       # claims a pid that is not its own: the name of its parent
+    s = socket.socket(socket.AF_UNIX)
+    s.bind("\0pykvm-vm-%d" % os.getppid())
+    s.listen(1)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["argv", "other-pid"])
+def test_dump_does_not_signal_a_look_alike(tmp_path, how):
+    """A process that looks like `pykvm run` by its argv, catches SIGUSR1, or announces a VM in another
+    process's name is not signalled: only the process listening on pykvm-vm-<its own pid> is."""
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "signalled"
+    argv = [sys.executable, "-c", IMPOSTOR, str(marker), how, "-m", "pykvm", "run", "hello"]
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); "
+                               "p.wait()", *argv], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout.readline() == b"ready\n"
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                    and _ppid(int(p)) == parent.pid]
+        assert len(children) == 1
+        target = parent.pid if how == "other-pid" else children[0]
+        r = pykvm("dump", str(target))
+        assert r.returncode == errors.EXIT_USAGE, r.stderr
+        assert b"not a" in r.stderr
+        r = pykvm("dump", str(children[0]))
+        assert r.returncode == errors.EXIT_USAGE, r.stderr
+    finally:
+        parent.kill()
+        for p in [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == parent.pid]:
+            os.kill(p, 9)
+        parent.wait()
+    assert not marker.exists()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def test_program_is_not_a_kernel(tmp_path):

@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.kvm, pytest.mark.gdb]
 
 
 class Vmm:
-    """`pykvm run NAME --gdb tcp::0`, with the port it picked read from its stderr."""
+    """`pykvm run NAME --gdb SPEC` (tcp::0 by default), with where it listens read from its stderr."""
 
-    def __init__(self, name: str, *args: str, wait: bool = True):
-        cmd = [sys.executable, "-m", "pykvm", "run", name, "--gdb", "tcp::0", *args]
+    def __init__(self, name: str, *args: str, wait: bool = True, gdb: str = "tcp::0"):
+        cmd = [sys.executable, "-m", "pykvm", "run", name, "--gdb", gdb, *args]
         if wait:
             cmd.append("--gdb-wait")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -32,9 +32,10 @@ class Vmm:
         for line in self.proc.stderr:
             line = line.decode(errors="replace")
             self.head.append(line)
-            m = re.search(r"gdb: listening on [\d.]+:(\d+)", line)
+            m = re.search(r"gdb: listening on (\S+)", line)
             if m:
-                self.port = int(m.group(1))
+                self.where = m.group(1)
+                self.port = int(self.where.rpartition(":")[2]) if gdb.startswith("tcp") else None
                 break
         else:
             raise AssertionError("pykvm did not start its gdb server: " + "".join(self.head))

@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 
 from pykvm.machine import Machine, MachineConfig
 from pykvm.gdb import registers as gdbregs, rsp
-from pykvm.gdb.stub import GdbStub, Stop
+from pykvm.gdb.endpoint import Endpoint
+from pykvm.gdb.session import Session
+from pykvm.gdb.stub import GdbStub
+from pykvm.gdb.stops import Stop
 
 from .helpers import guest
 
@@ -38,8 +41,10 @@ class Conn:
 def stub():
     m = Machine(MachineConfig(kernel=guest("gdb-target"), serial_out=None))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s = GdbStub(m, listener, log=io.StringIO())
-    s._last = Stop(0, 5)
+    s = GdbStub(m, Endpoint(listener), log=io.StringIO())
+    s.stops.last = Stop(0, 5)
+    s.session = Session(s)
+    s.session.no_ack = True
     yield s
     listener.close()
     m.close()
@@ -47,9 +52,8 @@ def stub():
 
 def ask(stub, body: bytes) -> bytes:
     conn = Conn()
-    stub._no_ack = True
-    assert stub._packet(conn, body) in (True, False)
-    stub.running = False
+    assert stub.session.packet(conn, body) in (True, False)
+    stub.stops.running = False
     replies = conn.replies()
     return replies[-1] if replies else None
 
@@ -112,11 +116,11 @@ def test_breakpoints_fall_back_to_the_four_debug_registers(stub):
     for i in range(4):
         assert ask(stub, b"Z0,%x,1" % (0x100000 + i)) == b"OK"
     assert ask(stub, b"Z0,100010,1") == b"E1c"       # no fifth slot
-    assert any("cannot take int3" in n for n in stub.notes)
+    assert any("cannot take int3" in n for n in stub.breaks.notes)
     for i in range(4):
         assert ask(stub, b"z0,%x,1" % (0x100000 + i)) == b"OK"
     assert ask(stub, b"z0,100000,1") == b"E16"
-    stub.notes.clear()
+    stub.breaks.notes.clear()
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -143,6 +147,32 @@ def test_any_packet_gets_an_answer_not_an_exception(stub, body):
     assert reply == b"" or reply == b"OK" or reply.startswith((b"E", b"T", b"m", b"l", b"QC", b"PacketSize")) \
         or all(c in b"0123456789abcdef" for c in reply) or reply == b"1"
     # the stub still works afterwards
-    stub.dregs.clear()
-    stub.soft_watches.clear()
+    stub.breaks.dregs.clear()
+    stub.breaks.soft_watches.clear()
     assert len(bytes.fromhex(ask(stub, b"g").decode())) == gdbregs.G_SIZE
+
+
+def test_breakpoint_and_watchpoint_tables_are_bounded(stub):
+    """100k Z packets grew the VMM by 40 MB; now each table stops at its cap with E1c."""
+    from pykvm.gdb import breakpoints
+
+    breaks = stub.breaks
+    base = 0x100000
+    orig = stub.m.memory.read(base, breakpoints.MAX_SW_BREAKS + 64)
+    z2 = [ask(stub, b"Z2,%x,4" % (base + 8 * i)) for i in range(breakpoints.MAX_SOFT_WATCHES + 50)]
+    if not stub.host.data_watch:
+        assert z2[:breakpoints.MAX_SOFT_WATCHES] == [b"OK"] * breakpoints.MAX_SOFT_WATCHES
+        assert set(z2[breakpoints.MAX_SOFT_WATCHES:]) == {b"E1c"}
+        assert len(breaks.soft_watches) == breakpoints.MAX_SOFT_WATCHES
+    else:
+        assert z2.count(b"OK") <= 4 and len(breaks.dregs.values()) <= 8
+    z0 = [ask(stub, b"Z0,%x,1" % (base + i)) for i in range(breakpoints.MAX_SW_BREAKS + 50)]
+    if stub.host.int3:
+        assert set(z0[breakpoints.MAX_SW_BREAKS:]) == {b"E1c"}
+        assert len(breaks.sw_breaks) == breakpoints.MAX_SW_BREAKS
+    else:
+        assert z0.count(b"OK") <= 4 and set(z0[4:]) == {b"E1c"}
+    assert len(breaks.notes) <= breakpoints.MAX_NOTES
+    breaks.clear()
+    assert not breaks.sw_breaks and not breaks.soft_watches and not breaks.dregs.any()
+    assert stub.m.memory.read(base, len(orig)) == orig          # every int3 put back

@@ -60,7 +60,7 @@ def test_state_carries_topology_and_balloon_state(saved):
 
 
 def test_restored_guest_verifies_every_page(saved, tmp_path):
-    r = pykvm("restore", str(saved["state"]), "--timeout", "200", timeout=260)
+    r = pykvm("restore", str(saved["state"]), "--trust", "trusted", "--timeout", "200", timeout=260)
     out = r.stdout.decode()
     assert r.returncode == 0, out + r.stderr.decode()
     assert "numa-mem: checksums ok:" in out
@@ -81,7 +81,7 @@ def test_restore_refuses_tampered_balloon_state(saved, tmp_path):
         pytest.skip("state payload not readable here")
     bad = tmp_path / "bad.state"
     st.write_file(bad, header, [payload])
-    r = pykvm("restore", str(bad), "--timeout", "30", timeout=60)
+    r = pykvm("restore", str(bad), "--trust", "trusted", "--timeout", "30", timeout=60)
     assert r.returncode == 26, r.stderr
     assert b"vNUMA" in r.stderr and b"not inside node 0" in r.stderr
 

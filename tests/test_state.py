@@ -164,7 +164,7 @@ def wait_running(proc, sock, timeout=30):
 
 
 def restore(path, *extra, timeout=90):
-    return pykvm("restore", str(path), "--timeout", "60", "--no-dump", *extra, timeout=timeout)
+    return pykvm("restore", str(path), "--trust", "trusted", "--timeout", "60", "--no-dump", *extra, timeout=timeout)
 
 
 @pytest.mark.kvm
@@ -196,7 +196,7 @@ def test_save_without_stop_keeps_the_source_running_and_the_copy_runs_too(tmp_pa
     assert (status, out) == (39, BEFORE + AFTER)
     # a copy of a copy: restore with a control socket, save again from the restored VM, restore that
     sock = str(tmp_path / "r.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "restore", str(path), "--control", sock,
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "restore", str(path), "--trust", "trusted", "--control", sock,
                              "--timeout", "60", "--no-dump"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_running(proc, sock)
     second = tmp_path / "second.state"
@@ -295,7 +295,8 @@ def test_restore_brings_back_hot_plug_changes(saved_file, tmp_path):
                              "config": {"base": 0x5a0, "hang_seconds": 2.0, "name": "mb2"},
                              "generation": 3, "state": {**mailbox["state"], "host_flags": 5}, "windows": []})
     sock = str(tmp_path / "r.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "restore", str(rewrite(saved_file, tmp_path, edit)),
+    proc = subprocess.Popen([sys.executable, "-m", "pykvm", "restore", "--trust", "trusted",
+                             str(rewrite(saved_file, tmp_path, edit)),
                              "--control", sock, "--timeout", "60", "--no-dump"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     devices = wait_running(proc, sock)
@@ -426,7 +427,7 @@ def _restore_in_process(path) -> int:
     except PykvmError as e:
         return e.exit_status
     try:
-        cfg = saved.machine_config(serial_out=None, serial_in=None, timeout=1.0, crash_dir=None)
+        cfg = saved.machine_config(trust="trusted", serial_out=None, serial_in=None, timeout=1.0, crash_dir=None)
         with Machine(cfg, restore=saved):
             return 0
     except PykvmError as e:

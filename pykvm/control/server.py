@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+from .. import hostsock
 from .commands import COMMANDS
 
 MAX_REQUEST = 64 * 1024          # bytes in one request line
@@ -89,21 +90,8 @@ class ControlServer:
     def __init__(self, machine, path: str):
         self.machine = machine
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # bound and listening under a temporary name, then renamed: once the path exists, connects succeed
-        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}")
-        try:
-            self.sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            self.sock.listen(socket.SOMAXCONN)
-            os.replace(tmp, path)
-        except BaseException:
-            self.sock.close()
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        # 0600 from the start, and never in place of anything but a stale socket (hostsock)
+        self.sock, self._ident = hostsock.listen_unix(path, socket.SOMAXCONN)
         self.sock.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._stop = False
@@ -292,10 +280,7 @@ class ControlServer:
         from .. import sandbox
 
         if not sandbox.active():
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            hostsock.remove_unix(self.path, self._ident)
         self._flush_replies(2.0)
         self._stop = True
         try:

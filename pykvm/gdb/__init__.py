@@ -1,7 +1,9 @@
 """The gdb remote stub: a debugger front end on a running Machine.
 
-stub (the session: packets in, stop replies out, breakpoints), rsp (the remote serial
-protocol's framing and packet parsing), registers (gdb's x86-64 register file and its
-mapping to KVM's structures), hwdebug (debug registers for hardware breakpoints and
-watchpoints). Only `pykvm run --gdb` loads it.
+stub (GdbStub: puts the parts together; guest memory by virtual address), endpoint (who may
+connect: 0600 unix sockets, TCP peers of the VM's owner only), session (one connection's
+packets, dispatched through one table), stops (vCPU threads and the server agreeing on who
+runs; W/X at the end), vcpuregs (g/G/p/P on KVM's structures), breakpoints (Z/z, bounded),
+rsp (the remote serial protocol's framing and packet parsing), registers (gdb's x86-64
+register file), hwdebug (debug registers). Only `pykvm run --gdb` loads it.
 """

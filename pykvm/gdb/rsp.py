@@ -17,6 +17,8 @@ MAX_MEMORY_READ = (MAX_PACKET - 32) // 2   # bytes one 'm' reply can carry as he
 MAX_REGISTER = 64            # bytes one register value may have (xmm is 16, st 10)
 U64 = (1 << 64) - 1
 INTERRUPT = 0x03             # gdb sends a bare ^C byte to stop a running target
+# error replies (gdb shows the errno): malformed, bad address, no room, not permitted
+EINVAL, EFAULT, ENOSPC, EPERM = b"E16", b"E0e", b"E1c", b"E01"
 
 _HEX = re.compile(rb"[0-9a-fA-F]+\Z")
 
@@ -171,82 +173,119 @@ def _resume(kind: str, rest: bytes, with_signal: bool) -> Request:
     return Request(kind, (_hex_int(rest, "resume address") if rest else None,))
 
 
+def _xfer_features(body: bytes) -> Request:
+    annex, sep, span = body[len(b"qXfer:features:read:"):].rpartition(b":")
+    if not sep:
+        raise PacketError("qXfer: expected ANNEX:OFFSET,LENGTH")
+    off, n = _addr_len(span, "qXfer")
+    return Request("xfer_features", (annex.decode("ascii", "replace"), off, n))
+
+
+# q packets with operands, by prefix; the rest by name (the part before any ':')
+_QUERY_PREFIXES = (
+    (b"qXfer:features:read:", _xfer_features),
+    (b"qThreadExtraInfo,", lambda body: Request("thread_extra", (_thread_id(body[len(b"qThreadExtraInfo,"):]),))),
+)
+_QUERY_NAMES = {b"qC": "current_thread", b"qfThreadInfo": "threads_first", b"qsThreadInfo": "threads_next",
+                b"qAttached": "attached", b"qSymbol": "symbol", b"qOffsets": "unsupported"}
+
+
 def _query(body: bytes) -> Request:
+    for prefix, parse_one in _QUERY_PREFIXES:
+        if body.startswith(prefix):
+            return parse_one(body)
     name, _, rest = body.partition(b":")
-    if body.startswith(b"qXfer:features:read:"):
-        annex, sep, span = body[len(b"qXfer:features:read:"):].rpartition(b":")
-        if not sep:
-            raise PacketError("qXfer: expected ANNEX:OFFSET,LENGTH")
-        off, n = _addr_len(span, "qXfer")
-        return Request("xfer_features", (annex.decode("ascii", "replace"), off, n))
     if name == b"qSupported":
         return Request("supported", (rest.decode("ascii", "replace"),))
-    if body.startswith(b"qThreadExtraInfo,"):
-        return Request("thread_extra", (_thread_id(body[len(b"qThreadExtraInfo,"):]),))
-    simple = {b"qC": "current_thread", b"qfThreadInfo": "threads_first", b"qsThreadInfo": "threads_next",
-              b"qAttached": "attached", b"qSymbol": "symbol", b"qOffsets": "unsupported"}
-    return Request(simple.get(name, "unsupported"), ())
+    return Request(_QUERY_NAMES.get(name, "unsupported"), ())
+
+
+def _write_register(rest: bytes) -> Request:
+    reg, sep, value = rest.partition(b"=")
+    if not sep:
+        raise PacketError("P: expected N=VALUE")
+    return Request("write_register", (_hex_int(reg, "register number", 0xFFFF),
+                                      _hex_bytes(value, "register value", MAX_REGISTER)))
+
+
+def _read_memory(rest: bytes) -> Request:
+    addr, n = _addr_len(rest, "m")
+    return Request("read_memory", (addr, min(n, MAX_MEMORY_READ)))
+
+
+def _write_memory(cmd: str):
+    def parse_one(rest: bytes) -> Request:
+        span, sep, data = rest.partition(b":")
+        if not sep:
+            raise PacketError(f"{cmd}: expected ADDR,LENGTH:DATA")
+        addr, n = _addr_len(span, cmd)
+        raw = _hex_bytes(data, "M data", MAX_PACKET) if cmd == "M" else unescape(data)
+        if len(raw) != n:
+            raise PacketError(f"{cmd}: length {n} but {len(raw)} bytes of data")
+        return Request("write_memory", (addr, raw))
+    return parse_one
+
+
+def _set_thread(rest: bytes) -> Request:
+    op, tid = rest[:1], rest[1:]
+    if op not in (b"g", b"c"):
+        raise PacketError("H: expected Hg or Hc")
+    return Request("set_thread", (op.decode(), _thread_id(tid)))
+
+
+def _breakpoint(kind_name: str, cmd: str):
+    def parse_one(rest: bytes) -> Request:
+        fields = rest.split(b";", 1)[0].split(b",")
+        if len(fields) != 3:
+            raise PacketError(f"{cmd}: expected TYPE,ADDR,KIND")
+        ztype = _hex_int(fields[0], "breakpoint type", 0xFF)
+        if ztype > 4:
+            return Request("unsupported")
+        return Request(kind_name, (ztype, _hex_int(fields[1], "breakpoint address"),
+                                   _hex_int(fields[2], "breakpoint kind", 0xFF)))
+    return parse_one
+
+
+def _fixed(kind: str):
+    return lambda rest: Request(kind)
+
+
+# one entry per command letter: the parser of what follows it
+_BY_LETTER = {
+    b"?": _fixed("stop_reason"),
+    b"g": _fixed("read_registers"),
+    b"G": lambda rest: Request("write_registers", (_hex_bytes(rest, "G", MAX_PACKET // 2),)),
+    b"p": lambda rest: Request("read_register", (_hex_int(rest, "register number", 0xFFFF),)),
+    b"P": _write_register,
+    b"m": _read_memory,
+    b"M": _write_memory("M"),
+    b"X": _write_memory("X"),
+    b"c": lambda rest: _resume("continue", rest, False),
+    b"s": lambda rest: _resume("step", rest, False),
+    b"C": lambda rest: _resume("continue", rest, True),
+    b"S": lambda rest: _resume("step", rest, True),
+    b"H": _set_thread,
+    b"T": lambda rest: Request("thread_alive", (_thread_id(rest),)),
+    b"Z": _breakpoint("insert_breakpoint", "Z"),
+    b"z": _breakpoint("remove_breakpoint", "z"),
+    b"D": _fixed("detach"),
+    b"k": _fixed("kill"),
+}
+# whole-word packets (v and Q packets name themselves)
+_BY_PREFIX = ((b"QStartNoAckMode", "no_ack"), (b"vKill", "kill"))
 
 
 def parse(body: bytes) -> Request:
     """The Request a packet body asks for; PacketError when its operands are malformed."""
     if not body:
         return Request("unsupported")
-    cmd, rest = body[:1], body[1:]
-    if cmd == b"?":
-        return Request("stop_reason")
-    if cmd == b"g":
-        return Request("read_registers")
-    if cmd == b"G":
-        return Request("write_registers", (_hex_bytes(rest, "G", MAX_PACKET // 2),))
-    if cmd == b"p":
-        return Request("read_register", (_hex_int(rest, "register number", 0xFFFF),))
-    if cmd == b"P":
-        reg, sep, value = rest.partition(b"=")
-        if not sep:
-            raise PacketError("P: expected N=VALUE")
-        return Request("write_register", (_hex_int(reg, "register number", 0xFFFF),
-                                          _hex_bytes(value, "register value", MAX_REGISTER)))
-    if cmd == b"m":
-        addr, n = _addr_len(rest, "m")
-        return Request("read_memory", (addr, min(n, MAX_MEMORY_READ)))
-    if cmd in (b"M", b"X"):
-        span, sep, data = rest.partition(b":")
-        if not sep:
-            raise PacketError(f"{cmd.decode()}: expected ADDR,LENGTH:DATA")
-        addr, n = _addr_len(span, cmd.decode())
-        raw = _hex_bytes(data, "M data", MAX_PACKET) if cmd == b"M" else unescape(data)
-        if len(raw) != n:
-            raise PacketError(f"{cmd.decode()}: length {n} but {len(raw)} bytes of data")
-        return Request("write_memory", (addr, raw))
-    if cmd in (b"c", b"s"):
-        return _resume("continue" if cmd == b"c" else "step", rest, False)
-    if cmd in (b"C", b"S"):
-        return _resume("continue" if cmd == b"C" else "step", rest, True)
-    if cmd == b"H":
-        op, tid = rest[:1], rest[1:]
-        if op not in (b"g", b"c"):
-            raise PacketError("H: expected Hg or Hc")
-        return Request("set_thread", (op.decode(), _thread_id(tid)))
-    if cmd == b"T":
-        return Request("thread_alive", (_thread_id(rest),))
-    if cmd in (b"Z", b"z"):
-        fields = rest.split(b";", 1)[0].split(b",")
-        if len(fields) != 3:
-            raise PacketError(f"{cmd.decode()}: expected TYPE,ADDR,KIND")
-        kind = _hex_int(fields[0], "breakpoint type", 0xFF)
-        if kind > 4:
-            return Request("unsupported")
-        return Request("insert_breakpoint" if cmd == b"Z" else "remove_breakpoint",
-                       (kind, _hex_int(fields[1], "breakpoint address"), _hex_int(fields[2], "breakpoint kind", 0xFF)))
-    if cmd == b"D":
-        return Request("detach")
-    if cmd == b"k":
-        return Request("kill")
+    cmd = body[:1]
     if cmd == b"q":
         return _query(body)
-    if body == b"QStartNoAckMode":
-        return Request("no_ack")
-    if body.startswith(b"vKill"):
-        return Request("kill")
+    parse_one = _BY_LETTER.get(cmd)
+    if parse_one is not None:
+        return parse_one(body[1:])
+    for prefix, kind in _BY_PREFIX:
+        if body == prefix or (kind == "kill" and body.startswith(prefix)):
+            return Request(kind)
     return Request("unsupported")

@@ -63,7 +63,7 @@ class MachineNuma:
 
             self._dumps = json.dumps
             try:
-                self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             except OSError as e:
                 memory.close()
                 raise errors.UsageError(f"--memory-log {path}: {e.strerror}") from None

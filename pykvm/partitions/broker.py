@@ -82,8 +82,8 @@ class Broker(Relay):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, **{ENV_NAME: p.name, ENV_FD: str(theirs.fileno())})
         try:
-            with open(self.files(p, gen)["log"], "wb") as log:
-                os.fchmod(log.fileno(), 0o600)
+            logfd = os.open(self.files(p, gen)["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(logfd, "wb") as log:
                 self.procs[p.name] = subprocess.Popen(self.command(p, gen), env=env, stdin=subprocess.DEVNULL,
                                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                                       pass_fds=(theirs.fileno(),))

@@ -202,9 +202,21 @@ def _show(v) -> str:
 
 
 def _scalar_option(v, path):
-    """A device option value as --device or the control channel gives it (registry.parse_option checks it)."""
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)) or (isinstance(v, str) and len(v) > MAX_TEXT):
+    """A device option value as --device, the control channel or a built device's config gives it.
+
+    true/false are what an on/off switch becomes once parsed (intel-iommu's intremap, eim);
+    registry.parse_option checks the value against the option's kind when the device is built.
+    """
+    if not isinstance(v, (str, int, float)) or (isinstance(v, str) and len(v) > MAX_TEXT):
         raise _bad(path, f"expected a device option value, got {_show(v)}")
+
+
+def _label(max_len: int = MAX_TEXT):
+    """A host path as the saving VM knew it: shown to people, never opened (printable, no control bytes)."""
+    def check(v, path):
+        if not isinstance(v, str) or len(v) > max_len or not v.isprintable():
+            raise _bad(path, f"expected printable text of at most {max_len} characters, got {_show(v)}")
+    return check
 
 
 def _choice(*values):
@@ -216,15 +228,15 @@ def _choice(*values):
 
 # MachineConfig fields a state file may carry (RUN_ONLY ones are given anew at restore)
 CONFIG_SCHEMA = {
-    "kernel": _str(), "kernel_name": _str(), "mem": _int(2 << 20, ADDR_LIMIT), "cpus": _int(1, 255),
-    "cmdline": _str(), "initrd": _opt(_str()), "exit_port": _int(0, 0xFFFC),
+    "kernel": _label(), "kernel_name": _label(), "mem": _int(2 << 20, ADDR_LIMIT), "cpus": _int(1, 255),
+    "cmdline": _str(), "initrd": _opt(_label()), "exit_port": _int(0, 0xFFFC),
     "irqchip": _enum("split", "full"), "trace_io": _bool, "strict_io": _bool,
     "flat_addr": _opt(_int(0, ADDR_LIMIT - 1)), "flat_bits": _choice(16, 32, 64),
     "restart_intensity": _int(0, 1 << 31), "restart_period": _num(0, 1e9),
     "on_device_failure": _enum("remove", "crash"), "device_deadline": _num(0, 3600),
     "trust": _enum("trusted", "untrusted"),
     "devices": _list(_tuple(_str(64), _map(_str(64), _scalar_option, 64)), 64),
-    "bus": _bool, "disks": _list(_tuple(_str(4096), _bool), 16),
+    "bus": _bool, "disks": _list(_tuple(_label(), _bool), 16),
     "numa": _opt(_any),              # memory.numa.NumaConfig.from_json checks every field when the VM is built
     "cpu": _str(1024), "display": _enum("none", "text"),
 }
@@ -244,7 +256,9 @@ HEADER_SCHEMA = _obj({
         {"name": _str(64), "gpa": _int(0, ADDR_LIMIT), "size": _int(0, ADDR_LIMIT),
          "mode": _enum(*memwindow.MODES), "payload": _tuple(_u63, _u63)}), 64), "state": _any},
         {"config": _opt(_map(_str(64), _scalar_option, 64)), "generation": _int(0, (1 << 31) - 1)}), 256),
-}, {"clock": _opt(_int(0, U64)), "policy": _opt(_map(_str(256), _int(0, U64))),
+}, {"clock": _opt(_int(0, U64)),
+    "disks": _list(_obj({"size": _int(1, U64), "read_only": _bool}), 16),   # what `restore --disk` must match
+    "policy": _opt(_map(_str(256), _int(0, U64))),
     "numa": _opt(_any),              # dynamic memory state: memory/dynamic.py set_state checks it
     "pykvm_version": _str(64), "created": _str(64)})
 
@@ -255,6 +269,11 @@ def validate_header(header) -> None:
     if header["config"].get("cpus", 1) != len(header["vcpus"]):
         raise _bad("header.config.cpus", f"{header['config'].get('cpus', 1)} vCPUs configured, "
                    f"{len(header['vcpus'])} saved")
+    disks = header["config"].get("disks", [])
+    if "disks" in header:
+        facts = header["disks"]
+        if len(facts) != len(disks) or any(f["read_only"] != d[1] for f, d in zip(facts, disks)):
+            raise _bad("header.disks", "does not describe the disks of header.config.disks")
 
 
 # ------------------------------------------------------------------ raw vCPU structs
@@ -355,6 +374,18 @@ class SaveRefused(RuntimeError):
     """The VM cannot be saved right now (a device not in D0, the VM stopping, ...)."""
 
 
+def restore_command(path, cfg) -> str:
+    """The `pykvm restore` command that continues this VM: the state, its trust and its disks."""
+    from ..paths import shell_word as quote
+
+    words = ["pykvm", "restore", quote(str(path))]
+    if cfg.trust != "untrusted":
+        words += ["--trust", cfg.trust]
+    for disk, read_only in cfg.disks:
+        words += ["--disk", quote(f"{disk},ro" if read_only else str(disk))]
+    return " ".join(words)
+
+
 def _check_saveable(machine) -> None:
     if machine.outcome is not None or machine.stopping:
         raise SaveRefused("the VM is stopping; nothing to save")
@@ -432,6 +463,9 @@ def _capture(machine, pieces: list) -> tuple[dict, list]:
         "memory": {"size": machine.memory.size, "regions": regions},
         "devices": devices,
     }
+    disks = _disks(machine)
+    if disks:
+        header["disks"] = [{"size": os.fstat(d.fd).st_size, "read_only": d.read_only} for d in disks]
     policy = getattr(machine, "policy", None)
     if policy is not None and hasattr(policy, "get_state"):
         header["policy"] = policy.get_state()   # shadow registers: guest-visible values the policy keeps
@@ -439,6 +473,15 @@ def _capture(machine, pieces: list) -> tuple[dict, list]:
     if numa is not None and numa.dm is not None:
         header["numa"] = numa.dm.get_state()    # hot-added regions and ballooned ranges per node
     return header, pieces
+
+
+def _disks(machine) -> list:
+    """The block services' disks, in --disk order (their channels are offered in that order)."""
+    bus = getattr(machine, "bus", None)
+    if bus is None:
+        return []
+    return [ch.service.disk for _relid, ch in sorted(bus.channels.items())
+            if getattr(ch.service, "disk", None) is not None and ch.service.disk.fd is not None]
 
 
 def write_file(path, header: dict, pieces) -> int:
@@ -450,7 +493,13 @@ def write_file(path, header: dict, pieces) -> int:
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        # 0600 (guest RAM inside), and never through a name someone placed there first
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        _release(pieces)
+        raise
+    try:
+        with open(fd, "wb") as f:
             size = _write_to(f, header, pieces)
         os.replace(tmp, path)
     except BaseException:
@@ -532,7 +581,7 @@ def save_vm(machine, path: str, stop: bool = False, fd: int | None = None) -> di
             from ..machine.config import Outcome
 
             stopped = machine.finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
-                                              f"(continue it with: pykvm restore {path})"))
+                                              f"(continue it with: {restore_command(path, machine.config)})"))
     finally:
         if not stopped:
             machine.resume()
@@ -576,9 +625,17 @@ class SavedState:
         """Put this state into a Machine built from machine_config() (vCPUs created, not run)."""
         apply_state(machine, self)
 
-    def machine_config(self, **run):
-        """The saved MachineConfig with this run's serial, timeout and crash directory."""
-        return config_from_json(self.header.get("config") or {}, **run)
+    def machine_config(self, disks=(), trust: str | None = None, **run):
+        """The saved MachineConfig with this run's host resources: its disks, its trust, serial, timeout, crash dir.
+
+        The file names no host file that is opened: each disk comes from `disks` ((path, read_only),
+        in the saved order) and must match what the file recorded; the trust level is at most
+        "untrusted" unless `trust` grants more. BadStateError (26) says what to pass otherwise.
+        """
+        data = dict(self.header.get("config") or {})
+        data["disks"] = bind_disks(self.header, list(disks))
+        data["trust"] = bind_trust(data.get("trust", "trusted"), trust)
+        return config_from_json(data, **run)
 
     def close(self) -> None:
         self._f.close()
@@ -629,6 +686,66 @@ def load_state(path) -> SavedState:
     except BadStateError as e:
         raise BadStateError(f"{path}: {e}") from None
     return SavedState(path, header, FIXED.size + hlen, plen)
+
+
+# ------------------------------------------------------------------ host resources at restore
+def _mode(read_only: bool) -> str:
+    return "read-only" if read_only else "read-write"
+
+
+def _saved_disks(header: dict) -> list[tuple[str, bool, int | None]]:
+    """(label, read_only, size or None) of each disk the saved VM had."""
+    disks = header.get("config", {}).get("disks", [])
+    facts = header.get("disks") or [None] * len(disks)
+    return [(label, ro, f["size"] if f else None) for (label, ro), f in zip(disks, facts)]
+
+
+def _disk_usage(saved: list) -> str:
+    parts = []
+    for label, ro, size in saved:
+        what = f"{size} bytes, " if size is not None else ""
+        parts.append(f"--disk FILE{',ro' if ro else ''} ({what}{_mode(ro)}; saved as {label})")
+    return " ".join(parts)
+
+
+def bind_disks(header: dict, given: list) -> list[tuple[str, bool]]:
+    """The restore command's disks, checked against the saved VM's: count, order, read-only, size."""
+    saved = _saved_disks(header)
+    if len(given) != len(saved):
+        if not saved:
+            raise BadStateError(f"the saved VM had no disk; {len(given)} --disk given")
+        raise BadStateError(f"the saved VM had {len(saved)} disk{'s' if len(saved) > 1 else ''}: pass "
+                            f"{'them' if len(saved) > 1 else 'it'} in this order: {_disk_usage(saved)}")
+    out = []
+    for i, ((label, ro, size), (path, given_ro)) in enumerate(zip(saved, given)):
+        shown = path if isinstance(path, str) and path.isprintable() else repr(path)
+        where = f"--disk {shown} (disk {i}, saved as {label})"
+        if bool(given_ro) != ro:
+            raise BadStateError(f"{where}: the saved VM had it {_mode(ro)}; pass "
+                                f"--disk {shown}{',ro' if ro else ''}")
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise BadStateError(f"{where}: {e.strerror}") from None
+        except ValueError as e:          # a NUL in the name
+            raise BadStateError(f"{where}: {e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BadStateError(f"{where}: not a regular file")
+        if size is not None and st.st_size != size:
+            raise BadStateError(f"{where}: {st.st_size} bytes, the saved VM's disk had {size}; "
+                                "pass the disk the VM was saved with")
+        out.append((str(path), ro))
+    return out
+
+
+def bind_trust(saved: str, given: str | None) -> str:
+    """The restored VM's trust level: the command line's, or the file's when it asks for no more than untrusted."""
+    if given is not None:
+        return given
+    if saved != "untrusted":
+        raise BadStateError(f"the saved VM ran with trust level {saved}; a state file cannot grant it: "
+                            f"pass --trust {saved} (or --trust untrusted)")
+    return saved
 
 
 # ------------------------------------------------------------------ restoring
@@ -720,7 +837,7 @@ def _apply_devices(machine, saved: SavedState) -> None:
             raise _incompatible(f"the saved VM has a device {sd['name']} ({spec}) this pykvm does not build "
                                 f"(devices here: {', '.join(built)})")
         try:
-            dev = kind.make(machine.device_context, sd["config"])
+            dev = kind.make(machine.device_context, _as_options(sd["config"]))
         except (registry.DeviceSpecError, ValueError) as e:
             raise BadStateError(f"malformed state file: device {sd['name']}: {e}") from None
         dm.add(dev)
@@ -750,6 +867,11 @@ def _apply_devices(machine, saved: SavedState) -> None:
             if length != w.size:
                 raise BadStateError(f"malformed state file: window {dev.name}/{w.name} image of {length} bytes")
             machine.pending_images[(dev.name, w.name)] = saved.section(at, length)
+
+
+def _as_options(config: dict) -> dict:
+    """A built device's config as option values again: a parsed switch (true/false) back to on/off."""
+    return {k: ("on" if v else "off") if isinstance(v, bool) else v for k, v in config.items()}
 
 
 def _fmt_windows(ws) -> str:
