@@ -37,9 +37,10 @@ def _problem(path: str, st: os.stat_result, owners: tuple[int, ...], sticky_ok: 
 
 
 def _refuse(path: str, why: str, what: str) -> UnsafeCacheError:
+    fix = ("make it yours and chmod go-w, or set PYKVM_BUILD_DIR to a directory of your own"
+           if what == "cache directory" else "chmod go-w, or remove it: pykvm makes it again")
     return UnsafeCacheError(f"refusing the {what} {path}: it {why}; pykvm reads back nothing from a directory "
-                            "another user can write (make it yours and chmod go-w, or set PYKVM_BUILD_DIR to a "
-                            "directory of your own)")
+                            f"another user can write ({fix})")
 
 
 def _make(path: str) -> None:
