@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pykvm import paths
 from pykvm.devices import description
 from pykvm.startup import ffigen, generated, prebuild
@@ -86,3 +88,16 @@ def test_ffigen_never_looks_in_the_cache(tmp_path, monkeypatch):
     ffigen.load("testonly", "int testonly_fn(int);")
     assert list(tmp_path.iterdir()) == []
     assert generated.find("ffi", ffigen.module_name("testonly", "int testonly_fn(int);")) is not None
+
+
+def test_a_generated_directory_others_can_write_is_refused(tmp_path, monkeypatch):
+    from pykvm import errors
+
+    shared = tmp_path / "generated"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(generated, "TREE_DIR", str(shared))
+    monkeypatch.setattr(generated, "_where", [])
+    monkeypatch.setattr(paths, "INSTALLED", False)
+    with pytest.raises(errors.UnsafeCacheError, match="refusing the generated-code directory .* writable by group"):
+        generated.directory()
