@@ -55,6 +55,22 @@ def test_a_binding_declared_inside_a_function_is_a_build_error(tmp_path):
         r.stderr
 
 
+def test_two_bindings_of_one_name_loaded_in_functions_both_ship(tmp_path):
+    pkg = tmp_path / "pkg2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for mod, decl in (("a", "int shm_a(int);"), ("b", "int shm_b(void);")):
+        (pkg / f"{mod}.py").write_text(f"from pykvm.startup import ffigen\n\nCDEF = {decl!r}\n\n\n"
+                                       "def f():\n    return ffigen.load('shm', CDEF)\n")
+    out = tmp_path / "out"
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from pykvm.startup import prebuild; "
+            f"prebuild.build({str(out)!r}, {str(pkg)!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("*.py")) == sorted(
+        f"{ffigen.module_name('shm', d)}.py" for d in ("int shm_a(int);", "int shm_b(void);"))
+
+
 def test_a_source_tree_generates_into_its_own_checked_directory_not_the_cache(tmp_path):
     env = dict(os.environ, PYKVM_BUILD_DIR=str(tmp_path))
     code = ("import pykvm.kvm, pykvm.bus._libc; from pykvm.startup import generated; "

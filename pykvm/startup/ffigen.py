@@ -19,7 +19,7 @@ import _cffi_backend
 
 from . import digest, generated, safedir
 
-declared: dict[str, str] = {}   # name -> declarations of every binding this process loaded (startup/prebuild.py)
+declared: set[tuple[str, str]] = set()   # (name, declarations) of every binding this process loaded: prebuild.py
 _DIRECTIVES = ("if", "ifdef", "ifndef", "else", "elif", "endif", "include", "error", "pragma")
 
 
@@ -77,7 +77,7 @@ def generate(name: str, cdef: str, outdir) -> str:
 
 def load(name: str, cdef: str):
     """The FFI for these declarations: shipped prebuilt, generated in the source tree, or parsed now."""
-    declared[name] = cdef
+    declared.add((name, cdef))
     mod = module_name(name, cdef)
     if mod in sys.modules:
         return sys.modules[mod].ffi

@@ -47,29 +47,29 @@ def ffigen_calls(package_dir: str = paths.PACKAGE) -> list[tuple[str, str, ast.e
     return found
 
 
-def bindings(package_dir: str = paths.PACKAGE) -> dict[str, str]:
-    """Binding name -> declarations, for every ffigen.load call in the package."""
+def bindings(package_dir: str = paths.PACKAGE) -> set[tuple[str, str]]:
+    """(name, declarations) of every binding the package's ffigen.load calls make."""
     calls = ffigen_calls(package_dir)
     for module in sorted({c[0] for c in calls}):
         importlib.import_module(module)
-    out = dict(ffigen.declared)
+    out = set(ffigen.declared)           # what importing loaded (module-level calls, whatever their arguments)
     for module, name, expr, line in calls:
-        if name in out:
-            continue
         try:
             cdef = eval(compile(ast.Expression(expr), module, "eval"), vars(sys.modules[module]))  # our own source
         except Exception as e:
+            if any(n == name for n, _ in out):
+                continue                 # a module-level call: what it loaded is recorded above
             raise SystemExit(f"{module} line {line}: cannot find the declarations of binding {name!r} without "
                              f"running the program ({type(e).__name__}: {e}); make them a module-level constant "
                              "so the wheel can ship the binding prebuilt") from None
-        out[name] = cdef
+        out.add((name, cdef))
     return out
 
 
-def build(outdir: str) -> list[str]:
+def build(outdir: str, package_dir: str = paths.PACKAGE) -> list[str]:
     """Write every binding's module into outdir; the paths written."""
     os.makedirs(outdir, exist_ok=True)
-    return [ffigen.generate(name, cdef, outdir) for name, cdef in sorted(bindings().items())]
+    return [ffigen.generate(name, cdef, outdir) for name, cdef in sorted(bindings(package_dir))]
 
 
 if __name__ == "__main__":
