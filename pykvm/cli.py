@@ -74,6 +74,7 @@ def main():
       30   sandbox: a blocked system call stopped the VMM, or it could not be set up
       32   bad vNUMA spec (--numa-node, --numa, --numa-distance, --memory-max)
       34   bad topology file (pykvm up)
+      36   unsafe cache directory: not yours, or writable by group/others
       130  interrupted
     """
 

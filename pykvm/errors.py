@@ -24,6 +24,7 @@ EXIT_OUTPUT_UNWRITABLE = 28
 EXIT_SANDBOX = 30               # a blocked system call stopped the VMM, or the sandbox could not be set up
 EXIT_BAD_NUMA = 32               # a --numa-node/--numa/--numa-distance spec that cannot describe a machine
 EXIT_BAD_TOPOLOGY = 34           # a `pykvm up` topology file that does not validate
+EXIT_UNSAFE_CACHE = 36           # the cache directory (or one above it) is not yours alone: another user could write it
 
 
 class PykvmError(Exception):
@@ -108,3 +109,9 @@ class TopologyError(PykvmError):
     """A topology file for `pykvm up` that does not validate."""
 
     exit_status = EXIT_BAD_TOPOLOGY
+
+
+class UnsafeCacheError(PykvmError):
+    """A cache directory pykvm would read back from that another user can write, or that it cannot create."""
+
+    exit_status = EXIT_UNSAFE_CACHE

@@ -2,8 +2,10 @@
 
 Run from a source tree, the guest and firmware sources are the tree's guests/ and
 firmware/. Installed from a wheel, they are package data under pykvm/_data (copied
-there by setup.py, which also puts the prebuilt firmware and cffi modules in
-_data/prebuilt). Build outputs never go into either: they go to the user's cache.
+there by setup.py, which also puts the prebuilt firmware, cffi modules and device
+description data in _data/prebuilt; a source tree makes the last two in its own
+build/generated: startup/generated.py). Guest and firmware builds go to the user's cache,
+which startup/safedir.py checks before any use; no code is ever loaded from it.
 
 Paths are plain strings: `pykvm run` never imports pathlib (with what it pulls in,
 urllib.parse and ipaddress among them, ~4 ms of every run).

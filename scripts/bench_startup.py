@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Whole-process start-up of `pykvm run` against QEMU microvm, plus RSS and import times.
+"""Whole-process start-up of `pykvm run` against QEMU microvm, the in-process VM's, plus RSS and import times.
 
-    python3 scripts/bench_startup.py [--pairs 15] [--venv | --pykvm CMD] [--skip-memory]
+    python3 scripts/bench_startup.py [--pairs 15] [--vm-runs 20] [--venv | --pykvm CMD] [--skip-memory]
 
 A (pykvm) and B (QEMU, when installed) boot the same tiny multiboot guest (the bundled
 `multiboot`, which exits through the debug port), alternating A/B in one run; wall and
 CPU (user+sys of the child, from wait4) are the medians over the pairs, printed as
-pykvm/QEMU ratios, with each side's peak RSS. Then the VMM's own resident memory
+pykvm/QEMU ratios, with each side's peak RSS. Then the Python API's cost for the same guest:
+one process (the measured interpreter, already warm) times a whole `with VM(guest) as vm:
+vm.wait()` (build, boot, run, exit, close: wall and the process's CPU) --vm-runs times,
+each alternating with a QEMU microvm process booting the same file. Then the VMM's own resident memory
 (anonymous + file pages, i.e. excluding guest RAM, which is a memfd and counts as
 shmem) for a 128 MiB and a 4 GiB guest that touch 1 MiB, and the import time of each
 subcommand's modules (`-X importtime`, best of 3) so a regression is visible.
@@ -140,6 +143,59 @@ def startup(pykvm: list[str], python: str, guest: Path, pairs: int, e: dict) -> 
     print(f"  noise: pykvm cpu quartiles {cpus[len(cpus) // 4] * 1e3:.1f} / {cpus[(3 * len(cpus)) // 4] * 1e3:.1f} ms")
 
 
+VM_CHILD = """
+import json, sys, time
+from pykvm.api import VM
+guest = sys.argv[1]
+def once():
+    t0, c0 = time.perf_counter(), time.process_time()
+    with VM(guest) as vm:
+        out = vm.wait(timeout=60)
+    return [time.perf_counter() - t0, time.process_time() - c0, out.status]
+once()                                  # warm: imports, page cache
+print("ready", flush=True)
+for _ in sys.stdin:
+    print(json.dumps(once()), flush=True)
+"""
+
+
+def in_process(python: str, guest: Path, runs: int, e: dict) -> None:
+    """Median wall and CPU of a whole `with VM(guest)` in one warm process, alternating with QEMU microvm processes."""
+    qemu = shutil.which("qemu-system-x86_64")
+    b_cmd = [qemu, "-accel", "kvm", "-M", "microvm,isa-serial=on,rtc=off", "-nodefaults", "-display", "none",
+             "-serial", "null", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-m", "128", "-kernel",
+             str(guest)] if qemu else None
+    child = subprocess.Popen([python, "-c", VM_CHILD, str(guest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=e)
+    if child.stdout.readline().strip() != "ready":
+        sys.exit(f"the in-process VM run failed (status {child.wait()})")
+    a, b = [], []
+    for i in range(runs):
+        order = ("a", "b") if i % 2 == 0 else ("b", "a")
+        for side in order:
+            if side == "b" and b_cmd:
+                b.append(timed(b_cmd, e))
+            elif side == "a":
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                wall, cpu, status = json.loads(child.stdout.readline())
+                if status != 1:   # the guest's exit_code(0) through the debug port
+                    sys.exit(f"the in-process VM ended with status {status}, expected 1")
+                a.append((wall, cpu))
+    child.stdin.close()
+    child.wait()
+    aw, ac = (statistics.median(r[k] for r in a) for k in range(2))
+    print(f"in-process VM: `with VM({guest.name!r}) as vm: vm.wait()` in one warm process, {runs} runs "
+          "alternating with QEMU microvm processes, medians")
+    print(f"  pykvm VM  wall {aw * 1e3:7.1f} ms   cpu {ac * 1e3:7.1f} ms")
+    if b:
+        bw, bc = (statistics.median(r[k] for r in b) for k in range(2))
+        print(f"  qemu      wall {bw * 1e3:7.1f} ms   cpu {bc * 1e3:7.1f} ms")
+        print(f"  ratio VM/qemu: wall {aw / bw:.2f}   cpu {ac / bc:.2f}")
+    else:
+        print("  qemu: not installed (apt-get install qemu-system-x86): no ratio")
+
+
 def _proc_status(pid: int) -> dict[str, int]:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -228,6 +284,7 @@ def main() -> None:
     """Run the three measurements."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=15)
+    ap.add_argument("--vm-runs", type=int, default=20, help="in-process `with VM(...)` runs (0: skip)")
     what = ap.add_mutually_exclusive_group()
     what.add_argument("--venv", action="store_true", help="measure a wheel of the tree installed into a fresh venv")
     what.add_argument("--pykvm", help="command to measure (default: this python -m pykvm from the source tree)")
@@ -255,6 +312,8 @@ def main() -> None:
                                                        "interpreter's site-packages .pth files run at each start)"))
         python = args.python or python
         startup(pykvm, python, guest, args.pairs, e)
+        if args.vm_runs:
+            in_process(python, guest, args.vm_runs, e)
         if not args.skip_memory:
             memory(pykvm, e)
         own = import_times([python], guest, e, baseline)

@@ -1,9 +1,10 @@
-"""pykvm installs like any Python package: a wheel in a fresh venv boots a bundled guest and a user's kernel."""
+"""pykvm installs like any Python package: a wheel in a fresh venv boots a bundled guest and a user's kernel, loading code only from itself."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from .conftest import require_tool
 from .helpers import ROOT
+from .test_generated import _source_calls
 
 SKIP = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis",
                               "crashes", "*.core", "venv", ".venv")
@@ -55,6 +57,26 @@ def test_wheel_in_fresh_venv_boots_hello_and_a_user_kernel(tmp_path):
     cache = tmp_path / "xdg" / "pykvm"
     (built,) = cache.glob("guests-*/guests/multiboot.elf")
     assert not list(cache.glob("firmware-*"))  # the wheel's prebuilt firmware served
+    assert stat.S_IMODE(cache.stat().st_mode) == stat.S_IMODE((tmp_path / "xdg").stat().st_mode) == 0o700
+
+    # Every binding ships prebuilt (the bus libc one did not, and was looked for in the cache), the
+    # descriptions ship as data, and a module planted in the cache under a binding's name never runs:
+    # with -X importtime, neither pycparser (C parsed at run time) nor tomllib may appear.
+    prebuilt = site / "pykvm" / "_data" / "prebuilt"
+    shipped_ffi = sorted(p.name for p in (prebuilt / "ffi").glob("_pykvm_*.py"))
+    assert {n.rsplit("_", 1)[0].removeprefix("_pykvm_") for n in shipped_ffi} == _source_calls()
+    assert (prebuilt / "_pykvm_descriptions.py").is_file()
+    marker = tmp_path / "planted-code-ran"
+    (cache / "ffi").mkdir()
+    for name in shipped_ffi:
+        (cache / "ffi" / name).write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    r = subprocess.run([str(venv / "bin" / "python"), "-X", "importtime", "-m", "pykvm", "run", "bus-echo", "--bus",
+                        "--timeout", "60"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "echo: 100 messages of 64 bytes ok" in r.stdout, r.stderr
+    assert not marker.exists()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "bus" in " ".join(imported) and not {"pycparser", "tomllib", "pyseccomp"} & imported
+    shutil.rmtree(cache / "ffi")
 
     # A user's kernel with no compiler on PATH and a cold cache: prebuilt firmware only.
     user = tmp_path / "kernel.elf"

@@ -3,6 +3,8 @@
 Outputs go to the cache (paths.cache_root()), one directory per build keyed by a hash
 of the sources and of the toolchain's identity, so an edited guest, another checkout
 or a new compiler gets its own build and a finished one is never rebuilt or mixed.
+The cache and each build directory are checked first (startup/safedir.py): what pykvm
+boots is never read from a directory another user can write.
 An installed package ships the firmware prebuilt: a user's own kernel needs no compiler.
 """
 
@@ -13,7 +15,7 @@ import os
 import sys
 
 from .. import paths
-from . import digest
+from . import digest, safedir
 from ..errors import ToolchainError, UnknownGuestError
 
 REQUIRED_TOOLS = ("make", "gcc", "ld", "as", "objcopy", "nm", "ar")
@@ -68,11 +70,10 @@ def _build(kind: str, tops: list[str], make_dir: str, what: str) -> str:
     h.update(_toolchain())
     for top in tops:
         _tree_hash(h, paths.SOURCE_ROOT, top)
-    out = os.path.join(paths.cache_root(), f"{kind}-{h.hexdigest()[:16]}")
+    out = safedir.subdir(safedir.ensure(paths.cache_root()), f"{kind}-{h.hexdigest()[:16]}")
     done = os.path.join(out, ".done")
     if not os.path.exists(done):
         try:
-            os.makedirs(out, exist_ok=True)
             lock = open(os.path.join(out, ".lock"), "w")
         except OSError as e:
             raise ToolchainError(f"cannot create the build directory {out}: {e.strerror} "

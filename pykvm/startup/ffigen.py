@@ -1,10 +1,13 @@
-"""cffi type tables compiled once from C declarations and cached, so no run parses C.
+"""cffi type tables compiled once from C declarations, so no run parses C.
 
 cffi's out-of-line ABI mode turns declarations into a small Python module holding the
 already-parsed types; importing it needs only _cffi_backend, not pycparser. The module
 is named by a hash of the declarations and of cffi's major version, so an edited header
-or a new cffi simply selects a new module. A wheel ships the modules prebuilt (setup.py
-calls generate()); a source tree generates them into the cache on first use.
+or a new cffi simply selects a new module. Such a module is code, so it is loaded only from
+where pykvm's own code comes from (startup/generated.py): a wheel ships every binding
+prebuilt (startup/prebuild.py finds each ffigen.load call in the package); a source tree
+generates them into its build/generated on first use; never the cache. An installed
+package lacking one (a cffi of another major version) parses the declarations in memory.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import sys
 
 import _cffi_backend
 
-from .. import paths
-from . import digest
+from . import digest, generated, safedir
 
+declared: set[tuple[str, str]] = set()   # (name, declarations) of every binding this process loaded: prebuild.py
 _DIRECTIVES = ("if", "ifdef", "ifndef", "else", "elif", "endif", "include", "error", "pragma")
 
 
@@ -65,7 +68,6 @@ def generate(name: str, cdef: str, outdir) -> str:
     ffi.cdef(cdef)
     mod = module_name(name, cdef)
     outdir = os.fspath(outdir)
-    os.makedirs(outdir, exist_ok=True)
     tmp = os.path.join(outdir, f".{mod}.{os.getpid()}.tmp")
     make_py_source(ffi, mod, tmp)
     final = os.path.join(outdir, f"{mod}.py")
@@ -74,35 +76,34 @@ def generate(name: str, cdef: str, outdir) -> str:
 
 
 def load(name: str, cdef: str):
-    """The FFI for these declarations: shipped prebuilt, cached, or generated now and cached."""
+    """The FFI for these declarations: shipped prebuilt, generated in the source tree, or parsed now."""
+    declared.add((name, cdef))
     mod = module_name(name, cdef)
     if mod in sys.modules:
         return sys.modules[mod].ffi
-    for where in (os.path.join(paths.PREBUILT, "ffi"), os.path.join(paths.cache_root(), "ffi")):
-        path = os.path.join(where, f"{mod}.py")
-        if os.path.isfile(path):
-            return _import(mod, path).ffi
-    try:
-        path = generate(name, cdef, os.path.join(paths.cache_root(), "ffi"))
-    except OSError:  # an unwritable cache costs speed, not correctness
+    path = generated.find("ffi", mod)
+    if path is None and generated.writable() is not None:
+        try:
+            path = generate(name, cdef, safedir.subdir(generated.writable(), "ffi", "generated-code directory"))
+            _prune(os.path.dirname(path), name, mod)
+        except OSError:   # a read-only tree costs speed, not correctness
+            path = None
+    if path is None:
         import cffi
 
         ffi = cffi.FFI()
         ffi.cdef(cdef)
         return ffi
-    return _import(mod, path).ffi
+    return generated.load(mod, path).ffi
 
 
-def _import(mod: str, path: str):
-    # importlib.machinery is loaded with the interpreter; importlib.util (spec_from_file_location)
-    # would bring contextlib and importlib._abc to every run for this one call
-    from importlib.machinery import ModuleSpec, SourceFileLoader
-
-    loader = SourceFileLoader(mod, path)
-    spec = ModuleSpec(mod, loader, origin=path)
-    spec.has_location = True            # so __file__ is set and the bytecode is cached beside it
-    module = type(sys)(mod)
-    module.__spec__, module.__loader__, module.__file__ = spec, loader, path
-    loader.exec_module(module)
-    sys.modules[mod] = module
-    return module
+def _prune(directory: str, name: str, keep: str) -> None:
+    """Remove the modules earlier declarations of `name` generated (a source tree keeps only the current one)."""
+    prefix = f"_pykvm_{name}_"
+    for entry in os.listdir(directory):
+        stem = entry[:-3]
+        if entry.endswith(".py") and stem.startswith(prefix) and stem != keep and len(stem) == len(keep):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:
+                pass
