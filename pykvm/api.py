@@ -24,14 +24,29 @@ import time
 
 from .errors import EXIT_USAGE, MemorySizeError, PykvmError, UsageError
 from .paths import clean
-from .record import field, record
+from .record import replace
 from .units import parse_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:                 # annotations only
+    from pathlib import Path
+
+    from .machine.outcome import Outcome
 
 __all__ = ["VM", "Outcome", "ExpectError", "Timeout", "EOF", "VMError", "parse_size"]
 
 STOPPED_STATUS = 130            # a run the host cut short (VM.stop/close), as for Ctrl-C
 MAX_TRANSCRIPT = 16 << 20       # serial output kept per VM; older bytes are dropped
 _TAIL = 2000                    # output quoted in expect errors
+
+
+def __getattr__(name):
+    """`Outcome`, the machine's own (pykvm.machine.outcome), imported on first use: the machine is heavy to import."""
+    if name == "Outcome":
+        from .machine.outcome import Outcome
+
+        return Outcome
+    raise AttributeError(f"module 'pykvm.api' has no attribute {name!r}")
 
 
 def disk_spec(spec) -> tuple[str, bool]:
@@ -70,77 +85,6 @@ class Timeout(ExpectError):
 
 class EOF(ExpectError):
     """The VM ended before the pattern appeared (pexpect.EOF); `outcome` says how it ended."""
-
-
-@record(frozen=True)
-class Outcome:
-    """How a VM's run ended.
-
-    status: the `pykvm run` exit status (0 power-off, odd: the guest's debug-exit code, 16 crash,
-    18 timeout, 20 pykvm error, 130 stopped by the host); kind: "poweroff", "exit", "crash",
-    "timeout", "reset", "saved", "stopped", "interrupted" or "vmm-error"; reason: one line for
-    people; core_path: the crash core (a pathlib.Path), when one was written; transcript: serial
-    output (bytes); kernel: the kernel file (a pathlib.Path). core_file and kernel_file are the
-    same two paths as str (what the fields hold: building a Path costs only those who ask).
-    """
-
-    status: int
-    kind: str
-    reason: str
-    core_file: str | None = None
-    core_error: str | None = None
-    transcript: bytes = b""
-    vcpu: int | None = None
-    trigger: str | None = None
-    kernel_file: str | None = None
-    details: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def core_path(self) -> Path | None:
-        """The crash core, when one was written (a pathlib.Path)."""
-        return _as_path(self.core_file)
-
-    @property
-    def kernel(self) -> Path | None:
-        """The kernel file the VM booted (a pathlib.Path)."""
-        return _as_path(self.kernel_file)
-
-    @property
-    def ok(self) -> bool:
-        """True when the guest powered off cleanly (status 0)."""
-        return self.status == 0
-
-    @property
-    def crashed(self) -> bool:
-        """True when the guest crashed, hung past its timeout, or pykvm failed running it."""
-        return self.kind in ("crash", "timeout", "vmm-error")
-
-    def report(self) -> dict | None:
-        """The `pykvm inspect --json` report of the core (with the kernel's symbols), or None without a core."""
-        if self.core_path is None:
-            return None
-        from .crash.inspect import build_report
-
-        kernel = self.kernel if self.kernel is not None and self.kernel.suffix == ".elf" else None
-        return build_report(self.core_path, kernel)
-
-    def report_text(self) -> str | None:
-        """What `pykvm inspect CORE --kernel KERNEL` prints, or None without a core."""
-        report = self.report()
-        if report is None:
-            return None
-        from .crash.inspect import render_text
-
-        return render_text(report)
-
-
-def _as_path(path) -> Path | None:
-    """path as a pathlib.Path (None stays None); pathlib is imported only here, for API callers that ask."""
-    if path is None:
-        return None
-    from pathlib import Path
-
-    return Path(path)
 
 
 def _compile(pattern) -> re.Pattern:
@@ -413,10 +357,10 @@ class VM:
 
     def stop(self) -> None:
         """Stop a running VM now (outcome kind "stopped", status 130); no core is written."""
-        from .machine import Outcome as MachineOutcome
+        from .machine.outcome import Outcome
 
         if self.machine is not None and self._started:
-            self.machine.finish(MachineOutcome(STOPPED_STATUS, "stopped", "stopped by the host (VM.stop)"))
+            self.machine.finish(Outcome(STOPPED_STATUS, "stopped", "stopped by the host (VM.stop)"))
 
     def close(self) -> None:
         """Stop the VM if it runs and release everything it holds (idempotent; the context manager calls it)."""
@@ -554,11 +498,8 @@ class VM:
         return self._outcome
 
     def _make_outcome(self) -> Outcome:
-        mo = self.machine.outcome
-        return Outcome(status=mo.status, kind=mo.kind, reason=mo.message, core_file=mo.core_path,
-                       core_error=mo.core_error, transcript=self._log.text(), vcpu=mo.vcpu,
-                       trigger=mo.trigger, kernel_file=clean(self.config.kernel) if self.config.kernel else None,
-                       details=dict(mo.details))
+        return replace(self.machine.outcome, transcript=self._log.text(), details=dict(self.machine.outcome.details),
+                       kernel_file=clean(self.config.kernel) if self.config.kernel else None)
 
     def pause(self) -> None:
         """Stop every vCPU outside the guest until resume() (VMError if one does not stop in time)."""
@@ -692,12 +633,14 @@ class VM:
         if self.running:
             path, err = m.call(m.host_dump)
         else:
-            from .machine import Outcome as MachineOutcome
+            from .machine.outcome import Outcome
 
-            path, err = m.dumper.write(MachineOutcome(0, "dump", "core requested by the host", trigger="host-request"))
+            path, err = m.dumper.write(Outcome(0, "dump", "core requested by the host", trigger="host-request"))
         if path is None:
             raise VMError(f"no core written: {err}")
-        return _as_path(path)
+        from .machine.outcome import as_path
+
+        return as_path(path)
 
     def request_dump(self) -> None:
         """Ask for a core without waiting (safe in a signal handler); its path goes to stderr."""
@@ -728,7 +671,9 @@ class VM:
     @property
     def kernel(self) -> Path:
         """The kernel file this VM booted (a pathlib.Path)."""
-        return _as_path(self.config.kernel)
+        from .machine.outcome import as_path
+
+        return as_path(self.config.kernel)
 
     def stats(self) -> dict:
         """Exit counts, unclaimed I/O, device events, windows and bus counters (as `pykvm ctl stats`)."""

@@ -28,7 +28,7 @@ from ..kvm import constants as C
 from ..memory import GuestMemoryError
 from ..memory.pagewalk import translate
 from . import hwdebug, registers, rsp
-from ..machine.config import Outcome
+from ..machine.outcome import Outcome
 
 SIGINT, SIGTRAP, SIGKILL, SIGSEGV, SIGALRM = 2, 5, 9, 11, 14
 EINVAL, EFAULT, ENOSPC, EPERM = b"E16", b"E0e", b"E1c", b"E01"

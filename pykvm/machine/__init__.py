@@ -8,7 +8,8 @@ sleep, display. The debugger (pykvm.gdb), the management interface (pykvm.contro
 saved-state format (pykvm.snapshot) sit above this package and use the Machine.
 """
 
-from .config import MachineConfig, Outcome
+from .config import MachineConfig
+from .outcome import Outcome
 from .core import Machine
 
 __all__ = ["Machine", "MachineConfig", "Outcome"]

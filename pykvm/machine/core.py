@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from .. import abi, errors
+from .. import abi, errors, record
 from ..boot import cpu as cpu_setup
 from ..boot.firmware import load_firmware
 from ..boot.image import load_image
@@ -21,7 +21,8 @@ from ..kvm import constants as C
 from ..memory import GuestMemory, GuestMemoryError
 from . import device_set
 from .bus_wiring import build_bus
-from .config import MIN_MEMORY, MachineConfig, Outcome
+from .config import MIN_MEMORY, MachineConfig
+from .outcome import Outcome
 from .dumps import Dumper
 from .faults import Faults
 from .numa import MachineNuma
@@ -231,7 +232,8 @@ class Machine:
             if self.debugger is not None:
                 self.debugger.end(self.outcome)  # gdb sees a crash as SIGSEGV before its core is written
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
-                self.outcome.core_path, self.outcome.core_error = self.dumper.write(self.outcome)
+                core_file, core_error = self.dumper.write(self.outcome)
+                self.outcome = record.replace(self.outcome, core_file=core_file, core_error=core_error)
         finally:
             if display is not None:
                 display.stop()

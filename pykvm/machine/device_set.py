@@ -11,7 +11,7 @@ from ..devices import registry
 from ..devices.policy import PolicyAuthority
 from ..devices.supervisor import Supervisor
 from ..record import field, record
-from .config import Outcome
+from .outcome import Outcome
 from .eoi_watch import EoiWatch
 from .pausing import kick
 

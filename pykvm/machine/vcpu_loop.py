@@ -11,7 +11,7 @@ from ..devices import GuestCrash, VmEvent
 from ..devices.supervisor import DeviceHung
 from ..kvm import KvmError
 from ..kvm import constants as C
-from .config import Outcome
+from .outcome import Outcome
 
 _io_hdr = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
 _mmio_hdr = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
