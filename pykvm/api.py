@@ -591,21 +591,19 @@ class VM:
 
     def _pages(self, vaddr: int, size: int, vcpu: int) -> list[tuple[int, int]]:
         """[(guest-physical address, length)] covering [vaddr, vaddr+size), one piece per page."""
-        from .memory.pagewalk import translate
+        from .memory.pagewalk import virtual_spans
 
         if not isinstance(vaddr, int) or not isinstance(size, int) or vaddr < 0 or size < 0:
             raise VMError(f"bad virtual range {vaddr!r}+{size!r}")
         if size == 0:
             return []
         s = self.sregs(vcpu)
-        pieces, at, end = [], vaddr, vaddr + size
-        while at < end:
-            n = min(end, (at | 0xFFF) + 1) - at
-            pa = translate(self.machine.memory, s["cr0"], s["cr3"], s["cr4"], s["efer"], at)
-            if pa is None:
-                raise VMError(f"virtual address {at:#x} is not mapped on vCPU {vcpu}")
-            pieces.append((pa, n))
-            at += n
+        # not only RAM: a mapped page outside RAM gets _ram's own error
+        pieces = virtual_spans(self.machine.memory, s["cr0"], s["cr3"], s["cr4"], s["efer"], vaddr, size,
+                               ram_only=False)
+        done = sum(n for _pa, n in pieces)
+        if done < size:
+            raise VMError(f"virtual address {vaddr + done:#x} is not mapped on vCPU {vcpu}")
         return pieces
 
     def read_virt(self, vaddr: int, size: int, vcpu: int = 0) -> bytes:

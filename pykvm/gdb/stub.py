@@ -26,13 +26,12 @@ from .. import errors
 from ..kvm import KvmError
 from ..kvm import constants as C
 from ..memory import GuestMemoryError
-from ..memory.pagewalk import translate
+from ..memory.pagewalk import translate, virtual_spans
 from . import hwdebug, registers, rsp
 from ..machine.outcome import Outcome
 
 SIGINT, SIGTRAP, SIGKILL, SIGSEGV, SIGALRM = 2, 5, 9, 11, 14
 EINVAL, EFAULT, ENOSPC, EPERM = b"E16", b"E0e", b"E1c", b"E01"
-PAGE = 4096
 MAX_SOFT_WATCH = 64            # bytes one watchpoint checked after single steps may cover
 
 
@@ -595,16 +594,8 @@ class GdbStub:
 
     def _spans(self, addr: int, length: int) -> list[tuple[int, int]]:
         """(physical, length) pieces of a linear range, page by page, up to the first unmapped page."""
-        spans = []
-        while length > 0:
-            n = min(length, PAGE - (addr & (PAGE - 1)))
-            phys = self._physical(addr)
-            if phys is None or not self.m.memory.is_ram(phys, n):
-                break
-            spans.append((phys, n))
-            addr = (addr + n) & rsp.U64
-            length -= n
-        return spans
+        s = self.m.vcpus[self._current()].get_sregs()
+        return virtual_spans(self.m.memory, s.cr0, s.cr3, s.cr4, s.efer, addr, length)
 
     def _read_memory(self, addr: int, length: int) -> bytes:
         data = b"".join(self.m.memory.read(p, n) for p, n in self._spans(addr, length))
