@@ -207,13 +207,14 @@ class VM:
                  restart_intensity: int = 5, restart_period: float = 60.0, on_device_failure: str = "remove",
                  sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT, numa: dict | None = None,
                  memory_log=None, cpu: str = "host", display: str = "none"):
-        from .startup.artifacts import resolve_kernel
+        from .devices.description import TRUST_LEVELS
         from .machine import MachineConfig
+        from .startup.artifacts import resolve_kernel
 
         size = parse_size(mem) if isinstance(mem, str) else mem
         if not isinstance(size, int) or isinstance(size, bool):
             raise MemorySizeError(f"mem {mem!r}: expected bytes or a size like 128M")
-        _choice("trust", trust, ("trusted", "untrusted"))
+        _choice("trust", trust, TRUST_LEVELS)
         _choice("irqchip", irqchip, ("split", "full"))
         _choice("on_device_failure", on_device_failure, ("remove", "crash"))
         _choice("entry_mode", entry_mode, (64, 32, 16))

@@ -14,6 +14,7 @@ import os
 import stat
 import sys
 
+from .devices.description import TRUST_LEVELS
 from .errors import EXIT_KVM_UNAVAILABLE, EXIT_VMM_ERROR, OutputPathError, PykvmError
 from .record import record
 from .units import parse_size
@@ -66,7 +67,7 @@ RUN_OPTIONS = (
         "Past the restart intensity: surprise-remove the device, or stop the VM with a core.", default="remove",
         show_default=True, kind="choice", choices=("remove", "crash")),
     Opt(("--trust",), "trust", "Device access policy level (see `pykvm devices --describe NAME`).",
-        default="trusted", show_default=True, kind="choice", choices=("trusted", "untrusted")),
+        default="trusted", show_default=True, kind="choice", choices=TRUST_LEVELS),
     Opt(("--bus",), "bus", "Give the guest a partition bus (echo, shutdown, heartbeat services).", flag=True),
     Opt(("--disk",), "disks", "A raw disk image served by the bus's block service (implies --bus); repeatable.",
         metavar="FILE[,ro]", multiple=True),
