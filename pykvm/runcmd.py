@@ -1,11 +1,12 @@
 """`pykvm run`'s options and body, importable without click, and its fast path.
 
 Importing click and building the command group costs ~20-30 ms of every `pykvm run`, more
-than a small guest takes to run. entry() therefore parses a plain `pykvm run ...` itself from
-RUN_OPTIONS (the table cli.py builds the click options from, so help and parsing share one
-source) and hands anything it is not certain click would accept unchanged (--help, an unknown
-or repeated option, a value click would refuse or convert differently, `--`, short option
-clusters, a failed check) to click, so every message and exit status stays click's.
+than a small guest takes to run. fast_run() (which pykvm.__main__.entry() tries first)
+therefore parses a plain `pykvm run ...` itself from RUN_OPTIONS (the table cli.py builds the
+click options from, so help and parsing share one source) and hands anything it is not
+certain click would accept unchanged (--help, an unknown or repeated option, a value click
+would refuse or convert differently, `--`, short option clusters, a failed check) to click,
+so every message and exit status stays click's.
 """
 
 from __future__ import annotations
@@ -479,11 +480,3 @@ def fast_run(argv: list[str]) -> bool:
     except BrokenPipeError:
         die_of_sigpipe()
     return True
-
-
-def entry() -> None:
-    """The `pykvm` command (console script and `python -m pykvm`): `run` without click when it can be."""
-    if not fast_run(sys.argv[1:]):
-        from .cli import entry as click_entry
-
-        click_entry()

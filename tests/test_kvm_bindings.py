@@ -21,7 +21,7 @@ from pykvm.kvm import system as kvm_system
 from pykvm.kvm.abi import field_offsets
 from pykvm.memory.region import buffer_address
 from pykvm.kvm.vcpu import RUN_SIZE
-from pykvm.kvm.vm import _as_route
+from pykvm.kvm.routing import as_route as _as_route
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

@@ -8,8 +8,8 @@ from .abi import ffi
 from .errors import KvmError, KvmUnavailable
 from .system import Kvm
 from .vcpu import RUN_OFFSETS, Vcpu, regs_to_dict, sregs_to_dict
-from .routing import GsiRouting, msi_address
-from .vm import Vm, irqchip_route, msi_route
+from .routing import GsiRouting, irqchip_route, msi_address, msi_route
+from .vm import Vm
 
 __all__ = [
     "Kvm", "Vm", "Vcpu", "KvmError", "KvmUnavailable", "ffi",

@@ -51,7 +51,7 @@ import stat
 import struct
 from pathlib import Path
 
-from .. import __version__
+from ..version import __version__
 from ..devices import State, memwindow
 from ..devices.description import TRUST_LEVELS
 from ..errors import BadStateError
