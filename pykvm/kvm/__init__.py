@@ -1,7 +1,8 @@
 """KVM bindings: cffi declarations of linux/kvm.h and thin objects for the KVM fds.
 
 Layers above use ``Kvm.open()`` -> ``Kvm.create_vm()`` -> ``Vm.create_vcpu()``; see
-abi.py (structs), ioctls.py (request numbers), constants.py (KVM_* values).
+abi.py (structs), ioctls.py (request numbers), constants.py (KVM_* values), exits.py
+(kvm_run's exit fields as struct layouts), routing.py (GSI routes).
 """
 
 from .abi import ffi
