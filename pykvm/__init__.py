@@ -4,7 +4,7 @@ The Python API (pykvm/api.py): VM, Outcome, ExpectError, Timeout, EOF, VMError, 
 They load on first use, so `import pykvm` stays cheap for the command line.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("VM", "Outcome", "ExpectError", "Timeout", "EOF", "VMError", "parse_size")
 __all__ = ["__version__", *_API]

@@ -1,5 +1,21 @@
-"""`python -m pykvm` runs the CLI."""
+"""The `pykvm` command (bin/pykvm and `python -m pykvm`): a plain `run` without click, the rest through click.
 
-from .runcmd import entry
+The dispatcher sits above both front ends so neither imports the other's caller: cli.py builds
+its click options from runcmd's table, and runcmd never needs click.
+"""
 
-entry()
+import sys
+
+
+def entry() -> None:
+    """Run `pykvm ...` from sys.argv: runcmd's fast path when it surely applies, else the click CLI."""
+    from .runcmd import fast_run
+
+    if not fast_run(sys.argv[1:]):
+        from .cli import entry as click_entry
+
+        click_entry()
+
+
+if __name__ == "__main__":
+    entry()

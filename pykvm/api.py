@@ -24,14 +24,29 @@ import time
 
 from .errors import EXIT_USAGE, MemorySizeError, PykvmError, UsageError
 from .paths import clean
-from .record import field, record
+from .record import replace
 from .units import parse_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:                 # annotations only
+    from pathlib import Path
+
+    from .machine.outcome import Outcome
 
 __all__ = ["VM", "Outcome", "ExpectError", "Timeout", "EOF", "VMError", "parse_size"]
 
 STOPPED_STATUS = 130            # a run the host cut short (VM.stop/close), as for Ctrl-C
 MAX_TRANSCRIPT = 16 << 20       # serial output kept per VM; older bytes are dropped
 _TAIL = 2000                    # output quoted in expect errors
+
+
+def __getattr__(name):
+    """`Outcome`, the machine's own (pykvm.machine.outcome), imported on first use: the machine is heavy to import."""
+    if name == "Outcome":
+        from .machine.outcome import Outcome
+
+        return Outcome
+    raise AttributeError(f"module 'pykvm.api' has no attribute {name!r}")
 
 
 def disk_spec(spec) -> tuple[str, bool]:
@@ -70,77 +85,6 @@ class Timeout(ExpectError):
 
 class EOF(ExpectError):
     """The VM ended before the pattern appeared (pexpect.EOF); `outcome` says how it ended."""
-
-
-@record(frozen=True)
-class Outcome:
-    """How a VM's run ended.
-
-    status: the `pykvm run` exit status (0 power-off, odd: the guest's debug-exit code, 16 crash,
-    18 timeout, 20 pykvm error, 130 stopped by the host); kind: "poweroff", "exit", "crash",
-    "timeout", "reset", "saved", "stopped", "interrupted" or "vmm-error"; reason: one line for
-    people; core_path: the crash core (a pathlib.Path), when one was written; transcript: serial
-    output (bytes); kernel: the kernel file (a pathlib.Path). core_file and kernel_file are the
-    same two paths as str (what the fields hold: building a Path costs only those who ask).
-    """
-
-    status: int
-    kind: str
-    reason: str
-    core_file: str | None = None
-    core_error: str | None = None
-    transcript: bytes = b""
-    vcpu: int | None = None
-    trigger: str | None = None
-    kernel_file: str | None = None
-    details: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def core_path(self) -> Path | None:
-        """The crash core, when one was written (a pathlib.Path)."""
-        return _as_path(self.core_file)
-
-    @property
-    def kernel(self) -> Path | None:
-        """The kernel file the VM booted (a pathlib.Path)."""
-        return _as_path(self.kernel_file)
-
-    @property
-    def ok(self) -> bool:
-        """True when the guest powered off cleanly (status 0)."""
-        return self.status == 0
-
-    @property
-    def crashed(self) -> bool:
-        """True when the guest crashed, hung past its timeout, or pykvm failed running it."""
-        return self.kind in ("crash", "timeout", "vmm-error")
-
-    def report(self) -> dict | None:
-        """The `pykvm inspect --json` report of the core (with the kernel's symbols), or None without a core."""
-        if self.core_path is None:
-            return None
-        from .crash.inspect import build_report
-
-        kernel = self.kernel if self.kernel is not None and self.kernel.suffix == ".elf" else None
-        return build_report(self.core_path, kernel)
-
-    def report_text(self) -> str | None:
-        """What `pykvm inspect CORE --kernel KERNEL` prints, or None without a core."""
-        report = self.report()
-        if report is None:
-            return None
-        from .crash.inspect import render_text
-
-        return render_text(report)
-
-
-def _as_path(path) -> Path | None:
-    """path as a pathlib.Path (None stays None); pathlib is imported only here, for API callers that ask."""
-    if path is None:
-        return None
-    from pathlib import Path
-
-    return Path(path)
 
 
 def _compile(pattern) -> re.Pattern:
@@ -265,13 +209,14 @@ class VM:
                  restart_intensity: int = 5, restart_period: float = 60.0, on_device_failure: str = "remove",
                  sandbox: bool = False, max_transcript: int = MAX_TRANSCRIPT, numa: dict | None = None,
                  memory_log=None, cpu: str = "host", display: str = "none", machine: str = "minimal"):
-        from .startup.artifacts import resolve_kernel
+        from .devices.description import TRUST_LEVELS
         from .machine import MachineConfig
+        from .startup.artifacts import resolve_kernel
 
         size = parse_size(mem) if isinstance(mem, str) else mem
         if not isinstance(size, int) or isinstance(size, bool):
             raise MemorySizeError(f"mem {mem!r}: expected bytes or a size like 128M")
-        _choice("trust", trust, ("trusted", "untrusted"))
+        _choice("trust", trust, TRUST_LEVELS)
         _choice("irqchip", irqchip, ("split", "full"))
         _choice("on_device_failure", on_device_failure, ("remove", "crash"))
         _choice("entry_mode", entry_mode, (64, 32, 16))
@@ -424,10 +369,10 @@ class VM:
 
     def stop(self) -> None:
         """Stop a running VM now (outcome kind "stopped", status 130); no core is written."""
-        from .machine import Outcome as MachineOutcome
+        from .machine.outcome import Outcome
 
         if self.machine is not None and self._started:
-            self.machine.finish(MachineOutcome(STOPPED_STATUS, "stopped", "stopped by the host (VM.stop)"))
+            self.machine.finish(Outcome(STOPPED_STATUS, "stopped", "stopped by the host (VM.stop)"))
 
     def close(self) -> None:
         """Stop the VM if it runs and release everything it holds (idempotent; the context manager calls it)."""
@@ -565,11 +510,8 @@ class VM:
         return self._outcome
 
     def _make_outcome(self) -> Outcome:
-        mo = self.machine.outcome
-        return Outcome(status=mo.status, kind=mo.kind, reason=mo.message, core_file=mo.core_path,
-                       core_error=mo.core_error, transcript=self._log.text(), vcpu=mo.vcpu,
-                       trigger=mo.trigger, kernel_file=clean(self.config.kernel) if self.config.kernel else None,
-                       details=dict(mo.details))
+        return replace(self.machine.outcome, transcript=self._log.text(), details=dict(self.machine.outcome.details),
+                       kernel_file=clean(self.config.kernel) if self.config.kernel else None)
 
     def pause(self) -> None:
         """Stop every vCPU outside the guest until resume() (VMError if one does not stop in time)."""
@@ -661,21 +603,19 @@ class VM:
 
     def _pages(self, vaddr: int, size: int, vcpu: int) -> list[tuple[int, int]]:
         """[(guest-physical address, length)] covering [vaddr, vaddr+size), one piece per page."""
-        from .memory.pagewalk import translate
+        from .memory.pagewalk import virtual_spans
 
         if not isinstance(vaddr, int) or not isinstance(size, int) or vaddr < 0 or size < 0:
             raise VMError(f"bad virtual range {vaddr!r}+{size!r}")
         if size == 0:
             return []
         s = self.sregs(vcpu)
-        pieces, at, end = [], vaddr, vaddr + size
-        while at < end:
-            n = min(end, (at | 0xFFF) + 1) - at
-            pa = translate(self.machine.memory, s["cr0"], s["cr3"], s["cr4"], s["efer"], at)
-            if pa is None:
-                raise VMError(f"virtual address {at:#x} is not mapped on vCPU {vcpu}")
-            pieces.append((pa, n))
-            at += n
+        # not only RAM: a mapped page outside RAM gets _ram's own error
+        pieces = virtual_spans(self.machine.memory, s["cr0"], s["cr3"], s["cr4"], s["efer"], vaddr, size,
+                               ram_only=False)
+        done = sum(n for _pa, n in pieces)
+        if done < size:
+            raise VMError(f"virtual address {vaddr + done:#x} is not mapped on vCPU {vcpu}")
         return pieces
 
     def read_virt(self, vaddr: int, size: int, vcpu: int = 0) -> bytes:
@@ -703,12 +643,14 @@ class VM:
         if self.running:
             path, err = m.call(m.host_dump)
         else:
-            from .machine import Outcome as MachineOutcome
+            from .machine.outcome import Outcome
 
-            path, err = m.dumper.write(MachineOutcome(0, "dump", "core requested by the host", trigger="host-request"))
+            path, err = m.dumper.write(Outcome(0, "dump", "core requested by the host", trigger="host-request"))
         if path is None:
             raise VMError(f"no core written: {err}")
-        return _as_path(path)
+        from .machine.outcome import as_path
+
+        return as_path(path)
 
     def request_dump(self) -> None:
         """Ask for a core without waiting (safe in a signal handler); its path goes to stderr."""
@@ -739,7 +681,9 @@ class VM:
     @property
     def kernel(self) -> Path:
         """The kernel file this VM booted (a pathlib.Path)."""
-        return _as_path(self.config.kernel)
+        from .machine.outcome import as_path
+
+        return as_path(self.config.kernel)
 
     def stats(self) -> dict:
         """Exit counts, unclaimed I/O, device events, windows and bus counters (as `pykvm ctl stats`)."""

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from . import __version__, runcmd
+from . import runcmd
+from .version import __version__
 from .errors import EXIT_KVM_UNAVAILABLE, EXIT_USAGE, BadCoreError, UsageError
 from .runcmd import check_crash_dir as _check_crash_dir, die_of_sigpipe as _die_of_sigpipe, guard as _guard
 from .runcmd import run_vm as _run_vm, serial_sink as _serial_sink
@@ -342,17 +343,6 @@ def guests(build_only, debug):
 _fast_exit = False
 
 
-def entry():
-    """The `pykvm` command through click (runcmd.entry() comes here for all but a plain `run`)."""
-    global _fast_exit
-    _fast_exit = True
-    main()
-
-
-if __name__ == "__main__":
-    entry()
-
-
 @main.command()
 @click.argument("topology", type=click.Path(dir_okay=False))
 @click.option("--dir", "rundir", type=click.Path(file_okay=False), default=None,
@@ -400,3 +390,14 @@ def up(topology, rundir, restart_intensity, debug):
         _leave(bad[0] if bad and isinstance(bad[0], int) and bad[0] > 0 else (1 if bad else 0))
 
     _guard(go, debug)
+
+
+def entry():
+    """The `pykvm` command through click (pykvm.__main__.entry() comes here for all but a plain `run`)."""
+    global _fast_exit
+    _fast_exit = True
+    main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,11 +1,12 @@
 """`pykvm run`'s options and body, importable without click, and its fast path.
 
 Importing click and building the command group costs ~20-30 ms of every `pykvm run`, more
-than a small guest takes to run. entry() therefore parses a plain `pykvm run ...` itself from
-RUN_OPTIONS (the table cli.py builds the click options from, so help and parsing share one
-source) and hands anything it is not certain click would accept unchanged (--help, an unknown
-or repeated option, a value click would refuse or convert differently, `--`, short option
-clusters, a failed check) to click, so every message and exit status stays click's.
+than a small guest takes to run. fast_run() (which pykvm.__main__.entry() tries first)
+therefore parses a plain `pykvm run ...` itself from RUN_OPTIONS (the table cli.py builds the
+click options from, so help and parsing share one source) and hands anything it is not
+certain click would accept unchanged (--help, an unknown or repeated option, a value click
+would refuse or convert differently, `--`, short option clusters, a failed check) to click,
+so every message and exit status stays click's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import stat
 import sys
 
+from .devices.description import TRUST_LEVELS
 from .errors import EXIT_KVM_UNAVAILABLE, EXIT_VMM_ERROR, OutputPathError, PykvmError
 from .record import record
 from .units import parse_size
@@ -66,7 +68,7 @@ RUN_OPTIONS = (
         "Past the restart intensity: surprise-remove the device, or stop the VM with a core.", default="remove",
         show_default=True, kind="choice", choices=("remove", "crash")),
     Opt(("--trust",), "trust", "Device access policy level (see `pykvm devices --describe NAME`).",
-        default="trusted", show_default=True, kind="choice", choices=("trusted", "untrusted")),
+        default="trusted", show_default=True, kind="choice", choices=TRUST_LEVELS),
     Opt(("--bus",), "bus", "Give the guest a partition bus (echo, shutdown, heartbeat services).", flag=True),
     Opt(("--disk",), "disks", "A raw disk image served by the bus's block service (implies --bus); repeatable.",
         metavar="FILE[,ro]", multiple=True),
@@ -491,11 +493,3 @@ def fast_run(argv: list[str]) -> bool:
     except BrokenPipeError:
         die_of_sigpipe()
     return True
-
-
-def entry() -> None:
-    """The `pykvm` command (console script and `python -m pykvm`): `run` without click when it can be."""
-    if not fast_run(sys.argv[1:]):
-        from .cli import entry as click_entry
-
-        click_entry()

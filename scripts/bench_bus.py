@@ -50,7 +50,7 @@ def run_guest(cmdline: str, devices=(), disks=(), bus=True):
         out.seek(0)
         text = out.read().decode(errors="replace")
     if outcome.status != 0:
-        raise SystemExit(f"bus-bench {cmdline!r} failed: {outcome.message}\n{text}")
+        raise SystemExit(f"bus-bench {cmdline!r} failed: {outcome.reason}\n{text}")
     hz = os.sysconf("SC_CLK_TCK")
     return dt, exits, text, bus_cpu
 

@@ -54,7 +54,7 @@ def main() -> None:
         recoveries = list(m.supervisor.recoveries)
         t.join(5)
     os.close(out)
-    print(f"guest: {outcome.message} (status {outcome.status}); {len(recoveries)} recoveries")
+    print(f"guest: {outcome.reason} (status {outcome.status}); {len(recoveries)} recoveries")
 
     def show(name, xs):
         xs = sorted(xs)

@@ -59,7 +59,7 @@ def main() -> None:
         text = open(log).read()
         found = re.search(r"bench: n=(\d+) backed=(\d+) trapped=(\d+) ram=(\d+)", text)
         if outcome.status != 39 or not found or set(marks) != {1, 2, 3, 4}:
-            raise SystemExit(f"bench guest failed: {outcome.message}; serial: {text!r}; marks {sorted(marks)}")
+            raise SystemExit(f"bench guest failed: {outcome.reason}; serial: {text!r}; marks {sorted(marks)}")
         best["backed"] = min(best["backed"], marks[2] - marks[1])
         best["trapped"] = min(best["trapped"], marks[4] - marks[3])
         for key, group in (("backed", 2), ("trapped", 3), ("ram", 4)):

@@ -99,7 +99,7 @@ def boot_until_memory_summary(kernel, mem: str = LINUX_MEM, cpu: str = LINUX_CPU
 
     from pykvm.cli import parse_size
     from pykvm.machine import Machine, MachineConfig
-    from pykvm.machine.config import Outcome
+    from pykvm.machine.outcome import Outcome
 
     r, w = os.pipe()
     cfg = MachineConfig(kernel=Path(kernel), mem=parse_size(mem), cmdline=cmdline, serial_out=w,

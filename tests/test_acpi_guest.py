@@ -63,4 +63,4 @@ def test_guest_reads_a_numa_topology(tmp_path, monkeypatch):
             "slit: 10 21\n"
             "slit: 21 10\n")
     assert log.read_text() == expected(3, "FACP APIC SRAT SLIT", numa)
-    assert outcome.status == 0 and outcome.kind == "poweroff", outcome.message
+    assert outcome.status == 0 and outcome.kind == "poweroff", outcome.reason

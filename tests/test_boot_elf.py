@@ -46,6 +46,17 @@ def test_symbols_match_pyelftools():
     assert elf.symbols(blob, names) == want
 
 
+@pytest.mark.parametrize("name", ["hello", "multiboot", "higherhalf", "crash-hh"])
+def test_symbol_table_matches_pyelftools(name):
+    blob = guest(name).read_bytes()
+    tab = ELFFile(io.BytesIO(blob)).get_section_by_name(".symtab")
+    kinds = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4}
+    shn = {"SHN_UNDEF": 0, "SHN_ABS": 0xFFF1, "SHN_COMMON": 0xFFF2}
+    want = [(s.name, s["st_value"], s["st_size"], kinds[s["st_info"]["type"]], shn.get(s["st_shndx"], s["st_shndx"]))
+            for s in tab.iter_symbols()]
+    assert elf.symbol_table(blob) == want
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_images_give_elf_error_or_the_same_answer(data):
@@ -71,5 +82,6 @@ def test_random_bytes_never_raise_anything_but_elf_error(blob):
     try:
         elf.parse(b"\x7fELF" + blob)
         elf.symbols(b"\x7fELF" + blob, ["x"])
+        elf.symbol_table(b"\x7fELF" + blob)
     except elf.ElfError:
         pass

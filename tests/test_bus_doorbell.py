@@ -289,7 +289,7 @@ def test_guest_doorbells_cost_no_exit_and_interrupts_arrive(tmp_path, irqchip, x
                            "doorbell: unregistered rang\n"
                            f"irq: {m} of {m} hook={m}\n"
                            "doorbell: ok\n")
-    assert r["outcome"].status == GUEST_STATUS, r["outcome"].message
+    assert r["outcome"].status == GUEST_STATUS, r["outcome"].reason
     # (a) every registered ring woke the bus thread, none of them exited to the VMM; the one
     # write of an unregistered channel id did exit (and only it: no other port I/O goes slow).
     assert r["data_wakes"] == n

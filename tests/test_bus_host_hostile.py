@@ -198,7 +198,7 @@ class Guest:
         for ch in h.channels.values():   # a guest knows what it holds open and built (white box here)
             if ch.is_open:
                 self.send(enc_msg(M.CloseChannel(ch.relid)))
-        for gid in list(h.gpadls) + list(h._pending):
+        for gid in list(h.gpadls) + list(h.channel_mgmt._pending):
             self.send(enc_msg(M.GpadlTeardown(gid)))
         self.replies.clear()
         self.send(enc_msg(M.RequestOffers()))
@@ -231,9 +231,9 @@ def check(g: Guest, seen):
     assert g.bells.failures == []                               # nothing escaped a doorbell handler
     assert len(g.irqs.allocated) <= lim.vcpus                   # one MSI route per vCPU the VM has, at most
     mapped = sum(v.size // PAGE for v in h.gpadls.values())
-    assert len(h.gpadls) + len(h._pending) <= lim.max_gpadls
-    assert mapped + sum(p.total for p in h._pending.values()) <= lim.max_total_pages
-    views = list(h.gpadls.values()) + ([h._mgmt_view] if h._mgmt_view is not None else [])
+    assert len(h.gpadls) + len(h.channel_mgmt._pending) <= lim.max_gpadls
+    assert mapped + sum(p.total for p in h.channel_mgmt._pending.values()) <= lim.max_total_pages
+    views = list(h.gpadls.values()) + ([h.connection._mgmt_view] if h.connection._mgmt_view is not None else [])
     for v in views:
         assert not v.closed and len(set(v.pfns)) == len(v.pfns) <= max(lim.max_gpadl_pages, 2 * MGMT_PAGES)
         assert all(g.mem.is_ram(p * PAGE, PAGE) for p in v.pfns)   # never a page outside RAM
@@ -242,7 +242,7 @@ def check(g: Guest, seen):
         if ch.is_open:
             assert ch.gpadl_id in h.gpadls
     if h.state == "idle":
-        assert not h.gpadls and not h._pending and abi.PYKVM_BUS_MGMT_RELID not in g.bells
+        assert not h.gpadls and not h.channel_mgmt._pending and abi.PYKVM_BUS_MGMT_RELID not in g.bells
     assert h.violations >= seen[0] and h.refusal_count >= seen[1] and h.refusal_count >= h.violations
     assert all(isinstance(r, str) and r for r in h.refusals)
     seen[:] = [h.violations, h.refusal_count]
@@ -449,7 +449,7 @@ def test_gpadl_limits_hold_under_a_flood(mem):
             g.send(enc_msg(M.GpadlHeader(1000 + i, 16, (50,))))   # left pending
             g.drain()
             check(g, [0, 0])
-        assert len(g.host.gpadls) + len(g.host._pending) == LIMITS["max_gpadls"]
+        assert len(g.host.gpadls) + len(g.host.channel_mgmt._pending) == LIMITS["max_gpadls"]
         assert g.clean_echo() == struct.pack("<II", abi.PYKVM_ECHO_OP_ECHO, 5) + b"hello"
     finally:
         g.close()
@@ -512,7 +512,7 @@ def test_a_management_message_written_while_the_host_publishes_is_not_stranded(m
         g.connect()
         g.send(enc_msg(M.InitiateContact((V10,), 0)))
         g.replies.clear()
-        _write_before_commit(monkeypatch, g.host._mgmt_in, lambda: g.out.write(INBAND, enc_msg(M.RequestOffers())))
+        _write_before_commit(monkeypatch, g.host.connection._mgmt_in, lambda: g.out.write(INBAND, enc_msg(M.RequestOffers())))
         g.send(enc_msg(M.GpadlTeardown(77)))
         assert g.reply("gpadl_torndown", 77) is not None
         assert g.reply("all_offers_delivered") is not None

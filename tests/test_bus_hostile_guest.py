@@ -69,7 +69,7 @@ def test_a_hostile_guest_gets_refusals_and_the_bus_keeps_serving(tmp_path, capfd
     for seed in SEEDS:
         outcome, serial, bus, peak = _run_in_process(tmp_path, f"seed={seed} ops={per_seed}")
         err = capfd.readouterr().err
-        assert outcome.status == GUEST_OK, (outcome.message, serial, err[-2000:])
+        assert outcome.status == GUEST_OK, (outcome.reason, serial, err[-2000:])
         lines = serial.splitlines()
         assert lines[0] == f"hostile: seed={seed} ops={per_seed}" and lines[-1] == "hostile: clean echo ok", serial
         assert "internal error" not in err.lower() and "Traceback" not in err

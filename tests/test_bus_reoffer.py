@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pykvm import abi
-from pykvm.bus import host as H
+from pykvm.bus import channel_mgmt as H
 from pykvm.bus import messages as M
 
 from .test_bus_host_hostile import ECHO, LIMITS, Guest, check, mem  # noqa: F401  (mem is a fixture)

@@ -1,6 +1,5 @@
 """Partition bus rings: host round trips, guest (ring.c) <-> host interop, and hostile ring contents."""
 
-import shutil
 import struct
 import subprocess
 
@@ -14,7 +13,7 @@ from pykvm.bus.ring import (COMPLETION, COMPLETION_REQ, GPA_DIRECT, INBAND, XFER
                             RingReader, RingWriter, gpa_direct_header, xfer_pages_header)
 from pykvm.paths import GUESTS_SRC
 
-from .conftest import IN_CI
+from .conftest import require_tool
 
 PAGE = 4096
 HDR = 4096
@@ -157,10 +156,7 @@ int ring_unmask(struct rt_ring *r);
 @pytest.fixture(scope="module")
 def cring(tmp_path_factory):
     """guests/runtime/ring.c compiled for the host as a shared library, loaded with cffi."""
-    if shutil.which("gcc") is None:
-        if IN_CI:
-            pytest.fail("gcc not found (CI must have it)")
-        pytest.skip("gcc not found")
+    require_tool("gcc")
     so = tmp_path_factory.mktemp("ring") / "libring.so"
     cmd = ["gcc", "-std=gnu11", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", f"-I{GUESTS_SRC}/include",
            f"-I{GUESTS_SRC}/runtime", "-o", str(so), f"{GUESTS_SRC}/runtime/ring.c"]

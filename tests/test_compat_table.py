@@ -91,4 +91,4 @@ def _linux_row(args: list[str], tmp_path) -> None:
         assert load_image(path).protocol == PROTOCOL_LINUX
         return
     console, outcome = lk.boot_until_memory_summary(path)
-    assert "Linux version" in console and "Memory:" in console, f"{outcome.message}\n{console[-3000:]}"
+    assert "Linux version" in console and "Memory:" in console, f"{outcome.reason}\n{console[-3000:]}"

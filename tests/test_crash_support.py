@@ -5,19 +5,18 @@ No tests live here; the crash tests import it (tests is a package: `from .test_c
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import capstone
-import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from pykvm.crash import CrashSnapshot, VcpuState
 from pykvm.memory import MIB, GuestMemory
+
+from .conftest import require_tool
 
 MMIO_HOLE = 0xC0000000
 HIGHER_HALF = 0xFFFFFFFF80000000
@@ -52,12 +51,7 @@ SECTIONS {
 
 def gdb_or_skip() -> str:
     """Path of gdb; skip when it is missing, except in CI where it must be installed."""
-    gdb = shutil.which("gdb")
-    if gdb is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("gdb is required in CI")
-        pytest.skip("gdb not installed")
-    return gdb
+    return require_tool("gdb")
 
 
 def make_memory(size: int = 8 * MIB) -> GuestMemory:
@@ -137,10 +131,8 @@ def fpu() -> dict:
 
 
 def compile_guest(workdir: Path, base: int) -> Path:
-    """Compile the a->b->c guest linked at `base`; skip when gcc is missing."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc not installed")
+    """Compile the a->b->c guest linked at `base`; skip when gcc is missing (fail in CI)."""
+    gcc = require_tool("gcc")
     src, ld, out = workdir / "guest.c", workdir / f"link-{base:x}.ld", workdir / f"guest-{base:x}.elf"
     src.write_text(GUEST_C)
     ld.write_text(LINK_LD % base)

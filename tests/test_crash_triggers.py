@@ -79,7 +79,7 @@ def test_device_model_bug_dumps_the_guest_then_reports(tmp_path):
         m.devices.add(Exploding())
         outcome = m.run()
     assert outcome.status == 20 and outcome.kind == "vmm-error"
-    assert "RuntimeError: model bug" in outcome.message
+    assert "RuntimeError: model bug" in outcome.reason
     core = open_core(outcome.core_path)
     assert core.info["trigger"] == "vmm-error"
     assert core.vcpus[0]["regs"]["r12"] == 0xABCDEF
@@ -115,5 +115,5 @@ def test_unwritable_crash_dir_still_reports_the_crash(tmp_path):
     cfg = MachineConfig(kernel=Path(image), flat_addr=0x100000, timeout=20, crash_dir=blocker / "sub")
     with Machine(cfg) as m:
         outcome = m.run()
-    assert outcome.status == 16 and "#UD invalid opcode" in outcome.message
+    assert outcome.status == 16 and "#UD invalid opcode" in outcome.reason
     assert outcome.core_path is None and "cannot create crash directory" in outcome.core_error

@@ -6,8 +6,6 @@ constants.py), compiled with gcc and run; each value it prints must equal pykvm'
 Nothing declared can escape the check because the list comes from the ffi itself.
 """
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -15,7 +13,8 @@ import pytest
 from pykvm.kvm import constants, ioctls
 from pykvm.kvm.abi import ffi
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from .conftest import IN_CI, require_tool
+
 
 
 def _unavailable(reason):
@@ -100,8 +99,7 @@ def _compile(tmp_path, name, source):
 @pytest.fixture(scope="module")
 def kernel_values(tmp_path_factory):
     """Compile and run the generated program; map (kind, key) -> the C value."""
-    if shutil.which("gcc") is None:
-        _unavailable("gcc not found: cannot cross-check the KVM ABI")
+    require_tool("gcc")
     tmp_path = tmp_path_factory.mktemp("kvm_abi")
     probe, _ = _compile(tmp_path, "probe", "#include <linux/kvm.h>\nint main(void){return 0;}\n")
     if probe.returncode != 0:

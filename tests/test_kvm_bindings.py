@@ -21,7 +21,7 @@ from pykvm.kvm import system as kvm_system
 from pykvm.kvm.abi import field_offsets
 from pykvm.memory.region import buffer_address
 from pykvm.kvm.vcpu import RUN_SIZE
-from pykvm.kvm.vm import _as_route
+from pykvm.kvm.routing import as_route as _as_route
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -78,6 +78,25 @@ def test_kvm_run_layout_and_offsets():
                 "ex.exception", "debug.arch.pc", "msr.index", "eoi.vector"):
         assert key in RUN_OFFSETS
     assert field_offsets("struct kvm_irq_level") == {"irq": 0, "status": 0, "level": 4}
+
+
+def test_exit_layouts_decode_what_cffi_wrote():
+    from pykvm.kvm import exits
+
+    buf = bytearray(RUN_SIZE)
+    run = ffi.from_buffer("struct kvm_run *", buf)
+    run.exit_reason = C.KVM_EXIT_IO
+    run.io.direction, run.io.size, run.io.port, run.io.count, run.io.data_offset = 1, 2, 0x3F8, 3, 4096
+    assert exits.EXIT_IO.unpack_from(buf, exits.EXIT_AT) == (C.KVM_EXIT_IO, 1, 2, 0x3F8, 3, 4096)
+    assert exits.IO.unpack_from(buf, exits.IO_AT) == (1, 2, 0x3F8, 3, 4096)
+    run.mmio.phys_addr, run.mmio.len, run.mmio.is_write = 0xFED00000, 4, 1
+    run.mmio.data[0:8] = list(range(1, 9))
+    assert exits.MMIO.unpack_from(buf, exits.MMIO_AT) == (0xFED00000, bytes(range(1, 9)), 4, 1)
+    buf[exits.MMIO_DATA:exits.MMIO_DATA + 8] = b"\xff" * 8
+    assert list(run.mmio.data) == [0xFF] * 8
+    ffi.release(run)
+    with pytest.raises(ImportError, match="io.port"):
+        exits.layout(("io.port", "I"))     # a 2-byte field read as 4
 
 
 def test_constants_name_tables():

@@ -177,8 +177,8 @@ def test_a_plain_run_never_imports_pathlib_not_even_to_write_a_core(tmp_path, na
             exit_(status)
         os._exit = leave
         sys.argv = ["pykvm", "run", *sys.argv[1:]]
-        from pykvm import runcmd
-        runcmd.entry()
+        from pykvm.__main__ import entry
+        entry()
     """, str(guest(name)), "--serial", "none", "--crash-dir", str(crash_dir), *(() if cores else ("--no-dump",)))
     assert r.stderr.splitlines()[-1] == "pathlib loaded: False", r.stderr
     if cores:

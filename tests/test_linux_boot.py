@@ -286,5 +286,5 @@ def test_debian_vmlinux_boots_through_pvh_to_memory_init(tmp_path):
     assert parse_image(vmlinux.read_bytes()).protocol == PROTOCOL_PVH
     console, outcome = boot_until_memory_summary(vmlinux)
     assert "Linux version" in console, console[-2000:]
-    assert "Memory:" in console, f"{outcome.message}\n{console[-3000:]}"
+    assert "Memory:" in console, f"{outcome.reason}\n{console[-3000:]}"
     assert "No sub-1M memory is available for the trampoline" not in console

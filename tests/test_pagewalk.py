@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.memory import MIB, GuestMemory, MemoryRegion
-from pykvm.memory.pagewalk import Mapping, WalkStats, paging_mode, translate, walk
+from pykvm.memory.pagewalk import Mapping, WalkStats, paging_mode, translate, virtual_spans, walk
 
 from .test_crash_support import (CR0_PE, CR0_PG, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, HIGHER_HALF, NX,
                                 P, PS, RW, US, PageTables)
@@ -37,6 +37,19 @@ def test_identity_2mib_map_merges_into_one_run(mem):
     assert maps == [Mapping(0, 0, 8 * MIB, True, False, False)]
     assert translate(mem, cr3=pt.root, vaddr=0x345678, **LONG) == 0x345678
     assert translate(mem, cr3=pt.root, vaddr=9 * MIB, **LONG) is None
+
+
+def test_virtual_spans_split_at_pages_and_stop_at_the_first_hole(mem):
+    pt = PageTables(mem, 0x800000)
+    pt.map(HIGHER_HALF + 0x100000, 0x300000, 0x1000, flags=P | RW)      # two pages, not contiguous physically
+    pt.map(HIGHER_HALF + 0x101000, 0x105000, 0x1000, flags=P | RW)
+    pt.map(HIGHER_HALF + 0x103000, 0x2000000, 0x1000, flags=P | RW)     # after a hole, and outside RAM
+    spans = virtual_spans(mem, cr3=pt.root, vaddr=HIGHER_HALF + 0x100ff0, length=0x3000, **LONG)
+    assert spans == [(0x300ff0, 0x10), (0x105000, 0x1000)]               # stops at the unmapped 0x102000
+    assert virtual_spans(mem, cr3=pt.root, vaddr=HIGHER_HALF + 0x103000, length=8, **LONG) == []
+    assert virtual_spans(mem, cr3=pt.root, vaddr=HIGHER_HALF + 0x103000, length=8, ram_only=False,
+                         **LONG) == [(0x2000000, 8)]
+    assert virtual_spans(mem, 0, 0, 0, 0, (1 << 64) - 4, 8, ram_only=False) == [((1 << 64) - 4, 4), (0, 4)]
 
 
 def test_higher_half_4k_map_is_sign_extended(mem):

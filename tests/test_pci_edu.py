@@ -34,10 +34,10 @@ def machine(iommu=False, ram=16 * MIB):
     dm.reserve(0, ram, "guest RAM")
     sent, lines = [], []
     ctx = registry.DeviceContext(memory=mem, irq_line=lambda gsi, level: lines.append((gsi, level)))
-    ctx.extra["msi"] = lambda address, data: sent.append((address, data))
+    ctx.msi = lambda address, data: sent.append((address, data))
     host = dm.add(registry.lookup("pci-host").make(ctx, {}))
-    ctx.extra["pci"] = host
-    ctx.extra["mmio_free"] = dm.mmio_free
+    ctx.pci = host
+    ctx.mmio_free = dm.mmio_free
     unit = dm.add(registry.lookup("intel-iommu").make(ctx, {})) if iommu else None
     edu = dm.add(registry.lookup("edu").make(ctx, {}))
     dm.start_all()

@@ -112,7 +112,7 @@ def run_probe(tmp_path, monkeypatch, trust):
             outcome = m.run()
     finally:
         os.close(fd)
-    assert outcome.kind == "poweroff", outcome.message
+    assert outcome.kind == "poweroff", outcome.reason
     return m, log.read_text()
 
 

@@ -109,7 +109,7 @@ def test_a_thousand_faults_while_the_guest_works(tmp_path):
     t.join(5)
     assert not errs, (errs, outcome, outcome.details.get("traceback"))
     assert serial(tmp_path) == "mailbox: work\nmailbox: work done, data verified\n"
-    assert outcome.status == 33, outcome.message
+    assert outcome.status == 33, outcome.reason
     assert len(recoveries) == 1000
     assert [r["generation"] for r in recoveries] == list(range(1, 1001))
     assert sum("hung" in r["reason"] for r in recoveries) == 10

@@ -13,7 +13,7 @@ def test_a_plain_run_imports_neither_json_nor_re(tmp_path):
     # json and re cost ~3 ms of every run; the importers are named so a regression says who brought them back
     # a cold cache generates the cffi modules and compiles the seccomp program (cffi, pycparser and pyseccomp
     # import re): one run first, as every run after a user's first finds them cached
-    warm = python("import sys; from pykvm import runcmd; sys.argv = ['pykvm', 'run', *sys.argv[1:]]; runcmd.entry()",
+    warm = python("import sys; from pykvm.__main__ import entry; sys.argv = ['pykvm', 'run', *sys.argv[1:]]; entry()",
                   str(guest("multiboot")), "--serial", "none", "--no-dump")
     assert warm.returncode == 1, warm.stderr
     r = python("""
@@ -35,8 +35,8 @@ def test_a_plain_run_imports_neither_json_nor_re(tmp_path):
             exit_(status)
         os._exit = leave
         sys.argv = ["pykvm", "run", *sys.argv[1:]]
-        from pykvm import runcmd
-        runcmd.entry()
+        from pykvm.__main__ import entry
+        entry()
     """, str(guest("multiboot")), "--serial", "none", "--no-dump")
     last = r.stderr.splitlines()[-1]
     assert last.startswith("loaded:"), r.stderr

@@ -329,7 +329,7 @@ def run_guest(tmp_path, cmdline, prepare=None, **overrides):
 def test_backed_window_reads_cost_no_exit(tmp_path):
     outcome, out, mmio, _m = run_guest(tmp_path, "reads")
     assert out == b"window-poll: reads\n" + READS_OUTPUT
-    assert outcome.status == 39, outcome.message
+    assert outcome.status == 39, outcome.reason
     # 100 000 verified reads plus ~50 more (ident line, set-up): none of them exits
     assert mmio < 5
 
@@ -338,7 +338,7 @@ def test_backed_window_reads_cost_no_exit(tmp_path):
 def test_trapped_window_reads_exit_every_time(tmp_path):
     outcome, out, mmio, m = run_guest(tmp_path, "reads trapped")
     assert out == b"window-poll: reads trapped\n" + READS_OUTPUT
-    assert outcome.status == 39, outcome.message
+    assert outcome.status == 39, outcome.reason
     assert mmio >= 100_000
     assert m.stats()["exits"][0]["KVM_EXIT_MMIO"] == mmio
 
@@ -347,7 +347,7 @@ def test_trapped_window_reads_exit_every_time(tmp_path):
 def test_poll_guest_writes_land_in_the_image(tmp_path):
     outcome, out, mmio, m = run_guest(tmp_path, "poll")
     assert out == POLL_OUTPUT
-    assert outcome.status == 39, outcome.message
+    assert outcome.status == 39, outcome.reason
     # the writes exit (16 config, 2 control, a few trapped reads, flushes, a ring-full exit per
     # ~170 coalesced log writes); the 100 000 reads do not
     assert mmio < 100
@@ -403,7 +403,7 @@ def test_windows_map_on_d0_and_unmap_on_leaving_it_with_hot_plug(tmp_path):
         threading.Thread(target=go, daemon=True).start()
 
     outcome, out, _mmio, _m = run_guest(tmp_path, "save", prepare=work)
-    assert outcome.status == 39, (outcome.message, out)
+    assert outcome.status == 39, (outcome.reason, out)
     slots = lambda info: {(e["device"], e["window"]): e["slot"] for e in info if "window" in e}
     # the guest switched its status window to trapped mode before printing "configured"
     assert slots(seen["boot"]) == {("identity", "ident"): 64}

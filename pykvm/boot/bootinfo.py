@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from .. import abi, __version__
+from .. import abi
+from ..version import __version__
 from ..record import record
 
 MMAP_RAM = abi.PYKVM_MMAP_RAM

@@ -1,9 +1,10 @@
-"""The few ELF fields a loader needs (header, program headers), read with struct.
+"""The few ELF fields a loader needs (header, program headers, symbols), read with struct.
 
-Booting needs e_ident, e_type, e_machine, e_entry and the program headers, nothing more;
-pyelftools stays for symbols and inspection, off the path of `pykvm run` (importing it
-costs more than the rest of the loader). Every offset and count is checked against the
-file before use: ElfError names what is wrong.
+Booting needs e_ident, e_type, e_machine, e_entry and the program headers, nothing more; the
+symbol table is read here too (the firmware's entry points, crash/symbols' symbolizing).
+pyelftools stays for inspecting cores, off the path of `pykvm run` (importing it costs more
+than the rest of the loader). Every offset and count is checked against the file before
+use: ElfError names what is wrong.
 """
 
 from __future__ import annotations
@@ -113,42 +114,56 @@ def notes(blob: bytes, hdr: ElfHeader) -> list[tuple[bytes, int, bytes]]:
     return out
 
 
-SHT_SYMTAB = 2
+SHT_SYMTAB, SHT_DYNSYM = 2, 11
+STT_NOTYPE, STT_FUNC = 0, 2
+SHN_UNDEF = 0
 _SHDR = {32: struct.Struct("<IIIIIIIIII"), 64: struct.Struct("<IIQQQQIIQQ")}
 _SYM = {32: struct.Struct("<IIIBBH"), 64: struct.Struct("<IBBHQQ")}
 
 
-def symbols(blob: bytes, names) -> dict[str, int]:
-    """Values of the named symbols from the file's .symtab (names not found are left out)."""
+def symbol_table(blob, kinds=(SHT_SYMTAB, SHT_DYNSYM)) -> list[tuple[str, int, int, int, int]]:
+    """(name, value, size, STT_* type, section index) of each symbol in the first table of the first of
+    `kinds` the file has (.symtab before .dynsym by default); [] when it has none."""
     hdr = parse(blob)
     bits = hdr.bits
     fields = _HDR[bits].unpack_from(blob, 16)
     shoff, shentsize, shnum = fields[5], fields[10], fields[11]
     sh = _SHDR[bits]
     if not shnum:
-        return {}
+        return []
     if shentsize < sh.size or shnum > 65535 or shoff + shnum * shentsize > len(blob):
         raise ElfError("section headers lie outside the file")
     sections = [sh.unpack_from(blob, shoff + i * shentsize) for i in range(shnum)]
+    table = next((s for kind in kinds for s in sections if s[1] == kind), None)
+    if table is None:
+        return []
+    off, size, link, entsize = table[4], table[5], table[6], table[9]   # same positions in Elf32_Shdr and Elf64_Shdr
+    sym = _SYM[bits]
+    if entsize < sym.size or off + size > len(blob) or link >= len(sections):
+        raise ElfError("symbol table lies outside the file")
+    stroff, strsize = sections[link][4], sections[link][5]
+    if stroff + strsize > len(blob):
+        raise ElfError("string table lies outside the file")
+    out = []
+    for i in range(size // entsize):
+        f = sym.unpack_from(blob, off + i * entsize)
+        if bits == 64:
+            name_off, info, _other, shndx, value, sym_size = f
+        else:
+            name_off, value, sym_size, info, _other, shndx = f
+        if name_off >= strsize:
+            continue
+        end = blob.find(b"\0", stroff + name_off, stroff + strsize)
+        name = bytes(blob[stroff + name_off:end if end >= 0 else stroff + strsize]).decode("utf-8", "replace")
+        out.append((name, value, sym_size, info & 0xF, shndx))
+    return out
+
+
+def symbols(blob: bytes, names) -> dict[str, int]:
+    """Values of the named symbols from the file's .symtab (names not found are left out)."""
     want = set(names)
     found: dict[str, int] = {}
-    for s in sections:
-        if s[1] != SHT_SYMTAB:
-            continue
-        off, size, link, entsize = s[4], s[5], s[6], s[9]     # same positions in Elf32_Shdr and Elf64_Shdr
-        sym = _SYM[bits]
-        if entsize < sym.size or off + size > len(blob) or link >= len(sections):
-            raise ElfError("symbol table lies outside the file")
-        stroff, strsize = sections[link][4], sections[link][5]
-        if stroff + strsize > len(blob):
-            raise ElfError("string table lies outside the file")
-        for i in range(size // entsize):
-            f = sym.unpack_from(blob, off + i * entsize)
-            name_off, value = (f[0], f[4]) if bits == 64 else (f[0], f[1])
-            if name_off >= strsize:
-                continue
-            end = blob.find(b"\0", stroff + name_off, stroff + strsize)
-            name = blob[stroff + name_off:end if end >= 0 else stroff + strsize].decode("latin-1")
-            if name in want and name not in found:
-                found[name] = value
+    for name, value, _size, _type, _shndx in symbol_table(blob, (SHT_SYMTAB,)):
+        if name in want and name not in found:
+            found[name] = value
     return found

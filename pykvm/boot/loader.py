@@ -10,7 +10,8 @@ from ..memory import PAGE_SIZE, GuestMemory
 from ..record import field, record
 from . import acpi, bootinfo, tables
 from .firmware import Firmware
-from .image import PROTOCOL_FLAT, PROTOCOL_LINUX, PROTOCOL_MULTIBOOT, PROTOCOL_PVH, KernelImage, LoadSegment
+from .image import (PROTOCOL_FLAT, PROTOCOL_LINUX, PROTOCOL_MULTIBOOT, PROTOCOL_PVH, PROTOCOL_PYKVM64, KernelImage,
+                    LoadSegment)
 from .paging import build_boot_page_tables
 
 PAGE = PAGE_SIZE
@@ -101,6 +102,17 @@ def _load_segment(mem: GuestMemory, seg: LoadSegment) -> None:
         mem.view(seg.paddr + len(seg.data), seg.memsz - len(seg.data))[:] = bytes(seg.memsz - len(seg.data))
 
 
+def _load_initrd(mem: GuestMemory, image: KernelImage, path: str) -> bootinfo.Module:
+    """The initrd in the first page above the kernel (and above 1 MiB), as the boot module."""
+    with open(path, "rb") as f:
+        data = f.read()
+    addr = (max(image.physical_end, 1 << 20) + PAGE - 1) & ~(PAGE - 1)
+    seg = LoadSegment(addr, addr, data, max(len(data), 1))
+    _check_fits(mem, seg, f"initrd {path}")
+    _load_segment(mem, seg)
+    return bootinfo.Module(addr, len(data), path)
+
+
 def _check_address_width(mem: GuestMemory, phys_bits: int) -> None:
     """RAM must lie below 2^MAXPHYADDR: the boot tables could not map it, nor the guest use it."""
     if phys_bits and mem.top > 1 << phys_bits:
@@ -124,6 +136,23 @@ def _reserve(mmap: list[tuple[int, int, int]], start: int, end: int) -> list[tup
     return out
 
 
+@record
+class _Boot:
+    """What a protocol's entry function works from: the RAM as loaded so far and what its boot info says."""
+
+    mem: GuestMemory
+    image: KernelImage
+    mmap: list[tuple[int, int, int]]     # the memory map so far (the protocol may carve it further)
+    cmdline_len: int                     # the command line is at PYKVM_CMDLINE_ADDR
+    modules: list[bootinfo.Module]
+    rsdp: int
+    cpu: BootCpu
+    nr_cpus: int
+    numa: tuple | None                   # (NumaConfig, [NodeLayout]) or None
+    map_top: int                         # what the boot page tables must map (RAM and hot-add ranges)
+    phys_bits: int
+
+
 def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int, cmdline: str = "",
          argv0: str = "", initrd=None, acpi_platform: acpi.Platform | None = None,
          acpi_topology: acpi.Topology | None = None, numa=None, *, gib_pages: bool = False,
@@ -139,9 +168,7 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     map the hot-add ranges (so memory plugged in later is reachable without new tables).
     `cpu`: what the CPU model offers (default: host; its gib_pages overrides `gib_pages`).
     """
-    if cpu is not None:
-        gib_pages = cpu.gib_pages
-    else:
+    if cpu is None:
         cpu = BootCpu(gib_pages=gib_pages)
     if not cpu.x2apic and acpi_topology is not None and max(acpi_topology.apic_ids, default=0) > 0xFE:
         raise UsageError("--cpu -x2apic: APIC ids above 254 need x2APIC")
@@ -158,16 +185,7 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     for seg in image.segments:
         _load_segment(mem, seg)
 
-    modules = []
-    if initrd is not None:
-        initrd = os.fspath(initrd)
-        with open(initrd, "rb") as f:
-            data = f.read()
-        addr = (max(image.physical_end, 1 << 20) + PAGE - 1) & ~(PAGE - 1)
-        seg = LoadSegment(addr, addr, data, max(len(data), 1))
-        _check_fits(mem, seg, f"initrd {initrd}")
-        _load_segment(mem, seg)
-        modules.append(bootinfo.Module(addr, len(data), initrd))
+    modules = [] if initrd is None else [_load_initrd(mem, image, os.fspath(initrd))]
 
     mmap = bootinfo.memory_map([(r.gpa, r.size) for r in mem.regions])
     if image.protocol == PROTOCOL_MULTIBOOT:
@@ -186,46 +204,97 @@ def load(mem: GuestMemory, image: KernelImage, firmware: Firmware, nr_cpus: int,
     mem.write(abi.PYKVM_IDT32_ADDR, tables.idt32(firmware.stubs32))
     acpi.write_tables(mem, acpi_tables)
 
-    if image.protocol in (PROTOCOL_LINUX, PROTOCOL_PVH):
-        mmap = linux_memory_map(mmap)
-        entry = _linux_entry(mem, image, mmap, len(raw), modules, acpi_tables.rsdp_addr, cpu)
-    elif image.protocol == PROTOCOL_MULTIBOOT or (image.protocol == PROTOCOL_FLAT and image.bits != 64):
-        info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR, modules,
-                                              abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET)
-        if len(info) > MBI_NAMES_OFFSET or len(names) > PAGE - MBI_NAMES_OFFSET:
-            raise ImageDoesNotFitError("multiboot information (memory map, module names) exceeds its 4 KiB page")
-        mem.write(abi.PYKVM_MBI_ADDR, info)
-        mem.write(abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET, names)
-        mode = "real" if image.bits == 16 else "protected"
-        # Multiboot leaves ESP undefined; a valid one lets a fault before the kernel sets up
-        # its own stack reach the firmware stubs instead of triple-faulting.
-        entry = EntryState(mode, image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP if mode == "protected" else 0,
-                           gprs={"rax": bootinfo.MB_INFO_MAGIC, "rbx": abi.PYKVM_MBI_ADDR})
-    else:
-        virt = [(s.vaddr, s.paddr, s.memsz) for s in image.segments]
-        _check_address_width(mem, phys_bits)
-        # Tables that do not fit the firmware area go to the top of the highest RAM region,
-        # above everything loaded, and are reserved in the memory map the guest gets.
-        top = mem.regions[-1]
-        floor = max(top.gpa, 1 << 20, top.end - MAX_TABLE_SPILL,
-                    *(s.pend for s in image.segments), *(m.addr + m.size for m in modules))
-        pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, map_top, virt,
-                                     gib_pages=gib_pages, spill_top=top.end, spill_floor=floor)
-        for addr, data in pts.chunks():
-            mem.write(addr, data)
-        if pts.spill_range is not None:
-            mmap = _reserve(mmap, *pts.spill_range)
-        cr3 = pts.root
-        numa_at = 0
-        if numa is not None:
-            mem.write(abi.PYKVM_NUMA_INFO_ADDR, bootinfo.numa_info(*numa))
-            numa_at = abi.PYKVM_NUMA_INFO_ADDR
-        mem.write(abi.PYKVM_BOOTINFO_ADDR,
-                  bootinfo.pykvm_boot_info(mmap, nr_cpus, len(raw), mem.top, modules[0] if modules else None,
-                                           acpi_rsdp=acpi_tables.rsdp_addr, numa_info=numa_at))
-        entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
-                           gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
+    boot = _Boot(mem, image, mmap, len(raw), modules, acpi_tables.rsdp_addr, cpu, nr_cpus, numa, map_top, phys_bits)
+    entry, mmap = _PROTOCOLS[image.protocol](boot)
     return BootPlan(entry, image, modules, mmap, raw, acpi_tables)
+
+
+def _pykvm64(b: _Boot) -> tuple[EntryState, list]:
+    """pykvm's own protocol (ELF64, 64-bit flat): long mode on boot page tables, pykvm_boot_info in RDI."""
+    mem, image, mmap = b.mem, b.image, b.mmap
+    virt = [(s.vaddr, s.paddr, s.memsz) for s in image.segments]
+    _check_address_width(mem, b.phys_bits)
+    # Tables that do not fit the firmware area go to the top of the highest RAM region,
+    # above everything loaded, and are reserved in the memory map the guest gets.
+    top = mem.regions[-1]
+    floor = max(top.gpa, 1 << 20, top.end - MAX_TABLE_SPILL,
+                *(s.pend for s in image.segments), *(m.addr + m.size for m in b.modules))
+    pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, b.map_top, virt,
+                                 gib_pages=b.cpu.gib_pages, spill_top=top.end, spill_floor=floor)
+    for addr, data in pts.chunks():
+        mem.write(addr, data)
+    if pts.spill_range is not None:
+        mmap = _reserve(mmap, *pts.spill_range)
+    numa_at = 0
+    if b.numa is not None:
+        mem.write(abi.PYKVM_NUMA_INFO_ADDR, bootinfo.numa_info(*b.numa))
+        numa_at = abi.PYKVM_NUMA_INFO_ADDR
+    mem.write(abi.PYKVM_BOOTINFO_ADDR,
+              bootinfo.pykvm_boot_info(mmap, b.nr_cpus, b.cmdline_len, mem.top, b.modules[0] if b.modules else None,
+                                       acpi_rsdp=b.rsdp, numa_info=numa_at))
+    entry = EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=pts.root,
+                       gprs={"rdi": abi.PYKVM_BOOTINFO_ADDR, "rsi": abi.PYKVM_BOOT_MAGIC})
+    return entry, mmap
+
+
+def _multiboot(b: _Boot) -> tuple[EntryState, list]:
+    """Multiboot v1 (and 16/32-bit flat images): the multiboot information page, EAX magic, EBX pointer."""
+    mem, image = b.mem, b.image
+    info, names = bootinfo.multiboot_info(abi.PYKVM_MBI_ADDR, b.mmap, abi.PYKVM_CMDLINE_ADDR, b.modules,
+                                          abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET)
+    if len(info) > MBI_NAMES_OFFSET or len(names) > PAGE - MBI_NAMES_OFFSET:
+        raise ImageDoesNotFitError("multiboot information (memory map, module names) exceeds its 4 KiB page")
+    mem.write(abi.PYKVM_MBI_ADDR, info)
+    mem.write(abi.PYKVM_MBI_ADDR + MBI_NAMES_OFFSET, names)
+    mode = "real" if image.bits == 16 else "protected"
+    # Multiboot leaves ESP undefined; a valid one lets a fault before the kernel sets up
+    # its own stack reach the firmware stubs instead of triple-faulting.
+    entry = EntryState(mode, image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP if mode == "protected" else 0,
+                       gprs={"rax": bootinfo.MB_INFO_MAGIC, "rbx": abi.PYKVM_MBI_ADDR})
+    return entry, b.mmap
+
+
+def _flat(b: _Boot) -> tuple[EntryState, list]:
+    """A flat binary: entered as pykvm's own 64-bit protocol, or as multiboot in 16/32-bit modes."""
+    return (_pykvm64 if b.image.bits == 64 else _multiboot)(b)
+
+
+def _linux(b: _Boot) -> tuple[EntryState, list]:
+    """The x86 boot protocol (bzImage): boot_params and the 64-bit entry on identity-mapped RAM."""
+    from . import linux
+
+    mem, mmap = b.mem, _linux_low_memory(b.mem, b.mmap)
+    initrd = (b.modules[0].addr, b.modules[0].size) if b.modules else None
+    mem.write(FOREIGN_INFO_ADDR, linux.boot_params(b.image.setup, mmap, abi.PYKVM_CMDLINE_ADDR, b.cmdline_len,
+                                                   initrd, b.rsdp))
+    # The protocol asks for an identity map of the kernel, boot_params and the command line: all
+    # of RAM and the low 4 GiB are.
+    pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, [], gib_pages=b.cpu.gib_pages)
+    for addr, data in pts.chunks():
+        mem.write(addr, data)
+    gdt = linux.boot_gdt()
+    mem.write(LINUX_GDT_ADDR, gdt)
+    entry = EntryState("long", b.image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=pts.root,
+                       gprs={"rsi": FOREIGN_INFO_ADDR}, gdt=(LINUX_GDT_ADDR, len(gdt) - 1),
+                       selectors=(linux.BOOT_CS, linux.BOOT_DS))
+    return entry, mmap
+
+
+def _pvh(b: _Boot) -> tuple[EntryState, list]:
+    """Xen PVH: hvm_start_info in EBX and the 32-bit protected-mode entry."""
+    from . import linux
+
+    mem, mmap = b.mem, _linux_low_memory(b.mem, b.mmap)
+    info = linux.hvm_start_info(FOREIGN_INFO_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR,
+                                [(m.addr, m.size) for m in b.modules], b.rsdp)
+    mem.write(FOREIGN_INFO_ADDR, info)
+    entry = EntryState("protected", b.image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, gprs={"rbx": FOREIGN_INFO_ADDR})
+    return entry, mmap
+
+
+# How each boot protocol (KernelImage.protocol) enters the guest
+_PROTOCOLS = {PROTOCOL_PYKVM64: _pykvm64, PROTOCOL_MULTIBOOT: _multiboot, PROTOCOL_FLAT: _flat,
+              PROTOCOL_LINUX: _linux, PROTOCOL_PVH: _pvh}
 
 
 # Linux keeps the low 64 KiB and everything from the BIOS data area's base-memory size up to
@@ -251,29 +320,8 @@ def linux_memory_map(mmap: list[tuple[int, int, int]]) -> list[tuple[int, int, i
     return out
 
 
-def _linux_entry(mem: GuestMemory, image: KernelImage, mmap, cmdline_len: int, modules: list[bootinfo.Module],
-                 rsdp: int, cpu: BootCpu) -> EntryState:
-    """boot_params and the 64-bit entry state (bzImage), or hvm_start_info and the 32-bit one (PVH)."""
-    from . import linux
-
+def _linux_low_memory(mem: GuestMemory, mmap) -> list[tuple[int, int, int]]:
+    """Linux's view of low memory: the trampoline area as RAM in the map, and the BDA's base memory size."""
     # the BIOS data area's base memory size, which Linux reads to find where the "EBDA" starts
     mem.write(BDA_BASE_MEMORY_KIB, (LINUX_LOW_RAM[1] >> 10).to_bytes(2, "little"))
-    if image.protocol == PROTOCOL_PVH:
-        info = linux.hvm_start_info(FOREIGN_INFO_ADDR, mmap, abi.PYKVM_CMDLINE_ADDR,
-                                    [(m.addr, m.size) for m in modules], rsdp)
-        mem.write(FOREIGN_INFO_ADDR, info)
-        return EntryState("protected", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, gprs={"rbx": FOREIGN_INFO_ADDR})
-    initrd = (modules[0].addr, modules[0].size) if modules else None
-    mem.write(FOREIGN_INFO_ADDR, linux.boot_params(image.setup, mmap, abi.PYKVM_CMDLINE_ADDR, cmdline_len,
-                                                   initrd, rsdp))
-    # The protocol asks for an identity map of the kernel, boot_params and the command line: all
-    # of RAM and the low 4 GiB are.
-    pts = build_boot_page_tables(abi.PYKVM_PAGETABLE_ADDR, abi.PYKVM_FW_END, mem.top, [], gib_pages=cpu.gib_pages)
-    for addr, data in pts.chunks():
-        mem.write(addr, data)
-    cr3 = pts.root
-    gdt = linux.boot_gdt()
-    mem.write(LINUX_GDT_ADDR, gdt)
-    return EntryState("long", image.entry, rsp=abi.PYKVM_BOOT_STACK_TOP, cr3=cr3,
-                      gprs={"rsi": FOREIGN_INFO_ADDR}, gdt=(LINUX_GDT_ADDR, len(gdt) - 1),
-                      selectors=(linux.BOOT_CS, linux.BOOT_DS))
+    return linux_memory_map(mmap)

@@ -8,13 +8,13 @@ The commands and their handlers are in commands.py.
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import socket
 import threading
 import time
 
 from .. import hostsock
+from ..bus.wire import close_fds
 from .commands import COMMANDS
 
 MAX_REQUEST = 64 * 1024          # bytes in one request line
@@ -171,7 +171,7 @@ class ControlServer:
             return
         c.fds += got
         if len(c.fds) > MAX_FDS:
-            _close_all(c.fds)
+            close_fds(c.fds)
             c.fds = []
             self._reply(c, {"ok": False, "error": f"bad request: more than {MAX_FDS} descriptors"})
             c.closing = True
@@ -192,7 +192,7 @@ class ControlServer:
             del c.inbuf[:nl + 1]
             taken, c.fds = c.fds, []
             if not line.strip():
-                _close_all(taken)
+                close_fds(taken)
                 continue
             self._busy = True
             try:
@@ -220,7 +220,7 @@ class ControlServer:
             self._drop(c)
 
     def _drop(self, c: _Client) -> None:
-        _close_all(c.fds)
+        close_fds(c.fds)
         c.fds = []
         fd = c.sock.fileno()
         if fd >= 0:
@@ -247,20 +247,20 @@ class ControlServer:
             try:
                 return fn(self.machine, req)
             finally:
-                _close_all(fds)
+                close_fds(fds)
 
         try:
             req = parse_request(line)
             if "_fds" in req:
                 raise ValueError("'_fds' is reserved for descriptors passed with the request")
         except ValueError as e:
-            _close_all(fds)
+            close_fds(fds)
             return {"ok": False, "error": f"bad request: {e}"}
         if fds:
             req["_fds"] = fds
         fn = COMMANDS.get(req["cmd"])
         if fn is None:
-            _close_all(fds)
+            close_fds(fds)
             return {"ok": False, "error": f"unknown command {req['cmd'][:64]!r}; known: {', '.join(sorted(COMMANDS))}"}
         try:
             result = self.machine.call(lambda: run_closing(fn, req))
@@ -299,11 +299,3 @@ class ControlServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (self._busy or any(c.outbuf for c in list(self.clients.values()))):
             time.sleep(0.01)
-
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

@@ -1,12 +1,11 @@
-"""Symbolize guest addresses with a kernel ELF's symbol table (pyelftools)."""
+"""Symbolize guest addresses with a kernel ELF's symbol table (read by boot/elf.py)."""
 
 from __future__ import annotations
 
 import bisect
-from pathlib import Path
+import mmap
 
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from ..boot import elf
 
 # A size-less symbol (an assembly label) claims addresses up to this far past it.
 _UNSIZED_REACH = 64 * 1024
@@ -26,21 +25,13 @@ class SymbolTable:
     @classmethod
     def from_elf(cls, path) -> "SymbolTable":
         """Load STT_FUNC and STT_NOTYPE symbols from .symtab (or .dynsym) of an ELF file."""
-        syms = []
         try:
-            with open(Path(path), "rb") as f:
-                elf = ELFFile(f)
-                tables = [s for s in elf.iter_sections() if isinstance(s, SymbolTableSection)]
-                tables.sort(key=lambda s: s.name != ".symtab")
-                for tab in tables[:1]:
-                    for sym in tab.iter_symbols():
-                        kind = sym["st_info"]["type"]
-                        if kind in ("STT_FUNC", "STT_NOTYPE") and sym.name and sym["st_value"] \
-                                and sym["st_shndx"] != "SHN_UNDEF":
-                            syms.append((sym["st_value"], sym["st_size"], sym.name))
-        except Exception as e:  # noqa: BLE001 - pyelftools raises assorted errors on a damaged ELF
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+                table = elf.symbol_table(blob)
+        except (OSError, ValueError) as e:    # ElfError is a ValueError; mmap refuses an empty file with one
             raise SymbolError(f"cannot read symbols from {path}: {type(e).__name__}: {e}") from e
-        return cls(syms)
+        return cls([(value, size, name) for name, value, size, kind, shndx in table
+                    if kind in (elf.STT_FUNC, elf.STT_NOTYPE) and name and value and shndx != elf.SHN_UNDEF])
 
     def lookup(self, addr: int) -> tuple[str, int] | None:
         """(name, offset) of the symbol holding `addr`, preferring sized functions over labels."""

@@ -50,7 +50,7 @@ SCOPES = ("local", "system")
 ACTIONS = ("allow", "deny", "translate")
 WIDTHS = {"port": (1, 2, 4), "mmio": (1, 2, 4, 8)}
 TOP_KEYS = ("name", "summary", "registers")
-REGISTER_KEYS = ("name", "space", "offset", "width", "access", "scope", "trusted", "untrusted")
+REGISTER_KEYS = ("name", "space", "offset", "width", "access", "scope", *TRUST_LEVELS)
 OPTIONAL_REGISTER_KEYS = ("count",)
 MAX_COUNT = 0x2000           # elements of one register array (a 64 KiB window of 8-byte registers)
 ACTION_KEYS = {"allow": ("action",), "deny": ("action", "read_value"),
@@ -143,7 +143,7 @@ class Description:
 
     def render(self) -> str:
         """The description as a table, for `pykvm devices --describe`."""
-        rows = [("register", "space", "offset", "width", "access", "scope", "trusted", "untrusted")]
+        rows = [("register", "space", "offset", "width", "access", "scope", *TRUST_LEVELS)]
         for r in sorted(self.registers, key=lambda r: (r.space, r.offset)):
             rows.append((r.name, r.space, f"{r.offset:#x}", str(r.width), r.access, r.scope,
                          r.trusted.text(), r.untrusted.text()))

@@ -37,7 +37,17 @@ class DeviceContext:
     serial_unbuffered: bool = False            # write serial output byte by byte (the API's expect)
     exit_port: int = abi.PYKVM_PORT_DEBUG_EXIT
     on_pvpanic_crash_loaded: Callable[[int], None] | None = None
-    extra: dict = field(default_factory=dict)  # per-type hooks a machine layer adds (e.g. the bus)
+    # the hooks the machine wires between models; None where this machine has no such part
+    irqchip: str = "split"                     # the machine's --irqchip: "split" or "full"
+    msi: Callable[[int, int], None] | None = None          # (address, data): KVM_SIGNAL_MSI
+    irq_msi: Callable[[int, int], None] | None = None      # the IOAPIC's MSIs, through interrupt remapping
+    ioapic_route: Callable[[int, int, int], None] | None = None   # (pin, address, data): KVM's GSI route
+    ioapic_level_sent: Callable[[], None] | None = None    # a level interrupt went out: the EOI watch looks
+    extint_notify: Callable[[], None] | None = None        # the 8259 pair's output rose
+    wake: Any = None                           # acpi_pm.WakeSignal shared by the RTC alarm and the PM block
+    bus: Any = None                            # bus.host.BusHost with --bus or --disk
+    pci: Any = None                            # pci.PciHost once built: PCI functions attach to it
+    mmio_free: Callable[[int, int], bool] | None = None    # DeviceManager.mmio_free: whether a BAR may go there
 
     def pulse(self):
         """An edge-triggered interrupt callable (line) -> None, or None without an irqchip."""
@@ -188,17 +198,17 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                "pykvm.devices.identity:Identity", _simple("pykvm.devices.identity:Identity"),
                {"base": "addr", "name": "name", "serial": "text"}, default=False, hotplug=True),
     DeviceType("bus", "partition bus connect registers (added with --bus or --disk)", "pykvm.devices.busctl:BusControl",
-               lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.extra.get("bus"))),
+               lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.bus)),
     DeviceType("echo-port", "trapped echo device (the bus benchmark's reference)", "pykvm.devices.echoport:EchoPort",
                _simple("pykvm.devices.echoport:EchoPort"), {"base": "port"}),
     DeviceType("ioapic", "I/O APIC at 0xfec00000 for the split irqchip (added with any device that raises IRQs)",
                "pykvm.devices.ioapic:IoApic",
                lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(
-                   deliver=ctx.extra.get("irq_msi") or ctx.extra.get("msi"), route=ctx.extra.get("ioapic_route"),
-                   on_level_sent=ctx.extra.get("ioapic_level_sent"))),
+                   deliver=ctx.irq_msi or ctx.msi, route=ctx.ioapic_route,
+                   on_level_sent=ctx.ioapic_level_sent)),
     DeviceType("pic", "the PC's 8259A pair at 0x20 and 0xa0 (vectors 0x08/0x70) on the BSP's LINT0 (split irqchip)",
                "pykvm.devices.i8259:I8259",
-               lambda ctx, o: _import("pykvm.devices.i8259:I8259")(notify=ctx.extra.get("extint_notify"))),
+               lambda ctx, o: _import("pykvm.devices.i8259:I8259")(notify=ctx.extint_notify)),
     DeviceType("pit", "8254 PIT at 0x40: counter 0 in modes 0, 2, 3 raises IRQ 0 (PIC IRQ 0, IOAPIC pin 2)",
                "pykvm.devices.i8254:Pit",
                lambda ctx, o: _import("pykvm.devices.i8254:Pit")(
@@ -212,16 +222,16 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                "pykvm.devices.acpi_pm:AcpiPm",
                lambda ctx, o: _import("pykvm.devices.acpi_pm:AcpiPm")(
                    sci=(lambda level: ctx.irq_line(9, level)) if ctx.irq_line else None,
-                   wake=ctx.extra.get("wake")), needs_irq=True),
+                   wake=ctx.wake), needs_irq=True),
     DeviceType("rtc", "MC146818 CMOS RTC at 0x70 (alarm, periodic and update interrupts on IRQ 8)",
                "pykvm.devices.rtc:CmosRtc",
                lambda ctx, o: _import("pykvm.devices.rtc:CmosRtc")(
                    irq=(lambda level: ctx.irq_line(8, level)) if ctx.irq_line else None,
-                   on_alarm=getattr(ctx.extra.get("wake"), "rtc_alarm", None)), needs_irq=True),
+                   on_alarm=ctx.wake.rtc_alarm if ctx.wake is not None else None), needs_irq=True),
     DeviceType("pci-host", "PCI configuration mechanism #1 (0xcf8/0xcfc), bus 0, q35 host bridge at 00:00.0 "
                "(added with any PCI device)", "pykvm.devices.pci:PciHost",
                lambda ctx, o: _import("pykvm.devices.pci:PciHost")(
-                   irq_line=ctx.irq_line, msi=ctx.extra.get("msi"), memory=ctx.memory)),
+                   irq_line=ctx.irq_line, msi=ctx.msi, memory=ctx.memory)),
     DeviceType("edu", "QEMU's edu PCI device (1234:11e8): DMA through the IOMMU, MSI or INTx",
                "pykvm.devices.edu:Edu", lambda ctx, o: _pci_function(ctx, _import("pykvm.devices.edu:Edu")()),
                needs_irq=True, pci=True),
@@ -235,27 +245,27 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
 
 
 def _pci_function(ctx: DeviceContext, fn):
-    host = ctx.extra.get("pci")
+    host = ctx.pci
     if host is None:
         raise DeviceSpecError(f"device {fn.name}: no PCI host (the machine adds pci-host with a PCI device)")
-    placed = ctx.extra.get("mmio_free")
+    placed = ctx.mmio_free
     host.attach(fn, placed)
     return fn
 
 
 def _iommu(ctx: DeviceContext, opts: dict):
-    host = ctx.extra.get("pci")
+    host = ctx.pci
     if host is None:
         raise DeviceSpecError("device intel-iommu: no PCI host (the machine adds pci-host with it)")
     if host.iommu is not None:
         raise DeviceSpecError("device intel-iommu: only one IOMMU per machine")
     if opts.get("eim"):
         raise DeviceSpecError("device intel-iommu: eim=on (x2APIC interrupt remapping) is not offered")
-    if opts.get("intremap", True) and ctx.extra.get("irqchip") == "full":
+    if opts.get("intremap", True) and ctx.irqchip == "full":
         raise DeviceSpecError("device intel-iommu: intremap=on needs the split irqchip (the in-kernel IOAPIC "
                               "cannot be remapped)")
     iommu = _import("pykvm.devices.intel_iommu:IntelIommu")(
-        memory=ctx.memory, deliver=ctx.extra.get("msi"), intremap=opts.get("intremap", True))
+        memory=ctx.memory, deliver=ctx.msi, intremap=opts.get("intremap", True))
     host.iommu = iommu
     return iommu
 

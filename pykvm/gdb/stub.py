@@ -21,9 +21,9 @@ import time
 
 from .. import errors
 from ..kvm import KvmError
-from ..memory.pagewalk import translate
-from ..machine.config import Outcome
-from . import hwdebug, rsp
+from ..memory.pagewalk import translate, virtual_spans
+from ..machine.outcome import Outcome
+from . import hwdebug
 from .breakpoints import Breakpoints
 from .endpoint import Endpoint, listen
 from .rsp import EFAULT
@@ -31,7 +31,6 @@ from .session import Session
 from .stops import SIGTRAP, Stop, Stops
 from .vcpuregs import VcpuRegisters
 
-PAGE = 4096
 END_GRACE = 5.0                # seconds a session that is told the VM ended may take to go away
 
 
@@ -243,16 +242,8 @@ class GdbStub:
 
     def _spans(self, addr: int, length: int) -> list[tuple[int, int]]:
         """(physical, length) pieces of a linear range, page by page, up to the first unmapped page."""
-        spans = []
-        while length > 0:
-            n = min(length, PAGE - (addr & (PAGE - 1)))
-            phys = self._physical(addr)
-            if phys is None or not self.m.memory.is_ram(phys, n):
-                break
-            spans.append((phys, n))
-            addr = (addr + n) & rsp.U64
-            length -= n
-        return spans
+        s = self.m.vcpus[self._current()].get_sregs()
+        return virtual_spans(self.m.memory, s.cr0, s.cr3, s.cr4, s.efer, addr, length)
 
     def _read_memory(self, addr: int, length: int) -> bytes:
         data = b"".join(self.m.memory.read(p, n) for p, n in self._spans(addr, length))

@@ -10,7 +10,30 @@ from __future__ import annotations
 import threading
 
 from . import constants as C
-from .vm import irqchip_route, msi_route
+
+
+def irqchip_route(gsi, irqchip, pin):
+    """A GSI routing entry sending ``gsi`` to ``pin`` of an in-kernel irqchip."""
+    return {"gsi": gsi, "type": "irqchip", "irqchip": irqchip, "pin": pin}
+
+
+def msi_route(gsi, address, data, devid=None):
+    """A GSI routing entry turning ``gsi`` into an MSI write of ``data`` to ``address``."""
+    return {"gsi": gsi, "type": "msi", "address": address, "data": data, "devid": devid}
+
+
+def as_route(entry):
+    """A route entry as a dict (tuples are accepted: see Vm.set_gsi_routing)."""
+    # Tuples are a terse spelling: ("irqchip", gsi, chip, pin) or ("msi", gsi, addr, data[, devid]).
+    if isinstance(entry, dict):
+        return entry
+    kind, *rest = entry
+    if kind == "irqchip":
+        return irqchip_route(*rest)
+    if kind == "msi":
+        return msi_route(*rest)
+    raise ValueError(f"unknown GSI route kind {kind!r} (expected 'irqchip' or 'msi')")
+
 
 # KVM_MAX_IRQ_ROUTES (include/linux/kvm_host.h on x86, not in the uapi headers): GSIs
 # and the table length must stay below it.

@@ -6,29 +6,8 @@ from . import constants as C
 from . import ioctls
 from ._sys import FdOwner, ioctl
 from .abi import ffi
+from .routing import as_route
 from .vcpu import Vcpu
-
-
-def irqchip_route(gsi, irqchip, pin):
-    """A GSI routing entry sending ``gsi`` to ``pin`` of an in-kernel irqchip."""
-    return {"gsi": gsi, "type": "irqchip", "irqchip": irqchip, "pin": pin}
-
-
-def msi_route(gsi, address, data, devid=None):
-    """A GSI routing entry turning ``gsi`` into an MSI write of ``data`` to ``address``."""
-    return {"gsi": gsi, "type": "msi", "address": address, "data": data, "devid": devid}
-
-
-def _as_route(entry):
-    # Tuples are a terse spelling: ("irqchip", gsi, chip, pin) or ("msi", gsi, addr, data[, devid]).
-    if isinstance(entry, dict):
-        return entry
-    kind, *rest = entry
-    if kind == "irqchip":
-        return irqchip_route(*rest)
-    if kind == "msi":
-        return msi_route(*rest)
-    raise ValueError(f"unknown GSI route kind {kind!r} (expected 'irqchip' or 'msi')")
 
 
 class Vm(FdOwner):
@@ -139,10 +118,10 @@ class Vm(FdOwner):
     def set_gsi_routing(self, entries):
         """KVM_SET_GSI_ROUTING: replace the whole GSI routing table.
 
-        Each entry is a dict made by irqchip_route()/msi_route(), or a tuple
+        Each entry is a dict made by routing.irqchip_route()/msi_route(), or a tuple
         ``("irqchip", gsi, irqchip, pin)`` / ``("msi", gsi, address, data[, devid])``.
         """
-        routes = [_as_route(e) for e in entries]
+        routes = [as_route(e) for e in entries]
         table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
         for slot, route in zip(table.entries, routes):
             slot.gsi = route["gsi"]

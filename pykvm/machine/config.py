@@ -1,4 +1,4 @@
-"""What describes one VM run (MachineConfig) and how it ended (Outcome)."""
+"""What describes one VM run (MachineConfig); how it ended is outcome.Outcome."""
 
 from __future__ import annotations
 
@@ -42,17 +42,3 @@ class MachineConfig:
     memory_log: str | None = None    # JSON lines of the dynamic memory timeline (vNUMA only)
     cpu: str = "host"                # CPU model: host[,+feature,-feature...] (boot/cpumodel.py)
     display: str = "none"            # "text": show the VGA text screen on stdout (devices/vga.py)
-
-
-@record
-class Outcome:
-    """How the run ended: an exit status and the words that go with it."""
-
-    status: int
-    kind: str                        # "exit", "poweroff", "reset", "crash", "timeout", "interrupted", "vmm-error"
-    message: str
-    vcpu: int | None = None
-    trigger: str | None = None
-    details: dict = field(default_factory=dict)
-    core_path: str | None = None
-    core_error: str | None = None

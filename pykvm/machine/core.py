@@ -11,7 +11,7 @@ import os
 import threading
 import time
 
-from .. import abi, errors
+from .. import abi, errors, record
 from ..boot import cpu as cpu_setup
 from ..boot.firmware import load_firmware
 from ..boot.image import load_image
@@ -21,7 +21,8 @@ from ..kvm import constants as C
 from ..memory import GuestMemory, GuestMemoryError
 from . import device_set
 from .bus_wiring import build_bus
-from .config import MIN_MEMORY, MachineConfig, Outcome
+from .config import MIN_MEMORY, MachineConfig
+from .outcome import Outcome
 from .dumps import Dumper
 from .faults import Faults
 from .numa import MachineNuma
@@ -76,7 +77,13 @@ class Machine:
         self.exit_counts: list[dict[int, int]] = []   # per vCPU: exits the slow path handled, by reason
         self.hot_io_exits: list[list[int]] = []       # per vCPU: [port I/O exits the hot loop handled inline]
         self.plan = None
-        self.built: dict = {}
+        # set by device_set.build_devices (a BuiltDevices the build unpacks here)
+        self.devices = None              # devices.DeviceManager
+        self.device_context = None       # registry.DeviceContext: hot-add and restore build devices with it
+        self.policy = None               # devices.policy.PolicyAuthority
+        self.supervisor = None           # devices.supervisor.Supervisor
+        self.built: dict = {}            # registry name -> the first device of that type
+        self.serial = self.pvpanic = None   # the models crash cores and fault handling report on
         self.bus = None                  # bus.host.BusHost when the config asks for a partition bus
         self.bus_final: dict | None = None
         self.debugger = None             # a gdbstub.GdbStub while one is attached
@@ -156,13 +163,17 @@ class Machine:
             self.vm.enable_split_irqchip()
 
         self.bus = build_bus(self)
-        self.devices = device_set.build_devices(self)
+        parts = device_set.build_devices(self)
+        self.devices, self.device_context, self.built = parts.devices, parts.context, parts.built
+        self.policy, self.supervisor = parts.policy, parts.supervisor
+        self.serial, self.pvpanic = parts.serial, parts.pvpanic
+        self.eoi_watch, self.eoi_handler, self.extint = parts.eoi_watch, parts.eoi_handler, parts.extint
         supported = self.kvm.supported_cpuid()
         cpu_setup.check_model(supported, cpu_model)
         if not restoring:
             self.plan: BootPlan = load(self.memory, image, firmware, cfg.cpus, cmdline=cfg.cmdline,
                                        argv0=cfg.kernel_name or str(cfg.kernel), initrd=cfg.initrd,
-                                       acpi_platform=device_set.acpi_platform(self),
+                                       acpi_platform=device_set.acpi_platform(cfg.irqchip, self.built),
                                        phys_bits=cpu_setup.phys_addr_bits(supported),
                                        numa=self.numa.boot_arg() if self.numa is not None else None,
                                        cpu=cpu_setup.boot_features(supported, cpu_model))
@@ -221,7 +232,8 @@ class Machine:
             if self.debugger is not None:
                 self.debugger.end(self.outcome)  # gdb sees a crash as SIGSEGV before its core is written
             if self.outcome.kind in ("crash", "timeout", "vmm-error"):
-                self.outcome.core_path, self.outcome.core_error = self.dumper.write(self.outcome)
+                core_file, core_error = self.dumper.write(self.outcome)
+                self.outcome = record.replace(self.outcome, core_file=core_file, core_error=core_error)
         finally:
             if display is not None:
                 display.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..kvm import KvmError
-from .config import Outcome
+from .outcome import Outcome
 
 
 class Dumper:
@@ -53,7 +53,7 @@ class Dumper:
             if frame is not None:
                 apply_trap_frame(states[crashing], frame)
             snap = CrashSnapshot(
-                trigger=outcome.trigger or outcome.kind, reason=outcome.message, vcpus=states,
+                trigger=outcome.trigger or outcome.kind, reason=outcome.reason, vcpus=states,
                 crashing_vcpu=crashing, memory=m.memory,
                 vector=outcome.details.get("vector"), error_code=outcome.details.get("error_code"),
                 exit_reason=outcome.details.get("exit_reason"), serial_tail=m.serial.output_tail(),

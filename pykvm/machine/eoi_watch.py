@@ -17,7 +17,7 @@ import threading
 
 from .. import errors
 from ..kvm.abi import ffi
-from .config import Outcome
+from .outcome import Outcome
 
 FIRST_LOOK = 0.02     # seconds a level interrupt stays in service before the LAPICs are looked at
 LONGEST_WAIT = 1.0    # the doubling waits stop growing here

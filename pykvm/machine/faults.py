@@ -10,7 +10,7 @@ from ..kvm import KvmError
 from ..kvm import constants as C
 from ..memory import GuestMemoryError
 from ..memory.pagewalk import EFER_LMA, code_bits, linear_address
-from .config import Outcome
+from .outcome import Outcome
 from .sleep import sleep_and_resume
 
 

@@ -6,7 +6,7 @@ import struct
 
 from .. import errors
 from ..boot import cpu as cpu_setup
-from .config import Outcome
+from .outcome import Outcome
 
 FACS_WAKING_VECTOR = 12          # 32-bit firmware waking vector (real-mode CS:IP = vector >> 4 : vector & 0xf)
 POLL = 0.05                      # seconds between checks for a stop or a pause request while asleep

@@ -11,11 +11,15 @@ from ..devices import GuestCrash, VmEvent
 from ..devices.supervisor import DeviceHung
 from ..kvm import KvmError
 from ..kvm import constants as C
-from .config import Outcome
+from ..kvm import exits
+from .outcome import Outcome
 
-_io_hdr = struct.Struct("<BBHIQ")            # kvm_run.io: direction, size, port, count, data_offset
-_mmio_hdr = struct.Struct("<Q8sIB")          # kvm_run.mmio: phys_addr, data, len, is_write
-_exit_hdr = struct.Struct("<I20xBBHIQ")     # exit_reason, then kvm_run.io at offset 32
+# kvm_run decoded with the layouts kvm/exits.py derives from the kernel header: exit_reason plus
+# io.{direction,size,port,count,data_offset}; io alone; mmio.{phys_addr,data,len,is_write}
+_exit_hdr, _EXIT_AT = exits.EXIT_IO, exits.EXIT_AT
+_io_hdr, _IO_AT = exits.IO, exits.IO_AT
+_mmio_hdr, _MMIO_AT = exits.MMIO, exits.MMIO_AT
+_MMIO_DATA = slice(exits.MMIO_DATA, exits.MMIO_DATA + 8)
 _SIZED = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 
 
@@ -80,23 +84,23 @@ class VcpuLoop:
         """The device the vCPU's current I/O exit is addressed to, or None."""
         devices = self.machine.devices
         mm = vcpu.run_mmap
-        reason, _d, _s, port, _c, _o = _exit_hdr.unpack_from(mm, 8)
+        reason, _d, _s, port, _c, _o = _exit_hdr.unpack_from(mm, _EXIT_AT)
         if reason == C.KVM_EXIT_IO:
             ent = devices.port_map.get(port)
             return ent[0] if ent else None
         if reason == C.KVM_EXIT_MMIO:
-            hit = devices.mmio_lookup(_mmio_hdr.unpack_from(mm, 32)[0])
+            hit = devices.mmio_lookup(_mmio_hdr.unpack_from(mm, _MMIO_AT)[0])
             return hit[0] if hit else None
         return None
 
     def _complete_failed_access(self, vcpu) -> None:
         """Answer the access that hit a failing model like an absent device: reads get all ones."""
         mm = vcpu.run_mmap
-        reason, direction, size, _port, count, off = _exit_hdr.unpack_from(mm, 8)
+        reason, direction, size, _port, count, off = _exit_hdr.unpack_from(mm, _EXIT_AT)
         if reason == C.KVM_EXIT_IO and not direction and size in (1, 2, 4) and off + size * count <= len(mm):
             mm[off:off + size * count] = b"\xff" * (size * count)
-        elif reason == C.KVM_EXIT_MMIO and not _mmio_hdr.unpack_from(mm, 32)[3]:
-            mm[40:48] = b"\xff" * 8
+        elif reason == C.KVM_EXIT_MMIO and not _mmio_hdr.unpack_from(mm, _MMIO_AT)[3]:
+            mm[_MMIO_DATA] = b"\xff" * 8
 
     def _run_fast(self, vcpu) -> None:
         """The hot loop: single port I/O to a D0 device is handled inline, all else goes slow."""
@@ -104,6 +108,7 @@ class VcpuLoop:
         run = vcpu.run
         mm = vcpu.run_mmap
         header = _exit_hdr.unpack_from
+        exit_at = _EXIT_AT
         unpack = _UNPACK
         pack = _PACK
         masks = _MASK
@@ -121,7 +126,7 @@ class VcpuLoop:
                 if m.pauser.pausing:
                     m.pauser.park(vcpu)
                 continue
-            reason, direction, size, port, count, off = header(mm, 8)
+            reason, direction, size, port, count, off = header(mm, exit_at)
             if reason == EXIT_IO and count == 1:
                 if direction:
                     h = writes.get(port)
@@ -158,10 +163,10 @@ class VcpuLoop:
         if m.windows.zone_list:
             m.windows.drain(on_vcpu=True)  # writes queued before this exit happened before it
         if reason == C.KVM_EXIT_IO:
-            direction, size, port, count, off = _io_hdr.unpack_from(mm, 32)
+            direction, size, port, count, off = _io_hdr.unpack_from(mm, _IO_AT)
             self._io_slow(mm, direction, size, port, count, off)
         elif reason == C.KVM_EXIT_MMIO:
-            addr, data, length, is_write = _mmio_hdr.unpack_from(mm, 32)
+            addr, data, length, is_write = _mmio_hdr.unpack_from(mm, _MMIO_AT)
             self._mmio(mm, addr, data, length, is_write)
         else:
             self._other_exit(vcpu, reason)
@@ -191,7 +196,7 @@ class VcpuLoop:
             else:
                 buf = bytearray(8)
                 s.pack_into(buf, 0, devices.mmio_access(addr, length, False))
-                mm[40:48] = buf
+                mm[_MMIO_DATA] = buf
             return
         if not 1 <= length <= 8:
             raise GuestCrash("internal-error", f"KVM reported an MMIO access of {length} bytes at {addr:#x}")
@@ -203,7 +208,7 @@ class VcpuLoop:
             else:
                 piece.pack_into(buf, off, devices.mmio_access(addr + off, size, False))
         if not is_write:
-            mm[40:48] = bytes(buf)
+            mm[_MMIO_DATA] = bytes(buf)
 
     def _other_exit(self, vcpu, reason: int) -> None:
         """Every exit reason besides port and MMIO I/O."""

@@ -9,7 +9,7 @@ from .. import errors
 from ..devices import VmEvent, memwindow
 from ..kvm import KvmError
 from ..kvm import constants as C
-from .config import Outcome
+from .outcome import Outcome
 
 WINDOW_SLOT_BASE = 64          # memslots of device windows; RAM (and vNUMA nodes) use 0..63
 COALESCED_DRAIN_PERIOD = 0.01  # how often queued coalesced writes are applied when nothing else exits

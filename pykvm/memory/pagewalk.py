@@ -342,6 +342,23 @@ def translate(mem: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int, vaddr: 
     return _translate32(mem, cr3, cr4, vaddr)
 
 
+def virtual_spans(mem: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int, vaddr: int, length: int,
+                  ram_only: bool = True) -> list[tuple[int, int]]:
+    """(guest-physical, length) pieces of linear [vaddr, vaddr+length), one per page, up to the first page that
+    does not map (with ram_only, also the first that maps outside guest RAM); the address wraps at 2**64."""
+    out = []
+    vaddr &= _U64
+    while length > 0:
+        n = min(length, PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)))
+        phys = translate(mem, cr0, cr3, cr4, efer, vaddr)
+        if phys is None or ram_only and not mem.is_ram(phys, n):
+            break
+        out.append((phys, n))
+        vaddr = (vaddr + n) & _U64
+        length -= n
+    return out
+
+
 def _read(mem: GuestMemory, paddr: int, fmt: str) -> int | None:
     size = struct.calcsize(fmt)
     if not mem.is_ram(paddr, size):

@@ -33,12 +33,15 @@ import stat
 import tomllib
 
 from ..bus.policy import TRUSTED, UNTRUSTED, PolicyError, Rules, parse_rules
+from ..devices.description import TRUST_LEVELS
 from ..errors import MemorySizeError, TopologyError
 from ..record import field, record
 from ..units import parse_size
 
 NAME = re.compile(r"[a-z0-9_-]{1,32}")
 MAX_PARTITIONS = 16
+_LEVEL_RULES = {"trusted": TRUSTED, "untrusted": UNTRUSTED}   # the bus rules each trust level starts from
+
 _KEYS = {"name", "kernel", "memory", "cpus", "cmdline", "trust", "provides", "uses", "restarts", "disk",
          "request_timeout"}
 REQUEST_TIMEOUT = 30.0
@@ -137,11 +140,11 @@ def parse(doc: dict) -> Topology:
     if len(entries) > MAX_PARTITIONS:
         raise TopologyError(f"{len(entries)} partitions (at most {MAX_PARTITIONS})")
     policy = doc.get("policy", {})
-    if not isinstance(policy, dict) or set(policy) - {"trusted", "untrusted", "partition"}:
-        raise TopologyError("policy: expected a table with trusted, untrusted and partition.NAME tables")
+    if not isinstance(policy, dict) or set(policy) - {*TRUST_LEVELS, "partition"}:
+        raise TopologyError(f"policy: expected a table with {', '.join(TRUST_LEVELS)} and partition.NAME tables")
     try:
-        base = {"trusted": parse_rules(policy.get("trusted", {}), TRUSTED, "policy.trusted"),
-                "untrusted": parse_rules(policy.get("untrusted", {}), UNTRUSTED, "policy.untrusted")}
+        base = {level: parse_rules(policy.get(level, {}), _LEVEL_RULES[level], f"policy.{level}")
+                for level in TRUST_LEVELS}
     except PolicyError as e:
         raise TopologyError(str(e)) from None
     per = policy.get("partition", {})
@@ -168,8 +171,8 @@ def parse(doc: dict) -> Topology:
         if not 2 << 20 <= mem <= 4 << 30:
             raise TopologyError(f"{where}.memory: {mem} bytes is outside [2M, 4G]")
         trust = _str(e.get("trust", "trusted"), f"{where}.trust")
-        if trust not in ("trusted", "untrusted"):
-            raise TopologyError(f"{where}.trust: expected trusted or untrusted, got {trust!r}")
+        if trust not in TRUST_LEVELS:
+            raise TopologyError(f"{where}.trust: expected {' or '.join(TRUST_LEVELS)}, got {trust!r}")
         uses = e.get("uses", [])
         if not isinstance(uses, list) or len(uses) > 4:
             raise TopologyError(f"{where}.uses: expected a list of at most 4 service names")

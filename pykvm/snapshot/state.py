@@ -50,8 +50,9 @@ import os
 import stat
 import struct
 
-from .. import __version__
+from ..version import __version__
 from ..devices import State, memwindow
+from ..devices.description import TRUST_LEVELS
 from ..errors import BadStateError
 from ..kvm import KvmError
 from ..kvm import constants as C
@@ -234,7 +235,7 @@ CONFIG_SCHEMA = {
     "flat_addr": _opt(_int(0, ADDR_LIMIT - 1)), "flat_bits": _choice(16, 32, 64),
     "restart_intensity": _int(0, 1 << 31), "restart_period": _num(0, 1e9),
     "on_device_failure": _enum("remove", "crash"), "device_deadline": _num(0, 3600),
-    "trust": _enum("trusted", "untrusted"),
+    "trust": _enum(*TRUST_LEVELS),
     "devices": _list(_tuple(_str(64), _map(_str(64), _scalar_option, 64)), 64),
     "bus": _bool, "disks": _list(_tuple(_label(), _bool), 16),
     "numa": _opt(_any),              # memory.numa.NumaConfig.from_json checks every field when the VM is built
@@ -578,7 +579,7 @@ def save_vm(machine, path: str, stop: bool = False, fd: int | None = None) -> di
                 _release(pieces)
                 del pieces
         if stop:
-            from ..machine.config import Outcome
+            from ..machine.outcome import Outcome
 
             stopped = machine.finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
                                               f"(continue it with: {restore_command(path, machine.config)})"))
