@@ -203,10 +203,10 @@ def acpi_platform(irqchip: str, built: dict):
         changes.update(pm1a_evt=pm.base, pm1a_cnt=pm.base + 4, pm_timer=pm.base + 8, s3="rtc" in built)
     if "rtc" in built:
         changes.update(cmos_rtc=True)
-    if "pic" in m.built:             # MADT PCAT_COMPAT: kernels mask or use the 8259s only when it says so
+    if "pic" in built:             # MADT PCAT_COMPAT: kernels mask or use the 8259s only when it says so
         changes.update(pic=True)
     for flag in ("i8042", "vga"):    # FADT boot flags: Linux probes no i8042 the FADT says is absent
-        if flag in m.built:
+        if flag in built:
             changes[flag] = True
     return record.replace(p, **changes)
 
