@@ -24,7 +24,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # lowest first; a module may import its own layer and the ones below it (pykvm.X.Y is in X's layer)
 LAYERS = [
-    ("errors", "paths", "units", "record", "version"),   # leaves: import nothing of pykvm's but each other
+    ("errors", "paths", "units", "record", "version", "hostsock"),   # leaves: import nothing of pykvm's but each other
     ("startup",),         # cffi modules, caches, lateimport, the seccomp program
     ("abi",),             # the guest ABI header, parsed through startup.ffigen's cache
     ("kvm",), ("memory",), ("boot",), ("devices",), ("bus",), ("crash",), ("partitions",), ("sandbox",),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import select
 
 from ..kvm import KvmError
-from ..machine.config import Outcome
+from ..machine.outcome import Outcome
 from ..memory import GuestMemoryError
 from . import registers, rsp
 from .rsp import EFAULT, EINVAL

@@ -11,7 +11,7 @@ import os
 import threading
 from typing import NamedTuple
 
-from ..machine.config import Outcome
+from ..machine.outcome import Outcome
 
 SIGINT, SIGTRAP, SIGKILL, SIGSEGV, SIGALRM = 2, 5, 9, 11, 14
 
