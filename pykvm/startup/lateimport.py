@@ -10,8 +10,16 @@ module on its first import. A module nobody imports is never executed.
 After serve() this process imports only modules already loaded, built-in or frozen ones, and
 held ones: anything else is refused at once with a ModuleNotFoundError that names the module
 and this mechanism (a pykvm bug: it belongs in the caller's list). Extension modules are
-imported by hold() itself, since loading one opens a file; pure-Python dependencies of a held
-module must be listed too (tests/test_lateimport.py checks the sandbox's lists).
+imported by hold() itself, since loading one opens a file.
+
+What a held module imports when it runs is held with it: hold() reads the import statements
+its module body (and class bodies) execute from its bytecode, and holds each of those that is
+not loaded, recursively. So the held set does not depend on what this interpreter happened to
+import before (site's .pth files import collections.abc, say, in one environment and not in
+another). Imports made inside functions are not followed: the caller names the modules its
+late paths import that way (tests/test_lateimport.py runs them from `python -S`). Conditional
+imports are followed too; one that cannot be found is skipped (its ImportError comes later,
+where the module expects it).
 
 What is read is our own installed files, but it is still checked: a cached bytecode file whose
 header does not match this interpreter and its source is not used (the source is held
@@ -38,7 +46,7 @@ _U32 = 0xFFFFFFFF
 class _Held:
     """One module in memory: what to execute and where it came from."""
 
-    __slots__ = ("origin", "cached", "package_path", "data", "is_bytecode")
+    __slots__ = ("origin", "cached", "package_path", "data", "is_bytecode", "code")
 
     def __init__(self, origin, cached, package_path, data, is_bytecode):
         self.origin = origin
@@ -46,6 +54,7 @@ class _Held:
         self.package_path = package_path     # a package's __path__, None for a plain module
         self.data = data
         self.is_bytecode = is_bytecode
+        self.code = None                     # once read for its imports, kept: it is not unmarshalled twice
 
 
 class _MemoryFinder:
@@ -76,16 +85,24 @@ class _MemoryFinder:
         """Run the held code in the module's namespace."""
         name = module.__spec__.name
         held = self.held[name]
-        exec(_code(name, held), module.__dict__)
+        exec(held.code if held.code is not None else _code(name, held), module.__dict__)
 
 
 _finder = _MemoryFinder()
 
 
 def hold(names) -> None:
-    """Read every named module not yet loaded (and its unloaded parent packages) into memory; import extensions now."""
+    """Read every named module not yet loaded (and its unloaded parent packages and what their bodies import) into
+    memory; import extensions now."""
+    todo = []
     for name in names:
-        _hold(name)
+        _hold(name, todo)
+    while todo:                   # what the held modules import when they run
+        name = todo.pop()
+        try:
+            _hold(name, todo)
+        except ImportError:
+            pass                  # absent here (an optional accelerator, another platform's module)
 
 
 def serve() -> None:
@@ -103,13 +120,13 @@ def held() -> frozenset:
     return frozenset(_finder.held)
 
 
-def _hold(name: str) -> None:
+def _hold(name: str, todo: list) -> None:
     if name in sys.modules or name in _finder.held:
         return
     parent, _, _ = name.rpartition(".")
     search = None
     if parent:
-        _hold(parent)
+        _hold(parent, todo)
         search = _package_path(parent)
         if search is None:
             raise ImportError(f"cannot hold {name}: {parent} is not a package", name=name)
@@ -129,7 +146,85 @@ def _hold(name: str) -> None:
         # an extension module (loading it opens the file), a namespace package or an unusual loader
         __import__(name)
         return
-    _finder.held[name] = _Held(spec.origin, spec.cached, spec.submodule_search_locations, data, is_bytecode)
+    held = _Held(spec.origin, spec.cached, spec.submodule_search_locations, data, is_bytecode)
+    _finder.held[name] = held
+    try:
+        held.code = _code(name, held)
+    except ImportError:
+        return                              # fails when imported, with this message
+    held.data = None
+    package = name if held.package_path is not None else parent
+    todo.extend(imported_by(held.code, package))
+
+
+def imported_by(code, package: str):
+    """Absolute names of the modules a module body imports (with `package`, its package, for relative ones).
+
+    Follows the body and class bodies (they run at import); not functions, whose imports run only when called.
+    `from m import n` yields m.n too: n may be a submodule (one that is not fails to be found, and is skipped).
+    """
+    from opcode import EXTENDED_ARG, opmap
+
+    import_name, load_const = opmap["IMPORT_NAME"], opmap["LOAD_CONST"]
+    load_small_int = opmap.get("LOAD_SMALL_INT")      # 3.14: the level of `import` is a small int
+    cache = opmap.get("CACHE", -1)
+    marker = bytes([import_name])
+    stack = [code]
+    while stack:
+        co = stack.pop()
+        stack.extend(c for c in co.co_consts if isinstance(c, CodeType) and not c.co_flags & _CO_NEWLOCALS)
+        raw = co.co_code
+        at = raw.find(marker)
+        while at >= 0:
+            if at % 2 == 0:     # an opcode, not an argument byte
+                arg, first = _arg(raw, at, EXTENDED_ARG)
+                fop, farg, first = _before(raw, first, cache, EXTENDED_ARG)
+                lop, larg, _ = _before(raw, first, cache, EXTENDED_ARG)
+                level = co.co_consts[larg] if lop == load_const else larg if lop == load_small_int else None
+                fromlist = co.co_consts[farg] if fop == load_const else None
+                base = _resolve(co.co_names[arg], package, level) if isinstance(level, int) else None
+                if base is not None:
+                    if base:
+                        yield base
+                    for sub in fromlist if isinstance(fromlist, tuple) else ():
+                        if sub != "*":
+                            yield f"{base}.{sub}" if base else sub
+            at = raw.find(marker, at + 1)
+
+
+def _arg(raw: bytes, at: int, extended: int) -> tuple[int, int]:
+    """(argument, offset of the first EXTENDED_ARG prefix or of the instruction) of the instruction at `at`."""
+    arg, shift, first = raw[at + 1], 8, at
+    while first >= 2 and raw[first - 2] == extended:
+        first -= 2
+        arg |= raw[first + 1] << shift
+        shift += 8
+    return arg, first
+
+
+def _before(raw: bytes, end: int, cache: int, extended: int) -> tuple[int, int, int]:
+    """(opcode, argument, start) of the instruction ending at `end`, past its inline caches; (-1, 0, 0) at the start."""
+    at = end - 2
+    while at >= 0 and raw[at] == cache:
+        at -= 2
+    if at < 0:
+        return -1, 0, 0
+    arg, first = _arg(raw, at, extended)
+    return raw[at], arg, first
+
+
+_CO_NEWLOCALS = 0x2            # a function's code (class bodies and module bodies lack it)
+
+
+def _resolve(name: str, package: str, level: int) -> str | None:
+    """importlib's name resolution: the absolute module name, or None when it climbs above the top package."""
+    if level == 0:
+        return name
+    parts = package.split(".") if package else []
+    if level - 1 > len(parts) - 1 or not parts:
+        return None
+    base = ".".join(parts[:len(parts) - (level - 1)])
+    return f"{base}.{name}" if name else base
 
 
 def _package_path(name: str):
