@@ -118,18 +118,13 @@ KVM_REQUESTS = (
 TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 
 # Modules the VMM may import on paths taken after set-up (an internal error's traceback, a crash
-# report, a state save, a control command), with every pure-Python module they import that a
-# plain run has not loaded. lateimport holds them in memory while files can still be read: each
-# costs a read at set-up and is executed only if a run takes its path. Extension modules among
-# them are imported at once (loading one opens a file); optional ones left out (_json, _datetime)
-# make their module fall back to its pure-Python code.
-LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machine.capture", "pykvm.crash.snapshot",
-        "datetime", "math",
-        # textwrap and tokenize need re, and traceback contextlib, which a plain run no longer imports itself
-        "re", "re._compiler", "re._parser", "re._constants", "re._casefix", "copyreg", "contextlib")
-LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.memory.sparse", "pykvm.crash.layout",
-              "pykvm.crash.notes", "pykvm.crash.x86", "pykvm.devices.vga", "encodings.cp437",
-              "json", "json.decoder", "json.scanner", "json.encoder")
+# report, a state save, a control command). lateimport holds them in memory while files can still
+# be read, with everything their module bodies import that is not loaded yet (whatever this
+# interpreter happened to import before: tests/test_lateimport.py runs them from `python -S -I`);
+# each costs a read and an unmarshal at set-up and is executed only if a run takes its path.
+# Named here: the entry points, and what they import only inside functions or by name (a codec).
+LATE = ("traceback", "pykvm.machine.capture", "pykvm.crash.snapshot")
+LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.devices.vga", "encodings.cp437")
 LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
             "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 

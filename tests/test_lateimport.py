@@ -297,3 +297,46 @@ def test_a_vmm_from_a_bare_interpreter_saves_through_its_control_socket(tmp_path
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_what_a_held_module_body_imports_is_held_and_what_its_functions_import_is_not(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\nfrom .sub import c as _c\nimport pkg.d\n"
+                              "class K:\n    import pkg.e\n"
+                              "try:\n    import pkg_absent_accelerator\nexcept ImportError:\n    pass\n"
+                              "def later():\n    import pkg.f\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    for name in ("b", "sub/c", "d", "e", "f"):
+        (pkg / f"{name}.py").write_text(f"NAME = {name!r}\n")
+    r = python("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from pykvm.startup import lateimport
+        lateimport.hold(["pkg.a"])
+        print(" ".join(sorted(lateimport.held())))
+        lateimport.serve()
+        import pkg.a
+        print(pkg.a.b.NAME, pkg.a._c.NAME, pkg.d.NAME, pkg.e.NAME)
+        try:
+            pkg.a.later()
+        except ModuleNotFoundError as e:
+            print("refused", e.name)
+    """, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["pkg pkg.a pkg.b pkg.d pkg.e pkg.sub pkg.sub.c", "b sub/c d e", "refused pkg.f"]
+
+
+@pytest.mark.parametrize("package, level, name, expected", [
+    ("pykvm.crash", 0, "json", "json"),
+    ("pykvm.crash", 1, "core", "pykvm.crash.core"),
+    ("pykvm.crash", 2, "paths", "pykvm.paths"),
+    ("pykvm.crash", 2, "", "pykvm"),
+    ("pykvm", 2, "x", None),          # above the top-level package: importlib refuses it too
+    ("", 1, "x", None),
+])
+def test_relative_imports_resolve_as_importlib_does(package, level, name, expected):
+    from pykvm.startup.lateimport import _resolve
+
+    assert _resolve(name, package, level) == expected
