@@ -208,7 +208,7 @@ def _confine_paths(crash_fd: int | None, use: bool | None) -> None:
         _state["landlock"] = abi
         return
     _state["landlock"] = 0
-    os.write(2, b"pykvm: sandbox: no Landlock in this kernel, so paths are not confined: a compromised VMM could "
+    os.write(2, b"pykvm: sandbox: Landlock is not available in this kernel, so paths are not confined: a compromised VMM could "
                 b"still create new files wherever you may write (Linux 5.13+ with Landlock enabled prevents it)\n")
 
 

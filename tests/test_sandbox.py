@@ -36,7 +36,7 @@ def sandboxed(tmp_path, body: str, before: str = "", timeout: float = 60, landlo
                           capture_output=True, text=True, timeout=timeout)
 
 
-NO_LANDLOCK_LINE = "pykvm: sandbox: no Landlock in this kernel, so paths are not confined"
+NO_LANDLOCK_LINE = "pykvm: sandbox: Landlock is not available in this kernel, so paths are not confined"
 needs_landlock = pytest.mark.skipif(landlock.abi_version() == 0, reason="this kernel has no Landlock")
 
 
@@ -292,6 +292,24 @@ def test_the_policy_names_only_real_requests_and_calls():
         assert pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name) >= 0, name
     assert not {"execve", "execveat", "fork", "vfork", "socket", "connect", "unlink", "unlinkat", "open",
                 "openat", "ptrace", "kill"} & set(sandbox.ALLOWED)
+    # nothing that makes, links or renames a path is allowed but the core's linkat (Landlock bounds where it lands),
+    # and no stat of a path: newfstatat is trapped (then answered only for an empty path) or refused
+    rules = sandbox.policy(7, 1234)
+    allowed = {name for action, name, _ in rules if action == "allow"}
+    assert not {"mkdir", "mkdirat", "symlink", "symlinkat", "link", "rename", "renameat", "renameat2", "mknod",
+                "mknodat", "newfstatat", "statx", "stat", "lstat", "openat2", "open_by_handle_at"} & allowed
+    assert [conds for action, name, conds in rules if name == "linkat"] == [[(0, 0xFFFFFFFF, 0xFFFFFF9C),
+                                                                           (2, 0xFFFFFFFF, 7), (4, 0xFFFFFFFF, 0x400)]]
+
+
+@pytest.mark.parametrize("abi, fs, net, scope", [
+    (1, 0x1FFF, 0, 0), (2, 0x3FFF, 0, 0), (3, 0x7FFF, 0, 0), (4, 0x7FFF, 3, 0), (5, 0xFFFF, 3, 0),
+    (6, 0xFFFF, 3, 1), (7, 0xFFFF, 3, 1), (8, 0xFFFF, 3, 3)])
+def test_landlock_handles_every_right_each_abi_knows(abi, fs, net, scope):
+    # everything handled is denied but what a rule grants: handling all a kernel knows is what confines
+    assert landlock.handled(abi) == (fs, net, scope)
+    assert landlock.CRASH_DIR_RIGHTS & fs == (landlock.MAKE_REG | landlock.WRITE_FILE | (landlock.TRUNCATE if abi >= 3
+                                                                                         else 0))
 
 
 # ------------------------------------------------------------------ a whole VMM (needs KVM)
