@@ -125,6 +125,12 @@ TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 # Named here: the entry points, and what they import only inside functions or by name (a codec).
 LATE = ("traceback", "pykvm.machine.capture", "pykvm.crash.snapshot")
 LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.devices.vga", "encodings.cp437")
+# C accelerators the late modules import only if they can: left out (~1 ms to load both), so json and datetime
+# run their pure-Python code on the rare path that needs them
+LATE_OPTIONAL = ("_json", "_datetime")
+# only `ctl save` writes a state file under the sandbox (it takes the file as a descriptor); its
+# digest needs hashlib, and so OpenSSL (~2 ms to load), which a run without --control never does
+LATE_CONTROL = ("pykvm.snapshot.state", "hashlib", "_hashlib")
 LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
             "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 
@@ -265,9 +271,7 @@ def late_modules(cores: bool) -> tuple:
     if any(name.startswith("pykvm.bus.") for name in sys.modules):
         names += LATE_BUS
     if "pykvm.control.server" in sys.modules:
-        # only `ctl save` writes a state file under the sandbox (it takes the file as a descriptor); its
-        # digest needs hashlib, and so OpenSSL (~2 ms to load), which a run without --control never does
-        names += ("pykvm.snapshot.state", "pykvm.memory.sparse", "hashlib", "_hashlib")
+        names += LATE_CONTROL
         from .devices import registry
 
         names += tuple(t.cls.partition(":")[0] for t in registry.TYPES.values() if t.hotplug)
@@ -277,7 +281,7 @@ def late_modules(cores: bool) -> tuple:
 def _hold_late_modules(cores: bool) -> None:
     from .startup import lateimport
 
-    lateimport.hold(late_modules(cores))
+    lateimport.hold(late_modules(cores), optional=LATE_OPTIONAL)
     if "_hashlib" in sys.modules:
         import hashlib
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import py_compile
 import site
@@ -340,3 +341,28 @@ def test_relative_imports_resolve_as_importlib_does(package, level, name, expect
     from pykvm.startup.lateimport import _resolve
 
     assert _resolve(name, package, level) == expected
+
+
+def test_the_shipped_standard_library_imports_match_a_fresh_scan_for_this_interpreter():
+    # late_imports.KNOWN stands in for scanning a standard-library module whose source has the recorded size: every
+    # entry this interpreter has must say what scanning says, and every module the late paths reach must have one
+    # (a missing one costs set-up time: run scripts/late_imports.py)
+    r = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "scripts" / "late_imports.py"), "--walk", *late_roots()],
+                       capture_output=True, text=True, timeout=120)     # as the script records them
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    magic, opcodes = found.pop("")
+    from pykvm.startup.late_imports import KNOWN, OPCODES
+
+    assert OPCODES.get(bytes.fromhex(magic)) == tuple(opcodes), "run scripts/late_imports.py"
+    for name, (size, imports) in found.items():
+        assert KNOWN.get(name, {}).get(size) == tuple(imports), f"{name}: run scripts/late_imports.py"
+
+
+def late_roots() -> list:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("late_imports_script", ROOT / "scripts" / "late_imports.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.late_roots()
