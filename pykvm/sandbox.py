@@ -70,6 +70,7 @@ ALLOWED = {
     "gettid": "thread identity (glibc, Python)",
     "exit": "a thread ending",
     "exit_group": "the process ending",
+    "wait4": "the process ending waits for the shell removing its unused crash directory (release())",
     "clock_gettime": "monotonic time when the vDSO falls back to the system call",
     "clock_getres": "time resolution queries",
     "gettimeofday": "wall-clock time fallback",
@@ -147,6 +148,7 @@ _U32 = 0xFFFFFFFF    # descriptors and flags are C ints: compare their low 32 bi
 _state = {"active": False}
 _keep = []           # the SIGSYS callback and its cffi objects must outlive install()
 _names: dict[int, str] = {}
+_cleanup: list = []  # (pid, pipe) of the shell that removes a crash directory made for a run without cores
 
 
 def active() -> bool:
@@ -165,14 +167,7 @@ def install(crash_dir=None, landlock: bool | None = None) -> None:
     from .startup import seccomp_program
 
     _hold_late_modules(crash_dir is not None)
-    crash_fd = None
-    if crash_dir is not None:
-        from .crash.crashdir import CoreWriteError, hold_crash_dir
-
-        try:
-            crash_fd = hold_crash_dir(crash_dir, create=True)
-        except CoreWriteError:
-            pass  # a crash is still reported; its core's absence names the reason, as without the sandbox
+    crash_fd = None if crash_dir is None else _hold_crash_dir(crash_dir)
     try:
         program, names = seccomp_program.program_for(lambda pid: policy(crash_fd, pid), os.getpid())
     except (ImportError, RuntimeError) as e:  # pyseccomp raises RuntimeError without libseccomp
@@ -197,6 +192,72 @@ def install(crash_dir=None, landlock: bool | None = None) -> None:
 
     lateimport.serve()    # from now on a module not loaded or held is refused by name, not looked for on disk
     _state["active"] = True
+
+
+def _hold_crash_dir(crash_dir) -> int | None:
+    """Make the crash directory now (the sandbox lets nothing make it later) and hold it; None when unusable.
+
+    A directory made here for a run that then writes no core is removed when the process ends, by a
+    shell started now outside the sandbox, so that a run that never crashes leaves nothing behind.
+    """
+    from .crash.crashdir import CoreWriteError, hold_crash_dir
+
+    made = []                             # deepest first: removed in that order, each only if empty
+    path = os.path.abspath(os.fspath(crash_dir))
+    while not os.path.lexists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        return hold_crash_dir(crash_dir, create=True)
+    except CoreWriteError:
+        return None   # a crash is still reported; its core's absence names the reason, as without the sandbox
+    finally:
+        if made:
+            _remove_at_exit_if_empty(made)
+
+
+# waits for the end of the VMM (end of file on stdin), then removes what it was given that is still empty;
+# in its own process group and deaf to hang-ups, so a Ctrl-C or a closed terminal does not end it first
+_RMDIR_WHEN_DONE = 'trap "" HUP; while read -r _; do :; done; exec rmdir -- "$@"'
+
+
+def _remove_at_exit_if_empty(paths: list[str]) -> None:
+    try:
+        r, w = os.pipe()                  # both close-on-exec: only the shell's stdin is a copy of r
+    except OSError:
+        return
+    try:
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", _RMDIR_WHEN_DONE, "sh", *paths], {"PATH": "/usr/bin:/bin"},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, r, 0),
+                                           (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                                           (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)],
+                             setpgroup=0)
+    except OSError:
+        os.close(w)                       # no shell: the empty directory stays, as it did before this was added
+        return
+    finally:
+        os.close(r)
+    # w is never written: its end of file is the shell's signal, when release() closes it or the process ends
+    _cleanup[:] = [pid, w]
+    import atexit
+
+    atexit.register(release)
+
+
+def release() -> None:
+    """Let the crash-directory cleanup run now and wait for it (the process is ending; os._exit skips atexit)."""
+    if not _cleanup:
+        return
+    pid, w = _cleanup
+    _cleanup.clear()
+    os.close(w)
+    try:
+        os.waitpid(pid, 0)                # so nothing is left when this process's own parent sees it end
+    except ChildProcessError:
+        pass
 
 
 def _confine_paths(crash_fd: int | None, use: bool | None) -> None:

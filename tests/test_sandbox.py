@@ -124,6 +124,26 @@ def test_a_core_is_written_under_the_sandbox(tmp_path, landlock_on):
         assert os.stat(p).st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize("exit_how", ["return", "os._exit after release()"])
+def test_a_crash_dir_made_for_a_run_without_cores_is_gone_when_it_ends(tmp_path, exit_how):
+    # the sandbox lets nothing make a directory later, so it makes the crash directory at start; a run that wrote
+    # no core leaves nothing behind (a shell started before the sandbox removes it, and the VMM waits for it)
+    body = "sandbox.release(); os._exit(0)" if exit_how != "return" else "pass"
+    r = sandboxed(tmp_path / "a", 'import stat\nprint(stat.S_ISDIR(os.fstat(crash_fd).st_mode))\n' + body)
+    assert r.returncode == 0, r
+    assert r.stdout == "True\n"                               # it existed while the run ran
+    assert os.listdir(tmp_path) == []                        # crashes/ and the missing a/ made for it: both gone
+
+
+def test_a_crash_dir_that_existed_or_holds_a_core_stays(tmp_path):
+    (tmp_path / "crashes").mkdir()
+    assert sandboxed(tmp_path, "pass").returncode == 0
+    assert os.listdir(tmp_path / "crashes") == []              # it was there before: left alone
+    r = sandboxed(tmp_path / "b", CORE_BODY, before=CORE_BEFORE)
+    assert r.returncode == 0, r
+    assert len(os.listdir(tmp_path / "b" / "crashes")) == 2
+
+
 def test_an_unusable_crash_dir_is_reported_when_a_core_is_due(tmp_path):
     (tmp_path / "crashes").write_text("a file, not a directory")
     # the core writer is held in memory beside what a run has imported (the machine), not imported up front
@@ -180,7 +200,7 @@ def test_no_file_can_be_planted_outside_the_crash_dir(tmp_path, body):
     r = sandboxed(tmp_path, body)
     assert r.returncode == 0, r
     assert r.stdout.split()[0] == "refused", r
-    assert os.listdir(tmp_path / "site-packages") == [] and os.listdir(tmp_path / "crashes") == []
+    assert os.listdir(tmp_path) == ["site-packages"] and os.listdir(tmp_path / "site-packages") == []
     assert NO_LANDLOCK_LINE not in r.stderr
 
 
@@ -190,7 +210,7 @@ def test_no_existing_file_can_be_linked_anywhere(tmp_path):
     r = sandboxed(tmp_path, LINK_EXISTING)
     assert r.returncode == 0, r
     assert [line.split()[0] for line in r.stdout.splitlines()] == ["refused", "refused"], r
-    assert os.listdir(tmp_path / "site-packages") == [] and os.listdir(tmp_path / "crashes") == []
+    assert os.listdir(tmp_path) == ["site-packages"] and os.listdir(tmp_path / "site-packages") == []
 
 
 @pytest.mark.parametrize("landlock_on", [
