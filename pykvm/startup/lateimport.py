@@ -231,12 +231,13 @@ def _arg(raw: bytes, at: int, extended: int) -> tuple[int, int]:
 
 
 def _before(raw: bytes, end: int, cache: int, extended: int) -> tuple[int, int, int]:
-    """(opcode, argument, start) of the instruction ending at `end`, past its inline caches; (-1, 0, 0) at the start."""
+    """(opcode, argument, start) of the instruction ending at `end`, past its inline caches; (-2, 0, 0) at the start
+    (-1 stands for an opcode this interpreter lacks)."""
     at = end - 2
     while at >= 0 and raw[at] == cache:
         at -= 2
     if at < 0:
-        return -1, 0, 0
+        return -2, 0, 0
     arg, first = _arg(raw, at, extended)
     return raw[at], arg, first
 
