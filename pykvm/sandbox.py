@@ -5,8 +5,9 @@ mechanisms confine every thread of the process from then on:
 
 - Landlock (pykvm/landlock.py), where the kernel has it, is the filesystem boundary: the only
   thing the VMM can still create is a new regular file in its own crash directory (which is
-  therefore made at start); nothing can be read, made, linked, renamed, removed or truncated
-  anywhere else, whatever path or descriptor a call names.
+  therefore made at start, and removed at the end if no core went into it); nothing can be
+  read, made, linked, renamed, removed or truncated anywhere else, whatever path or descriptor
+  a call names.
 - seccomp (TSYNC) decides which system calls run at all. A call not in the policy below is
   trapped: a SIGSYS handler writes one line naming the call (and the Python line that made it)
   to stderr and the process exits with errors.EXIT_SANDBOX. Read-only opens and path stat()s
