@@ -356,6 +356,9 @@ def leave(status: int, fast_exit: bool) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+    sandbox = sys.modules.get("pykvm.sandbox")
+    if sandbox is not None:
+        sandbox.release()       # an unused crash directory is gone before our parent sees us end (atexit is skipped)
     os._exit(status)
 
 

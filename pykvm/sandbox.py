@@ -1,19 +1,29 @@
-"""The seccomp sandbox: after set-up the VMM process may make only the system calls it needs.
+"""The sandbox: after set-up the VMM process may make only the system calls it needs, and touch no path.
 
-install() runs once devices have started and before any vCPU runs guest code. From then on
-every thread of the process (TSYNC) is filtered: a call not in the policy below is trapped,
-a SIGSYS handler writes one line naming the call (and the Python line that made it) to
-stderr, and the process exits with errors.EXIT_SANDBOX. Read-only opens and path stat()s
-are refused with EACCES instead, so that Python's own lazy reads (linecache for a traceback,
-the import system probing a path) fail the way they would on an unreadable file rather than
-killing the VMM; nothing can be opened for writing, created, deleted or executed.
+install() runs once devices have started and before any vCPU runs guest code. Two kernel
+mechanisms confine every thread of the process from then on:
 
-The filesystem is reachable only through the crash directory's descriptor, which
-crash.crashdir.hold_crash_dir() opens here: a core is an unnamed O_TMPFILE file in it, named at
-the end with linkat through /proc/self/fd. seccomp sees descriptors and flags, never path
-strings: an absolute path makes the dirfd irrelevant, so a compromised VMM could still create
-a new file (never open, overwrite, read or remove an existing one) where the user may write.
-Closing that gap needs Landlock or a broker process; see README "Sandbox".
+- Landlock (pykvm/landlock.py), where the kernel has it, is the filesystem boundary: the only
+  thing the VMM can still create is a new regular file in its own crash directory (which is
+  therefore made at start, and removed at the end if no core went into it); nothing can be
+  read, made, linked, renamed, removed or truncated anywhere else, whatever path or descriptor
+  a call names.
+- seccomp (TSYNC) decides which system calls run at all. A call not in the policy below is
+  trapped: a SIGSYS handler writes one line naming the call (and the Python line that made it)
+  to stderr and the process exits with errors.EXIT_SANDBOX. Read-only opens and path stat()s
+  are refused with EACCES instead, so that Python's own lazy reads (linecache for a traceback,
+  the import system probing a path) fail as on an unreadable file rather than killing the VMM.
+  stat of a descriptor is newfstatat(fd, "", AT_EMPTY_PATH) in glibc, which seccomp cannot tell
+  from newfstatat(fd, "/any/path", AT_EMPTY_PATH): it is trapped too, and the SIGSYS handler
+  answers it with fstat(fd) when the path is empty, EACCES otherwise, so no path is looked up.
+
+Cores are made through the crash directory's descriptor, which crash.crashdir.hold_crash_dir()
+opens here: an unnamed O_TMPFILE file in it, named at the end with linkat through /proc/self/fd.
+seccomp allows those two calls only with that descriptor, but an absolute path makes a
+descriptor irrelevant: without Landlock (Linux before 5.13, or Landlock disabled) a compromised
+VMM could still create a new file (never open, overwrite, read or remove an existing one)
+wherever the user may write, and install() says so on stderr. PYKVM_SANDBOX_LANDLOCK=off
+makes it act as on such a kernel (for tests).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ ALLOWED = {
     "gettid": "thread identity (glibc, Python)",
     "exit": "a thread ending",
     "exit_group": "the process ending",
+    "wait4": "the process ending waits for the shell removing its unused crash directory (release())",
     "clock_gettime": "monotonic time when the vDSO falls back to the system call",
     "clock_getres": "time resolution queries",
     "gettimeofday": "wall-clock time fallback",
@@ -109,18 +120,19 @@ KVM_REQUESTS = (
 TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
 
 # Modules the VMM may import on paths taken after set-up (an internal error's traceback, a crash
-# report, a state save, a control command), with every pure-Python module they import that a
-# plain run has not loaded. lateimport holds them in memory while files can still be read: each
-# costs a read at set-up and is executed only if a run takes its path. Extension modules among
-# them are imported at once (loading one opens a file); optional ones left out (_json, _datetime)
-# make their module fall back to its pure-Python code.
-LATE = ("traceback", "linecache", "textwrap", "tokenize", "token", "pykvm.machine.capture", "pykvm.crash.snapshot",
-        "datetime", "math",
-        # textwrap and tokenize need re, and traceback contextlib, which a plain run no longer imports itself
-        "re", "re._compiler", "re._parser", "re._constants", "re._casefix", "copyreg", "contextlib")
-LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.memory.sparse", "pykvm.crash.layout",
-              "pykvm.crash.notes", "pykvm.crash.x86", "pykvm.devices.vga", "encodings.cp437",
-              "json", "json.decoder", "json.scanner", "json.encoder")
+# report, a state save, a control command). lateimport holds them in memory while files can still
+# be read, with everything their module bodies import that is not loaded yet (whatever this
+# interpreter happened to import before: tests/test_lateimport.py runs them from `python -S -I`);
+# each costs a read and an unmarshal at set-up and is executed only if a run takes its path.
+# Named here: the entry points, and what they import only inside functions or by name (a codec).
+LATE = ("traceback", "pykvm.machine.capture", "pykvm.crash.snapshot")
+LATE_CORES = ("pykvm.crash.core", "pykvm.crash.crashdir", "pykvm.devices.vga", "encodings.cp437")
+# C accelerators the late modules import only if they can: left out (~1 ms to load both), so json and datetime
+# run their pure-Python code on the rare path that needs them
+LATE_OPTIONAL = ("_json", "_datetime")
+# only `ctl save` writes a state file under the sandbox (it takes the file as a descriptor); its
+# digest needs hashlib, and so OpenSSL (~2 ms to load), which a run without --control never does
+LATE_CONTROL = ("pykvm.snapshot.state", "hashlib", "_hashlib")
 LATE_BUS = ("pykvm.bus.doorbell", "pykvm.bus.host", "pykvm.bus.transfer", "pykvm.bus.services.block",
             "pykvm.bus.services.echo", "pykvm.bus.services.shutdown", "pykvm.bus.services.heartbeat")
 
@@ -128,6 +140,7 @@ _O_TMPFILE_BITS = 0o20000000                                  # __O_TMPFILE (os.
 _WRITE_BITS = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_TMPFILE_BITS
 _IGNORED_OPEN_BITS = os.O_CLOEXEC | 0o100000                  # O_CLOEXEC, O_LARGEFILE
 _AT_EMPTY_PATH = 0x1000
+_AT_FDCWD = -100 & 0xFFFFFFFF
 _AT_SYMLINK_FOLLOW = 0x400
 _CLONE_THREAD = 0x10000
 _PROT_EXEC = 0x4
@@ -136,6 +149,7 @@ _U32 = 0xFFFFFFFF    # descriptors and flags are C ints: compare their low 32 bi
 _state = {"active": False}
 _keep = []           # the SIGSYS callback and its cffi objects must outlive install()
 _names: dict[int, str] = {}
+_cleanup: list = []  # (pid, pipe) of the shell that removes a crash directory made for a run without cores
 
 
 def active() -> bool:
@@ -143,21 +157,18 @@ def active() -> bool:
     return _state["active"]
 
 
-def install(crash_dir=None) -> None:
-    """Filter every thread of this process from now on; SandboxError when that cannot be done."""
+def install(crash_dir=None, landlock: bool | None = None) -> None:
+    """Confine every thread of this process from now on; SandboxError when that cannot be done.
+
+    landlock: None uses Landlock when the kernel has it (unless PYKVM_SANDBOX_LANDLOCK=off);
+    False acts as on a kernel without it.
+    """
     if _state["active"]:
         return
     from .startup import seccomp_program
 
     _hold_late_modules(crash_dir is not None)
-    crash_fd = None
-    if crash_dir is not None:
-        from .crash.crashdir import CoreWriteError, hold_crash_dir
-
-        try:
-            crash_fd = hold_crash_dir(crash_dir)
-        except CoreWriteError:
-            pass  # a crash is still reported; its core's absence names the reason, as without the sandbox
+    crash_fd = None if crash_dir is None else _hold_crash_dir(crash_dir)
     try:
         program, names = seccomp_program.program_for(lambda pid: policy(crash_fd, pid), os.getpid())
     except (ImportError, RuntimeError) as e:  # pyseccomp raises RuntimeError without libseccomp
@@ -169,6 +180,11 @@ def install(crash_dir=None) -> None:
     _names.update(names)
     try:
         _install_sigsys_handler()
+    except OSError as e:
+        raise errors.SandboxError(f"cannot install the SIGSYS handler: {e.strerror or e}; "
+                                  "run with --sandbox off") from None
+    _confine_paths(crash_fd, landlock)    # after everything above has read its files (the program's cache entry)
+    try:
         seccomp_program.load(program)
     except OSError as e:
         raise errors.SandboxError(f"cannot install the seccomp filter: {e.strerror or e}; "
@@ -177,6 +193,96 @@ def install(crash_dir=None) -> None:
 
     lateimport.serve()    # from now on a module not loaded or held is refused by name, not looked for on disk
     _state["active"] = True
+
+
+def _hold_crash_dir(crash_dir) -> int | None:
+    """Make the crash directory now (the sandbox lets nothing make it later) and hold it; None when unusable.
+
+    A directory made here for a run that then writes no core is removed when the process ends, by a
+    shell started now outside the sandbox, so that a run that never crashes leaves nothing behind.
+    """
+    from .crash.crashdir import CoreWriteError, hold_crash_dir
+
+    made = []                             # deepest first: removed in that order, each only if empty
+    path = os.path.abspath(os.fspath(crash_dir))
+    while not os.path.lexists(path):
+        made.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        return hold_crash_dir(crash_dir, create=True)
+    except CoreWriteError:
+        return None   # a crash is still reported; its core's absence names the reason, as without the sandbox
+    finally:
+        if made:
+            _remove_at_exit_if_empty(made)
+
+
+# waits for the end of the VMM (end of file on stdin), then removes what it was given that is still empty;
+# in its own process group and deaf to hang-ups, so a Ctrl-C or a closed terminal does not end it first
+_RMDIR_WHEN_DONE = 'trap "" HUP; while read -r _; do :; done; exec rmdir -- "$@"'
+
+
+def _remove_at_exit_if_empty(paths: list[str]) -> None:
+    try:
+        r, w = os.pipe()                  # both close-on-exec: only the shell's stdin is a copy of r
+    except OSError:
+        return
+    try:
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", _RMDIR_WHEN_DONE, "sh", *paths], {"PATH": "/usr/bin:/bin"},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, r, 0),
+                                           (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                                           (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)],
+                             setpgroup=0)
+    except OSError:
+        os.close(w)                       # no shell: the empty directory stays, as it did before this was added
+        return
+    finally:
+        os.close(r)
+    # w is never written: its end of file is the shell's signal, when release() closes it or the process ends
+    _cleanup[:] = [pid, w]
+    import atexit
+
+    atexit.register(release)
+
+
+def release() -> None:
+    """Let the crash-directory cleanup run now and wait for it (the process is ending; os._exit skips atexit)."""
+    if not _cleanup:
+        return
+    pid, w = _cleanup
+    _cleanup.clear()
+    os.close(w)
+    try:
+        os.waitpid(pid, 0)                # so nothing is left when this process's own parent sees it end
+    except ChildProcessError:
+        pass
+
+
+def _confine_paths(crash_fd: int | None, use: bool | None) -> None:
+    """Landlock on every thread, or one line on stderr saying what the sandbox cannot stop without it."""
+    from . import landlock
+
+    if use is None:
+        use = os.environ.get("PYKVM_SANDBOX_LANDLOCK", "on") != "off"
+    abi = landlock.abi_version() if use else 0
+    if abi:
+        try:
+            landlock.confine(crash_fd, abi)
+        except landlock.LandlockError as e:
+            raise errors.SandboxError(f"cannot install the Landlock ruleset: {e}; run with --sandbox off") from None
+        _state["landlock"] = abi
+        return
+    _state["landlock"] = 0
+    os.write(2, b"pykvm: sandbox: Landlock is not available in this kernel, so paths are not confined: a compromised VMM could "
+                b"still create new files wherever you may write (Linux 5.13+ with Landlock enabled prevents it)\n")
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI the sandbox confines paths with; 0 when it runs without Landlock (or is not active)."""
+    return _state.get("landlock", 0) if _state["active"] else 0
 
 
 def policy(crash_fd: int | None, pid: int) -> list:
@@ -198,10 +304,9 @@ def _rules(crash_fd: int | None, pid: int) -> list:
         (("errno", errno.ENOSYS), "clone3", []),                 # its flags live in memory seccomp cannot read:
                                                                  # glibc then falls back to clone
         ("allow", "tgkill", [eq(0, pid)]),                       # vCPU kicks, only within this process
-        ("allow", "newfstatat", [eq(3, _AT_EMPTY_PATH, _AT_EMPTY_PATH)]),   # fstat of a descriptor
-        (refuse, "newfstatat", [eq(3, 0, _AT_EMPTY_PATH)]),      # stat of a path
-        ("allow", "statx", [eq(2, _AT_EMPTY_PATH, _AT_EMPTY_PATH)]),
-        (refuse, "statx", [eq(2, 0, _AT_EMPTY_PATH)]),
+        # stat of a path; with AT_EMPTY_PATH (glibc's fstat) it is trapped and answered in _on_sigsys
+        (refuse, "newfstatat", [eq(3, 0, _AT_EMPTY_PATH)]),
+        (refuse, "statx", []),                                   # neither Python nor glibc's fstat uses it
         (refuse, "openat", [eq(2, 0, _WRITE_BITS)]),             # read-only opens fail, not stop the VMM
         (refuse, "open", [eq(1, 0, _WRITE_BITS)]),
     ]
@@ -217,9 +322,7 @@ def _rules(crash_fd: int | None, pid: int) -> list:
         # a new unnamed core file in the crash directory, then its name there (crash/core.py)
         out.append(("allow", "openat", [eq(0, crash_fd),
                                         eq(2, os.O_WRONLY | os.O_TMPFILE, _U32 & ~_IGNORED_OPEN_BITS)]))
-        out.append(("allow", "linkat", [eq(2, crash_fd), eq(4, _AT_SYMLINK_FOLLOW)]))
-        # a crash directory that does not exist yet is created by the first core, under the held ancestor
-        out.append(("allow", "mkdirat", [eq(0, crash_fd)]))
+        out.append(("allow", "linkat", [eq(0, _AT_FDCWD), eq(2, crash_fd), eq(4, _AT_SYMLINK_FOLLOW)]))
     return out
 
 
@@ -230,9 +333,7 @@ def late_modules(cores: bool) -> tuple:
     if any(name.startswith("pykvm.bus.") for name in sys.modules):
         names += LATE_BUS
     if "pykvm.control.server" in sys.modules:
-        # only `ctl save` writes a state file under the sandbox (it takes the file as a descriptor); its
-        # digest needs hashlib, and so OpenSSL (~2 ms to load), which a run without --control never does
-        names += ("pykvm.snapshot.state", "pykvm.memory.sparse", "hashlib", "_hashlib")
+        names += LATE_CONTROL
         from .devices import registry
 
         names += tuple(t.cls.partition(":")[0] for t in registry.TYPES.values() if t.hotplug)
@@ -242,7 +343,7 @@ def late_modules(cores: bool) -> tuple:
 def _hold_late_modules(cores: bool) -> None:
     from .startup import lateimport
 
-    lateimport.hold(late_modules(cores))
+    lateimport.hold(late_modules(cores), optional=LATE_OPTIONAL)
     if "_hashlib" in sys.modules:
         import hashlib
 
@@ -255,7 +356,13 @@ SIGSYS_CDEF = """
                      void *call_addr; int syscall; unsigned int arch; } sigsys_info;
     struct sigaction_glibc { void *handler; unsigned long mask[16]; int flags; void *restorer; };
     int sigaction(int signum, const struct sigaction_glibc *act, struct sigaction_glibc *old);
+    typedef struct { unsigned long flags; void *link; void *ss_sp; int ss_flags; int pad; unsigned long ss_size;
+                     long long gregs[23]; } ucontext_x86_64;
+    long syscall(long number, ...);
 """
+# x86-64: the trapped call's number and arguments in the saved registers; its result goes in rax
+_NR_NEWFSTATAT, _NR_FSTAT = 262, 5
+_REG_R10, _REG_RDI, _REG_RSI, _REG_RDX, _REG_RAX = 2, 8, 9, 12, 13
 
 
 def bindings() -> None:
@@ -281,10 +388,16 @@ def _install_sigsys_handler() -> None:
     _keep[:] = [ffi, libc, callback, act]
 
 
-def _on_sigsys(_signo, info, _context) -> None:
-    """Runs on the thread whose call was trapped: say which call and where, then end the process."""
+def _on_sigsys(_signo, info, context) -> None:
+    """Runs on the thread whose call was trapped: answer an fstat, or say which call and where and end the process."""
+    nr = info.syscall
     try:
-        nr = info.syscall
+        answered = nr == _NR_NEWFSTATAT and _answer_fstat(context)
+    except Exception:       # noqa: BLE001  (whatever went wrong, the call is then reported as blocked)
+        answered = False
+    if answered:
+        return
+    try:
         name = _names.get(nr, "unknown")
         where = _python_location(sys._getframe(0).f_back)
         thread = threading.current_thread().name
@@ -293,6 +406,26 @@ def _on_sigsys(_signo, info, _context) -> None:
         os.write(2, msg.encode(errors="replace"))
     finally:
         os._exit(errors.EXIT_SANDBOX)
+
+
+def _answer_fstat(context) -> bool:
+    """newfstatat(fd, "", buf, AT_EMPTY_PATH), glibc's fstat, answered with fstat(fd); any other path gets EACCES.
+
+    The path is never given to the kernel: what it names does not matter, only whether it is empty.
+    """
+    ffi, libc = _keep[0], _keep[1]
+    regs = ffi.cast("ucontext_x86_64 *", context).gregs
+    path = ffi.cast("char *", regs[_REG_RSI])
+    if not regs[_REG_R10] & _AT_EMPTY_PATH:
+        return False                              # the filter refuses these itself: not an fstat
+    if path == ffi.NULL or path[0] == b"\0":
+        fd = regs[_REG_RDI] & _U32
+        fd = fd - (1 << 32) if fd >> 31 else fd        # a C int
+        rc = libc.syscall(ffi.cast("long", _NR_FSTAT), ffi.cast("long", fd), ffi.cast("void *", regs[_REG_RDX]))
+        regs[_REG_RAX] = rc if rc >= 0 else -ffi.errno
+    else:
+        regs[_REG_RAX] = -errno.EACCES
+    return True
 
 
 def _python_location(frame) -> str:

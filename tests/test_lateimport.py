@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import py_compile
 import site
@@ -185,3 +186,183 @@ def test_a_plain_run_never_imports_pathlib_not_even_to_write_a_core(tmp_path, na
         assert r.returncode == 16, r.stderr
         (core,) = os.listdir(crash_dir)
         assert f"core written to {crash_dir}/{core} " in r.stderr
+
+
+# ------------------------------------------------------------------ late paths from a bare interpreter (issue 19, 7)
+# `python -S -I`: no site (no .pth file imports anything), no PYTHON* variables, no user site. What the sandbox holds
+# must then still cover every late path, whatever the interpreter happened to import before.
+BARE_PRELUDE = """
+import sys
+sys.path[:0] = {path!r}
+"""
+
+
+def bare(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run code in `python -S -I` with only the tree and the installed packages' directories on sys.path."""
+    prelude = BARE_PRELUDE.format(path=[str(ROOT), *site.getsitepackages()])
+    return subprocess.run([sys.executable, "-S", "-I", "-c", prelude + textwrap.dedent(code), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """Fill the caches first (the cffi modules, the compiled seccomp program): on a cold cache, generating them
+    imports cffi, pycparser and pyseccomp, whose imports (collections.abc among them) hide what a late path lacks."""
+    # the program's cache key holds the crash directory's descriptor number: warm it as each test opens it
+    for before in ("pass", "from tests.test_crash_support import make_memory; mem = make_memory()"):
+        r = bare(f"import pykvm.machine, pykvm.sandbox; {before}; pykvm.sandbox.bindings(); "
+                 "pykvm.sandbox.install(sys.argv[1])", str(tmp_path_factory.mktemp("warm") / "crashes"))
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_traceback_after_the_sandbox_with_nothing_else_imported(tmp_path, warm):
+    r = bare("""
+        from pykvm import sandbox
+        sandbox.install(sys.argv[1])
+        assert "cffi" not in sys.modules and "pyseccomp" not in sys.modules
+        import traceback
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            print(traceback.format_exc().splitlines()[-1])
+        print(type(sys.modules["traceback"].__spec__.loader).__name__)
+    """, str(tmp_path / "crashes"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["ZeroDivisionError: division by zero", "_MemoryFinder"]
+
+
+def test_a_core_is_written_after_the_sandbox_from_a_bare_interpreter(tmp_path, warm):
+    r = bare("""
+        from pykvm import sandbox
+        from tests.test_crash_support import make_memory, regs, long_sregs
+        from pykvm.crash.snapshot import CrashSnapshot, VcpuState
+        import pykvm.abi     # a VMM has always read the guest ABI header (its import reads a file) before the sandbox
+        mem = make_memory()
+        mem.write(0x300000, b"guest bytes")
+        snap = CrashSnapshot("host-request", "test", [VcpuState(0, regs(rip=0x1234), long_sregs(0x200000), None)], 0, mem)
+        assert "pykvm.crash.core" not in sys.modules
+        sandbox.install(sys.argv[1])
+        assert "pyseccomp" not in sys.modules     # (the test helpers import cffi themselves)
+        from pykvm.crash.core import write_core_file
+        print(write_core_file(snap, sys.argv[1]))
+    """, str(tmp_path / "crashes"))
+    assert r.returncode == 0, r.stderr
+    core = r.stdout.strip()
+    data = open(core, "rb").read()
+    assert data[:4] == b"\x7fELF" and b"guest bytes" in data
+
+
+RUN_BARE = """
+from pykvm import runcmd
+sys.argv = ["pykvm", "run", *sys.argv[1:]]
+runcmd.entry()
+"""
+
+
+@pytest.mark.kvm
+def test_a_vmm_from_a_bare_interpreter_writes_its_core(tmp_path, warm):
+    from .helpers import guest
+
+    crash_dir = tmp_path / "cores"
+    r = bare(RUN_BARE, str(guest("crash-ud")), "--serial", "none", "--crash-dir", str(crash_dir))
+    assert r.returncode == 16, r.stderr
+    (core,) = os.listdir(crash_dir)
+    assert open(crash_dir / core, "rb").read(4) == b"\x7fELF"
+
+
+@pytest.mark.kvm
+def test_a_vmm_from_a_bare_interpreter_saves_through_its_control_socket(tmp_path, warm):
+    import time
+
+    from pykvm.control.client import request
+
+    from .helpers import WINDOW_POLL_ARGS, guest
+
+    sock, serial = str(tmp_path / "vm.sock"), tmp_path / "serial.log"
+    prelude = BARE_PRELUDE.format(path=[str(ROOT), *site.getsitepackages()])
+    proc = subprocess.Popen([sys.executable, "-S", "-I", "-c", prelude + RUN_BARE, str(guest("window-poll")),
+                             *WINDOW_POLL_ARGS, "--device", "mailbox", "--cmdline", "save", "--control", sock,
+                             "--serial", str(serial), "--timeout", "60", "--no-dump"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (serial.exists() and b"save: configured" in serial.read_bytes() and os.path.exists(sock)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        assert request(sock, {"cmd": "stats"})["ok"]
+        state = tmp_path / "vm.state"
+        saved = request(sock, {"cmd": "save", "path": str(state), "stop": False})  # the client passes a descriptor
+        assert saved["ok"] and saved.get("fd"), saved
+        assert proc.wait(timeout=60) == 39, proc.stderr.read()           # the guest ran on to its end
+        assert state.stat().st_size == saved["bytes"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_what_a_held_module_body_imports_is_held_and_what_its_functions_import_is_not(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\nfrom .sub import c as _c\nimport pkg.d\n"
+                              "class K:\n    import pkg.e\n"
+                              "try:\n    import pkg_absent_accelerator\nexcept ImportError:\n    pass\n"
+                              "def later():\n    import pkg.f\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    for name in ("b", "sub/c", "d", "e", "f"):
+        (pkg / f"{name}.py").write_text(f"NAME = {name!r}\n")
+    r = python("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from pykvm.startup import lateimport
+        lateimport.hold(["pkg.a"])
+        print(" ".join(sorted(lateimport.held())))
+        lateimport.serve()
+        import pkg.a
+        print(pkg.a.b.NAME, pkg.a._c.NAME, pkg.d.NAME, pkg.e.NAME)
+        try:
+            pkg.a.later()
+        except ModuleNotFoundError as e:
+            print("refused", e.name)
+    """, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["pkg pkg.a pkg.b pkg.d pkg.e pkg.sub pkg.sub.c", "b sub/c d e", "refused pkg.f"]
+
+
+@pytest.mark.parametrize("package, level, name, expected", [
+    ("pykvm.crash", 0, "json", "json"),
+    ("pykvm.crash", 1, "core", "pykvm.crash.core"),
+    ("pykvm.crash", 2, "paths", "pykvm.paths"),
+    ("pykvm.crash", 2, "", "pykvm"),
+    ("pykvm", 2, "x", None),          # above the top-level package: importlib refuses it too
+    ("", 1, "x", None),
+])
+def test_relative_imports_resolve_as_importlib_does(package, level, name, expected):
+    from pykvm.startup.lateimport import _resolve
+
+    assert _resolve(name, package, level) == expected
+
+
+def test_the_shipped_standard_library_imports_match_a_fresh_scan_for_this_interpreter():
+    # late_imports.KNOWN stands in for scanning a standard-library module whose source has the recorded size: every
+    # entry this interpreter has must say what scanning says, and every module the late paths reach must have one
+    # (a missing one costs set-up time: run scripts/late_imports.py)
+    r = subprocess.run([sys.executable, "-S", "-I", str(ROOT / "scripts" / "late_imports.py"), "--walk", *late_roots()],
+                       capture_output=True, text=True, timeout=120)     # as the script records them
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    magic, opcodes = found.pop("")
+    from pykvm.startup.late_imports import KNOWN, OPCODES
+
+    assert OPCODES.get(bytes.fromhex(magic)) == tuple(opcodes), "run scripts/late_imports.py"
+    for name, (size, imports) in found.items():
+        assert KNOWN.get(name, {}).get(size) == tuple(imports), f"{name}: run scripts/late_imports.py"
+
+
+def late_roots() -> list:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("late_imports_script", ROOT / "scripts" / "late_imports.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.late_roots()

@@ -24,8 +24,12 @@ class CoreWriteError(Exception):
     """The core file could not be written; nothing was left under the final name."""
 
 
-def hold_crash_dir(crash_dir) -> int:
-    """Create `crash_dir`, open it and keep its descriptor for every later write_core there; returns it.
+def hold_crash_dir(crash_dir, create: bool = False) -> int:
+    """Open `crash_dir` and keep its descriptor for every later write_core there; returns it.
+
+    A missing crash directory is held through its nearest existing ancestor and made by the first
+    core, unless `create` (the sandbox: it lets the VMM make files in the crash directory only,
+    and nothing, not even a directory, anywhere else) makes it now.
 
     Checks that cores can be written without a path lookup (an unnamed O_TMPFILE file, named
     through /proc/self/fd), which is what the seccomp sandbox allows; CoreWriteError otherwise,
@@ -35,7 +39,7 @@ def hold_crash_dir(crash_dir) -> int:
     if crash_dir in _held:
         return _held[crash_dir]
     try:
-        dfd = _hold(crash_dir)
+        dfd = _hold(crash_dir, create)
     except CoreWriteError as e:
         _unusable[crash_dir] = str(e)
         raise
@@ -51,9 +55,9 @@ def _split(path: str) -> tuple[str, str]:
     return head or ".", name
 
 
-def _hold(crash_dir: str) -> int:
+def _hold(crash_dir: str, create: bool) -> int:
     base, missing = crash_dir, []
-    while not os.path.isdir(base) and _split(base)[0] != base and not os.path.exists(base):
+    while not create and not os.path.isdir(base) and _split(base)[0] != base and not os.path.exists(base):
         base, name = _split(base)
         missing.insert(0, name)
     dfd = _open_dir(base)
