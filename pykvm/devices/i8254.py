@@ -17,6 +17,7 @@ import threading
 import time
 
 from .device import Device
+from .threadguard import ThreadGuard
 
 BASE = 0x40
 PIT_HZ = 1_193_182
@@ -88,6 +89,7 @@ class Pit(Device):
         self.stopped = False
         self.generation = 0             # bumped whenever counter 0 is reprogrammed: the thread restarts its schedule
         self.pulses = 0
+        self.guard = ThreadGuard(self.name)    # IRQ 0 is raised from the timer thread: a failure must not stop it
 
     # ---------------------------------------------------------------- ports
     def io_read(self, offset: int, size: int) -> int:
@@ -201,6 +203,9 @@ class Pit(Device):
 
     def _pulse(self) -> None:
         self.pulses += 1
+        self.guard.call(self._edge)
+
+    def _edge(self) -> None:
         self.irq(1)
         self.irq(0)
 

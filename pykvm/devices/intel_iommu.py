@@ -82,6 +82,7 @@ class IntelIommu(Device):
         self.faults = 0                  # host-side account: faults seen (recorded or not)
         self.translations = 0
         self.remapped = 0
+        self.lost_events = 0             # fault/completion events whose address is not an interrupt
 
     # ---------------------------------------------------------------- register file
     def _set(self, off: int, value: int, size: int = 8, wmask: int = 0, w1c: int = 0) -> None:
@@ -206,6 +207,11 @@ class IntelIommu(Device):
 
     def _event(self, addr_reg: int, upper_reg: int, data_reg: int) -> None:
         address = self._get(addr_reg, 4) | (self._get(upper_reg, 4) << 32)
+        if (address & 0xFFFFFFFF) >> 20 != 0xFEE:
+            # the event registers must name the interrupt window (no EIM: the upper address is unused);
+            # anything else reaches no LAPIC, and the hardware's message goes nowhere
+            self.lost_events += 1
+            return
         self.deliver(address, self._get(data_reg, 4))
 
     # ---------------------------------------------------------------- queued invalidation

@@ -15,6 +15,7 @@ import threading
 import time
 
 from .device import Device
+from .threadguard import ThreadGuard
 
 INDEX_PORT = 0x70
 RAM_SIZE = 128
@@ -29,6 +30,7 @@ DONT_CARE = 0xC0
 UIP_WINDOW = 0.01             # seconds; a real RTC holds UIP 244 us, which a trapped guest may never see
 IRQ = 8
 BASE_HZ = 32768
+MAX_PERIODIC_HZ = 2000.0      # faster rates (up to 8192 Hz) are stretched, as the PIT's: a Python thread cannot keep up
 MAX_YEAR = 10099              # writes reach year 10000 at most (century 99, then a day past 9999)
 
 
@@ -74,6 +76,7 @@ class CmosRtc(Device):
         self._kick = threading.Event()
         self._thread = None
         self.interrupts = 0
+        self.guard = ThreadGuard(self.name)        # IRQ 8 and wake-ups are raised from the ticking thread
 
     # ---------------------------------------------------------------- time
     def _now(self) -> float:
@@ -185,7 +188,7 @@ class CmosRtc(Device):
         last_second = int(self._now())
         while not self._stop.is_set():
             now = self._now()
-            hz = periodic_hz(self.ram[REG_A]) if self.ram[REG_B] & B_PIE else 0.0
+            hz = min(periodic_hz(self.ram[REG_A]), MAX_PERIODIC_HZ) if self.ram[REG_B] & B_PIE else 0.0
             if hz and next_periodic is None:
                 next_periodic = now + 1.0 / hz
             elif not hz:
@@ -204,7 +207,7 @@ class CmosRtc(Device):
                 last_second = int(now)
                 flags |= C_UF | (C_AF if self._alarm_matches() else 0)
             if flags:
-                self.tick(flags)
+                self.guard.call(self.tick, flags)
 
     def _alarm_matches(self) -> bool:
         for reg, alarm in ((SEC, SEC_ALARM), (MIN, MIN_ALARM), (HOUR, HOUR_ALARM)):
