@@ -88,6 +88,7 @@ class BusHost:
         self.refusal_count = 0
         self.messages_in = self.messages_out = 0
         self.connects = 0
+        self.disconnects = 0             # the host ended the connection (a broken ring, too many violations)
 
     # ---------------------------------------------------------------- connect (vCPU thread, trapped)
     def connect(self, gpa: int, target_vcpu: int) -> int:
@@ -142,7 +143,11 @@ class BusHost:
         """Close every channel, unmap every GPADL and the management rings (guest request, unload or stop)."""
         with self.lock:
             if reason:
-                self.log(f"disconnecting the guest: {reason}")
+                # the guest can break its rings and reconnect in a loop: logged like refusals, rate-limited
+                self.disconnects += 1
+                n = self.disconnects
+                if n <= 20 or n % 1000 == 0:
+                    self.log(f"disconnecting the guest: {reason}" + (f" ({n} so far)" if n > 20 else ""))
             for ch in self.channels.values():
                 if ch.is_open:
                     self._unregister(ch)
@@ -475,7 +480,7 @@ class BusHost:
                     mgmt = None
             return {
                 "state": self.state, "version": None if self.version is None else M.version_text(self.version),
-                "connects": self.connects, "target_vcpu": self.target_vcpu,
+                "connects": self.connects, "disconnects": self.disconnects, "target_vcpu": self.target_vcpu,
                 "messages_in": self.messages_in, "messages_out": self.messages_out, "management": mgmt,
                 "violations": self.violations, "refusals": self.refusal_count, "last_refusals": list(self.refusals),
                 "gpadls": [{"id": gid, "pages": v.size // PAGE, "pfns": list(v.pfns[:8]),
