@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 
 from pykvm.devices import DeviceManager, registry
 from pykvm.devices.edu import BAR_SIZE, BUF_BASE, ID, Edu
-from pykvm.devices.pci import BAR0, COMMAND, HOLE_START, INT_LINE, STATUS, STATUS_MASTER_ABORT, PciHost
+from pykvm.devices.pci import BAR0, COMMAND, HOLE_START, INT_LINE, STATUS, PciHost
 from pykvm.devices.policy import PolicyAuthority
 from pykvm.memory.guest import GuestMemory
 from pykvm.memory.region import MemoryRegion
 
 MIB = 1 << 20
+STATUS_MASTER_ABORT = 1 << 13       # Received Master Abort, as PCI defines it
 CONF = 0x80000000
 
 
