@@ -29,7 +29,8 @@ deque of Denial records) and to stderr, at most `log_limit` lines per device per
 seconds, then one "... N more suppressed" line. `stats()` returns the decision counts and
 `summary()` a one-line account of denials for the end of a run.
 
-Counts survive re-links (power cycles, replacements) and are plain list slots incremented without a lock: with several vCPUs hammering the same
+Counts survive re-links (power cycles, replacements, a PCI BAR the guest moves: they are kept per
+register position, so however many bases a guest tries, one table serves them) and are plain list slots incremented without a lock: with several vCPUs hammering the same
 register an increment can rarely be lost, which is acceptable for statistics.
 """
 

@@ -5,7 +5,8 @@ UTC time in BCD or binary (register B's DM bit) and 12- or 24-hour form; 0x32 is
 Writes to time registers are kept as an offset from host time. Register A's UIP bit is set in
 the last UIP_WINDOW of each second so guests can synchronise to an update; register C's flags
 (IRQF, PF, AF, UF) clear on read, which also lowers IRQ 8. A thread ticks once per second (alarm
-and update-ended checks) and at the periodic rate register A selects while PIE is on.
+and update-ended checks) and at the periodic rate register A selects while PIE is on (at most MAX_PERIODIC_HZ, as the PIT's
+rate is bounded). Interrupts leave the thread through a ThreadGuard, so a failure there never stops it.
 """
 
 from __future__ import annotations
