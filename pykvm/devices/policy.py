@@ -30,8 +30,9 @@ seconds, then one "... N more suppressed" line. `stats()` returns the decision c
 `summary()` a one-line account of denials for the end of a run.
 
 Counts survive re-links (power cycles, replacements, a PCI BAR the guest moves: they are kept per
-register position, so however many bases a guest tries, one table serves them) and are plain list slots incremented without a lock: with several vCPUs hammering the same
-register an increment can rarely be lost, which is acceptable for statistics.
+register position, so however many bases a guest tries, one table serves them) and are plain list
+slots incremented without a lock: with several vCPUs hammering the same register an increment can
+rarely be lost, which is acceptable for statistics.
 """
 
 from __future__ import annotations
