@@ -203,11 +203,9 @@ class Pit(Device):
 
     def _pulse(self) -> None:
         self.pulses += 1
-        self.guard.call(self._edge)
-
-    def _edge(self) -> None:
-        self.irq(1)
-        self.irq(0)
+        # each edge on its own: a rise that failed must still fall, or an edge-triggered pin never fires again
+        self.guard.call(self.irq, 1)
+        self.guard.call(self.irq, 0)
 
     def release_hardware(self) -> None:
         """Stop the interrupt thread."""

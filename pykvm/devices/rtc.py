@@ -208,7 +208,7 @@ class CmosRtc(Device):
                 last_second = int(now)
                 flags |= C_UF | (C_AF if self._alarm_matches() else 0)
             if flags:
-                self.guard.call(self.tick, flags)
+                self.tick(flags)
 
     def _alarm_matches(self) -> bool:
         for reg, alarm in ((SEC, SEC_ALARM), (MIN, MIN_ALARM), (HOUR, HOUR_ALARM)):
@@ -226,10 +226,11 @@ class CmosRtc(Device):
                 self.ram[REG_C] |= C_IRQF
         if enabled:
             self.interrupts += 1
+            # each call-out on its own: a failed interrupt must not cost the alarm its wake-up
             if self.irq is not None:
-                self.irq(1)
+                self.guard.call(self.irq, 1)
             if enabled & C_AF and self.on_alarm is not None:
-                self.on_alarm()
+                self.guard.call(self.on_alarm)
 
     def get_state(self) -> dict:
         """CMOS RAM, index and the guest's time offset."""
