@@ -26,6 +26,7 @@
  *
  * Every mode ends with exit_code(0x23) (status 71). A check that fails prints
  * "pc-hostile: <what> failed" and exits with code 3 (status 7); no edu: code 4; unknown mode: code 2.
+ * RAM must stay below 192 MiB: the edu's 28-bit DMA needs bus addresses past RAM to aim at.
  */
 #include "rt.h"
 
