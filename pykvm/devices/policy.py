@@ -133,7 +133,8 @@ class PolicyAuthority:
 
     def static_ranges(self) -> list[tuple[str, str, int]]:
         """(device, kind, base) of ranges linked unwrapped (not counted per access)."""
-        return [k for k, v in self.decisions.items() if v.startswith("static")]
+        with self._lock:            # a vCPU moving a BAR may drop an entry meanwhile
+            return [k for k, v in self.decisions.items() if v.startswith("static")]
 
     # ------------------------------------------------------------------ the hook
     def wrap(self, dev, kind: str, base: int, read_cb, write_cb):
