@@ -7,7 +7,10 @@ checks how pykvm ended: the guest's own status (67, or 16 for end=trap) is a pas
 a Python traceback, or any other status is a finding. Findings are written to --out as
 <seed>-<trust>.txt holding the exact command to repeat and the tail of stderr.
 
-    python3 scripts/fuzz_guest.py --minutes 30 [--ops 20000] [--out fuzz-findings]
+    python3 scripts/fuzz_guest.py --minutes 30 [--ops 20000] [--out fuzz-findings] [--platform]
+
+--platform fuzzes the PC platform models instead (guests/pc-hostile: edu, intel-iommu, the I/O
+APIC, PIT, RTC, ACPI PM, pc-testdev lines and PCI configuration space); its pass is status 71.
 
 Prints a summary line per run and totals at the end; exits 1 if anything was found.
 """
@@ -30,6 +33,8 @@ GUEST_EXIT = (0x21 << 1) | 1
 GUEST_CRASH = 16
 VMM_ERROR = 20
 EXTRA_DEVICES = ("identity", "mailbox", "post-code")
+PLATFORM_EXIT = (0x23 << 1) | 1
+PLATFORM_DEVICES = ("edu", "intel-iommu", "pit", "rtc", "acpi-pm", "pc-testdev-irq")
 
 
 def one_run(rng: random.Random, ops_max: int, workdir: Path) -> tuple[list[str], int, str, int]:
@@ -69,6 +74,22 @@ def one_run(rng: random.Random, ops_max: int, workdir: Path) -> tuple[list[str],
     return cmd, proc.returncode, err.decode(errors="replace"), ops
 
 
+def one_platform_run(rng: random.Random, ops_max: int, workdir: Path) -> tuple[list[str], int, str, int]:
+    """Run guests/pc-hostile's register fuzzing once; (command, status, stderr, operations)."""
+    seed = rng.getrandbits(63) | 1
+    ops = rng.randint(1, ops_max)
+    cmd = [sys.executable, "-m", "pykvm", "run", "pc-hostile", "--cmdline", f"fuzz seed={seed} ops={ops}",
+           "--trust", rng.choice(["trusted", "untrusted"]), "--cpus", rng.choice(["1", "1", "2"]),
+           "--crash-dir", str(workdir / "cores"), "--timeout", str(max(60, ops // 200))]
+    for dev in PLATFORM_DEVICES:
+        if dev == "edu" or rng.random() < 0.8:
+            cmd += ["--device", dev]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for core in (workdir / "cores").glob("*"):
+        core.unlink()
+    return cmd, proc.returncode, proc.stderr.decode(errors="replace"), ops
+
+
 def verdict(cmd: list[str], status: int, err: str) -> str | None:
     """None for an expected ending, else what is wrong."""
     if "Traceback" in err or "internal error" in err:
@@ -76,7 +97,7 @@ def verdict(cmd: list[str], status: int, err: str) -> str | None:
     if status == VMM_ERROR:
         return "status 20 (pykvm bug)"
     trap = "end=trap" in " ".join(cmd)
-    expected = GUEST_CRASH if trap else GUEST_EXIT
+    expected = PLATFORM_EXIT if "pc-hostile" in cmd else GUEST_CRASH if trap else GUEST_EXIT
     if status != expected:
         return f"status {status}, expected {expected}"
     return None
@@ -88,6 +109,7 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=20000, help="most operations per run")
     ap.add_argument("--seed", type=int, help="seed of the driver's own choices (default: random)")
     ap.add_argument("--out", default="fuzz-findings", help="directory for reproducers")
+    ap.add_argument("--platform", action="store_true", help="fuzz the PC platform models (guests/pc-hostile)")
     args = ap.parse_args()
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         sys.exit("fuzz_guest: /dev/kvm is not usable here")
@@ -100,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pykvm-fuzz-") as tmp:
         work = Path(tmp)
         while time.monotonic() < deadline:
-            cmd, status, err, ops = one_run(rng, args.ops, work)
+            cmd, status, err, ops = (one_platform_run if args.platform else one_run)(rng, args.ops, work)
             runs += 1
             total_ops += ops
             problem = verdict(cmd, status, err)

@@ -439,6 +439,22 @@ def test_refusals_are_counted_with_reasons_then_the_guest_is_disconnected(mem):
         g.close()
 
 
+def test_a_guest_breaking_its_ring_in_a_loop_gets_rate_limited_disconnect_lines(mem):
+    # Issue 19: connect, break the management ring, ring the doorbell, again: ~110 log lines a second.
+    g = Guest(mem)
+    try:
+        for _ in range(300):
+            assert g.connect() == abi.PYKVM_BUS_STATE_CONNECTED
+            g.mem.write(MGMT_PFN * PAGE, struct.pack("<I", 0xFFFF_FFF1))   # guest->host write_index
+            g.bells.ring(abi.PYKVM_BUS_MGMT_RELID)
+            assert g.host.state == "idle"
+        lines = [line for line in g.logs if line.startswith("disconnecting the guest")]
+        assert len(lines) == 20 and g.host.snapshot()["disconnects"] == 300
+        assert not g.bells.failures
+    finally:
+        g.close()
+
+
 def test_gpadl_limits_hold_under_a_flood(mem):
     g = Guest(mem, limits=dict(LIMITS, max_violations=10**6, max_total_pages=1000))
     try:

@@ -27,7 +27,7 @@ LAYERS = [
     ("errors", "paths", "units", "record", "version", "hostsock"),   # leaves: import nothing of pykvm's but each other
     ("startup",),         # cffi modules, caches, lateimport, the seccomp program
     ("abi",),             # the guest ABI header, parsed through startup.ffigen's cache
-    ("kvm",), ("memory",), ("boot",), ("devices",), ("bus",), ("crash",), ("partitions",), ("sandbox",),
+    ("kvm",), ("memory",), ("boot",), ("devices",), ("bus",), ("crash",), ("partitions",), ("sandbox", "landlock"),
     ("machine",),
     ("gdb", "control", "snapshot"),
     ("api",),

@@ -186,6 +186,24 @@ def test_a_bad_descriptor_stops_the_queue_with_iqe():
     assert unit.mmio_read(V.IQH, 8) == 3 << 4 and mem.read(STATUS, 4) == struct.pack("<I", 1)
 
 
+def test_events_aimed_outside_the_interrupt_window_are_lost():
+    # An event message is a write to FEADDR/IEADDR: anywhere but 0xfeexxxxx it reaches no LAPIC.
+    _dm, mem, _host, _edu, unit, sent, _lines = iommu_machine()
+    unit.mmio_write(V.FEADDR, 4, 0xD0000000)
+    unit.mmio_write(V.FECTL, 4, 0)
+    unit.mmio_write(V.IQT, 8, 0x7FFF0)              # a tail past the queue: IQE, a fault event
+    unit.mmio_write(V.IEADDR, 4, 0x1000)
+    unit.mmio_write(V.IECTL, 4, 0)
+    unit.mmio_write(V.FSTS, 4, V.IQE)
+    unit.mmio_write(V.IQA, 8, QUEUE)
+    q(mem, QUEUE, T.INV_WAIT | T.WAIT_IF, 0)
+    unit.mmio_write(V.IQT, 8, 1 << 4)
+    assert sent == [] and unit.lost_events == 2 and mem.read(0x1000, 4) == bytes(4)
+    unit.mmio_write(V.FEADDR, 4, 0xFEE00000)        # the next fault event reaches APIC 0
+    unit.mmio_write(V.IQT, 8, 0x7FFF0)
+    assert sent == [(0xFEE00000, 0)]
+
+
 def test_a_wait_status_outside_ram_is_an_error_not_a_host_write():
     _dm, mem, _host, _edu, unit, _sent, _lines = iommu_machine()
     unit.mmio_write(V.IQA, 8, QUEUE)

@@ -461,6 +461,21 @@ def test_in_kernel_irqchip_and_interrupt_plumbing(guest):
 
 
 @pytest.mark.kvm
+def test_an_msi_no_lapic_accepts_is_dropped_not_an_error(kvm):
+    # Lowest priority to logical destination 0xff while the LAPIC is software-disabled (its reset
+    # state; logical ID 0 matches nothing): KVM answers EPERM, which the guest chose. Issue 19.
+    with kvm.create_vm() as vm:
+        if vm.check_extension(C.KVM_CAP_SPLIT_IRQCHIP):
+            vm.enable_split_irqchip()
+        else:
+            vm.create_irqchip()
+        vm.create_vcpu(0)
+        assert vm.signal_msi(0xFEEFF00C, 0x0140) == 0          # redirection hint, logical, lowest priority
+        assert vm.signal_msi(0xFEEFF004, 0x0040) == 0          # fixed, logical 0xff
+        assert vm.signal_msi(0xFEE00000, 0x0030) >= 0          # APIC 0, physical: it exists
+
+
+@pytest.mark.kvm
 def test_split_irqchip_and_errors_name_the_ioctl(kvm):
     with kvm.create_vm() as vm:
         if vm.check_extension(C.KVM_CAP_SPLIT_IRQCHIP):

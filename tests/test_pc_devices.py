@@ -258,6 +258,32 @@ def test_bcd_round_trip(v):
     assert from_bcd(to_bcd(v)) == v
 
 
+def test_rtc_thread_outlives_an_interrupt_that_fails_and_caps_its_rate(capfd):
+    raised = []
+    done = threading.Event()
+
+    def irq(level):
+        if level:
+            raised.append(level)
+            if len(raised) == 1:
+                raise OSError(1, "delivery failed")
+            if len(raised) >= 3:
+                done.set()
+    rtc = CmosRtc(irq=irq)
+    rtc.io_write(0, 1, 0x0A)
+    rtc.io_write(1, 1, 0x23)                       # rate 3: 8192 Hz, stretched to MAX_PERIODIC_HZ
+    rtc.io_write(0, 1, 0x0B)
+    rtc.io_write(1, 1, 0x42)                       # PIE
+    rtc.io_start()
+    try:
+        assert done.wait(10)
+    finally:
+        rtc.io_suspend()
+    assert rtc.guard.failures == 1 and "rtc: internal error in the device's thread" in capfd.readouterr().err
+    from pykvm.devices.rtc import MAX_PERIODIC_HZ
+    assert MAX_PERIODIC_HZ < periodic_hz(0x23)
+
+
 def test_periodic_rates():
     assert periodic_hz(0x26) == 1024 and periodic_hz(0x20) == 0 and periodic_hz(0x2F) == 2
 
@@ -462,6 +488,31 @@ def test_pit_counter_0_pulses_irq0_periodically_and_stops_on_release():
     assert done.wait(5)
     pit.release_hardware()
     assert levels[:6] == [1, 0, 1, 0, 1, 0]
+
+
+def test_pit_thread_outlives_an_interrupt_that_fails(capfd):
+    # Issue 19: an IRQ 0 delivery that raised (KVM refusing an MSI the guest aimed at nobody) killed the
+    # timer thread with a traceback, and the VM ran on with a dead clock.
+    pulses = []
+    done = threading.Event()
+
+    def irq(level):
+        pulses.append(level)
+        if len(pulses) == 1:
+            raise OSError(1, "delivery failed")
+        if len(pulses) >= 5:
+            done.set()
+    pit = Pit(irq=irq)
+    pit.io_write(3, 1, 0x34)                       # mode 2
+    pit.io_write(0, 1, 0x10)
+    pit.io_write(0, 1, 0x00)
+    try:
+        assert done.wait(10)
+    finally:
+        pit.release_hardware()
+    assert pit.guard.failures == 1 and pulses[:3] == [1, 0, 1]   # the failed rise still fell
+    err = capfd.readouterr().err
+    assert "pit: internal error in the device's thread" in err and "delivery failed" in err
 
 
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 0xFFFF)), max_size=60), st.integers(0, 10 ** 12))

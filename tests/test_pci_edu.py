@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.devices import DeviceManager, registry
 from pykvm.devices.edu import BAR_SIZE, BUF_BASE, ID, Edu
-from pykvm.devices.pci import BAR0, COMMAND, HOLE_START, INT_LINE, PciHost
+from pykvm.devices.pci import BAR0, COMMAND, HOLE_START, INT_LINE, STATUS, PciHost
+from pykvm.devices.policy import PolicyAuthority
 from pykvm.memory.guest import GuestMemory
 from pykvm.memory.region import MemoryRegion
 
 MIB = 1 << 20
+STATUS_MASTER_ABORT = 1 << 13       # Received Master Abort, as PCI defines it
 CONF = 0x80000000
 
 
@@ -27,10 +30,10 @@ def cfg_write(host, devfn, reg, value, size=4):
     host.io_write(4 + (reg & 3), size, value)
 
 
-def machine(iommu=False, ram=16 * MIB):
+def machine(iommu=False, ram=16 * MIB, policy=None):
     """A DeviceManager with RAM reserved, a started PCI host and an edu; interrupts recorded."""
     mem = GuestMemory([MemoryRegion(0, ram)])
-    dm = DeviceManager()
+    dm = DeviceManager(access_filter=policy)
     dm.reserve(0, ram, "guest RAM")
     sent, lines = [], []
     ctx = registry.DeviceContext(memory=mem, irq_line=lambda gsi, level: lines.append((gsi, level)))
@@ -184,3 +187,36 @@ def test_edu_msi_to_a_non_apic_address_is_a_memory_write():
     cfg_write(host, 8, 0x42, 1, 2)
     edu.mmio_write(0x60, 4, 1)
     assert not sent and struct.unpack("<I", mem.read(0x3000, 4))[0] == 0xBEEF
+
+
+@pytest.mark.parametrize("iommu", [False, True], ids=["bus", "iommu"])
+def test_an_msi_or_dma_to_nothing_is_a_master_abort_flagged_in_status(iommu):
+    # Issue 19: an MSI at 0xd0000000 raised DmaError out of the guest's register write (status 20).
+    _dm, mem, host, edu, _u, sent, _lines = machine(iommu=iommu)
+    cfg_write(host, 8, COMMAND, 0x6, 2)
+    cfg_write(host, 8, 0x44, 0xD0000000)
+    cfg_write(host, 8, 0x4C, 0xBEEF, 2)
+    cfg_write(host, 8, 0x42, 1, 2)
+    edu.mmio_write(0x60, 4, 1)
+    assert not sent and cfg_read(host, 8, STATUS, 2) & STATUS_MASTER_ABORT
+    cfg_write(host, 8, STATUS, STATUS_MASTER_ABORT, 2)           # write 1 to clear
+    assert not cfg_read(host, 8, STATUS, 2) & STATUS_MASTER_ABORT
+    cfg_write(host, 8, STATUS, 0xFFFF, 2)                         # nothing else of it is writable
+    assert cfg_read(host, 8, STATUS, 2) == 0x0010                 # the capability list bit alone
+    dma(edu, BUF_BASE, 0xFFFFFF0, 32, True)                       # past the 16 MiB of RAM
+    assert cfg_read(host, 8, STATUS, 2) & STATUS_MASTER_ABORT and edu.dma_errors
+
+
+def test_a_bar_moved_to_every_base_keeps_one_counter_table():
+    # Issue 19: each base the guest tried left a table of per-offset counters (28 MB over all of them).
+    policy = PolicyAuthority("trusted", log=lambda line: None)
+    dm, _mem, host, edu, *_ = machine(policy=policy)
+    moved = 0
+    for base in range(HOLE_START - 64 * MIB, HOLE_START + 3 * MIB, MIB):
+        cfg_write(host, 8, BAR0, base)
+        moved += edu.mmio == [(base, BAR_SIZE)]
+        assert dm.mmio_access(base, 4, False) == (ID if edu.mmio else 0xFFFFFFFF)
+    assert moved > 60
+    assert [k for k in policy._ranges if k[0] == "edu"] == [("edu", "mmio", 0)]
+    assert [k for k in policy.decisions if k[0] == "edu"] == [("edu", "mmio", edu.mmio[0][0])]
+    assert policy.stats()["edu"]["id"]["allow"] == moved

@@ -46,6 +46,7 @@ class Connection:
         self.refusal_count = 0
         self.messages_in = self.messages_out = 0
         self.connects = 0
+        self.disconnects = 0                # the host ended the connection (a broken ring, too many violations)
 
     # ---------------------------------------------------------------- connect (vCPU thread, trapped)
     def connect(self, gpa: int, target_vcpu: int) -> int:
@@ -101,7 +102,11 @@ class Connection:
         """Close every channel, unmap every GPADL and the management rings (guest request, unload or stop)."""
         with self.lock:
             if reason:
-                self.log(f"disconnecting the guest: {reason}")
+                # the guest can break its rings and reconnect in a loop: logged like refusals, rate-limited
+                self.disconnects += 1
+                n = self.disconnects
+                if n <= 20 or n % 1000 == 0:
+                    self.log(f"disconnecting the guest: {reason}" + (f" ({n} so far)" if n > 20 else ""))
             if self.on_disconnect is not None:
                 self.on_disconnect(reason)
             if self.state != "idle":
@@ -226,7 +231,7 @@ class Connection:
                 mgmt = None
         return {
             "state": self.state, "version": None if self.version is None else M.version_text(self.version),
-            "connects": self.connects, "target_vcpu": self.target_vcpu,
+            "connects": self.connects, "disconnects": self.disconnects, "target_vcpu": self.target_vcpu,
             "messages_in": self.messages_in, "messages_out": self.messages_out, "management": mgmt,
             "violations": self.violations, "refusals": self.refusal_count, "last_refusals": list(self.refusals),
         }

@@ -64,6 +64,7 @@ class BusHost:
     refusals = property(lambda self: self.connection.refusals, doc="The last refusal reasons, newest last.")
     refusal_count = property(lambda self: self.connection.refusal_count, doc="Refusals over the VM's life.")
     connects = property(lambda self: self.connection.connects, doc="How many times the guest connected.")
+    disconnects = property(lambda self: self.connection.disconnects, doc="How many times the host ended the connection.")
     messages_in = property(lambda self: self.connection.messages_in, doc="Management messages from the guest.")
     messages_out = property(lambda self: self.connection.messages_out, doc="Management messages to the guest.")
     channels = property(lambda self: self.channel_mgmt.channels, doc="relid -> Channel.")

@@ -17,6 +17,7 @@ import threading
 import time
 
 from .device import Device
+from .threadguard import ThreadGuard
 
 BASE = 0x40
 PIT_HZ = 1_193_182
@@ -88,6 +89,7 @@ class Pit(Device):
         self.stopped = False
         self.generation = 0             # bumped whenever counter 0 is reprogrammed: the thread restarts its schedule
         self.pulses = 0
+        self.guard = ThreadGuard(self.name)    # IRQ 0 is raised from the timer thread: a failure must not stop it
 
     # ---------------------------------------------------------------- ports
     def io_read(self, offset: int, size: int) -> int:
@@ -201,8 +203,9 @@ class Pit(Device):
 
     def _pulse(self) -> None:
         self.pulses += 1
-        self.irq(1)
-        self.irq(0)
+        # each edge on its own: a rise that failed must still fall, or an edge-triggered pin never fires again
+        self.guard.call(self.irq, 1)
+        self.guard.call(self.irq, 0)
 
     def release_hardware(self) -> None:
         """Stop the interrupt thread."""

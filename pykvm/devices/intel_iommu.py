@@ -82,6 +82,7 @@ class IntelIommu(Device):
         self.faults = 0                  # host-side account: faults seen (recorded or not)
         self.translations = 0
         self.remapped = 0
+        self.lost_events = 0             # fault/completion events whose address is not an interrupt
 
     # ---------------------------------------------------------------- register file
     def _set(self, off: int, value: int, size: int = 8, wmask: int = 0, w1c: int = 0) -> None:
@@ -192,7 +193,7 @@ class IntelIommu(Device):
         ctl = self._get(FECTL, 4)
         if not ctl & IM and ctl & IP:
             self._put(FECTL, ctl & ~IP, 4)
-            self._event(FEADDR, FEUADDR, FEDATA)
+            self._event(FEADDR, FEDATA)
 
     def _ics(self) -> None:
         if not self._get(ICS, 4) & IWC:
@@ -202,10 +203,15 @@ class IntelIommu(Device):
         ctl = self._get(IECTL, 4)
         if not ctl & IM and ctl & IP:
             self._put(IECTL, ctl & ~IP, 4)
-            self._event(IEADDR, IEUADDR, IEDATA)
+            self._event(IEADDR, IEDATA)
 
-    def _event(self, addr_reg: int, upper_reg: int, data_reg: int) -> None:
-        address = self._get(addr_reg, 4) | (self._get(upper_reg, 4) << 32)
+    def _event(self, addr_reg: int, data_reg: int) -> None:
+        address = self._get(addr_reg, 4)
+        if address >> 20 != 0xFEE:
+            # the event registers must name the interrupt window (no EIM: FEUADDR/IEUADDR are not used);
+            # anything else reaches no LAPIC, and the hardware's message goes nowhere
+            self.lost_events += 1
+            return
         self.deliver(address, self._get(data_reg, 4))
 
     # ---------------------------------------------------------------- queued invalidation
@@ -248,7 +254,7 @@ class IntelIommu(Device):
             if ctl & IM:
                 self._put(IECTL, ctl | IP, 4)
             else:
-                self._event(IEADDR, IEUADDR, IEDATA)
+                self._event(IEADDR, IEDATA)
 
     def _queue_error(self) -> None:
         self._put(FSTS, self._get(FSTS, 4) | IQE, 4)
@@ -277,7 +283,7 @@ class IntelIommu(Device):
         if ctl & IM:
             self._put(FECTL, ctl | IP, 4)
         else:
-            self._event(FEADDR, FEUADDR, FEDATA)
+            self._event(FEADDR, FEDATA)
 
     # ---------------------------------------------------------------- DMA remapping
     def _guest_read(self, gpa: int, n: int) -> bytes | None:

@@ -32,6 +32,8 @@ VENDOR, DEVICE, COMMAND, STATUS, REVISION, CLASS = 0x00, 0x02, 0x04, 0x06, 0x08,
 HEADER_TYPE, BAR0, SUBSYS_VENDOR, SUBSYS, CAP_PTR, INT_LINE, INT_PIN = 0x0E, 0x10, 0x2C, 0x2E, 0x34, 0x3C, 0x3D
 CMD_IO, CMD_MEMORY, CMD_MASTER, CMD_INTX_DISABLE = 1 << 0, 1 << 1, 1 << 2, 1 << 10
 STATUS_INTX, STATUS_CAP_LIST = 1 << 3, 1 << 4
+STATUS_MASTER_ABORT = 1 << 13          # Received Master Abort: a DMA of the function reached nothing
+STATUS_ERRORS = 0xF900                 # the error bits (parity, target/master aborts, SERR): write 1 to clear
 MSI_CAP_ID = 0x05
 MSI_ENABLE, MSI_64BIT = 1 << 0, 1 << 7
 BAR_MEM64 = 0x4
@@ -51,6 +53,7 @@ class PciConfig:
         self._put(REVISION, revision, 1)
         self._put(CLASS, class_code, 3)
         self._mask(COMMAND, CMD_IO | CMD_MEMORY | CMD_MASTER | CMD_INTX_DISABLE, 2)
+        self.w1c[STATUS:STATUS + 2] = STATUS_ERRORS.to_bytes(2, "little")
         self._put(0x0C, 0, 1)
         self._mask(0x0C, 0xFF, 1)                       # cache line size
         self._mask(0x0D, 0xFF, 1)                       # latency timer
@@ -138,6 +141,10 @@ class PciFunction(Device):
 
     def config_written(self, off: int, size: int) -> None:
         """Hook after a guest configuration write (MSI enable, command changes)."""
+
+    def master_abort(self) -> None:
+        """A DMA of this function reached no memory: flag Received Master Abort in its status."""
+        self.pci._put(STATUS, self.pci.get(STATUS, 2) | STATUS_MASTER_ABORT, 2)
 
     def set_intx(self, level: int) -> None:
         """Drive the function's INTx pin (unless the guest disabled INTx)."""
@@ -274,7 +281,12 @@ class PciHost(Device):
         if not fn.pci.bus_master:
             return
         if (address >> 20) != 0xFEE or address >> 32:
-            self.dma_write(fn, address, (data & 0xFFFFFFFF).to_bytes(4, "little"))   # a plain memory write
+            # not the interrupt window: a plain memory write, which a write to nothing turns into a
+            # master abort (dropped, flagged in the function's status by dma_write), never an error of ours
+            try:
+                self.dma_write(fn, address, (data & 0xFFFFFFFF).to_bytes(4, "little"))
+            except DmaError:
+                pass
             return
         if self.iommu is not None:
             self.iommu.interrupt(address, data, fn.sid)
@@ -288,23 +300,25 @@ class PciHost(Device):
             raise DmaError(f"{address:#x}+{length:#x} is not guest RAM")
         return [(address, length)]
 
-    def dma_read(self, fn: PciFunction, address: int, length: int) -> bytes:
-        """`length` bytes a function reads at its DMA address; DmaError (or the IOMMU's fault) if refused."""
+    def _checked_pieces(self, fn: PciFunction, address: int, length: int, write: bool) -> list[tuple[int, int]]:
         if not fn.pci.bus_master:
             raise DmaError("bus mastering is off")
         try:
-            return b"".join(self.memory.read(gpa, n) for gpa, n in self._pieces(fn, address, length, False))
+            return self._pieces(fn, address, length, write)
         except VtdFault as f:
+            fn.master_abort()
             raise DmaError(str(f)) from None
+        except DmaError:
+            fn.master_abort()
+            raise
+
+    def dma_read(self, fn: PciFunction, address: int, length: int) -> bytes:
+        """`length` bytes a function reads at its DMA address; DmaError (the function's status flags it) if refused."""
+        return b"".join(self.memory.read(gpa, n) for gpa, n in self._checked_pieces(fn, address, length, False))
 
     def dma_write(self, fn: PciFunction, address: int, data: bytes) -> None:
         """Write `data` at a function's DMA address (all pieces are checked before any byte lands)."""
-        if not fn.pci.bus_master:
-            raise DmaError("bus mastering is off")
-        try:
-            pieces = self._pieces(fn, address, len(data), True)
-        except VtdFault as f:
-            raise DmaError(str(f)) from None
+        pieces = self._checked_pieces(fn, address, len(data), True)
         pos = 0
         for gpa, n in pieces:
             self.memory.write(gpa, data[pos:pos + n])

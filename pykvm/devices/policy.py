@@ -29,8 +29,10 @@ deque of Denial records) and to stderr, at most `log_limit` lines per device per
 seconds, then one "... N more suppressed" line. `stats()` returns the decision counts and
 `summary()` a one-line account of denials for the end of a run.
 
-Counts survive re-links (power cycles, replacements) and are plain list slots incremented without a lock: with several vCPUs hammering the same
-register an increment can rarely be lost, which is acceptable for statistics.
+Counts survive re-links (power cycles, replacements, a PCI BAR the guest moves: they are kept per
+register position, so however many bases a guest tries, one table serves them) and are plain list
+slots incremented without a lock: with several vCPUs hammering the same register an increment can
+rarely be lost, which is acceptable for statistics.
 """
 
 from __future__ import annotations
@@ -97,8 +99,11 @@ class PolicyAuthority:
         self._slots: dict[tuple[str, str, str], int] = {}  # (device, register, action) -> slot
         self._shadows: dict[tuple[str, str, str], list] = {}  # (device, space, register) -> [value]
         self._rate: dict[str, list] = {}                  # device -> [window start, printed, suppressed]
-        self.decisions: dict[tuple[str, str, int], str] = {}   # (device, kind, base) -> "static" / "wrapped"
-        # (device, kind, base) -> ({offset: register}, read counts, write counts): allowed accesses, per offset
+        # (device, kind, base) -> "static" / "wrapped", for the ranges the devices decode now (a moved PCI BAR
+        # replaces its entry: the guest picks the bases, so nothing here may grow with each one it tries)
+        self.decisions: dict[tuple[str, str, int], str] = {}
+        # (device, kind, n) -> ({offset: register}, read counts, write counts): allowed accesses per offset of
+        # the device's n-th range of that kind, kept by register position, not address, across moves too
         self._ranges: dict[tuple[str, str, int], tuple] = {}
         self._lock = threading.Lock()
 
@@ -128,16 +133,20 @@ class PolicyAuthority:
 
     def static_ranges(self) -> list[tuple[str, str, int]]:
         """(device, kind, base) of ranges linked unwrapped (not counted per access)."""
-        return [k for k, v in self.decisions.items() if v.startswith("static")]
+        with self._lock:            # a vCPU moving a BAR may drop an entry meanwhile
+            return [k for k, v in self.decisions.items() if v.startswith("static")]
 
     # ------------------------------------------------------------------ the hook
     def wrap(self, dev, kind: str, base: int, read_cb, write_cb):
         """DeviceManager's access_filter: callbacks for `dev`'s `kind` range at `base` (see the module doc)."""
-        length = next((n for b, n in (dev.ports if kind == "port" else dev.mmio) if b == base), None)
-        if length is None:
+        ranges = list(dev.ports if kind == "port" else dev.mmio)
+        index = next((i for i, (b, _n) in enumerate(ranges) if b == base), None)
+        if index is None:
             raise DeviceConfigError(f"{dev.name}: no {kind} range at {base:#x} to apply the access policy to")
+        length = ranges[index][1]
         desc = self.description_for(dev)
         key = (dev.name, kind, base)
+        self._forget_moved(dev.name, kind, {b for b, _n in ranges})
         if desc is None:
             if self.trust == "trusted":
                 self.decisions[key] = "static (no description)"
@@ -151,7 +160,7 @@ class PolicyAuthority:
                 # description does not fit it is failed closed, never by raising out of dispatch.
                 self.decisions[key] = f"denied: {e}"
                 self._emit(f"pykvm: policy: {dev.name}: every access denied: {e}")
-                return self._compile(dev.name, None, kind, base, length, [], read_cb, write_cb,
+                return self._compile(dev.name, None, kind, base, index, length, [], read_cb, write_cb,
                                      (INVALID, f"the device's description does not fit it: {e}"))
             regs = desc.in_space(kind)
             if (sum(r.width for r in regs) == length
@@ -159,12 +168,18 @@ class PolicyAuthority:
                 self.decisions[key] = "static"
                 return read_cb, write_cb
         self.decisions[key] = "wrapped"
-        return self._compile(dev.name, desc, kind, base, length, regs, read_cb, write_cb)
+        return self._compile(dev.name, desc, kind, base, index, length, regs, read_cb, write_cb)
+
+    def _forget_moved(self, devname: str, kind: str, bases: set[int]) -> None:
+        """Drop the decisions about ranges of the device that it no longer decodes (a BAR moved away)."""
+        with self._lock:
+            for key in [k for k in self.decisions if k[0] == devname and k[1] == kind and k[2] not in bases]:
+                del self.decisions[key]
 
     # ------------------------------------------------------------------ building the tables
-    def _range_counts(self, devname, kind, base, length, names):
-        """The per-offset allow counters of one range, kept across re-links (power cycles, replacements)."""
-        key = (devname, kind, base)
+    def _range_counts(self, devname, kind, index, length, names):
+        """The per-offset allow counters of a device's index-th range, kept across re-links and moves."""
+        key = (devname, kind, index)
         with self._lock:
             rc = self._ranges.get(key)
             if rc is None or rc[0] != names:
@@ -175,7 +190,7 @@ class PolicyAuthority:
                         rc[1][o] = rc[2][o] = 0
             return rc[1], rc[2]
 
-    def _compile(self, devname, desc, kind, base, length, regs, rd, wr, nothing=None):
+    def _compile(self, devname, desc, kind, base, index, length, regs, rd, wr, nothing=None):
         """Wrapped callbacks for one range. Per offset: how many bytes an access starting there may have and
         still be plainly allowed (the fast path: one comparison, one counter), else a handler (the slow path:
         misfits, denials, translations)."""
@@ -200,7 +215,7 @@ class PolicyAuthority:
             (UNDESCRIBED, "the device has no description; untrusted guests get no access to it")
         unl_r = self._deny_read(devname, kind, base, name, why)
         unl_w = self._deny_write(devname, kind, base, name, why)
-        rcount, wcount = self._range_counts(devname, kind, base, length, names)
+        rcount, wcount = self._range_counts(devname, kind, index, length, names)
 
         if big:
             def read(offset, size, rfast=rfast, rcount=rcount, rd=rd, rslow=rslow, unl=unl_r):

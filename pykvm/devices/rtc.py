@@ -5,7 +5,8 @@ UTC time in BCD or binary (register B's DM bit) and 12- or 24-hour form; 0x32 is
 Writes to time registers are kept as an offset from host time. Register A's UIP bit is set in
 the last UIP_WINDOW of each second so guests can synchronise to an update; register C's flags
 (IRQF, PF, AF, UF) clear on read, which also lowers IRQ 8. A thread ticks once per second (alarm
-and update-ended checks) and at the periodic rate register A selects while PIE is on.
+and update-ended checks) and at the periodic rate register A selects while PIE is on (at most MAX_PERIODIC_HZ, as the PIT's
+rate is bounded). Interrupts leave the thread through a ThreadGuard, so a failure there never stops it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 
 from .device import Device
+from .threadguard import ThreadGuard
 
 INDEX_PORT = 0x70
 RAM_SIZE = 128
@@ -29,6 +31,7 @@ DONT_CARE = 0xC0
 UIP_WINDOW = 0.01             # seconds; a real RTC holds UIP 244 us, which a trapped guest may never see
 IRQ = 8
 BASE_HZ = 32768
+MAX_PERIODIC_HZ = 2000.0      # faster rates (up to 8192 Hz) are stretched, as the PIT's: a Python thread cannot keep up
 MAX_YEAR = 10099              # writes reach year 10000 at most (century 99, then a day past 9999)
 
 
@@ -74,6 +77,7 @@ class CmosRtc(Device):
         self._kick = threading.Event()
         self._thread = None
         self.interrupts = 0
+        self.guard = ThreadGuard(self.name)        # IRQ 8 and wake-ups are raised from the ticking thread
 
     # ---------------------------------------------------------------- time
     def _now(self) -> float:
@@ -185,7 +189,7 @@ class CmosRtc(Device):
         last_second = int(self._now())
         while not self._stop.is_set():
             now = self._now()
-            hz = periodic_hz(self.ram[REG_A]) if self.ram[REG_B] & B_PIE else 0.0
+            hz = min(periodic_hz(self.ram[REG_A]), MAX_PERIODIC_HZ) if self.ram[REG_B] & B_PIE else 0.0
             if hz and next_periodic is None:
                 next_periodic = now + 1.0 / hz
             elif not hz:
@@ -222,10 +226,11 @@ class CmosRtc(Device):
                 self.ram[REG_C] |= C_IRQF
         if enabled:
             self.interrupts += 1
+            # each call-out on its own: a failed interrupt must not cost the alarm its wake-up
             if self.irq is not None:
-                self.irq(1)
+                self.guard.call(self.irq, 1)
             if enabled & C_AF and self.on_alarm is not None:
-                self.on_alarm()
+                self.guard.call(self.on_alarm)
 
     def get_state(self) -> dict:
         """CMOS RAM, index and the guest's time offset."""

@@ -8,6 +8,7 @@ import threading
 
 from .. import abi
 from .device import Device
+from .threadguard import ThreadGuard
 
 RBR_THR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 LSR_DR = 0x01
@@ -39,6 +40,7 @@ class Serial16550(Device):
         self.out_fd = out_fd
         self.in_fd = in_fd
         self.irq = irq  # callable(level) or None when no interrupt controller takes it
+        self._guard = ThreadGuard(self.name)
         self.ier = self.lcr = self.mcr = self.scr = self.fcr = 0
         self.dll, self.dlm = 0x01, 0x00
         self.thr_irq_pending = False
@@ -82,7 +84,7 @@ class Serial16550(Device):
             if not data:
                 return
             self.rx.extend(data)
-            self._update_irq()
+            self._guard.call(self._update_irq)    # the interrupt is raised from this thread: it must outlive a failure
 
     # -- state (saved VMs) --
     def get_state(self) -> dict:

@@ -1,11 +1,13 @@
 """A KVM virtual machine file descriptor: memory slots, interrupt plumbing, vCPU creation."""
 
+import errno
 import os
 
 from . import constants as C
 from . import ioctls
 from ._sys import FdOwner, ioctl
 from .abi import ffi
+from .errors import KvmError
 from .routing import as_route
 from .vcpu import Vcpu
 
@@ -109,11 +111,23 @@ class Vm(FdOwner):
         ioctl(self.fd, ioctls.KVM_IRQ_LINE, req, "KVM_IRQ_LINE")
 
     def signal_msi(self, address, data, devid=None):
-        """KVM_SIGNAL_MSI: inject one MSI; returns >0 if delivered, 0 if the guest blocked it."""
+        """KVM_SIGNAL_MSI: inject one MSI; >0 if delivered, 0 if no local APIC took it (dropped, as on hardware).
+
+        KVM answers -1 (errno EPERM) when no LAPIC matches the destination -- a lowest-priority
+        or logical message while every LAPIC is software-disabled or has another logical ID
+        (kvm_irq_delivery_to_apic in arch/x86/kvm/irq_comm.c) -- and 0 when the matching LAPICs
+        refused it. The guest chose that destination: a bus drops such a message, so do we.
+        """
         msi = ffi.new("struct kvm_msi *", {
-            "address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32, "data": data,
+            "address_lo": address & 0xFFFFFFFF, "address_hi": (address >> 32) & 0xFFFFFFFF,
+            "data": data & 0xFFFFFFFF,
             "flags": 0 if devid is None else C.KVM_MSI_VALID_DEVID, "devid": devid or 0})
-        return ioctl(self.fd, ioctls.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+        try:
+            return ioctl(self.fd, ioctls.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+        except KvmError as e:
+            if e.errno == errno.EPERM:
+                return 0
+            raise
 
     def set_gsi_routing(self, entries):
         """KVM_SET_GSI_ROUTING: replace the whole GSI routing table.
