@@ -253,9 +253,9 @@ def test_a_core_is_written_after_the_sandbox_from_a_bare_interpreter(tmp_path, w
 
 
 RUN_BARE = """
-from pykvm import runcmd
+from pykvm.__main__ import entry
 sys.argv = ["pykvm", "run", *sys.argv[1:]]
-runcmd.entry()
+entry()
 """
 
 

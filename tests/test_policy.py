@@ -548,7 +548,8 @@ def test_cli_describe_dma_and_list():
     out = r.stdout.decode()
     assert "translate clamp [0x0, 0x1000]" in out and "translate shadow" in out and "translate mask 0x1" in out
     r = pykvm("devices")
-    rows = [line.split() for line in r.stdout.decode().splitlines()]
+    types = r.stdout.decode().split("\nmachine presets", 1)[0]      # the presets follow the types
+    rows = [line.split() for line in types.splitlines() if line.strip()]
     from pykvm.devices import registry
 
     assert r.returncode == 0 and sorted(row[0] for row in rows) == sorted(registry.TYPES)

@@ -81,7 +81,7 @@ class Session:
 
     def _say_end(self, conn, out: Outcome) -> None:
         """Tell gdb, while it holds the VM stopped, that the VM is over and why."""
-        why = self.stub.forced_end or out.message
+        why = self.stub.forced_end or out.reason
         conn.sendall(console(f"pykvm: the VM is over: {why}") + rsp.frame(exit_packet(out)))
 
     def packet(self, conn, body: bytes) -> bool:
@@ -171,7 +171,7 @@ class Session:
             conn.sendall(rsp.frame(stop_reply(stops.last, self.features)))
             return False
         if out.kind not in ("exit", "poweroff", "reset"):
-            conn.sendall(console(f"pykvm: {self.stub.forced_end or out.message}"))
+            conn.sendall(console(f"pykvm: {self.stub.forced_end or out.reason}"))
         conn.sendall(rsp.frame(exit_packet(out)))
         return True
 
