@@ -254,6 +254,21 @@ class Interrupts:
             irq = self._irqs[gsi] = Interrupt(gsi, vector, apic_id, fd)
         return irq
 
+    def attach(self, fd: int, vector: int, apic_id: int = 0) -> Interrupt:
+        """An interrupt raised by an eventfd made elsewhere (another VM's ioeventfd); it owns fd from here."""
+        _check_vector(vector)
+        with self._lock:
+            gsi = self.routing.allocate_msi(msi_address(apic_id), vector, first=self.first_gsi)
+            if gsi is None:
+                raise RuntimeError(f"no free GSI in {self.first_gsi}..{MAX_IRQ_ROUTES - 1}")
+            try:
+                self.vm.irqfd(fd, gsi)
+            except BaseException:
+                self.routing.remove(gsi)
+                raise
+            irq = self._irqs[gsi] = Interrupt(gsi, vector, apic_id, fd)
+        return irq
+
     def retarget(self, irq: Interrupt, vector: int, apic_id: int) -> None:
         """Deliver ``irq`` as ``vector`` to ``apic_id`` from now on (its GSI and eventfd stay)."""
         _check_vector(vector)

@@ -370,7 +370,8 @@ class BusHost:
                                        svc.transfer_pages)
             ch.open(view, msg.inbound_offset, irq, version, xfer)
             ch.gpadl_id = msg.ring_gpadl
-            self.doorbells.add(ch.relid, self._on_doorbell)
+            if not getattr(ch.session, "direct", False):    # a direct channel's doorbell is the service VM's irqfd
+                self.doorbells.add(ch.relid, self._on_doorbell)
         except (RingError, ValueError, OSError) as e:
             ch.close()
             if xfer is not None and ch.xfer is None:
@@ -379,8 +380,8 @@ class BusHost:
             return self._send(M.open_result(msg.relid, abi.PYKVM_BUS_E_INVALID))
         self._send(M.open_result(msg.relid, abi.PYKVM_BUS_OK, version, xfer_gpa=xfer.gpa if xfer else 0,
                                  xfer_pages=xfer.size // PAGE if xfer else 0))
-        # packets the guest queued before the open completed are served now
-        while ch.is_open and ch.process():
+        # packets the guest queued before the open completed are served now (not a direct channel's: never here)
+        while ch.is_open and not getattr(ch.session, "direct", False) and ch.process():
             pass
 
     def _close(self, msg: M.CloseChannel) -> None:
