@@ -12,12 +12,13 @@
  * others go on. It waits for work halted (bus interrupt).
  *
  * Command line (all optional):
- *   crash_after=N   dereference NULL after echoing N messages, generation 0 only
+ *   crash_after=N   write to NULL (#PF) after echoing N messages, generation 0 only
  *
  * Serial output:
  *   "echosvc: connected, N offers\n", "echosvc: serving echo 1.1 1.0, generation G\n"
  *   "echosvc: channel K open, version V, rules R, max M\n"
- *   "echosvc: channel K closed by the root, E echoed\n"
+ *   "echosvc: channel K closed by the root, E echoed\n", then
+ *   "echosvc: channel K window after close: unmapped\n" (a read of its window)
  *   "echosvc: channel K broken (reason), closed\n"
  *   on the provider channel's rescind: "echosvc: provider channel gone, E echoed\n", power-off
  * Failures: exit 2 connect refused, 3 no provider offer, 4 open or register
@@ -38,7 +39,9 @@ static uint64_t total;
 static void crash(uint64_t n)
 {
     printf("echosvc: echoed %llu messages, crashing\n", (unsigned long long)n);
-    *(volatile uint32_t *)0 = 1;
+    uintptr_t null = 0;
+    __asm__ volatile("" : "+r"(null));      /* a page fault at 0, not the #UD gcc makes of a known NULL store */
+    *(volatile uint32_t *)null = 1;
 }
 
 static void provider_msg(const uint8_t *p, uint32_t len)
@@ -56,6 +59,12 @@ static void provider_msg(const uint8_t *p, uint32_t len)
         if (c->open)
             printf("echosvc: channel %u closed by the root, %llu echoed\n", m.id, (unsigned long long)echoed[m.id]);
         direct_close(c);
+        /* the root removed the pages before telling us: reads there are unclaimed MMIO now */
+        uint64_t v = *(volatile const uint64_t *)(uintptr_t)(PYKVM_DIRECT_GPA + (uint64_t)m.id * PYKVM_DIRECT_STRIDE);
+        if (v == ~0ull)
+            printf("echosvc: channel %u window after close: unmapped\n", m.id);
+        else
+            printf("echosvc: channel %u window after close: still mapped: 0x%llx\n", m.id, (unsigned long long)v);
         return;
     }
     char vb[12];

@@ -67,6 +67,7 @@ class Doorbells:
         self._stopping = False
         self._closed = False
         self.thread_cpu = None            # CPU seconds the dispatch thread used, once it has ended
+        self.thread_wakeups = 0           # times the dispatch thread woke (a direct channel's doorbell is none)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -117,7 +118,8 @@ class Doorbells:
         with self._lock:
             return {"port": self.port,
                     "wakes": {c.channel_id: c.wakes for c in self._channels.values()},
-                    "failures": list(self.failures), "thread_cpu_seconds": self.thread_cpu}
+                    "failures": list(self.failures), "thread_cpu_seconds": self.thread_cpu,
+                    "thread_wakeups": self.thread_wakeups}
 
     # ---------------------------------------------------------------- teardown
     def close(self) -> None:
@@ -171,6 +173,7 @@ class Doorbells:
                 events = poll()
             except InterruptedError:
                 continue
+            self.thread_wakeups += 1
             for fd, _mask in events:
                 if fd == wake or self._stopping:
                     continue

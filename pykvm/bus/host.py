@@ -483,6 +483,7 @@ class BusHost:
                             "runs": v.runs} for gid, v in sorted(self.gpadls.items())],
                 "channels": [ch.snapshot() for ch in self.channels.values()],
                 "doorbells": self.doorbells.stats() if self.doorbells is not None else None,
+                "link": self.partition_link.snapshot() if getattr(self, "partition_link", None) else None,
                 "time": time.time(),
             }
 

@@ -56,7 +56,8 @@ class PartitionLink:
             self._set_versions(service, versions)
         self.closed = False
         self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0,
-                       "remap_requests": 0, "remap_declined": 0, "direct_opens": 0, "direct_refused": 0}
+                       "remap_requests": 0, "remap_declined": 0, "direct_opens": 0, "direct_refused": 0,
+                       "wakeups": 0}     # times the link thread woke to read (none per direct message)
         self._thread = None
 
     @classmethod
@@ -191,6 +192,7 @@ class PartitionLink:
                     except Exception as e:   # a pykvm bug: keep serving the other requests, say so
                         self.log(f"internal error on a {wire.KINDS[f[0]]} frame: {type(e).__name__}: {e}")
                 data, fds = wire.recv(self.sock)
+                self.counts["wakeups"] += 1
                 if not data:
                     wire.close_fds(fds)
                     break

@@ -125,7 +125,10 @@ class Broker(Relay):
         """Relay until every partition has ended; their exit statuses."""
         while self.procs or self.waiting:
             timeout = POLL if self.wake is None else max(0.0, min(POLL, self.wake - time.monotonic()))
-            for key, ev in self.sel.select(timeout):
+            ready = self.sel.select(timeout)
+            if ready:
+                self.counts["wakeups"] += 1
+            for key, ev in ready:
                 if ev & selectors.EVENT_WRITE and not key.data.closed:
                     self._writable(key.data)
                 if ev & selectors.EVENT_READ and not key.data.closed:

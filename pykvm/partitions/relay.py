@@ -74,7 +74,8 @@ class Relay:
         self.tags = itertools.count(1)
         self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
                        "remapped": 0, "remap_declined": 0, "timeouts": 0, "policy_refused": 0,
-                       "direct_opened": 0, "direct_refused": 0, "direct_closed": 0, "fds_relayed": 0}
+                       "direct_opened": 0, "direct_refused": 0, "direct_closed": 0, "fds_relayed": 0,
+                       "wakeups": 0}     # selector returns with work (the broker's own wakeups)
         self.stopping = False
         self.generation: dict[str, int] = {p.name: 0 for p in topo.partitions}
         self.versions: dict[str, list[int]] = {}           # service -> versions its provider last registered
