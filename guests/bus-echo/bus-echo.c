@@ -9,6 +9,10 @@
  *   bus=2        propose bus protocol 2.0 only (the host refuses it)
  *   irq=1        wait for replies with the bus interrupt instead of polling
  *   rescind=1    after the messages, wait until the host rescinds the channel
+ *   hostile=scribble  after the messages, write a broken write index into the
+ *                guest->host ring, ring its doorbell flood=N times (default
+ *                10000), wait a little and power off (a hostile client of a
+ *                direct channel: "echo: scribbled the ring, rang N doorbells\n")
  *   reopen=1     when the channel is rescinded mid-run (its service partition
  *                stopped), wait for the new offer, open it and send again every
  *                message not yet echoed: "echo: channel rescinded, waiting for a
@@ -152,6 +156,18 @@ void kmain(struct pykvm_boot_info *bi)
     }
     printf("echo: %u messages of %u bytes ok\n", n, size);
 
+    char hostile[16] = "";
+    arg_str(cmd, "hostile", hostile, sizeof(hostile));
+    if (!strcmp(hostile, "scribble")) {
+        uint64_t flood = arg_u64(cmd, "flood", 10000);
+        ch->out.hdr->write_index = 3;          /* not 8-byte aligned: no reader may accept it */
+        for (uint64_t i = 0; i < flood; i++)
+            bus_doorbell(ch->relid);
+        printf("echo: scribbled the ring, rang %llu doorbells\n", (unsigned long long)flood);
+        for (volatile uint64_t i = 0; i < 3000000ull; i++)
+            ;
+        poweroff();
+    }
     if (ch->version >= PYKVM_ECHO_V1_1) {
         struct pykvm_echo_msg q = { PYKVM_ECHO_OP_COUNT, 0 };
         if (bus_send(ch, &q, sizeof(q), 0xc0) == 0 && bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull) > 0) {

@@ -12,7 +12,7 @@
  * others go on. It waits for work halted (bus interrupt).
  *
  * Command line (all optional):
- *   crash_after=N   write to NULL (#PF) after echoing N messages, generation 0 only
+ *   crash_after=N   read NULL (#PF, page 0 unmapped) after echoing N messages, generation 0 only
  *
  * Serial output:
  *   "echosvc: connected, N offers\n", "echosvc: serving echo 1.1 1.0, generation G\n"
@@ -36,12 +36,14 @@ static struct direct_channel chans[PYKVM_DIRECT_MAX];
 static uint64_t echoed[PYKVM_DIRECT_MAX];
 static uint64_t total;
 
-static void crash(uint64_t n)
+static RT_NORETURN void crash(uint64_t n)
 {
     printf("echosvc: echoed %llu messages, crashing\n", (unsigned long long)n);
-    uintptr_t null = 0;
-    __asm__ volatile("" : "+r"(null));      /* a page fault at 0, not the #UD gcc makes of a known NULL store */
-    *(volatile uint32_t *)null = 1;
+    page_unmap(0);
+    volatile uint8_t *null = 0;
+    __asm__("" : "+r"(null));      /* a page fault at 0, not the #UD gcc makes of a known NULL access */
+    (void)*null;
+    exit_code(5);
 }
 
 static void provider_msg(const uint8_t *p, uint32_t len)

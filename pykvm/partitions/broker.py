@@ -56,7 +56,7 @@ class Broker(Relay):
         self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
         self.start_deadline = 0.0
         self.status_path = self.rundir / "broker-policy.json"
-        self._status_written = (-1, 0.0)
+        self._status_written = (None, 0.0)
 
     # ---------------------------------------------------------------- partitions
     def files(self, p, gen: int = 0) -> dict:
@@ -236,10 +236,11 @@ class Broker(Relay):
     # ---------------------------------------------------------------- status
     def _write_status(self, force: bool = False) -> None:
         """Rewrite DIR/broker-policy.json (0600) when decisions changed, at most every STATUS_EVERY seconds."""
-        n = sum(sum(ld.allowed.values()) + sum(ld.refused.values()) for ld in self.ledgers.values())
+        n = (sum(sum(ld.allowed.values()) + sum(ld.refused.values()) for ld in self.ledgers.values()),
+             sum(v for k, v in self.counts.items() if k != "wakeups"))   # decisions, and what the relay did
         now = time.monotonic()
         last, when = self._status_written
-        if n == last or (not force and now - when < STATUS_EVERY):
+        if not force and (n == last or now - when < STATUS_EVERY):
             return
         self._status_written = (n, now)
         tmp = self.status_path.with_suffix(".tmp")
