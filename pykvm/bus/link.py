@@ -307,6 +307,18 @@ class PartitionLink:
             except ValueError as e:
                 self.log(f"{service}: {e}")
 
+    def _direct_open(self) -> list:
+        """The direct channels of this partition's guest, from its bus (relid, service, state)."""
+        bus = self.bus
+        if bus is None:
+            return []
+        out = []
+        for relid, ch in list(bus.channels.items()):
+            sess = ch.session
+            if getattr(sess, "direct", False):
+                out.append({"relid": relid, "service": sess.service.target, "state": sess.state})
+        return out
+
     def _broker_gone(self) -> None:
         self.closed = True
         bus = self.bus
@@ -334,4 +346,8 @@ class PartitionLink:
                     provides=self.welcome.get("provides"), generation=self.welcome.get("generation"),
                     service_versions={s: [f"{v >> 16}.{v & 0xFFFF}" for v in vs]
                                       for s, vs in self.service_versions.items()},
-                    outstanding=len(self._pending), connected=not self.closed)
+                    outstanding=len(self._pending), connected=not self.closed,
+                    direct={svc: {"direct": why is None,
+                                  "why": why or "trusted by its policy (direct = true): guest to guest"}
+                            for svc, why in (self.welcome.get("direct") or {}).items()},
+                    direct_open=self._direct_open())
