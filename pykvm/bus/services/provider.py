@@ -51,8 +51,8 @@ class ProviderSession(Session):
         self.inflight = None            # (tag, op, count, remapped) the guest is serving
         self.window = None              # the RemapWindow of the request in flight, if remapped
         self.served = 0
-        self.counts = {"remapped": 0, "declined": 0, "unmapped": 0, "direct_opened": 0, "direct_closed": 0,
-                       "direct_refused": 0}
+        self.counts = {"remapped": 0, "declined": 0, "unmapped": 0}
+        self.direct_counts = {"opened": 0, "closed": 0, "refused": 0}
         self.directs: dict[int, tuple] = {}   # broker tag -> (ServiceEnd, client name)
         self.closed = False
 
@@ -85,8 +85,9 @@ class ProviderSession(Session):
             if interface != "block" and not self.can_direct:
                 raise ServiceError(f"provider: {interface} is served over direct channels only (provider 1.2)")
             self.registered = (interface, versions)
+            extra = {"direct": True} if self.can_direct else {}
             self.link.provider_up(self, interface, self.registered[1], remap=self.can_remap and interface == "block",
-                                  direct=self.can_direct)
+                                  **extra)
             return
         if pkt.type != COMPLETION:
             raise ServiceError(f"provider: packet of type {pkt.type}, expected a completion")
@@ -124,12 +125,12 @@ class ProviderSession(Session):
             if end is not None:
                 end.close()
             wire.close_fds(fds)
-            self.counts["direct_refused"] += 1
+            self.direct_counts["refused"] += 1
             self.link.log(f"direct open {tag} from {obj.get('client')}: {e}")
             return self.link.direct_ready(tag, False, str(e))
         wire.close_fds(fds)                      # mapped and registered: this VMM keeps no client descriptor
         self.directs[tag] = (end, obj.get("client"))
-        self.counts["direct_opened"] += 1
+        self.direct_counts["opened"] += 1
         self.link.direct_ready(tag, True, None, end.efd)
 
     def direct_close(self, tag: int, reason: str | None = None) -> None:
@@ -139,7 +140,7 @@ class ProviderSession(Session):
             return
         end, _client = entry
         end.close()                              # first: no page of the client stays mapped a moment longer
-        self.counts["direct_closed"] += 1
+        self.direct_counts["closed"] += 1
         if self.channel.writer is not None:
             self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_CLOSE, end.slot, 0, 0, 0, 0, 0, 0, 0))
 
@@ -214,6 +215,7 @@ class ProviderSession(Session):
 
     def stats(self) -> dict:
         return dict(self.counts, registered=self.registered[0] if self.registered else None, served=self.served,
+                    direct_channels=dict(self.direct_counts),
                     direct={str(t): {"slot": e.slot, "client": c, "gpa": hex(e.gpa), "mapped": e.mapped}
                             for t, (e, c) in self.directs.items()},
                     queued=len(self.queue), inflight=self.inflight is not None, window_mapped=self.window is not None,
@@ -230,6 +232,13 @@ class ProviderSession(Session):
             if e[3] is not None:
                 wire.close_fds(e[3][0])
         c = self.counts
+        d = self.direct_counts
+        if d["opened"] or d["refused"]:
+            db = getattr(self.channel.host, "doorbells", None)
+            self.link.log(f"provider closed: {d['opened']} direct channels opened, {d['closed']} closed, "
+                          f"{d['refused']} refused; this VMM's doorbell thread woke "
+                          f"{getattr(db, 'thread_wakeups', 0)} times, its link thread "
+                          f"{self.link.counts.get('wakeups', 0)} times")
         if c["remapped"] or c["declined"]:
             self.link.log(f"provider closed: {self.served} served, {c['remapped']} remapped, {c['unmapped']} unmapped, "
                           f"{c['declined']} declined, window mapped: {'yes' if self.window else 'no'}")
