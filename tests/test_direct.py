@@ -422,3 +422,54 @@ def test_up_direct_echo_policy_crash_reoffer_hostile_and_no_mapping_survives(tmp
     closes = (svc0 + svc1).count("closed by the root")
     assert closes >= 1 and (svc0 + svc1).count("window after close: unmapped\n") == closes
     assert "still mapped" not in svc0 + svc1
+
+
+# ---------------------------------------------------------------- the client VMM's half
+class RefusingVM(FakeVM):
+    def irqfd(self, fd, gsi, deassign=False):
+        if not deassign:
+            raise OSError(22, "Invalid argument")     # KVM: not an eventfd
+        super().irqfd(fd, gsi, deassign)
+
+
+def test_client_end_wires_both_doorbells_and_close_undoes_them():
+    before = open_fds()
+    vm = FakeVM()
+    end = direct.ClientEnd(vm, 7, SimpleNamespace(gsi=30))
+    assert vm.ioeventfds == {(abi.PYKVM_PORT_BUS_DOORBELL, 4, 7)} and not end.wired
+    end.attach(os.eventfd(0))
+    assert vm.irqfds == {30} and end.wired
+    end.close()
+    end.close()
+    assert vm.ioeventfds == set() and vm.irqfds == set() and open_fds() == before
+
+
+def test_client_end_refuses_a_service_descriptor_kvm_will_not_take():
+    before = open_fds()
+    end = direct.ClientEnd(RefusingVM(), 7, SimpleNamespace(gsi=30))
+    r, w = os.pipe()
+    with pytest.raises(direct.DirectError, match="doorbell"):
+        end.attach(r)                                 # owned and closed by attach
+    end.close()
+    os.close(w)
+    assert open_fds() == before
+
+
+def test_link_closes_descriptors_of_a_direct_open_it_cannot_serve():
+    from pykvm.bus.link import PartitionLink
+
+    a, b = socket.socketpair()
+    link = PartitionLink(a, {"name": "echo", "uses": [], "provides": "echo0"}, log=lambda m: None)
+    link.bus = SimpleNamespace(lock=__import__("threading").RLock(), channels={})
+    before = open_fds()
+    mem, efd = memfd(8 * PAGE), os.eventfd(0)
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, dict(good_open(), op="open", tag=3), 2)[8:], (mem, efd))
+    assert open_fds() == before                       # no provider: both closed, the open refused
+    b.setblocking(False)
+    (f,) = wire.FrameParser().feed(b.recv(1 << 16))
+    assert wire.parse_json(f[1]) == {"op": "ready", "tag": 3, "ok": False,
+                                     "reason": "the service partition's guest is not serving"}
+    with pytest.raises(wire.WireError):
+        link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "open"})[8:], ())
+    a.close()
+    b.close()
