@@ -438,6 +438,16 @@ def test_up_versions_across_partitions_and_ctl_policy(tmp_path):
         assert "client2 may not write to disk1" in pol["last_refusals"]
         link = json.loads(r.stdout)["link"]
         assert link["service_versions"] == {"disk1": ["1.1", "1.0"]} and link["trust"] == "untrusted"
+        # the broker's own decisions (it enforces the policy again) reach ctl policy within a second or so
+        import time
+
+        end = time.monotonic() + 20
+        while link["broker_policy"] is None and time.monotonic() < end:
+            time.sleep(0.5)
+            link = json.loads(pykvm("ctl", str(run / "client2.sock"), "policy").stdout)["link"]
+        bp = link["broker_policy"]
+        assert bp["partition"] == "client2" and bp["trust"] == "untrusted" and bp["refusals"] == 0, bp
+        assert bp["allowed"]["may_request"] >= 1 and bp["services"][0]["service"] == "disk1", bp
         r = pykvm("ctl", str(run / "client2.sock"), "stats")
         chans = [c for c in json.loads(r.stdout)["bus"]["channels"] if c["service"] == "block@disk1"]
         assert chans[0]["session"]["version"] == "1.0", chans

@@ -55,6 +55,7 @@ class PartitionLink:
         for service, versions in (welcome.get("versions") or {}).items():
             self._set_versions(service, versions)
         self.closed = False
+        self.broker_policy = None                 # the broker's decisions about this partition (it enforces them)
         self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0,
                        "remap_requests": 0, "remap_declined": 0, "direct_opens": 0, "direct_refused": 0,
                        "wakeups": 0}     # times the link thread woke to read (none per direct message)
@@ -237,6 +238,11 @@ class PartitionLink:
             self._on_direct(wire.parse_json(body), tuple(fds))
         elif kind == wire.STATUS:
             obj = wire.parse_json(body)
+            if "policy" in obj:                # the broker's decisions about this partition, for `ctl policy`
+                if not isinstance(obj["policy"], dict):
+                    raise wire.WireError("status: the broker's policy report is not an object")
+                self.broker_policy = obj["policy"]
+                return
             if "cancel" in obj:
                 tag = obj.get("cancel")
                 if type(tag) is not int:
@@ -346,7 +352,7 @@ class PartitionLink:
                     provides=self.welcome.get("provides"), generation=self.welcome.get("generation"),
                     service_versions={s: [f"{v >> 16}.{v & 0xFFFF}" for v in vs]
                                       for s, vs in self.service_versions.items()},
-                    outstanding=len(self._pending), connected=not self.closed,
+                    outstanding=len(self._pending), connected=not self.closed, broker_policy=self.broker_policy,
                     direct={svc: {"direct": why is None,
                                   "why": why or "trusted by its policy (direct = true): guest to guest"}
                             for svc, why in (self.welcome.get("direct") or {}).items()},

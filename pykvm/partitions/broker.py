@@ -235,7 +235,8 @@ class Broker(Relay):
 
     # ---------------------------------------------------------------- status
     def _write_status(self, force: bool = False) -> None:
-        """Rewrite DIR/broker-policy.json (0600) when decisions changed, at most every STATUS_EVERY seconds."""
+        """Rewrite DIR/broker-policy.json (0600) and tell each client its part, when decisions changed,
+        at most every STATUS_EVERY seconds."""
         n = (sum(sum(ld.allowed.values()) + sum(ld.refused.values()) for ld in self.ledgers.values()),
              sum(v for k, v in self.counts.items() if k != "wakeups"))   # decisions, and what the relay did
         now = time.monotonic()
@@ -251,6 +252,10 @@ class Broker(Relay):
             os.replace(tmp, self.status_path)
         except OSError as e:
             self.log(f"{self.status_path}: {e.strerror}")
+        snap = self.policy_snapshot()
+        for name, c in list(self.conns.items()):     # `pykvm ctl SOCK policy` of a client shows them too
+            if c.grants:
+                self._send(c, wire.json_frame(wire.STATUS, {"policy": snap[name]}))
 
     def close(self) -> None:
         """Stop every partition still running; write the final policy status."""
