@@ -9,6 +9,14 @@
  *   bus=2        propose bus protocol 2.0 only (the host refuses it)
  *   irq=1        wait for replies with the bus interrupt instead of polling
  *   rescind=1    after the messages, wait until the host rescinds the channel
+ *   hostile=scribble  after the messages, write a broken write index into the
+ *                guest->host ring, ring its doorbell flood=N times (default
+ *                10000), wait a little and power off (a hostile client of a
+ *                direct channel: "echo: scribbled the ring, rang N doorbells\n")
+ *   reopen=1     when the channel is rescinded mid-run (its service partition
+ *                stopped), wait for the new offer, open it and send again every
+ *                message not yet echoed: "echo: channel rescinded, waiting for a
+ *                new offer\n", "echo: reopened, version V\n"
  *
  * Serial output on success, e.g. for the defaults:
  *   "bus: connected, version 1.0, 4 offers\n"
@@ -112,17 +120,34 @@ void kmain(struct pykvm_boot_info *bi)
     }
     printf("echo: open, version %s\n", bus_version_text(ch->version, vb));
 
-    uint32_t sent = 0, done = 0;
+    uint32_t sent = 0, done = 0, reopens = 0;
+    int reopen = arg_u64(cmd, "reopen", 0) != 0;
     while (done < n) {
+        int gone = 0;
         while (sent < n && sent - done < window) {
             fill(sent + 1, size);
             if (bus_send(ch, msg, sizeof(struct pykvm_echo_msg) + size, sent + 1)) {
+                gone = ch->rescinded;
+                if (gone && reopen)
+                    break;
                 printf("echo: send %u failed\n", sent + 1);
                 exit_code(ch->closed_by_host ? 6 : 5);
             }
             sent++;
         }
-        r = check_reply(ch, done + 1, size, 2000000000ull);
+        r = gone ? -6 : check_reply(ch, done + 1, size, 2000000000ull);
+        if (r == -6 && reopen && ch->rescinded && reopens < 8) {
+            printf("echo: channel rescinded, waiting for a new offer\n");
+            ch = bus_wait_offer(PYKVM_BUS_IF_ECHO_LO, PYKVM_BUS_IF_ECHO_HI, 120000);
+            if (!ch || bus_open(ch, want, nwant)) {
+                printf("echo: no new offer to reopen\n");
+                exit_code(6);
+            }
+            printf("echo: reopened, version %s\n", bus_version_text(ch->version, vb));
+            reopens++;
+            sent = done;            /* what was not echoed is sent again */
+            continue;
+        }
         if (r) {
             printf("echo: reply %u %s\n", done + 1, r == -6 ? "lost: the host closed the channel" : "missing or wrong");
             exit_code((uint32_t)-r);
@@ -131,6 +156,18 @@ void kmain(struct pykvm_boot_info *bi)
     }
     printf("echo: %u messages of %u bytes ok\n", n, size);
 
+    char hostile[16] = "";
+    arg_str(cmd, "hostile", hostile, sizeof(hostile));
+    if (!strcmp(hostile, "scribble")) {
+        uint64_t flood = arg_u64(cmd, "flood", 10000);
+        ch->out.hdr->write_index = 3;          /* not 8-byte aligned: no reader may accept it */
+        for (uint64_t i = 0; i < flood; i++)
+            bus_doorbell(ch->relid);
+        printf("echo: scribbled the ring, rang %llu doorbells\n", (unsigned long long)flood);
+        for (volatile uint64_t i = 0; i < 3000000ull; i++)
+            ;
+        poweroff();
+    }
     if (ch->version >= PYKVM_ECHO_V1_1) {
         struct pykvm_echo_msg q = { PYKVM_ECHO_OP_COUNT, 0 };
         if (bus_send(ch, &q, sizeof(q), 0xc0) == 0 && bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull) > 0) {

@@ -650,6 +650,44 @@ struct pykvm_provider_register {
     uint32_t versions[PYKVM_BUS_MAX_SERVICE_VERSIONS];
 };
 
+/* provider v1.2 adds direct channels (issue 20): a client partition's channel
+ * whose rings the service guest reads and writes itself. The root maps the
+ * client's ring pages (exactly the pages of its ring GPADL) at
+ * PYKVM_DIRECT_GPA + id * PYKVM_DIRECT_STRIDE, wires the client's doorbell to
+ * this guest's bus interrupt (PYKVM_BUS_VECTOR, vCPU 0) and sends an in-band
+ * pykvm_direct_msg of op PYKVM_DIRECT_OPEN on the provider channel (no
+ * completion asked). The client->service ring is the first inbound_offset
+ * pages (the service reads it), the service->client ring the rest (the
+ * service writes it); the service signals the client by writing `doorbell`
+ * to PYKVM_PORT_BUS_DOORBELL. From then on no host code runs per message.
+ * PYKVM_DIRECT_CLOSE (same id) says the pages are gone: the guest must stop
+ * using them (reads there are all ones afterwards). The client can change
+ * its rings at any time: the guest copies every packet before checking it
+ * and closes a channel whose ring breaks, never trusting an index twice.
+ * `rules` (PYKVM_DIRECT_RULE_*) and `max_message` are the client's policy,
+ * which the guest enforces: a packet over max_message closes the channel. */
+#define PYKVM_PROVIDER_V1_2 0x10002
+#define PYKVM_DIRECT_GPA 0xd8000000
+#define PYKVM_DIRECT_STRIDE 0x100000
+#define PYKVM_DIRECT_MAX 16
+#define PYKVM_DIRECT_MAX_PAGES 64
+#define PYKVM_DIRECT_DOORBELL_BASE 0x1000
+#define PYKVM_DIRECT_OPEN 0x44495201
+#define PYKVM_DIRECT_CLOSE 0x44495202
+#define PYKVM_DIRECT_RULE_READ_ONLY 1
+
+struct pykvm_direct_msg {
+    uint32_t op;               /* PYKVM_DIRECT_OPEN or PYKVM_DIRECT_CLOSE */
+    uint32_t id;               /* 0..PYKVM_DIRECT_MAX-1 */
+    uint64_t gpa;              /* the ring pages in this guest */
+    uint32_t ring_pages;       /* 4..PYKVM_DIRECT_MAX_PAGES */
+    uint32_t inbound_offset;   /* pages of the client->service ring */
+    uint32_t doorbell;         /* value to write to PYKVM_PORT_BUS_DOORBELL */
+    uint32_t version;          /* the service version the client's channel speaks */
+    uint32_t rules;            /* PYKVM_DIRECT_RULE_* */
+    uint32_t max_message;      /* bytes of payload a packet may carry */
+};
+
 struct pykvm_ic_msg {          /* shutdown and heartbeat */
     uint32_t op;
     uint32_t flags;

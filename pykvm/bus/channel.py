@@ -39,6 +39,7 @@ class Channel:
         self.session = None
         self.irq = None
         self.xfer = None                # TransferPageSet, for services that send bulk data that way
+        self.view = None                # the ring GPADL's view while open
         self.backlog: deque = deque()   # replies waiting for room in the host->guest ring
         self.packets_in = self.packets_out = 0
         self.signals_out = 0
@@ -61,6 +62,7 @@ class Channel:
             reader.close()
             raise
         self.reader, self.writer = reader, writer
+        self.view = view                # a direct session maps the same pages elsewhere
         self.inbound_offset = inbound_offset
         self.irq = irq
         self.xfer = xfer
@@ -83,6 +85,7 @@ class Channel:
             if ring is not None:
                 ring.close()
         self.reader = self.writer = None
+        self.view = None
         self.backlog.clear()
         self.irq = None
         if self.xfer is not None:        # the guest loses the transfer pages with the channel

@@ -186,7 +186,8 @@ class ChannelManager:
                                        svc.transfer_pages)
             ch.open(view, msg.inbound_offset, irq, version, xfer)
             ch.gpadl_id = msg.ring_gpadl
-            self.doorbells.add(ch.relid, self.on_doorbell)
+            if not getattr(ch.session, "direct", False):    # a direct channel's doorbell is the service VM's irqfd
+                self.doorbells.add(ch.relid, self.on_doorbell)
         except (RingError, ValueError, OSError) as e:
             ch.close()
             if xfer is not None and ch.xfer is None:
@@ -196,7 +197,8 @@ class ChannelManager:
         conn.send(M.open_result(msg.relid, abi.PYKVM_BUS_OK, version, xfer_gpa=xfer.gpa if xfer else 0,
                                 xfer_pages=xfer.size // PAGE if xfer else 0))
         # packets the guest queued before the open completed are served now
-        while ch.is_open and ch.process():
+        # (not a direct channel's: its packets never come here)
+        while ch.is_open and not getattr(ch.session, "direct", False) and ch.process():
             pass
 
     def _close(self, msg: M.CloseChannel) -> None:

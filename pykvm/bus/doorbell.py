@@ -67,6 +67,7 @@ class Doorbells:
         self._stopping = False
         self._closed = False
         self.thread_cpu = None            # CPU seconds the dispatch thread used, once it has ended
+        self.thread_wakeups = 0           # times the dispatch thread woke (a direct channel's doorbell is none)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -117,7 +118,8 @@ class Doorbells:
         with self._lock:
             return {"port": self.port,
                     "wakes": {c.channel_id: c.wakes for c in self._channels.values()},
-                    "failures": list(self.failures), "thread_cpu_seconds": self.thread_cpu}
+                    "failures": list(self.failures), "thread_cpu_seconds": self.thread_cpu,
+                    "thread_wakeups": self.thread_wakeups}
 
     # ---------------------------------------------------------------- teardown
     def close(self) -> None:
@@ -171,6 +173,7 @@ class Doorbells:
                 events = poll()
             except InterruptedError:
                 continue
+            self.thread_wakeups += 1
             for fd, _mask in events:
                 if fd == wake or self._stopping:
                     continue
@@ -249,6 +252,21 @@ class Interrupts:
             except BaseException:
                 if fd >= 0:
                     os.close(fd)
+                self.routing.remove(gsi)
+                raise
+            irq = self._irqs[gsi] = Interrupt(gsi, vector, apic_id, fd)
+        return irq
+
+    def attach(self, fd: int, vector: int, apic_id: int = 0) -> Interrupt:
+        """An interrupt raised by an eventfd made elsewhere (another VM's ioeventfd); it owns fd from here."""
+        _check_vector(vector)
+        with self._lock:
+            gsi = self.routing.allocate_msi(msi_address(apic_id), vector, first=self.first_gsi)
+            if gsi is None:
+                raise RuntimeError(f"no free GSI in {self.first_gsi}..{MAX_IRQ_ROUTES - 1}")
+            try:
+                self.vm.irqfd(fd, gsi)
+            except BaseException:
                 self.routing.remove(gsi)
                 raise
             irq = self._irqs[gsi] = Interrupt(gsi, vector, apic_id, fd)

@@ -118,6 +118,7 @@ class BusHost:
         with self.lock:
             return {**self.connection.snapshot(), **self.channel_mgmt.snapshot(),
                     "doorbells": self.doorbells.stats() if self.doorbells is not None else None,
+                    "link": self.partition_link.snapshot() if getattr(self, "partition_link", None) else None,
                     "time": time.time()}
 
     def stop(self) -> None:

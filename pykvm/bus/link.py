@@ -48,6 +48,7 @@ class PartitionLink:
         self._send_lock = threading.Lock()
         self._tags = itertools.count(1)
         self._pending: dict[int, object] = {}     # tag -> callback(resp, data), client side
+        self._direct: dict[int, object] = {}      # tag -> callback(ok, reason, fd) of a direct open, client side
         self.provider = None                      # ProviderSession while the guest serves
         # service -> the versions its provider's guest registered (welcome, then STATUS frames)
         self.service_versions: dict[str, tuple[int, ...]] = {}
@@ -56,7 +57,8 @@ class PartitionLink:
         self.closed = False
         self.broker_policy = None                 # the broker's decisions about this partition (it enforces them)
         self.counts = {"requests": 0, "replies": 0, "served": 0, "dropped": 0, "rescinds": 0, "reoffers": 0,
-                       "remap_requests": 0, "remap_declined": 0}
+                       "remap_requests": 0, "remap_declined": 0, "direct_opens": 0, "direct_refused": 0,
+                       "wakeups": 0}     # times the link thread woke to read (none per direct message)
         self._thread = None
 
     @classmethod
@@ -127,6 +129,28 @@ class PartitionLink:
             callback((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")
         return tag
 
+    def open_direct(self, index: int, desc: dict, fds, callback) -> int:
+        """Ask for a direct channel to the service at `index` (fds: memfds then the doorbell eventfd, sent, not
+        closed); callback(ok, reason, service eventfd or -1) later, on the link thread under the bus lock."""
+        tag = next(self._tags)
+        self._direct[tag] = callback
+        if not self._send(wire.json_frame(wire.DIRECT, dict(desc, op="open", tag=tag, index=index), len(fds)), fds):
+            self._direct.pop(tag, None)
+            callback(False, "the broker is gone", -1)
+        return tag
+
+    def close_direct(self, tag: int) -> None:
+        """This partition closed direct channel `tag`: the service partition unmaps its pages."""
+        self._direct.pop(tag, None)
+        self._send(wire.json_frame(wire.DIRECT, {"op": "close", "tag": tag}))
+
+    def direct_ready(self, tag: int, ok: bool, reason: str | None, fd: int = -1) -> None:
+        """The provider's answer to direct open `tag` (fd: its doorbell eventfd, sent, not closed)."""
+        body = {"op": "ready", "tag": tag, "ok": ok}
+        if reason:
+            body["reason"] = reason
+        self._send(wire.json_frame(wire.DIRECT, body, 1 if fd >= 0 else 0), (fd,) if fd >= 0 else ())
+
     def cancel_remap(self, tag: int) -> None:
         """This partition no longer waits for remapped request `tag`: its pages leave the service partition now."""
         if self._pending.pop(tag, None) is not None:
@@ -137,11 +161,12 @@ class PartitionLink:
         self.counts["served" if not declined else "remap_declined"] += 1
         self._send(wire.data_frame(wire.REPLY, tag, wire.DECLINED if declined else 0, resp, data))
 
-    def provider_up(self, session, interface: str, versions, remap: bool = False) -> None:
-        """The guest registered as the provider of its service (remap: it takes remapped requests)."""
+    def provider_up(self, session, interface: str, versions, remap: bool = False, direct: bool = False) -> None:
+        """The guest registered as the provider of its service (remap: it takes remapped requests; direct: it
+        serves direct channels)."""
         self.provider = session
         self._send(wire.json_frame(wire.REGISTER, {"interface": interface, "versions": list(versions),
-                                                   "remap": bool(remap)}))
+                                                   "remap": bool(remap), "direct": bool(direct)}))
 
     def provider_down(self, session, reason: str | None = None) -> None:
         """The provider channel closed (reason: why the root closed it): the broker rescinds and fails its requests."""
@@ -168,6 +193,7 @@ class PartitionLink:
                     except Exception as e:   # a pykvm bug: keep serving the other requests, say so
                         self.log(f"internal error on a {wire.KINDS[f[0]]} frame: {type(e).__name__}: {e}")
                 data, fds = wire.recv(self.sock)
+                self.counts["wakeups"] += 1
                 if not data:
                     wire.close_fds(fds)
                     break
@@ -208,6 +234,8 @@ class PartitionLink:
                     self.provider.submit_remap(tag, blk, data, fds)
                 else:
                     self.provider.submit(tag, blk, data)
+        elif kind == wire.DIRECT:
+            self._on_direct(wire.parse_json(body), tuple(fds))
         elif kind == wire.STATUS:
             obj = wire.parse_json(body)
             if "policy" in obj:                # the broker's decisions about this partition, for `ctl policy`
@@ -234,6 +262,36 @@ class PartitionLink:
         else:
             wire.close_fds(fds)      # informational frames carry none (the parser ensures it); be sure
 
+    def _on_direct(self, obj: dict, fds) -> None:
+        """A direct open or close for this partition's provider, or the answer to this partition's open."""
+        op, tag = obj.get("op"), obj.get("tag")
+        if type(tag) is not int:
+            wire.close_fds(fds)
+            raise wire.WireError(f"direct frame {obj!r}: no tag")
+        with self.bus.lock:
+            if op == "ready":
+                cb = self._direct.pop(tag, None)
+                fd = fds[0] if len(fds) == 1 and obj.get("ok") is True else -1
+                if cb is None:
+                    wire.close_fds(fds)
+                    return
+                wire.close_fds(f for f in fds if f != fd)
+                self.counts["direct_opens" if fd >= 0 else "direct_refused"] += 1
+                reason = obj.get("reason") if isinstance(obj.get("reason"), str) else None
+                cb(fd >= 0, reason, fd)
+            elif op == "open":
+                if self.provider is None:
+                    wire.close_fds(fds)
+                    return self.direct_ready(tag, False, "the service partition's guest is not serving")
+                self.provider.direct_open(tag, obj, fds)
+            elif op == "close":
+                wire.close_fds(fds)
+                if self.provider is not None:
+                    self.provider.direct_close(tag, obj.get("reason") if isinstance(obj.get("reason"), str) else None)
+            else:
+                wire.close_fds(fds)
+                raise wire.WireError(f"direct frame with op {op!r}")
+
     def service_state(self, service: str, state: str) -> None:
         """The provider of service went down (rescind its proxied offer) or serves again (offer it anew)."""
         bus = self.bus
@@ -255,6 +313,18 @@ class PartitionLink:
             except ValueError as e:
                 self.log(f"{service}: {e}")
 
+    def _direct_open(self) -> list:
+        """The direct channels of this partition's guest, from its bus (relid, service, state)."""
+        bus = self.bus
+        if bus is None:
+            return []
+        out = []
+        for relid, ch in list(bus.channels.items()):
+            sess = ch.session
+            if getattr(sess, "direct", False):
+                out.append({"relid": relid, "service": sess.service.target, "state": sess.state})
+        return out
+
     def _broker_gone(self) -> None:
         self.closed = True
         bus = self.bus
@@ -262,6 +332,9 @@ class PartitionLink:
             pending, self._pending = self._pending, {}
             for cb in pending.values():
                 cb((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")     # not None: no copy path is left either
+            opening, self._direct = self._direct, {}
+            for cb in opening.values():
+                cb(False, "the broker is gone", -1)
             for ch in bus.channels.values():
                 if ch.service.name == "provider" and ch.state != "rescinded":
                     try:
@@ -279,4 +352,8 @@ class PartitionLink:
                     provides=self.welcome.get("provides"), generation=self.welcome.get("generation"),
                     service_versions={s: [f"{v >> 16}.{v & 0xFFFF}" for v in vs]
                                       for s, vs in self.service_versions.items()},
-                    outstanding=len(self._pending), connected=not self.closed, broker_policy=self.broker_policy)
+                    outstanding=len(self._pending), connected=not self.closed, broker_policy=self.broker_policy,
+                    direct={svc: {"direct": why is None,
+                                  "why": why or "trusted by its policy (direct = true): guest to guest"}
+                            for svc, why in (self.welcome.get("direct") or {}).items()},
+                    direct_open=self._direct_open())

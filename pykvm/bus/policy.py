@@ -42,11 +42,13 @@ class Rules:
     max_total_pages: int = 16384
     max_outstanding: int = 64             # relayed requests unanswered per channel (a flood is refused, then closed)
     versions: tuple[int, ...] = ()        # service versions the partition may open; () = any
+    direct: bool = True                   # may its channels go guest to guest (pykvm/bus/direct.py)
 
 
 TRUSTED = Rules()
 UNTRUSTED = Rules(write=False, max_request_sectors=16, requests_per_second=200, burst=16, remap=False,
-                  max_gpadls=8, max_gpadl_pages=64, max_total_pages=256, max_outstanding=16)
+                  max_gpadls=8, max_gpadl_pages=64, max_total_pages=256, max_outstanding=16,
+                  direct=False)
 _BOUNDS = {"max_request_sectors": (1, 256), "remap_min_bytes": (512, 1 << 20),
            "requests_per_second": (0, 10**7), "burst": (1, 10**6),
            "max_gpadls": (1, 4096), "max_gpadl_pages": (1, 1 << 20), "max_total_pages": (1, 1 << 22),

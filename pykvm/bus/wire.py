@@ -3,8 +3,9 @@
 A frame is an 8-byte header (u32 body length, u8 kind, u8 descriptor count, 2 reserved
 bytes) and a body. Control frames (HELLO, WELCOME, REGISTER, STATUS) carry one JSON
 object; data frames (REQUEST, REPLY, REMAP) a 16-byte tag header, a block request or
-response, and the data (REMAP: a remap descriptor instead, pykvm/bus/remap.py). Only a
-REMAP frame carries descriptors (SCM_RIGHTS, sent with the frame's first byte, so they
+response, and the data (REMAP: a remap descriptor instead, pykvm/bus/remap.py). DIRECT
+frames (JSON) set up and close direct channels (pykvm/bus/direct.py). Only REMAP and
+DIRECT frames carry descriptors (SCM_RIGHTS, sent with the frame's first byte, so they
 have arrived by the time its last byte has). Both ends treat the other as untrusted:
 FrameParser raises WireError on a length over MAX_BODY, an unknown kind, descriptors on a
 kind that takes none, more than MAX_FDS, or descriptors that did not arrive, and the
@@ -19,10 +20,11 @@ import os
 import socket
 import struct
 
-HELLO, WELCOME, REGISTER, REQUEST, REPLY, STATUS, REMAP = 1, 2, 3, 4, 5, 6, 7
+HELLO, WELCOME, REGISTER, REQUEST, REPLY, STATUS, REMAP, DIRECT = 1, 2, 3, 4, 5, 6, 7, 8
 KINDS = {HELLO: "hello", WELCOME: "welcome", REGISTER: "register", REQUEST: "request", REPLY: "reply",
-         STATUS: "status", REMAP: "remap"}
-JSON_KINDS = (HELLO, WELCOME, REGISTER, STATUS)
+         STATUS: "status", REMAP: "remap", DIRECT: "direct"}
+JSON_KINDS = (HELLO, WELCOME, REGISTER, STATUS, DIRECT)
+FD_KINDS = (REMAP, DIRECT)            # DIRECT: a direct channel's open (memfds, eventfd) or its answer (eventfd)
 HEADER = struct.Struct("<IB3x")       # body length, kind (then the descriptor count, 2 reserved bytes)
 _HEADER_FDS = struct.Struct("<IBB2x")  # body length, kind, descriptors attached
 MAX_FDS = 4                           # per REMAP frame: one memfd per guest memory region the buffer touches
@@ -39,15 +41,15 @@ class WireError(Exception):
 
 
 def frame(kind: int, body: bytes, nfds: int = 0) -> bytes:
-    """One encoded frame (nfds: descriptors sent with it, REMAP only)."""
-    if kind not in KINDS or len(body) > MAX_BODY or not 0 <= nfds <= MAX_FDS or (nfds and kind != REMAP):
+    """One encoded frame (nfds: descriptors sent with it, REMAP and DIRECT only)."""
+    if kind not in KINDS or len(body) > MAX_BODY or not 0 <= nfds <= MAX_FDS or (nfds and kind not in FD_KINDS):
         raise ValueError(f"frame of kind {kind}, {len(body)} bytes and {nfds} descriptors")
     return _HEADER_FDS.pack(len(body), kind, nfds) + body
 
 
-def json_frame(kind: int, obj: dict) -> bytes:
-    """A control frame carrying obj."""
-    return frame(kind, json.dumps(obj, separators=(",", ":")).encode())
+def json_frame(kind: int, obj: dict, nfds: int = 0) -> bytes:
+    """A control frame carrying obj (nfds: descriptors sent with it, DIRECT only)."""
+    return frame(kind, json.dumps(obj, separators=(",", ":")).encode(), nfds)
 
 
 def data_frame(kind: int, tag: int, index: int, blk: tuple, data: bytes = b"") -> bytes:
@@ -117,7 +119,7 @@ class FrameParser:
                     raise WireError(f"unknown frame kind {kind}")
                 if length > MAX_BODY:
                     raise WireError(f"frame of {length} bytes (at most {MAX_BODY})")
-                if nfds > MAX_FDS or (nfds and kind != REMAP):
+                if nfds > MAX_FDS or (nfds and kind not in FD_KINDS):
                     raise WireError(f"{KINDS[kind]} frame with {nfds} descriptors")
                 if len(self._buf) < HEADER.size + length:
                     break

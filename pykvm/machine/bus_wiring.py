@@ -42,6 +42,8 @@ def build_bus(machine):
     if partition_wiring.requested():         # started by `pykvm up`: proxied and provided services
         link = partition_wiring.connect()
         extra, ledger = partition_wiring.services(link)
+        if any(s.interface == EchoService.interface for s in extra):
+            services = [s for s in services if not isinstance(s, EchoService)]   # its guest's echo is the partition's
         services += extra
     log = lambda msg: print(f"pykvm: bus: {msg}", file=sys.stderr)  # noqa: E731
     holder: list = []        # the BusHost, once built (the error hook needs it)

@@ -55,6 +55,7 @@ def services(link):
     """(bus services, policy Ledger) the welcome gives this partition."""
     from ..bus.policy import Ledger, Rules, TopologyPolicy
     from ..bus.services.provider import ProviderService
+    from ..bus.services.direct_proxy import DirectProxyService
     from ..bus.services.proxy import BlockProxyService
 
     w = link.welcome
@@ -64,8 +65,18 @@ def services(link):
     out = []
     if w.get("provides"):
         out.append(ProviderService(link))
+    interfaces = w.get("interfaces") or {}
+    why_not = w.get("direct") or {}
     for index, target in enumerate(w["uses"]):
-        if ledger.check("may_offer", target) is None:
+        if ledger.check("may_offer", target) is not None:
+            continue
+        kind = interfaces.get(target, "block")
+        if kind == "echo" and why_not.get(target) is not None:   # echo has no brokered path: no offer
+            link.log(f"{target}: not offered: {why_not[target]}")
+        elif kind in ("echo", "block") and target in why_not and why_not[target] is None and \
+                (kind == "echo" or target in interfaces):
+            out.append(DirectProxyService(link, index, target, ledger, kind))
+        else:
             out.append(BlockProxyService(link, index, target, ledger, remap_min=rules.remap_min_bytes))
     return out, ledger
 

@@ -56,7 +56,7 @@ class Broker(Relay):
         self.waiting = [p for p in topo.partitions if p.uses]   # started once their services are up
         self.start_deadline = 0.0
         self.status_path = self.rundir / "broker-policy.json"
-        self._status_written = (-1, 0.0)
+        self._status_written = (None, 0.0)
 
     # ---------------------------------------------------------------- partitions
     def files(self, p, gen: int = 0) -> dict:
@@ -125,7 +125,10 @@ class Broker(Relay):
         """Relay until every partition has ended; their exit statuses."""
         while self.procs or self.waiting:
             timeout = POLL if self.wake is None else max(0.0, min(POLL, self.wake - time.monotonic()))
-            for key, ev in self.sel.select(timeout):
+            ready = self.sel.select(timeout)
+            if ready:
+                self.counts["wakeups"] += 1
+            for key, ev in ready:
                 if ev & selectors.EVENT_WRITE and not key.data.closed:
                     self._writable(key.data)
                 if ev & selectors.EVENT_READ and not key.data.closed:
@@ -234,10 +237,11 @@ class Broker(Relay):
     def _write_status(self, force: bool = False) -> None:
         """Rewrite DIR/broker-policy.json (0600) and tell each client its part, when decisions changed,
         at most every STATUS_EVERY seconds."""
-        n = sum(sum(ld.allowed.values()) + sum(ld.refused.values()) for ld in self.ledgers.values())
+        n = (sum(sum(ld.allowed.values()) + sum(ld.refused.values()) for ld in self.ledgers.values()),
+             sum(v for k, v in self.counts.items() if k != "wakeups"))   # decisions, and what the relay did
         now = time.monotonic()
         last, when = self._status_written
-        if n == last or (not force and now - when < STATUS_EVERY):
+        if not force and (n == last or now - when < STATUS_EVERY):
             return
         self._status_written = (n, now)
         tmp = self.status_path.with_suffix(".tmp")

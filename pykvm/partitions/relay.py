@@ -68,9 +68,14 @@ class Relay:
         self.inflight: dict[int, tuple] = {}               # broker tag -> (service, client conn, client tag, body, grant)
         self.remapped: set[int] = set()                    # broker tags of inflight REMAP requests
         self.remap_ok: dict[str, bool] = {}                # service -> its provider takes remapped requests
+        self.interfaces: dict[str, str] = {}               # service -> the interface its provider registered
+        self.direct_ok: dict[str, bool] = {}               # service -> its provider's guest serves direct channels
+        self.direct: dict[int, tuple] = {}                 # broker tag -> (service, client conn, client tag, state)
         self.tags = itertools.count(1)
         self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
-                       "remapped": 0, "remap_declined": 0, "timeouts": 0, "policy_refused": 0}
+                       "remapped": 0, "remap_declined": 0, "timeouts": 0, "policy_refused": 0,
+                       "direct_opened": 0, "direct_refused": 0, "direct_closed": 0, "fds_relayed": 0,
+                       "wakeups": 0}     # selector returns with work (the broker's own wakeups)
         self.stopping = False
         self.generation: dict[str, int] = {p.name: 0 for p in topo.partitions}
         self.versions: dict[str, list[int]] = {}           # service -> versions its provider last registered
@@ -82,7 +87,8 @@ class Relay:
         self.ledgers = {p.name: Ledger(agent, p.name, log=lambda m: self.log(f"policy: {m}"))
                         for p in topo.partitions}
         self._handlers = {wire.HELLO: self._on_hello, wire.REGISTER: self._on_register, wire.STATUS: self._on_status,
-                          wire.REQUEST: self._on_request, wire.REPLY: self._on_reply, wire.REMAP: self._on_remap}
+                          wire.REQUEST: self._on_request, wire.REPLY: self._on_reply, wire.REMAP: self._on_remap,
+                          wire.DIRECT: self._on_direct}
 
     # ---------------------------------------------------------------- what the process owner provides
     def _kill(self, name: str) -> None:
@@ -144,7 +150,9 @@ class Relay:
         self._send(c, wire.json_frame(wire.WELCOME, {
             "name": p.name, "trust": p.trust, "uses": list(p.uses), "provides": p.provides,
             "rules": asdict(p.rules), "generation": self.generation[p.name],
-            "versions": {u: self.versions[u] for u in p.uses if u in self.versions}}))
+            "versions": {u: self.versions[u] for u in p.uses if u in self.versions},
+            "interfaces": {u: self.interfaces[u] for u in p.uses if u in self.interfaces},
+            "direct": {u: self.direct_decision(p, u) for u in p.uses}}))
         for service in p.uses:             # a client (re)starting while its service is down
             if service in self.versions and service not in self.providers:
                 self._send(c, wire.json_frame(wire.STATUS, {"service": service, "state": "down"}))
@@ -152,7 +160,8 @@ class Relay:
     def _on_register(self, c: Conn, body: bytes, _fds) -> None:
         p = self.topo.by_name(c.name)
         obj = wire.parse_json(body)
-        if p.provides is None or obj.get("interface") != "block":
+        if p.provides is None or obj.get("interface") not in ("block", "echo") or (
+                obj.get("interface") == "echo" and obj.get("direct") is not True):   # echo is never relayed
             raise wire.WireError(f"{p.name} registered {obj.get('interface')!r}, which its topology entry "
                                  "does not provide")
         versions = obj.get("versions")
@@ -163,6 +172,8 @@ class Relay:
             raise wire.WireError(f"{p.name} registered twice")
         self.providers[p.provides] = c
         self.remap_ok[p.provides] = obj.get("remap") is True
+        self.interfaces[p.provides] = obj["interface"]
+        self.direct_ok[p.provides] = obj.get("direct") is True
         self.down_since.pop(p.provides, None)
         self.versions[p.provides] = versions
         c.progress = time.monotonic()
@@ -239,6 +250,86 @@ class Relay:
             self._send(prov, wire.frame(wire.REMAP, wire.TAG.pack(btag, 0) + body[wire.TAG.size:], len(fds)), fds)
         finally:
             wire.close_fds(fds)
+
+    # ---------------------------------------------------------------- direct channels (bus/direct.py)
+    def direct_decision(self, p, service: str) -> str | None:
+        """None when partition p's channels to service may go guest to guest, else why not."""
+        if not p.rules.direct:
+            return f"{p.name} is {p.trust} and its policy says direct = false"
+        if service in self.interfaces and not self.direct_ok.get(service):
+            return f"the guest serving {service} does not speak direct channels"
+        return None
+
+    def _direct_rules(self, p) -> tuple[int, int]:
+        """(PYKVM_DIRECT_RULE_* flags, max message bytes) the service guest enforces for client p."""
+        flags = 0 if p.rules.write else abi.PYKVM_DIRECT_RULE_READ_ONLY
+        return flags, min(64 << 10, p.rules.max_request_sectors * abi.PYKVM_BLK_SECTOR + 64)
+
+    def _on_direct(self, c: Conn, body: bytes, fds) -> None:
+        """A direct channel's open or close from a client, or a provider's answer; descriptors pass through, closed here."""
+        try:
+            obj = wire.parse_json(body)
+            op, tag = obj.get("op"), obj.get("tag")
+            if type(tag) is not int or op not in ("open", "close", "ready"):
+                raise wire.WireError(f"direct frame {obj!r} from {c.name}: expected op open/close/ready and a tag")
+            if op == "ready":
+                return self._direct_ready(c, tag, obj, fds)
+            p = self.topo.by_name(c.name)
+            if op == "close":
+                for bt, (svc, client, ctag, _st) in list(self.direct.items()):
+                    if client is c and ctag == tag:
+                        self._direct_close(bt, "the client closed it")
+                return
+            index = obj.get("index")
+            if type(index) is not int or index < 0:
+                raise wire.WireError(f"direct open from {c.name} names no service index")
+            g = self._grant(c, index)
+            why = self.direct_decision(p, g.service)
+            prov = self.providers.get(g.service)
+            if why is None and prov is None:
+                why = f"{g.service} is not being served"
+            if why is None and not fds:
+                why = "the open carried no descriptors"
+            if why is not None:
+                self.counts["direct_refused"] += 1
+                self.log(f"policy: {c.name}: direct channel to {g.service} refused: {why}")
+                self._send(c, wire.json_frame(wire.DIRECT, {"op": "ready", "tag": tag, "ok": False, "reason": why}))
+                return
+            btag = next(self.tags)
+            self.direct[btag] = (g.service, c, tag, "opening")
+            flags, max_message = self._direct_rules(p)
+            fwd = {k: obj.get(k) for k in ("runs", "inbound_offset", "version")}
+            fwd.update(op="open", tag=btag, client=p.name, rules=flags, max_message=max_message)
+            self.counts["fds_relayed"] += len(fds)
+            self._send(prov, wire.json_frame(wire.DIRECT, fwd, len(fds)), fds)
+        finally:
+            wire.close_fds(fds)
+
+    def _direct_ready(self, c: Conn, btag: int, obj: dict, fds) -> None:
+        entry = self.direct.get(btag)
+        if entry is None or self.providers.get(entry[0]) is not c or entry[3] != "opening":
+            return          # the client went away or closed it meanwhile; the provider hears "close" from it
+        service, client, ctag, _st = entry
+        ok = obj.get("ok") is True and len(fds) == 1
+        reason = obj.get("reason") if isinstance(obj.get("reason"), str) else "the service side refused it"
+        if ok:
+            self.direct[btag] = (service, client, ctag, "open")
+            self.counts["direct_opened"] += 1
+            self.counts["fds_relayed"] += 1
+            self._send(client, wire.json_frame(wire.DIRECT, {"op": "ready", "tag": ctag, "ok": True}, 1), fds)
+        else:
+            del self.direct[btag]
+            self.counts["direct_refused"] += 1
+            self._send(client, wire.json_frame(wire.DIRECT, {"op": "ready", "tag": ctag, "ok": False,
+                                                             "reason": reason[:200]}))
+
+    def _direct_close(self, btag: int, why: str) -> None:
+        """Forget direct channel btag and tell its provider to unmap it."""
+        service, _client, _ctag, _st = self.direct.pop(btag)
+        self.counts["direct_closed"] += 1
+        prov = self.providers.get(service)
+        if prov is not None:
+            self._send(prov, wire.json_frame(wire.DIRECT, {"op": "close", "tag": btag, "reason": why}))
 
     def _on_reply(self, c: Conn, body: bytes, _fds) -> None:
         p = self.topo.by_name(c.name)
@@ -347,6 +438,9 @@ class Relay:
         self.down_since[service] = time.monotonic()
         if not self.stopping:                 # at the end the providers are closed on purpose
             self.counts["rescinds"] += 1
+        for bt in [bt for bt, e in self.direct.items() if e[0] == service]:
+            del self.direct[bt]               # its mappings died with it; the clients' rescinds close their ends
+            self.counts["direct_closed"] += 1
         self._tell_clients(service, "down")
         lost = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
         for t, (_s, c, ctag, _body, g) in lost:
@@ -375,6 +469,9 @@ class Relay:
         for t, (svc, client, _ct, _b, _g) in list(self.inflight.items()):
             if client is c and t in self.remapped and self.providers.get(svc) is not None:
                 self._send(self.providers[svc], wire.json_frame(wire.STATUS, {"cancel": t}))
+        for bt, entry in list(self.direct.items()):
+            if entry[1] is c:                 # the provider unmaps the gone client's pages now
+                self._direct_close(bt, "the client partition went away")
         for g in c.grants:                    # its queued requests go with it; answers to the rest are dropped
             self.grants[g.service].remove(g)
             g.queue.clear()
@@ -402,5 +499,10 @@ class Relay:
         for p in self.topo.partitions:
             c = self.conns.get(p.name)
             out[p.name] = dict(self.ledgers[p.name].snapshot(), trust=p.trust,
-                               services=[g.snapshot() for g in c.grants] if c is not None else [])
+                               services=[g.snapshot() for g in c.grants] if c is not None else [],
+                               direct={u: {"allowed": self.direct_decision(p, u) is None,
+                                           "why": self.direct_decision(p, u) or "trusted by its policy (direct = true)",
+                                           "open": sum(1 for e in self.direct.values()
+                                                       if e[0] == u and e[1] is c and e[3] == "open")}
+                                       for u in p.uses})
         return out

@@ -20,11 +20,12 @@ many waiting) is declined: the client's root sends it again by copy.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import deque
 
 from ... import abi
-from .. import remap, wire
+from .. import direct, remap, wire
 from ..ring import COMPLETION, COMPLETION_REQ, INBAND
 from ..messages import versions_text
 from .base import Service, ServiceError, Session, unpack_exact
@@ -33,9 +34,10 @@ SECTOR = abi.PYKVM_BLK_SECTOR
 _REGISTER = struct.Struct("<QQII%dI" % abi.PYKVM_BUS_MAX_SERVICE_VERSIONS)
 _BLK = struct.Struct("<IIQII")
 _REMAP = struct.Struct("<QII")      # struct pykvm_provider_remap
-RELAYED = {(abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI): "block"}
+RELAYED = {(abi.PYKVM_BUS_IF_BLOCK_LO, abi.PYKVM_BUS_IF_BLOCK_HI): "block",
+           (abi.PYKVM_BUS_IF_ECHO_LO, abi.PYKVM_BUS_IF_ECHO_HI): "echo"}      # echo: direct channels only
 MAX_WAITING_REMAPS = 8             # remapped requests queued with their descriptors; more are declined
-RELAYED_MAJORS = {"block": (abi.PYKVM_BLOCK_V1_0 >> 16,)}
+RELAYED_MAJORS = {"block": (abi.PYKVM_BLOCK_V1_0 >> 16,), "echo": (abi.PYKVM_ECHO_V1_0 >> 16,)}
 
 
 class ProviderSession(Session):
@@ -50,7 +52,14 @@ class ProviderSession(Session):
         self.window = None              # the RemapWindow of the request in flight, if remapped
         self.served = 0
         self.counts = {"remapped": 0, "declined": 0, "unmapped": 0}
+        self.direct_counts = {"opened": 0, "closed": 0, "refused": 0}
+        self.directs: dict[int, tuple] = {}   # broker tag -> (ServiceEnd, client name)
         self.closed = False
+
+    @property
+    def can_direct(self) -> bool:
+        """The guest speaks provider v1.2 (direct channels) and this VM can add memslots."""
+        return self.version >= abi.PYKVM_PROVIDER_V1_2 and getattr(self.channel.host, "memslots", None) is not None
 
     @property
     def can_remap(self) -> bool:
@@ -73,8 +82,12 @@ class ProviderSession(Session):
                     or list(versions) != sorted(versions, reverse=True)):
                 raise ServiceError(f"provider: {interface} versions {versions_text(versions)} registered; the root "
                                    f"relays {interface} {', '.join(f'{m}.x' for m in majors)}, distinct, newest first")
+            if interface != "block" and not self.can_direct:
+                raise ServiceError(f"provider: {interface} is served over direct channels only (provider 1.2)")
             self.registered = (interface, versions)
-            self.link.provider_up(self, interface, self.registered[1], remap=self.can_remap)
+            extra = {"direct": True} if self.can_direct else {}
+            self.link.provider_up(self, interface, self.registered[1], remap=self.can_remap and interface == "block",
+                                  **extra)
             return
         if pkt.type != COMPLETION:
             raise ServiceError(f"provider: packet of type {pkt.type}, expected a completion")
@@ -91,6 +104,45 @@ class ProviderSession(Session):
         self.served += 1
         self.link.reply(tag, resp, data[:want])
         self._next()
+
+    def direct_open(self, tag: int, obj: dict, fds) -> None:
+        """Wire a client's direct channel into this guest and offer it (bus lock held); owns fds from here."""
+        end = None
+        try:
+            if self.closed or not self.can_direct or self.registered is None:
+                raise direct.DirectError("this partition's guest does not serve direct channels")
+            runs, pages, inbound, version, flags, max_message = direct.parse_open(obj, len(fds))
+            if version not in self.registered[1]:
+                raise direct.DirectError(f"version {version:#x} is not one the guest registered")
+            used = {e.slot for e, _c in self.directs.values()}
+            slot = next((i for i in range(abi.PYKVM_DIRECT_MAX) if i not in used), None)
+            if slot is None:
+                raise direct.DirectError(f"{abi.PYKVM_DIRECT_MAX} direct channels are open")
+            end = direct.ServiceEnd(self.channel.host, slot, fds[:-1], runs, os.dup(fds[-1]))
+            self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_OPEN, slot, end.gpa, pages, inbound,
+                                                      end.doorbell, version, flags, max_message))
+        except (direct.DirectError, OSError) as e:
+            if end is not None:
+                end.close()
+            wire.close_fds(fds)
+            self.direct_counts["refused"] += 1
+            self.link.log(f"direct open {tag} from {obj.get('client')}: {e}")
+            return self.link.direct_ready(tag, False, str(e))
+        wire.close_fds(fds)                      # mapped and registered: this VMM keeps no client descriptor
+        self.directs[tag] = (end, obj.get("client"))
+        self.direct_counts["opened"] += 1
+        self.link.direct_ready(tag, True, None, end.efd)
+
+    def direct_close(self, tag: int, reason: str | None = None) -> None:
+        """A direct channel's client closed it or went away: this guest loses its pages now (bus lock held)."""
+        entry = self.directs.pop(tag, None)
+        if entry is None:
+            return
+        end, _client = entry
+        end.close()                              # first: no page of the client stays mapped a moment longer
+        self.direct_counts["closed"] += 1
+        if self.channel.writer is not None:
+            self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_CLOSE, end.slot, 0, 0, 0, 0, 0, 0, 0))
 
     def submit(self, tag: int, blk: tuple, data: bytes) -> None:
         """Queue a relayed request for the guest (bus lock held)."""
@@ -163,17 +215,30 @@ class ProviderSession(Session):
 
     def stats(self) -> dict:
         return dict(self.counts, registered=self.registered[0] if self.registered else None, served=self.served,
+                    direct_channels=dict(self.direct_counts),
+                    direct={str(t): {"slot": e.slot, "client": c, "gpa": hex(e.gpa), "mapped": e.mapped}
+                            for t, (e, c) in self.directs.items()},
                     queued=len(self.queue), inflight=self.inflight is not None, window_mapped=self.window is not None,
                     version=self.version)
 
     def close(self) -> None:
         self.closed = True
         self._unmap()
+        for end, _client in self.directs.values():
+            end.close()
+        self.directs.clear()
         while self.queue:
             e = self.queue.popleft()
             if e[3] is not None:
                 wire.close_fds(e[3][0])
         c = self.counts
+        d = self.direct_counts
+        if d["opened"] or d["refused"]:
+            db = getattr(self.channel.host, "doorbells", None)
+            self.link.log(f"provider closed: {d['opened']} direct channels opened, {d['closed']} closed, "
+                          f"{d['refused']} refused; this VMM's doorbell thread woke "
+                          f"{getattr(db, 'thread_wakeups', 0)} times, its link thread "
+                          f"{self.link.counts.get('wakeups', 0)} times")
         if c["remapped"] or c["declined"]:
             self.link.log(f"provider closed: {self.served} served, {c['remapped']} remapped, {c['unmapped']} unmapped, "
                           f"{c['declined']} declined, window mapped: {'yes' if self.window else 'no'}")
@@ -185,7 +250,7 @@ class ProviderService(Service):
 
     name = "provider"
     interface = (abi.PYKVM_BUS_IF_PROVIDER_LO, abi.PYKVM_BUS_IF_PROVIDER_HI)
-    versions = (abi.PYKVM_PROVIDER_V1_1, abi.PYKVM_PROVIDER_V1_0)
+    versions = (abi.PYKVM_PROVIDER_V1_2, abi.PYKVM_PROVIDER_V1_1, abi.PYKVM_PROVIDER_V1_0)
 
     def __init__(self, link):
         self.link = link

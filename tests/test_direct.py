@@ -1,0 +1,475 @@
+"""Direct channels (issue 20): the open descriptor, the service guest's message parser (C and its Python
+mirror on the same inputs), the broker's decision and relaying, the service VMM's mapping and teardown,
+and `pykvm up` end to end: guest-to-guest echo, policy refusals, a service crash with rescind and
+re-offer, a hostile client, and the service guest seeing its window unmapped after close."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pykvm import abi
+from pykvm.bus import direct, wire
+from pykvm.partitions import topology
+
+from .helpers import pykvm_up
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = 4096
+MSG = direct.MSG
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def memfd(size: int) -> int:
+    fd = os.memfd_create("direct-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+# ---------------------------------------------------------------- the open descriptor (service VMM)
+def good_open(**kw):
+    obj = {"runs": [[0, 0, 8]], "inbound_offset": 4, "version": abi.PYKVM_ECHO_V1_1, "rules": 0, "max_message": 4096}
+    obj.update(kw)
+    return obj
+
+
+def test_parse_open_accepts_a_good_descriptor():
+    assert direct.parse_open(good_open(), 2) == ([(0, 0, 8)], 8, 4, abi.PYKVM_ECHO_V1_1, 0, 4096)
+
+
+@pytest.mark.parametrize("kw, nfds, needle", [
+    ({}, 1, "descriptors"),
+    ({"runs": [[1, 0, 8]]}, 2, "bad run"),                 # names the eventfd as memory
+    ({"runs": [[0, 100, 8]]}, 2, "bad run"),               # not page aligned
+    ({"runs": [[0, 0, 2]]}, 2, "ring pages"),
+    ({"runs": [[0, 0, 65]]}, 2, "ring pages"),
+    ({"inbound_offset": 7}, 2, "inbound_offset"),
+    ({"rules": 2}, 2, "rules"),
+    ({"max_message": 1 << 30}, 2, "max_message"),
+    ({"version": True}, 2, "version"),
+    ({"runs": "all"}, 2, "runs"),
+])
+def test_parse_open_refusals(kw, nfds, needle):
+    with pytest.raises(direct.DirectError, match=needle):
+        direct.parse_open(good_open(**kw), nfds)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=4),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["runs", "inbound_offset", "version", "rules", "max_message", "x"]),
+                       json_values, max_size=6), st.integers(0, 6))
+def test_parse_open_garbage_only_raises_direct_error(obj, nfds):
+    try:
+        runs, pages, inbound, _v, flags, _m = direct.parse_open(obj, nfds)
+    except direct.DirectError:
+        return
+    assert 4 <= pages <= abi.PYKVM_DIRECT_MAX_PAGES and 2 <= inbound <= pages - 2 and flags in (0, 1)
+    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and n >= 1 for i, off, n in runs)
+
+
+# ---------------------------------------------------------------- the guest's parser: C and a Python mirror
+def mirror_check(data: bytes) -> int:
+    """Python mirror of guests/runtime/direct_check.c direct_msg_check()."""
+    if len(data) < MSG.size:
+        return -1
+    op, ident, gpa, pages, inbound, doorbell, _version, rules, max_message = MSG.unpack_from(data)
+    if op not in (abi.PYKVM_DIRECT_OPEN, abi.PYKVM_DIRECT_CLOSE):
+        return -2
+    if ident >= abi.PYKVM_DIRECT_MAX:
+        return -3
+    if op == abi.PYKVM_DIRECT_CLOSE:
+        return 0
+    if gpa != abi.PYKVM_DIRECT_GPA + ident * abi.PYKVM_DIRECT_STRIDE or doorbell != abi.PYKVM_DIRECT_DOORBELL_BASE + ident:
+        return -4
+    if not 4 <= pages <= abi.PYKVM_DIRECT_MAX_PAGES or not 2 <= inbound <= (pages - 2) % (1 << 32):
+        return -5
+    if rules & ~abi.PYKVM_DIRECT_RULE_READ_ONLY & 0xFFFFFFFF or not 8 <= max_message <= 1 << 20:
+        return -6
+    return 0
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed")
+    out = tmp_path_factory.mktemp("harness") / "direct_harness"
+    subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-I", str(ROOT / "guests/include"), "-I", str(ROOT / "guests/runtime"),
+                    "-o", str(out), str(ROOT / "tests/direct_harness.c"), str(ROOT / "guests/runtime/direct_check.c")],
+                   check=True)
+    return out
+
+
+def run_harness(harness, records):
+    stdin = b"".join(struct.pack("<I", n) + data.ljust(MSG.size, b"\0")[:MSG.size] for n, data in records)
+    out = subprocess.run([str(harness)], input=stdin, capture_output=True, check=True).stdout.decode().split()
+    return [int(x) for x in out]
+
+
+u32 = st.integers(0, 2**32 - 1)
+near = st.sampled_from([0, 1, 2, 3, 4, 8, 15, 16, 17, 62, 63, 64, 65, 2**31, 2**32 - 1])
+
+
+@st.composite
+def messages(draw):
+    ident = draw(st.integers(0, 20))
+    good = draw(st.booleans())
+    op = draw(st.sampled_from([abi.PYKVM_DIRECT_OPEN, abi.PYKVM_DIRECT_CLOSE])) if good else draw(u32)
+    gpa = abi.PYKVM_DIRECT_GPA + ident * abi.PYKVM_DIRECT_STRIDE if draw(st.booleans()) else draw(st.integers(0, 2**64 - 1))
+    doorbell = abi.PYKVM_DIRECT_DOORBELL_BASE + ident if draw(st.booleans()) else draw(u32)
+    fields = (op, ident, gpa, draw(near | u32), draw(near | u32), doorbell, draw(u32),
+              draw(st.sampled_from([0, 1, 2, 3]) | u32), draw(st.sampled_from([0, 7, 8, 4096, 1 << 20, (1 << 20) + 1]) | u32))
+    data = MSG.pack(*fields)
+    n = MSG.size if draw(st.booleans()) else draw(st.integers(0, 64))
+    return n, data
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(messages(), min_size=1, max_size=200))
+def test_guest_parser_matches_its_python_mirror(harness, records):
+    assert run_harness(harness, records) == [mirror_check(d[:n]) if n < MSG.size else mirror_check(d)
+                                             for n, d in records]
+
+
+def test_guest_parser_accepts_what_the_root_sends(harness):
+    ident = 3
+    msg = MSG.pack(abi.PYKVM_DIRECT_OPEN, ident, direct.window_gpa(ident), 8, 4, abi.PYKVM_DIRECT_DOORBELL_BASE + ident,
+                   abi.PYKVM_ECHO_V1_1, 1, 4096)
+    assert run_harness(harness, [(MSG.size, msg), (MSG.size - 1, msg)]) == [0, -1]
+
+
+# ---------------------------------------------------------------- the service VMM's half
+class FakeMemslots:
+    def __init__(self):
+        self.mapped = {}
+
+    def map(self, gpa, size, host_addr, readonly=True):
+        slot = len(self.mapped) + 100
+        self.mapped[slot] = (gpa, size, readonly, host_addr)
+        return slot
+
+    def unmap(self, slot):
+        del self.mapped[slot]
+
+
+class FakeVM:
+    fd = 3
+
+    def __init__(self):
+        self.ioeventfds, self.irqfds = set(), set()
+
+    def ioeventfd(self, fd, port, width, datamatch=None, pio=False, deassign=False):
+        key = (port, width, datamatch)
+        (self.ioeventfds.discard if deassign else self.ioeventfds.add)(key)
+
+    def irqfd(self, fd, gsi, deassign=False):
+        (self.irqfds.discard if deassign else self.irqfds.add)(gsi)
+
+
+class FakeInterrupts:
+    def __init__(self, vm):
+        self.vm, self.live = vm, {}
+
+    def attach(self, fd, vector, apic_id=0):
+        gsi = 40 + len(self.live)
+        self.vm.irqfd(fd, gsi)
+        self.live[gsi] = fd
+        return SimpleNamespace(gsi=gsi, fd=fd)
+
+    def free(self, irq):
+        self.vm.irqfd(irq.fd, irq.gsi, deassign=True)
+        del self.live[irq.gsi]
+        os.close(irq.fd)
+
+
+def fake_host():
+    vm = FakeVM()
+    return SimpleNamespace(doorbells=SimpleNamespace(vm=vm), memslots=FakeMemslots(), interrupts=FakeInterrupts(vm))
+
+
+def test_service_end_maps_exactly_the_ring_pages_and_close_removes_everything():
+    before = open_fds()
+    client = memfd(64 * PAGE)
+    os.pwrite(client, b"R" * PAGE, 10 * PAGE)
+    host = fake_host()
+    efd = os.eventfd(0)
+    end = direct.ServiceEnd(host, 2, [client], [(0, 10 * PAGE, 8)], efd)
+    (gpa, size, readonly, _a), = host.memslots.mapped.values()
+    assert (gpa, size, readonly) == (direct.window_gpa(2), 8 * PAGE, False)
+    assert end.view.read(0, 2) == b"RR" and end.doorbell == abi.PYKVM_DIRECT_DOORBELL_BASE + 2
+    assert host.doorbells.vm.ioeventfds == {(abi.PYKVM_PORT_BUS_DOORBELL, 4, end.doorbell)}
+    assert len(host.interrupts.live) == 1
+    end.close()
+    end.close()
+    assert host.memslots.mapped == {} and host.doorbells.vm.ioeventfds == set() and host.interrupts.live == {}
+    assert end.view is None and not end.mapped
+    os.close(client)
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("kind", ["unsealed", "short", "pipe"])
+def test_service_end_refuses_bad_memory_and_leaks_nothing(kind):
+    before = open_fds()
+    r = w = None
+    if kind == "unsealed":
+        mem = os.memfd_create("x", os.MFD_CLOEXEC)
+        os.ftruncate(mem, 64 * PAGE)
+    elif kind == "short":
+        mem = memfd(PAGE)
+    else:
+        r, w = os.pipe()
+        mem = r
+    host = fake_host()
+    with pytest.raises(direct.DirectError):
+        direct.ServiceEnd(host, 0, [mem], [(0, 0, 8)], os.eventfd(0))
+    assert host.memslots.mapped == {} and host.interrupts.live == {} and host.doorbells.vm.ioeventfds == set()
+    os.close(mem)
+    if w is not None:
+        os.close(w)
+    assert open_fds() == before
+
+
+# ---------------------------------------------------------------- the broker: decision and relaying
+TOPO = """
+[[partition]]
+name = "echo"
+kernel = "bus-echosvc"
+provides = "echo0"
+
+[[partition]]
+name = "client1"
+kernel = "bus-echo"
+uses = ["echo0"]
+
+[[partition]]
+name = "client2"
+kernel = "bus-echo"
+trust = "untrusted"
+uses = ["echo0"]
+"""
+
+
+class Peer:
+    """The partition end of a broker connection."""
+
+    def __init__(self, relay, name):
+        from pykvm.partitions.conn import Conn
+
+        a, self.sock = socket.socketpair()
+        self.conn = Conn(a, name)
+        self.parser = wire.FrameParser()
+        relay._frame(self.conn, wire.HELLO, wire.json_frame(wire.HELLO, {"name": name})[8:])
+        self.welcome = wire.parse_json(self.frames()[0][1])
+
+    def frames(self):
+        self.sock.setblocking(False)
+        out = []
+        try:
+            while True:
+                data, fds = wire.recv(self.sock)
+                if not data:
+                    break
+                out += self.parser.feed(data, fds)
+        except BlockingIOError:
+            pass
+        return out
+
+
+def relay_for(tmp_path, text=TOPO):
+    from pykvm.partitions.relay import Relay
+
+    p = tmp_path / "t.toml"
+    p.write_text(text)
+    return Relay(topology.load(p), log=lambda m: None)
+
+
+def test_topology_direct_switch_defaults_to_trusted_only(tmp_path):
+    t = topology.load((tmp_path / "a.toml", (tmp_path / "a.toml").write_text(TOPO))[0])
+    assert t.by_name("client1").rules.direct is True and t.by_name("client2").rules.direct is False
+    t = topology.load((tmp_path / "b.toml", (tmp_path / "b.toml").write_text(
+        TOPO + "[policy.partition.client1]\ndirect = false\n"))[0])
+    assert t.by_name("client1").rules.direct is False
+
+
+def test_broker_relays_a_direct_open_with_its_descriptors_and_the_policy_rules(tmp_path):
+    relay = relay_for(tmp_path)
+    svc = Peer(relay, "echo")
+    relay._frame(svc.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "echo", "versions": [0x10001],
+                                                                          "direct": True})[8:])
+    c1, c2 = Peer(relay, "client1"), Peer(relay, "client2")
+    assert c1.welcome["direct"] == {"echo0": None} and c1.welcome["interfaces"] == {"echo0": "echo"}
+    assert "untrusted" in c2.welcome["direct"]["echo0"]
+    before = open_fds()
+    mem, efd = memfd(8 * PAGE), os.eventfd(0)
+    desc = {"op": "open", "tag": 5, "index": 0, "runs": [[0, 0, 8]], "inbound_offset": 4, "version": 0x10001,
+            "rules": 0, "max_message": 1 << 20}          # the client's own rules are ignored: the broker sets them
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, desc, 2)[8:], (os.dup(mem), os.dup(efd)))
+    (f,) = svc.frames()
+    fwd = wire.parse_json(f[1])
+    assert f[0] == wire.DIRECT and len(f.fds) == 2 and fwd["client"] == "client1" and fwd["op"] == "open"
+    assert (fwd["rules"], fwd["max_message"]) == (0, 64 << 10) and fwd["runs"] == [[0, 0, 8]]
+    wire.close_fds(f.fds)
+    # the provider answers with its eventfd: it goes to the client, with the client's tag
+    sefd = os.eventfd(0)
+    relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "ready", "tag": fwd["tag"], "ok": True},
+                                                        1)[8:], (os.dup(sefd),))
+    (r,) = c1.frames()
+    assert wire.parse_json(r[1]) == {"op": "ready", "tag": 5, "ok": True} and len(r.fds) == 1
+    wire.close_fds(r.fds)
+    assert relay.policy_snapshot()["client1"]["direct"]["echo0"]["open"] == 1
+    # the untrusted client asking anyway (a compromised VMM) is refused; its descriptors are closed
+    relay._frame(c2.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, dict(desc, tag=6), 2)[8:], (os.dup(mem), os.dup(efd)))
+    (r,) = c2.frames()
+    assert wire.parse_json(r[1])["ok"] is False and "untrusted" in wire.parse_json(r[1])["reason"] and not r.fds
+    assert svc.frames() == []
+    # the client goes away: the provider is told to unmap at once
+    relay._drop(c1.conn, None)
+    (f,) = svc.frames()
+    assert wire.parse_json(f[1])["op"] == "close" and wire.parse_json(f[1])["tag"] == fwd["tag"]
+    assert relay.counts["direct_opened"] == 1 and relay.counts["direct_refused"] == 1 and relay.direct == {}
+    for fd in (mem, efd, sefd):
+        os.close(fd)
+    assert open_fds() == before - 1          # the broker's end of client1's link went with it; nothing else stays
+
+
+def test_broker_refuses_echo_registered_without_direct(tmp_path):
+    relay = relay_for(tmp_path)
+    svc = Peer(relay, "echo")
+    with pytest.raises(wire.WireError, match="does not provide"):
+        relay._frame(svc.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "echo",
+                                                                              "versions": [0x10001]})[8:])
+
+
+# ---------------------------------------------------------------- end to end
+E2E = """
+[[partition]]
+name = "echo"
+kernel = "bus-echosvc"
+provides = "echo0"
+cmdline = "crash_after=30"
+restarts = 1
+
+[[partition]]
+name = "client1"
+kernel = "bus-echo"
+cmdline = "n=60 size=256 reopen=1"
+uses = ["echo0"]
+
+[[partition]]
+name = "client2"
+kernel = "bus-echo"
+cmdline = "n=5"
+trust = "untrusted"
+uses = ["echo0"]
+
+[[partition]]
+name = "hostile"
+kernel = "bus-echo"
+cmdline = "n=3 hostile=scribble flood=20000 reopen=1"
+uses = ["echo0"]
+"""
+
+
+def test_up_direct_echo_policy_crash_reoffer_hostile_and_no_mapping_survives(tmp_path):
+    run, out, err, logs = pykvm_up(tmp_path, E2E)
+    serials = {f.name: f.read_text() for f in run.glob("*.serial")}
+    assert "partition echo: status 0 (restarts 1)" in out
+    for name in ("client1", "client2", "hostile"):
+        assert f"partition {name}: status 0" in out
+    # the trusted client: every message echoed by the service guest, across its crash (rescind, re-offer, reopen)
+    c1 = serials["client1.serial"]
+    assert "echo: channel rescinded, waiting for a new offer\necho: reopened, version 1.1\n" in c1
+    assert "echo: 60 messages of 256 bytes ok\n" in c1
+    assert "its provider went away; offer" in logs["client1.log"] and "served again" in logs["client1.log"]
+    svc0, svc1 = serials["echo.serial"], serials["echo.gen1.serial"]
+    assert "echosvc: echoed 30 messages, crashing\n" in svc0 and list((run / "echo-crashes").glob("*.core"))
+    assert "channel 0 open, version 1.1, rules 0, max 65536" in svc0 + svc1
+    # the untrusted client was not given the direct channel: the broker said why
+    assert "echo0: not offered: client2 is untrusted and its policy says direct = false" in logs["client2.log"]
+    policy = json.loads((run / "broker-policy.json").read_text())
+    assert policy["policy"]["client2"]["direct"]["echo0"]["allowed"] is False
+    assert policy["policy"]["client1"]["direct"]["echo0"]["allowed"] is True
+    counts = policy["counts"]
+    assert counts["direct_opened"] >= 3 and counts["direct_refused"] == 0
+    # the hostile client broke only its own channel; its doorbell flood woke no broker (20000 doorbells)
+    assert "echo: scribbled the ring, rang 20000 doorbells\n" in serials["hostile.serial"]
+    assert "broken (ring), closed\n" in svc0 + svc1
+    assert counts["wakeups"] < 2000
+    woke = [tuple(map(int, m)) for m in re.findall(r"doorbell thread woke (\d+) times, its link thread (\d+) times",
+                                                    logs["echo.log"] + logs.get("echo.gen1.log", ""))]
+    assert woke and all(d < 1000 and k < 1000 for d, k in woke), woke   # the service VMM: not per doorbell either
+    # every channel the service guest saw closed had its window unmapped in KVM before it was told
+    closes = (svc0 + svc1).count("closed by the root")
+    assert closes >= 1 and (svc0 + svc1).count("window after close: unmapped\n") == closes
+    assert "still mapped" not in svc0 + svc1
+
+
+# ---------------------------------------------------------------- the client VMM's half
+class RefusingVM(FakeVM):
+    def irqfd(self, fd, gsi, deassign=False):
+        if not deassign:
+            raise OSError(22, "Invalid argument")     # KVM: not an eventfd
+        super().irqfd(fd, gsi, deassign)
+
+
+def test_client_end_wires_both_doorbells_and_close_undoes_them():
+    before = open_fds()
+    vm = FakeVM()
+    end = direct.ClientEnd(vm, 7, SimpleNamespace(gsi=30))
+    assert vm.ioeventfds == {(abi.PYKVM_PORT_BUS_DOORBELL, 4, 7)} and not end.wired
+    end.attach(os.eventfd(0))
+    assert vm.irqfds == {30} and end.wired
+    end.close()
+    end.close()
+    assert vm.ioeventfds == set() and vm.irqfds == set() and open_fds() == before
+
+
+def test_client_end_refuses_a_service_descriptor_kvm_will_not_take():
+    before = open_fds()
+    end = direct.ClientEnd(RefusingVM(), 7, SimpleNamespace(gsi=30))
+    r, w = os.pipe()
+    with pytest.raises(direct.DirectError, match="doorbell"):
+        end.attach(r)                                 # owned and closed by attach
+    end.close()
+    os.close(w)
+    assert open_fds() == before
+
+
+def test_link_closes_descriptors_of_a_direct_open_it_cannot_serve():
+    from pykvm.bus.link import PartitionLink
+
+    a, b = socket.socketpair()
+    link = PartitionLink(a, {"name": "echo", "uses": [], "provides": "echo0"}, log=lambda m: None)
+    link.bus = SimpleNamespace(lock=__import__("threading").RLock(), channels={})
+    before = open_fds()
+    mem, efd = memfd(8 * PAGE), os.eventfd(0)
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, dict(good_open(), op="open", tag=3), 2)[8:], (mem, efd))
+    assert open_fds() == before                       # no provider: both closed, the open refused
+    b.setblocking(False)
+    (f,) = wire.FrameParser().feed(b.recv(1 << 16))
+    assert wire.parse_json(f[1]) == {"op": "ready", "tag": 3, "ok": False,
+                                     "reason": "the service partition's guest is not serving"}
+    with pytest.raises(wire.WireError):
+        link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "open"})[8:], ())
+    a.close()
+    b.close()
