@@ -40,6 +40,7 @@ class ChannelManager:
         self.memslots = memslots            # map(gpa, size, host_addr, readonly) -> slot / unmap(slot), for transfer pages
         self.limits = conn.limits
         self.doorbells = conn.doorbells
+        self.interrupts = conn.interrupts   # a direct channel wires the peer's eventfd in as an irqfd
         self.gpadls: dict[int, GpadlView] = {}
         self._pending: dict[int, _PendingGpadl] = {}
         self.channels: dict[int, Channel] = {}
