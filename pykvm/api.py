@@ -713,6 +713,39 @@ class VM:
         except SaveRefused as e:
             raise VMError(f"not saved: {e}") from None
 
+    def snapshot(self):
+        """The VM's state now (pausing it briefly): vCPUs, devices, RAM; reset(snap) returns to it.
+
+        The first snapshot turns on KVM's dirty-page logging for guest RAM. A snapshot holds a
+        copy of the RAM that held data; close() it (or drop it) to release that.
+        """
+        from .snapshot.reset import ResetRefused, take
+
+        m = self._machine_for_reset()
+        try:
+            return self._stopped_do(lambda: take(m))
+        except ResetRefused as e:
+            raise VMError(f"no snapshot taken: {e}") from None
+
+    def reset(self, snap) -> int:
+        """Put the VM back to `snap` (taken by snapshot() of this VM), restoring only the pages
+        written since; it runs on from there. Returns how many 4 KiB pages were copied back."""
+        from .snapshot.reset import ResetRefused, restore
+
+        m = self._machine_for_reset()
+        try:
+            return self._stopped_do(lambda: restore(m, snap))
+        except ResetRefused as e:
+            raise VMError(f"not reset: {e}") from None
+
+    def _machine_for_reset(self):
+        m = self.machine
+        if m is None or self._closed:
+            raise VMError("this VM is closed")
+        if self._done.is_set() or m.outcome is not None:
+            raise VMError("the VM has ended: a snapshot or reset needs a VM that runs (or has not started)")
+        return m
+
     def serve_control(self, path) -> None:
         """Serve `pykvm ctl` commands on a unix socket at path until the run ends."""
         from .control.server import ControlServer

@@ -170,6 +170,14 @@ class Vcpu(FdOwner):
         """KVM_SET_XCRS from a 'struct kvm_xcrs' cdata."""
         self._set("struct kvm_xcrs *", ioctls.KVM_SET_XCRS, "KVM_SET_XCRS", xcrs)
 
+    def get_xsave(self):
+        """KVM_GET_XSAVE as a 'struct kvm_xsave *' (x87, SSE and AVX state in XSAVE layout)."""
+        return self._get("struct kvm_xsave *", ioctls.KVM_GET_XSAVE, "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave):
+        """KVM_SET_XSAVE from a 'struct kvm_xsave' cdata."""
+        self._set("struct kvm_xsave *", ioctls.KVM_SET_XSAVE, "KVM_SET_XSAVE", xsave)
+
     def get_mp_state(self):
         """KVM_GET_MP_STATE as an int (KVM_MP_STATE_*)."""
         return self._get("struct kvm_mp_state *", ioctls.KVM_GET_MP_STATE,
