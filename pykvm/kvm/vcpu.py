@@ -203,8 +203,10 @@ class Vcpu(FdOwner):
         for entry, (index, data) in zip(msrs.entries, items):
             entry.index = index
             entry.data = data
-        # KVM stops at the first MSR it refuses and returns how many it did.
-        return msrs.entries, ioctl(self.fd, request, msrs, name)
+        # KVM stops at the first MSR it refuses and returns how many it did. The entries are
+        # copied out: a cdata field does not keep the struct ffi.new() owns alive.
+        done = ioctl(self.fd, request, msrs, name)
+        return [(e.index, e.data) for e in msrs.entries[0:n]], done
 
     def get_msrs(self, indices, skip_unreadable=False):
         """KVM_GET_MSRS: {index: value}; an MSR KVM refuses raises KvmError(EINVAL), or is skipped."""
@@ -212,7 +214,7 @@ class Vcpu(FdOwner):
         out = {}
         while todo:
             entries, done = self._msr_batch(ioctls.KVM_GET_MSRS, "KVM_GET_MSRS", todo)
-            out.update((e.index, e.data) for e in entries[0:done])
+            out.update(entries[0:done])
             if done < len(todo) and not skip_unreadable:
                 raise KvmError(errno.EINVAL, "KVM_GET_MSRS", f"MSR {todo[done][0]:#x} not readable")
             todo = todo[done + 1:]

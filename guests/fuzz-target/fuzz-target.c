@@ -1,0 +1,117 @@
+/*
+ * fuzz-target: the bundled target for `pykvm fuzz` (and AFL++ through it).
+ *
+ * Each input is a sequence of records; two planted bugs:
+ *  - a command record 'C' whose text starts "PYKVM!" (a multi-byte comparison
+ *    chain, one branch per byte, so coverage leads the fuzzer on) writes
+ *    through a NULL pointer: a page fault (page 0 is unmapped);
+ *  - a data record 'R' t n bytes... is copied into slot t & 3 of a table of
+ *    32-byte slots without checking n against the slot: a malformed length
+ *    from slot 3 overwrites the handler table that follows, and the call
+ *    through it faults.
+ * Other inputs run to completion ("done").
+ *
+ * Serial output: "fuzz-target: ready (driven)\n" or "(standalone)\n" before the
+ * snapshot. Without a driver it runs one empty input and powers off.
+ */
+#include "rt.h"
+
+#define INPUT_SIZE 65536
+
+static struct {
+    struct pykvm_fuzz_input hdr;
+    uint8_t data[INPUT_SIZE];
+} input __attribute__((aligned(4096)));
+
+typedef uint32_t (*handler_t)(const uint8_t *rec, uint32_t n);
+
+static uint32_t sum_handler(const uint8_t *rec, uint32_t n)
+{
+    uint32_t s = 0;
+    for (uint32_t i = 0; i < n && i < 32; i++)
+        s += rec[i];
+    return s;
+}
+
+static uint32_t xor_handler(const uint8_t *rec, uint32_t n)
+{
+    uint32_t s = 0;
+    for (uint32_t i = 0; i < n && i < 32; i++)
+        s ^= (uint32_t)rec[i] << (i & 7);
+    return s;
+}
+
+static struct {
+    uint8_t slot[4][32];
+    handler_t handlers[4];
+} table = { .handlers = { sum_handler, xor_handler, sum_handler, xor_handler } };
+
+static volatile uint32_t sink;
+
+static void command(const uint8_t *p, uint32_t n)
+{
+    if (n >= 6 && p[0] == 'P')
+        if (p[1] == 'Y')
+            if (p[2] == 'K')
+                if (p[3] == 'V')
+                    if (p[4] == 'M')
+                        if (p[5] == '!')
+                            *(volatile uint32_t *)(uintptr_t)0 = 0xdead;   /* planted bug 1 */
+    sink += n;
+}
+
+static void record(uint8_t t, const uint8_t *p, uint32_t n)
+{
+    uint8_t *slot = table.slot[t & 3];
+    for (uint32_t i = 0; i < n; i++)          /* planted bug 2: n is never checked against 32 */
+        slot[i] = p[i];
+    sink += table.handlers[t & 3](slot, n);
+}
+
+static void run(const uint8_t *p, uint32_t len)
+{
+    uint32_t at = 0;
+    while (at < len) {
+        uint8_t kind = p[at++];
+        if (kind == 'C') {
+            if (at >= len)
+                return;
+            uint32_t n = p[at++];
+            if (n > len - at)
+                n = len - at;
+            command(p + at, n);
+            at += n;
+        } else if (kind == 'R') {
+            if (len - at < 2)
+                return;
+            uint8_t t = p[at], n = p[at + 1];
+            at += 2;
+            if (n > len - at)
+                return;
+            record(t, p + at, n);
+            at += n;
+        } else if (kind == 'N') {
+            sink++;
+        } else {
+            return;
+        }
+    }
+}
+
+void kmain(struct pykvm_boot_info *bi)
+{
+    const char *err = bootinfo_validate(bi);
+    if (err)
+        panic("bad boot info: %s", err);
+    if (page_unmap((void *)0))
+        panic("cannot unmap page 0");
+    int driven = fuzz_setup(&input.hdr, INPUT_SIZE);
+    if (driven < 0)
+        panic("input buffer not mapped");
+    printf("fuzz-target: ready (%s)\n", driven ? "driven" : "standalone");
+    fuzz_snapshot();
+    uint32_t len = input.hdr.len < INPUT_SIZE ? input.hdr.len : INPUT_SIZE;
+    run(input.data, len);
+    fuzz_done();
+    poweroff();
+}
