@@ -11,6 +11,12 @@
  *    through it faults.
  * Other inputs run to completion ("done").
  *
+ * With the command line "hostile" three more records let an input attack the
+ * machine itself, for the tests that reset after it (tests/test_fuzz.py):
+ * 'W' addr(8) value(8) stores anywhere (page tables, IDT, GDT, the stack),
+ * 'O' port(2) value(1) writes any I/O port (devices, the fuzz port itself),
+ * 'I' limit(2) base(8) loads an IDT, and 'L' spins forever (a hang).
+ *
  * Serial output: "fuzz-target: ready (driven)\n" or "(standalone)\n" before the
  * snapshot. Without a driver it runs one empty input and powers off.
  */
@@ -47,6 +53,15 @@ static struct {
 } table = { .handlers = { sum_handler, xor_handler, sum_handler, xor_handler } };
 
 static volatile uint32_t sink;
+static int hostile;
+
+static uint64_t rd64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
 
 static void command(const uint8_t *p, uint32_t n)
 {
@@ -92,6 +107,21 @@ static void run(const uint8_t *p, uint32_t len)
             at += n;
         } else if (kind == 'N') {
             sink++;
+        } else if (hostile && kind == 'W' && len - at >= 16) {
+            *(volatile uint64_t *)(uintptr_t)rd64(p + at) = rd64(p + at + 8);
+            at += 16;
+        } else if (hostile && kind == 'O' && len - at >= 3) {
+            outb((uint16_t)(p[at] | p[at + 1] << 8), p[at + 2]);
+            at += 3;
+        } else if (hostile && kind == 'I' && len - at >= 10) {
+            struct { uint16_t limit; uint64_t base; } __attribute__((packed)) idtr;
+            idtr.limit = (uint16_t)(p[at] | p[at + 1] << 8);
+            idtr.base = rd64(p + at + 2);
+            __asm__ volatile("lidt %0" : : "m"(idtr));
+            at += 10;
+        } else if (hostile && kind == 'L') {
+            for (;;)
+                sink++;
         } else {
             return;
         }
@@ -105,6 +135,7 @@ void kmain(struct pykvm_boot_info *bi)
         panic("bad boot info: %s", err);
     if (page_unmap((void *)0))
         panic("cannot unmap page 0");
+    hostile = strcmp(bootinfo_cmdline(bi), "hostile") == 0;
     int driven = fuzz_setup(&input.hdr, INPUT_SIZE);
     if (driven < 0)
         panic("input buffer not mapped");

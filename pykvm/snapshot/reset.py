@@ -24,9 +24,11 @@ import weakref
 
 from ..devices import State, memwindow
 from ..kvm import KvmError
+from ..kvm.abi import ffi
 from ..memory.region import PAGE_SIZE
 from .state import capture_vcpu_structs, load_vcpu_structs
 
+CR3_PWT = 1 << 3
 CHUNK_BITS = 4096                  # dirty-bitmap pages scanned as one integer when not all zero
 _CHUNK_BYTES = CHUNK_BITS // 8
 _ZERO_CHUNK = bytes(_CHUNK_BYTES)
@@ -40,8 +42,6 @@ class _Slot:
     """One RAM region under dirty logging: its memslot and a reusable bitmap buffer."""
 
     def __init__(self, region, slot: int):
-        from ..kvm.abi import ffi
-
         self.region = region
         self.slot = slot
         pages = region.size // PAGE_SIZE
@@ -161,6 +161,10 @@ def take(machine) -> Snapshot:
     msr_indices = machine.kvm.msr_index_list()
     for vcpu in machine.vcpus:
         st = capture_vcpu_structs(vcpu, msr_indices)
+        flush = ffi.new("struct kvm_sregs *")
+        ffi.memmove(flush, st["sregs"], ffi.sizeof("struct kvm_sregs"))
+        flush.cr3 ^= CR3_PWT
+        st["sregs_flush"] = flush
         try:
             st["xsave"] = vcpu.get_xsave()
         except KvmError:
@@ -229,6 +233,10 @@ def restore(machine, snap: Snapshot) -> int:
     snap.compare_all = False
     _restore_devices(machine, snap, devices)
     for vcpu, st in zip(machine.vcpus, snap.vcpus):
+        # KVM resets a vCPU's MMU context (and flushes its guest TLB) only when CR0/CR3/CR4/EFER
+        # change: a run that rewrote page tables may leave translations the snapshot never had,
+        # so CR3 is set once with its write-through bit flipped, then for real
+        vcpu.set_sregs(st["sregs_flush"])
         refused = load_vcpu_structs(vcpu, st)
         for index in refused:          # learnt once: the next reset does not ask again
             st["msrs"].pop(index, None)
