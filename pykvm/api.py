@@ -316,7 +316,7 @@ class VM:
         self._fds: list[int] = []
         self._log = SerialLog(max_transcript)
         self._done = threading.Event()
-        self._thread = self._reader = self._control = self._in_w = self._out_w = None
+        self._thread = self._reader = self._control = self._in_w = self._out_w = self._in_r = None
         self._started = self._paused = False
         self._error: BaseException | None = None
         self._outcome: Outcome | None = None
@@ -340,6 +340,7 @@ class VM:
                 self._fds += [r, w]
                 os.set_blocking(w, False)
                 serial_in, self._in_w = r, w
+                self._in_r = r
             elif serial_input is None or isinstance(serial_input, int) and not isinstance(serial_input, bool):
                 serial_in = serial_input
             else:
@@ -733,10 +734,37 @@ class VM:
         from .snapshot.reset import ResetRefused, restore
 
         m = self._machine_for_reset()
+
+        def go():
+            copied = restore(m, snap)
+            self._drop_serial()
+            return copied
         try:
-            return self._stopped_do(lambda: restore(m, snap))
+            return self._stopped_do(go)
         except ResetRefused as e:
             raise VMError(f"not reset: {e}") from None
+
+    def _drop_serial(self) -> None:
+        """After a reset: output the guest wrote before it, and input it did not read, are not this run's."""
+        import fcntl
+        import termios
+
+        def queued(fd) -> int:
+            buf = bytearray(4)
+            fcntl.ioctl(fd, termios.FIONREAD, buf)
+            return int.from_bytes(buf, "little")
+
+        if self._in_r is not None:
+            while (n := queued(self._in_r)) > 0:
+                os.read(self._in_r, n)
+        if getattr(self, "_out_r", None) is not None and self._reader is not None:
+            deadline = time.monotonic() + 2.0
+            while queued(self._out_r) > 0 and time.monotonic() < deadline:
+                time.sleep(0.0005)          # the reader thread takes what was written before the pause
+        with self._log.cond:
+            self._log.pending.clear()
+        self.before = self.after = b""
+        self.match = self.match_index = None
 
     def _machine_for_reset(self):
         m = self.machine
