@@ -554,7 +554,7 @@ def save_vm(machine, path: str, stop: bool = False, fd: int | None = None) -> di
                 _release(pieces)
                 del pieces
         if stop:
-            from .config import Outcome
+            from ..machine.config import Outcome
 
             stopped = machine.finish(Outcome(0, "saved", f"VM saved to {path} and stopped "
                                               f"(continue it with: pykvm restore {path})"))
