@@ -234,6 +234,20 @@ class Vcpu(FdOwner):
             todo = todo[done + 1:]
         return refused
 
+    def msr_block(self, values):
+        """A prebuilt 'struct kvm_msrs *' of {index: value}, for set_msr_block (a reset loads the same
+        MSRs every time: building the array once saves most of the cost)."""
+        items = list(values.items())
+        block = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for entry, (index, data) in zip(block.entries, items):
+            entry.index = index
+            entry.data = data
+        return block
+
+    def set_msr_block(self, block):
+        """KVM_SET_MSRS of a msr_block(); returns how many KVM set (it stops at the first it refuses)."""
+        return ioctl(self.fd, ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS")
+
     def translate(self, linear_addr):
         """KVM_TRANSLATE a linear address with the vCPU's paging: (gpa, valid, writeable)."""
         tr = ffi.new("struct kvm_translation *", {"linear_address": linear_addr})

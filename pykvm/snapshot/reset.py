@@ -26,7 +26,7 @@ from ..devices import State, memwindow
 from ..kvm import KvmError
 from ..kvm.abi import ffi
 from ..memory.region import PAGE_SIZE
-from .state import capture_vcpu_structs, load_vcpu_structs
+from .state import MSR_TSC_DEADLINE, capture_vcpu_structs, load_vcpu_structs
 
 CR3_PWT = 1 << 3
 CHUNK_BITS = 4096                  # dirty-bitmap pages scanned as one integer when not all zero
@@ -238,10 +238,10 @@ def restore(machine, snap: Snapshot) -> int:
         # so CR3 is set once with its write-through bit flipped, then for real
         vcpu.set_sregs(st["sregs_flush"])
         refused = load_vcpu_structs(vcpu, st)
-        for index in refused:          # learnt once: the next reset does not ask again
-            st["msrs"].pop(index, None)
-        if st["xsave"] is not None:
-            vcpu.set_xsave(st["xsave"])
+        if st.get("msr_block") is None or refused:    # learnt once: later resets load one prebuilt array
+            for index in refused:
+                st["msrs"].pop(index, None)
+            st["msr_block"] = vcpu.msr_block({i: v for i, v in st["msrs"].items() if i != MSR_TSC_DEADLINE})
     if snap.clock is not None:
         try:
             machine.vm.set_clock(snap.clock)

@@ -291,15 +291,26 @@ def capture_vcpu_structs(vcpu, msr_indices) -> dict:
 
 
 def load_vcpu_structs(vcpu, st: dict) -> list[int]:
-    """Load a vCPU from capture_vcpu_structs() data (the order follows QEMU's); returns MSRs KVM refused."""
+    """Load a vCPU from capture_vcpu_structs() data (the order follows QEMU's); returns MSRs KVM refused.
+
+    Optional keys: "xsave" (a struct kvm_xsave, loaded instead of "fpu": it holds the same and more)
+    and "msr_block" (Vcpu.msr_block() of "msrs" less the TSC deadline, which KVM took in full before).
+    """
     vcpu.set_sregs(st["sregs"])
     vcpu.set_regs(st["regs"])
-    vcpu.set_fpu(st["fpu"])
     if st.get("xcrs") is not None:
         vcpu.set_xcrs(st["xcrs"])
-    msrs = dict(st["msrs"])
-    deadline = msrs.pop(MSR_TSC_DEADLINE, None)
-    refused = vcpu.set_msrs(msrs, skip_refused=True)
+    if st.get("xsave") is not None:
+        vcpu.set_xsave(st["xsave"])
+    else:
+        vcpu.set_fpu(st["fpu"])
+    msrs = st["msrs"]
+    deadline = msrs.get(MSR_TSC_DEADLINE)
+    block = st.get("msr_block")
+    if block is not None and vcpu.set_msr_block(block) == block.nmsrs:
+        refused = []
+    else:
+        refused = vcpu.set_msrs({i: v for i, v in msrs.items() if i != MSR_TSC_DEADLINE}, skip_refused=True)
     vcpu.set_mp_state(int(st["mp_state"]))
     vcpu.set_lapic(st["lapic"])
     events = st["events"]
