@@ -73,7 +73,7 @@ def _resets_match(vm, rounds: int) -> None:
 @pytest.mark.parametrize("cpus", [1, 3])
 def test_reset_restores_ram_registers_and_devices(cpus):
     with _scribble_vm(cpus=cpus) as vm:
-        _resets_match(vm, 12)
+        _resets_match(vm, 8)
         dma = vm.machine.built["dma"]
         assert dma.transfers, "the guest never used the DMA engine: host writes went untested"
 

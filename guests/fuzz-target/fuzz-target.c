@@ -6,9 +6,10 @@
  *    chain, one branch per byte, so coverage leads the fuzzer on) writes
  *    through a NULL pointer: a page fault (page 0 is unmapped);
  *  - a data record 'R' t n bytes... is copied into slot t & 3 of a table of
- *    32-byte slots without checking n against the slot: a malformed length
- *    from slot 3 overwrites the handler table that follows, and the call
- *    through it faults.
+ *    32-byte slots without checking n against the slot (nor against the
+ *    input's end): a malformed length (more than the slots left after slot
+ *    t & 3 hold) overwrites the handler table that follows, and the call
+ *    through it faults (#PF at 0 when the bytes were zeros, #GP otherwise).
  * Other inputs run to completion ("done").
  *
  * With the command line "hostile" three more records let an input attack the
@@ -101,9 +102,9 @@ static void run(const uint8_t *p, uint32_t len)
                 return;
             uint8_t t = p[at], n = p[at + 1];
             at += 2;
+            record(t, p + at, n);       /* n may run past the input: the buffer's rest reads as zeros */
             if (n > len - at)
                 return;
-            record(t, p + at, n);
             at += n;
         } else if (kind == 'N') {
             sink++;
