@@ -108,7 +108,7 @@ KVM_REQUESTS = (
     "KVM_GET_DIRTY_LOG", "KVM_GET_XSAVE", "KVM_SET_XSAVE",      # in-memory snapshot and reset (pykvm fuzz)
 )
 # Terminal and descriptor requests Python itself makes: isatty (click, io.open), socket timeouts, CLOEXEC.
-TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
+TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX", "FIONREAD")  # FIONREAD: VM.reset drains serial pipes
 
 # Modules the VMM may import on paths taken after set-up (an internal error's traceback, a crash
 # report, a state save, a control command), with every pure-Python module they import that a

@@ -182,7 +182,7 @@ def main() -> None:
           + ("" if afl else "   (afl-fuzz not installed)"))
     print(f"  (b) in-process API, boot per input:   {b:8.1f} /s")
     print(f"  (c) pykvm run process per input:      {c:8.1f} /s")
-    print(f"  (d) QEMU microvm process per input:   " + (f"{d:8.1f} /s" if d else "   n/a (no qemu-system-x86_64)"))
+    print("  (d) QEMU microvm process per input:   " + (f"{d:8.1f} /s" if d else "   n/a (no qemu-system-x86_64)"))
     if a:
         print(f"  a/c = {a / c:.1f}" + (f"   a/d = {a / d:.1f}" if d else ""))
     x = f"{a / d:.1f}" if a and d else "n/a"

@@ -14,11 +14,9 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

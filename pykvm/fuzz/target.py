@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
+import time
 
 from .. import abi
 from ..errors import EXIT_GUEST_CRASH, EXIT_OK, EXIT_TIMEOUT, PykvmError, EXIT_USAGE
@@ -94,7 +95,15 @@ class FuzzTarget:
         m.device_context.extra["fuzz"] = self
         m.intercept = self._intercept
         self.vm.start()
-        if not self._event.wait(boot_timeout):
+        deadline = time.monotonic() + boot_timeout
+        while not self._event.wait(0.05):
+            if m.done.is_set():
+                out = m.outcome
+                raise FuzzSetupError(f"the guest ended before its snapshot point: {out.message if out else '?'}"
+                                     f"{self._tail()}")
+            if time.monotonic() >= deadline:
+                break
+        if not self._event.is_set():
             raise FuzzSetupError(f"the guest did not call \"snapshot here\" (PYKVM_FUZZ_CMD_SNAPSHOT) within "
                                  f"{boot_timeout:g} s of boot{self._tail()}")
         if self._why != abi.PYKVM_FUZZ_CMD_SNAPSHOT:
@@ -175,8 +184,6 @@ class FuzzTarget:
 
     def wait(self, timeout: float | None = None, cancelled=None, poll: float = 0.02) -> RunResult:
         """Wait for the run to end: "ok", "crash", or "hang" after `timeout` s or once cancelled() says so."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._event.wait(poll):
             if (cancelled is not None and cancelled()) or (deadline is not None and time.monotonic() >= deadline):
