@@ -316,7 +316,7 @@ def load_vcpu_structs(vcpu, st: dict) -> list[int]:
     events = st["events"]
     events.flags |= C.KVM_VCPUEVENT_VALID_NMI_PENDING | C.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     vcpu.set_vcpu_events(events)
-    if deadline is not None:  # after the LAPIC, whose timer mode it depends on
+    if deadline:  # after the LAPIC, whose timer mode it depends on (KVM_SET_LAPIC already disarmed it: 0 needs no write)
         refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
     return refused
 
