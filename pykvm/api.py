@@ -272,7 +272,7 @@ class VM:
         self._fds: list[int] = []
         self._log = SerialLog(max_transcript)
         self._done = threading.Event()
-        self._thread = self._reader = self._control = self._in_w = self._out_w = None
+        self._thread = self._reader = self._control = self._in_w = self._out_w = self._in_r = None
         self._started = self._paused = False
         self._error: BaseException | None = None
         self._outcome: Outcome | None = None
@@ -296,6 +296,7 @@ class VM:
                 self._fds += [r, w]
                 os.set_blocking(w, False)
                 serial_in, self._in_w = r, w
+                self._in_r = r
             elif serial_input is None or isinstance(serial_input, int) and not isinstance(serial_input, bool):
                 serial_in = serial_input
             else:
@@ -665,6 +666,66 @@ class VM:
             return m.call(lambda: save_vm(m, str(path), stop=stop))
         except SaveRefused as e:
             raise VMError(f"not saved: {e}") from None
+
+    def snapshot(self):
+        """The VM's state now (pausing it briefly): vCPUs, devices, RAM; reset(snap) returns to it.
+
+        The first snapshot turns on KVM's dirty-page logging for guest RAM. A snapshot holds a
+        copy of the RAM that held data; close() it (or drop it) to release that.
+        """
+        from .snapshot.reset import ResetRefused, take
+
+        m = self._machine_for_reset()
+        try:
+            return self._stopped_do(lambda: take(m))
+        except ResetRefused as e:
+            raise VMError(f"no snapshot taken: {e}") from None
+
+    def reset(self, snap) -> int:
+        """Put the VM back to `snap` (taken by snapshot() of this VM), restoring only the pages
+        written since; it runs on from there. Returns how many 4 KiB pages were copied back."""
+        from .snapshot.reset import ResetRefused, restore
+
+        m = self._machine_for_reset()
+
+        def go():
+            copied = restore(m, snap)
+            self._drop_serial()
+            return copied
+        try:
+            return self._stopped_do(go)
+        except ResetRefused as e:
+            raise VMError(f"not reset: {e}") from None
+
+    def _drop_serial(self) -> None:
+        """After a reset: output the guest wrote before it, and input it did not read, are not this run's."""
+        import fcntl
+        import termios
+
+        def queued(fd) -> int:
+            buf = bytearray(4)
+            fcntl.ioctl(fd, termios.FIONREAD, buf)
+            return int.from_bytes(buf, "little")
+
+        if self._in_r is not None:
+            while (n := queued(self._in_r)) > 0:
+                os.read(self._in_r, n)
+        if getattr(self, "_out_r", None) is not None and self._reader is not None:
+            deadline = time.monotonic() + 2.0
+            while queued(self._out_r) > 0 and time.monotonic() < deadline:
+                time.sleep(0.0005)          # the reader thread takes what was written before the pause
+        with self._log.cond:
+            self._log.pending.clear()
+        self.before = self.after = b""
+        self.match = self.match_index = None
+
+    def _machine_for_reset(self):
+        m = self.machine
+        if m is None or self._closed:
+            raise VMError("this VM is closed")
+        if self._done.is_set() or m.outcome is not None:
+            raise VMError("the VM has ended: a snapshot or reset needs a VM that runs (or has not started)")
+        return m
 
     def serve_control(self, path) -> None:
         """Serve `pykvm ctl` commands on a unix socket at path until the run ends."""

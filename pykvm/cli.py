@@ -188,6 +188,52 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandb
 
 
 @main.command()
+@click.argument("kernel")
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False),
+              help="Run this one input outside AFL and end with its status (0 done, 16 crash, 18 hang).")
+@click.option("--mem", default="128M", show_default=True, help="Guest RAM (e.g. 64M).")
+@click.option("--cpus", type=click.IntRange(1, 255), default=1, show_default=True, help="vCPUs.")
+@click.option("--cmdline", default="", help="The kernel command line.")
+@click.option("--crash-dir", default="crashes", show_default=True, type=click.Path(file_okay=False),
+              help="Where crash cores and the inputs that caused them are written.")
+@click.option("--no-dump", is_flag=True, help="Write no cores.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="With --input: seconds before the run counts as a hang (under AFL, afl-fuzz -t decides).")
+@click.option("--boot-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds the guest has to reach its \"snapshot here\" call.")
+@click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Confine the VMM with seccomp once set up (off: for debugging).")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def fuzz(kernel, input_file, mem, cpus, cmdline, crash_dir, no_dump, timeout, boot_timeout, sandbox, debug):
+    """Fuzz KERNEL with AFL++: afl-fuzz -i SEEDS -o OUT -- pykvm fuzz KERNEL.
+
+    \b
+    The guest takes the snapshot when ready and runs one input per reset (pykvm_abi.h,
+    PYKVM_PORT_FUZZ); its trace-pc coverage lands in AFL's map. Each distinct crash leaves
+    a core in --crash-dir with the input beside it (named in the core: pykvm inspect).
+    Under afl-fuzz set AFL_SKIP_BIN_CHECK=1 (the target is not an instrumented ELF) and
+    allow for the boot with AFL_FORKSRV_INIT_TMOUT (ms).
+    """
+    from .fuzz import driver
+
+    def go():
+        crash = None if no_dump else crash_dir
+        if crash is not None:
+            os.makedirs(crash, exist_ok=True)
+            _check_crash_dir(crash)
+        size = parse_size(mem)
+        opts = dict(mem=size, cpus=cpus, cmdline=cmdline, crash_dir=crash, boot_timeout=boot_timeout,
+                    sandbox=sandbox == "on")
+        if input_file is not None:
+            status = driver.reproduce(kernel, input_file, timeout, **opts)
+        else:
+            status = driver.under_afl(kernel, **opts)
+        _leave(status)
+
+    _guard(go, debug)
+
+
+@main.command()
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def info(debug):
     """Show the KVM capabilities pykvm relies on, with a verdict."""

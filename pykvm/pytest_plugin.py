@@ -8,6 +8,15 @@ Fixtures
                   one directory per test, so parallel runs (pytest -n) never share one.
   pykvm_config    the options of the current pykvm_matrix case ({} without the marker); pykvm_vm
                   applies them under the options a test passes itself.
+  pykvm_snapshot_vm
+                  factory: pykvm_snapshot_vm(kernel=None, ready=PATTERN, **options) -> a running VM
+                  reset to its ready point. The kernel boots once per session (per kernel and
+                  options) until `ready` appears on its serial port (bytes/str/re.Pattern, as
+                  expect) or, with ready="guest", until it makes the "snapshot here" call
+                  (pykvm_abi.h PYKVM_PORT_FUZZ); there it is snapshotted, and each test gets it
+                  reset to that point in microseconds to milliseconds instead of a boot. Serial
+                  output and input left from an earlier test are dropped. A test that ends the
+                  VM (power-off, crash) makes the next one boot afresh.
 Marker
   @pytest.mark.pykvm_matrix(cpus=[1, 2], mem=["64M", "128M"], trust=["trusted", "untrusted"])
                   runs the test once per combination (ids like "cpus=2-mem=64M-trust=untrusted").
@@ -102,6 +111,91 @@ def pykvm_vm(request, tmp_path, pykvm_config):
     for vm in vms:
         vm.close()
     _record_cores(request.node)
+
+
+_POOL = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def _pykvm_snapshot_pool(request, tmp_path_factory):
+    """Booted VMs with their snapshots, per (kernel, ready, options), closed at the session's end."""
+    pool = request.config.stash.setdefault(_POOL, {})
+    pool["_crash_dir"] = tmp_path_factory.mktemp("pykvm-snapshot-crashes")
+    yield pool
+    for key, entry in list(pool.items()):
+        if key != "_crash_dir":
+            entry[1].close()
+            entry[0].close()
+    pool.clear()
+
+
+@pytest.fixture
+def pykvm_snapshot_vm(request, _pykvm_snapshot_pool, pykvm_config):
+    """Factory: pykvm_snapshot_vm(kernel=None, ready=PATTERN, **options) -> a VM reset to its ready point."""
+    config = request.config
+    default_kernel = _default_kernel(config)
+    used = request.node.stash.setdefault(_SNAP_VMS, [])
+
+    def get(kernel=None, ready=None, **options):
+        kernel = kernel if kernel is not None else default_kernel
+        if kernel is None:
+            raise pytest.UsageError("pykvm_snapshot_vm(): no kernel given and no --pykvm-kernel / pykvm_kernel setting")
+        if ready is None:
+            raise pytest.UsageError("pykvm_snapshot_vm(): give ready=PATTERN (serial output) or ready=\"guest\"")
+        opts = {**pykvm_config, **options}
+        key = (str(kernel), repr(ready), repr(sorted(opts.items())))
+        entry = _pykvm_snapshot_pool.get(key)
+        if entry is not None and entry[0].outcome is None:
+            vm, snap = entry
+            vm.reset(snap)
+        else:
+            if entry is not None:
+                entry[1].close()
+                entry[0].close()
+            vm, snap = _boot_to_snapshot(kernel, ready, opts, _pykvm_snapshot_pool["_crash_dir"])
+            _pykvm_snapshot_pool[key] = (vm, snap)
+        used.append(vm)
+        return vm
+
+    yield get
+
+
+_SNAP_VMS = pytest.StashKey[list]()
+
+
+def _boot_to_snapshot(kernel, ready, opts: dict, crash_dir):
+    """Boot a VM to its ready point and snapshot it there: (vm, snapshot)."""
+    from pykvm.api import VM
+
+    opts = {"crash_dir": crash_dir, **opts}
+    opts.pop("timeout", None)          # the VM lives for the whole session; expect() bounds each wait
+    if ready == "guest":
+        from pykvm.snapshot.point import GuestSnapshotPoint
+
+        opts["devices"] = list(opts.get("devices", ())) + ["fuzz"]
+        vm = VM(kernel, start=False, **opts)
+        try:
+            point = GuestSnapshotPoint(vm.machine)
+            vm.start()
+            if not point.wait(60):
+                raise pytest.fail(f"{kernel}: no \"snapshot here\" call within 60 s of boot", pytrace=False)
+            vm.pause()
+            snap = vm.snapshot()
+            vm.resume()
+        except BaseException:
+            vm.close()
+            raise
+        return vm, snap
+    vm = VM(kernel, **opts)
+    try:
+        vm.expect(ready, timeout=60)
+        vm.pause()
+        snap = vm.snapshot()
+        vm.resume()
+    except BaseException:
+        vm.close()
+        raise
+    return vm, snap
 
 
 def _default_kernel(config):

@@ -68,6 +68,7 @@ ALLOWED = {
     "sched_yield": "lock back-off",
     "sched_getaffinity": "glibc asks for the usable CPU set (seen with 4 vCPUs running the IOAPIC test); read-only",
     "getpid": "pthread_kill names the thread group in tgkill",
+    "pidfd_open": "pykvm fuzz watches the sentinel process afl-fuzz kills on a hang (no signal can be sent)",
     "gettid": "thread identity (glibc, Python)",
     "exit": "a thread ending",
     "exit_group": "the process ending",
@@ -115,9 +116,10 @@ KVM_REQUESTS = (
     "KVM_CHECK_EXTENSION", "KVM_GET_MSR_INDEX_LIST", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
     "KVM_SET_USER_MEMORY_REGION", "KVM_IRQ_LINE", "KVM_REGISTER_COALESCED_MMIO",
     "KVM_UNREGISTER_COALESCED_MMIO", "KVM_IOEVENTFD", "KVM_IRQFD", "KVM_SET_GSI_ROUTING", "KVM_SIGNAL_MSI",
+    "KVM_GET_DIRTY_LOG", "KVM_GET_XSAVE", "KVM_SET_XSAVE",      # in-memory snapshot and reset (pykvm fuzz)
 )
 # Terminal and descriptor requests Python itself makes: isatty (click, io.open), socket timeouts, CLOEXEC.
-TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX")
+TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX", "FIONREAD")  # FIONREAD: VM.reset drains serial pipes
 
 # Modules the VMM may import on paths taken after set-up (an internal error's traceback, a crash
 # report, a state save, a control command). lateimport holds them in memory while files can still

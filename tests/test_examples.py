@@ -24,7 +24,7 @@ def test_calc_example_builds_and_its_tests_pass(pytester, tmp_path):
     result = pytester.runpytest_subprocess(
         *plugin_args(), "-c", str(CALC / "pytest.ini"), "-p", "no:cacheprovider", "-rs",
         "--pykvm-kernel", str(kernel), str(CALC / "tests"), timeout=600)
-    result.assert_outcomes(passed=13, skipped=1)
+    result.assert_outcomes(passed=14, skipped=1)
     assert not (CALC / "build").exists()   # everything went to tmp_path
 
 

@@ -126,3 +126,34 @@ def test_parallel_runs_write_cores_to_distinct_directories(pytester):
     cores = [Path(p.attrib["value"]) for p in ET.parse(xml).iter("property") if p.attrib["name"] == "pykvm_core"]
     assert len(cores) == 2 and all(c.is_file() for c in cores)
     assert cores[0].parent != cores[1].parent
+
+
+@pytest.mark.kvm
+def test_snapshot_fixture_hands_each_test_the_vm_reset_to_its_ready_point(pytester):
+    pytester.makepyfile("""
+        import struct
+
+        SCRATCH = 0x3f00000      # guest RAM the scribble guest never writes
+
+        def test_first(pykvm_snapshot_vm):
+            vm = pykvm_snapshot_vm("scribble", ready=b" cpus\\n", mem="64M", cpus=2)
+            assert vm.read_phys(SCRATCH, 8) == bytes(8)
+            vm.write_phys(SCRATCH, b"leftover")
+            vm.send(b"unread input")
+
+        def test_second(pykvm_snapshot_vm):
+            vm = pykvm_snapshot_vm("scribble", ready=b" cpus\\n", mem="64M", cpus=2)
+            assert vm.read_phys(SCRATCH, 8) == bytes(8)       # the first test's write is gone
+            assert vm.running
+
+        def test_guest_call_ready_point_and_a_test_that_ends_the_vm(pykvm_snapshot_vm):
+            for _ in range(2):           # the first run crashes the VM: the second boots afresh
+                vm = pykvm_snapshot_vm("fuzz-target", ready="guest", mem="64M")
+                port = vm.machine.built["fuzz"]
+                vm.pause()
+                vm.write_phys(port.input_gpa, struct.pack("<II", 8, 0) + b"CxPYKVM!")
+                vm.resume()
+                out = vm.wait(60)
+                assert out.kind == "crash" and "page fault" in out.reason
+    """)
+    pytester.runpytest(*plugin_args(), "-p", "no:cacheprovider").assert_outcomes(passed=3)

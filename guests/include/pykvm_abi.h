@@ -776,4 +776,39 @@ struct pykvm_xfer_range {
 #define PYKVM_PORT_BUS_DOORBELL 0x590
 #define PYKVM_BUS_VECTOR 0x50
 
+/* ---- snapshot fuzzing (pykvm fuzz; pykvm/devices/fuzzport.py, pykvm/fuzz/) ----
+ * The guest names its input buffer (a struct pykvm_fuzz_input followed by
+ * INPUT_SIZE bytes of data; guest-physical) with 32-bit writes, then writes
+ * CMD_SNAPSHOT to COMMAND: the VMM takes its snapshot there, writes an input
+ * into the buffer and lets the guest go on. The guest runs the input and
+ * writes CMD_DONE (or crashes, or writes CMD_CRASH for a bug it detected):
+ * the VMM resets the VM to the snapshot, so CMD_SNAPSHOT returns again with
+ * the next input. Reading COMMAND gives STATE_DRIVEN under pykvm fuzz (then
+ * AFL's coverage map is RAM at MAP_ADDR, MAP_SIZE bytes) and STATE_IDLE
+ * otherwise (commands are then ignored and nothing is mapped there). Edges
+ * are recorded AFL-style: map[cur ^ prev]++, prev = cur >> 1. */
+#define PYKVM_PORT_FUZZ 0x5d0
+#define PYKVM_FUZZ_PORTS 16
+#define PYKVM_FUZZ_INPUT_LO 0
+#define PYKVM_FUZZ_INPUT_HI 4
+#define PYKVM_FUZZ_INPUT_SIZE 8
+#define PYKVM_FUZZ_COMMAND 12
+#define PYKVM_FUZZ_CMD_SNAPSHOT 1
+#define PYKVM_FUZZ_CMD_DONE 2
+#define PYKVM_FUZZ_CMD_CRASH 3
+#define PYKVM_FUZZ_STATE_IDLE 0
+#define PYKVM_FUZZ_STATE_DRIVEN 1
+#define PYKVM_FUZZ_MAP_ADDR 0xdc000000
+#define PYKVM_FUZZ_MAP_SIZE 65536
+/* inputs longer than the buffer are cut to INPUT_SIZE; at most this many bytes */
+#define PYKVM_FUZZ_INPUT_MAX 1048576
+
+#ifndef __ASSEMBLER__
+struct pykvm_fuzz_input {
+    uint32_t len;              /* bytes of data that hold this run's input */
+    uint32_t reserved;
+    uint8_t data[];
+};
+#endif
+
 #endif

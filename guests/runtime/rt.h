@@ -99,6 +99,21 @@ uint64_t va_to_pa(const void *va);
  * the crash guests to make page 0 and stack guard pages fault. */
 int page_unmap(const void *va);
 
+/* ---- snapshot fuzzing [64] (runtime/fuzz.c; pykvm_abi.h PYKVM_PORT_FUZZ) ----
+ * fuzz_setup(in, size) names the input buffer (in->data holds size bytes):
+ * 1 under `pykvm fuzz` (coverage is recorded from then on), 0 without a
+ * driver, -1 if `in` is not mapped. fuzz_snapshot() is "snapshot here": it
+ * returns with in->len bytes of input in in->data (under a driver; without
+ * one, in->len stays as it was). fuzz_done() ends the run: the VMM resets the
+ * VM to the snapshot (without a driver it returns). fuzz_crash() reports a
+ * bug the guest found itself. __sanitizer_cov_trace_pc is the callback of
+ * gcc -fsanitize-coverage=trace-pc. */
+int fuzz_setup(struct pykvm_fuzz_input *in, uint32_t size);
+void fuzz_snapshot(void);
+void fuzz_done(void);
+void fuzz_crash(void);
+void __sanitizer_cov_trace_pc(void);
+
 /* ---- application processors [64] ----
  * rt_ap_start(cpu, entry) starts the AP with APIC id `cpu` (== vCPU index)
  * with INIT, SIPI, SIPI.  The real-mode trampoline (runtime/ap_trampoline.S)

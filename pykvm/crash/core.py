@@ -105,6 +105,38 @@ def write_core_file(snapshot: CrashSnapshot, crash_dir, prefix: str = "pykvm", *
             os.close(dfd)
 
 
+def write_companion(core_path: str, suffix: str, data: bytes) -> str:
+    """Write `data` beside a core written by write_core_file, named the core's name + suffix (never
+    replacing a file), the way cores are written (so it works under the sandbox); its path."""
+    crash_dir, _slash, base = str(core_path).rpartition("/")
+    crash_dir = clean(crash_dir or ".")
+    dfd = _held.get(crash_dir)
+    own = dfd is None
+    if own:
+        dfd = _open_dir(crash_dir)
+    try:
+        fd, tmp = _create_temp(dfd, crash_dir, "pykvm")
+        name = _rel(dfd, base + suffix)
+        try:
+            try:
+                _pwrite_all(fd, memoryview(data), 0)
+                os.fsync(fd)
+                if tmp is None:
+                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
+                else:
+                    os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                    os.unlink(tmp, dir_fd=dfd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _unlink_quietly(tmp, dfd)
+            raise CoreWriteError(_explain(e, f"cannot write {base + suffix} in {crash_dir}")) from e
+    finally:
+        if own:
+            os.close(dfd)
+    return f"{core_path}{suffix}"
+
+
 # -- headers and notes -------------------------------------------------------
 
 def _headers(snap: CrashSnapshot, layout: Layout, written: int) -> tuple[bytes, int]:

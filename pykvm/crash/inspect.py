@@ -10,6 +10,7 @@ from .reader import CoreFile
 from .symbols import SymbolError, SymbolTable
 from .x86 import pf_error_text, vector_name
 
+INPUT_SUFFIX = ".input"   # pykvm fuzz writes a crash's input beside its core, named the core's name + this
 MAX_FRAMES = 64          # the rbp chain is guest data: bound the walk
 MAX_FRAME_SIZE = 1 << 20  # a caller's frame more than this above its callee ends the walk
 INSNS_BEFORE = 6
@@ -326,6 +327,10 @@ def render_text(report: dict) -> str:
     if report.get("exit_reason"):
         out.append(f"  exit reason:   {report['exit_reason']}")
     out.append(f"  crashing vCPU: {report.get('crashing_vcpu')} of {len(report['vcpus'])}")
+    fuzz = (report.get("config") or {}).get("fuzz_input")
+    if isinstance(fuzz, dict) and fuzz.get("suffix") == INPUT_SUFFIX:
+        out.append(f"  fuzz input:    {report['core']}{INPUT_SUFFIX} ({fuzz.get('bytes')} bytes, "
+                   f"sha256 {fuzz.get('sha256')}; rerun: pykvm fuzz KERNEL --input FILE)")
     out.append(f"  written by:    pykvm {report.get('pykvm_version')} at {report.get('created')}")
     if report.get("symbols_error"):
         out.append(f"  symbols:       {report['symbols_error']}")

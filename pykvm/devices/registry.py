@@ -201,6 +201,9 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                lambda ctx, o: _import("pykvm.devices.busctl:BusControl")(bus=ctx.bus)),
     DeviceType("echo-port", "trapped echo device (the bus benchmark's reference)", "pykvm.devices.echoport:EchoPort",
                _simple("pykvm.devices.echoport:EchoPort"), {"base": "port"}),
+    DeviceType("fuzz", "snapshot fuzzing port (0x5d0): the input buffer and snapshot/done/crash calls "
+               "(added by pykvm fuzz)", "pykvm.devices.fuzzport:FuzzPort",
+               lambda ctx, o: _import("pykvm.devices.fuzzport:FuzzPort")(extra=ctx.extra)),
     DeviceType("ioapic", "I/O APIC at 0xfec00000 for the split irqchip (added with any device that raises IRQs)",
                "pykvm.devices.ioapic:IoApic",
                lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(

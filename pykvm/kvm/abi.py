@@ -395,6 +395,19 @@ struct kvm_clock_data {
     uint32_t pad[4];
 };
 
+struct kvm_xsave {
+    uint32_t region[1024];                 /* the legacy 4 KiB XSAVE area (KVM_GET_XSAVE) */
+};
+
+struct kvm_dirty_log {
+    uint32_t slot;
+    uint32_t padding1;
+    union {
+        void *dirty_bitmap;                /* one bit per page of the slot */
+        uint64_t padding2;
+    };
+};
+
 struct kvm_msi {
     uint32_t address_lo;
     uint32_t address_hi;

@@ -170,6 +170,14 @@ class Vcpu(FdOwner):
         """KVM_SET_XCRS from a 'struct kvm_xcrs' cdata."""
         self._set("struct kvm_xcrs *", ioctls.KVM_SET_XCRS, "KVM_SET_XCRS", xcrs)
 
+    def get_xsave(self):
+        """KVM_GET_XSAVE as a 'struct kvm_xsave *' (x87, SSE and AVX state in XSAVE layout)."""
+        return self._get("struct kvm_xsave *", ioctls.KVM_GET_XSAVE, "KVM_GET_XSAVE")
+
+    def set_xsave(self, xsave):
+        """KVM_SET_XSAVE from a 'struct kvm_xsave' cdata."""
+        self._set("struct kvm_xsave *", ioctls.KVM_SET_XSAVE, "KVM_SET_XSAVE", xsave)
+
     def get_mp_state(self):
         """KVM_GET_MP_STATE as an int (KVM_MP_STATE_*)."""
         return self._get("struct kvm_mp_state *", ioctls.KVM_GET_MP_STATE,
@@ -195,8 +203,10 @@ class Vcpu(FdOwner):
         for entry, (index, data) in zip(msrs.entries, items):
             entry.index = index
             entry.data = data
-        # KVM stops at the first MSR it refuses and returns how many it did.
-        return msrs.entries, ioctl(self.fd, request, msrs, name)
+        # KVM stops at the first MSR it refuses and returns how many it did. The entries are
+        # copied out: a cdata field does not keep the struct ffi.new() owns alive.
+        done = ioctl(self.fd, request, msrs, name)
+        return [(e.index, e.data) for e in msrs.entries[0:n]], done
 
     def get_msrs(self, indices, skip_unreadable=False):
         """KVM_GET_MSRS: {index: value}; an MSR KVM refuses raises KvmError(EINVAL), or is skipped."""
@@ -204,7 +214,7 @@ class Vcpu(FdOwner):
         out = {}
         while todo:
             entries, done = self._msr_batch(ioctls.KVM_GET_MSRS, "KVM_GET_MSRS", todo)
-            out.update((e.index, e.data) for e in entries[0:done])
+            out.update(entries[0:done])
             if done < len(todo) and not skip_unreadable:
                 raise KvmError(errno.EINVAL, "KVM_GET_MSRS", f"MSR {todo[done][0]:#x} not readable")
             todo = todo[done + 1:]
@@ -223,6 +233,20 @@ class Vcpu(FdOwner):
                 refused.append(todo[done][0])
             todo = todo[done + 1:]
         return refused
+
+    def msr_block(self, values):
+        """A prebuilt 'struct kvm_msrs *' of {index: value}, for set_msr_block (a reset loads the same
+        MSRs every time: building the array once saves most of the cost)."""
+        items = list(values.items())
+        block = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for entry, (index, data) in zip(block.entries, items):
+            entry.index = index
+            entry.data = data
+        return block
+
+    def set_msr_block(self, block):
+        """KVM_SET_MSRS of a msr_block(); returns how many KVM set (it stops at the first it refuses)."""
+        return ioctl(self.fd, ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS")
 
     def translate(self, linear_addr):
         """KVM_TRANSLATE a linear address with the vCPU's paging: (gpa, valid, writeable)."""

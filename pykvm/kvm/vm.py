@@ -67,6 +67,14 @@ class Vm(FdOwner):
             "memory_size": size, "userspace_addr": host_addr})
         ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
+    def get_dirty_log(self, slot, bitmap):
+        """KVM_GET_DIRTY_LOG: fill ``bitmap`` (a cdata array, one bit per page of the slot) with the
+        pages written since the last call, and start logging afresh (the slot needs
+        KVM_MEM_LOG_DIRTY_PAGES)."""
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
     def set_tss_addr(self, addr):
         """KVM_SET_TSS_ADDR: three guest pages Intel VMX needs for real-mode emulation."""
         ioctl(self.fd, ioctls.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")

@@ -97,6 +97,10 @@ class Machine:
         self.eoi_handler = None          # the userspace IOAPIC's eoi(vector) under the split irqchip
         self.extint = None               # the userspace 8259 pair (PicPair) whose output is the BSP's LINT0
         self.eoi_watch = None            # eoi_watch.EoiWatch beside the userspace IOAPIC
+        self.reset_tracker = None        # snapshot.reset.Tracker once an in-memory snapshot was taken
+        # fn(outcome) -> bool, asked before an outcome ends the run: True keeps the VM alive (a fuzz
+        # driver takes a crash, writes its core and resets instead); called on the thread that saw it
+        self.intercept = None
         try:
             self._build()
         except errors.PykvmError as e:
@@ -153,6 +157,7 @@ class Machine:
             raise errors.MemorySizeError(f"cannot allocate {cfg.mem >> 20} MiB of guest memory: {e.strerror}") from None
         for slot, region in enumerate(self.memory.regions):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+            region.slot = slot
         self.windows.probe(self.vm)
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
@@ -274,6 +279,9 @@ class Machine:
 
     def finish(self, outcome: Outcome) -> bool:
         """Record the first outcome only (later ones, other vCPUs stopping, are dropped); True if it was first."""
+        intercept = self.intercept
+        if intercept is not None and intercept(outcome):
+            return False
         with self._outcome_lock:
             if self.outcome is not None:
                 return False

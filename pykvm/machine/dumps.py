@@ -59,7 +59,8 @@ class Dumper:
                 exit_reason=outcome.details.get("exit_reason"), serial_tail=m.serial.output_tail(),
                 config={"kernel": str(cfg.kernel), "mem": cfg.mem, "cpus": cfg.cpus, "cmdline": cfg.cmdline,
                         "irqchip": cfg.irqchip, "protocol": m.plan.image.protocol if m.plan else None,
-                        "pvpanic_events": list(m.pvpanic.events)},
+                        "pvpanic_events": list(m.pvpanic.events),
+                        **({"fuzz_input": outcome.details["fuzz_input"]} if "fuzz_input" in outcome.details else {})},
                 crash_info=guest_crash_info(m.memory, m.plan),
                 bus=m.bus.snapshot() if m.bus is not None else m.bus_final,
                 screen=read_screen(m.memory), screen_cursor=_cursor(m))

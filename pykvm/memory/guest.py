@@ -14,6 +14,7 @@ GIB = 1 << 30
 # KVM refuses a memory slot of 2^31 pages or more (KVM_MEM_MAX_NR_PAGES): RAM above the hole
 # is split into slots of at most this size, each its own region.
 MAX_REGION_BYTES = 4 << 40
+HOST_WRITES_MAX = 65536
 
 
 def plan_ram(size: int, hole_start: int, hole_end: int = 4 * GIB) -> list[tuple[int, int]]:
@@ -39,6 +40,10 @@ class GuestMemory:
             if a.end > b.gpa:
                 raise GuestMemoryError(f"RAM regions {a.name} and {b.name} overlap")
         self._index = (self.regions, [r.gpa for r in self.regions])
+        # While a reset tracker (snapshot/reset.py) listens: (gpa, length) of every view() handed out,
+        # since host writes to RAM are not in KVM's dirty log; past HOST_WRITES_MAX entries, overflow.
+        self.host_writes: list | None = None
+        self.host_writes_overflow = False
 
     @classmethod
     def create(cls, size: int, hole_start: int) -> "GuestMemory":
@@ -105,6 +110,12 @@ class GuestMemory:
         if r is None:
             raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
         off = gpa - r.gpa
+        hw = self.host_writes
+        if hw is not None:
+            if len(hw) < HOST_WRITES_MAX:
+                hw.append((gpa, length))
+            else:
+                self.host_writes_overflow = True
         return r.view[off:off + length]
 
     def read(self, gpa: int, length: int) -> bytes:

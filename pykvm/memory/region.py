@@ -32,6 +32,7 @@ class MemoryRegion:
         self.size = size
         self.name = name
         self.node = node
+        self.slot: int | None = None      # its KVM memslot once the machine registered it
         self.fd = os.memfd_create(f"pykvm-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)

@@ -290,44 +290,79 @@ def _struct(ctype: str, data: bytes):
     return obj
 
 
-def capture_vcpu(vcpu, msr_indices) -> dict:
-    """One paused vCPU's state as JSON data."""
+def capture_vcpu_structs(vcpu, msr_indices) -> dict:
+    """One paused vCPU's state as KVM structs (cdata) plus "mp_state" and "msrs" ({index: value});
+    "xcrs" is None where KVM has none. The state file and the in-memory snapshot both build on this."""
     try:
-        xcrs = _raw(vcpu.get_xcrs()).hex()
+        xcrs = vcpu.get_xcrs()
     except KvmError:
         xcrs = None
     return {
-        "index": vcpu.index,
-        "regs": _raw(vcpu.get_regs()).hex(),
-        "sregs": _raw(vcpu.get_sregs()).hex(),
-        "fpu": _raw(vcpu.get_fpu()).hex(),
+        "regs": vcpu.get_regs(),
+        "sregs": vcpu.get_sregs(),
+        "fpu": vcpu.get_fpu(),
         "xcrs": xcrs,
-        "lapic": _raw(vcpu.get_lapic()).hex(),
-        "events": _raw(vcpu.get_vcpu_events()).hex(),
+        "lapic": vcpu.get_lapic(),
+        "events": vcpu.get_vcpu_events(),
         "mp_state": vcpu.get_mp_state(),
-        "msrs": {f"{i:#x}": v for i, v in vcpu.get_msrs(msr_indices, skip_unreadable=True).items()},
+        "msrs": vcpu.get_msrs(msr_indices, skip_unreadable=True),
     }
 
 
-def restore_vcpu(vcpu, st: dict) -> list[int]:
-    """Load a vCPU from capture_vcpu() data (the order follows QEMU's); returns MSRs KVM refused."""
-    h = bytes.fromhex
-    vcpu.set_sregs(_struct("struct kvm_sregs", h(st["sregs"])))
-    vcpu.set_regs(_struct("struct kvm_regs", h(st["regs"])))
-    vcpu.set_fpu(_struct("struct kvm_fpu", h(st["fpu"])))
-    if st.get("xcrs"):
-        vcpu.set_xcrs(_struct("struct kvm_xcrs", h(st["xcrs"])))
-    msrs = {int(k, 16): int(v) for k, v in st["msrs"].items()}
-    deadline = msrs.pop(MSR_TSC_DEADLINE, None)
-    refused = vcpu.set_msrs(msrs, skip_refused=True)
+def load_vcpu_structs(vcpu, st: dict) -> list[int]:
+    """Load a vCPU from capture_vcpu_structs() data (the order follows QEMU's); returns MSRs KVM refused.
+
+    Optional keys: "xsave" (a struct kvm_xsave, loaded instead of "fpu": it holds the same and more)
+    and "msr_block" (Vcpu.msr_block() of "msrs" less the TSC deadline, which KVM took in full before).
+    """
+    vcpu.set_sregs(st["sregs"])
+    vcpu.set_regs(st["regs"])
+    if st.get("xcrs") is not None:
+        vcpu.set_xcrs(st["xcrs"])
+    if st.get("xsave") is not None:
+        vcpu.set_xsave(st["xsave"])
+    else:
+        vcpu.set_fpu(st["fpu"])
+    msrs = st["msrs"]
+    deadline = msrs.get(MSR_TSC_DEADLINE)
+    block = st.get("msr_block")
+    if block is not None and vcpu.set_msr_block(block) == block.nmsrs:
+        refused = []
+    else:
+        refused = vcpu.set_msrs({i: v for i, v in msrs.items() if i != MSR_TSC_DEADLINE}, skip_refused=True)
     vcpu.set_mp_state(int(st["mp_state"]))
-    vcpu.set_lapic(_struct("struct kvm_lapic_state", h(st["lapic"])))
-    events = _struct("struct kvm_vcpu_events", h(st["events"]))
+    vcpu.set_lapic(st["lapic"])
+    events = st["events"]
     events.flags |= C.KVM_VCPUEVENT_VALID_NMI_PENDING | C.KVM_VCPUEVENT_VALID_SIPI_VECTOR
     vcpu.set_vcpu_events(events)
-    if deadline is not None:  # after the LAPIC, whose timer mode it depends on
+    if deadline:  # after the LAPIC, whose timer mode it depends on (KVM_SET_LAPIC already disarmed it: 0 needs no write)
         refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
     return refused
+
+
+_VCPU_STRUCTS = (("regs", "struct kvm_regs"), ("sregs", "struct kvm_sregs"), ("fpu", "struct kvm_fpu"),
+                 ("lapic", "struct kvm_lapic_state"), ("events", "struct kvm_vcpu_events"))
+
+
+def capture_vcpu(vcpu, msr_indices) -> dict:
+    """One paused vCPU's state as JSON data."""
+    st = capture_vcpu_structs(vcpu, msr_indices)
+    out = {"index": vcpu.index}
+    out.update((name, _raw(st[name]).hex()) for name, _ctype in _VCPU_STRUCTS)
+    out["xcrs"] = _raw(st["xcrs"]).hex() if st["xcrs"] is not None else None
+    out["mp_state"] = st["mp_state"]
+    out["msrs"] = {f"{i:#x}": v for i, v in st["msrs"].items()}
+    return out
+
+
+def restore_vcpu(vcpu, st: dict) -> list[int]:
+    """Load a vCPU from capture_vcpu() data; returns MSRs KVM refused."""
+    h = bytes.fromhex
+    structs = {name: _struct(ctype, h(st[name])) for name, ctype in _VCPU_STRUCTS}
+    structs["xcrs"] = _struct("struct kvm_xcrs", h(st["xcrs"])) if st.get("xcrs") else None
+    structs["mp_state"] = int(st["mp_state"])
+    structs["msrs"] = {int(k, 16): int(v) for k, v in st["msrs"].items()}
+    return load_vcpu_structs(vcpu, structs)
 
 
 # ------------------------------------------------------------------ configuration

@@ -1,0 +1,1 @@
+"""Snapshot fuzzing: a guest kernel as an AFL++ forkserver target (`pykvm fuzz`)."""

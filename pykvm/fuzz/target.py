@@ -1,0 +1,257 @@
+"""One guest kernel as a fuzz target: boot to its "snapshot here" call, then run input after input,
+each from the same snapshot (snapshot/reset.py), telling how each run ended.
+
+The guest's side is in pykvm_abi.h (PYKVM_PORT_FUZZ). A run ends when the guest calls "done"
+(or powers off or exits), crashes (any way the machine reports a crash, or the guest's
+"crash" call), or the caller gives up on it (a hang). The VM never ends between runs: the
+machine's intercept hook takes each crash instead of stopping the VM, and the driver writes
+its core (one per distinct crash site) with the input beside it, named in the core's note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import time
+
+from .. import abi
+from ..errors import EXIT_GUEST_CRASH, EXIT_OK, EXIT_TIMEOUT, PykvmError, EXIT_USAGE
+
+INPUT_SUFFIX = ".input"                      # the input beside its core (crash/inspect.py shows it)
+INPUT_HEADER = struct.Struct("<II")          # struct pykvm_fuzz_input: len, reserved
+MAX_CORES = 64                              # distinct crash sites given a core per session
+
+# wait statuses reported to AFL: a crash as the signal that would have killed a native target
+SIGABRT, SIGKILL, SIGSEGV = 6, 9, 11
+
+
+class FuzzSetupError(PykvmError):
+    """The guest never reached its snapshot point, or named an input buffer pykvm cannot use."""
+
+    exit_status = EXIT_USAGE
+
+
+class RunResult:
+    """How one input's run ended: kind "ok", "crash" or "hang"; the machine Outcome of a crash."""
+
+    __slots__ = ("kind", "outcome", "core", "core_error", "input_file")
+
+    def __init__(self, kind: str, outcome=None):
+        self.kind = kind
+        self.outcome = outcome
+        self.core = self.core_error = self.input_file = None
+
+    @property
+    def wait_status(self) -> int:
+        """The status word a forkserver reports: 0, or the signal a native crash would be."""
+        if self.kind == "ok":
+            return 0
+        if self.kind == "hang":
+            return SIGKILL
+        trigger = getattr(self.outcome, "trigger", None)
+        return SIGABRT if trigger in ("pvpanic", "fuzz-crash") else SIGSEGV
+
+    @property
+    def exit_status(self) -> int:
+        """What `pykvm fuzz --input` exits with."""
+        return {"ok": EXIT_OK, "crash": EXIT_GUEST_CRASH, "hang": EXIT_TIMEOUT}[self.kind]
+
+
+class FuzzTarget:
+    """A booted guest paused at its snapshot point; run(data) runs one input from there."""
+
+    def __init__(self, kernel, coverage, *, mem="128M", cpus: int = 1, cmdline: str = "", crash_dir=None,
+                 boot_timeout: float = 60.0, console=None, cores: bool = True):
+        from ..api import VM
+
+        self.coverage = coverage
+        self.crash_dir = crash_dir
+        self.cores = cores
+        self._event = threading.Event()
+        self._why = None                   # a PYKVM_FUZZ_CMD_* value or a machine Outcome
+        self._armed = False
+        self._pending: RunResult | None = None
+        self._input = b""
+        self.snap = None
+        self.sites: set = set()
+        self.runs = self.crashes = self.hangs = 0
+        self.vm = VM(kernel, mem=mem, cpus=cpus, cmdline=cmdline, devices=["fuzz"], crash_dir=crash_dir,
+                     start=False, serial_input=None, console=console, capture=console is None,
+                     max_transcript=65536)
+        try:
+            self._boot(boot_timeout)
+        except BaseException:
+            self.vm.close()
+            raise
+
+    # ---------------------------------------------------------------- set-up
+    def _boot(self, boot_timeout: float) -> None:
+        from ..snapshot.reset import take
+
+        m = self.machine = self.vm.machine
+        self.coverage.map_into(m.vm)
+        m.devices.reserve(abi.PYKVM_FUZZ_MAP_ADDR, self.coverage.size, "the fuzz coverage map")
+        m.device_context.extra["fuzz"] = self
+        m.intercept = self._intercept
+        self.vm.start()
+        deadline = time.monotonic() + boot_timeout
+        while not self._event.wait(0.05):
+            if m.done.is_set():
+                out = m.outcome
+                raise FuzzSetupError(f"the guest ended before its snapshot point: {out.reason if out else '?'}"
+                                     f"{self._tail()}")
+            if time.monotonic() >= deadline:
+                break
+        if not self._event.is_set():
+            raise FuzzSetupError(f"the guest did not call \"snapshot here\" (PYKVM_FUZZ_CMD_SNAPSHOT) within "
+                                 f"{boot_timeout:g} s of boot{self._tail()}")
+        if self._why != abi.PYKVM_FUZZ_CMD_SNAPSHOT:
+            what = getattr(self._why, "message", None) or "it called \"done\" before \"snapshot here\""
+            raise FuzzSetupError(f"the guest did not reach its snapshot point: {what}{self._tail()}")
+        port = m.built["fuzz"]
+        self.buffer_gpa, self.buffer_size = port.input_gpa, min(port.input_size, abi.PYKVM_FUZZ_INPUT_MAX)
+        if not m.memory.is_ram(self.buffer_gpa, INPUT_HEADER.size + self.buffer_size):
+            raise FuzzSetupError(f"the guest's input buffer {self.buffer_gpa:#x}+{self.buffer_size:#x} is not "
+                                 "all RAM")
+        self.snap = self._on_machine(lambda: take(m))
+        self._armed = True
+
+    def _tail(self) -> str:
+        text = self.vm.transcript[-400:].decode("utf-8", "replace").strip()
+        return f"; its serial output ended: {text!r}" if text else ""
+
+    def _on_machine(self, fn):
+        """fn() on the machine's thread with every vCPU paused (they stay paused)."""
+        m = self.machine
+
+        def paused():
+            if not m.pause():
+                raise FuzzSetupError("a vCPU did not stop in time")
+            return fn()
+        return m.call(paused)
+
+    # ---------------------------------------------------------------- the guest's calls (vCPU threads)
+    def command(self, cmd: int) -> None:
+        """FuzzPort: the guest called snapshot/done/crash; stop the vCPUs and tell the driver."""
+        if cmd == abi.PYKVM_FUZZ_CMD_SNAPSHOT and self._armed:
+            return                      # a second "snapshot here" within a run changes nothing
+        if cmd == abi.PYKVM_FUZZ_CMD_CRASH:
+            from ..machine.outcome import Outcome
+
+            cmd = Outcome(EXIT_GUEST_CRASH, "crash", "the guest reported a bug (PYKVM_FUZZ_CMD_CRASH)",
+                          trigger="fuzz-crash")
+        self._stop(cmd)
+
+    def _intercept(self, outcome) -> bool:
+        """Machine.intercept: keep the VM for the next input instead of ending it."""
+        if not self._armed or outcome.kind not in ("crash", "exit", "poweroff", "reset"):
+            return False
+        self._stop(outcome)
+        return True
+
+    def _stop(self, why) -> None:
+        m = self.machine
+        m.pauser.hold()
+        for v in m.vcpus:
+            v.immediate_exit = 1
+        self._why = why
+        self._event.set()
+
+    # ---------------------------------------------------------------- runs
+    def start(self, data: bytes) -> None:
+        """Begin a run of `data`: settle the previous run (core, reset), write the input, let the guest go."""
+        data = bytes(data[:self.buffer_size])
+        pending, self._pending = self._pending, None
+        self._event.clear()
+        self._why = None
+        self.coverage_before = None
+
+        def go():
+            from ..snapshot.reset import restore
+
+            m = self.machine
+            if not m.pause():
+                raise FuzzSetupError("a vCPU did not stop in time")
+            if pending is not None:
+                self._settle(pending)
+            restore(m, self.snap)
+            m.memory.write(self.buffer_gpa, INPUT_HEADER.pack(len(data), 0) + data)
+            m.resume()
+        self._input = data
+        self.machine.call(go)
+        self.runs += 1
+
+    def wait(self, timeout: float | None = None, cancelled=None, poll: float = 0.02) -> RunResult:
+        """Wait for the run to end: "ok", "crash", or "hang" after `timeout` s or once cancelled() says so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._event.wait(poll):
+            if (cancelled is not None and cancelled()) or (deadline is not None and time.monotonic() >= deadline):
+                self.hangs += 1
+                result = RunResult("hang")
+                self._pending = result
+                self._pending_input = self._input
+                return result
+        why = self._why
+        if isinstance(why, int) or why.kind in ("exit", "poweroff", "reset"):
+            result = RunResult("ok")
+        else:
+            self.crashes += 1
+            result = RunResult("crash", why)
+        self._pending = result
+        self._pending_input = self._input
+        return result
+
+    def run(self, data: bytes, timeout: float | None = None) -> RunResult:
+        """One input, start to end."""
+        self.start(data)
+        return self.wait(timeout)
+
+    def settle(self) -> RunResult | None:
+        """Finish the last run now (pause; its core when it crashed or hung); returns it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._on_machine(lambda: self._settle(pending))
+        return pending
+
+    def _settle(self, result: RunResult) -> None:
+        """On the machine thread, vCPUs paused: write the core of a crash (new site) or hang, with its input."""
+        if result.kind == "ok" or not self.cores or self.crash_dir is None:
+            return
+        from ..machine.outcome import Outcome
+
+        outcome = result.outcome
+        if outcome is None:
+            outcome = Outcome(EXIT_TIMEOUT, "timeout", "the input ran past the fuzz timeout", trigger="timeout")
+            result.outcome = outcome
+        site = _site(outcome)
+        if result.kind == "crash" and (site in self.sites or len(self.sites) >= MAX_CORES):
+            return
+        self.sites.add(site)
+        data = self._pending_input
+        outcome.details["fuzz_input"] = {"suffix": INPUT_SUFFIX, "sha256": hashlib.sha256(data).hexdigest(),
+                                         "bytes": len(data)}
+        result.core, result.core_error = self.machine.dumper.write(outcome)
+        if result.core is not None:
+            from ..crash.core import CoreWriteError, write_companion
+
+            try:
+                result.input_file = write_companion(result.core, INPUT_SUFFIX, data)
+            except CoreWriteError as e:
+                result.core_error = str(e)
+
+    def close(self) -> None:
+        """Stop the guest and release everything."""
+        if self.snap is not None:
+            self.snap.close()
+        self.vm.close()
+
+
+def _site(outcome) -> tuple:
+    """What tells two crashes apart: trigger, vector and faulting RIP (else the whole reason)."""
+    frame = outcome.details.get("frame") or {}
+    if "rip" in frame:
+        return outcome.trigger, outcome.details.get("vector"), frame["rip"]
+    return outcome.trigger, outcome.reason
+
+

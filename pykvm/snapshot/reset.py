@@ -1,0 +1,307 @@
+"""Snapshots held in memory, and putting a VM back to one by restoring only what changed since.
+
+take(machine) records, with every vCPU paused: each vCPU's registers, FPU and XSAVE area, XCRs,
+MSRs, LAPIC, pending events and MP state (snapshot/state.py's per-vCPU capture), the kvmclock,
+every device's state and window images, the access policy's shadow registers, and a pristine
+copy of guest RAM (only the parts of each memfd that hold data; the rest reads as zeros).
+
+restore(machine, snap) puts all of that back. RAM is restored page by page, only where it may
+differ: the pages KVM's dirty log says the guest wrote (every RAM memslot is re-registered with
+KVM_MEM_LOG_DIRTY_PAGES when the first snapshot is taken), plus every range the host handed out
+through GuestMemory.view() (device DMA, the API's write_phys, a fuzz input): KVM does not log
+writes the VMM itself makes. Views of RAM held across runs (partition bus rings) are not
+tracked, which is why channels must be closed at the snapshot.
+
+Several snapshots of one machine may coexist: each keeps the set of pages changed since it was
+taken, fed by every collection of the dirty log.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import weakref
+
+from ..devices import State, memwindow
+from ..kvm import KvmError
+from ..kvm.abi import ffi
+from ..memory.region import PAGE_SIZE
+from .state import MSR_TSC_DEADLINE, capture_vcpu_structs, load_vcpu_structs
+
+CR3_PWT = 1 << 3
+CHUNK_BITS = 4096                  # dirty-bitmap pages scanned as one integer when not all zero
+_CHUNK_BYTES = CHUNK_BITS // 8
+_ZERO_CHUNK = bytes(_CHUNK_BYTES)
+
+
+class ResetRefused(RuntimeError):
+    """The VM cannot be snapshotted or reset to this snapshot (layout or device set changed, VM ending)."""
+
+
+class _Slot:
+    """One RAM region under dirty logging: its memslot and a reusable bitmap buffer."""
+
+    def __init__(self, region, slot: int):
+        self.region = region
+        self.slot = slot
+        pages = region.size // PAGE_SIZE
+        self.words = (pages + 63) // 64
+        self.bitmap = ffi.new("uint64_t[]", self.words)
+        self.buffer = ffi.buffer(self.bitmap)
+
+
+class Tracker:
+    """A machine's dirty-page tracking: KVM's log for guest writes, GuestMemory's list for the host's."""
+
+    def __init__(self, machine):
+        from ..kvm import constants as C
+
+        self.machine = machine
+        self.slots: list[_Slot] = []
+        self.snapshots: weakref.WeakSet = weakref.WeakSet()
+        for region in machine.memory.regions:
+            slot = getattr(region, "slot", None)
+            if slot is None:
+                raise ResetRefused(f"RAM region {region.name} has no memslot number")
+            machine.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr,
+                                              C.KVM_MEM_LOG_DIRTY_PAGES)
+            self.slots.append(_Slot(region, slot))
+        machine.memory.host_writes = []
+        machine.memory.host_writes_overflow = False
+
+    def layout(self) -> list[tuple[int, int]]:
+        """(gpa, size) of every tracked region."""
+        return [(s.region.gpa, s.region.size) for s in self.slots]
+
+    def collect(self) -> tuple[list[set], bool]:
+        """Per region, the page indices written since the last collection; True when the host's list overflowed."""
+        vm = self.machine.vm
+        out = []
+        for s in self.slots:
+            vm.get_dirty_log(s.slot, s.bitmap)
+            raw = s.buffer[:]
+            pages: set[int] = set()
+            for at in range(0, len(raw), _CHUNK_BYTES):
+                chunk = raw[at:at + _CHUNK_BYTES]
+                if chunk == _ZERO_CHUNK[:len(chunk)]:
+                    continue
+                bits = int.from_bytes(chunk, "little")
+                base = at * 8
+                while bits:
+                    low = bits & -bits
+                    pages.add(base + low.bit_length() - 1)
+                    bits ^= low
+            out.append(pages)
+        mem = self.machine.memory
+        writes, mem.host_writes = mem.host_writes, []
+        overflow, mem.host_writes_overflow = mem.host_writes_overflow, False
+        for gpa, length in writes:
+            for i, s in enumerate(self.slots):
+                r = s.region
+                lo, hi = max(gpa, r.gpa), min(gpa + length, r.end)
+                if lo < hi:
+                    out[i].update(range((lo - r.gpa) // PAGE_SIZE, (hi - r.gpa + PAGE_SIZE - 1) // PAGE_SIZE))
+        return out, overflow
+
+    def feed(self) -> None:
+        """Collect, and add what changed to every live snapshot's set."""
+        pages, overflow = self.collect()
+        for snap in list(self.snapshots):
+            snap._add(pages, overflow)
+
+
+def tracker_of(machine) -> Tracker:
+    """The machine's tracker, starting dirty logging on first use."""
+    t = machine.reset_tracker
+    if t is None:
+        t = machine.reset_tracker = Tracker(machine)
+    return t
+
+
+class Snapshot:
+    """A VM's state at one point, held in this process (see the module docstring)."""
+
+    def __init__(self, machine, tracker: Tracker):
+        self._machine = weakref.ref(machine)
+        self.tracker = tracker
+        self.layout = tracker.layout()
+        self.vcpus: list[dict] = []
+        self.clock = None
+        self.pristine: list[mmap.mmap] = []
+        self.devices: list[tuple] = []
+        self.policy: dict | None = None
+        self.changed: list[set] = [set() for _ in tracker.slots]
+        self.compare_all = False
+        self.extents: list[list] = []      # per region, (offset, length) the pristine copy holds data in
+        self.resets = 0
+
+    def _add(self, pages: list[set], overflow: bool) -> None:
+        for mine, new in zip(self.changed, pages):
+            mine |= new
+        self.compare_all = self.compare_all or overflow
+
+    def close(self) -> None:
+        """Release the pristine copy of RAM (the snapshot cannot be used after)."""
+        for p in self.pristine:
+            p.close()
+        self.pristine = []
+
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes of RAM the pristine copy holds data for."""
+        return self._ram_bytes
+
+
+def take(machine) -> Snapshot:
+    """Snapshot a paused (or not yet started) machine."""
+    _check(machine)
+    tracker = tracker_of(machine)
+    tracker.feed()       # what was written before now belongs to the snapshot, not to a later reset
+    snap = Snapshot(machine, tracker)
+    msr_indices = machine.kvm.msr_index_list()
+    for vcpu in machine.vcpus:
+        st = capture_vcpu_structs(vcpu, msr_indices)
+        flush = ffi.new("struct kvm_sregs *")
+        ffi.memmove(flush, st["sregs"], ffi.sizeof("struct kvm_sregs"))
+        flush.cr3 ^= CR3_PWT
+        st["sregs_flush"] = flush
+        try:
+            st["xsave"] = vcpu.get_xsave()
+        except KvmError:
+            st["xsave"] = None
+        snap.vcpus.append(st)
+    try:
+        snap.clock = machine.vm.get_clock().clock
+    except KvmError:
+        snap.clock = None
+    held = 0
+    try:
+        for s in tracker.slots:
+            r = s.region
+            copy = mmap.mmap(-1, r.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            snap.pristine.append(copy)
+            extents = list(r.data_extents())
+            snap.extents.append(extents)
+            for off, length in extents:
+                copy[off:off + length] = r.view[off:off + length]
+                held += length
+    except BaseException:
+        snap.close()
+        raise
+    snap._ram_bytes = held
+    machine.serial.flush()
+    for dev in machine.devices.devices:
+        if dev.state is not State.D0:
+            snap.close()
+            raise ResetRefused(f"device {dev.name} is {dev.state.value}, not D0")
+        windows = [(w.name, w.mode, memwindow.image_bytes(w)) for w in dev.windows]
+        snap.devices.append((dev.name, type(dev), json.dumps(dev.get_state()), dev.generation, windows))
+    policy = getattr(machine, "policy", None)
+    if policy is not None and hasattr(policy, "get_state"):
+        snap.policy = policy.get_state()
+    tracker.snapshots.add(snap)
+    return snap
+
+
+def _check(machine) -> None:
+    if machine.outcome is not None or machine.stopping:
+        raise ResetRefused("the VM has ended")
+    if machine.config.irqchip != "split":
+        raise ResetRefused(f"--irqchip {machine.config.irqchip}: the in-kernel PIC/IOAPIC/PIT state is not "
+                           "captured (use --irqchip split)")
+
+
+def restore(machine, snap: Snapshot) -> int:
+    """Put a paused (or not yet started) machine back to `snap`; returns how many pages were copied."""
+    _check(machine)
+    if snap._machine() is not machine:
+        raise ResetRefused("this snapshot was taken of another VM")
+    if not snap.pristine:
+        raise ResetRefused("this snapshot was closed")
+    tracker = snap.tracker
+    if tracker.layout() != [(r.gpa, r.size) for r in machine.memory.regions]:
+        raise ResetRefused("guest RAM was hot-added since the snapshot; reset cannot take it away")
+    devices = machine.devices.devices
+    if [(d.name, type(d)) for d in devices] != [(n, t) for n, t, *_ in snap.devices]:
+        raise ResetRefused("the device set changed since the snapshot (hot-plug or recovery)")
+    tracker.feed()
+    copied = _restore_ram(snap)
+    for other in list(tracker.snapshots):   # what this reset rewrote changed under every other snapshot
+        if other is not snap:
+            other._add(snap.changed, False)
+    snap.changed = [set() for _ in tracker.slots]
+    snap.compare_all = False
+    _restore_devices(machine, snap, devices)
+    for vcpu, st in zip(machine.vcpus, snap.vcpus):
+        # KVM resets a vCPU's MMU context (and flushes its guest TLB) only when CR0/CR3/CR4/EFER
+        # change: a run that rewrote page tables may leave translations the snapshot never had,
+        # so CR3 is set once with its write-through bit flipped, then for real
+        vcpu.set_sregs(st["sregs_flush"])
+        refused = load_vcpu_structs(vcpu, st)
+        if st.get("msr_block") is None or refused:    # learnt once: later resets load one prebuilt array
+            for index in refused:
+                st["msrs"].pop(index, None)
+            st["msr_block"] = vcpu.msr_block({i: v for i, v in st["msrs"].items() if i != MSR_TSC_DEADLINE})
+    if snap.clock is not None:
+        try:
+            machine.vm.set_clock(snap.clock)
+        except KvmError:
+            pass
+    snap.resets += 1
+    return copied
+
+
+def _restore_ram(snap: Snapshot) -> int:
+    copied = 0
+    for s, pristine, pages, extents in zip(snap.tracker.slots, snap.pristine, snap.changed, snap.extents):
+        view = s.region.view
+        if snap.compare_all:
+            pages = _differing_pages(view, pristine, extents + list(s.region.data_extents()))
+        run_start = run_end = -1
+        for page in sorted(pages):
+            if page == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                copied += _copy(view, pristine, run_start, run_end)
+            run_start, run_end = page, page + 1
+        if run_start >= 0:
+            copied += _copy(view, pristine, run_start, run_end)
+    return copied
+
+
+def _copy(view, pristine, first: int, end: int) -> int:
+    a, b = first * PAGE_SIZE, end * PAGE_SIZE
+    view[a:b] = pristine[a:b]
+    return end - first
+
+
+def _differing_pages(view, pristine, extents) -> set[int]:
+    """Pages of a region whose bytes differ from the pristine copy (the host's list overflowed); only
+    `extents` can differ: elsewhere both the memfd and the copy hold no data and read as zeros."""
+    out = set()
+    step = 256 * PAGE_SIZE
+    for off, length in extents:
+        for at in range(off - off % PAGE_SIZE, off + length, step):
+            end = min(at + step, off + length, len(view))
+            cur, old = bytes(view[at:end]), pristine[at:end]
+            if cur == old:
+                continue
+            for p in range(0, len(cur), PAGE_SIZE):
+                if cur[p:p + PAGE_SIZE] != old[p:p + PAGE_SIZE]:
+                    out.add((at + p) // PAGE_SIZE)
+    return out
+
+
+def _restore_devices(machine, snap: Snapshot, devices) -> None:
+    for dev, (name, _cls, state, generation, windows) in zip(devices, snap.devices):
+        if dev.state is not State.D0:
+            raise ResetRefused(f"device {name} is {dev.state.value}, not D0")
+        dev.set_state(json.loads(state))
+        dev.generation = generation
+        for w, (wname, mode, image) in zip(dev.windows, windows):
+            memwindow.set_mode(dev, w, mode)
+            memwindow.load_image(w, image)
+    policy = getattr(machine, "policy", None)
+    if snap.policy is not None and policy is not None:
+        policy.set_state(snap.policy)

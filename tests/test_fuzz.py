@@ -1,0 +1,194 @@
+"""`pykvm fuzz` on the bundled fuzz-target guest: the reproducer path, hostile inputs, and AFL++.
+
+The reproducer (`--input FILE`) must end with the run's status (0 done, 16 crash, 18 hang), and
+a crash must leave a core with the input beside it, named in the core (pykvm inspect shows it).
+Hostile inputs (fuzz-target's "hostile" records: stores into page tables, IDT and GDT, port
+writes to devices, lidt, endless loops) must reset to exactly the snapshot. AFL++ must find a
+planted bug through the forkserver, and two instances (-M/-S) must share one sync directory.
+Tests needing afl-fuzz skip where it is missing (fail in CI, which installs Debian's afl++).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_tool
+from .helpers import ROOT, pykvm
+from .test_reset import state_hash
+
+pytestmark = pytest.mark.kvm
+
+BUG_CHAIN = b"C\x06PYKVM!"                       # the comparison chain: page fault at NULL
+BUG_LENGTH = b"R\x03\x40" + b"A" * 64            # a record overflowing slot 3 into the handlers: #GP
+BENIGN = b"NC\x03abcR\x01\x04abcd"
+
+
+def _fuzz(tmp_path: Path, data: bytes, *extra: str, timeout: float = 120):
+    inp = tmp_path / "input.bin"
+    inp.write_bytes(data)
+    crashes = tmp_path / "crashes"
+    r = pykvm("fuzz", "fuzz-target", "--input", str(inp), "--mem", "64M", "--crash-dir", str(crashes), *extra,
+              timeout=timeout)
+    return r, crashes
+
+
+def test_reproducer_benign_input_runs_to_completion(tmp_path):
+    r, crashes = _fuzz(tmp_path, BENIGN)
+    assert r.returncode == 0, r.stderr
+    assert b"input ran to completion" in r.stderr
+    assert not list(crashes.glob("*.core"))
+
+
+@pytest.mark.parametrize("data, vector", [(BUG_CHAIN, 14), (BUG_LENGTH, 13)], ids=["chain", "length"])
+def test_reproducer_crash_leaves_core_with_input(tmp_path, data, vector):
+    r, crashes = _fuzz(tmp_path, data)
+    assert r.returncode == 16, r.stderr
+    cores = list(crashes.glob("*.core"))
+    assert len(cores) == 1
+    beside = Path(str(cores[0]) + ".input")
+    assert beside.read_bytes() == data
+    assert str(cores[0]).encode() in r.stderr
+    rep = pykvm("inspect", "--json", str(cores[0]))
+    report = json.loads(rep.stdout)
+    assert report["vector"] == vector
+    note = report["config"]["fuzz_input"]
+    assert note == {"suffix": ".input", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    text = pykvm("inspect", str(cores[0])).stdout.decode()
+    assert f"fuzz input:    {cores[0]}.input" in text
+    again = pykvm("fuzz", "fuzz-target", "--input", str(beside), "--mem", "64M", "--no-dump", timeout=120)
+    assert again.returncode == 16                                       # the one-line reproducer
+
+
+def test_reproducer_hang_is_status_18_with_core(tmp_path):
+    r, crashes = _fuzz(tmp_path, b"NL", "--cmdline", "hostile", "--timeout", "2")
+    assert r.returncode == 18, r.stderr
+    cores = list(crashes.glob("*.core"))
+    assert len(cores) == 1 and Path(str(cores[0]) + ".input").read_bytes() == b"NL"
+
+
+def test_not_under_afl_without_input_is_a_usage_error():
+    r = pykvm("fuzz", "fuzz-target", timeout=60)
+    assert r.returncode == 2
+    assert b"not started by afl-fuzz" in r.stderr
+
+
+def test_guest_without_snapshot_call_is_refused(tmp_path):
+    inp = tmp_path / "x"
+    inp.write_bytes(b"x")
+    r = pykvm("fuzz", "hello", "--input", str(inp), "--boot-timeout", "20", timeout=120)
+    assert r.returncode == 2
+    assert b"the guest ended before its snapshot point: guest exited: power-off" in r.stderr, r.stderr
+
+
+def _hostile_input(rng: random.Random) -> bytes:
+    out = b""
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.choice("WWOIRC")
+        if kind == "W":        # page tables, IDT, GDT, boot stack, the input buffer, anywhere low
+            addr = rng.choice([0x20000, 0x21000, 0x11000, 0x10000, 0x1f000, 0x13000, rng.randrange(0, 0x400000)])
+            out += b"W" + struct.pack("<QQ", addr + rng.randrange(0, 4096, 8), rng.getrandbits(64))
+        elif kind == "O":      # serial, PIC/PIT ports, debug-exit, the fuzz port itself, DMA
+            port = rng.choice([0x3f8, 0x3f9, 0x3fb, 0x3ff, 0x5d0, 0x5d4, 0x5d8, 0x5dc, 0x6c0, 0x20, 0x40, 0x80])
+            out += b"O" + struct.pack("<HB", port + rng.randrange(0, 4), rng.getrandbits(8))
+        elif kind == "I":
+            out += b"I" + struct.pack("<HQ", rng.getrandbits(16), rng.getrandbits(64))
+        elif kind == "R":
+            out += b"R" + bytes([rng.getrandbits(8), 8]) + rng.randbytes(8)
+        else:
+            out += b"C\x06" + rng.randbytes(6)
+    return out
+
+
+def test_hostile_inputs_reset_to_the_exact_snapshot(tmp_path):
+    """Inputs that scribble page tables, the IDT and devices, or hang: after each, the reset VM
+    hashes (all RAM, every register, every device) exactly as at the snapshot."""
+    from pykvm.fuzz.coverage import CoverageMap
+    from pykvm.fuzz.target import FuzzTarget
+    from pykvm.snapshot.reset import restore
+
+    cov = CoverageMap()
+    target = FuzzTarget("fuzz-target", cov, mem="64M", cmdline="hostile", crash_dir=str(tmp_path))
+    try:
+        m = target.machine
+        want = target._on_machine(lambda: state_hash(target.vm))
+        rng = random.Random(21)
+        kinds = set()
+        for i in range(40):
+            data = b"NL" if i % 13 == 12 else _hostile_input(rng)
+            result = target.run(data, timeout=3)
+            kinds.add(result.kind)
+            target.settle()
+            got = target._on_machine(lambda: (restore(m, target.snap), state_hash(target.vm))[1])
+            assert got == want, (i, data.hex(), [k for k in want if want[k] != got[k]])
+        assert {"crash", "hang"} <= kinds
+        assert target.run(BENIGN, timeout=10).kind == "ok"     # still fuzzable afterwards
+    finally:
+        target.close()
+        cov.close()
+
+
+# ---------------------------------------------------------------- AFL++
+def _afl_env() -> dict:
+    env = dict(os.environ)
+    env.update(AFL_SKIP_BIN_CHECK="1", AFL_FORKSRV_INIT_TMOUT="120000", AFL_NO_UI="1", AFL_SKIP_CPUFREQ="1",
+               AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1", AFL_NO_AFFINITY="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _afl_cmd(afl: str, seeds: Path, out: Path, seconds: int, crash_dir: Path, *role: str) -> list:
+    return [afl, "-i", str(seeds), "-o", str(out), "-V", str(seconds), "-t", "5000", *role, "--",
+            sys.executable, "-m", "pykvm", "fuzz", "fuzz-target", "--mem", "64M", "--crash-dir", str(crash_dir)]
+
+
+def _stats(path: Path) -> dict:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def test_afl_finds_the_length_bug(tmp_path):
+    afl = require_tool("afl-fuzz")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "a").write_bytes(b"R\x01\x04abcd")
+    out, crash_dir = tmp_path / "out", tmp_path / "crashes"
+    r = subprocess.run(_afl_cmd(afl, seeds, out, 90, crash_dir), env=_afl_env(), capture_output=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    stats = _stats(out / "default" / "fuzzer_stats")
+    assert int(stats["execs_done"]) > 100
+    found = sorted((out / "default" / "crashes").glob("id:*"))
+    assert found, f"no crash in {stats['execs_done']} execs"
+    cores = list(crash_dir.glob("*.core"))
+    assert cores and all(Path(str(c) + ".input").exists() for c in cores)
+    rep = pykvm("fuzz", "fuzz-target", "--input", str(found[0]), "--mem", "64M", "--no-dump", timeout=120)
+    assert rep.returncode == 16, rep.stderr
+
+
+def test_two_afl_instances_share_a_sync_dir(tmp_path):
+    afl = require_tool("afl-fuzz")
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "a").write_bytes(BENIGN)
+    sync, crash_dir = tmp_path / "sync", tmp_path / "crashes"
+    env = _afl_env()
+    procs = [subprocess.Popen(_afl_cmd(afl, seeds, sync, 45, crash_dir, *role), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for role in (("-M", "main"), ("-S", "second"))]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    for name in ("main", "second"):
+        stats = _stats(sync / name / "fuzzer_stats")
+        assert int(stats["execs_done"]) > 50, (name, stats)
+        assert (sync / name / "queue").is_dir()
