@@ -31,7 +31,7 @@ LAYERS = [
     ("machine",),
     ("gdb", "control", "snapshot"),
     ("api",),
-    ("pytest_plugin", "runcmd", "cli", "vmproc", "__main__", ""),   # "": the root package
+    ("fuzz", "pytest_plugin", "runcmd", "cli", "vmproc", "__main__", ""),   # "": the root package
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
