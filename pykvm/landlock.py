@@ -74,6 +74,9 @@ _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 _MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
 _PAGE = 4096
 _WAIT = 5.0                     # seconds a thread may take to run the handler
+# Kernel workers KVM starts in the VM's thread group (kvm-nx-lpage-recovery, once a guest has run) block
+# every signal and never run user code: nothing to confine, and the handler could never reach them.
+_PF_KTHREAD, _PF_USER_WORKER = 0x00200000, 0x00004000
 
 
 class LandlockError(Exception):
@@ -168,6 +171,7 @@ def _restrict_every_thread(f, libc, ruleset: int) -> None:
         act.flags = _SA_RESTART
         _check(f, libc.sigaction(_SIGNAL, act, old), "sigaction")
         installed = True
+        done |= _kernel_workers(tasks)      # read now: once restricted, this thread opens nothing
         # this thread first: its later threads (the vCPUs) inherit the domain
         _check(f, libc.syscall(f.cast("long", SYS_RESTRICT_SELF), f.cast("long", ruleset), f.cast("long", 0)),
                "landlock_restrict_self")
@@ -206,3 +210,22 @@ def _restrict_thread(f, libc, result, pid: int, tid: int) -> None:
         delay = min(delay * 2, 0.002)
     if result[0] != 0:
         raise LandlockError(f"thread {tid}: landlock_restrict_self: {os.strerror(-result[0])}")
+
+
+def _kernel_workers(tasks: int) -> set:
+    """The thread ids under /proc/self/task (the open directory `tasks`) that are kernel workers."""
+    out = set()
+    for name in os.listdir(tasks):
+        try:
+            fd = os.open(f"{name}/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=tasks)
+        except OSError:
+            continue                                  # it ended
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        # pid (comm) state ppid pgrp session tty_nr tpgid flags ...: the comm may hold spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 6 and int(fields[6]) & (_PF_KTHREAD | _PF_USER_WORKER):
+            out.add(int(name))
+    return out

@@ -2,7 +2,7 @@
 
 The guest names its input buffer and calls "snapshot here", "done" and "crash" by port writes.
 The model only keeps the registers; a driver (pykvm/fuzz/) that the machine layer puts in
-DeviceContext.extra["fuzz"] acts on the calls. Without one, calls are ignored and COMMAND
+DeviceContext.fuzz acts on the calls. Without one, calls are ignored and COMMAND
 reads PYKVM_FUZZ_STATE_IDLE, so a fuzz target also runs under plain `pykvm run`.
 """
 
@@ -19,11 +19,14 @@ class FuzzPort(Device):
 
     name = "fuzz"
 
-    def __init__(self, base: int = abi.PYKVM_PORT_FUZZ, extra: dict | None = None):
+    def __init__(self, base: int = abi.PYKVM_PORT_FUZZ, ctx=None):
         super().__init__(base=base)
         self.ports = [(base, abi.PYKVM_FUZZ_PORTS)]
-        self._extra = extra if extra is not None else {}
+        self._ctx = ctx                   # read at each call: the driver is set after the machine is built
         self.input_lo = self.input_hi = self.input_size = 0
+
+    def _driver(self):
+        return self._ctx.fuzz if self._ctx is not None else None
 
     @property
     def input_gpa(self) -> int:
@@ -45,7 +48,7 @@ class FuzzPort(Device):
     def io_read(self, offset: int, size: int) -> int:
         """The registers; COMMAND reads whether a driver listens."""
         if offset == abi.PYKVM_FUZZ_COMMAND:
-            return abi.PYKVM_FUZZ_STATE_DRIVEN if self._extra.get("fuzz") is not None else abi.PYKVM_FUZZ_STATE_IDLE
+            return abi.PYKVM_FUZZ_STATE_DRIVEN if self._driver() is not None else abi.PYKVM_FUZZ_STATE_IDLE
         return {abi.PYKVM_FUZZ_INPUT_LO: self.input_lo, abi.PYKVM_FUZZ_INPUT_HI: self.input_hi,
                 abi.PYKVM_FUZZ_INPUT_SIZE: self.input_size}.get(offset, MASK32)
 
@@ -59,7 +62,7 @@ class FuzzPort(Device):
         elif offset == abi.PYKVM_FUZZ_INPUT_SIZE:
             self.input_size = value
         elif offset == abi.PYKVM_FUZZ_COMMAND:
-            driver = self._extra.get("fuzz")
+            driver = self._driver()
             if driver is not None and value in (abi.PYKVM_FUZZ_CMD_SNAPSHOT, abi.PYKVM_FUZZ_CMD_DONE,
                                                 abi.PYKVM_FUZZ_CMD_CRASH):
                 driver.command(value)

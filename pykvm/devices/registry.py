@@ -48,6 +48,7 @@ class DeviceContext:
     bus: Any = None                            # bus.host.BusHost with --bus or --disk
     pci: Any = None                            # pci.PciHost once built: PCI functions attach to it
     mmio_free: Callable[[int, int], bool] | None = None    # DeviceManager.mmio_free: whether a BAR may go there
+    fuzz: Any = None                           # who acts on the fuzz port's calls (pykvm.fuzz, snapshot.point), set after build
 
     def pulse(self):
         """An edge-triggered interrupt callable (line) -> None, or None without an irqchip."""
@@ -203,7 +204,7 @@ TYPES: dict[str, DeviceType] = {t.name: t for t in [
                _simple("pykvm.devices.echoport:EchoPort"), {"base": "port"}),
     DeviceType("fuzz", "snapshot fuzzing port (0x5d0): the input buffer and snapshot/done/crash calls "
                "(added by pykvm fuzz)", "pykvm.devices.fuzzport:FuzzPort",
-               lambda ctx, o: _import("pykvm.devices.fuzzport:FuzzPort")(extra=ctx.extra)),
+               lambda ctx, o: _import("pykvm.devices.fuzzport:FuzzPort")(ctx=ctx)),
     DeviceType("ioapic", "I/O APIC at 0xfec00000 for the split irqchip (added with any device that raises IRQs)",
                "pykvm.devices.ioapic:IoApic",
                lambda ctx, o: _import("pykvm.devices.ioapic:IoApic")(

@@ -92,7 +92,7 @@ class FuzzTarget:
         m = self.machine = self.vm.machine
         self.coverage.map_into(m.vm)
         m.devices.reserve(abi.PYKVM_FUZZ_MAP_ADDR, self.coverage.size, "the fuzz coverage map")
-        m.device_context.extra["fuzz"] = self
+        m.device_context.fuzz = self
         m.intercept = self._intercept
         self.vm.start()
         deadline = time.monotonic() + boot_timeout
@@ -107,7 +107,7 @@ class FuzzTarget:
             raise FuzzSetupError(f"the guest did not call \"snapshot here\" (PYKVM_FUZZ_CMD_SNAPSHOT) within "
                                  f"{boot_timeout:g} s of boot{self._tail()}")
         if self._why != abi.PYKVM_FUZZ_CMD_SNAPSHOT:
-            what = getattr(self._why, "message", None) or "it called \"done\" before \"snapshot here\""
+            what = getattr(self._why, "reason", None) or "it called \"done\" before \"snapshot here\""
             raise FuzzSetupError(f"the guest did not reach its snapshot point: {what}{self._tail()}")
         port = m.built["fuzz"]
         self.buffer_gpa, self.buffer_size = port.input_gpa, min(port.input_size, abi.PYKVM_FUZZ_INPUT_MAX)

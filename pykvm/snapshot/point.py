@@ -14,7 +14,7 @@ class GuestSnapshotPoint:
     def __init__(self, machine):
         self.machine = machine
         self.event = threading.Event()
-        machine.device_context.extra["fuzz"] = self
+        machine.device_context.fuzz = self
 
     def command(self, cmd: int) -> None:
         """The fuzz port's call (vCPU thread): hold the vCPUs at the first snapshot call."""
