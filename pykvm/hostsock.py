@@ -90,9 +90,13 @@ def listen_unix(path: str, backlog: int = 1) -> tuple[socket.socket, tuple[int, 
     except OSError as e:
         raise SocketPathError(e.errno, f"{path}: cannot create a socket in {parent}: {e.strerror}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dirfd = -1
     try:
         inner = os.path.join(private, "s")
-        sock.bind(inner)
+        # bound through the directory's descriptor: a unix address holds 107 bytes, a deep
+        # directory's path may not fit (the link below has no such limit)
+        dirfd = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        sock.bind(f"/proc/self/fd/{dirfd}/s")
         os.chmod(inner, 0o600)       # inside a 0700 directory: nobody reached it before this
         sock.listen(backlog)
         _clear_stale(path, private)
@@ -110,6 +114,8 @@ def listen_unix(path: str, backlog: int = 1) -> tuple[socket.socket, tuple[int, 
         sock.close()
         raise SocketPathError(e.errno, f"{path}: {e.strerror or e}") from None
     finally:
+        if dirfd >= 0:
+            os.close(dirfd)
         shutil.rmtree(private, ignore_errors=True)
 
 
