@@ -174,21 +174,16 @@ def _boot_to_snapshot(kernel, ready, opts: dict, crash_dir):
 
         opts["devices"] = list(opts.get("devices", ())) + ["fuzz"]
         vm = VM(kernel, start=False, **opts)
-        try:
+    else:
+        vm = VM(kernel, **opts)
+    try:
+        if ready == "guest":
             point = GuestSnapshotPoint(vm.machine)
             vm.start()
             if not point.wait(60):
                 raise pytest.fail(f"{kernel}: no \"snapshot here\" call within 60 s of boot", pytrace=False)
-            vm.pause()
-            snap = vm.snapshot()
-            vm.resume()
-        except BaseException:
-            vm.close()
-            raise
-        return vm, snap
-    vm = VM(kernel, **opts)
-    try:
-        vm.expect(ready, timeout=60)
+        else:
+            vm.expect(ready, timeout=60)
         vm.pause()
         snap = vm.snapshot()
         vm.resume()

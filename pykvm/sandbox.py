@@ -204,15 +204,9 @@ def _hold_crash_dir(crash_dir) -> int | None:
     shell started now outside the sandbox, so that a run that never crashes leaves nothing behind.
     """
     from .crash.crashdir import CoreWriteError, hold_crash_dir
+    from .startup.safedir import missing_ancestors
 
-    made = []                             # deepest first: removed in that order, each only if empty
-    path = os.path.abspath(os.fspath(crash_dir))
-    while not os.path.lexists(path):
-        made.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
+    made = missing_ancestors(os.path.abspath(os.fspath(crash_dir)))   # removed deepest first, each only if empty
     try:
         return hold_crash_dir(crash_dir, create=True)
     except CoreWriteError:

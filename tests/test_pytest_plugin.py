@@ -151,7 +151,7 @@ def test_snapshot_fixture_hands_each_test_the_vm_reset_to_its_ready_point(pytest
                 vm = pykvm_snapshot_vm("fuzz-target", ready="guest", mem="64M")
                 port = vm.machine.built["fuzz"]
                 vm.pause()
-                vm.write_phys(port.input_gpa, struct.pack("<II", 8, 0) + b"CxPYKVM!")
+                vm.write_phys(port.input_gpa, struct.pack("<II", 8, 0) + b"C\\x06PYKVM!")   # the comparison chain (tests/test_fuzz.py BUG_CHAIN)
                 vm.resume()
                 out = vm.wait(60)
                 assert out.kind == "crash" and "page fault" in out.reason

@@ -43,8 +43,8 @@ def _refuse(path: str, why: str, what: str) -> UnsafeCacheError:
                             f"another user can write ({fix})")
 
 
-def _make(path: str) -> None:
-    """Create path and any missing parents, each 0700 (os.makedirs gives new parents the umask's mode)."""
+def missing_ancestors(path: str) -> list[str]:
+    """path and each of its parents that does not exist yet, deepest first."""
     missing = []
     p = path
     while not os.path.lexists(p):
@@ -53,7 +53,12 @@ def _make(path: str) -> None:
         if parent == p:
             break
         p = parent
-    for p in reversed(missing):
+    return missing
+
+
+def _make(path: str) -> None:
+    """Create path and any missing parents, each 0700 (os.makedirs gives new parents the umask's mode)."""
+    for p in reversed(missing_ancestors(path)):
         try:
             os.mkdir(p, 0o700)
         except FileExistsError:
