@@ -419,8 +419,9 @@ def test_up_direct_echo_policy_crash_reoffer_hostile_and_no_mapping_survives(tmp
                                                     logs["echo.log"] + logs.get("echo.gen1.log", ""))]
     assert woke and all(d < 1000 and k < 1000 for d, k in woke), woke   # the service VMM: not per doorbell either
     # every channel the service guest saw closed had its window unmapped in KVM before it was told
+    # (a channel the service guest closed itself, the hostile one, is probed too: at least one per close)
     closes = (svc0 + svc1).count("closed by the root")
-    assert closes >= 1 and (svc0 + svc1).count("window after close: unmapped\n") == closes
+    assert closes >= 1 and (svc0 + svc1).count("window after close: unmapped\n") >= closes
     assert "still mapped" not in svc0 + svc1
 
 
