@@ -522,6 +522,11 @@ class VM:
             raise VMError("a vCPU did not stop in time")
         self._paused = True
 
+    @property
+    def paused(self) -> bool:
+        """Whether pause() holds the vCPUs (until resume())."""
+        return self._paused
+
     def resume(self) -> None:
         """Let paused vCPUs run the guest again."""
         m = self._live_machine()

@@ -131,7 +131,11 @@ def _pykvm_snapshot_pool(request, tmp_path_factory):
 
 @pytest.fixture
 def pykvm_snapshot_vm(request, _pykvm_snapshot_pool, pykvm_config):
-    """Factory: pykvm_snapshot_vm(kernel=None, ready=PATTERN, **options) -> a VM reset to its ready point."""
+    """Factory: pykvm_snapshot_vm(kernel=None, ready=PATTERN, **options) -> a VM reset to its ready point.
+
+    With ready="guest" the VM comes paused at the guest's "snapshot here" call, so a test can set its
+    input up before the guest reads it (vm.resume() lets it run); with a pattern it comes running.
+    """
     config = request.config
     default_kernel = _default_kernel(config)
     used = request.node.stash.setdefault(_SNAP_VMS, [])
@@ -147,6 +151,8 @@ def pykvm_snapshot_vm(request, _pykvm_snapshot_pool, pykvm_config):
         entry = _pykvm_snapshot_pool.get(key)
         if entry is not None and entry[0].outcome is None:
             vm, snap = entry
+            if ready == "guest" and not vm.paused:
+                vm.pause()
             vm.reset(snap)
         else:
             if entry is not None:
@@ -186,7 +192,8 @@ def _boot_to_snapshot(kernel, ready, opts: dict, crash_dir):
             vm.expect(ready, timeout=60)
         vm.pause()
         snap = vm.snapshot()
-        vm.resume()
+        if ready != "guest":
+            vm.resume()
     except BaseException:
         vm.close()
         raise

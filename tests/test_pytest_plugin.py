@@ -150,7 +150,7 @@ def test_snapshot_fixture_hands_each_test_the_vm_reset_to_its_ready_point(pytest
             for _ in range(2):           # the first run crashes the VM: the second boots afresh
                 vm = pykvm_snapshot_vm("fuzz-target", ready="guest", mem="64M")
                 port = vm.machine.built["fuzz"]
-                vm.pause()
+                assert vm.paused                 # held at its snapshot call until the input is in place
                 vm.write_phys(port.input_gpa, struct.pack("<II", 8, 0) + b"C\\x06PYKVM!")   # the comparison chain (tests/test_fuzz.py BUG_CHAIN)
                 vm.resume()
                 out = vm.wait(60)
