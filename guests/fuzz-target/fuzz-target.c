@@ -10,6 +10,8 @@
  *    input's end): a malformed length (more than the slots left after slot
  *    t & 3 hold) overwrites the handler table that follows, and the call
  *    through it faults (#PF at 0 when the bytes were zeros, #GP otherwise).
+ * The command word is declared as a dictionary token (FUZZ_TOKEN), as a
+ * parser's author would list it: AFL++ gets it through the forkserver.
  * Other inputs run to completion ("done").
  *
  * With the command line "hostile" three more records let an input attack the
@@ -52,6 +54,10 @@ static struct {
     uint8_t slot[4][32];
     handler_t handlers[4];
 } table = { .handlers = { sum_handler, xor_handler, sum_handler, xor_handler } };
+
+/* The command word, as the parser's author would list it for the fuzzer: AFL++
+ * receives it as a dictionary token (pykvm fuzz sends it at the handshake). */
+FUZZ_TOKEN(command_word, "PYKVM!");
 
 static volatile uint32_t sink;
 static int hostile;
