@@ -5,6 +5,7 @@ import mmap
 import os
 
 from ..startup import ffigen
+from . import constants as C
 from . import ioctls
 from ._sys import FdOwner, ioctl
 from .abi import cdata_to_python, ffi, field_offsets
@@ -56,6 +57,7 @@ class Vcpu(FdOwner):
         # from_buffer keeps a buffer export on run_mmap until released in close().
         self.run_ptr = ffi.from_buffer("struct kvm_run *", self.run_mmap)
         self.run = self._bind_run()
+        self.sync_fields = 0          # KVM_SYNC_X86_* KVM_RUN loads from kvm_run (set by the VM: KVM_CAP_SYNC_REGS)
 
     def _bind_run(self):
         # A closure over pre-bound locals: no attribute lookups, no allocation per call.
@@ -79,6 +81,44 @@ class Vcpu(FdOwner):
             raise KvmError(err, "KVM_RUN")
 
         return run
+
+    # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
+    def stage_on_entry(self, regs=None, sregs=None, events=None) -> bool:
+        """Write regs/sregs/events into kvm_run's sync area for KVM to load at the next KVM_RUN (no ioctl
+        now); False where KVM has no sync area (then nothing is staged). Any other ioctl on this vCPU
+        loads what is staged first, so a reader never sees the state from before."""
+        if not self.sync_fields:
+            return False
+        run = self.run_ptr
+        area = run.s.regs
+        bits = 0
+        for value, field, ctype, bit in ((regs, "regs", "struct kvm_regs", C.KVM_SYNC_X86_REGS),
+                                         (sregs, "sregs", "struct kvm_sregs", C.KVM_SYNC_X86_SREGS),
+                                         (events, "events", "struct kvm_vcpu_events", C.KVM_SYNC_X86_EVENTS)):
+            if value is not None:
+                ffi.memmove(ffi.addressof(area, field), value, ffi.sizeof(ctype))
+                bits |= bit
+        run.kvm_dirty_regs |= bits
+        return True
+
+    def _load_staged(self):
+        """KVM_SET_* what stage_on_entry() left for KVM_RUN (a getter must not see the older state)."""
+        run = self.run_ptr
+        dirty = run.kvm_dirty_regs
+        run.kvm_dirty_regs = 0
+        area = run.s.regs
+        # KVM_RUN's order: regs, sregs, events
+        if dirty & C.KVM_SYNC_X86_REGS:
+            ioctl(self.fd, ioctls.KVM_SET_REGS, ffi.addressof(area, "regs"), "KVM_SET_REGS")
+        if dirty & C.KVM_SYNC_X86_SREGS:
+            ioctl(self.fd, ioctls.KVM_SET_SREGS, ffi.addressof(area, "sregs"), "KVM_SET_SREGS")
+        if dirty & C.KVM_SYNC_X86_EVENTS:
+            ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, ffi.addressof(area, "events"), "KVM_SET_VCPU_EVENTS")
+
+    def _ioctl(self, request, arg, name):
+        if self.run_ptr is not None and self.run_ptr.kvm_dirty_regs:
+            self._load_staged()
+        return ioctl(self.fd, request, arg, name)
 
     def close(self):
         """Unmap kvm_run and close the vCPU fd (idempotent)."""
@@ -111,14 +151,14 @@ class Vcpu(FdOwner):
     # ---- generic get/set of one struct ----
     def _get(self, ctype, request, name):
         out = ffi.new(ctype)
-        ioctl(self.fd, request, out, name)
+        self._ioctl(request, out, name)
         return out
 
     def _set(self, ctype, request, name, value):
         # Accept a pointer (what the getters return) or a struct value.
         if ffi.typeof(value).kind != "pointer":
             value = ffi.new(ctype, value)
-        ioctl(self.fd, request, value, name)
+        self._ioctl(request, value, name)
 
     def get_regs(self):
         """KVM_GET_REGS as a 'struct kvm_regs *'."""
@@ -185,16 +225,16 @@ class Vcpu(FdOwner):
 
     def interrupt(self, vector):
         """KVM_INTERRUPT: hand the in-kernel LAPIC an ExtINT vector (from a userspace PIC); EEXIST while one waits."""
-        ioctl(self.fd, ioctls.KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}), "KVM_INTERRUPT")
+        self._ioctl(ioctls.KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}), "KVM_INTERRUPT")
 
     def set_mp_state(self, state):
         """KVM_SET_MP_STATE to a KVM_MP_STATE_* value."""
-        ioctl(self.fd, ioctls.KVM_SET_MP_STATE,
+        self._ioctl(ioctls.KVM_SET_MP_STATE,
               ffi.new("struct kvm_mp_state *", {"mp_state": state}), "KVM_SET_MP_STATE")
 
     def set_cpuid2(self, cpuid):
         """KVM_SET_CPUID2 from a 'struct kvm_cpuid2 *' (e.g. Kvm.supported_cpuid(), edited)."""
-        ioctl(self.fd, ioctls.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self._ioctl(ioctls.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
     def _msr_batch(self, request, name, items):
         """One KVM_GET/SET_MSRS over [(index, value)]; returns (entries, how many KVM processed)."""
@@ -205,7 +245,7 @@ class Vcpu(FdOwner):
             entry.data = data
         # KVM stops at the first MSR it refuses and returns how many it did. The entries are
         # copied out: a cdata field does not keep the struct ffi.new() owns alive.
-        done = ioctl(self.fd, request, msrs, name)
+        done = self._ioctl(request, msrs, name)
         return [(e.index, e.data) for e in msrs.entries[0:n]], done
 
     def get_msrs(self, indices, skip_unreadable=False):
@@ -246,12 +286,12 @@ class Vcpu(FdOwner):
 
     def set_msr_block(self, block):
         """KVM_SET_MSRS of a msr_block(); returns how many KVM set (it stops at the first it refuses)."""
-        return ioctl(self.fd, ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS")
+        return self._ioctl(ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS")
 
     def translate(self, linear_addr):
         """KVM_TRANSLATE a linear address with the vCPU's paging: (gpa, valid, writeable)."""
         tr = ffi.new("struct kvm_translation *", {"linear_address": linear_addr})
-        ioctl(self.fd, ioctls.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+        self._ioctl(ioctls.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
         return tr.physical_address, bool(tr.valid), bool(tr.writeable)
 
     def set_guest_debug(self, control, debugreg=None):
@@ -261,4 +301,4 @@ class Vcpu(FdOwner):
             if len(debugreg) > 8:
                 raise ValueError("at most 8 debug registers (DR0-DR7)")
             dbg.arch.debugreg[0:len(debugreg)] = list(debugreg)
-        ioctl(self.fd, ioctls.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
+        self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")

@@ -213,6 +213,15 @@ class Vm(FdOwner):
         ioctl(self.fd, ioctls.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
 
     # ---- vCPUs ----
+    def _sync_fields(self) -> int:
+        """The kvm_run sync-area fields KVM_RUN loads (KVM_CAP_SYNC_REGS: regs, sregs, events), 0 if none."""
+        want = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
+        try:
+            have = self.check_extension(C.KVM_CAP_SYNC_REGS)
+        except KvmError:
+            return 0
+        return want if have & want == want else 0
+
     def create_vcpu(self, index):
         """KVM_CREATE_VCPU: a new vCPU with APIC id ``index``, its kvm_run area mapped."""
         fd = ioctl(self.fd, ioctls.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
@@ -221,5 +230,6 @@ class Vm(FdOwner):
         except BaseException:
             os.close(fd)
             raise
+        vcpu.sync_fields = self._sync_fields()
         self.vcpus.append(vcpu)
         return vcpu

@@ -26,12 +26,12 @@ from ..devices import State, memwindow
 from ..kvm import KvmError
 from ..kvm.abi import ffi
 from ..memory.region import PAGE_SIZE
-from .state import MSR_TSC_DEADLINE, capture_vcpu_structs, load_vcpu_structs
+from .state import EVENTS_VALID, MSR_TSC_DEADLINE, capture_vcpu_structs, load_vcpu_structs
 
 CR3_PWT = 1 << 3
-CHUNK_BITS = 4096                  # dirty-bitmap pages scanned as one integer when not all zero
-_CHUNK_BYTES = CHUNK_BITS // 8
-_ZERO_CHUNK = bytes(_CHUNK_BYTES)
+_NONZERO = bytes.maketrans(bytes(range(256)), b"\0" + b"\1" * 255)
+_BITS = [tuple(i for i in range(8) if v >> i & 1) for v in range(256)]     # set bits of each byte value
+APIC_TPR = 0x80                    # the task-priority register's offset in struct kvm_lapic_state
 
 
 class ResetRefused(RuntimeError):
@@ -73,34 +73,35 @@ class Tracker:
         """(gpa, size) of every tracked region."""
         return [(s.region.gpa, s.region.size) for s in self.slots]
 
-    def collect(self) -> tuple[list[set], bool]:
-        """Per region, the page indices written since the last collection; True when the host's list overflowed."""
+    def collect(self) -> tuple[list, bool]:
+        """Per region, the page indices written since the last collection (a list); True when
+        the host's list overflowed."""
         vm = self.machine.vm
         out = []
         for s in self.slots:
             vm.get_dirty_log(s.slot, s.bitmap)
             raw = s.buffer[:]
-            pages: set[int] = set()
-            for at in range(0, len(raw), _CHUNK_BYTES):
-                chunk = raw[at:at + _CHUNK_BYTES]
-                if chunk == _ZERO_CHUNK[:len(chunk)]:
-                    continue
-                bits = int.from_bytes(chunk, "little")
+            flags = raw.translate(_NONZERO)        # 1 where the bitmap byte is not 0: found with find()
+            pages: list = []
+            at = flags.find(1)
+            while at >= 0:
                 base = at * 8
-                while bits:
-                    low = bits & -bits
-                    pages.add(base + low.bit_length() - 1)
-                    bits ^= low
+                for bit in _BITS[raw[at]]:
+                    pages.append(base + bit)
+                at = flags.find(1, at + 1)
             out.append(pages)
         mem = self.machine.memory
-        writes, mem.host_writes = mem.host_writes, []
-        overflow, mem.host_writes_overflow = mem.host_writes_overflow, False
-        for gpa, length in writes:
-            for i, s in enumerate(self.slots):
-                r = s.region
-                lo, hi = max(gpa, r.gpa), min(gpa + length, r.end)
-                if lo < hi:
-                    out[i].update(range((lo - r.gpa) // PAGE_SIZE, (hi - r.gpa + PAGE_SIZE - 1) // PAGE_SIZE))
+        if mem.host_writes or mem.host_writes_overflow:
+            writes, mem.host_writes = mem.host_writes, []
+            overflow, mem.host_writes_overflow = mem.host_writes_overflow, False
+            for gpa, length in writes:
+                for i, s in enumerate(self.slots):
+                    r = s.region
+                    lo, hi = max(gpa, r.gpa), min(gpa + length, r.end)
+                    if lo < hi:
+                        out[i].extend(range((lo - r.gpa) // PAGE_SIZE, (hi - r.gpa + PAGE_SIZE - 1) // PAGE_SIZE))
+        else:
+            overflow = False
         return out, overflow
 
     def feed(self) -> None:
@@ -135,9 +136,9 @@ class Snapshot:
         self.extents: list[list] = []      # per region, (offset, length) the pristine copy holds data in
         self.resets = 0
 
-    def _add(self, pages: list[set], overflow: bool) -> None:
+    def _add(self, pages: list, overflow: bool) -> None:
         for mine, new in zip(self.changed, pages):
-            mine |= new
+            mine.update(new)
         self.compare_all = self.compare_all or overflow
 
     def close(self) -> None:
@@ -165,6 +166,9 @@ def take(machine) -> Snapshot:
         ffi.memmove(flush, st["sregs"], ffi.sizeof("struct kvm_sregs"))
         flush.cr3 ^= CR3_PWT
         st["sregs_flush"] = flush
+        st["events"].flags |= EVENTS_VALID
+        # sregs' CR8 loaded after the LAPIC (staged: at KVM_RUN) keeps the TPR only when its low nibble is 0
+        st["stage"] = bool(vcpu.sync_fields) and not ffi.buffer(st["lapic"])[APIC_TPR][0] & 0x0F
         try:
             st["xsave"] = vcpu.get_xsave()
         except KvmError:
@@ -195,7 +199,8 @@ def take(machine) -> Snapshot:
             snap.close()
             raise ResetRefused(f"device {dev.name} is {dev.state.value}, not D0")
         windows = [(w.name, w.mode, memwindow.image_bytes(w)) for w in dev.windows]
-        snap.devices.append((dev.name, type(dev), json.dumps(dev.get_state()), dev.generation, windows))
+        state = json.dumps(dev.get_state())
+        snap.devices.append((dev.name, type(dev), state, dev.generation, windows, json.loads(state)))
     policy = getattr(machine, "policy", None)
     if policy is not None and hasattr(policy, "get_state"):
         snap.policy = policy.get_state()
@@ -235,9 +240,11 @@ def restore(machine, snap: Snapshot) -> int:
     for vcpu, st in zip(machine.vcpus, snap.vcpus):
         # KVM resets a vCPU's MMU context (and flushes its guest TLB) only when CR0/CR3/CR4/EFER
         # change: a run that rewrote page tables may leave translations the snapshot never had,
-        # so CR3 is set once with its write-through bit flipped, then for real
+        # so CR3 is set once with its write-through bit flipped, then for real: by the next KVM_RUN
+        # from kvm_run's sync area, with regs and events (no ioctl for those), or by an ioctl
         vcpu.set_sregs(st["sregs_flush"])
-        refused = load_vcpu_structs(vcpu, st)
+        staged = st["stage"] and vcpu.stage_on_entry(st["regs"], st["sregs"], st["events"])
+        refused = load_vcpu_structs(vcpu, st, staged)
         if st.get("msr_block") is None or refused:    # learnt once: later resets load one prebuilt array
             for index in refused:
                 st["msrs"].pop(index, None)
@@ -294,10 +301,11 @@ def _differing_pages(view, pristine, extents) -> set[int]:
 
 
 def _restore_devices(machine, snap: Snapshot, devices) -> None:
-    for dev, (name, _cls, state, generation, windows) in zip(devices, snap.devices):
+    for dev, (name, _cls, state, generation, windows, parsed) in zip(devices, snap.devices):
         if dev.state is not State.D0:
             raise ResetRefused(f"device {name} is {dev.state.value}, not D0")
-        dev.set_state(json.loads(state))
+        if dev.get_state() != parsed:      # most runs touch no device: reading is cheaper than loading
+            dev.set_state(json.loads(state))
         dev.generation = generation
         for w, (wname, mode, image) in zip(dev.windows, windows):
             memwindow.set_mode(dev, w, mode)
