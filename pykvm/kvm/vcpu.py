@@ -19,6 +19,8 @@ RUN_SIZE = ffi.sizeof("struct kvm_run")
 _run_ffi = ffigen.load("kvmrun", "int ioctl(int fd, unsigned long request, unsigned long arg);")
 _run_lib = _run_ffi.dlopen(None)
 
+_SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
+_SYNC_ALL = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
 _EINTR = errno.EINTR
 _EAGAIN = errno.EAGAIN
 
@@ -83,26 +85,17 @@ class Vcpu(FdOwner):
         return run
 
     # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
-    def stage_on_entry(self, regs=None, sregs=None, events=None) -> bool:
-        """Write regs/sregs/events into kvm_run's sync area for KVM to load at the next KVM_RUN (no ioctl
-        now); False where KVM has no sync area (then nothing is staged). Any other ioctl on this vCPU
+    # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
+    def stage_sync(self, sync) -> None:
+        """Put regs, sregs and events (a 'struct kvm_sync_regs *') in kvm_run's sync area for KVM to load
+        at the next KVM_RUN: no ioctl now (the caller checked sync_fields). Any other ioctl on this vCPU
         loads what is staged first, so a reader never sees the state from before."""
-        if not self.sync_fields:
-            return False
         run = self.run_ptr
-        area = run.s.regs
-        bits = 0
-        for value, field, ctype, bit in ((regs, "regs", "struct kvm_regs", C.KVM_SYNC_X86_REGS),
-                                         (sregs, "sregs", "struct kvm_sregs", C.KVM_SYNC_X86_SREGS),
-                                         (events, "events", "struct kvm_vcpu_events", C.KVM_SYNC_X86_EVENTS)):
-            if value is not None:
-                ffi.memmove(ffi.addressof(area, field), value, ffi.sizeof(ctype))
-                bits |= bit
-        run.kvm_dirty_regs |= bits
-        return True
+        ffi.memmove(ffi.addressof(run.s, "regs"), sync, _SYNC_SIZE)
+        run.kvm_dirty_regs |= _SYNC_ALL
 
     def _load_staged(self):
-        """KVM_SET_* what stage_on_entry() left for KVM_RUN (a getter must not see the older state)."""
+        """KVM_SET_* what stage_sync() left for KVM_RUN (a getter must not see the older state)."""
         run = self.run_ptr
         dirty = run.kvm_dirty_regs
         run.kvm_dirty_regs = 0

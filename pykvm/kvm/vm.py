@@ -75,6 +75,25 @@ class Vm(FdOwner):
         log.dirty_bitmap = ffi.cast("void *", bitmap)
         ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
+    def manual_dirty_protect(self) -> bool:
+        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (get_dirty_log then neither clears nor write-protects:
+        clear_dirty_log does, for the pages it names); False where KVM lacks it (nothing changes)."""
+        try:
+            if not self.check_extension(C.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+                return False
+            self.enable_cap(C.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, C.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        except KvmError:
+            return False
+        return True
+
+    def clear_dirty_log(self, slot, first_page, num_pages, bitmap):
+        """KVM_CLEAR_DIRTY_LOG: clear the dirty bits `bitmap` sets (one per page from first_page, a
+        multiple of 64) and write-protect those pages, so the next write to them is logged again."""
+        log = ffi.new("struct kvm_clear_dirty_log *", {"slot": slot, "first_page": first_page,
+                                                       "num_pages": num_pages})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        ioctl(self.fd, ioctls.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG")
+
     def set_tss_addr(self, addr):
         """KVM_SET_TSS_ADDR: three guest pages Intel VMX needs for real-mode emulation."""
         ioctl(self.fd, ioctls.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")

@@ -24,13 +24,15 @@ import weakref
 
 from ..devices import State, memwindow
 from ..kvm import KvmError
+from ..kvm import constants as C
 from ..kvm.abi import ffi
 from ..memory.region import PAGE_SIZE
-from .state import EVENTS_VALID, MSR_TSC_DEADLINE, capture_vcpu_structs, load_vcpu_structs
+from .state import EVENTS_VALID, MSR_TSC_DEADLINE, capture_vcpu_structs
 
 CR3_PWT = 1 << 3
 _NONZERO = bytes.maketrans(bytes(range(256)), b"\0" + b"\1" * 255)
 _BITS = [tuple(i for i in range(8) if v >> i & 1) for v in range(256)]     # set bits of each byte value
+HOT_PAGES = 32                     # pages per machine left writable under manual dirty-log protection
 APIC_TPR = 0x80                    # the task-priority register's offset in struct kvm_lapic_state
 
 
@@ -44,21 +46,32 @@ class _Slot:
     def __init__(self, region, slot: int):
         self.region = region
         self.slot = slot
-        pages = region.size // PAGE_SIZE
-        self.words = (pages + 63) // 64
+        self.pages = region.size // PAGE_SIZE
+        self.words = (self.pages + 63) // 64
         self.bitmap = ffi.new("uint64_t[]", self.words)
         self.buffer = ffi.buffer(self.bitmap)
+        self.clear = ffi.new("uint64_t[]", self.words)     # pages to write-protect again (manual protect)
+        self.hot: set[int] = set()         # pages left writable: reported dirty, and restored, every time
+        self.last: set[int] = set()        # the pages of the previous collection
 
 
 class Tracker:
     """A machine's dirty-page tracking: KVM's log for guest writes, GuestMemory's list for the host's."""
 
     def __init__(self, machine):
-        from ..kvm import constants as C
-
         self.machine = machine
         self.slots: list[_Slot] = []
         self.snapshots: weakref.WeakSet = weakref.WeakSet()
+        machine.memory.host_writes = []
+        machine.memory.host_writes_overflow = False
+        # with manual protection a page written in two collections running stays writable from then
+        # on (a run's stack, globals, input): restoring it every time costs less than the write fault
+        # the guest would take on it every run (the fault is what dominates a short run)
+        # (KVM_ENABLE_CAP is set-up only: a VM sandboxed before its first snapshot keeps automatic protection)
+        from .. import sandbox
+
+        self.manual = not sandbox.active() and machine.vm.manual_dirty_protect()
+        self.hot_room = HOT_PAGES if self.manual else 0
         for region in machine.memory.regions:
             slot = getattr(region, "slot", None)
             if slot is None:
@@ -66,8 +79,6 @@ class Tracker:
             machine.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr,
                                               C.KVM_MEM_LOG_DIRTY_PAGES)
             self.slots.append(_Slot(region, slot))
-        machine.memory.host_writes = []
-        machine.memory.host_writes_overflow = False
 
     def layout(self) -> list[tuple[int, int]]:
         """(gpa, size) of every tracked region."""
@@ -89,6 +100,8 @@ class Tracker:
                 for bit in _BITS[raw[at]]:
                     pages.append(base + bit)
                 at = flags.find(1, at + 1)
+            if self.manual:
+                self._protect_again(s, pages)
             out.append(pages)
         mem = self.machine.memory
         if mem.host_writes or mem.host_writes_overflow:
@@ -103,6 +116,29 @@ class Tracker:
         else:
             overflow = False
         return out, overflow
+
+    def _protect_again(self, s: _Slot, pages: list) -> None:
+        """Write-protect this collection's pages again (KVM_CLEAR_DIRTY_LOG), except hot ones; a page
+        dirty in the previous collection too becomes hot while there is room."""
+        hot, last = s.hot, s.last
+        clear = s.clear
+        words = []
+        for page in pages:
+            if page in hot:
+                continue
+            if page in last and self.hot_room:
+                hot.add(page)
+                self.hot_room -= 1
+                continue
+            w = page >> 6
+            if not clear[w]:
+                words.append(w)
+            clear[w] |= 1 << (page & 63)
+        s.last = set(pages)
+        if words:
+            self.machine.vm.clear_dirty_log(s.slot, 0, s.pages, clear)
+            for w in words:
+                clear[w] = 0
 
     def feed(self) -> None:
         """Collect, and add what changed to every live snapshot's set."""
@@ -168,7 +204,12 @@ def take(machine) -> Snapshot:
         st["sregs_flush"] = flush
         st["events"].flags |= EVENTS_VALID
         # sregs' CR8 loaded after the LAPIC (staged: at KVM_RUN) keeps the TPR only when its low nibble is 0
-        st["stage"] = bool(vcpu.sync_fields) and not ffi.buffer(st["lapic"])[APIC_TPR][0] & 0x0F
+        if vcpu.sync_fields and not ffi.buffer(st["lapic"])[APIC_TPR][0] & 0x0F:
+            sync = st["sync"] = ffi.new("struct kvm_sync_regs *")
+            sync.regs, sync.sregs, sync.events = st["regs"][0], st["sregs"][0], st["events"][0]
+        else:
+            st["sync"] = None
+        st["xcrs_bytes"] = bytes(ffi.buffer(st["xcrs"])) if st["xcrs"] is not None else None
         try:
             st["xsave"] = vcpu.get_xsave()
         except KvmError:
@@ -216,8 +257,12 @@ def _check(machine) -> None:
                            "captured (use --irqchip split)")
 
 
-def restore(machine, snap: Snapshot) -> int:
-    """Put a paused (or not yet started) machine back to `snap`; returns how many pages were copied."""
+def restore(machine, snap: Snapshot, ran: bool = False) -> int:
+    """Put a paused (or not yet started) machine back to `snap`; returns how many pages were copied.
+
+    ran: the caller knows every vCPU last left KVM_RUN on an exit it handled while executing guest
+    code (and KVM completed it), so each is runnable: the MP state needs no load when the snapshot's
+    is runnable too."""
     _check(machine)
     if snap._machine() is not machine:
         raise ResetRefused("this snapshot was taken of another VM")
@@ -238,13 +283,7 @@ def restore(machine, snap: Snapshot) -> int:
     snap.compare_all = False
     _restore_devices(machine, snap, devices)
     for vcpu, st in zip(machine.vcpus, snap.vcpus):
-        # KVM resets a vCPU's MMU context (and flushes its guest TLB) only when CR0/CR3/CR4/EFER
-        # change: a run that rewrote page tables may leave translations the snapshot never had,
-        # so CR3 is set once with its write-through bit flipped, then for real: by the next KVM_RUN
-        # from kvm_run's sync area, with regs and events (no ioctl for those), or by an ioctl
-        vcpu.set_sregs(st["sregs_flush"])
-        staged = st["stage"] and vcpu.stage_on_entry(st["regs"], st["sregs"], st["events"])
-        refused = load_vcpu_structs(vcpu, st, staged)
+        refused = _load_vcpu(vcpu, st, ran)
         if st.get("msr_block") is None or refused:    # learnt once: later resets load one prebuilt array
             for index in refused:
                 st["msrs"].pop(index, None)
@@ -256,6 +295,45 @@ def restore(machine, snap: Snapshot) -> int:
             pass
     snap.resets += 1
     return copied
+
+
+def _load_vcpu(vcpu, st: dict, ran: bool) -> list[int]:
+    """One vCPU back to its snapshot (state.load_vcpu_structs' order, fewer ioctls); the MSRs KVM refused."""
+    # KVM resets a vCPU's MMU context (and flushes its guest TLB) only when CR0/CR3/CR4/EFER
+    # change: a run that rewrote page tables may leave translations the snapshot never had,
+    # so CR3 is set once with its write-through bit flipped (this also brings back all else sregs
+    # holds, the APIC base among it, before the LAPIC), then for real: by the next KVM_RUN from
+    # kvm_run's sync area, with regs and events (no ioctl for those), or by ioctls
+    vcpu.set_sregs(st["sregs_flush"])
+    sync = st["sync"]
+    if sync is not None:
+        vcpu.stage_sync(sync)
+    else:
+        vcpu.set_sregs(st["sregs"])
+        vcpu.set_regs(st["regs"])
+    xcrs = st["xcrs_bytes"]
+    # XCR0 changes only by XSETBV; reading it costs a fraction of KVM_SET_XCRS (which recomputes CPUID state)
+    if xcrs is not None and bytes(ffi.buffer(vcpu.get_xcrs())) != xcrs:
+        vcpu.set_xcrs(st["xcrs"])
+    if st["xsave"] is not None:
+        vcpu.set_xsave(st["xsave"])
+    else:
+        vcpu.set_fpu(st["fpu"])
+    msrs = st["msrs"]
+    block = st.get("msr_block")
+    if block is not None and vcpu.set_msr_block(block) == block.nmsrs:
+        refused = []
+    else:
+        refused = vcpu.set_msrs({i: v for i, v in msrs.items() if i != MSR_TSC_DEADLINE}, skip_refused=True)
+    if not (ran and st["mp_state"] == C.KVM_MP_STATE_RUNNABLE):
+        vcpu.set_mp_state(int(st["mp_state"]))
+    vcpu.set_lapic(st["lapic"])
+    if sync is None:
+        vcpu.set_vcpu_events(st["events"])
+    deadline = msrs.get(MSR_TSC_DEADLINE)
+    if deadline:  # after the LAPIC, whose timer mode it depends on (KVM_SET_LAPIC already disarmed it)
+        refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
+    return refused
 
 
 def _restore_ram(snap: Snapshot) -> int:

@@ -310,19 +310,14 @@ def capture_vcpu_structs(vcpu, msr_indices) -> dict:
     }
 
 
-def load_vcpu_structs(vcpu, st: dict, staged: bool = False) -> list[int]:
+def load_vcpu_structs(vcpu, st: dict) -> list[int]:
     """Load a vCPU from capture_vcpu_structs() data (the order follows QEMU's); returns MSRs KVM refused.
 
     Optional keys: "xsave" (a struct kvm_xsave, loaded instead of "fpu": it holds the same and more)
     and "msr_block" (Vcpu.msr_block() of "msrs" less the TSC deadline, which KVM took in full before).
-    With `staged` the caller has put regs, sregs and events in kvm_run's sync area (Vcpu.stage_on_entry,
-    after a KVM_SET_SREGS of its own that brought back everything sregs holds but CR3's write-through bit):
-    they are left to the next KVM_RUN, which loads them in this order's place for them (sregs' CR8 after
-    the LAPIC only rewrites the TPR's upper half, so the caller stages only when the TPR's lower half is 0).
     """
-    if not staged:
-        vcpu.set_sregs(st["sregs"])
-        vcpu.set_regs(st["regs"])
+    vcpu.set_sregs(st["sregs"])
+    vcpu.set_regs(st["regs"])
     if st.get("xcrs") is not None:
         vcpu.set_xcrs(st["xcrs"])
     if st.get("xsave") is not None:
@@ -338,10 +333,9 @@ def load_vcpu_structs(vcpu, st: dict, staged: bool = False) -> list[int]:
         refused = vcpu.set_msrs({i: v for i, v in msrs.items() if i != MSR_TSC_DEADLINE}, skip_refused=True)
     vcpu.set_mp_state(int(st["mp_state"]))
     vcpu.set_lapic(st["lapic"])
-    if not staged:
-        events = st["events"]
-        events.flags |= EVENTS_VALID
-        vcpu.set_vcpu_events(events)
+    events = st["events"]
+    events.flags |= EVENTS_VALID
+    vcpu.set_vcpu_events(events)
     if deadline:  # after the LAPIC, whose timer mode it depends on (KVM_SET_LAPIC already disarmed it: 0 needs no write)
         refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
     return refused
