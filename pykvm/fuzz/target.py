@@ -125,6 +125,8 @@ class FuzzTarget:
             raise FuzzSetupError(f"the guest's input buffer {self.buffer_gpa:#x}+{self.buffer_size:#x} is not "
                                  "all RAM")
         self.snap = self._on_machine(lambda: take(m))
+        if len(m.vcpus) == 1:
+            m.vcpus[0].report_sregs()       # a reset reads them from kvm_run: no ioctl per input
         self._armed = True
 
     def _tail(self) -> str:
@@ -182,14 +184,21 @@ class FuzzTarget:
         from ..snapshot.reset import restore
 
         t0 = time.perf_counter()
-        # KVM completes the port write at the next KVM_RUN: done here, before the reset, as parking does
-        vcpu.immediate_exit = 1
-        vcpu.run()
-        vcpu.immediate_exit = 0
-        if m.windows.zone_list:
-            m.windows.drain(on_vcpu=True)          # device writes queued by this run land before the reset
-        self.last_reset_pages = restore(m, self.snap, ran=True)
-        m.memory.write(self.buffer_gpa, INPUT_HEADER.pack(len(data), 0) + data)
+        try:
+            # KVM completes the port write at the next KVM_RUN: done here, before the reset, as parking does
+            vcpu.immediate_exit = 1
+            vcpu.run()
+            vcpu.immediate_exit = 0
+            if m.windows.zone_list:
+                m.windows.drain(on_vcpu=True)      # device writes queued by this run land before the reset
+            self.last_reset_pages = restore(m, self.snap, ran=True)
+            m.memory.write(self.buffer_gpa, INPUT_HEADER.pack(len(data), 0) + data)
+        except Exception as e:                     # the driver's wait() raises it; the VM parks
+            m.pauser.hold()
+            vcpu.immediate_exit = 1
+            self._why = e
+            self._event.set()
+            return
         self.last_reset_us = (time.perf_counter() - t0) * 1e6
         self.inline_resets += 1
 
@@ -267,6 +276,9 @@ class FuzzTarget:
                 self._pending_input = self._input
                 return result
         why = self._why
+        if isinstance(why, Exception):
+            self._why = None
+            raise why
         if isinstance(why, int) or why.kind in ("exit", "poweroff", "reset"):
             result = RunResult("ok")
         else:

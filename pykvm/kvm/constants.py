@@ -235,3 +235,4 @@ def exit_reason_name(reason):
 def capability_name(cap):
     """Name of a capability number, e.g. 0 -> "KVM_CAP_IRQCHIP"."""
     return CAPABILITY_NAMES.get(cap, f"KVM_CAP_{cap}")
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0      # (the kernel header spells it so) kvm_cpuid_entry2.flags

@@ -8,7 +8,7 @@ from ..startup import ffigen
 from . import constants as C
 from . import ioctls
 from ._sys import FdOwner, ioctl
-from .abi import cdata_to_python, ffi, field_offsets
+from .abi import cdata_to_python, ffi, field_offsets, lib
 from .errors import KvmError
 
 # Byte offsets of every kvm_run field ("exit_reason", "io.port", "mmio.data", ...) for
@@ -19,6 +19,7 @@ RUN_SIZE = ffi.sizeof("struct kvm_run")
 _run_ffi = ffigen.load("kvmrun", "int ioctl(int fd, unsigned long request, unsigned long arg);")
 _run_lib = _run_ffi.dlopen(None)
 
+_plain_ioctl = lib.ioctl
 _SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
 _SYNC_ALL = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
 _EINTR = errno.EINTR
@@ -59,6 +60,7 @@ class Vcpu(FdOwner):
         # from_buffer keeps a buffer export on run_mmap until released in close().
         self.run_ptr = ffi.from_buffer("struct kvm_run *", self.run_mmap)
         self.run = self._bind_run()
+        self.cpuid = None             # the 'struct kvm_cpuid2 *' set_cpuid2 gave KVM
         self.sync_fields = 0          # KVM_SYNC_X86_* KVM_RUN loads from kvm_run (set by the VM: KVM_CAP_SYNC_REGS)
 
     def _bind_run(self):
@@ -94,6 +96,24 @@ class Vcpu(FdOwner):
         ffi.memmove(ffi.addressof(run.s, "regs"), sync, _SYNC_SIZE)
         run.kvm_dirty_regs |= _SYNC_ALL
 
+    def report_sregs(self, on: bool = True) -> bool:
+        """Have KVM write the special registers into kvm_run's sync area at every exit (kvm_valid_regs), so
+        sregs_now() costs no ioctl; False where KVM has no sync area."""
+        if not self.sync_fields:
+            return False
+        run = self.run_ptr
+        run.kvm_valid_regs = (run.kvm_valid_regs | C.KVM_SYNC_X86_SREGS) if on else \
+            (run.kvm_valid_regs & ~C.KVM_SYNC_X86_SREGS)
+        return True
+
+    def sregs_now(self):
+        """The special registers as the next KVM_RUN will run with them: from the sync area when KVM reports
+        them there (report_sregs) or they are staged, else by KVM_GET_SREGS."""
+        run = self.run_ptr
+        if (run.kvm_valid_regs | run.kvm_dirty_regs) & C.KVM_SYNC_X86_SREGS:
+            return run.s.regs.sregs
+        return self.get_sregs()
+
     def _load_staged(self):
         """KVM_SET_* what stage_sync() left for KVM_RUN (a getter must not see the older state)."""
         run = self.run_ptr
@@ -107,6 +127,26 @@ class Vcpu(FdOwner):
             ioctl(self.fd, ioctls.KVM_SET_SREGS, ffi.addressof(area, "sregs"), "KVM_SET_SREGS")
         if dirty & C.KVM_SYNC_X86_EVENTS:
             ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, ffi.addressof(area, "events"), "KVM_SET_VCPU_EVENTS")
+
+    def ioctl_plan(self, plan) -> list[int]:
+        """Issue prebuilt (request, cdata pointer, name) ioctls in order, returning their results: one
+        call for a sequence a caller repeats (a reset), without a wrapper per ioctl."""
+        if self.run_ptr.kvm_dirty_regs:
+            self._load_staged()
+        fd = self.fd
+        raw = _plain_ioctl
+        out = []
+        for request, arg, name in plan:
+            ret = raw(fd, request, arg)
+            if ret < 0:
+                ret = ioctl(fd, request, arg, name)      # retries EINTR, raises KvmError otherwise
+            out.append(ret)
+        return out
+
+    def load_staged(self) -> None:
+        """Load now, by ioctls, what stage_sync() left for the next KVM_RUN (nothing when none is)."""
+        if self.run_ptr.kvm_dirty_regs:
+            self._load_staged()
 
     def _ioctl(self, request, arg, name):
         if self.run_ptr is not None and self.run_ptr.kvm_dirty_regs:
@@ -228,6 +268,17 @@ class Vcpu(FdOwner):
     def set_cpuid2(self, cpuid):
         """KVM_SET_CPUID2 from a 'struct kvm_cpuid2 *' (e.g. Kvm.supported_cpuid(), edited)."""
         self._ioctl(ioctls.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self.cpuid = cpuid
+
+    def cpuid_bit(self, function: int, index: int, register: str, bit: int) -> bool | None:
+        """Whether the CPUID this vCPU was given (set_cpuid2) has the bit; None before set_cpuid2."""
+        cpuid = self.cpuid
+        if cpuid is None:
+            return None
+        for e in cpuid.entries[0:cpuid.nent]:
+            if e.function == function and (e.index == index or not e.flags & C.KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+                return bool(getattr(e, register) >> bit & 1)
+        return False
 
     def _msr_batch(self, request, name, items):
         """One KVM_GET/SET_MSRS over [(index, value)]; returns (entries, how many KVM processed)."""

@@ -75,6 +75,16 @@ class Vm(FdOwner):
         log.dirty_bitmap = ffi.cast("void *", bitmap)
         ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
+    def dirty_log_request(self, slot, bitmap):
+        """A prebuilt 'struct kvm_dirty_log *' for fetch_dirty_log (a caller that asks every few microseconds)."""
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        return log
+
+    def fetch_dirty_log(self, log):
+        """KVM_GET_DIRTY_LOG of a dirty_log_request()."""
+        ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
     def manual_dirty_protect(self) -> bool:
         """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (get_dirty_log then neither clears nor write-protects:
         clear_dirty_log does, for the pages it names); False where KVM lacks it (nothing changes)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import struct
 import weakref
 
 from ..devices import State, memwindow
@@ -32,6 +33,11 @@ from .state import EVENTS_VALID, MSR_TSC_DEADLINE, capture_vcpu_structs
 CR3_PWT = 1 << 3
 _NONZERO = bytes.maketrans(bytes(range(256)), b"\0" + b"\1" * 255)
 _BITS = [tuple(i for i in range(8) if v >> i & 1) for v in range(256)]     # set bits of each byte value
+TABLE_PAGES_MAX = 4096             # paging-structure pages a snapshot tracks per vCPU (else: flush always)
+CR4_PGE, CR4_PCIDE = 1 << 7, 1 << 17
+CPUID_1_ECX_XSAVE = 26
+_ENTRY = struct.Struct("<Q")
+_NONE: frozenset = frozenset()
 HOT_PAGES = 32                     # pages per machine left writable under manual dirty-log protection
 APIC_TPR = 0x80                    # the task-priority register's offset in struct kvm_lapic_state
 
@@ -43,13 +49,14 @@ class ResetRefused(RuntimeError):
 class _Slot:
     """One RAM region under dirty logging: its memslot and a reusable bitmap buffer."""
 
-    def __init__(self, region, slot: int):
+    def __init__(self, region, slot: int, vm):
         self.region = region
         self.slot = slot
         self.pages = region.size // PAGE_SIZE
         self.words = (self.pages + 63) // 64
         self.bitmap = ffi.new("uint64_t[]", self.words)
         self.buffer = ffi.buffer(self.bitmap)
+        self.log = vm.dirty_log_request(slot, self.bitmap)
         self.clear = ffi.new("uint64_t[]", self.words)     # pages to write-protect again (manual protect)
         self.hot: set[int] = set()         # pages left writable: reported dirty, and restored, every time
         self.last: set[int] = set()        # the pages of the previous collection
@@ -78,7 +85,7 @@ class Tracker:
                 raise ResetRefused(f"RAM region {region.name} has no memslot number")
             machine.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr,
                                               C.KVM_MEM_LOG_DIRTY_PAGES)
-            self.slots.append(_Slot(region, slot))
+            self.slots.append(_Slot(region, slot, machine.vm))
 
     def layout(self) -> list[tuple[int, int]]:
         """(gpa, size) of every tracked region."""
@@ -87,10 +94,10 @@ class Tracker:
     def collect(self) -> tuple[list, bool]:
         """Per region, the page indices written since the last collection (a list); True when
         the host's list overflowed."""
-        vm = self.machine.vm
+        fetch = self.machine.vm.fetch_dirty_log
         out = []
         for s in self.slots:
-            vm.get_dirty_log(s.slot, s.bitmap)
+            fetch(s.log)
             raw = s.buffer[:]
             flags = raw.translate(_NONZERO)        # 1 where the bitmap byte is not 0: found with find()
             pages: list = []
@@ -121,6 +128,9 @@ class Tracker:
         """Write-protect this collection's pages again (KVM_CLEAR_DIRTY_LOG), except hot ones; a page
         dirty in the previous collection too becomes hot while there is room."""
         hot, last = s.hot, s.last
+        if hot.issuperset(pages):                   # the usual run: it wrote only what every run writes
+            s.last = _NONE
+            return
         clear = s.clear
         words = []
         for page in pages:
@@ -143,7 +153,8 @@ class Tracker:
     def feed(self) -> None:
         """Collect, and add what changed to every live snapshot's set."""
         pages, overflow = self.collect()
-        for snap in list(self.snapshots):
+        snaps = self.snapshots
+        for snap in (snaps if len(snaps) == 1 else list(snaps)):
             snap._add(pages, overflow)
 
 
@@ -171,6 +182,8 @@ class Snapshot:
         self.compare_all = False
         self.extents: list[list] = []      # per region, (offset, length) the pristine copy holds data in
         self.resets = 0
+        self.regions: tuple = ()            # objects last checked against the layout and device set
+        self.device_objects: tuple = ()
 
     def _add(self, pages: list, overflow: bool) -> None:
         for mine, new in zip(self.changed, pages):
@@ -209,7 +222,11 @@ def take(machine) -> Snapshot:
             sync.regs, sync.sregs, sync.events = st["regs"][0], st["sregs"][0], st["events"][0]
         else:
             st["sync"] = None
-        st["xcrs_bytes"] = bytes(ffi.buffer(st["xcrs"])) if st["xcrs"] is not None else None
+        # XCR0 changes only by XSETBV, which faults unless CR4.OSXSAVE is set, which KVM refuses unless
+        # the vCPU's CPUID has XSAVE: without it a run cannot change XCR0 and a reset need not load it
+        st["xcr0_fixed"] = vcpu.cpuid_bit(1, 0, "ecx", CPUID_1_ECX_XSAVE) is False
+        st["tables"] = _table_pages(tracker, st["sregs"])
+        st["flushes"] = 0                    # resets that had to flush this vCPU's TLB
         try:
             st["xsave"] = vcpu.get_xsave()
         except KvmError:
@@ -249,6 +266,42 @@ def take(machine) -> Snapshot:
     return snap
 
 
+def _table_pages(tracker: Tracker, sregs) -> list[set] | None:
+    """Per tracked region, the pages holding the paging structures the snapshot's CR3 reaches; None when
+    a reset cannot rely on them (not 4-level paging, global pages or PCIDs on, a table outside RAM,
+    more than TABLE_PAGES_MAX tables): then every reset flushes the vCPU's TLB."""
+    from ..memory.pagewalk import ADDR_MASK, PTE_P, PTE_PS, paging_mode
+
+    if paging_mode(sregs.cr0, sregs.cr4, sregs.efer) != "4level" or sregs.cr4 & (CR4_PGE | CR4_PCIDE):
+        return None
+    slots = tracker.slots
+    out: list[set] = [set() for _ in slots]
+    seen = 0
+    todo = [(sregs.cr3 & ADDR_MASK, 4)]
+    while todo:
+        addr, level = todo.pop()
+        for i, s in enumerate(slots):
+            r = s.region
+            if r.gpa <= addr < r.end:
+                break
+        else:
+            return None
+        page = (addr - r.gpa) // PAGE_SIZE
+        if page in out[i]:
+            continue
+        out[i].add(page)
+        seen += 1
+        if seen > TABLE_PAGES_MAX:
+            return None
+        if level == 1:
+            continue
+        off = page * PAGE_SIZE        # read through the region: GuestMemory.view() would log a host write
+        for (e,) in _ENTRY.iter_unpack(r.view[off:off + PAGE_SIZE]):
+            if e & PTE_P and not (e & PTE_PS and level <= 3):
+                todo.append((e & ADDR_MASK, level - 1))
+    return out
+
+
 def _check(machine) -> None:
     if machine.outcome is not None or machine.stopping:
         raise ResetRefused("the VM has ended")
@@ -269,25 +322,37 @@ def restore(machine, snap: Snapshot, ran: bool = False) -> int:
     if not snap.pristine:
         raise ResetRefused("this snapshot was closed")
     tracker = snap.tracker
-    if tracker.layout() != [(r.gpa, r.size) for r in machine.memory.regions]:
-        raise ResetRefused("guest RAM was hot-added since the snapshot; reset cannot take it away")
+    regions = tuple(machine.memory.regions)
+    if regions != snap.regions:      # the same region objects as last time: the layout cannot differ
+        if tracker.layout() != [(r.gpa, r.size) for r in regions]:
+            raise ResetRefused("guest RAM was hot-added since the snapshot; reset cannot take it away")
+        snap.regions = regions
     devices = machine.devices.devices
-    if [(d.name, type(d)) for d in devices] != [(n, t) for n, t, *_ in snap.devices]:
-        raise ResetRefused("the device set changed since the snapshot (hot-plug or recovery)")
+    if tuple(devices) != snap.device_objects:
+        if [(d.name, type(d)) for d in devices] != [(n, t) for n, t, *_ in snap.devices]:
+            raise ResetRefused("the device set changed since the snapshot (hot-plug or recovery)")
+        snap.device_objects = tuple(devices)
     tracker.feed()
+    tables_written = [st["tables"] is None or snap.compare_all
+                      or any(not t.isdisjoint(c) for t, c in zip(st["tables"], snap.changed))
+                      for st in snap.vcpus]
     copied = _restore_ram(snap)
-    for other in list(tracker.snapshots):   # what this reset rewrote changed under every other snapshot
-        if other is not snap:
-            other._add(snap.changed, False)
+    if len(tracker.snapshots) > 1:
+        for other in list(tracker.snapshots):   # what this reset rewrote changed under every other snapshot
+            if other is not snap:
+                other._add(snap.changed, False)
     snap.changed = [set() for _ in tracker.slots]
     snap.compare_all = False
     _restore_devices(machine, snap, devices)
-    for vcpu, st in zip(machine.vcpus, snap.vcpus):
-        refused = _load_vcpu(vcpu, st, ran)
+    for vcpu, st, written in zip(machine.vcpus, snap.vcpus, tables_written):
+        refused = _load_vcpu(vcpu, st, ran, written)
         if st.get("msr_block") is None or refused:    # learnt once: later resets load one prebuilt array
             for index in refused:
                 st["msrs"].pop(index, None)
             st["msr_block"] = vcpu.msr_block({i: v for i, v in st["msrs"].items() if i != MSR_TSC_DEADLINE})
+            st["plan"] = None
+        if st.get("plan") is None:
+            _plan(vcpu, st)
     if snap.clock is not None:
         try:
             machine.vm.set_clock(snap.clock)
@@ -297,23 +362,38 @@ def restore(machine, snap: Snapshot, ran: bool = False) -> int:
     return copied
 
 
-def _load_vcpu(vcpu, st: dict, ran: bool) -> list[int]:
+def _load_vcpu(vcpu, st: dict, ran: bool, tables_written: bool) -> list[int]:
     """One vCPU back to its snapshot (state.load_vcpu_structs' order, fewer ioctls); the MSRs KVM refused."""
     # KVM resets a vCPU's MMU context (and flushes its guest TLB) only when CR0/CR3/CR4/EFER
     # change: a run that rewrote page tables may leave translations the snapshot never had,
     # so CR3 is set once with its write-through bit flipped (this also brings back all else sregs
     # holds, the APIC base among it, before the LAPIC), then for real: by the next KVM_RUN from
-    # kvm_run's sync area, with regs and events (no ioctl for those), or by ioctls
-    vcpu.set_sregs(st["sregs_flush"])
+    # kvm_run's sync area, with regs and events (no ioctl for those), or by ioctls.
+    # The flush is left out only when provably nothing is stale: the run wrote none of the paging
+    # structures the snapshot's CR3 reaches (where neither global pages nor PCIDs are on:
+    # _table_pages). If the run ends with CR0/CR3/CR4/EFER as at the snapshot, every translation
+    # the TLB may hold came from those unchanged tables after the run's last CR3 load or CR4 change
+    # (each flushes every non-global entry); if not, loading the snapshot's sregs resets the MMU.
+    vcpu.load_staged()                       # a reset before it without a run: KVM holds that one
+    sregs = st["sregs"]
     sync = st["sync"]
-    if sync is not None:
-        vcpu.stage_sync(sync)
-    else:
+    if tables_written:
+        vcpu.set_sregs(st["sregs_flush"])
+        st["flushes"] += 1
+    elif sync is not None and vcpu.sregs_now().apic_base != sregs.apic_base:
+        vcpu.set_sregs(sregs)                # the APIC base goes back before the LAPIC, as with the flush
+    plan = st.get("plan")
+    if plan is not None and ran:
+        # the rest as one prebuilt sequence (_plan): XCRs, XSAVE, MSRs, LAPIC, TSC deadline
+        results = vcpu.ioctl_plan(plan)
+        if all(results[i] == n for i, n in st["plan_counts"]):
+            vcpu.stage_sync(sync)
+            return []
+        # KVM refused an MSR it took before: load the long way, which learns what it refuses now
+    if sync is None:
         vcpu.set_sregs(st["sregs"])
         vcpu.set_regs(st["regs"])
-    xcrs = st["xcrs_bytes"]
-    # XCR0 changes only by XSETBV; reading it costs a fraction of KVM_SET_XCRS (which recomputes CPUID state)
-    if xcrs is not None and bytes(ffi.buffer(vcpu.get_xcrs())) != xcrs:
+    if st["xcrs"] is not None and not st["xcr0_fixed"]:
         vcpu.set_xcrs(st["xcrs"])
     if st["xsave"] is not None:
         vcpu.set_xsave(st["xsave"])
@@ -333,7 +413,35 @@ def _load_vcpu(vcpu, st: dict, ran: bool) -> list[int]:
     deadline = msrs.get(MSR_TSC_DEADLINE)
     if deadline:  # after the LAPIC, whose timer mode it depends on (KVM_SET_LAPIC already disarmed it)
         refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
+    if sync is not None:
+        vcpu.stage_sync(sync)     # last: any vCPU ioctl after it would load the staged state by ioctl
     return refused
+
+
+def _plan(vcpu, st: dict) -> None:
+    """Prebuild the ioctls _load_vcpu issues after a run that left the vCPU runnable, when it can: staged
+    regs, a runnable snapshot (no MP state load), an MSR block KVM took whole."""
+    from ..kvm import ioctls
+
+    st["plan"] = None
+    if st["sync"] is None or st["mp_state"] != C.KVM_MP_STATE_RUNNABLE or st.get("msr_block") is None:
+        return
+    plan, counts = [], []
+    if st["xcrs"] is not None and not st["xcr0_fixed"]:
+        plan.append((ioctls.KVM_SET_XCRS, st["xcrs"], "KVM_SET_XCRS"))
+    if st["xsave"] is not None:
+        plan.append((ioctls.KVM_SET_XSAVE, st["xsave"], "KVM_SET_XSAVE"))
+    else:
+        plan.append((ioctls.KVM_SET_FPU, st["fpu"], "KVM_SET_FPU"))
+    block = st["msr_block"]
+    counts.append((len(plan), block.nmsrs))
+    plan.append((ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS"))
+    plan.append((ioctls.KVM_SET_LAPIC, st["lapic"], "KVM_SET_LAPIC"))
+    deadline = st["msrs"].get(MSR_TSC_DEADLINE)
+    if deadline:
+        counts.append((len(plan), 1))
+        plan.append((ioctls.KVM_SET_MSRS, vcpu.msr_block({MSR_TSC_DEADLINE: deadline}), "KVM_SET_MSRS"))
+    st["plan"], st["plan_counts"] = plan, counts
 
 
 def _restore_ram(snap: Snapshot) -> int:
