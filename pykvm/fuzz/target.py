@@ -6,6 +6,13 @@ The guest's side is in pykvm_abi.h (PYKVM_PORT_FUZZ). A run ends when the guest 
 "crash" call), or the caller gives up on it (a hang). The VM never ends between runs: the
 machine's intercept hook takes each crash instead of stopping the VM, and the driver writes
 its core (one per distinct crash site) with the input beside it, named in the core's note.
+
+With one vCPU, a run that says "done" is reset by the vCPU thread itself, inside the port write:
+it reports the run, waits for the next input, resets the VM (snapshot/reset.restore) and returns
+into the guest, so no other thread takes the VM over between inputs and every ioctl of the reset
+runs on the thread that runs KVM_RUN. Crashes, hangs, several vCPUs, and anything else that wants
+the VM paused (a core, a pause request, the end) take the parked path: the vCPUs park and the
+machine's thread resets.
 """
 
 from __future__ import annotations

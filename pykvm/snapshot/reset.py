@@ -14,6 +14,23 @@ tracked, which is why channels must be closed at the snapshot.
 
 Several snapshots of one machine may coexist: each keeps the set of pages changed since it was
 taken, fed by every collection of the dirty log.
+
+What a reset costs, and what it leaves out only where that is provable (the in-process fuzzer
+resets between every two inputs; each vCPU ioctl is a system call, dear on a nested host):
+  - dirty log: one KVM_GET_DIRTY_LOG per memslot. With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 a page
+    written in two collections running (a run's stack, globals, input) is left writable
+    (HOT_PAGES per machine): KVM then reports it dirty every time and it is restored every time,
+    which costs less than the write fault every run would take on it; other pages are
+    write-protected again with one KVM_CLEAR_DIRTY_LOG, only when there are any.
+  - regs, sregs and events go into kvm_run's sync area (KVM_CAP_SYNC_REGS), which the next KVM_RUN
+    loads: no ioctl (a vCPU ioctl before that run loads them by ioctl first: Vcpu.stage_sync).
+  - the TLB flush (a KVM_SET_SREGS with CR3's write-through bit flipped) happens when the run
+    wrote a page of the paging structures the snapshot's CR3 reaches, or they could not be
+    tracked (see _load_vcpu for why nothing else can be stale).
+  - XCR0 is not loaded when the vCPU's CPUID has no XSAVE (the guest cannot change it); the MP
+    state is not loaded when the caller knows the vCPU was running (restore(ran=True)) and the
+    snapshot's is runnable too; a device is reloaded only when its state differs.
+  - XSAVE, MSRs, LAPIC and the TSC deadline go as one prebuilt ioctl sequence; the kvmclock is set.
 """
 
 from __future__ import annotations
