@@ -254,7 +254,8 @@ def test_a_page_table_written_in_a_run_is_not_seen_by_the_next():
 
 def test_staged_registers_are_what_kvm_runs_with():
     """After a reset the registers wait in kvm_run's sync area: the next KVM_RUN (here one that enters
-    no guest code) must load exactly the snapshot's, as the ioctls a reader triggers would."""
+    no guest code) must load exactly the snapshot's, as the ioctls a reader triggers would, after runs
+    that changed MSRs, the task priority, page tables, the IDT and devices."""
     from pykvm.fuzz.coverage import CoverageMap
     from pykvm.fuzz.target import FuzzTarget
     from pykvm.snapshot.reset import restore
@@ -269,12 +270,17 @@ def test_staged_registers_are_what_kvm_runs_with():
         target.settle()
         want = target._on_machine(lambda: (restore(m, target.snap), state_hash(target.vm))[1])
         rng = random.Random(7)
-        for _ in range(6):
-            target.run(_hostile_input(rng) + b"N", timeout=3)
+        for i in range(6):
+            # MSRs (the kernel GS base, SYSENTER stack, PAT) and the LAPIC's TPR change too
+            msrs = b"".join(b"M" + struct.pack("<IQ", msr, rng.getrandbits(32) << 4)
+                            for msr in (0xC0000102, 0x175)) + b"M" + struct.pack("<IQ", 0x277, 0x0007040600070406)
+            target.run(msrs + b"T" + bytes([i + 1]) + _hostile_input(rng) + b"N", timeout=3)
             target.settle()
 
             def reset_then_enter():
-                restore(m, target.snap)
+                before = state_hash(target.vm)
+                assert before["vcpu0 msrs"] != want["vcpu0 msrs"] and before["vcpu0 get_lapic"] != want["vcpu0 get_lapic"]
+                restore(m, target.snap, ran=True)    # as the inline reset: the vCPU last ran guest code
                 assert v.run_ptr.kvm_dirty_regs, "nothing was staged"
                 v.immediate_exit = 1
                 v.run()                      # KVM loads the sync area, then returns without entering
