@@ -19,10 +19,12 @@ and how long AFL++ takes to find a planted bug.
             (d)   a QEMU microvm process per input booting the bundled multiboot guest to its exit, the
                   floor any VM-per-input fuzzer pays (qemu cannot boot the pykvm-ELF target itself);
                   skipped when qemu-system-x86_64 is missing
-  found-s         per run, seconds from afl-fuzz's start to its first saved crash of the comparison-chain
-                  bug (a crash input holding "PYKVM!"; the crash file's time:), `none` when the run
-                  reached --afl-seconds without it; each run ends as soon as that crash is saved. Both
-                  bugs' times are printed per run (any crash input without "PYKVM!" is the length bug).
+  found-s         per run, seconds from the start of fuzzing (afl-fuzz's clock, the crash file's time:) to
+                  its first saved crash of the comparison-chain bug (a crash input holding "PYKVM!";
+                  the wall time since afl-fuzz was launched, VM boot included, is printed beside),
+                  `none` when the run reached --afl-seconds without it; each run ends as soon as
+                  that crash is saved. Both bugs' times are printed per run (any crash input without
+                  "PYKVM!" is the length bug).
 
 The last line: `reset-us R, execs/s E, afl/qemu X, found-s S1 S2 S3` (R: median reset at 16 dirty
 pages; E: (a); X: a/d; S: seconds to the comparison-chain bug per run, or `none`).
@@ -162,14 +164,17 @@ def afl_run(afl: str, seconds: int, work: Path, until_chain: bool = True) -> tup
            sys.executable, "-m", "pykvm", "fuzz", "fuzz-target", "--crash-dir", str(crashes)]
     found: dict = {}
     seen: dict = {}
+    launched = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + seconds + 300
+    deadline = launched + seconds + 300
     try:
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 proc.kill()
                 break
             _crash_times(out / "default" / "crashes", seen, found)
+            if "chain" in found and "chain-wall" not in found:
+                found["chain-wall"] = time.monotonic() - launched
             if until_chain and "chain" in found:
                 proc.send_signal(signal.SIGINT)      # afl-fuzz writes its stats and ends
                 proc.wait(60)
@@ -228,7 +233,9 @@ def main() -> None:
                 found.append(bugs.get("chain"))
                 each = ", ".join(f"{b} bug after {bugs[b]:.1f} s" if b in bugs else f"{b} bug not found"
                                  for b in ("length", "chain"))
-                print(f"  afl run {i + 1} (at most {args.afl_seconds} s, ends at the chain bug): {each}; "
+                wall = f" ({bugs['chain-wall']:.1f} s after afl-fuzz was started, boot included)" \
+                    if "chain-wall" in bugs else ""
+                print(f"  afl run {i + 1} (at most {args.afl_seconds} s, ends at the chain bug): {each}{wall}; "
                       f"{done} execs, {rate:.1f} execs/s")
     print(f"  (a) pykvm fuzz under afl-fuzz:        {a if a is not None else float('nan'):8.1f} /s"
           + ("" if afl else "   (afl-fuzz not installed)"))
