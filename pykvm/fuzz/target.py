@@ -87,7 +87,8 @@ class FuzzTarget:
         self._go = threading.Event()
         self._waiting = False             # the vCPU thread waits inline (under _lock)
         self._next: bytes | None = None   # its next input; None: leave the inline wait (parked path)
-        self.last_reset_us = 0.0          # the last inline reset's restore() time, and pages copied
+        self.last_reset_us = 0.0          # the last inline reset: its time (port write completed, restore(),
+                                          # the input written) and the pages restore() copied
         self.last_reset_pages = 0
         self.inline_resets = 0
         self.snap = None
