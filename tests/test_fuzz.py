@@ -312,3 +312,36 @@ def test_inline_resets_between_done_runs_and_the_slow_path_after_crashes(tmp_pat
     finally:
         target.close()
         cov.close()
+
+
+def test_pages_written_run_after_run_stay_writable_until_inputs_change(monkeypatch):
+    """Under manual dirty-log protection a page written in two runs running is left writable and
+    restored every reset; once inputs stop writing it, it is protected again at the next relearn."""
+    from pykvm.fuzz.coverage import CoverageMap
+    from pykvm.fuzz.target import FuzzTarget
+    from pykvm.snapshot import reset
+
+    monkeypatch.setattr(reset, "HOT_RELEARN", 16)
+    cov = CoverageMap()
+    target = FuzzTarget("fuzz-target", cov, mem=128 << 20, cmdline="hostile")
+    try:
+        tracker = target.snap.tracker
+        if not tracker.manual:
+            pytest.skip("this KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+        slot = tracker.slots[0]
+        scratch = {0x4000000 // 4096 + i for i in range(8)}
+        stores = b"".join(_store(0x4000000 + i * 4096, i + 1) for i in range(8))
+        for _ in range(4):
+            assert target.run(stores, timeout=10).kind == "ok"
+        assert scratch <= slot.hot
+        assert target.last_reset_pages >= 8
+        for _ in range(40):
+            assert target.run(b"N", timeout=10).kind == "ok"
+        assert not scratch & slot.hot
+        assert target.last_reset_pages < 8
+        m = target.machine
+        for i in range(8):                          # the stores never show after their runs' resets
+            assert _phys_u64(m, 0x4000000 + i * 4096) == 0
+    finally:
+        target.close()
+        cov.close()

@@ -55,6 +55,7 @@ CR4_PGE, CR4_PCIDE = 1 << 7, 1 << 17
 CPUID_1_ECX_XSAVE = 26
 _ENTRY = struct.Struct("<Q")
 _NONE: frozenset = frozenset()
+HOT_RELEARN = 4096                 # collections after which the hot pages are protected again
 HOT_PAGES = 32                     # pages per machine left writable under manual dirty-log protection
 APIC_TPR = 0x80                    # the task-priority register's offset in struct kvm_lapic_state
 
@@ -77,6 +78,7 @@ class _Slot:
         self.clear = ffi.new("uint64_t[]", self.words)     # pages to write-protect again (manual protect)
         self.hot: set[int] = set()         # pages left writable: reported dirty, and restored, every time
         self.last: set[int] = set()        # the pages of the previous collection
+        self.collections = 0
 
 
 class Tracker:
@@ -145,7 +147,14 @@ class Tracker:
         """Write-protect this collection's pages again (KVM_CLEAR_DIRTY_LOG), except hot ones; a page
         dirty in the previous collection too becomes hot while there is room."""
         hot, last = s.hot, s.last
-        if hot.issuperset(pages):                   # the usual run: it wrote only what every run writes
+        s.collections += 1
+        if s.collections % HOT_RELEARN == 0 and hot:
+            # hot pages are restored every time whether written or not: now and then protect them
+            # again, so pages the inputs no longer write stop costing a copy per reset
+            self.hot_room += len(hot)
+            s.hot = hot = set()
+            s.last = last = _NONE
+        elif hot.issuperset(pages):                 # the usual run: it wrote only what every run writes
             s.last = _NONE
             return
         clear = s.clear
