@@ -116,7 +116,7 @@ KVM_REQUESTS = (
     "KVM_CHECK_EXTENSION", "KVM_GET_MSR_INDEX_LIST", "KVM_GET_CLOCK", "KVM_SET_CLOCK",
     "KVM_SET_USER_MEMORY_REGION", "KVM_IRQ_LINE", "KVM_REGISTER_COALESCED_MMIO",
     "KVM_UNREGISTER_COALESCED_MMIO", "KVM_IOEVENTFD", "KVM_IRQFD", "KVM_SET_GSI_ROUTING", "KVM_SIGNAL_MSI",
-    "KVM_GET_DIRTY_LOG", "KVM_GET_XSAVE", "KVM_SET_XSAVE",      # in-memory snapshot and reset (pykvm fuzz)
+    "KVM_GET_DIRTY_LOG", "KVM_CLEAR_DIRTY_LOG", "KVM_GET_XSAVE", "KVM_SET_XSAVE",   # in-memory snapshot and reset (pykvm fuzz)
 )
 # Terminal and descriptor requests Python itself makes: isatty (click, io.open), socket timeouts, CLOEXEC.
 TTY_REQUESTS = ("TCGETS", "TIOCGWINSZ", "FIONBIO", "FIOCLEX", "FIONCLEX", "FIONREAD")  # FIONREAD: VM.reset drains serial pipes

@@ -2,34 +2,44 @@
 """Snapshot fuzzing on the bundled fuzz-target guest: reset latency, inputs per second four ways,
 and how long AFL++ takes to find a planted bug.
 
-    python3 scripts/bench_fuzz.py [--afl-seconds 180] [--runs 3] [--resets 200] [--per-input 10]
+    python3 scripts/bench_fuzz.py [--afl-seconds 600] [--runs 3] [--rate-seconds 60] [--resets 200]
+                                  [--per-input 10]
 
-  reset latency   median and p99 (us) of snapshot/reset.restore() on a 128 MiB guest after runs that
-                  dirtied 1, 16 and 256 pages (fuzz-target's "hostile" store records), timed in-process
-                  with the vCPU paused; the pages KVM's log reported are printed beside (the guest's own
-                  stack and globals add a few)
-  inputs/s  (a)   `pykvm fuzz` under afl-fuzz: fuzzer_stats execs_per_sec of the first bug-finding run
+  reset latency   median and p99 (us) of the reset `pykvm fuzz` does between inputs on a 128 MiB guest,
+                  after runs that dirtied 1, 16 and 256 pages (fuzz-target's "hostile" store records):
+                  on the vCPU thread, from the guest's "done" to the next input written (completing
+                  the port write, snapshot/reset.restore(), the input); the pages copied are printed
+                  beside (the guest's own stack, globals and the page tables whose dirty bits the
+                  stores set add a few; a written page table also costs a TLB flush)
+  inputs/s  (a)   `pykvm fuzz` under afl-fuzz: fuzzer_stats execs_per_sec of one run of --rate-seconds
+                  that no bug ends (the bug-finding runs below end within seconds: their rate is mostly
+                  start-up, and is printed per run only for reference)
             (b)   the in-process API booting a fresh VM per input (FuzzTarget built, one run, closed)
             (c)   a `pykvm run fuzz-target` process per input (standalone: one empty input, power-off)
             (d)   a QEMU microvm process per input booting the bundled multiboot guest to its exit, the
                   floor any VM-per-input fuzzer pays (qemu cannot boot the pykvm-ELF target itself);
                   skipped when qemu-system-x86_64 is missing
-  found-s         seconds from afl-fuzz's start to its first saved crash of either planted bug (the
-                  crash file's time:), per run, each bounded by --afl-seconds; `none` when it found
-                  nothing; each bug's own time is printed per run (a crash input holding "PYKVM!"
-                  is the comparison-chain bug, any other the length bug)
+  found-s         per run, seconds from the start of fuzzing (afl-fuzz's clock, the crash file's time:) to
+                  its first saved crash of the comparison-chain bug (a crash input holding "PYKVM!";
+                  the wall time since afl-fuzz was launched, VM boot included, is printed beside),
+                  `none` when the run reached --afl-seconds without it; each run ends as soon as
+                  that crash is saved. Both bugs' times are printed per run (any crash input without
+                  "PYKVM!" is the length bug).
 
-The last line: `reset-us R, execs/s E, afl/qemu X, found-s S1 S2 S3`.
-On a nested, software-assisted KVM (this project's development host) every vCPU ioctl costs ~50-100 us
-and every guest instruction ~0.5 us: the host-side counts printed (ioctls per reset, pages copied) are
-what carries over to VMX/SVM hosts.
+The last line: `reset-us R, execs/s E, afl/qemu X, found-s S1 S2 S3` (R: median reset at 16 dirty
+pages; E: (a); X: a/d; S: seconds to the comparison-chain bug per run, or `none`).
+On a nested, software-assisted KVM (this project's development host) a vCPU ioctl costs ~8-15 us (the
+first after a run more), a guest exit ~8 us and every guest instruction ~0.5 us: the host-side figures
+printed (CPU per exec, pages copied) are what carries over to VMX/SVM hosts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -58,26 +68,26 @@ def _pct(values, q: float) -> float:
 
 
 def reset_latency(resets: int) -> dict[int, float]:
-    """Median restore() time in us per dirty-page count, printed with p99."""
+    """Median reset time in us per dirty-page count, printed with p99: the reset as `pykvm fuzz` does it,
+    on the vCPU thread between a run's "done" and the next input's entry (FuzzTarget.last_reset_us:
+    completing the guest's port write, restore(), writing the input)."""
     from pykvm.fuzz.coverage import CoverageMap
     from pykvm.fuzz.target import FuzzTarget
-    from pykvm.snapshot.reset import restore
 
     cov = CoverageMap()
     target = FuzzTarget("fuzz-target", cov, mem=128 << 20, cmdline="hostile")
     medians = {}
     try:
-        m = target.machine
         for n in (1, 16, 256):
             data = b"".join(b"W" + struct.pack("<QQ", SCRATCH + i * 4096, i + 1) for i in range(n))
             times, copied = [], []
-            for _ in range(resets if n < 256 else max(20, resets // 2)):
+            for i in range(resets if n < 256 else max(20, resets // 2)):
+                before = target.inline_resets
                 result = target.run(data, timeout=30)
                 assert result.kind == "ok", result.kind
-                target._on_machine(lambda: None)          # every vCPU parked
-                t0 = time.perf_counter()
-                copied.append(restore(m, target.snap))
-                times.append((time.perf_counter() - t0) * 1e6)
+                if i and target.inline_resets > before:       # the first run's reset undid another input
+                    times.append(target.last_reset_us)
+                    copied.append(target.last_reset_pages)
             medians[n] = statistics.median(times)
             print(f"  reset after {n:3d} dirty pages: median {medians[n]:8.1f} us   p99 {_pct(times, 0.99):8.1f} us"
                   f"   pages copied (median) {statistics.median(copied):.0f}")
@@ -124,8 +134,26 @@ def _stats(path: Path) -> dict:
     return out
 
 
-def afl_run(afl: str, seconds: int, work: Path) -> tuple[dict, float, int]:
-    """One bounded afl-fuzz run: ({bug: seconds to its first crash}, execs_per_sec, execs_done)."""
+def _crash_times(crashes: Path, seen: dict, found: dict) -> None:
+    """Record, per planted bug, the earliest crash file's time: (ms since afl-fuzz started) in seconds."""
+    for f in crashes.glob("id:*"):
+        if f.name in seen:
+            continue
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue                     # still being written: read at the next look
+        seen[f.name] = True
+        bug = "chain" if b"PYKVM!" in data else "length"
+        for part in f.name.split(","):
+            if part.startswith("time:"):
+                t = int(part[5:]) / 1000
+                found[bug] = min(found.get(bug, t), t)
+
+
+def afl_run(afl: str, seconds: int, work: Path, until_chain: bool = True) -> tuple[dict, float, int]:
+    """One afl-fuzz run, bounded by `seconds` and (until_chain) ended as soon as a crash input holds the
+    comparison chain: ({bug: seconds to its first crash}, execs_per_sec, execs_done)."""
     seeds, out, crashes = work / "seeds", work / "out", work / "crashes"
     seeds.mkdir(parents=True)
     (seeds / "seed").write_bytes(SEED)
@@ -134,27 +162,43 @@ def afl_run(afl: str, seconds: int, work: Path) -> tuple[dict, float, int]:
                AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1", AFL_NO_AFFINITY="1")
     cmd = [afl, "-i", str(seeds), "-o", str(out), "-V", str(seconds), "-t", "5000", "--",
            sys.executable, "-m", "pykvm", "fuzz", "fuzz-target", "--crash-dir", str(crashes)]
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 300)
     found: dict = {}
-    for f in (out / "default" / "crashes").glob("id:*"):
-        bug = "chain" if b"PYKVM!" in f.read_bytes() else "length"
-        for part in f.name.split(","):
-            if part.startswith("time:"):
-                t = int(part[5:]) / 1000
-                found[bug] = min(found.get(bug, t), t)
+    seen: dict = {}
+    launched = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = launched + seconds + 300
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+            _crash_times(out / "default" / "crashes", seen, found)
+            if "chain" in found and "chain-wall" not in found:
+                found["chain-wall"] = time.monotonic() - launched
+            if until_chain and "chain" in found:
+                proc.send_signal(signal.SIGINT)      # afl-fuzz writes its stats and ends
+                proc.wait(60)
+                break
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _crash_times(out / "default" / "crashes", seen, found)
     stats = _stats(out / "default" / "fuzzer_stats")
     return found, float(stats.get("execs_per_sec", 0) or 0), int(stats.get("execs_done", 0) or 0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--afl-seconds", type=int, default=180, help="bound of each afl-fuzz run")
-    ap.add_argument("--runs", type=int, default=3, help="afl-fuzz runs timed to the first crash")
+    ap.add_argument("--afl-seconds", type=int, default=600, help="bound of each bug-finding afl-fuzz run")
+    ap.add_argument("--runs", type=int, default=3, help="afl-fuzz runs timed to the comparison-chain bug")
+    ap.add_argument("--rate-seconds", type=int, default=60, help="length of the afl-fuzz run (a) is read from")
     ap.add_argument("--resets", type=int, default=200, help="resets timed per dirty-page count")
     ap.add_argument("--per-input", type=int, default=10, help="inputs for (b), (c) and (d)")
     args = ap.parse_args()
 
-    print("reset latency (128 MiB guest, in-process, vCPU paused):")
+    print("reset latency (128 MiB guest, in-process, as pykvm fuzz resets between inputs):")
     medians = reset_latency(args.resets)
 
     print("inputs per second:")
@@ -175,13 +219,24 @@ def main() -> None:
     a = None
     if afl:
         with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            bugs, a, done = afl_run(afl, args.rate_seconds, Path(tmp) / "rate", until_chain=False)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            print(f"  afl rate run ({args.rate_seconds} s, not stopped at a bug): {done} execs, {a:.1f} execs/s")
+            if done:
+                user = (after.ru_utime - before.ru_utime) / done * 1e6
+                system = (after.ru_stime - before.ru_stime) / done * 1e6
+                print(f"  host CPU per exec (afl-fuzz + pykvm fuzz, boot included): user {user:.0f} us, "
+                      f"system {system:.0f} us")
             for i in range(args.runs):
                 bugs, rate, done = afl_run(afl, args.afl_seconds, Path(tmp) / f"run{i}")
-                found.append(min(bugs.values()) if bugs else None)
-                a = rate if a is None else a
+                found.append(bugs.get("chain"))
                 each = ", ".join(f"{b} bug after {bugs[b]:.1f} s" if b in bugs else f"{b} bug not found"
                                  for b in ("length", "chain"))
-                print(f"  afl run {i + 1} ({args.afl_seconds} s): {each}; {done} execs, {rate:.1f} execs/s")
+                wall = f" ({bugs['chain-wall']:.1f} s after afl-fuzz was started, boot included)" \
+                    if "chain-wall" in bugs else ""
+                print(f"  afl run {i + 1} (at most {args.afl_seconds} s, ends at the chain bug): {each}{wall}; "
+                      f"{done} execs, {rate:.1f} execs/s")
     print(f"  (a) pykvm fuzz under afl-fuzz:        {a if a is not None else float('nan'):8.1f} /s"
           + ("" if afl else "   (afl-fuzz not installed)"))
     print(f"  (b) in-process API, boot per input:   {b:8.1f} /s")

@@ -192,3 +192,156 @@ def test_two_afl_instances_share_a_sync_dir(tmp_path):
         stats = _stats(sync / name / "fuzzer_stats")
         assert int(stats["execs_done"]) > 50, (name, stats)
         assert (sync / name / "queue").is_dir()
+
+
+# ---------------------------------------------------------------- the fast reset between inputs
+def _phys_u64(m, gpa: int) -> int:
+    r = m.memory.region_of(gpa, 8)
+    return struct.unpack_from("<Q", r.view, gpa - r.gpa)[0]      # not GuestMemory.view: no host write logged
+
+
+def _leaf(m, cr3: int, vaddr: int) -> tuple[int, int]:
+    """(guest-physical address of the entry that maps vaddr, bytes it maps) in 4-level paging."""
+    table, shift = cr3 & 0x000F_FFFF_FFFF_F000, 39
+    while True:
+        at = table + 8 * ((vaddr >> shift) & 0x1FF)
+        e = _phys_u64(m, at)
+        assert e & 1, f"{vaddr:#x} is not mapped"
+        if shift == 12 or e & 0x80:
+            return at, 1 << shift
+        table, shift = e & 0x000F_FFFF_FFFF_F000, shift - 9
+
+
+def _store(addr: int, value: int) -> bytes:
+    return b"W" + struct.pack("<QQ", addr, value)
+
+
+def test_a_page_table_written_in_a_run_is_not_seen_by_the_next():
+    """A run remaps a virtual page and uses it (its TLB holds the new translation); the reset puts
+    the old entry back, and the next run's store must go through the old one: the reset flushed.
+    Runs that write no page table need no flush (the reset leaves the TLB alone)."""
+    from pykvm.fuzz.coverage import CoverageMap
+    from pykvm.fuzz.target import FuzzTarget
+
+    cov = CoverageMap()
+    target = FuzzTarget("fuzz-target", cov, mem=128 << 20, cmdline="hostile")
+    try:
+        m = target.machine
+        st = target.snap.vcpus[0]
+        assert st["tables"] is not None, "the snapshot's paging structures were not tracked"
+        v = 0x4000000
+        entry, size = _leaf(m, st["sregs"].cr3, v)
+        other_entry, _ = _leaf(m, st["sregs"].cr3, v + size)
+        x, y = v, v + size                              # identity-mapped frames of v and of the next page
+        remap = _phys_u64(m, other_entry)
+        for _ in range(3):
+            assert target.run(b"N", timeout=10).kind == "ok"
+        flushes = st["flushes"]
+        for _ in range(5):
+            assert target.run(b"N", timeout=10).kind == "ok"
+        assert st["flushes"] == flushes, "benign runs flushed the TLB"
+        for _ in range(3):
+            assert target.run(_store(entry, remap) + _store(v, 0x1111), timeout=10).kind == "ok"
+            assert _phys_u64(m, y) == 0x1111 and _phys_u64(m, x) != 0x1111    # the run saw its new mapping
+            assert target.run(_store(v, 0x2222), timeout=10).kind == "ok"
+            assert _phys_u64(m, x) == 0x2222, "the store went through a translation the reset undid"
+            assert _phys_u64(m, y) != 0x2222
+        assert st["flushes"] > flushes
+    finally:
+        target.close()
+        cov.close()
+
+
+def test_staged_registers_are_what_kvm_runs_with():
+    """After a reset the registers wait in kvm_run's sync area: the next KVM_RUN (here one that enters
+    no guest code) must load exactly the snapshot's, as the ioctls a reader triggers would, after runs
+    that changed MSRs, the task priority, page tables, the IDT and devices."""
+    from pykvm.fuzz.coverage import CoverageMap
+    from pykvm.fuzz.target import FuzzTarget
+    from pykvm.snapshot.reset import restore
+
+    cov = CoverageMap()
+    target = FuzzTarget("fuzz-target", cov, mem="64M", cmdline="hostile")
+    try:
+        m = target.machine
+        v = m.vcpus[0]
+        if not v.sync_fields:
+            pytest.skip("this KVM has no kvm_run sync area (KVM_CAP_SYNC_REGS)")
+        target.settle()
+        want = target._on_machine(lambda: (restore(m, target.snap), state_hash(target.vm))[1])
+        rng = random.Random(7)
+        for i in range(6):
+            # MSRs (the kernel GS base, SYSENTER stack, PAT) and the LAPIC's TPR change too
+            msrs = b"".join(b"M" + struct.pack("<IQ", msr, rng.getrandbits(32) << 4)
+                            for msr in (0xC0000102, 0x175)) + b"M" + struct.pack("<IQ", 0x277, 0x0007040600070406)
+            target.run(msrs + b"T" + bytes([i + 1]) + _hostile_input(rng) + b"N", timeout=3)
+            target.settle()
+
+            def reset_then_enter():
+                before = state_hash(target.vm)
+                assert before["vcpu0 msrs"] != want["vcpu0 msrs"] and before["vcpu0 get_lapic"] != want["vcpu0 get_lapic"]
+                restore(m, target.snap, ran=True)    # as the inline reset: the vCPU last ran guest code
+                assert v.run_ptr.kvm_dirty_regs, "nothing was staged"
+                v.immediate_exit = 1
+                v.run()                      # KVM loads the sync area, then returns without entering
+                v.immediate_exit = 0
+                assert not v.run_ptr.kvm_dirty_regs
+                return state_hash(target.vm)
+            got = target._on_machine(reset_then_enter)
+            assert got == want, [k for k in want if want[k] != got[k]]
+    finally:
+        target.close()
+        cov.close()
+
+
+def test_inline_resets_between_done_runs_and_the_slow_path_after_crashes(tmp_path):
+    """A run that says "done" is reset on the vCPU thread; a crash or a hang takes the parked path (a
+    core), and the next "done" run is inline again; the guest sees every input from the snapshot."""
+    from pykvm.fuzz.coverage import CoverageMap
+    from pykvm.fuzz.target import FuzzTarget
+
+    cov = CoverageMap()
+    target = FuzzTarget("fuzz-target", cov, mem="64M", cmdline="hostile", crash_dir=str(tmp_path))
+    try:
+        kinds = []
+        for data in (BENIGN, BENIGN, BUG_CHAIN, BENIGN, b"L", BENIGN, BENIGN, BUG_LENGTH, BENIGN):
+            kinds.append(target.run(data, timeout=3).kind)
+        assert kinds == ["ok", "ok", "crash", "ok", "hang", "ok", "ok", "crash", "ok"]
+        assert target.inline_resets >= 3
+        assert len(list(tmp_path.glob("*.core"))) >= 2
+    finally:
+        target.close()
+        cov.close()
+
+
+def test_pages_written_run_after_run_stay_writable_until_inputs_change(monkeypatch):
+    """Under manual dirty-log protection a page written in two runs running is left writable and
+    restored every reset; once inputs stop writing it, it is protected again at the next relearn."""
+    from pykvm.fuzz.coverage import CoverageMap
+    from pykvm.fuzz.target import FuzzTarget
+    from pykvm.snapshot import reset
+
+    monkeypatch.setattr(reset, "HOT_RELEARN", 16)
+    cov = CoverageMap()
+    target = FuzzTarget("fuzz-target", cov, mem=128 << 20, cmdline="hostile")
+    try:
+        tracker = target.snap.tracker
+        if not tracker.manual:
+            pytest.skip("this KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+        slot = tracker.slots[0]
+        scratch = {0x4000000 // 4096 + i for i in range(8)}
+        stores = b"".join(_store(0x4000000 + i * 4096, i + 1) for i in range(8))
+        for _ in range(4):
+            assert target.run(stores, timeout=10).kind == "ok"
+        assert scratch <= slot.hot
+        assert target.last_reset_pages >= 8
+        for _ in range(40):
+            assert target.run(b"N", timeout=10).kind == "ok"
+        assert not scratch & slot.hot
+        assert target.last_reset_pages < 8
+        m = target.machine
+        for i in range(8):                          # the stores never show after their runs' resets
+            assert _phys_u64(m, 0x4000000 + i * 4096) == 0
+    finally:
+        target.close()
+        cov.close()

@@ -10,13 +10,17 @@
  *    input's end): a malformed length (more than the slots left after slot
  *    t & 3 hold) overwrites the handler table that follows, and the call
  *    through it faults (#PF at 0 when the bytes were zeros, #GP otherwise).
+ * The command word is declared as a dictionary token (FUZZ_TOKEN), as a
+ * parser's author would list it: AFL++ gets it through the forkserver.
  * Other inputs run to completion ("done").
  *
- * With the command line "hostile" three more records let an input attack the
+ * With the command line "hostile" more records let an input attack the
  * machine itself, for the tests that reset after it (tests/test_fuzz.py):
  * 'W' addr(8) value(8) stores anywhere (page tables, IDT, GDT, the stack),
  * 'O' port(2) value(1) writes any I/O port (devices, the fuzz port itself),
- * 'I' limit(2) base(8) loads an IDT, and 'L' spins forever (a hang).
+ * 'I' limit(2) base(8) loads an IDT, 'M' msr(4) value(8) writes an MSR,
+ * 'T' n sets the task priority (CR8, the LAPIC's TPR) to n & 15, and 'L'
+ * spins forever (a hang).
  *
  * Serial output: "fuzz-target: ready (driven)\n" or "(standalone)\n" before the
  * snapshot. Without a driver it runs one empty input and powers off.
@@ -52,6 +56,10 @@ static struct {
     uint8_t slot[4][32];
     handler_t handlers[4];
 } table = { .handlers = { sum_handler, xor_handler, sum_handler, xor_handler } };
+
+/* The command word, as the parser's author would list it for the fuzzer: AFL++
+ * receives it as a dictionary token (pykvm fuzz sends it at the handshake). */
+FUZZ_TOKEN(command_word, "PYKVM!");
 
 static volatile uint32_t sink;
 static int hostile;
@@ -120,6 +128,15 @@ static void run(const uint8_t *p, uint32_t len)
             idtr.base = rd64(p + at + 2);
             __asm__ volatile("lidt %0" : : "m"(idtr));
             at += 10;
+        } else if (hostile && kind == 'M' && len - at >= 12) {
+            uint32_t msr = (uint32_t)rd64(p + at);
+            uint64_t v = rd64(p + at + 4);
+            __asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)));
+            at += 12;
+        } else if (hostile && kind == 'T' && len - at >= 1) {
+            uint64_t tpr = p[at] & 15;
+            __asm__ volatile("mov %0, %%cr8" : : "r"(tpr));
+            at += 1;
         } else if (hostile && kind == 'L') {
             for (;;)
                 sink++;

@@ -802,6 +802,14 @@ struct pykvm_xfer_range {
 #define PYKVM_FUZZ_MAP_SIZE 65536
 /* inputs longer than the buffer are cut to INPUT_SIZE; at most this many bytes */
 #define PYKVM_FUZZ_INPUT_MAX 1048576
+/* Dictionary tokens: a guest may declare strings its parser compares input
+ * against (keywords, magic values) in a non-loaded ELF section named
+ * ".pykvm_fuzz_dict" (runtime/rt.h: FUZZ_TOKEN). The section holds records
+ * [length byte 1..TOKEN_MAX][that many bytes]; zero bytes between records are
+ * padding. `pykvm fuzz` checks it (at most TOKENS_MAX records, nothing else in
+ * it) and hands the tokens to afl-fuzz as AFL++'s autodictionary. */
+#define PYKVM_FUZZ_TOKEN_MAX 128
+#define PYKVM_FUZZ_TOKENS_MAX 256
 
 #ifndef __ASSEMBLER__
 struct pykvm_fuzz_input {

@@ -56,6 +56,9 @@ SECTIONS
     } :data
     __image_end = .;
 
+    /* fuzz dictionary tokens (pykvm_abi.h): read from the file by pykvm fuzz, never loaded */
+    .pykvm_fuzz_dict 0 (INFO) : { KEEP(*(.pykvm_fuzz_dict)) }
+
     /DISCARD/ : { *(.note.gnu.property) *(.note.GNU-stack) *(.comment) *(.eh_frame) *(.eh_frame_hdr) }
 }
 

@@ -112,6 +112,17 @@ int fuzz_setup(struct pykvm_fuzz_input *in, uint32_t size);
 void fuzz_snapshot(void);
 void fuzz_done(void);
 void fuzz_crash(void);
+/* FUZZ_TOKEN(name, "text"): hand the fuzzer "text" as a dictionary token
+ * (pykvm_abi.h: PYKVM_FUZZ_TOKEN_MAX bytes at most, no NUL counted); the record
+ * lands in .pykvm_fuzz_dict, which the linker script keeps out of the image. */
+#define FUZZ_TOKEN(name, text)                                                  \
+    _Static_assert(sizeof(text) > 1 && sizeof(text) - 1 <= PYKVM_FUZZ_TOKEN_MAX, \
+                   "fuzz token length");                                      \
+    static const struct __attribute__((packed)) {                             \
+        uint8_t len;                                                           \
+        char bytes[sizeof(text) - 1];                                          \
+    } name __attribute__((used, aligned(1), section(".pykvm_fuzz_dict"))) =    \
+        { sizeof(text) - 1, text }
 void __sanitizer_cov_trace_pc(void);
 
 /* ---- application processors [64] ----

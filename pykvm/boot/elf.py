@@ -114,7 +114,7 @@ def notes(blob: bytes, hdr: ElfHeader) -> list[tuple[bytes, int, bytes]]:
     return out
 
 
-SHT_SYMTAB, SHT_DYNSYM = 2, 11
+SHT_SYMTAB, SHT_DYNSYM, SHT_NOBITS = 2, 11, 8
 STT_NOTYPE, STT_FUNC = 0, 2
 SHN_UNDEF = 0
 _SHDR = {32: struct.Struct("<IIIIIIIIII"), 64: struct.Struct("<IIQQQQIIQQ")}
@@ -167,3 +167,33 @@ def symbols(blob: bytes, names) -> dict[str, int]:
         if name in want and name not in found:
             found[name] = value
     return found
+
+
+def section(blob, name: str) -> bytes | None:
+    """The bytes of the file's section called `name` (the first of that name), or None when it has none;
+    a section whose headers or bytes lie outside the file raises ElfError."""
+    hdr = parse(blob)
+    bits = hdr.bits
+    fields = _HDR[bits].unpack_from(blob, 16)
+    shoff, shentsize, shnum, shstrndx = fields[5], fields[10], fields[11], fields[12]
+    sh = _SHDR[bits]
+    if not shnum:
+        return None
+    if shentsize < sh.size or shoff + shnum * shentsize > len(blob) or shstrndx >= shnum:
+        raise ElfError("section headers lie outside the file")
+    sections = [sh.unpack_from(blob, shoff + i * shentsize) for i in range(shnum)]
+    stroff, strsize = sections[shstrndx][4], sections[shstrndx][5]
+    if stroff + strsize > len(blob):
+        raise ElfError("the section name table lies outside the file")
+    want = name.encode()
+    for s in sections:
+        at = stroff + s[0]
+        if s[0] + len(want) + 1 > strsize or bytes(blob[at:at + len(want) + 1]) != want + b"\0":
+            continue
+        if s[1] == SHT_NOBITS:
+            return b""
+        off, size = s[4], s[5]
+        if off + size > len(blob):
+            raise ElfError(f"section {name} lies outside the file")
+        return bytes(blob[off:off + size])
+    return None

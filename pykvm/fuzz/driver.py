@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..errors import EXIT_OK, UsageError
+from . import dictionary
 from .coverage import CoverageMap
 from .forkserver import FORKSRV_FD, ProtocolError, Sentinels, ShmInput, serve
 from .target import FuzzTarget
@@ -63,9 +64,10 @@ def under_afl(kernel, *, sandbox: bool = False, **opts) -> int:
         cov = CoverageMap(shm_id)
         shm = ShmInput(fuzz_id) if fuzz_id is not None else None
         target = FuzzTarget(kernel, cov, **opts)
+        tokens = dictionary.read(target.machine.config.kernel)
         if sandbox:
             _sandbox(opts.get("crash_dir"))
-        serve(target, sentinels, cov.size, shm)
+        serve(target, sentinels, cov.size, shm, autodict=dictionary.wire(tokens) if tokens else b"")
         target.settle()
     except ProtocolError as e:
         raise UsageError(f"pykvm fuzz: {e}") from None

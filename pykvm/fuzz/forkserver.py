@@ -3,7 +3,12 @@
 AFL starts the target with descriptors 198 (control, AFL -> target) and 199 (status, target ->
 AFL). The target says hello with a 4-byte options word: FS_OPT_ENABLED, FS_OPT_MAPSIZE with the
 coverage map's size, and FS_OPT_SHDMEM_FUZZ when AFL offered test cases in shared memory
-(__AFL_SHM_FUZZ_ID), which AFL then confirms with a word of its own. Then, per input: AFL writes
+(__AFL_SHM_FUZZ_ID), which AFL then confirms with a word of its own, and FS_OPT_AUTODICT with it when
+the guest declares dictionary tokens (fuzz/dictionary.py): afl-fuzz's answer then carries
+FS_OPT_AUTODICT too when it takes them, and the target sends their length and the records. The
+offer is only ever made together with shared memory: afl-fuzz answers that offer in every case
+(AFL_NO_AUTODICT, afl-showmap), while an autodictionary offered alone may get no answer at all,
+and the target would wait for one. Then, per input: AFL writes
 4 bytes (whether it killed the last child), the target answers a child pid, runs the input and
 answers a wait status: 0, or a signal number for a crash. On a timeout AFL kills the pid it was
 given and still reads the status, and counts the run as a hang.
@@ -24,6 +29,7 @@ FORKSRV_FD = 198
 FS_OPT_ENABLED = 0x80000001
 FS_OPT_MAPSIZE = 0x40000000
 FS_OPT_SHDMEM_FUZZ = 0x01000000
+FS_OPT_AUTODICT = 0x10000000
 SHM_FUZZ_HEADER = 4              # the test case's length, then its bytes
 MAX_FILE = 1 << 20               # AFL's largest test case
 _WORD = struct.Struct("<I")
@@ -38,11 +44,13 @@ def fs_opt_set_mapsize(size: int) -> int:
     return (size - 1) << 1
 
 
-def hello_word(map_size: int, shm_input: bool) -> int:
-    """The options word the target says hello with."""
+def hello_word(map_size: int, shm_input: bool, autodict: bool = False) -> int:
+    """The options word the target says hello with (an autodictionary is offered only with shared memory)."""
     word = FS_OPT_ENABLED | FS_OPT_MAPSIZE | fs_opt_set_mapsize(map_size)
     if shm_input:
         word |= FS_OPT_SHDMEM_FUZZ
+        if autodict:
+            word |= FS_OPT_AUTODICT
     return word
 
 
@@ -54,6 +62,12 @@ def _read_exact(fd: int, n: int) -> bytes:
             return out
         out += chunk
     return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _write_word(fd: int, value: int) -> None:
@@ -181,10 +195,13 @@ def read_stdin_case() -> bytes:
     return b"".join(out)
 
 
-def serve(target, sentinels: Sentinels, map_size: int, shm_input: ShmInput | None, log=None) -> int:
-    """Answer AFL until it closes the control pipe; returns how many inputs ran."""
+def serve(target, sentinels: Sentinels, map_size: int, shm_input: ShmInput | None, log=None,
+          autodict: bytes = b"") -> int:
+    """Answer AFL until it closes the control pipe; returns how many inputs ran. `autodict` is
+    dictionary.wire()'s bytes (empty: none offered)."""
     ctl, st = FORKSRV_FD, FORKSRV_FD + 1
-    _write_word(st, hello_word(map_size, shm_input is not None))
+    offer = bool(autodict) and shm_input is not None
+    _write_word(st, hello_word(map_size, shm_input is not None, offer))
     if shm_input is not None:
         raw = _read_exact(ctl, 4)
         if len(raw) != 4:
@@ -192,6 +209,10 @@ def serve(target, sentinels: Sentinels, map_size: int, shm_input: ShmInput | Non
         word = _WORD.unpack(raw)[0]
         if word & FS_OPT_ENABLED != FS_OPT_ENABLED or not word & FS_OPT_SHDMEM_FUZZ:
             raise ProtocolError(f"afl-fuzz answered the shared-memory offer with {word:#x}")
+        if word & FS_OPT_AUTODICT:
+            if not offer:
+                raise ProtocolError(f"afl-fuzz took an autodictionary nobody offered ({word:#x})")
+            _write_all(st, autodict)
     runs = 0
     while True:
         raw = _read_exact(ctl, 4)

@@ -6,6 +6,13 @@ The guest's side is in pykvm_abi.h (PYKVM_PORT_FUZZ). A run ends when the guest 
 "crash" call), or the caller gives up on it (a hang). The VM never ends between runs: the
 machine's intercept hook takes each crash instead of stopping the VM, and the driver writes
 its core (one per distinct crash site) with the input beside it, named in the core's note.
+
+With one vCPU, a run that says "done" is reset by the vCPU thread itself, inside the port write:
+it reports the run, waits for the next input, resets the VM (snapshot/reset.restore) and returns
+into the guest, so no other thread takes the VM over between inputs and every ioctl of the reset
+runs on the thread that runs KVM_RUN. Crashes, hangs, several vCPUs, and anything else that wants
+the VM paused (a core, a pause request, the end) take the parked path: the vCPUs park and the
+machine's thread resets.
 """
 
 from __future__ import annotations
@@ -73,6 +80,17 @@ class FuzzTarget:
         self._armed = False
         self._pending: RunResult | None = None
         self._input = b""
+        # the inline path (one vCPU, a run that ended with "done"): the vCPU thread waits in the fuzz
+        # port's handler for the next input and resets the VM itself, so no thread hands the VM to
+        # another between runs and every vCPU ioctl of a reset runs where KVM_RUN does
+        self._lock = threading.Lock()
+        self._go = threading.Event()
+        self._waiting = False             # the vCPU thread waits inline (under _lock)
+        self._next: bytes | None = None   # its next input; None: leave the inline wait (parked path)
+        self.last_reset_us = 0.0          # the last inline reset: its time (port write completed, restore(),
+                                          # the input written) and the pages restore() copied
+        self.last_reset_pages = 0
+        self.inline_resets = 0
         self.snap = None
         self.sites: set = set()
         self.runs = self.crashes = self.hangs = 0
@@ -115,6 +133,8 @@ class FuzzTarget:
             raise FuzzSetupError(f"the guest's input buffer {self.buffer_gpa:#x}+{self.buffer_size:#x} is not "
                                  "all RAM")
         self.snap = self._on_machine(lambda: take(m))
+        if len(m.vcpus) == 1:
+            m.vcpus[0].report_sregs()       # a reset reads them from kvm_run: no ioctl per input
         self._armed = True
 
     def _tail(self) -> str:
@@ -136,12 +156,69 @@ class FuzzTarget:
         """FuzzPort: the guest called snapshot/done/crash; stop the vCPUs and tell the driver."""
         if cmd == abi.PYKVM_FUZZ_CMD_SNAPSHOT and self._armed:
             return                      # a second "snapshot here" within a run changes nothing
+        if cmd == abi.PYKVM_FUZZ_CMD_DONE and self._armed and len(self.machine.vcpus) == 1:
+            self._done_inline()
+            return
         if cmd == abi.PYKVM_FUZZ_CMD_CRASH:
             from ..machine.outcome import Outcome
 
             cmd = Outcome(EXIT_GUEST_CRASH, "crash", "the guest reported a bug (PYKVM_FUZZ_CMD_CRASH)",
                           trigger="fuzz-crash")
         self._stop(cmd)
+
+    def _done_inline(self) -> None:
+        """On the vCPU thread, in the port write that said "done": report the run, wait for the next
+        input, reset the VM to the snapshot here and return into the guest. Anything else the driver
+        or the machine wants (a core, a pause, the end) makes the thread leave for the parked path."""
+        m = self.machine
+        vcpu = m.vcpus[0]
+        with self._lock:
+            self._waiting = True
+            self._go.clear()
+            self._why = abi.PYKVM_FUZZ_CMD_DONE
+            self._event.set()
+        while not self._go.wait(0.05):
+            if m.stopping or m.pauser.pausing:
+                with self._lock:
+                    if self._waiting:              # not taken by start() meanwhile
+                        self._waiting = False
+                        self._next = None
+                        break
+        data, self._next = self._next, None
+        if data is None or m.stopping:
+            m.pauser.hold()                        # as _stop: park, and let the driver go the slow way
+            vcpu.immediate_exit = 1
+            return
+        from ..snapshot.reset import restore
+
+        t0 = time.perf_counter()
+        try:
+            # KVM completes the port write at the next KVM_RUN: done here, before the reset, as parking does
+            vcpu.immediate_exit = 1
+            vcpu.run()
+            vcpu.immediate_exit = 0
+            if m.windows.zone_list:
+                m.windows.drain(on_vcpu=True)      # device writes queued by this run land before the reset
+            self.last_reset_pages = restore(m, self.snap, ran=True)
+            m.memory.write(self.buffer_gpa, INPUT_HEADER.pack(len(data), 0) + data)
+        except Exception as e:                     # the driver's wait() raises it; the VM parks
+            m.pauser.hold()
+            vcpu.immediate_exit = 1
+            self._why = e
+            self._event.set()
+            return
+        self.last_reset_us = (time.perf_counter() - t0) * 1e6
+        self.inline_resets += 1
+
+    def _release_inline(self) -> bool:
+        """Make a vCPU waiting inline leave for the parked path; True when one was waiting."""
+        with self._lock:
+            if not self._waiting:
+                return False
+            self._waiting = False
+            self._next = None
+            self._go.set()
+        return True
 
     def _intercept(self, outcome) -> bool:
         """Machine.intercept: keep the VM for the next input instead of ending it."""
@@ -163,9 +240,21 @@ class FuzzTarget:
         """Begin a run of `data`: settle the previous run (core, reset), write the input, let the guest go."""
         data = bytes(data[:self.buffer_size])
         pending, self._pending = self._pending, None
-        self._event.clear()
-        self._why = None
         self.coverage_before = None
+        with self._lock:
+            # inline when the vCPU waits there after a run that said "done"; one that said it only
+            # after the driver called the run a hang is sent to the parked path (its core is due)
+            inline = self._waiting and (pending is None or pending.kind == "ok")
+            self._next = data if inline else None
+            self._event.clear()
+            self._why = None
+            if self._waiting:
+                self._waiting = False
+                self._go.set()
+        if inline:
+            self._input = data
+            self.runs += 1
+            return
 
         def go():
             from ..snapshot.reset import restore
@@ -173,6 +262,8 @@ class FuzzTarget:
             m = self.machine
             if not m.pause():
                 raise FuzzSetupError("a vCPU did not stop in time")
+            self._event.clear()       # a "done" said after the driver gave up on the run is not this run's
+            self._why = None
             if pending is not None:
                 self._settle(pending)
             restore(m, self.snap)
@@ -193,6 +284,9 @@ class FuzzTarget:
                 self._pending_input = self._input
                 return result
         why = self._why
+        if isinstance(why, Exception):
+            self._why = None
+            raise why
         if isinstance(why, int) or why.kind in ("exit", "poweroff", "reset"):
             result = RunResult("ok")
         else:
@@ -210,6 +304,7 @@ class FuzzTarget:
     def settle(self) -> RunResult | None:
         """Finish the last run now (pause; its core when it crashed or hung); returns it."""
         pending, self._pending = self._pending, None
+        self._release_inline()
         if pending is not None:
             self._on_machine(lambda: self._settle(pending))
         return pending
@@ -242,6 +337,7 @@ class FuzzTarget:
 
     def close(self) -> None:
         """Stop the guest and release everything."""
+        self._release_inline()
         if self.snap is not None:
             self.snap.close()
         self.vm.close()

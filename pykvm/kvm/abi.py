@@ -408,6 +408,16 @@ struct kvm_dirty_log {
     };
 };
 
+struct kvm_clear_dirty_log {
+    uint32_t slot;
+    uint32_t num_pages;
+    uint64_t first_page;
+    union {
+        void *dirty_bitmap;                /* one bit per page from first_page */
+        uint64_t padding2;
+    };
+};
+
 struct kvm_msi {
     uint32_t address_lo;
     uint32_t address_hi;

@@ -127,6 +127,7 @@ KVM_CAP_NESTED_STATE = 157
 KVM_CAP_COALESCED_PIO = 162
 KVM_CAP_EXCEPTION_PAYLOAD = 164
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0     # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0]
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_DIRTY_LOG_RING = 192
@@ -234,3 +235,4 @@ def exit_reason_name(reason):
 def capability_name(cap):
     """Name of a capability number, e.g. 0 -> "KVM_CAP_IRQCHIP"."""
     return CAPABILITY_NAMES.get(cap, f"KVM_CAP_{cap}")
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0      # (the kernel header spells it so) kvm_cpuid_entry2.flags

@@ -5,9 +5,10 @@ import mmap
 import os
 
 from ..startup import ffigen
+from . import constants as C
 from . import ioctls
 from ._sys import FdOwner, ioctl
-from .abi import cdata_to_python, ffi, field_offsets
+from .abi import cdata_to_python, ffi, field_offsets, lib
 from .errors import KvmError
 
 # Byte offsets of every kvm_run field ("exit_reason", "io.port", "mmio.data", ...) for
@@ -18,6 +19,9 @@ RUN_SIZE = ffi.sizeof("struct kvm_run")
 _run_ffi = ffigen.load("kvmrun", "int ioctl(int fd, unsigned long request, unsigned long arg);")
 _run_lib = _run_ffi.dlopen(None)
 
+_plain_ioctl = lib.ioctl
+_SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
+_SYNC_ALL = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
 _EINTR = errno.EINTR
 _EAGAIN = errno.EAGAIN
 
@@ -56,6 +60,8 @@ class Vcpu(FdOwner):
         # from_buffer keeps a buffer export on run_mmap until released in close().
         self.run_ptr = ffi.from_buffer("struct kvm_run *", self.run_mmap)
         self.run = self._bind_run()
+        self.cpuid = None             # the 'struct kvm_cpuid2 *' set_cpuid2 gave KVM
+        self.sync_fields = 0          # KVM_SYNC_X86_* KVM_RUN loads from kvm_run (set by the VM: KVM_CAP_SYNC_REGS)
 
     def _bind_run(self):
         # A closure over pre-bound locals: no attribute lookups, no allocation per call.
@@ -79,6 +85,73 @@ class Vcpu(FdOwner):
             raise KvmError(err, "KVM_RUN")
 
         return run
+
+    # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
+    # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
+    def stage_sync(self, sync) -> None:
+        """Put regs, sregs and events (a 'struct kvm_sync_regs *') in kvm_run's sync area for KVM to load
+        at the next KVM_RUN: no ioctl now (the caller checked sync_fields). Any other ioctl on this vCPU
+        loads what is staged first, so a reader never sees the state from before."""
+        run = self.run_ptr
+        ffi.memmove(ffi.addressof(run.s, "regs"), sync, _SYNC_SIZE)
+        run.kvm_dirty_regs |= _SYNC_ALL
+
+    def report_sregs(self, on: bool = True) -> bool:
+        """Have KVM write the special registers into kvm_run's sync area at every exit (kvm_valid_regs), so
+        sregs_now() costs no ioctl; False where KVM has no sync area."""
+        if not self.sync_fields:
+            return False
+        run = self.run_ptr
+        run.kvm_valid_regs = (run.kvm_valid_regs | C.KVM_SYNC_X86_SREGS) if on else \
+            (run.kvm_valid_regs & ~C.KVM_SYNC_X86_SREGS)
+        return True
+
+    def sregs_now(self):
+        """The special registers as the next KVM_RUN will run with them: from the sync area when KVM reports
+        them there (report_sregs) or they are staged, else by KVM_GET_SREGS."""
+        run = self.run_ptr
+        if (run.kvm_valid_regs | run.kvm_dirty_regs) & C.KVM_SYNC_X86_SREGS:
+            return run.s.regs.sregs
+        return self.get_sregs()
+
+    def _load_staged(self):
+        """KVM_SET_* what stage_sync() left for KVM_RUN (a getter must not see the older state)."""
+        run = self.run_ptr
+        dirty = run.kvm_dirty_regs
+        run.kvm_dirty_regs = 0
+        area = run.s.regs
+        # KVM_RUN's order: regs, sregs, events
+        if dirty & C.KVM_SYNC_X86_REGS:
+            ioctl(self.fd, ioctls.KVM_SET_REGS, ffi.addressof(area, "regs"), "KVM_SET_REGS")
+        if dirty & C.KVM_SYNC_X86_SREGS:
+            ioctl(self.fd, ioctls.KVM_SET_SREGS, ffi.addressof(area, "sregs"), "KVM_SET_SREGS")
+        if dirty & C.KVM_SYNC_X86_EVENTS:
+            ioctl(self.fd, ioctls.KVM_SET_VCPU_EVENTS, ffi.addressof(area, "events"), "KVM_SET_VCPU_EVENTS")
+
+    def ioctl_plan(self, plan) -> list[int]:
+        """Issue prebuilt (request, cdata pointer, name) ioctls in order, returning their results: one
+        call for a sequence a caller repeats (a reset), without a wrapper per ioctl."""
+        if self.run_ptr.kvm_dirty_regs:
+            self._load_staged()
+        fd = self.fd
+        raw = _plain_ioctl
+        out = []
+        for request, arg, name in plan:
+            ret = raw(fd, request, arg)
+            if ret < 0:
+                ret = ioctl(fd, request, arg, name)      # retries EINTR, raises KvmError otherwise
+            out.append(ret)
+        return out
+
+    def load_staged(self) -> None:
+        """Load now, by ioctls, what stage_sync() left for the next KVM_RUN (nothing when none is)."""
+        if self.run_ptr.kvm_dirty_regs:
+            self._load_staged()
+
+    def _ioctl(self, request, arg, name):
+        if self.run_ptr is not None and self.run_ptr.kvm_dirty_regs:
+            self._load_staged()
+        return ioctl(self.fd, request, arg, name)
 
     def close(self):
         """Unmap kvm_run and close the vCPU fd (idempotent)."""
@@ -111,14 +184,14 @@ class Vcpu(FdOwner):
     # ---- generic get/set of one struct ----
     def _get(self, ctype, request, name):
         out = ffi.new(ctype)
-        ioctl(self.fd, request, out, name)
+        self._ioctl(request, out, name)
         return out
 
     def _set(self, ctype, request, name, value):
         # Accept a pointer (what the getters return) or a struct value.
         if ffi.typeof(value).kind != "pointer":
             value = ffi.new(ctype, value)
-        ioctl(self.fd, request, value, name)
+        self._ioctl(request, value, name)
 
     def get_regs(self):
         """KVM_GET_REGS as a 'struct kvm_regs *'."""
@@ -185,16 +258,27 @@ class Vcpu(FdOwner):
 
     def interrupt(self, vector):
         """KVM_INTERRUPT: hand the in-kernel LAPIC an ExtINT vector (from a userspace PIC); EEXIST while one waits."""
-        ioctl(self.fd, ioctls.KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}), "KVM_INTERRUPT")
+        self._ioctl(ioctls.KVM_INTERRUPT, ffi.new("struct kvm_interrupt *", {"irq": vector}), "KVM_INTERRUPT")
 
     def set_mp_state(self, state):
         """KVM_SET_MP_STATE to a KVM_MP_STATE_* value."""
-        ioctl(self.fd, ioctls.KVM_SET_MP_STATE,
+        self._ioctl(ioctls.KVM_SET_MP_STATE,
               ffi.new("struct kvm_mp_state *", {"mp_state": state}), "KVM_SET_MP_STATE")
 
     def set_cpuid2(self, cpuid):
         """KVM_SET_CPUID2 from a 'struct kvm_cpuid2 *' (e.g. Kvm.supported_cpuid(), edited)."""
-        ioctl(self.fd, ioctls.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self._ioctl(ioctls.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+        self.cpuid = cpuid
+
+    def cpuid_bit(self, function: int, index: int, register: str, bit: int) -> bool | None:
+        """Whether the CPUID this vCPU was given (set_cpuid2) has the bit; None before set_cpuid2."""
+        cpuid = self.cpuid
+        if cpuid is None:
+            return None
+        for e in cpuid.entries[0:cpuid.nent]:
+            if e.function == function and (e.index == index or not e.flags & C.KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+                return bool(getattr(e, register) >> bit & 1)
+        return False
 
     def _msr_batch(self, request, name, items):
         """One KVM_GET/SET_MSRS over [(index, value)]; returns (entries, how many KVM processed)."""
@@ -205,7 +289,7 @@ class Vcpu(FdOwner):
             entry.data = data
         # KVM stops at the first MSR it refuses and returns how many it did. The entries are
         # copied out: a cdata field does not keep the struct ffi.new() owns alive.
-        done = ioctl(self.fd, request, msrs, name)
+        done = self._ioctl(request, msrs, name)
         return [(e.index, e.data) for e in msrs.entries[0:n]], done
 
     def get_msrs(self, indices, skip_unreadable=False):
@@ -246,12 +330,12 @@ class Vcpu(FdOwner):
 
     def set_msr_block(self, block):
         """KVM_SET_MSRS of a msr_block(); returns how many KVM set (it stops at the first it refuses)."""
-        return ioctl(self.fd, ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS")
+        return self._ioctl(ioctls.KVM_SET_MSRS, block, "KVM_SET_MSRS")
 
     def translate(self, linear_addr):
         """KVM_TRANSLATE a linear address with the vCPU's paging: (gpa, valid, writeable)."""
         tr = ffi.new("struct kvm_translation *", {"linear_address": linear_addr})
-        ioctl(self.fd, ioctls.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
+        self._ioctl(ioctls.KVM_TRANSLATE, tr, "KVM_TRANSLATE")
         return tr.physical_address, bool(tr.valid), bool(tr.writeable)
 
     def set_guest_debug(self, control, debugreg=None):
@@ -261,4 +345,4 @@ class Vcpu(FdOwner):
             if len(debugreg) > 8:
                 raise ValueError("at most 8 debug registers (DR0-DR7)")
             dbg.arch.debugreg[0:len(debugreg)] = list(debugreg)
-        ioctl(self.fd, ioctls.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
+        self._ioctl(ioctls.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")

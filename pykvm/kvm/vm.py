@@ -75,6 +75,35 @@ class Vm(FdOwner):
         log.dirty_bitmap = ffi.cast("void *", bitmap)
         ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
+    def dirty_log_request(self, slot, bitmap):
+        """A prebuilt 'struct kvm_dirty_log *' for fetch_dirty_log (a caller that asks every few microseconds)."""
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        return log
+
+    def fetch_dirty_log(self, log):
+        """KVM_GET_DIRTY_LOG of a dirty_log_request()."""
+        ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
+
+    def manual_dirty_protect(self) -> bool:
+        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (get_dirty_log then neither clears nor write-protects:
+        clear_dirty_log does, for the pages it names); False where KVM lacks it (nothing changes)."""
+        try:
+            if not self.check_extension(C.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+                return False
+            self.enable_cap(C.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, C.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        except KvmError:
+            return False
+        return True
+
+    def clear_dirty_log(self, slot, first_page, num_pages, bitmap):
+        """KVM_CLEAR_DIRTY_LOG: clear the dirty bits `bitmap` sets (one per page from first_page, a
+        multiple of 64) and write-protect those pages, so the next write to them is logged again."""
+        log = ffi.new("struct kvm_clear_dirty_log *", {"slot": slot, "first_page": first_page,
+                                                       "num_pages": num_pages})
+        log.dirty_bitmap = ffi.cast("void *", bitmap)
+        ioctl(self.fd, ioctls.KVM_CLEAR_DIRTY_LOG, log, "KVM_CLEAR_DIRTY_LOG")
+
     def set_tss_addr(self, addr):
         """KVM_SET_TSS_ADDR: three guest pages Intel VMX needs for real-mode emulation."""
         ioctl(self.fd, ioctls.KVM_SET_TSS_ADDR, addr, "KVM_SET_TSS_ADDR")
@@ -213,6 +242,15 @@ class Vm(FdOwner):
         ioctl(self.fd, ioctls.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
 
     # ---- vCPUs ----
+    def _sync_fields(self) -> int:
+        """The kvm_run sync-area fields KVM_RUN loads (KVM_CAP_SYNC_REGS: regs, sregs, events), 0 if none."""
+        want = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
+        try:
+            have = self.check_extension(C.KVM_CAP_SYNC_REGS)
+        except KvmError:
+            return 0
+        return want if have & want == want else 0
+
     def create_vcpu(self, index):
         """KVM_CREATE_VCPU: a new vCPU with APIC id ``index``, its kvm_run area mapped."""
         fd = ioctl(self.fd, ioctls.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
@@ -221,5 +259,6 @@ class Vm(FdOwner):
         except BaseException:
             os.close(fd)
             raise
+        vcpu.sync_fields = self._sync_fields()
         self.vcpus.append(vcpu)
         return vcpu

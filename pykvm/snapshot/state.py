@@ -65,6 +65,7 @@ FIXED = struct.Struct("<8sIIQ")            # magic, format version, header lengt
 DIGEST = 32
 MAX_HEADER = 64 << 20
 MSR_TSC_DEADLINE = 0x6E0
+EVENTS_VALID = C.KVM_VCPUEVENT_VALID_NMI_PENDING | C.KVM_VCPUEVENT_VALID_SIPI_VECTOR   # what a load sets back
 # MachineConfig fields that belong to one run, not to the VM: never saved, given anew at restore
 RUN_ONLY = ("serial_out", "serial_in", "serial_unbuffered", "timeout", "crash_dir", "sandbox", "memory_log")
 PATH_FIELDS = ("kernel", "initrd")
@@ -333,7 +334,7 @@ def load_vcpu_structs(vcpu, st: dict) -> list[int]:
     vcpu.set_mp_state(int(st["mp_state"]))
     vcpu.set_lapic(st["lapic"])
     events = st["events"]
-    events.flags |= C.KVM_VCPUEVENT_VALID_NMI_PENDING | C.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+    events.flags |= EVENTS_VALID
     vcpu.set_vcpu_events(events)
     if deadline:  # after the LAPIC, whose timer mode it depends on (KVM_SET_LAPIC already disarmed it: 0 needs no write)
         refused += vcpu.set_msrs({MSR_TSC_DEADLINE: deadline}, skip_refused=True)
