@@ -87,7 +87,6 @@ class Vcpu(FdOwner):
         return run
 
     # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
-    # ---- registers staged in kvm_run's sync area (KVM_CAP_SYNC_REGS) ----
     def stage_sync(self, sync) -> None:
         """Put regs, sregs and events (a 'struct kvm_sync_regs *') in kvm_run's sync area for KVM to load
         at the next KVM_RUN: no ioctl now (the caller checked sync_fields). Any other ioctl on this vCPU
