@@ -50,7 +50,15 @@ def good_open(**kw):
 
 
 def test_parse_open_accepts_a_good_descriptor():
-    assert direct.parse_open(good_open(), 2) == ([(0, 0, 8)], 8, 4, abi.PYKVM_ECHO_V1_1, 0, 4096)
+    o = direct.parse_open(good_open(), 2)
+    assert (o.runs, o.pages, o.inbound, o.version, o.flags, o.max_message) == (((0, 0, 8),), 8, 4,
+                                                                              abi.PYKVM_ECHO_V1_1, 0, 4096)
+    assert (o.data_runs, o.data_pages, o.max_transfer) == ((), 0, 0)
+
+
+def test_parse_open_takes_a_data_buffer_in_the_same_memfds():
+    o = direct.parse_open(good_open(data_runs=[[1, 0, 16], [0, 64 * PAGE, 16]], max_transfer=64 << 10), 3)
+    assert o.data_runs == ((1, 0, 16), (0, 64 * PAGE, 16)) and o.data_pages == 32 and o.max_transfer == 64 << 10
 
 
 @pytest.mark.parametrize("kw, nfds, needle", [
@@ -58,12 +66,23 @@ def test_parse_open_accepts_a_good_descriptor():
     ({"runs": [[1, 0, 8]]}, 2, "bad run"),                 # names the eventfd as memory
     ({"runs": [[0, 100, 8]]}, 2, "bad run"),               # not page aligned
     ({"runs": [[0, 0, 2]]}, 2, "ring pages"),
-    ({"runs": [[0, 0, 65]]}, 2, "ring pages"),
+    ({"runs": [[0, 0, 65]]}, 2, "bad run"),
+    ({"runs": [[0, 0, 40], [0, 80 * PAGE, 40]]}, 2, "ring pages"),
     ({"inbound_offset": 7}, 2, "inbound_offset"),
     ({"rules": 2}, 2, "rules"),
     ({"max_message": 1 << 30}, 2, "max_message"),
     ({"version": True}, 2, "version"),
     ({"runs": "all"}, 2, "runs"),
+    ({"data_runs": []}, 2, "data_runs"),
+    ({"data_runs": [[1, 0, 4]]}, 2, "bad run"),           # the eventfd again
+    ({"data_runs": [[0, 0, 193]]}, 2, "bad run"),
+    ({"data_runs": [[0, 0, 100], [0, 400 * PAGE, 100]]}, 2, "data buffer pages"),
+    ({"data_runs": [[0, 8, 1]]}, 2, "bad run"),
+    ({"data_runs": [[0, 0, 1]] * 9}, 2, "data_runs"),
+    ({"max_transfer": 1000}, 2, "multiple"),
+    ({"max_transfer": 256 * 512 + 512}, 2, "max_transfer"),
+    ({"max_transfer": -512}, 2, "max_transfer"),
+    ({}, 6, "descriptors"),
 ])
 def test_parse_open_refusals(kw, nfds, needle):
     with pytest.raises(direct.DirectError, match=needle):
@@ -75,16 +94,26 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                            max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["runs", "inbound_offset", "version", "rules", "max_message", "x"]),
-                       json_values, max_size=6), st.integers(0, 6))
+run_lists = st.lists(st.lists(st.integers(-1, 3) | st.sampled_from([0, PAGE, 8 * PAGE, 1 << 46, 192, 193]) |
+                              st.integers(-2**70, 2**70), min_size=2, max_size=4), max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["runs", "inbound_offset", "version", "rules", "max_message", "x",
+                                        "data_runs", "max_transfer"]),
+                       json_values | run_lists | st.sampled_from([0, 512, 4096, 131072, 131584, 1000]),
+                       max_size=8), st.integers(0, 7))
 def test_parse_open_garbage_only_raises_direct_error(obj, nfds):
     try:
-        runs, pages, inbound, _v, flags, _m = direct.parse_open(obj, nfds)
+        o = direct.parse_open(obj, nfds)
     except direct.DirectError:
         return
-    assert 4 <= pages <= abi.PYKVM_DIRECT_MAX_PAGES and 2 <= inbound <= pages - 2 and flags in (0, 1)
-    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and n >= 1 for i, off, n in runs)
+    assert 4 <= o.pages <= abi.PYKVM_DIRECT_MAX_PAGES and 2 <= o.inbound <= o.pages - 2 and o.flags in (0, 1)
+    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and off < 1 << 46 and n >= 1 for i, off, n in o.runs)
+    assert sum(n for _i, _o, n in o.runs) == o.pages and sum(n for _i, _o, n in o.data_runs) == o.data_pages
+    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and off < 1 << 46 and n >= 1 for i, off, n in o.data_runs)
+    assert o.data_pages <= abi.PYKVM_DIRECT_DATA_MAX_PAGES and (o.data_pages == 0) == ("data_runs" not in obj)
+    assert 0 <= o.max_transfer <= 256 * 512 and o.max_transfer % 512 == 0 and 2 <= nfds <= 5
 
 
 # ---------------------------------------------------------------- the guest's parser: C and a Python mirror
@@ -92,7 +121,8 @@ def mirror_check(data: bytes) -> int:
     """Python mirror of guests/runtime/direct_check.c direct_msg_check()."""
     if len(data) < MSG.size:
         return -1
-    op, ident, gpa, pages, inbound, doorbell, _version, rules, max_message = MSG.unpack_from(data)
+    (op, ident, gpa, pages, inbound, doorbell, _version, rules, max_message, data_gpa, data_pages,
+     max_transfer) = MSG.unpack_from(data)
     if op not in (abi.PYKVM_DIRECT_OPEN, abi.PYKVM_DIRECT_CLOSE):
         return -2
     if ident >= abi.PYKVM_DIRECT_MAX:
@@ -105,6 +135,11 @@ def mirror_check(data: bytes) -> int:
         return -5
     if rules & ~abi.PYKVM_DIRECT_RULE_READ_ONLY & 0xFFFFFFFF or not 8 <= max_message <= 1 << 20:
         return -6
+    if (data_pages > abi.PYKVM_DIRECT_DATA_MAX_PAGES or data_gpa != (gpa + abi.PYKVM_DIRECT_DATA_OFFSET) % (1 << 64)
+            if data_pages else data_gpa != 0):
+        return -9
+    if max_transfer % 512 or max_transfer > abi.PYKVM_BLK_MAX_SECTORS * 512:
+        return -9
     return 0
 
 
@@ -121,7 +156,7 @@ def harness(tmp_path_factory):
 
 
 def run_harness(harness, records):
-    stdin = b"".join(struct.pack("<I", n) + data.ljust(MSG.size, b"\0")[:MSG.size] for n, data in records)
+    stdin = b"".join(b"\0" + struct.pack("<I", n) + data.ljust(MSG.size, b"\0")[:MSG.size] for n, data in records)
     out = subprocess.run([str(harness)], input=stdin, capture_output=True, check=True).stdout.decode().split()
     return [int(x) for x in out]
 
@@ -137,8 +172,12 @@ def messages(draw):
     op = draw(st.sampled_from([abi.PYKVM_DIRECT_OPEN, abi.PYKVM_DIRECT_CLOSE])) if good else draw(u32)
     gpa = abi.PYKVM_DIRECT_GPA + ident * abi.PYKVM_DIRECT_STRIDE if draw(st.booleans()) else draw(st.integers(0, 2**64 - 1))
     doorbell = abi.PYKVM_DIRECT_DOORBELL_BASE + ident if draw(st.booleans()) else draw(u32)
+    data_pages = draw(st.sampled_from([0, 1, 16, 191, 192, 193]) | u32)
+    data_gpa = (gpa + abi.PYKVM_DIRECT_DATA_OFFSET) % (1 << 64) if draw(st.booleans()) else \
+        draw(st.sampled_from([0, gpa]) | st.integers(0, 2**64 - 1))
     fields = (op, ident, gpa, draw(near | u32), draw(near | u32), doorbell, draw(u32),
-              draw(st.sampled_from([0, 1, 2, 3]) | u32), draw(st.sampled_from([0, 7, 8, 4096, 1 << 20, (1 << 20) + 1]) | u32))
+              draw(st.sampled_from([0, 1, 2, 3]) | u32), draw(st.sampled_from([0, 7, 8, 4096, 1 << 20, (1 << 20) + 1]) | u32),
+              data_gpa, data_pages, draw(st.sampled_from([0, 512, 1000, 65536, 131072, 131584]) | u32))
     data = MSG.pack(*fields)
     n = MSG.size if draw(st.booleans()) else draw(st.integers(0, 64))
     return n, data
@@ -154,8 +193,87 @@ def test_guest_parser_matches_its_python_mirror(harness, records):
 def test_guest_parser_accepts_what_the_root_sends(harness):
     ident = 3
     msg = MSG.pack(abi.PYKVM_DIRECT_OPEN, ident, direct.window_gpa(ident), 8, 4, abi.PYKVM_DIRECT_DOORBELL_BASE + ident,
-                   abi.PYKVM_ECHO_V1_1, 1, 4096)
-    assert run_harness(harness, [(MSG.size, msg), (MSG.size - 1, msg)]) == [0, -1]
+                   abi.PYKVM_ECHO_V1_1, 1, 4096, 0, 0, 0)
+    data = MSG.pack(abi.PYKVM_DIRECT_OPEN, ident, direct.window_gpa(ident), 8, 4, abi.PYKVM_DIRECT_DOORBELL_BASE + ident,
+                    abi.PYKVM_BLOCK_V1_0, 0, 4160, direct.window_gpa(ident) + abi.PYKVM_DIRECT_DATA_OFFSET, 32, 65536)
+    assert run_harness(harness, [(MSG.size, msg), (MSG.size - 1, msg), (MSG.size, data)]) == [0, -1, 0]
+
+
+# ---------------------------------------------------------------- block over a direct channel: the request parser
+BLKREQ = struct.Struct("<IIQIIII")          # struct pykvm_blk_request then struct pykvm_blk_buffer
+BLK_HEAD = struct.Struct("<IIIIQ")          # harness record: length, data_bytes, max_transfer, rules, sectors
+
+
+def mirror_blk(data: bytes, n: int, data_bytes: int, max_transfer: int, rules: int, sectors: int):
+    """Python mirror of direct_blk_check(): the status, or (0, op, sector, count, offset, length)."""
+    if n < 24:
+        return -1
+    op, _r, sector, count, _r2, offset, length = BLKREQ.unpack_from(data.ljust(40, b"\0"))
+    if op in (abi.PYKVM_BLK_OP_INFO, abi.PYKVM_BLK_OP_FLUSH):
+        return (0, op, sector, 0, 0, 0)
+    if op not in (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE):
+        return abi.PYKVM_BUS_E_INVALID
+    if n < 32:
+        return -1
+    if not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS:
+        return abi.PYKVM_BUS_E_INVALID
+    if op == abi.PYKVM_BLK_OP_WRITE and rules & abi.PYKVM_DIRECT_RULE_READ_ONLY:
+        return abi.PYKVM_BUS_E_READ_ONLY
+    if count * 512 > max_transfer:
+        return abi.PYKVM_BUS_E_LIMIT
+    if length != count * 512 or offset > data_bytes or length > data_bytes - offset:
+        return abi.PYKVM_BUS_E_INVALID
+    if sector >= sectors or count > sectors - sector:
+        return abi.PYKVM_BUS_E_INVALID
+    return (0, op, sector, count, offset, length)
+
+
+def run_blk_harness(harness, records):
+    stdin = b"".join(b"\1" + BLK_HEAD.pack(n, db, mt, rules, sectors) + data.ljust(40, b"\0")[:40]
+                     for data, n, db, mt, rules, sectors in records)
+    out = subprocess.run([str(harness)], input=stdin, capture_output=True, check=True).stdout.decode().splitlines()
+    return [int(x) if " " not in x else tuple(int(v) for v in x.split()) for x in out]
+
+
+@st.composite
+def blk_requests(draw):
+    op = draw(st.sampled_from([1, 2, 3, 4]) | u32)
+    count = draw(st.sampled_from([0, 1, 8, 16, 128, 255, 256, 257]) | u32)
+    sector = draw(st.sampled_from([0, 1, 2047, 2048, 4095, 2**64 - 1]) | st.integers(0, 2**64 - 1))
+    length = count * 512 % (1 << 32) if draw(st.booleans()) else draw(u32)
+    offset = draw(st.sampled_from([0, 512, 4096, 65536, 2**32 - 1]) | u32)
+    data = BLKREQ.pack(op, draw(u32), sector, count, draw(u32), offset, length) + draw(st.binary(max_size=8))
+    n = draw(st.sampled_from([len(data), 32, 24, 23, 31, 0]) | st.integers(0, 40))
+    data_bytes = draw(st.sampled_from([0, 4096, 65536, 131072, 192 * 4096]))
+    return (data, n, data_bytes, draw(st.sampled_from([0, 512, 8192, 65536, 131072]) | u32), draw(st.integers(0, 3)),
+            draw(st.sampled_from([0, 1, 2048, 4096]) | st.integers(0, 2**64 - 1)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(blk_requests(), min_size=1, max_size=200))
+def test_guest_block_request_parser_matches_its_python_mirror(harness, records):
+    got = run_blk_harness(harness, records)
+    want = [mirror_blk(d[:40], min(n, 40) if n < len(d) else n, db, mt, r, s) for d, n, db, mt, r, s in records]
+    assert got == want
+    for res, (_d, _n, db, mt, _r, s) in zip(got, records):   # what the service uses is inside what it checked
+        if isinstance(res, tuple) and res[1] in (1, 2):
+            _st, _op, sector, count, offset, length = res
+            assert offset + length <= db and length == count * 512 <= mt and sector + count <= s
+
+
+def test_guest_block_request_parser_refusals(harness):
+    req = lambda op, sector, count, off, length: BLKREQ.pack(op, 0, sector, count, 0, off, length)
+    R, W = abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE
+    cases = [(req(R, 0, 8, 0, 4096), 32, 65536, 65536, 0, 2048),          # ok
+             (req(W, 0, 8, 0, 4096), 32, 65536, 65536, 1, 2048),          # read-only client
+             (req(R, 0, 128, 0, 65536), 32, 65536, 8192, 0, 2048),        # over its max transfer
+             (req(R, 0, 8, 61441, 4096), 32, 65536, 65536, 0, 2048),      # past the data buffer
+             (req(R, 2047, 2, 0, 1024), 32, 65536, 65536, 0, 2048),       # past the disk
+             (req(R, 0, 8, 0, 4096), 31, 65536, 65536, 0, 2048),          # no buffer reference
+             (req(abi.PYKVM_BLK_OP_INFO, 0, 0, 0, 0), 24, 0, 0, 1, 2048)]
+    assert run_blk_harness(harness, cases) == [(0, R, 0, 8, 0, 4096), abi.PYKVM_BUS_E_READ_ONLY, abi.PYKVM_BUS_E_LIMIT,
+                                               abi.PYKVM_BUS_E_INVALID, abi.PYKVM_BUS_E_INVALID, -1,
+                                               (0, abi.PYKVM_BLK_OP_INFO, 0, 0, 0, 0)]
 
 
 # ---------------------------------------------------------------- the service VMM's half
