@@ -543,6 +543,112 @@ def test_up_direct_echo_policy_crash_reoffer_hostile_and_no_mapping_survives(tmp
     assert "still mapped" not in svc0 + svc1
 
 
+BLOCK_E2E = """
+[[partition]]
+name = "storage"
+kernel = "bus-blocksvc"
+memory = "16M"
+disk = "STORE"
+provides = "disk0"
+cmdline = "store=disk direct=1 crash_after=30 crash_mixed=1"
+restarts = 1
+
+[[partition]]
+name = "fast"
+kernel = "bus-block"
+cmdline = "wsec=100 wcount=40 seed=3 rounds=4 reopen_ms=120000"
+uses = ["disk0"]
+
+[[partition]]
+name = "slow"
+kernel = "bus-block"
+cmdline = "wsec=300 wcount=32 seed=5 rounds=3 reopen_ms=120000"
+trust = "untrusted"
+uses = ["disk0"]
+
+[[partition]]
+name = "reader"
+kernel = "bus-block"
+cmdline = "wsec=500 wcount=16 seed=9 reopen_ms=120000"
+uses = ["disk0"]
+
+[[partition]]
+name = "hostile"
+kernel = "bus-block"
+cmdline = "hostile=direct flood=20000 reopen_ms=120000"
+uses = ["disk0"]
+
+[policy.partition.slow]
+write = true
+
+[policy.partition.reader]
+write = false
+"""
+
+
+def _pattern(seed, s):
+    """Sector s of bus-block's write pattern for seed (seed 0: the disk as the test made it)."""
+    return bytes((seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512))
+
+
+def test_up_direct_block_policy_crash_reoffer_on_both_paths_hostile_and_no_mapping_survives(tmp_path):
+    store = tmp_path / "store.img"
+    store.write_bytes(b"".join(_pattern(0, s) for s in range(2048)))
+    run, out, err, logs = pykvm_up(tmp_path, BLOCK_E2E.replace("STORE", str(store)))
+    serials = {f.name: f.read_text() for f in run.glob("*.serial")}
+    assert "partition storage: status 0 (restarts 1)" in out, out
+    for name in ("fast", "slow", "reader", "hostile"):
+        assert f"partition {name}: status 0" in out, out
+    svc0, svc1 = serials["storage.serial"], serials["storage.gen1.serial"]
+    svc = svc0 + svc1
+    # the service crashed once, after serving requests on both paths, and wrote its core
+    assert re.search(r"blocksvc: served \d+ requests, crashing\n$", svc0) and list((run / "storage-crashes").glob("*.core"))
+    # the trusted client went direct (its data buffer mapped in the service guest), saw the rescind, reopened
+    # directly again and read back every sector it wrote, round after round
+    fast = serials["fast.serial"]
+    assert fast.count("block: direct channel, data buffer of 32 pages\n") == 2
+    assert "block: channel rescinded, waiting for a new offer\nblock: reopened, version 1.0\n" in fast
+    assert "block: read back 40 sectors at 100: pattern ok\n" in fast and "block: 4 rounds done, 1 reopens\n" in fast
+    assert fast.endswith("block: done\n") and "differs" not in fast
+    # the untrusted client stayed brokered (refused direct by policy) and came through the crash the same way
+    slow = serials["slow.serial"]
+    assert "direct channel" not in slow and "block: 3 rounds done, 1 reopens\n" in slow
+    assert "block: channel rescinded, waiting for a new offer\nblock: reopened, version 1.0\n" in slow
+    assert "block: read back 32 sectors at 300: pattern ok\n" in slow and slow.endswith("block: done\n")
+    policy = json.loads((run / "broker-policy.json").read_text())
+    assert policy["policy"]["slow"]["direct"]["disk0"]["allowed"] is False
+    assert "slow is untrusted and its policy says direct = false" in policy["policy"]["slow"]["direct"]["disk0"]["why"]
+    assert policy["policy"]["fast"]["direct"]["disk0"]["allowed"] is True
+    assert policy["counts"]["relayed"] > 0 and policy["counts"]["direct_opened"] >= 4
+    # the read-only client: direct too, its write refused by the service guest under the rule the broker sent
+    reader = serials["reader.serial"]
+    assert "block: direct channel" in reader and "read-only 1\n" in reader
+    assert "block: write refused: read-only\n" in reader and reader.endswith("block: done\n")
+    assert re.search(r"channel \d+ open, version 1.0, rules 1, max 65536, data 32 pages, max transfer 131072\n", svc)
+    # the hostile client: its bad offsets and sizes refused, its broken ring closed its own channel alone, and its
+    # doorbell flood woke neither the broker nor the service VMM per doorbell
+    hostile = serials["hostile.serial"]
+    assert "block: hostile: 4 bad requests refused\n" in hostile
+    assert "block: hostile: scribbled the ring, rang 20000 doorbells\n" in hostile
+    assert "broken (ring), closed\n" in svc
+    assert policy["counts"]["wakeups"] < 3000
+    woke = [tuple(map(int, m)) for m in re.findall(r"doorbell thread woke (\d+) times, its link thread (\d+) times",
+                                                    logs["storage.log"] + logs.get("storage.gen1.log", ""))]
+    assert woke and all(d < 1000 for d, _k in woke), woke
+    # no mapping survives: every channel the service guest saw closed had its rings and data buffer unmapped in
+    # KVM before it was told; the clients' VMMs gave their guests the pages back only after the service side
+    # said so (or died)
+    closes = svc.count("closed by the root")
+    assert closes >= 1 and svc.count("window after close: unmapped\n") >= closes and "still mapped" not in svc
+    for name in ("fast", "reader"):
+        assert "the service side no longer maps its pages; GPADLs" in logs[f"{name}.log"], logs[f"{name}.log"]
+    # the host file: the last round of each writer, the rest as it was (the reader wrote nothing)
+    disk = store.read_bytes()
+    for s in list(range(90, 150)) + list(range(290, 340)) + list(range(490, 520)):
+        want = _pattern(6, s) if 100 <= s < 140 else _pattern(7, s) if 300 <= s < 332 else _pattern(0, s)
+        assert disk[s * 512:(s + 1) * 512] == want, s
+
+
 # ---------------------------------------------------------------- the client VMM's half
 class RefusingVM(FakeVM):
     def irqfd(self, fd, gsi, deassign=False):

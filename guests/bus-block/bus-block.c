@@ -14,6 +14,8 @@
  *   reopen_ms=N       how long to wait for the block service to be offered again
  *                     after a rescind (default 60000, about; at most 8 reopens)
  *   versions=1.1,1.0  the block versions to open with, newest first (default 1.0)
+ *   rounds=R          write, flush and read back R times, with seeds seed .. seed + R - 1
+ *                     (default 1); then "block: R rounds done, K reopens\n"
  *   linger=1          at the end, keep the channel open until the host rescinds
  *                     it ("block: lingering\n", then "block: rescinded\n")
  *   probe=1           instead: for every block offer, open it, send INFO and read
@@ -213,6 +215,8 @@ static int reopen(void)
         return -1;
     reopens++;
     printf("block: reopened, version %s\n", bus_version_text(ch->version, vb));
+    if (direct)
+        printf("block: direct channel, data buffer of %u pages\n", DATA_PAGES);
     return 0;
 }
 
@@ -424,11 +428,17 @@ static RT_NORETURN void hostile_direct(uint64_t flood)
     };
     uint32_t refused = 0;
     for (int i = 0; i < 4; i++) {
-        uint64_t id = next_id++;
-        if (bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, 0, 0, &bad[i],
-                            sizeof(bad[i])))
-            fail("hostile request", -1, 5);
-        int64_t st = complete(id);
+        int64_t st;
+        for (;;) {                 /* the service may go away meanwhile: the same request on its successor */
+            uint64_t id = next_id++;
+            int r = bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, 0, 0, &bad[i],
+                                    sizeof(bad[i]));
+            st = r == BUS_ERR_GONE && ch->rescinded ? GONE : r ? -1 : complete(id);
+            if (st != GONE)
+                break;
+            if (reopen())
+                fail("hostile request", -1, 5);
+        }
         if (st == PYKVM_BUS_E_INVALID || st == PYKVM_BUS_E_LIMIT)
             refused++;
         else
@@ -550,29 +560,35 @@ void kmain(struct pykvm_boot_info *bi)
                (unsigned long long)h);
     }
 
-    if (wcount) {
-        st = write_pattern(seed, wsec, wcount);
-        if (ro) {
-            if (st != PYKVM_BUS_E_READ_ONLY)
-                fail("write to a read-only disk", st, 7);
-            printf("block: write refused: %s\n", bus_status_text((uint32_t)st));
-        } else if (st != PYKVM_BUS_OK) {
-            fail("write", st, 5);
-        } else {
-            printf("block: wrote %u sectors at %llu\n", wcount, (unsigned long long)wsec);
+    uint32_t rounds = (uint32_t)arg_u64(cmd, "rounds", 1);
+    for (uint32_t k = 0; k < rounds; k++) {
+        uint32_t sd = seed + k;
+        if (wcount) {
+            st = write_pattern(sd, wsec, wcount);
+            if (ro) {
+                if (st != PYKVM_BUS_E_READ_ONLY)
+                    fail("write to a read-only disk", st, 7);
+                printf("block: write refused: %s\n", bus_status_text((uint32_t)st));
+            } else if (st != PYKVM_BUS_OK) {
+                fail("write", st, 5);
+            } else {
+                printf("block: wrote %u sectors at %llu\n", wcount, (unsigned long long)wsec);
+            }
+        }
+        st = request(PYKVM_BLK_OP_FLUSH, 0, 0, 0, 0);
+        if (st != PYKVM_BUS_OK)
+            fail("flush", st, 5);
+        printf("block: flushed\n");
+        if (wcount && !ro) {
+            if (!verify(sd, wsec, wcount)) {
+                printf("block: read back %u sectors at %llu: differs\n", wcount, (unsigned long long)wsec);
+                exit_code(6);
+            }
+            printf("block: read back %u sectors at %llu: pattern ok\n", wcount, (unsigned long long)wsec);
         }
     }
-    st = request(PYKVM_BLK_OP_FLUSH, 0, 0, 0, 0);
-    if (st != PYKVM_BUS_OK)
-        fail("flush", st, 5);
-    printf("block: flushed\n");
-    if (wcount && !ro) {
-        if (!verify(seed, wsec, wcount)) {
-            printf("block: read back %u sectors at %llu: differs\n", wcount, (unsigned long long)wsec);
-            exit_code(6);
-        }
-        printf("block: read back %u sectors at %llu: pattern ok\n", wcount, (unsigned long long)wsec);
-    }
+    if (rounds > 1)
+        printf("block: %u rounds done, %u reopens\n", rounds, reopens);
 
     struct rt_gpa_buf b;
     buf_of(&b, rbuf, SECTOR);

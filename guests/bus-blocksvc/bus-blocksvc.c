@@ -12,6 +12,8 @@
  *                    generation=0 (the root appends generation=K to a restarted
  *                    partition's command line, so a restart does not crash again)
  *   crash_after_writes=N  the same, after completing N writes (generation 0 only)
+ *   crash_mixed=1    crash_after also waits until it served requests both relayed by the
+ *                    root and over a direct channel (so clients of both paths see the crash)
  *   ro=1             a read-only disk (writes answered PYKVM_BUS_E_READ_ONLY)
  *   store=disk       serve the host's block service's disk (`disk = FILE` in the
  *                    topology, `--disk FILE`) instead of a RAM disk: every read and
@@ -203,7 +205,7 @@ static int flush_held(struct direct_channel *c)
     return 1;
 }
 
-static uint64_t served, writes;
+static uint64_t served, writes, relayed;   /* relayed: served by the root's copy or remap */
 
 /* Serve the requests channel c has (a completion the client has no room for waits; so does the
  * channel): how many were taken. */
@@ -271,6 +273,7 @@ void kmain(struct pykvm_boot_info *bi)
     int remap = arg_u64(cmd, "remap", 1) != 0;
     int probe = arg_u64(cmd, "probe", 0) != 0;
     int direct = arg_u64(cmd, "direct", 0) != 0;
+    int crash_mixed = arg_u64(cmd, "crash_mixed", 0) != 0;
     uint32_t versions[PYKVM_BUS_MAX_SERVICE_VERSIONS] = { PYKVM_BLOCK_V1_0 };
     int nversions = arg_versions(cmd, "versions", versions, PYKVM_BUS_MAX_SERVICE_VERSIONS);
     char hostile[16] = "";
@@ -363,7 +366,7 @@ void kmain(struct pykvm_boot_info *bi)
             for (int i = 0; i < PYKVM_DIRECT_MAX; i++)
                 if (chans[i].open)
                     work += serve_direct(&chans[i], sectors, ro, store_disk);
-            if (crash_after && generation == 0 && served >= crash_after)
+            if (crash_after && generation == 0 && served >= crash_after && (!crash_mixed || (relayed && served > relayed)))
                 crash("requests", served);
             if (crash_after_writes && generation == 0 && writes >= crash_after_writes)
                 crash("writes", writes);
@@ -471,7 +474,8 @@ void kmain(struct pykvm_boot_info *bi)
             exit_code(5);
         }
         served++;
-        if (crash_after && generation == 0 && served == crash_after)
+        relayed++;
+        if (crash_after && generation == 0 && served >= crash_after && (!crash_mixed || served > relayed))
             crash("requests", served);
         if (crash_after_writes && generation == 0 && writes == crash_after_writes)
             crash("writes", writes);

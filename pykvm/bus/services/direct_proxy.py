@@ -94,6 +94,9 @@ class DirectSession(Session):
         held, self.held = self.held, []
         for gid in held:
             self.channel.host.release(gid)
+        if held and self.state == "closed":
+            self.service.link.log(f"{self.service.name}: channel {self.channel.relid}: the service side no longer "
+                                  f"maps its pages; GPADLs {', '.join(map(str, held))} released to the guest")
 
     def stats(self) -> dict:
         return {"direct": self.state, "served_by": self.service.target, "reason": self.reason,
