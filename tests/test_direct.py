@@ -345,6 +345,27 @@ def test_service_end_maps_exactly_the_ring_pages_and_close_removes_everything():
     assert open_fds() == before
 
 
+def test_service_end_maps_the_data_buffer_above_the_rings_and_close_removes_both():
+    before = open_fds()
+    ring, data = memfd(16 * PAGE), memfd(64 * PAGE)
+    os.pwrite(data, b"D" * PAGE, 4 * PAGE)
+    host = fake_host()
+    end = direct.ServiceEnd(host, 1, [ring, data], [(0, 0, 8)], os.eventfd(0), [(1, 4 * PAGE, 16), (0, 8 * PAGE, 2)])
+    maps = sorted((gpa, size, ro) for gpa, size, ro, _a in host.memslots.mapped.values())
+    assert maps == [(direct.window_gpa(1), 8 * PAGE, False),
+                    (direct.window_gpa(1) + abi.PYKVM_DIRECT_DATA_OFFSET, 18 * PAGE, False)]
+    assert end.data_gpa == direct.window_gpa(1) + abi.PYKVM_DIRECT_DATA_OFFSET and end.data_view.read(0, 2) == b"DD"
+    end.close()
+    assert host.memslots.mapped == {} and end.data_view is None and not end.mapped
+    # a data buffer past the end of its memfd: refused, nothing mapped or leaked
+    with pytest.raises(direct.DirectError):
+        direct.ServiceEnd(host, 1, [ring, data], [(0, 0, 8)], os.eventfd(0), [(1, 60 * PAGE, 8)])
+    assert host.memslots.mapped == {} and host.interrupts.live == {} and host.doorbells.vm.ioeventfds == set()
+    os.close(ring)
+    os.close(data)
+    assert open_fds() == before
+
+
 @pytest.mark.parametrize("kind", ["unsealed", "short", "pipe"])
 def test_service_end_refuses_bad_memory_and_leaks_nothing(kind):
     before = open_fds()
@@ -365,6 +386,86 @@ def test_service_end_refuses_bad_memory_and_leaks_nothing(kind):
     if w is not None:
         os.close(w)
     assert open_fds() == before
+
+
+# ---------------------------------------------------------------- the client VMM: data GPADL at open, strict teardown
+def test_open_with_a_data_buffer_and_teardown_waits_for_the_service_side(tmp_path):
+    from pykvm.bus import messages as M
+    from pykvm.bus.host import BusHost, Limits
+    from pykvm.bus.services.echo import EchoService
+    from pykvm.memory import MIB, GuestMemory
+
+    from .test_bus_host_hostile import LIMITS, V10, V11, Guest
+    from .test_bus_messages import enc_msg
+
+    class HoldingEcho(EchoService):
+        """An echo offer served as a direct one is: the session holds both GPADLs until told they are unmapped."""
+        name = "held-echo"
+        offer_flags = abi.PYKVM_BUS_OFFER_FLAG_DATA_BUFFER
+
+        def open(self, channel, version):
+            sess = super().open(channel, version)
+            self.ids = [channel.gpadl_id, channel.data_gpadl_id]
+            self.data_pfns = list(channel.data_view.pfns) if channel.data_view is not None else None
+            for gid in self.ids:
+                if gid is not None:
+                    channel.host.hold(gid)
+            return sess
+
+        def unmapped(self, host):
+            for gid in self.ids:
+                if gid is not None:
+                    host.release(gid)
+
+    mem = GuestMemory.create(2 * MIB, 1 * MIB)
+    g = Guest(mem)
+    g.host.close()
+    held, plain = HoldingEcho(), EchoService()
+    g.host = BusHost(mem, g.bells, g.irqs, [held, plain], limits=Limits(**LIMITS), log=g.logs.append)
+    try:
+        g.connect()
+        g.drain()
+        g.send(enc_msg(M.InitiateContact((V11, V10), 0)))
+        g.send(enc_msg(M.RequestOffers()))
+        g.drain()
+        offers = {struct.unpack_from("<II", b)[0]: struct.unpack_from("<II", b)[1] for k, b in g.replies
+                  if k == M.MSG["offer"]}
+        assert offers == {1: abi.PYKVM_BUS_OFFER_FLAG_DATA_BUFFER, 2: 0}      # the flag tells the guest
+        for gid, first, n in ((1, 200, 4), (2, 210, 2), (3, 220, 4), (4, 230, 2)):
+            mem.write(first * PAGE, bytes(n * PAGE))
+            g.send(enc_msg(M.GpadlHeader(gid, n, tuple(range(first, first + n)))))
+            assert g.reply("gpadl_created", gid) == (gid, abi.PYKVM_BUS_OK)
+        # a data buffer for an offer without the flag, or the ring's own GPADL as data: refused
+        g.send(enc_msg(M.OpenChannel(2, 3, 2, 0, (abi.PYKVM_ECHO_V1_1,), 4)))
+        assert g.reply("open_result", 2)[:2] == (2, abi.PYKVM_BUS_E_INVALID)
+        g.send(enc_msg(M.OpenChannel(1, 1, 2, 0, (abi.PYKVM_ECHO_V1_1,), 1)))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_E_INVALID)
+        g.send(enc_msg(M.OpenChannel(1, 1, 2, 0, (abi.PYKVM_ECHO_V1_1,), 2)))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_OK)
+        assert held.data_pfns == [210, 211] and g.host.channels[1].data_gpadl_id == 2
+        # the data buffer of an open channel is in use: no other channel may take it
+        g.send(enc_msg(M.OpenChannel(2, 3, 2, 0, (abi.PYKVM_ECHO_V1_1,), 0)))
+        assert g.reply("open_result", 2)[:2] == (2, abi.PYKVM_BUS_OK)
+        # the guest closes and tears down: no TORNDOWN while the service side may still map the pages
+        g.replies.clear()
+        before = g.host.violations
+        g.send(enc_msg(M.CloseChannel(1)))
+        g.send(enc_msg(M.GpadlTeardown(2)))
+        g.send(enc_msg(M.GpadlTeardown(1)))
+        assert g.reply("gpadl_torndown") is None and {1, 2} <= set(g.host.gpadls)
+        g.send(enc_msg(M.GpadlTeardown(1)))                 # again while waiting: a violation, nothing more
+        assert g.reply("gpadl_torndown") is None and g.host.violations == before + 1
+        with g.host.lock:
+            held.unmapped(g.host.channel_mgmt)
+        assert g.reply("gpadl_torndown", 1) == (1, 0) and g.reply("gpadl_torndown", 2) == (2, 0)
+        assert not {1, 2} & set(g.host.gpadls)
+        # a GPADL no direct channel holds is torn down at once, as always
+        g.send(enc_msg(M.CloseChannel(2)))
+        g.send(enc_msg(M.GpadlTeardown(3)))
+        assert g.reply("gpadl_torndown", 3) == (3, 0)
+    finally:
+        g.close()
+        mem.close()
 
 
 # ---------------------------------------------------------------- the broker: decision and relaying
@@ -468,6 +569,83 @@ def test_broker_relays_a_direct_open_with_its_descriptors_and_the_policy_rules(t
     for fd in (mem, efd, sefd):
         os.close(fd)
     assert open_fds() == before - 1          # the broker's end of client1's link went with it; nothing else stays
+
+
+BLOCK_TOPO = TOPO.replace('kernel = "bus-echosvc"\nprovides = "echo0"', 'kernel = "bus-blocksvc"\nprovides = "echo0"')
+
+
+def test_broker_forwards_the_data_buffer_and_acknowledges_every_close_once_unmapped(tmp_path):
+    relay = relay_for(tmp_path, BLOCK_TOPO)
+    svc = Peer(relay, "echo")
+    relay._frame(svc.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block", "versions": [0x10000],
+                                                                          "direct": True})[8:])
+    c1 = Peer(relay, "client1")
+    assert c1.welcome["direct"] == {"echo0": None}
+    svc.frames()
+    mem, efd = memfd(8 * PAGE), os.eventfd(0)
+
+    def open_direct(tag):
+        desc = {"op": "open", "tag": tag, "index": 0, "runs": [[0, 0, 8]], "inbound_offset": 4, "version": 0x10000,
+                "data_runs": [[0, 0, 4]], "max_transfer": 512}     # the client's max_transfer is ignored
+        relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, desc, 2)[8:], (os.dup(mem), os.dup(efd)))
+        (f,) = svc.frames()
+        wire.close_fds(f.fds)
+        fwd = wire.parse_json(f[1])
+        assert fwd["data_runs"] == [[0, 0, 4]] and fwd["max_transfer"] == 256 * 512
+        relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "ready", "tag": fwd["tag"], "ok": True},
+                                                            1)[8:], (os.eventfd(0),))
+        (r,) = c1.frames()
+        wire.close_fds(r.fds)
+        return fwd["tag"]
+
+    btag = open_direct(5)
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 5})[8:])
+    (f,) = svc.frames()
+    assert wire.parse_json(f[1])["op"] == "close" and c1.frames() == []     # not yet: the provider has not unmapped
+    relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": btag})[8:])
+    (r,) = c1.frames()
+    assert wire.parse_json(r[1]) == {"op": "closed", "tag": 5}
+    relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": btag})[8:])
+    assert c1.frames() == []                                 # a second acknowledgement is nothing
+    # a close of a channel the broker never forwarded: nothing is mapped anywhere, acknowledged at once
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 99})[8:])
+    (r,) = c1.frames()
+    assert wire.parse_json(r[1]) == {"op": "closed", "tag": 99}
+    # the provider dies before acknowledging: known dead, so the close is acknowledged (after "down")
+    open_direct(6)
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 6})[8:])
+    svc.frames()
+    relay._drop(svc.conn, None)
+    got = [wire.parse_json(f[1]) for f in c1.frames()]
+    assert {"op": "closed", "tag": 6} in got and relay.direct_closing == {}
+    os.close(mem)
+    os.close(efd)
+
+
+def test_link_runs_the_unmapped_callback_on_the_acknowledgement_or_when_the_service_is_down():
+    import threading
+
+    from pykvm.bus.link import PartitionLink
+
+    a, b = socket.socketpair()
+    link = PartitionLink(a, {"name": "client1", "uses": ["disk0"], "provides": None}, log=lambda m: None)
+    link.bus = SimpleNamespace(lock=threading.RLock(), channels={})
+    done = []
+    link.close_direct(3, "disk0", lambda: done.append(3))
+    link.close_direct(4, "disk0", lambda: done.append(4))
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": 3})[8:], ())
+    assert done == [3]
+    link.service_state("disk0", "down")
+    assert done == [3, 4] and link._closing == {}
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": 4})[8:], ())
+    assert done == [3, 4]
+    # the provider's side: a close with no provider session (its close unmapped everything) is acknowledged
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 8})[8:], ())
+    b.setblocking(False)
+    frames = wire.FrameParser().feed(b.recv(1 << 16))
+    assert {"op": "closed", "tag": 8} in [wire.parse_json(f[1]) for f in frames]
+    a.close()
+    b.close()
 
 
 def test_broker_refuses_echo_registered_without_direct(tmp_path):
