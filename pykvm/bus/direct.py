@@ -35,7 +35,8 @@ from .remap import RemapError, check_fd
 PAGE = 4096
 MAX_RUNS = 8
 MSG = struct.Struct("<IIQIIIIIIQII")     # struct pykvm_direct_msg
-MAX_FDS = 4                               # memfds of one open (ring and data buffer together)
+MAX_FDS = 3                               # memfds of one open (ring and data buffer together), + the eventfd:
+#   wire.MAX_FDS descriptors in one frame
 DOORBELL_WIDTH = 4
 _EFD = os.EFD_CLOEXEC | os.EFD_NONBLOCK
 
