@@ -645,8 +645,13 @@ def test_link_runs_the_unmapped_callback_on_the_acknowledgement_or_when_the_serv
     b.setblocking(False)
     frames = wire.FrameParser().feed(b.recv(1 << 16))
     assert {"op": "closed", "tag": 8} in [wire.parse_json(f[1]) for f in frames]
-    a.close()
+    # the broker goes away: nobody can confirm an unmap any more, so nothing is released (strict teardown)
+    got = []
+    link.close_direct(9, "disk0", lambda: done.append(9))
+    link._direct[10] = lambda ok, reason, fd, unmapped=True: got.append((ok, unmapped))
     b.close()
+    link._broker_gone()
+    assert done == [3, 4] and got == [(False, False)] and 9 in link._closing
 
 
 def test_broker_refuses_echo_registered_without_direct(tmp_path):

@@ -133,7 +133,8 @@ class PartitionLink:
 
     def open_direct(self, index: int, desc: dict, fds, callback) -> int:
         """Ask for a direct channel to the service at `index` (fds: memfds then the doorbell eventfd, sent, not
-        closed); callback(ok, reason, service eventfd or -1) later, on the link thread under the bus lock."""
+        closed); callback(ok, reason, service eventfd or -1[, unmapped=False when nobody can tell whether the
+        service side mapped it]) later, on the link thread under the bus lock."""
         tag = next(self._tags)
         self._direct[tag] = callback
         if not self._send(wire.json_frame(wire.DIRECT, dict(desc, op="open", tag=tag, index=index), len(fds)), fds):
@@ -350,8 +351,8 @@ class PartitionLink:
             for cb in pending.values():
                 cb((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")     # not None: no copy path is left either
             opening, self._direct = self._direct, {}
-            for cb in opening.values():
-                cb(False, "the broker is gone", -1)
+            for cb in opening.values():      # sent: the service side may have mapped it; nobody can say now
+                cb(False, "the broker is gone", -1, unmapped=False)
             for ch in bus.channels.values():
                 if ch.service.name == "provider" and ch.state != "rescinded":
                     try:

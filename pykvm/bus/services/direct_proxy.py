@@ -66,8 +66,8 @@ class DirectSession(Session):
                 self.held.append(gid)
         self.tag = service.link.open_direct(service.index, desc, list(fds) + [self.end.efd], self._ready)
 
-    def _ready(self, ok: bool, reason: str | None, fd: int) -> None:
-        """The broker's answer (link thread, bus lock held)."""
+    def _ready(self, ok: bool, reason: str | None, fd: int, unmapped: bool = True) -> None:
+        """The broker's answer (link thread, bus lock held); unmapped: False when the service side may map it."""
         if self.state != "opening":
             if fd >= 0:
                 os.close(fd)
@@ -81,7 +81,8 @@ class DirectSession(Session):
                 reason = str(e)
         self.state = "refused"
         self.reason = reason or "refused"
-        self._unmapped()                  # nothing was mapped (or the service side undid it before refusing)
+        if unmapped:                      # nothing was mapped (or the service side undid it before refusing)
+            self._unmapped()
         ch = self.channel
         if ch.is_open and ch.session is self:
             ch.host.channel_violation(ch, f"no direct channel to {self.service.target}: {self.reason}")
@@ -108,8 +109,7 @@ class DirectSession(Session):
         self.end.close()                  # first: the service's doorbell no longer reaches this guest
         if was in ("opening", "direct") and self.tag is not None:
             self.service.link.close_direct(self.tag, self.service.target, self._unmapped)
-        elif was != "closed":
-            self._unmapped()
+        # refused: released then, or held for good when the broker went away with the open unanswered
 
 
 class DirectProxyService(BlockProxyService):
