@@ -197,8 +197,11 @@ def measure(proc, serial: Path, socks: list[Path], client: Path, n: int) -> dict
             "wakeups": sum(w1) - sum(w0), "user": u1 - u0}
 
 
+IRQ = False                     # --irq: the client guest halts for each completion instead of polling
+
+
 def cmdline(n: int, sectors: int, write: bool, spin: int) -> str:
-    return f"mode=disk n={n} sectors={sectors} write={int(write)} spin={spin}"
+    return f"mode=disk n={n} sectors={sectors} write={int(write)} spin={spin} irq={int(IRQ)}"
 
 
 def run_host(work: Path, n: int, sectors: int, write: bool, spin: int) -> dict:
@@ -265,7 +268,11 @@ def main() -> None:
     ap.add_argument("--ways", default="host,copy,remap,direct")
     ap.add_argument("--echo-n", type=int, default=200, help="echo messages per size and way (0: no echo part)")
     ap.add_argument("--echo-sizes", default="512,4032", help="echo message sizes in bytes (at most 4032)")
+    ap.add_argument("--irq", action="store_true",
+                    help="the client guest waits for each completion halted (bus interrupt) instead of polling")
     a = ap.parse_args()
+    global IRQ
+    IRQ = a.irq
     sizes = [int(s) for s in a.sizes.split(",")]
     if any(s % 512 or not 512 <= s <= 128 << 10 for s in sizes):
         raise SystemExit("--sizes: multiples of 512 from 512 to 131072")
