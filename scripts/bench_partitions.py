@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Partition benchmark: block requests served by another partition, by copy and by remapping, vs the host's service.
+"""Partition benchmark: block requests served by another partition, by copy, remapping and direct channel.
 
 One run, same machine, same client guest (bus-bench mode=disk): N sequential requests of
-each size, served three ways:
+each size, served four ways:
   host   `pykvm run bus-bench --disk FILE`: the host's own block service (the reference)
   copy   `pykvm up`: a bus-blocksvc service partition, data copied through the broker
          (16-sector pieces, two socket hops each way)
   remap  the same topology with remapping from 512 bytes: the client's pages are mapped
          into the service partition for each request (pykvm/bus/remap.py)
+  direct the same partitions with bus-blocksvc direct=1: the client's rings and data
+         buffer are mapped into the service partition once, at open (pykvm/bus/direct.py);
+         each request goes guest to guest, no VMM thread, broker or copy on the way
 Reported per size and way: requests/s, MiB/s, VMM exits per request (every VMM of the
 run: the client's, and the service partition's), VMM wakeups per request (the bus
 doorbell threads and partition-link threads of every VMM, from `ctl stats`), broker
@@ -21,17 +24,18 @@ Echo (--echo-n, 0 to skip): messages of each size (at most 4032 bytes) one at a 
            channel (pykvm/bus/direct.py): guest to guest, no VMM thread or broker per message
   bus      `pykvm run bus-bench`: the client VMM's own echo service (guest -> host bus)
   trapped  the trapped echo device (rep outsb / rep insb on a port)
-The block service over a direct channel is not built yet: bus-blocksvc speaks provider
-1.1, so the block ways stay host, copy and remap.
 The smallest block request is one 512-byte sector: a 64-byte request is not possible
-with block I/O, so "64 B" is measured as 512 B.
+with block I/O, so "64 B" is measured as 512 B. The output ends with one line per size:
+"SIZE: direct/copy R, direct wakeups/req W, direct user-us/req U, copy user-us/req V"
+(W: the VMMs' and the broker's wakeups together).
 
 Timing: the guest prints "bench: ready", spins, "bench: start", runs the requests,
 "bench: done", spins; this script polls the client's serial file (1 ms) and reads
 `ctl stats` of every VMM during the spins, so boot and set-up are not counted. The
 exits of the two marker lines are measured once (n=0) and subtracted.
 
-    python3 scripts/bench_partitions.py [--n 200] [--sizes 512,65536] [--write] [--spin 100]
+    python3 scripts/bench_partitions.py [--n 200] [--sizes 512,4096,65536] [--write] [--spin 100]
+        [--ways host,copy,remap,direct] [--echo-n 200]
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ name = "storage"
 kernel = "bus-blocksvc"
 memory = "16M"
 provides = "disk0"
-cmdline = "sectors=4096"
+cmdline = "sectors=4096{service}"
 
 [[partition]]
 name = "client"
@@ -193,8 +197,11 @@ def measure(proc, serial: Path, socks: list[Path], client: Path, n: int) -> dict
             "wakeups": sum(w1) - sum(w0), "user": u1 - u0}
 
 
+IRQ = False                     # --irq: the client guest halts for each completion instead of polling
+
+
 def cmdline(n: int, sectors: int, write: bool, spin: int) -> str:
-    return f"mode=disk n={n} sectors={sectors} write={int(write)} spin={spin}"
+    return f"mode=disk n={n} sectors={sectors} write={int(write)} spin={spin} irq={int(IRQ)}"
 
 
 def run_host(work: Path, n: int, sectors: int, write: bool, spin: int) -> dict:
@@ -212,15 +219,20 @@ def run_host(work: Path, n: int, sectors: int, write: bool, spin: int) -> dict:
     return measure(proc, serial, [sock], sock, n)
 
 
-def run_topology(work: Path, n: int, sectors: int, write: bool, spin: int, remap: bool) -> dict:
-    """The client guest in a partition, served by the bus-blocksvc partition by copy or by remapping."""
+def run_topology(work: Path, n: int, sectors: int, write: bool, spin: int, way: str) -> dict:
+    """The client guest in a partition, served by the bus-blocksvc partition by copy, remapping or direct channel."""
     d = Path(tempfile.mkdtemp(dir=work))
     topo = d / "topo.toml"
-    topo.write_text(TOPOLOGY.format(cmdline=cmdline(n, sectors, write, spin), remap=str(remap).lower()))
+    topo.write_text(TOPOLOGY.format(cmdline=cmdline(n, sectors, write, spin), remap=str(way == "remap").lower(),
+                                    service=" direct=1" if way == "direct" else ""))
     run = d / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pykvm", "up", str(topo), "--dir", str(run)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(d / "up.log", "wb"))
-    r = measure(proc, run / "client.serial", [run / "client.sock", run / "storage.sock"], run / "client.sock", n)
+    # a direct channel's requests never reach the client VMM's proxy: no request counter to check there
+    r = measure(proc, run / "client.serial", [run / "client.sock", run / "storage.sock"],
+                run / "client.sock" if way != "direct" else None, n)
+    if way == "direct" and "bench: direct channel" not in (run / "client.serial").read_text():
+        raise SystemExit(f"the direct way did not get a direct channel; see {run}")
     r["broker"] = _broker_wakeups(run)
     return r
 
@@ -249,13 +261,18 @@ def run_echo(work: Path, way: str, n: int, size: int, spin: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="requests per size and way")
-    ap.add_argument("--sizes", default="512,65536", help="request sizes in bytes (multiples of 512, up to 128 KiB)")
+    ap.add_argument("--sizes", default="512,4096,65536",
+                    help="request sizes in bytes (multiples of 512, up to 128 KiB)")
     ap.add_argument("--write", action="store_true", help="writes instead of reads")
     ap.add_argument("--spin", type=int, default=100, help="guest spin (thousands of loop iterations) around the run")
-    ap.add_argument("--ways", default="host,copy,remap")
+    ap.add_argument("--ways", default="host,copy,remap,direct")
     ap.add_argument("--echo-n", type=int, default=200, help="echo messages per size and way (0: no echo part)")
     ap.add_argument("--echo-sizes", default="512,4032", help="echo message sizes in bytes (at most 4032)")
+    ap.add_argument("--irq", action="store_true",
+                    help="the client guest waits for each completion halted (bus interrupt) instead of polling")
     a = ap.parse_args()
+    global IRQ
+    IRQ = a.irq
     sizes = [int(s) for s in a.sizes.split(",")]
     if any(s % 512 or not 512 <= s <= 128 << 10 for s in sizes):
         raise SystemExit("--sizes: multiples of 512 from 512 to 131072")
@@ -280,26 +297,33 @@ def main() -> None:
                 if way == "host":
                     r = run_host(work, a.n, sectors, a.write, a.spin)
                 else:
-                    r = run_topology(work, a.n, sectors, a.write, a.spin, remap=way == "remap")
+                    r = run_topology(work, a.n, sectors, a.write, a.spin, way)
                 rate = a.n / r["seconds"]
                 results[(size, way)] = rate
                 if way != "host" and way not in base:
-                    base[way] = run_topology(work, 0, sectors, a.write, a.spin, remap=way == "remap")["broker"]
+                    base[way] = run_topology(work, 0, sectors, a.write, a.spin, way)["broker"]
                 brk = (r.get("broker", 0) - base.get(way, 0)) / a.n if way != "host" else 0.0
                 per[(size, way)] = (r["wakeups"] / a.n, brk, r["user"] * 1e6 / a.n)
                 print(f"{size:>7} {way:<6} {rate:>9.1f} {rate * size / (1 << 20):>8.2f} "
-                      f"{(r['exits'] - marker) / a.n:>10.2f} {r['remapped']:>9} {per[(size, way)][0]:>10.2f} "
-                      f"{brk:>10.2f} {per[(size, way)][2]:>11.0f}", flush=True)
+                      f"{(r['exits'] - marker) / a.n:>10.2f} {r['remapped']:>9} {per[(size, way)][0]:>10.3f} "
+                      f"{brk:>10.3f} {per[(size, way)][2]:>11.0f}", flush=True)
         print("ratios of requests/s:")
         for size in sizes:
             g = lambda w: results.get((size, w))  # noqa: E731
             parts = []
-            for num, den in (("copy", "host"), ("remap", "host"), ("remap", "copy")):
+            for num, den in (("copy", "host"), ("remap", "host"), ("remap", "copy"), ("direct", "host"),
+                             ("direct", "copy"), ("direct", "remap")):
                 if g(num) and g(den):
                     parts.append(f"{num}/{den} {g(num) / g(den):.2f}")
             print(f"{size:>7}: " + ", ".join(parts))
         if a.echo_n > 0:
             echo_part(work, a)
+        if "direct" in ways and "copy" in ways:
+            for size in sizes:
+                d, c = per[(size, "direct")], per[(size, "copy")]
+                print(f"{size}: direct/copy {results[(size, 'direct')] / results[(size, 'copy')]:.2f}, "
+                      f"direct wakeups/req {d[0] + d[1]:.3f}, direct user-us/req {d[2]:.0f}, "
+                      f"copy user-us/req {c[2]:.0f}")
 
 
 def echo_part(work: Path, a) -> None:

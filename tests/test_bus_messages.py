@@ -48,7 +48,7 @@ def enc_msg(msg) -> bytes:
         return enc("gpadl_teardown", struct.pack("<II", msg.gpadl, 0))
     if isinstance(msg, M.OpenChannel):
         return enc("open", struct.pack(f"<IIIIII{len(msg.versions)}I", msg.relid, msg.ring_gpadl, msg.inbound_offset,
-                                       msg.target_vcpu, len(msg.versions), 0, *msg.versions))
+                                       msg.target_vcpu, len(msg.versions), msg.data_gpadl, *msg.versions))
     if isinstance(msg, M.CloseChannel):
         return enc("close", struct.pack("<II", msg.relid, 0))
     assert isinstance(msg, M.RelidReleased)

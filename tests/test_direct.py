@@ -50,7 +50,16 @@ def good_open(**kw):
 
 
 def test_parse_open_accepts_a_good_descriptor():
-    assert direct.parse_open(good_open(), 2) == ([(0, 0, 8)], 8, 4, abi.PYKVM_ECHO_V1_1, 0, 4096)
+    o = direct.parse_open(good_open(), 2)
+    assert (o.runs, o.pages, o.inbound, o.version, o.flags, o.max_message) == (((0, 0, 8),), 8, 4,
+                                                                              abi.PYKVM_ECHO_V1_1, 0, 4096)
+    assert (o.data_runs, o.data_pages, o.max_transfer) == ((), 0, 0)
+
+
+def test_parse_open_takes_a_data_buffer_in_the_same_memfds():
+    o = direct.parse_open(good_open(data_runs=[[1, 0, 16], [0, 64 * PAGE, 16]], max_transfer=64 << 10), 3)
+    assert o.data_runs == ((1, 0, 16), (0, 64 * PAGE, 16)) and o.data_pages == 32 and o.max_transfer == 64 << 10
+    assert direct.MAX_FDS + 1 == wire.MAX_FDS          # the memfds and the eventfd travel in one frame
 
 
 @pytest.mark.parametrize("kw, nfds, needle", [
@@ -58,12 +67,23 @@ def test_parse_open_accepts_a_good_descriptor():
     ({"runs": [[1, 0, 8]]}, 2, "bad run"),                 # names the eventfd as memory
     ({"runs": [[0, 100, 8]]}, 2, "bad run"),               # not page aligned
     ({"runs": [[0, 0, 2]]}, 2, "ring pages"),
-    ({"runs": [[0, 0, 65]]}, 2, "ring pages"),
+    ({"runs": [[0, 0, 65]]}, 2, "bad run"),
+    ({"runs": [[0, 0, 40], [0, 80 * PAGE, 40]]}, 2, "ring pages"),
     ({"inbound_offset": 7}, 2, "inbound_offset"),
     ({"rules": 2}, 2, "rules"),
     ({"max_message": 1 << 30}, 2, "max_message"),
     ({"version": True}, 2, "version"),
     ({"runs": "all"}, 2, "runs"),
+    ({"data_runs": []}, 2, "data_runs"),
+    ({"data_runs": [[1, 0, 4]]}, 2, "bad run"),           # the eventfd again
+    ({"data_runs": [[0, 0, 193]]}, 2, "bad run"),
+    ({"data_runs": [[0, 0, 100], [0, 400 * PAGE, 100]]}, 2, "data buffer pages"),
+    ({"data_runs": [[0, 8, 1]]}, 2, "bad run"),
+    ({"data_runs": [[0, 0, 1]] * 9}, 2, "data_runs"),
+    ({"max_transfer": 1000}, 2, "multiple"),
+    ({"max_transfer": 256 * 512 + 512}, 2, "max_transfer"),
+    ({"max_transfer": -512}, 2, "max_transfer"),
+    ({}, 5, "descriptors"),
 ])
 def test_parse_open_refusals(kw, nfds, needle):
     with pytest.raises(direct.DirectError, match=needle):
@@ -75,16 +95,26 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                            max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["runs", "inbound_offset", "version", "rules", "max_message", "x"]),
-                       json_values, max_size=6), st.integers(0, 6))
+run_lists = st.lists(st.lists(st.integers(-1, 3) | st.sampled_from([0, PAGE, 8 * PAGE, 1 << 46, 192, 193]) |
+                              st.integers(-2**70, 2**70), min_size=2, max_size=4), max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["runs", "inbound_offset", "version", "rules", "max_message", "x",
+                                        "data_runs", "max_transfer"]),
+                       json_values | run_lists | st.sampled_from([0, 512, 4096, 131072, 131584, 1000]),
+                       max_size=8), st.integers(0, 7))
 def test_parse_open_garbage_only_raises_direct_error(obj, nfds):
     try:
-        runs, pages, inbound, _v, flags, _m = direct.parse_open(obj, nfds)
+        o = direct.parse_open(obj, nfds)
     except direct.DirectError:
         return
-    assert 4 <= pages <= abi.PYKVM_DIRECT_MAX_PAGES and 2 <= inbound <= pages - 2 and flags in (0, 1)
-    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and n >= 1 for i, off, n in runs)
+    assert 4 <= o.pages <= abi.PYKVM_DIRECT_MAX_PAGES and 2 <= o.inbound <= o.pages - 2 and o.flags in (0, 1)
+    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and off < 1 << 46 and n >= 1 for i, off, n in o.runs)
+    assert sum(n for _i, _o, n in o.runs) == o.pages and sum(n for _i, _o, n in o.data_runs) == o.data_pages
+    assert all(0 <= i < nfds - 1 and off % PAGE == 0 and off < 1 << 46 and n >= 1 for i, off, n in o.data_runs)
+    assert o.data_pages <= abi.PYKVM_DIRECT_DATA_MAX_PAGES and (o.data_pages == 0) == ("data_runs" not in obj)
+    assert 0 <= o.max_transfer <= 256 * 512 and o.max_transfer % 512 == 0 and 2 <= nfds <= 4
 
 
 # ---------------------------------------------------------------- the guest's parser: C and a Python mirror
@@ -92,7 +122,8 @@ def mirror_check(data: bytes) -> int:
     """Python mirror of guests/runtime/direct_check.c direct_msg_check()."""
     if len(data) < MSG.size:
         return -1
-    op, ident, gpa, pages, inbound, doorbell, _version, rules, max_message = MSG.unpack_from(data)
+    (op, ident, gpa, pages, inbound, doorbell, _version, rules, max_message, data_gpa, data_pages,
+     max_transfer) = MSG.unpack_from(data)
     if op not in (abi.PYKVM_DIRECT_OPEN, abi.PYKVM_DIRECT_CLOSE):
         return -2
     if ident >= abi.PYKVM_DIRECT_MAX:
@@ -105,6 +136,11 @@ def mirror_check(data: bytes) -> int:
         return -5
     if rules & ~abi.PYKVM_DIRECT_RULE_READ_ONLY & 0xFFFFFFFF or not 8 <= max_message <= 1 << 20:
         return -6
+    if (data_pages > abi.PYKVM_DIRECT_DATA_MAX_PAGES or data_gpa != (gpa + abi.PYKVM_DIRECT_DATA_OFFSET) % (1 << 64)
+            if data_pages else data_gpa != 0):
+        return -9
+    if max_transfer % 512 or max_transfer > abi.PYKVM_BLK_MAX_SECTORS * 512:
+        return -9
     return 0
 
 
@@ -121,7 +157,7 @@ def harness(tmp_path_factory):
 
 
 def run_harness(harness, records):
-    stdin = b"".join(struct.pack("<I", n) + data.ljust(MSG.size, b"\0")[:MSG.size] for n, data in records)
+    stdin = b"".join(b"\0" + struct.pack("<I", n) + data.ljust(MSG.size, b"\0")[:MSG.size] for n, data in records)
     out = subprocess.run([str(harness)], input=stdin, capture_output=True, check=True).stdout.decode().split()
     return [int(x) for x in out]
 
@@ -137,8 +173,12 @@ def messages(draw):
     op = draw(st.sampled_from([abi.PYKVM_DIRECT_OPEN, abi.PYKVM_DIRECT_CLOSE])) if good else draw(u32)
     gpa = abi.PYKVM_DIRECT_GPA + ident * abi.PYKVM_DIRECT_STRIDE if draw(st.booleans()) else draw(st.integers(0, 2**64 - 1))
     doorbell = abi.PYKVM_DIRECT_DOORBELL_BASE + ident if draw(st.booleans()) else draw(u32)
+    data_pages = draw(st.sampled_from([0, 1, 16, 191, 192, 193]) | u32)
+    data_gpa = (gpa + abi.PYKVM_DIRECT_DATA_OFFSET) % (1 << 64) if draw(st.booleans()) else \
+        draw(st.sampled_from([0, gpa]) | st.integers(0, 2**64 - 1))
     fields = (op, ident, gpa, draw(near | u32), draw(near | u32), doorbell, draw(u32),
-              draw(st.sampled_from([0, 1, 2, 3]) | u32), draw(st.sampled_from([0, 7, 8, 4096, 1 << 20, (1 << 20) + 1]) | u32))
+              draw(st.sampled_from([0, 1, 2, 3]) | u32), draw(st.sampled_from([0, 7, 8, 4096, 1 << 20, (1 << 20) + 1]) | u32),
+              data_gpa, data_pages, draw(st.sampled_from([0, 512, 1000, 65536, 131072, 131584]) | u32))
     data = MSG.pack(*fields)
     n = MSG.size if draw(st.booleans()) else draw(st.integers(0, 64))
     return n, data
@@ -154,8 +194,87 @@ def test_guest_parser_matches_its_python_mirror(harness, records):
 def test_guest_parser_accepts_what_the_root_sends(harness):
     ident = 3
     msg = MSG.pack(abi.PYKVM_DIRECT_OPEN, ident, direct.window_gpa(ident), 8, 4, abi.PYKVM_DIRECT_DOORBELL_BASE + ident,
-                   abi.PYKVM_ECHO_V1_1, 1, 4096)
-    assert run_harness(harness, [(MSG.size, msg), (MSG.size - 1, msg)]) == [0, -1]
+                   abi.PYKVM_ECHO_V1_1, 1, 4096, 0, 0, 0)
+    data = MSG.pack(abi.PYKVM_DIRECT_OPEN, ident, direct.window_gpa(ident), 8, 4, abi.PYKVM_DIRECT_DOORBELL_BASE + ident,
+                    abi.PYKVM_BLOCK_V1_0, 0, 4160, direct.window_gpa(ident) + abi.PYKVM_DIRECT_DATA_OFFSET, 32, 65536)
+    assert run_harness(harness, [(MSG.size, msg), (MSG.size - 1, msg), (MSG.size, data)]) == [0, -1, 0]
+
+
+# ---------------------------------------------------------------- block over a direct channel: the request parser
+BLKREQ = struct.Struct("<IIQIIII")          # struct pykvm_blk_request then struct pykvm_blk_buffer
+BLK_HEAD = struct.Struct("<IIIIQ")          # harness record: length, data_bytes, max_transfer, rules, sectors
+
+
+def mirror_blk(data: bytes, n: int, data_bytes: int, max_transfer: int, rules: int, sectors: int):
+    """Python mirror of direct_blk_check(): the status, or (0, op, sector, count, offset, length)."""
+    if n < 24:
+        return -1
+    op, _r, sector, count, _r2, offset, length = BLKREQ.unpack_from(data.ljust(40, b"\0"))
+    if op in (abi.PYKVM_BLK_OP_INFO, abi.PYKVM_BLK_OP_FLUSH):
+        return (0, op, sector, 0, 0, 0)
+    if op not in (abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE):
+        return abi.PYKVM_BUS_E_INVALID
+    if n < 32:
+        return -1
+    if not 1 <= count <= abi.PYKVM_BLK_MAX_SECTORS:
+        return abi.PYKVM_BUS_E_INVALID
+    if op == abi.PYKVM_BLK_OP_WRITE and rules & abi.PYKVM_DIRECT_RULE_READ_ONLY:
+        return abi.PYKVM_BUS_E_READ_ONLY
+    if count * 512 > max_transfer:
+        return abi.PYKVM_BUS_E_LIMIT
+    if length != count * 512 or offset > data_bytes or length > data_bytes - offset:
+        return abi.PYKVM_BUS_E_INVALID
+    if sector >= sectors or count > sectors - sector:
+        return abi.PYKVM_BUS_E_INVALID
+    return (0, op, sector, count, offset, length)
+
+
+def run_blk_harness(harness, records):
+    stdin = b"".join(b"\1" + BLK_HEAD.pack(n, db, mt, rules, sectors) + data.ljust(40, b"\0")[:40]
+                     for data, n, db, mt, rules, sectors in records)
+    out = subprocess.run([str(harness)], input=stdin, capture_output=True, check=True).stdout.decode().splitlines()
+    return [int(x) if " " not in x else tuple(int(v) for v in x.split()) for x in out]
+
+
+@st.composite
+def blk_requests(draw):
+    op = draw(st.sampled_from([1, 2, 3, 4]) | u32)
+    count = draw(st.sampled_from([0, 1, 8, 16, 128, 255, 256, 257]) | u32)
+    sector = draw(st.sampled_from([0, 1, 2047, 2048, 4095, 2**64 - 1]) | st.integers(0, 2**64 - 1))
+    length = count * 512 % (1 << 32) if draw(st.booleans()) else draw(u32)
+    offset = draw(st.sampled_from([0, 512, 4096, 65536, 2**32 - 1]) | u32)
+    data = BLKREQ.pack(op, draw(u32), sector, count, draw(u32), offset, length) + draw(st.binary(max_size=8))
+    n = draw(st.sampled_from([len(data), 32, 24, 23, 31, 0]) | st.integers(0, 40))
+    data_bytes = draw(st.sampled_from([0, 4096, 65536, 131072, 192 * 4096]))
+    return (data, n, data_bytes, draw(st.sampled_from([0, 512, 8192, 65536, 131072]) | u32), draw(st.integers(0, 3)),
+            draw(st.sampled_from([0, 1, 2048, 4096]) | st.integers(0, 2**64 - 1)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(blk_requests(), min_size=1, max_size=200))
+def test_guest_block_request_parser_matches_its_python_mirror(harness, records):
+    got = run_blk_harness(harness, records)
+    want = [mirror_blk(d[:40], min(n, 40) if n < len(d) else n, db, mt, r, s) for d, n, db, mt, r, s in records]
+    assert got == want
+    for res, (_d, _n, db, mt, _r, s) in zip(got, records):   # what the service uses is inside what it checked
+        if isinstance(res, tuple) and res[1] in (1, 2):
+            _st, _op, sector, count, offset, length = res
+            assert offset + length <= db and length == count * 512 <= mt and sector + count <= s
+
+
+def test_guest_block_request_parser_refusals(harness):
+    req = lambda op, sector, count, off, length: BLKREQ.pack(op, 0, sector, count, 0, off, length)
+    R, W = abi.PYKVM_BLK_OP_READ, abi.PYKVM_BLK_OP_WRITE
+    cases = [(req(R, 0, 8, 0, 4096), 32, 65536, 65536, 0, 2048),          # ok
+             (req(W, 0, 8, 0, 4096), 32, 65536, 65536, 1, 2048),          # read-only client
+             (req(R, 0, 128, 0, 65536), 32, 65536, 8192, 0, 2048),        # over its max transfer
+             (req(R, 0, 8, 61441, 4096), 32, 65536, 65536, 0, 2048),      # past the data buffer
+             (req(R, 2047, 2, 0, 1024), 32, 65536, 65536, 0, 2048),       # past the disk
+             (req(R, 0, 8, 0, 4096), 31, 65536, 65536, 0, 2048),          # no buffer reference
+             (req(abi.PYKVM_BLK_OP_INFO, 0, 0, 0, 0), 24, 0, 0, 1, 2048)]
+    assert run_blk_harness(harness, cases) == [(0, R, 0, 8, 0, 4096), abi.PYKVM_BUS_E_READ_ONLY, abi.PYKVM_BUS_E_LIMIT,
+                                               abi.PYKVM_BUS_E_INVALID, abi.PYKVM_BUS_E_INVALID, -1,
+                                               (0, abi.PYKVM_BLK_OP_INFO, 0, 0, 0, 0)]
 
 
 # ---------------------------------------------------------------- the service VMM's half
@@ -227,6 +346,27 @@ def test_service_end_maps_exactly_the_ring_pages_and_close_removes_everything():
     assert open_fds() == before
 
 
+def test_service_end_maps_the_data_buffer_above_the_rings_and_close_removes_both():
+    before = open_fds()
+    ring, data = memfd(16 * PAGE), memfd(64 * PAGE)
+    os.pwrite(data, b"D" * PAGE, 4 * PAGE)
+    host = fake_host()
+    end = direct.ServiceEnd(host, 1, [ring, data], [(0, 0, 8)], os.eventfd(0), [(1, 4 * PAGE, 16), (0, 8 * PAGE, 2)])
+    maps = sorted((gpa, size, ro) for gpa, size, ro, _a in host.memslots.mapped.values())
+    assert maps == [(direct.window_gpa(1), 8 * PAGE, False),
+                    (direct.window_gpa(1) + abi.PYKVM_DIRECT_DATA_OFFSET, 18 * PAGE, False)]
+    assert end.data_gpa == direct.window_gpa(1) + abi.PYKVM_DIRECT_DATA_OFFSET and end.data_view.read(0, 2) == b"DD"
+    end.close()
+    assert host.memslots.mapped == {} and end.data_view is None and not end.mapped
+    # a data buffer past the end of its memfd: refused, nothing mapped or leaked
+    with pytest.raises(direct.DirectError):
+        direct.ServiceEnd(host, 1, [ring, data], [(0, 0, 8)], os.eventfd(0), [(1, 60 * PAGE, 8)])
+    assert host.memslots.mapped == {} and host.interrupts.live == {} and host.doorbells.vm.ioeventfds == set()
+    os.close(ring)
+    os.close(data)
+    assert open_fds() == before
+
+
 @pytest.mark.parametrize("kind", ["unsealed", "short", "pipe"])
 def test_service_end_refuses_bad_memory_and_leaks_nothing(kind):
     before = open_fds()
@@ -247,6 +387,86 @@ def test_service_end_refuses_bad_memory_and_leaks_nothing(kind):
     if w is not None:
         os.close(w)
     assert open_fds() == before
+
+
+# ---------------------------------------------------------------- the client VMM: data GPADL at open, strict teardown
+def test_open_with_a_data_buffer_and_teardown_waits_for_the_service_side(tmp_path):
+    from pykvm.bus import messages as M
+    from pykvm.bus.host import BusHost, Limits
+    from pykvm.bus.services.echo import EchoService
+    from pykvm.memory import MIB, GuestMemory
+
+    from .test_bus_host_hostile import LIMITS, V10, V11, Guest
+    from .test_bus_messages import enc_msg
+
+    class HoldingEcho(EchoService):
+        """An echo offer served as a direct one is: the session holds both GPADLs until told they are unmapped."""
+        name = "held-echo"
+        offer_flags = abi.PYKVM_BUS_OFFER_FLAG_DATA_BUFFER
+
+        def open(self, channel, version):
+            sess = super().open(channel, version)
+            self.ids = [channel.gpadl_id, channel.data_gpadl_id]
+            self.data_pfns = list(channel.data_view.pfns) if channel.data_view is not None else None
+            for gid in self.ids:
+                if gid is not None:
+                    channel.host.hold(gid)
+            return sess
+
+        def unmapped(self, host):
+            for gid in self.ids:
+                if gid is not None:
+                    host.release(gid)
+
+    mem = GuestMemory.create(2 * MIB, 1 * MIB)
+    g = Guest(mem)
+    g.host.close()
+    held, plain = HoldingEcho(), EchoService()
+    g.host = BusHost(mem, g.bells, g.irqs, [held, plain], limits=Limits(**LIMITS), log=g.logs.append)
+    try:
+        g.connect()
+        g.drain()
+        g.send(enc_msg(M.InitiateContact((V11, V10), 0)))
+        g.send(enc_msg(M.RequestOffers()))
+        g.drain()
+        offers = {struct.unpack_from("<II", b)[0]: struct.unpack_from("<II", b)[1] for k, b in g.replies
+                  if k == M.MSG["offer"]}
+        assert offers == {1: abi.PYKVM_BUS_OFFER_FLAG_DATA_BUFFER, 2: 0}      # the flag tells the guest
+        for gid, first, n in ((1, 200, 4), (2, 210, 2), (3, 220, 4), (4, 230, 2)):
+            mem.write(first * PAGE, bytes(n * PAGE))
+            g.send(enc_msg(M.GpadlHeader(gid, n, tuple(range(first, first + n)))))
+            assert g.reply("gpadl_created", gid) == (gid, abi.PYKVM_BUS_OK)
+        # a data buffer for an offer without the flag, or the ring's own GPADL as data: refused
+        g.send(enc_msg(M.OpenChannel(2, 3, 2, 0, (abi.PYKVM_ECHO_V1_1,), 4)))
+        assert g.reply("open_result", 2)[:2] == (2, abi.PYKVM_BUS_E_INVALID)
+        g.send(enc_msg(M.OpenChannel(1, 1, 2, 0, (abi.PYKVM_ECHO_V1_1,), 1)))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_E_INVALID)
+        g.send(enc_msg(M.OpenChannel(1, 1, 2, 0, (abi.PYKVM_ECHO_V1_1,), 2)))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_OK)
+        assert held.data_pfns == [210, 211] and g.host.channels[1].data_gpadl_id == 2
+        # the data buffer of an open channel is in use: no other channel may take it
+        g.send(enc_msg(M.OpenChannel(2, 3, 2, 0, (abi.PYKVM_ECHO_V1_1,), 0)))
+        assert g.reply("open_result", 2)[:2] == (2, abi.PYKVM_BUS_OK)
+        # the guest closes and tears down: no TORNDOWN while the service side may still map the pages
+        g.replies.clear()
+        before = g.host.violations
+        g.send(enc_msg(M.CloseChannel(1)))
+        g.send(enc_msg(M.GpadlTeardown(2)))
+        g.send(enc_msg(M.GpadlTeardown(1)))
+        assert g.reply("gpadl_torndown") is None and {1, 2} <= set(g.host.gpadls)
+        g.send(enc_msg(M.GpadlTeardown(1)))                 # again while waiting: a violation, nothing more
+        assert g.reply("gpadl_torndown") is None and g.host.violations == before + 1
+        with g.host.lock:
+            held.unmapped(g.host.channel_mgmt)
+        assert g.reply("gpadl_torndown", 1) == (1, 0) and g.reply("gpadl_torndown", 2) == (2, 0)
+        assert not {1, 2} & set(g.host.gpadls)
+        # a GPADL no direct channel holds is torn down at once, as always
+        g.send(enc_msg(M.CloseChannel(2)))
+        g.send(enc_msg(M.GpadlTeardown(3)))
+        assert g.reply("gpadl_torndown", 3) == (3, 0)
+    finally:
+        g.close()
+        mem.close()
 
 
 # ---------------------------------------------------------------- the broker: decision and relaying
@@ -352,6 +572,88 @@ def test_broker_relays_a_direct_open_with_its_descriptors_and_the_policy_rules(t
     assert open_fds() == before - 1          # the broker's end of client1's link went with it; nothing else stays
 
 
+BLOCK_TOPO = TOPO.replace('kernel = "bus-echosvc"\nprovides = "echo0"', 'kernel = "bus-blocksvc"\nprovides = "echo0"')
+
+
+def test_broker_forwards_the_data_buffer_and_acknowledges_every_close_once_unmapped(tmp_path):
+    relay = relay_for(tmp_path, BLOCK_TOPO)
+    svc = Peer(relay, "echo")
+    relay._frame(svc.conn, wire.REGISTER, wire.json_frame(wire.REGISTER, {"interface": "block", "versions": [0x10000],
+                                                                          "direct": True})[8:])
+    c1 = Peer(relay, "client1")
+    assert c1.welcome["direct"] == {"echo0": None}
+    svc.frames()
+    mem, efd = memfd(8 * PAGE), os.eventfd(0)
+
+    def open_direct(tag):
+        desc = {"op": "open", "tag": tag, "index": 0, "runs": [[0, 0, 8]], "inbound_offset": 4, "version": 0x10000,
+                "data_runs": [[0, 0, 4]], "max_transfer": 512}     # the client's max_transfer is ignored
+        relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, desc, 2)[8:], (os.dup(mem), os.dup(efd)))
+        (f,) = svc.frames()
+        wire.close_fds(f.fds)
+        fwd = wire.parse_json(f[1])
+        assert fwd["data_runs"] == [[0, 0, 4]] and fwd["max_transfer"] == 256 * 512
+        relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "ready", "tag": fwd["tag"], "ok": True},
+                                                            1)[8:], (os.eventfd(0),))
+        (r,) = c1.frames()
+        wire.close_fds(r.fds)
+        return fwd["tag"]
+
+    btag = open_direct(5)
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 5})[8:])
+    (f,) = svc.frames()
+    assert wire.parse_json(f[1])["op"] == "close" and c1.frames() == []     # not yet: the provider has not unmapped
+    relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": btag})[8:])
+    (r,) = c1.frames()
+    assert wire.parse_json(r[1]) == {"op": "closed", "tag": 5}
+    relay._frame(svc.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": btag})[8:])
+    assert c1.frames() == []                                 # a second acknowledgement is nothing
+    # a close of a channel the broker never forwarded: nothing is mapped anywhere, acknowledged at once
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 99})[8:])
+    (r,) = c1.frames()
+    assert wire.parse_json(r[1]) == {"op": "closed", "tag": 99}
+    # the provider dies before acknowledging: known dead, so the close is acknowledged (after "down")
+    open_direct(6)
+    relay._frame(c1.conn, wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 6})[8:])
+    svc.frames()
+    relay._drop(svc.conn, None)
+    got = [wire.parse_json(f[1]) for f in c1.frames()]
+    assert {"op": "closed", "tag": 6} in got and relay.direct_closing == {}
+    os.close(mem)
+    os.close(efd)
+
+
+def test_link_runs_the_unmapped_callback_on_the_acknowledgement_or_when_the_service_is_down():
+    import threading
+
+    from pykvm.bus.link import PartitionLink
+
+    a, b = socket.socketpair()
+    link = PartitionLink(a, {"name": "client1", "uses": ["disk0"], "provides": None}, log=lambda m: None)
+    link.bus = SimpleNamespace(lock=threading.RLock(), channels={})
+    done = []
+    link.close_direct(3, "disk0", lambda: done.append(3))
+    link.close_direct(4, "disk0", lambda: done.append(4))
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": 3})[8:], ())
+    assert done == [3]
+    link.service_state("disk0", "down")
+    assert done == [3, 4] and link._closing == {}
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": 4})[8:], ())
+    assert done == [3, 4]
+    # the provider's side: a close with no provider session (its close unmapped everything) is acknowledged
+    link._dispatch(wire.DIRECT, wire.json_frame(wire.DIRECT, {"op": "close", "tag": 8})[8:], ())
+    b.setblocking(False)
+    frames = wire.FrameParser().feed(b.recv(1 << 16))
+    assert {"op": "closed", "tag": 8} in [wire.parse_json(f[1]) for f in frames]
+    # the broker goes away: nobody can confirm an unmap any more, so nothing is released (strict teardown)
+    got = []
+    link.close_direct(9, "disk0", lambda: done.append(9))
+    link._direct[10] = lambda ok, reason, fd, unmapped=True: got.append((ok, unmapped))
+    b.close()
+    link._broker_gone()
+    assert done == [3, 4] and got == [(False, False)] and 9 in link._closing
+
+
 def test_broker_refuses_echo_registered_without_direct(tmp_path):
     relay = relay_for(tmp_path)
     svc = Peer(relay, "echo")
@@ -423,6 +725,112 @@ def test_up_direct_echo_policy_crash_reoffer_hostile_and_no_mapping_survives(tmp
     closes = (svc0 + svc1).count("closed by the root")
     assert closes >= 1 and (svc0 + svc1).count("window after close: unmapped\n") >= closes
     assert "still mapped" not in svc0 + svc1
+
+
+BLOCK_E2E = """
+[[partition]]
+name = "storage"
+kernel = "bus-blocksvc"
+memory = "16M"
+disk = "STORE"
+provides = "disk0"
+cmdline = "store=disk direct=1 crash_after=30 crash_mixed=1"
+restarts = 1
+
+[[partition]]
+name = "fast"
+kernel = "bus-block"
+cmdline = "wsec=100 wcount=40 seed=3 rounds=4 reopen_ms=120000"
+uses = ["disk0"]
+
+[[partition]]
+name = "slow"
+kernel = "bus-block"
+cmdline = "wsec=300 wcount=32 seed=5 rounds=3 reopen_ms=120000"
+trust = "untrusted"
+uses = ["disk0"]
+
+[[partition]]
+name = "reader"
+kernel = "bus-block"
+cmdline = "wsec=500 wcount=16 seed=9 reopen_ms=120000"
+uses = ["disk0"]
+
+[[partition]]
+name = "hostile"
+kernel = "bus-block"
+cmdline = "hostile=direct flood=20000 reopen_ms=120000"
+uses = ["disk0"]
+
+[policy.partition.slow]
+write = true
+
+[policy.partition.reader]
+write = false
+"""
+
+
+def _pattern(seed, s):
+    """Sector s of bus-block's write pattern for seed (seed 0: the disk as the test made it)."""
+    return bytes((seed * 73 + s * 151 + i * 7 + (i >> 8)) & 0xff for i in range(512))
+
+
+def test_up_direct_block_policy_crash_reoffer_on_both_paths_hostile_and_no_mapping_survives(tmp_path):
+    store = tmp_path / "store.img"
+    store.write_bytes(b"".join(_pattern(0, s) for s in range(2048)))
+    run, out, err, logs = pykvm_up(tmp_path, BLOCK_E2E.replace("STORE", str(store)))
+    serials = {f.name: f.read_text() for f in run.glob("*.serial")}
+    assert "partition storage: status 0 (restarts 1)" in out, out
+    for name in ("fast", "slow", "reader", "hostile"):
+        assert f"partition {name}: status 0" in out, out
+    svc0, svc1 = serials["storage.serial"], serials["storage.gen1.serial"]
+    svc = svc0 + svc1
+    # the service crashed once, after serving requests on both paths, and wrote its core
+    assert re.search(r"blocksvc: served \d+ requests, crashing\n$", svc0) and list((run / "storage-crashes").glob("*.core"))
+    # the trusted client went direct (its data buffer mapped in the service guest), saw the rescind, reopened
+    # directly again and read back every sector it wrote, round after round
+    fast = serials["fast.serial"]
+    assert fast.count("block: direct channel, data buffer of 32 pages\n") == 2
+    assert "block: channel rescinded, waiting for a new offer\nblock: reopened, version 1.0\n" in fast
+    assert "block: read back 40 sectors at 100: pattern ok\n" in fast and "block: 4 rounds done, 1 reopens\n" in fast
+    assert fast.endswith("block: done\n") and "differs" not in fast
+    # the untrusted client stayed brokered (refused direct by policy) and came through the crash the same way
+    slow = serials["slow.serial"]
+    assert "direct channel" not in slow and "block: 3 rounds done, 1 reopens\n" in slow
+    assert "block: channel rescinded, waiting for a new offer\nblock: reopened, version 1.0\n" in slow
+    assert "block: read back 32 sectors at 300: pattern ok\n" in slow and slow.endswith("block: done\n")
+    policy = json.loads((run / "broker-policy.json").read_text())
+    assert policy["policy"]["slow"]["direct"]["disk0"]["allowed"] is False
+    assert "slow is untrusted and its policy says direct = false" in policy["policy"]["slow"]["direct"]["disk0"]["why"]
+    assert policy["policy"]["fast"]["direct"]["disk0"]["allowed"] is True
+    assert policy["counts"]["relayed"] > 0 and policy["counts"]["direct_opened"] >= 4
+    # the read-only client: direct too, its write refused by the service guest under the rule the broker sent
+    reader = serials["reader.serial"]
+    assert "block: direct channel" in reader and "read-only 1\n" in reader
+    assert "block: write refused: read-only\n" in reader and reader.endswith("block: done\n")
+    assert re.search(r"channel \d+ open, version 1.0, rules 1, max 65536, data 32 pages, max transfer 131072\n", svc)
+    # the hostile client: its bad offsets and sizes refused, its broken ring closed its own channel alone, and its
+    # doorbell flood woke neither the broker nor the service VMM per doorbell
+    hostile = serials["hostile.serial"]
+    assert "block: hostile: 4 bad requests refused\n" in hostile
+    assert "block: hostile: scribbled the ring, rang 20000 doorbells\n" in hostile
+    assert "broken (ring), closed\n" in svc
+    assert policy["counts"]["wakeups"] < 3000
+    woke = [tuple(map(int, m)) for m in re.findall(r"doorbell thread woke (\d+) times, its link thread (\d+) times",
+                                                    logs["storage.log"] + logs.get("storage.gen1.log", ""))]
+    assert woke and all(d < 1000 for d, _k in woke), woke
+    # no mapping survives: every channel the service guest saw closed had its rings and data buffer unmapped in
+    # KVM before it was told; the clients' VMMs gave their guests the pages back only after the service side
+    # said so (or died)
+    closes = svc.count("closed by the root")
+    assert closes >= 1 and svc.count("window after close: unmapped\n") >= closes and "still mapped" not in svc
+    for name in ("fast", "reader"):
+        assert "the service side no longer maps its pages; GPADLs" in logs[f"{name}.log"], logs[f"{name}.log"]
+    # the host file: the last round of each writer, the rest as it was (the reader wrote nothing)
+    disk = store.read_bytes()
+    for s in list(range(90, 150)) + list(range(290, 340)) + list(range(490, 520)):
+        want = _pattern(6, s) if 100 <= s < 140 else _pattern(7, s) if 300 <= s < 332 else _pattern(0, s)
+        assert disk[s * 512:(s + 1) * 512] == want, s
 
 
 # ---------------------------------------------------------------- the client VMM's half

@@ -9,7 +9,7 @@
  *            Both take spin=M: markers around the timed part as mode=disk's.
  * mode=block n=N: N sequential 4 KiB reads through the block service
  *            (GPA-direct buffer), up to W in flight.
- * mode=disk  n=N sectors=S write=0|1 off=O base=B spin=M verify=0|1:
+ * mode=disk  n=N sectors=S write=0|1 off=O base=B spin=M verify=0|1 irq=0|1:
  *            N sequential block requests of S sectors (1..256) at B, B+S, ...
  *            (wrapping inside the disk), one buffer starting at byte O of
  *            its page; a block service of the host or of another partition
@@ -20,6 +20,11 @@
  *            under nested KVM). verify=1 instead writes the N requests with a
  *            pattern (as bus-block's, seed = request + 1) and reads each back
  *            into a cleared buffer: "bench: disk verified N requests of S sectors".
+ *            When the block offer is served over a direct channel (offer flag
+ *            DATA_BUFFER), the request buffer is the channel's data buffer:
+ *            requests name their bytes in it and nothing is copied on either
+ *            side ("bench: direct channel\n" after the open). irq=1: wait for each
+ *            completion halted until the bus interrupt, instead of polling.
  * Prints "bench: <mode> <n> done, <doorbells> doorbells\n" and powers off;
  * exit code 3 on any mismatch or error.
  */
@@ -31,6 +36,9 @@ static uint8_t back[PYKVM_ECHO_MAX];
 static uint8_t pkt[PYKVM_ECHO_MAX + 128] __attribute__((aligned(8)));
 static uint8_t blockbuf[16][4096] __attribute__((aligned(4096)));
 static uint8_t diskbuf[PYKVM_BLK_MAX_SECTORS * PYKVM_BLK_SECTOR + 4096] __attribute__((aligned(4096)));
+
+static int direct;                  /* the block channel has diskbuf as its data buffer */
+static int polling = 1;             /* mode=disk without irq=1: completions are polled for */
 
 static void fail(const char *what)
 {
@@ -44,6 +52,15 @@ static struct bus_channel *open_service(uint64_t lo, uint64_t hi, uint32_t versi
     if (bus_connect(v1, 1) < 0)
         fail("connect failed");
     struct bus_channel *ch = bus_find(lo, hi);
+    if (ch && lo == PYKVM_BUS_IF_BLOCK_LO && (ch->offer_flags & PYKVM_BUS_OFFER_FLAG_DATA_BUFFER)) {
+        if (bus_open_data(ch, sv, 1, diskbuf, sizeof(diskbuf) / 4096))
+            fail("open failed");
+        direct = 1;
+        if (polling)
+            ring_mask(&ch->in);     /* this driver polls: the service guest need not ring for replies */
+        printf("bench: direct channel\n");
+        return ch;
+    }
     if (!ch || bus_open(ch, sv, 1))
         fail("open failed");
     return ch;
@@ -148,8 +165,16 @@ static int64_t disk_request(struct bus_channel *ch, uint32_t op, uint64_t sector
     struct pykvm_blk_request rq = { .op = op, .sector = sector, .count = count };
     struct rt_gpa_buf b = { va_to_pa(buf), count * PYKVM_BLK_SECTOR };
     int data = op == PYKVM_BLK_OP_READ || op == PYKVM_BLK_OP_WRITE;
-    if (bus_send_packet(ch, data ? PYKVM_VMPKT_DATA_GPA_DIRECT : PYKVM_VMPKT_DATA_INBAND,
-                        PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, &b, data ? 1 : 0, &rq, sizeof(rq)))
+    if (direct) {                      /* buf lies in diskbuf, the data buffer: name its bytes there */
+        struct {
+            struct pykvm_blk_request rq;
+            struct pykvm_blk_buffer b;
+        } m = { rq, { (uint32_t)(buf - diskbuf), count * PYKVM_BLK_SECTOR } };
+        if (bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, 0, 0, &m,
+                            data ? sizeof(m) : sizeof(m.rq)))
+            fail("send failed");
+    } else if (bus_send_packet(ch, data ? PYKVM_VMPKT_DATA_GPA_DIRECT : PYKVM_VMPKT_DATA_INBAND,
+                               PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, &b, data ? 1 : 0, &rq, sizeof(rq)))
         fail("send failed");
     int got = bus_recv_wait(ch, pkt, sizeof(pkt), 2000000000ull);
     const struct pykvm_vmpacket *d = (const void *)pkt;
@@ -175,6 +200,10 @@ static void spin(uint64_t thousands)
 
 static void bench_disk(const char *cmd, uint32_t n)
 {
+    int irq = arg_u64(cmd, "irq", 0) != 0;
+    if (irq)
+        bus_use_irq();            /* wait for each completion halted, woken by the bus interrupt */
+    polling = !irq;
     struct bus_channel *ch = open_service(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, PYKVM_BLOCK_V1_0);
     uint32_t count = (uint32_t)arg_u64(cmd, "sectors", 1);
     uint32_t off = (uint32_t)arg_u64(cmd, "off", 0) & ~7u;

@@ -14,6 +14,8 @@
  *   reopen_ms=N       how long to wait for the block service to be offered again
  *                     after a rescind (default 60000, about; at most 8 reopens)
  *   versions=1.1,1.0  the block versions to open with, newest first (default 1.0)
+ *   rounds=R          write, flush and read back R times, with seeds seed .. seed + R - 1
+ *                     (default 1); then "block: R rounds done, K reopens\n"
  *   linger=1          at the end, keep the channel open until the host rescinds
  *                     it ("block: lingering\n", then "block: rescinded\n")
  *   probe=1           instead: for every block offer, open it, send INFO and read
@@ -27,6 +29,21 @@
  *   hostile=malformed instead: send a block request of 8 bytes: "block: malformed:
  *                     channel closed by the host\n"
  *                     (both exit 7 when the host does not close the channel)
+ *   hostile=direct    instead, on a direct channel: send requests naming bytes past
+ *                     the data buffer, a length that is not count * 512, sectors past
+ *                     the disk and more sectors than the policy's max transfer
+ *                     ("block: hostile: 4 bad requests refused\n", exit 7 if one is
+ *                     not), then scribble the ring's write index and ring the
+ *                     doorbell flood=N times (default 10000): "block: hostile:
+ *                     scribbled the ring, rang N doorbells\n", then power-off
+ *
+ * Direct channels: when the block offer carries PYKVM_BUS_OFFER_FLAG_DATA_BUFFER (a
+ * service partition's guest serves it guest to guest), the driver gives a data buffer
+ * of 32 pages at open ("block: direct channel, data buffer of 32 pages\n") and every
+ * request is in-band, naming its bytes in that buffer (pykvm_abi.h "block over a direct
+ * channel"): written data is copied into the buffer first, read data out of it after
+ * the completion. After a rescind it waits until the host tore down the old channel's
+ * GPADLs (the service side no longer maps them) before giving the buffer again.
  *
  * Recovery (a disk served by another partition, `pykvm up`): when the root
  * rescinds the block offer (the service partition went away), the request in
@@ -83,6 +100,11 @@ static uint8_t wbuf_b[4 * PAGE] __attribute__((aligned(PAGE)));
 static uint8_t rbuf[4 * PAGE] __attribute__((aligned(PAGE)));
 static uint8_t cbuf[2][MAX_CRASH * SECTOR + PAGE] __attribute__((aligned(PAGE)));
 static uint8_t pkt[256] __attribute__((aligned(8)));
+#define DATA_PAGES 32
+static uint8_t dbuf[DATA_PAGES * PAGE] __attribute__((aligned(PAGE)));
+static int direct;                  /* the open channel has a data buffer (block over a direct channel) */
+static uint32_t doff;               /* where the next request's bytes go in dbuf */
+static uint32_t last_off;           /* where the last request's went */
 static struct bus_channel *ch;
 static uint64_t next_id = 1;
 static struct pykvm_blk_response last;
@@ -112,8 +134,35 @@ static void buf_of(struct rt_gpa_buf *b, const void *va, uint32_t len)
     b->len = len;
 }
 
+/* A request over a direct channel: its bytes at doff in the data buffer (this guest's memory is
+ * identity-mapped, so a buffer's guest-physical address is its address here). */
+static int send_direct(uint32_t op, uint64_t sector, uint32_t count, const struct rt_gpa_buf *bufs, uint32_t nbufs)
+{
+    struct {
+        struct pykvm_blk_request rq;
+        struct pykvm_blk_buffer b;
+    } m = { { .op = op, .sector = sector, .count = count }, { 0, 0 } };
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < nbufs; i++)
+        total += bufs[i].len;
+    if (total > sizeof(dbuf))
+        return BUS_ERR_IO;
+    if (doff + total > sizeof(dbuf))
+        doff = 0;
+    m.b.offset = last_off = doff;
+    m.b.length = total;
+    if (op == PYKVM_BLK_OP_WRITE)
+        for (uint32_t i = 0, at = doff; i < nbufs; at += bufs[i].len, i++)
+            memcpy(dbuf + at, (const void *)(uintptr_t)bufs[i].addr, bufs[i].len);
+    doff += (total + 7) & ~7u;
+    return bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, next_id++, 0, 0, &m,
+                           nbufs ? sizeof(m) : sizeof(m.rq));
+}
+
 static int send_req(uint32_t op, uint64_t sector, uint32_t count, const struct rt_gpa_buf *bufs, uint32_t nbufs)
 {
+    if (direct)
+        return send_direct(op, sector, count, bufs, nbufs);
     struct pykvm_blk_request rq = { .op = op, .sector = sector, .count = count };
     uint16_t type = nbufs ? PYKVM_VMPKT_DATA_GPA_DIRECT : PYKVM_VMPKT_DATA_INBAND;
     return bus_send_packet(ch, type, PYKVM_VMPKT_FLAG_COMPLETION_REQ, next_id++, bufs, nbufs, &rq, sizeof(rq));
@@ -141,6 +190,14 @@ static int64_t complete(uint64_t id)
 static uint32_t want[PYKVM_BUS_MAX_SERVICE_VERSIONS] = { PYKVM_BLOCK_V1_0 };   /* versions= (opens and reopens) */
 static int nwant;
 
+/* Open ch, with the data buffer when the offer is served over a direct channel. */
+static int open_block(void)
+{
+    direct = (ch->offer_flags & PYKVM_BUS_OFFER_FLAG_DATA_BUFFER) != 0;
+    doff = 0;
+    return direct ? bus_open_data(ch, want, nwant, dbuf, DATA_PAGES) : bus_open(ch, want, nwant);
+}
+
 /* The block offer was rescinded: wait for the service to be offered again and open it; 0 when open. */
 static int reopen(void)
 {
@@ -148,11 +205,18 @@ static int reopen(void)
     if (reopens >= MAX_REOPENS)
         return -1;
     printf("block: channel rescinded, waiting for a new offer\n");
+    struct bus_channel *old = ch;
     ch = bus_wait_offer(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, reopen_ms);
-    if (!ch || bus_open(ch, want, (uint32_t)nwant))
+    if (direct && bus_wait_torn(old)) {      /* the old service side may still map dbuf until then */
+        printf("block: the old channel's buffer was never released\n");
+        return -1;
+    }
+    if (!ch || open_block())
         return -1;
     reopens++;
     printf("block: reopened, version %s\n", bus_version_text(ch->version, vb));
+    if (direct)
+        printf("block: direct channel, data buffer of %u pages\n", DATA_PAGES);
     return 0;
 }
 
@@ -165,6 +229,11 @@ static int64_t request(uint32_t op, uint64_t sector, uint32_t count, const struc
         uint64_t id = next_id;
         int r = send_req(op, sector, count, bufs, nbufs);
         int64_t st = r == BUS_ERR_GONE && ch->rescinded ? GONE : r ? -1 : complete(id);
+        if (st == PYKVM_BUS_OK && direct && op == PYKVM_BLK_OP_READ) {
+            uint32_t at = last_off;
+            for (uint32_t i = 0; i < nbufs; at += bufs[i].len, i++)
+                memcpy((void *)(uintptr_t)bufs[i].addr, dbuf + at, bufs[i].len);
+        }
         if (st != GONE || probing)
             return st;
         if (reopen())
@@ -341,6 +410,52 @@ static const char *probe_text(int64_t st)
     return st == GONE ? "rescinded" : st < 0 ? "no completion" : bus_status_text((uint32_t)st);
 }
 
+/* A hostile client of a direct channel: bad requests first (each must be refused), then a broken ring. */
+static RT_NORETURN void hostile_direct(uint64_t flood)
+{
+    if (!direct) {
+        printf("block: hostile=direct: the channel is not direct\n");
+        exit_code(7);
+    }
+    struct {
+        struct pykvm_blk_request rq;
+        struct pykvm_blk_buffer b;
+    } bad[4] = {
+        { { .op = PYKVM_BLK_OP_READ, .sector = 0, .count = 8 }, { sizeof(dbuf) - 2048, 4096 } },   /* past the buffer */
+        { { .op = PYKVM_BLK_OP_READ, .sector = 0, .count = 8 }, { 0, 4095 } },                    /* not count * 512 */
+        { { .op = PYKVM_BLK_OP_READ, .sector = ~0ull - 3, .count = 8 }, { 0, 4096 } },            /* past the disk */
+        { { .op = PYKVM_BLK_OP_READ, .sector = 0, .count = 300 }, { 0, 300 * 512 } },             /* too many */
+    };
+    uint32_t refused = 0;
+    for (int i = 0; i < 4; i++) {
+        int64_t st;
+        for (;;) {                 /* the service may go away meanwhile: the same request on its successor */
+            uint64_t id = next_id++;
+            int r = bus_send_packet(ch, PYKVM_VMPKT_DATA_INBAND, PYKVM_VMPKT_FLAG_COMPLETION_REQ, id, 0, 0, &bad[i],
+                                    sizeof(bad[i]));
+            st = r == BUS_ERR_GONE && ch->rescinded ? GONE : r ? -1 : complete(id);
+            if (st != GONE)
+                break;
+            if (reopen())
+                fail("hostile request", -1, 5);
+        }
+        if (st == PYKVM_BUS_E_INVALID || st == PYKVM_BUS_E_LIMIT)
+            refused++;
+        else
+            printf("block: hostile: bad request %d answered %s\n", i, probe_text(st));
+    }
+    printf("block: hostile: %u bad requests refused\n", refused);
+    if (refused != 4)
+        exit_code(7);
+    ch->out.hdr->write_index = 3;          /* not 8-byte aligned: no reader may accept it */
+    for (uint64_t i = 0; i < flood; i++)
+        bus_doorbell(ch->relid);
+    printf("block: hostile: scribbled the ring, rang %llu doorbells\n", (unsigned long long)flood);
+    for (volatile uint64_t i = 0; i < 3000000ull; i++)
+        ;
+    poweroff();
+}
+
 static RT_NORETURN void probe(const uint32_t *want, int nwant)
 {
     probing = 1;
@@ -352,7 +467,7 @@ static RT_NORETURN void probe(const uint32_t *want, int nwant)
             printf("block: offer %d: rescinded\n", k);
             continue;
         }
-        if (bus_open(ch, want, nwant)) {
+        if (open_block()) {
             printf("block: offer %d: open refused: %s\n", k, bus_status_text(bus_last_status));
             continue;
         }
@@ -403,7 +518,7 @@ void kmain(struct pykvm_boot_info *bi)
         printf("block: no block offer (run with --disk FILE)\n");
         exit_code(3);
     }
-    if (bus_open(ch, want, nwant)) {
+    if (open_block()) {
         printf("block: open refused: %s", bus_status_text(bus_last_status));
         if (bus_last_status == PYKVM_BUS_E_VERSION) {
             printf("; this guest speaks ");
@@ -415,6 +530,10 @@ void kmain(struct pykvm_boot_info *bi)
         exit_code(4);
     }
     printf("block: open, version %s\n", bus_version_text(ch->version, vb));
+    if (direct)
+        printf("block: direct channel, data buffer of %u pages\n", DATA_PAGES);
+    if (!strcmp(hostile, "direct"))
+        hostile_direct(arg_u64(cmd, "flood", 10000));
     if (!strcmp(hostile, "flood"))
         flood();
     if (!strcmp(hostile, "malformed"))
@@ -441,29 +560,35 @@ void kmain(struct pykvm_boot_info *bi)
                (unsigned long long)h);
     }
 
-    if (wcount) {
-        st = write_pattern(seed, wsec, wcount);
-        if (ro) {
-            if (st != PYKVM_BUS_E_READ_ONLY)
-                fail("write to a read-only disk", st, 7);
-            printf("block: write refused: %s\n", bus_status_text((uint32_t)st));
-        } else if (st != PYKVM_BUS_OK) {
-            fail("write", st, 5);
-        } else {
-            printf("block: wrote %u sectors at %llu\n", wcount, (unsigned long long)wsec);
+    uint32_t rounds = (uint32_t)arg_u64(cmd, "rounds", 1);
+    for (uint32_t k = 0; k < rounds; k++) {
+        uint32_t sd = seed + k;
+        if (wcount) {
+            st = write_pattern(sd, wsec, wcount);
+            if (ro) {
+                if (st != PYKVM_BUS_E_READ_ONLY)
+                    fail("write to a read-only disk", st, 7);
+                printf("block: write refused: %s\n", bus_status_text((uint32_t)st));
+            } else if (st != PYKVM_BUS_OK) {
+                fail("write", st, 5);
+            } else {
+                printf("block: wrote %u sectors at %llu\n", wcount, (unsigned long long)wsec);
+            }
+        }
+        st = request(PYKVM_BLK_OP_FLUSH, 0, 0, 0, 0);
+        if (st != PYKVM_BUS_OK)
+            fail("flush", st, 5);
+        printf("block: flushed\n");
+        if (wcount && !ro) {
+            if (!verify(sd, wsec, wcount)) {
+                printf("block: read back %u sectors at %llu: differs\n", wcount, (unsigned long long)wsec);
+                exit_code(6);
+            }
+            printf("block: read back %u sectors at %llu: pattern ok\n", wcount, (unsigned long long)wsec);
         }
     }
-    st = request(PYKVM_BLK_OP_FLUSH, 0, 0, 0, 0);
-    if (st != PYKVM_BUS_OK)
-        fail("flush", st, 5);
-    printf("block: flushed\n");
-    if (wcount && !ro) {
-        if (!verify(seed, wsec, wcount)) {
-            printf("block: read back %u sectors at %llu: differs\n", wcount, (unsigned long long)wsec);
-            exit_code(6);
-        }
-        printf("block: read back %u sectors at %llu: pattern ok\n", wcount, (unsigned long long)wsec);
-    }
+    if (rounds > 1)
+        printf("block: %u rounds done, %u reopens\n", rounds, reopens);
 
     struct rt_gpa_buf b;
     buf_of(&b, rbuf, SECTOR);

@@ -12,6 +12,8 @@
  *                    generation=0 (the root appends generation=K to a restarted
  *                    partition's command line, so a restart does not crash again)
  *   crash_after_writes=N  the same, after completing N writes (generation 0 only)
+ *   crash_mixed=1    crash_after also waits until it served requests both relayed by the
+ *                    root and over a direct channel (so clients of both paths see the crash)
  *   ro=1             a read-only disk (writes answered PYKVM_BUS_E_READ_ONLY)
  *   store=disk       serve the host's block service's disk (`disk = FILE` in the
  *                    topology, `--disk FILE`) instead of a RAM disk: every read and
@@ -29,11 +31,21 @@
  *   hostile=tag      answer every request with a wrong transaction id
  *   hostile=length   answer every request with 1024 data bytes too many
  *   hostile=silent   never answer (the root's request_timeout must step in)
+ *   direct=1         open the provider channel at v1.2 too: clients the broker lets go
+ *                    direct get block over a direct channel (pykvm_abi.h "block over a
+ *                    direct channel"): their rings and data buffer are mapped here and
+ *                    every request is served guest to guest, no host code per request
  *
  * At provider v1.1 (the default) a request of a client partition may come
  * remapped: its buffer is mapped in this guest's physical address space
  * (pykvm_abi.h, reserved2 == PYKVM_PROVIDER_REQ_REMAPPED) and read or written
  * in place.
+ *
+ * Over a direct channel every request is copied out of the shared ring and checked
+ * (direct_blk_check: the byte range inside the client's data buffer, the sectors
+ * inside the disk, the size within the broker's max_transfer, no write for a
+ * read-only client) before anything is read or written; a request that is not one
+ * at all, a broken ring or a packet over max_message closes that channel alone.
  *
  * The RAM disk starts with sector s byte i = (s * 151 + i * 7 + (i >> 8)) & 0xff,
  * the pattern of bus-block with seed 0, so reads before any write are checkable.
@@ -48,6 +60,10 @@
  *   on a rescind or unload of the provider channel:
  *     "blocksvc: served N requests, M remapped\n", "blocksvc: provider channel gone\n"
  *     then power-off (status 0)
+ *   direct channels: "blocksvc: channel K open, version V, rules R, max M, data P pages,
+ *   max transfer T\n", "blocksvc: channel K closed by the root, N served\n", then
+ *   "blocksvc: channel K window after close: unmapped\n" (a read of its rings and data
+ *   buffer), "blocksvc: channel K broken (reason), closed\n"
  *   with store=disk the serving line is "blocksvc: serving S sectors of the host's
  *   disk, generation G\n"
  * Failures: exit 2 connect refused, 3 no provider offer (the topology gives the
@@ -57,6 +73,7 @@
  */
 #include "rt.h"
 #include "bus.h"
+#include "direct.h"
 
 #define SECTOR PYKVM_BLK_SECTOR
 #define MAX_SECTORS 4096
@@ -69,6 +86,14 @@ static uint8_t hpkt[256] __attribute__((aligned(8)));
 static uint8_t bounce[MAX_DATA] __attribute__((aligned(4096)));
 static struct bus_channel *host_disk;     /* store=disk: the host's block service */
 static uint64_t host_id = 1;
+static uint8_t dpkt[512] __attribute__((aligned(8)));
+static struct direct_channel chans[PYKVM_DIRECT_MAX];
+static struct {                           /* a completion that found the client's ring full */
+    int waiting;
+    uint64_t trans_id;
+    struct pykvm_blk_response rs;
+} held[PYKVM_DIRECT_MAX];
+static uint64_t dserved[PYKVM_DIRECT_MAX];
 
 /* One request to the host's block service, data in buf (GPA-direct); its response, or status E_IO. */
 static struct pykvm_blk_response host_io(uint32_t op, uint64_t sector, uint32_t count, void *buf)
@@ -128,6 +153,112 @@ static RT_NORETURN void crash(const char *what, uint64_t n)
     exit_code(5);
 }
 
+/* The root's PYKVM_DIRECT_OPEN / PYKVM_DIRECT_CLOSE (len bytes at p, copied out of the provider ring). */
+static void provider_msg(const uint8_t *p, uint32_t len)
+{
+    struct pykvm_direct_msg m;
+    memset(&m, 0, sizeof(m));
+    memcpy(&m, p, len < sizeof(m) ? len : sizeof(m));
+    int r = direct_msg_check(&m, len);
+    if (r) {
+        printf("blocksvc: a malformed direct message from the root (%d), ignored\n", r);
+        return;
+    }
+    struct direct_channel *c = &chans[m.id];
+    if (m.op == PYKVM_DIRECT_CLOSE) {
+        int had_data = c->data != 0;
+        if (c->open)
+            printf("blocksvc: channel %u closed by the root, %llu served\n", m.id, (unsigned long long)dserved[m.id]);
+        direct_close(c);
+        held[m.id].waiting = 0;
+        /* the root removed the pages before telling us: reads there are unclaimed MMIO now */
+        uint64_t base = PYKVM_DIRECT_GPA + (uint64_t)m.id * PYKVM_DIRECT_STRIDE;
+        uint64_t v = *(volatile const uint64_t *)(uintptr_t)base;
+        uint64_t w = had_data ? *(volatile const uint64_t *)(uintptr_t)(base + PYKVM_DIRECT_DATA_OFFSET) : ~0ull;
+        if (v == ~0ull && w == ~0ull)
+            printf("blocksvc: channel %u window after close: unmapped\n", m.id);
+        else
+            printf("blocksvc: channel %u window after close: still mapped: 0x%llx 0x%llx\n", m.id,
+                   (unsigned long long)v, (unsigned long long)w);
+        return;
+    }
+    char vb[12];
+    if (direct_attach(c, &m)) {
+        printf("blocksvc: channel %u: its rings are broken, not served\n", m.id);
+        return;
+    }
+    dserved[m.id] = 0;
+    held[m.id].waiting = 0;
+    printf("blocksvc: channel %u open, version %s, rules %u, max %u, data %u pages, max transfer %u\n", m.id,
+           bus_version_text(m.version, vb), m.rules, m.max_message, m.data_pages, m.max_transfer);
+}
+
+/* Send channel c's held completion; 1 when it went (or the channel closed), 0 while the ring is full. */
+static int flush_held(struct direct_channel *c)
+{
+    if (!held[c->id].waiting)
+        return 1;
+    int r = direct_send(c, PYKVM_VMPKT_COMP, held[c->id].trans_id, &held[c->id].rs, sizeof(held[c->id].rs));
+    if (r == RING_FULL)
+        return 0;
+    held[c->id].waiting = 0;
+    return 1;
+}
+
+static uint64_t served, writes, relayed;   /* relayed: served by the root's copy or remap */
+
+/* Serve the requests channel c has (a completion the client has no room for waits; so does the
+ * channel): how many were taken. */
+static int serve_direct(struct direct_channel *c, uint64_t sectors, int ro, int store_disk)
+{
+    int work = 0;
+    while (c->open && flush_held(c)) {
+        int n = direct_recv(c, dpkt, sizeof(dpkt));
+        if (n == 0)
+            break;
+        if (n < 0) {
+            printf("blocksvc: channel %u broken (%s), closed\n", c->id, n == DIRECT_ERR_BIG ? "over its size" : "ring");
+            break;
+        }
+        work++;
+        const struct pykvm_vmpacket *d = (const void *)dpkt;
+        uint32_t len;
+        const uint8_t *p = bus_payload(dpkt, &len);
+        struct direct_blk b;
+        int st = d->type == PYKVM_VMPKT_DATA_INBAND
+                     ? direct_blk_check(p, len, c->data_bytes, c->max_transfer, c->rules, sectors, &b)
+                     : DIRECT_BLK_BROKEN;
+        if (st == DIRECT_BLK_BROKEN) {
+            printf("blocksvc: channel %u: packet type %u of %u bytes is no block request, closed\n", c->id, d->type,
+                   len);
+            direct_close(c);
+            break;
+        }
+        struct pykvm_blk_response *rs = &held[c->id].rs;
+        memset(rs, 0, sizeof(*rs));
+        rs->capacity = sectors;
+        rs->sector_size = SECTOR;
+        rs->flags = ro || (c->rules & PYKVM_DIRECT_RULE_READ_ONLY) ? PYKVM_BLK_FLAG_READ_ONLY : 0;
+        if (st == PYKVM_BUS_OK && b.op == PYKVM_BLK_OP_FLUSH && store_disk)
+            st = (int)host_io(PYKVM_BLK_OP_FLUSH, 0, 0, 0).status;
+        else if (st == PYKVM_BUS_OK && b.op == PYKVM_BLK_OP_WRITE && ro)
+            st = PYKVM_BUS_E_READ_ONLY;
+        else if (st == PYKVM_BUS_OK && (b.op == PYKVM_BLK_OP_READ || b.op == PYKVM_BLK_OP_WRITE)) {
+            /* checked: [offset, offset + length) is inside the data buffer mapped at c->data */
+            uint64_t at = (uint64_t)(uintptr_t)(c->data + b.offset);
+            st = (int)(store_disk ? window_io(b.op, b.sector, b.count, at) : ram_io(b.op, b.sector, b.count, at));
+            if (b.op == PYKVM_BLK_OP_WRITE && st == PYKVM_BUS_OK)
+                writes++;
+        }
+        rs->status = (uint32_t)st;
+        held[c->id].trans_id = d->trans_id;
+        held[c->id].waiting = 1;
+        dserved[c->id]++;
+        served++;
+        flush_held(c);
+    }
+    return work;
+}
 
 void kmain(struct pykvm_boot_info *bi)
 {
@@ -141,6 +272,8 @@ void kmain(struct pykvm_boot_info *bi)
     int ro = arg_u64(cmd, "ro", 0) != 0;
     int remap = arg_u64(cmd, "remap", 1) != 0;
     int probe = arg_u64(cmd, "probe", 0) != 0;
+    int direct = arg_u64(cmd, "direct", 0) != 0;
+    int crash_mixed = arg_u64(cmd, "crash_mixed", 0) != 0;
     uint32_t versions[PYKVM_BUS_MAX_SERVICE_VERSIONS] = { PYKVM_BLOCK_V1_0 };
     int nversions = arg_versions(cmd, "versions", versions, PYKVM_BUS_MAX_SERVICE_VERSIONS);
     char hostile[16] = "";
@@ -189,8 +322,9 @@ void kmain(struct pykvm_boot_info *bi)
         sectors = info.capacity;
         ro = ro || (info.flags & PYKVM_BLK_FLAG_READ_ONLY);
     }
-    uint32_t want[2] = { PYKVM_PROVIDER_V1_1, PYKVM_PROVIDER_V1_0 };
-    if (bus_open(ch, remap ? want : want + 1, remap ? 2 : 1)) {
+    uint32_t want[3] = { PYKVM_PROVIDER_V1_2, PYKVM_PROVIDER_V1_1, PYKVM_PROVIDER_V1_0 };
+    int first = direct ? 0 : remap ? 1 : 2;
+    if (bus_open(ch, want + first, 3 - first)) {
         printf("blocksvc: open refused: %s\n", bus_status_text(bus_last_status));
         exit_code(4);
     }
@@ -211,12 +345,12 @@ void kmain(struct pykvm_boot_info *bi)
     if (hostile[0])
         printf("blocksvc: hostile: %s\n", hostile);
 
-    uint64_t served = 0, writes = 0, remapped = 0, last_window = 0;
+    uint64_t remapped = 0, last_window = 0;
     for (;;) {
-        /* one wait at a time, then the management ring: a rescind must not wait for 1024 wakeups */
-        int n = bus_recv_wait(ch, pkt, sizeof(pkt), 1);
+        uint32_t irqs = bus_irq_count;
+        int n = bus_recv(ch, pkt, sizeof(pkt));
         if (n == 0)
-            bus_poll();
+            bus_poll();         /* the management ring: a rescind must not wait */
         if (n == BUS_ERR_GONE || ch->rescinded || ch->closed_by_host) {
             printf("blocksvc: served %llu requests, %llu remapped\n", (unsigned long long)served,
                    (unsigned long long)remapped);
@@ -227,11 +361,27 @@ void kmain(struct pykvm_boot_info *bi)
             printf("blocksvc: ring broke (%d)\n", n);
             exit_code(5);
         }
-        if (n == 0)
+        if (n == 0) {
+            int work = 0;
+            for (int i = 0; i < PYKVM_DIRECT_MAX; i++)
+                if (chans[i].open)
+                    work += serve_direct(&chans[i], sectors, ro, store_disk);
+            if (crash_after && generation == 0 && served >= crash_after && (!crash_mixed || (relayed && served > relayed)))
+                crash("requests", served);
+            if (crash_after_writes && generation == 0 && writes >= crash_after_writes)
+                crash("writes", writes);
+            if (!work)
+                bus_irq_wait(irqs);   /* a client's doorbell, the root's packet or message wakes it */
             continue;
+        }
         const struct pykvm_vmpacket *d = (const void *)pkt;
         uint32_t len;
         const uint8_t *p = bus_payload(pkt, &len);
+        if (d->type == PYKVM_VMPKT_DATA_INBAND && !(d->flags & PYKVM_VMPKT_FLAG_COMPLETION_REQ) && len >= 4 &&
+            (*(const uint32_t *)p == PYKVM_DIRECT_OPEN || *(const uint32_t *)p == PYKVM_DIRECT_CLOSE)) {
+            provider_msg(p, len);         /* p is our copy (pkt) */
+            continue;
+        }
         struct pykvm_blk_response *rs = (void *)reply;
         uint32_t out = 0;
         memset(rs, 0, sizeof(*rs));
@@ -324,7 +474,8 @@ void kmain(struct pykvm_boot_info *bi)
             exit_code(5);
         }
         served++;
-        if (crash_after && generation == 0 && served == crash_after)
+        relayed++;
+        if (crash_after && generation == 0 && served >= crash_after && (!crash_mixed || served > relayed))
             crash("requests", served);
         if (crash_after_writes && generation == 0 && writes == crash_after_writes)
             crash("writes", writes);

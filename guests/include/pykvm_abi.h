@@ -374,6 +374,14 @@ struct pykvm_trap_frame32 {
 #define PYKVM_BUS_MSG_UNLOAD_RESPONSE 17
 /* the host closed a channel on its own (a protocol violation, the service stopped) */
 #define PYKVM_BUS_MSG_CLOSED 18
+/* offer flags: DATA_BUFFER: the channel is served by another partition's guest over
+ * a direct channel (provider v1.2); the open may name a second GPADL, the data
+ * buffer (pykvm_bus_open.data_gpadl), which is mapped into that guest too, and
+ * requests name byte ranges in it instead of guest-physical pages (block: "block
+ * over a direct channel"). The host answers GPADL_TORNDOWN for a GPADL of a direct
+ * channel only once the service side has removed its mapping (or is known dead):
+ * until then the guest must not reuse those pages. */
+#define PYKVM_BUS_OFFER_FLAG_DATA_BUFFER 1
 
 /* status codes in responses */
 #define PYKVM_BUS_OK 0
@@ -461,7 +469,7 @@ struct pykvm_bus_open {
     uint32_t inbound_offset;   /* page in the GPADL where the host->guest ring starts */
     uint32_t target_vcpu;
     uint32_t version_count;    /* service versions the driver speaks, newest first */
-    uint32_t reserved;
+    uint32_t data_gpadl;       /* 0, or the channel's data buffer (offer flag DATA_BUFFER only) */
     uint32_t versions[4];
 };
 
@@ -507,6 +515,12 @@ struct pykvm_bus_open_result {
 #define PYKVM_BLK_SECTOR 512
 #define PYKVM_BLK_MAX_SECTORS 256
 #define PYKVM_BLK_FLAG_READ_ONLY 1
+/* block over a direct channel (offer flag PYKVM_BUS_OFFER_FLAG_DATA_BUFFER): every
+ * request is in-band: a pykvm_blk_request, then for READ and WRITE a
+ * pykvm_blk_buffer naming bytes [offset, offset + length) of the channel's data
+ * buffer, length == count * 512 (at most the rules' max_transfer). The service
+ * reads (client write) or writes (client read) those bytes in place and answers
+ * with a completion carrying a pykvm_blk_response and no data. */
 
 /* shutdown v1.0: the host sends PYKVM_SHUTDOWN_OP_REQUEST; the guest answers
  * with a completion and powers off. heartbeat v1.0: the guest sends
@@ -580,6 +594,11 @@ struct pykvm_blk_request {
     uint64_t sector;
     uint32_t count;            /* sectors */
     uint32_t reserved2;
+};
+
+struct pykvm_blk_buffer {
+    uint32_t offset;           /* bytes into the data buffer */
+    uint32_t length;           /* bytes */
 };
 
 struct pykvm_blk_response {
@@ -665,7 +684,12 @@ struct pykvm_provider_register {
  * its rings at any time: the guest copies every packet before checking it
  * and closes a channel whose ring breaks, never trusting an index twice.
  * `rules` (PYKVM_DIRECT_RULE_*) and `max_message` are the client's policy,
- * which the guest enforces: a packet over max_message closes the channel. */
+ * which the guest enforces: a packet over max_message closes the channel.
+ * A client that gave a data buffer (offer flag DATA_BUFFER) has its pages mapped
+ * at data_gpa = gpa + PYKVM_DIRECT_DATA_OFFSET, data_pages pages (1..
+ * PYKVM_DIRECT_DATA_MAX_PAGES; both 0 for none), removed with the rings.
+ * max_transfer (a multiple of 512, at most PYKVM_BLK_MAX_SECTORS sectors) is
+ * the policy's largest request in bytes, which the guest enforces too. */
 #define PYKVM_PROVIDER_V1_2 0x10002
 #define PYKVM_DIRECT_GPA 0xd8000000
 #define PYKVM_DIRECT_STRIDE 0x100000
@@ -675,6 +699,8 @@ struct pykvm_provider_register {
 #define PYKVM_DIRECT_OPEN 0x44495201
 #define PYKVM_DIRECT_CLOSE 0x44495202
 #define PYKVM_DIRECT_RULE_READ_ONLY 1
+#define PYKVM_DIRECT_DATA_OFFSET 0x40000
+#define PYKVM_DIRECT_DATA_MAX_PAGES 192
 
 struct pykvm_direct_msg {
     uint32_t op;               /* PYKVM_DIRECT_OPEN or PYKVM_DIRECT_CLOSE */
@@ -686,6 +712,9 @@ struct pykvm_direct_msg {
     uint32_t version;          /* the service version the client's channel speaks */
     uint32_t rules;            /* PYKVM_DIRECT_RULE_* */
     uint32_t max_message;      /* bytes of payload a packet may carry */
+    uint64_t data_gpa;         /* the client's data buffer in this guest, 0: none */
+    uint32_t data_pages;       /* 0, or 1..PYKVM_DIRECT_DATA_MAX_PAGES */
+    uint32_t max_transfer;     /* bytes one request may move through the data buffer */
 };
 
 struct pykvm_ic_msg {          /* shutdown and heartbeat */

@@ -127,6 +127,18 @@ static struct bus_channel *by_relid(uint32_t relid)
     return 0;
 }
 
+/* Ask the host to tear down ch's GPADLs; their ids stay set until GPADL_TORNDOWN comes. */
+static void teardown_gpadls(struct bus_channel *ch)
+{
+    ch->tearing = 1;
+    uint32_t ids[2] = { ch->gpadl, ch->data_gpadl };
+    for (int i = 0; i < 2; i++)
+        if (ids[i]) {
+            struct pykvm_bus_gpadl_result t = { ids[i], 0 };
+            mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
+        }
+}
+
 /* What every management message the driver did not wait for does. */
 static void mgmt_async(const struct pykvm_bus_msg *m)
 {
@@ -137,13 +149,19 @@ static void mgmt_async(const struct pykvm_bus_msg *m)
         if (ch && !ch->rescinded) {
             ch->rescinded = 1;
             ch->open = 0;
-            if (ch->gpadl) {
-                struct pykvm_bus_gpadl_result t = { ch->gpadl, 0 };
-                mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
-                ch->gpadl = 0;
-            }
+            /* the ids stay until GPADL_TORNDOWN: the slot's pages are not reused before */
+            teardown_gpadls(ch);
             struct pykvm_bus_relid_msg rel = { ch->relid, 0 };
             mgmt_send(PYKVM_BUS_MSG_RELID_RELEASED, &rel, sizeof(rel));
+        }
+    } else if (m->type == PYKVM_BUS_MSG_GPADL_TORNDOWN && m->size >= sizeof(struct pykvm_bus_gpadl_result)) {
+        const struct pykvm_bus_gpadl_result *g = body;
+        for (int i = 0; i < bus_nchannels && g->gpadl; i++) {
+            struct bus_channel *c = &bus_channels[i];
+            if (c->tearing && c->gpadl == g->gpadl)
+                c->gpadl = 0;
+            if (c->tearing && c->data_gpadl == g->gpadl)
+                c->data_gpadl = 0;
         }
     } else if (m->type == PYKVM_BUS_MSG_CLOSED && m->size >= sizeof(struct pykvm_bus_relid_msg)) {
         const struct pykvm_bus_relid_msg *r = body;
@@ -159,7 +177,7 @@ static void mgmt_async(const struct pykvm_bus_msg *m)
         const struct pykvm_bus_offer *o = body;
         int slot = -1;
         for (int i = 0; i < bus_nchannels && slot < 0; i++)
-            if (bus_channels[i].rescinded && !bus_channels[i].gpadl)
+            if (bus_channels[i].rescinded && !bus_channels[i].gpadl && !bus_channels[i].data_gpadl)
                 slot = i;
         if (slot < 0 && bus_nchannels < BUS_MAX_CHANNELS)
             slot = bus_nchannels++;
@@ -172,6 +190,7 @@ static void mgmt_async(const struct pykvm_bus_msg *m)
         ch->if_hi = o->interface_hi;
         ch->inst_lo = o->instance_lo;
         ch->inst_hi = o->instance_hi;
+        ch->offer_flags = o->flags;
         ch->nversions = o->version_count <= PYKVM_BUS_MAX_SERVICE_VERSIONS ? o->version_count
                                                                            : PYKVM_BUS_MAX_SERVICE_VERSIONS;
         for (uint32_t i = 0; i < ch->nversions; i++)
@@ -289,20 +308,17 @@ struct bus_channel *bus_find(uint64_t if_lo, uint64_t if_hi)
     return 0;
 }
 
-int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
+/* Describe `pages` pages at va to the host as a new GPADL: its id, or < 0. */
+static int make_gpadl(const uint8_t *va, uint32_t pages)
 {
-    if (!ch || ch->open || ch->rescinded || n < 1 || n > PYKVM_BUS_MAX_SERVICE_VERSIONS)
-        return BUS_ERR_IO;
-    uint32_t half = BUS_RING_PAGES * PAGE;
-    if (ring_init(&ch->out, ch->ring_mem, half) || ring_init(&ch->in, ch->ring_mem + half, half))
-        return BUS_ERR_IO;
-
     struct pykvm_bus_gpadl_header gh;
+    if (pages < 1 || pages > PYKVM_BUS_GPADL_PFNS_PER_MSG)
+        return BUS_ERR_IO;
     memset(&gh, 0, sizeof(gh));
     gh.gpadl = next_gpadl++;
-    gh.total = gh.count = 2 * BUS_RING_PAGES;
+    gh.total = gh.count = pages;
     for (uint32_t i = 0; i < gh.total; i++)
-        gh.pfns[i] = va_to_pa(ch->ring_mem + i * PAGE) >> 12;
+        gh.pfns[i] = va_to_pa(va + i * PAGE) >> 12;
     int r = mgmt_send(PYKVM_BUS_MSG_GPADL_HEADER, &gh, sizeof(gh));
     struct pykvm_bus_gpadl_result gr;
     if (r || (r = mgmt_wait(PYKVM_BUS_MSG_GPADL_CREATED, 1, gh.gpadl, &gr, sizeof(gr))))
@@ -311,11 +327,62 @@ int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
         bus_last_status = gr.status;
         return BUS_ERR_REFUSED;
     }
-    ch->gpadl = gh.gpadl;
+    return (int)gh.gpadl;
+}
+
+int bus_wait_torn(struct bus_channel *ch)
+{
+    for (uint64_t spins = 0; spins < SPIN_LIMIT && (ch->gpadl || ch->data_gpadl); spins++) {
+        uint32_t seen = bus_irq_count;
+        const struct pykvm_bus_msg *m;
+        int r = mgmt_read(&m);
+        if (r < 0)
+            return r;
+        if (r > 0) {
+            mgmt_async(m);
+            continue;
+        }
+        if (host_gone(spins))
+            return BUS_ERR_GONE;
+        if (use_irq)
+            bus_irq_wait(seen);
+        else
+            cpu_relax();
+    }
+    return ch->gpadl || ch->data_gpadl ? BUS_ERR_IO : 0;
+}
+
+int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
+{
+    return bus_open_data(ch, versions, n, 0, 0);
+}
+
+int bus_open_data(struct bus_channel *ch, const uint32_t *versions, int n, void *buf, uint32_t pages)
+{
+    if (!ch || ch->open || ch->rescinded || n < 1 || n > PYKVM_BUS_MAX_SERVICE_VERSIONS || ch->gpadl ||
+        ch->data_gpadl || (buf && !(ch->offer_flags & PYKVM_BUS_OFFER_FLAG_DATA_BUFFER)))
+        return BUS_ERR_IO;
+    ch->tearing = 0;
+    uint32_t half = BUS_RING_PAGES * PAGE;
+    if (ring_init(&ch->out, ch->ring_mem, half) || ring_init(&ch->in, ch->ring_mem + half, half))
+        return BUS_ERR_IO;
+
+    int r = make_gpadl(ch->ring_mem, 2 * BUS_RING_PAGES);
+    if (r < 0)
+        return r;
+    ch->gpadl = (uint32_t)r;
+    if (buf) {
+        if ((r = make_gpadl(buf, pages)) < 0) {
+            teardown_gpadls(ch);
+            bus_wait_torn(ch);
+            return r;
+        }
+        ch->data_gpadl = (uint32_t)r;
+    }
     ch->closed_by_host = 0;
 
     struct pykvm_bus_open op = { .relid = ch->relid, .ring_gpadl = ch->gpadl, .inbound_offset = BUS_RING_PAGES,
-                                 .target_vcpu = 0, .version_count = (uint32_t)n };
+                                 .target_vcpu = 0, .version_count = (uint32_t)n, .data_gpadl = ch->data_gpadl };
     for (int i = 0; i < n; i++)
         op.versions[i] = versions[i];
     struct pykvm_bus_open_result res;
@@ -329,10 +396,8 @@ int bus_open(struct bus_channel *ch, const uint32_t *versions, int n)
             for (uint32_t i = 0; i < ch->nversions; i++)
                 ch->versions[i] = res.supported[i];
         }
-        struct pykvm_bus_gpadl_result t = { ch->gpadl, 0 };
-        mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
-        mgmt_wait(PYKVM_BUS_MSG_GPADL_TORNDOWN, 1, ch->gpadl, &gr, sizeof(gr));
-        ch->gpadl = 0;
+        teardown_gpadls(ch);
+        bus_wait_torn(ch);
         return BUS_ERR_REFUSED;
     }
     ch->version = res.version;
@@ -352,13 +417,11 @@ int bus_close(struct bus_channel *ch)
         r = mgmt_send(PYKVM_BUS_MSG_CLOSE, &c, sizeof(c));
         ch->open = 0;
     }
-    if (ch->gpadl) {
-        struct pykvm_bus_gpadl_result t = { ch->gpadl, 0 }, gr;
+    if ((ch->gpadl || ch->data_gpadl) && !ch->tearing) {
+        teardown_gpadls(ch);
+        int t = bus_wait_torn(ch);
         if (!r)
-            r = mgmt_send(PYKVM_BUS_MSG_GPADL_TEARDOWN, &t, sizeof(t));
-        if (!r)
-            r = mgmt_wait(PYKVM_BUS_MSG_GPADL_TORNDOWN, 1, ch->gpadl, &gr, sizeof(gr));
-        ch->gpadl = 0;
+            r = t;
     }
     return r;
 }

@@ -40,7 +40,10 @@ struct bus_channel {
     int rescinded;
     int closed_by_host;
     uint32_t closed_reason;
-    uint32_t gpadl;
+    uint32_t offer_flags;           /* PYKVM_BUS_OFFER_FLAG_* */
+    uint32_t gpadl;                 /* the rings' GPADL; kept until the host said it is torn down */
+    uint32_t data_gpadl;            /* the data buffer's (bus_open_data), likewise */
+    int tearing;                    /* its GPADLs are being torn down */
     struct rt_ring out;             /* guest -> host */
     struct rt_ring in;              /* host -> guest */
     uint8_t *ring_mem;              /* 2 * BUS_RING_PAGES pages */
@@ -64,6 +67,12 @@ struct bus_channel *bus_find(uint64_t if_lo, uint64_t if_hi);
 /* Open at the newest common version; 0, BUS_ERR_REFUSED (see bus_last_status /
  * ch->versions) or another error. */
 int bus_open(struct bus_channel *ch, const uint32_t *versions, int n);
+/* bus_open giving the channel a data buffer too (an offer flagged PYKVM_BUS_OFFER_FLAG_DATA_BUFFER):
+ * `pages` pages from the page-aligned `buf` (at most 60), its own GPADL. */
+int bus_open_data(struct bus_channel *ch, const uint32_t *versions, int n, void *buf, uint32_t pages);
+/* Wait until the host tore down ch's GPADLs (after a close or a rescind): only then may
+ * their pages (rings, data buffer) be used again. 0, or BUS_ERR_* when the host never said so. */
+int bus_wait_torn(struct bus_channel *ch);
 int bus_close(struct bus_channel *ch);
 int bus_unload(void);
 /* Whether the host still serves this guest (one trapped read): it disconnects a

@@ -15,6 +15,9 @@ int direct_attach(struct direct_channel *c, const struct pykvm_direct_msg *m)
     c->version = m->version;
     c->rules = m->rules;
     c->max_message = m->max_message;
+    c->data = m->data_pages ? (uint8_t *)(uintptr_t)m->data_gpa : 0;
+    c->data_bytes = m->data_pages * PYKVM_BUS_PAGE_SIZE;
+    c->max_transfer = m->max_transfer;
     c->open = 1;
     return DIRECT_OK;
 }

@@ -24,10 +24,14 @@
 #define DIRECT_ERR_RULES (-6)      /* unknown rule bits or max_message out of range */
 #define DIRECT_ERR_RING (-7)       /* the ring is broken (channel closed) */
 #define DIRECT_ERR_BIG (-8)        /* a packet over max_message (channel closed) */
+#define DIRECT_ERR_DATA (-9)       /* data_gpa / data_pages / max_transfer out of range */
+#define DIRECT_BLK_BROKEN (-1)     /* direct_blk_check: not a block request at all (close the channel) */
 
 struct direct_channel {
     int open;
     uint32_t id, doorbell, version, rules, max_message;
+    uint8_t *data;                 /* the client's data buffer mapped here, or 0 */
+    uint32_t data_bytes, max_transfer;
     struct rt_ring in;             /* client -> service: read here */
     struct rt_ring out;            /* service -> client: written here */
     uint64_t packets_in, packets_out, signals;
@@ -35,6 +39,20 @@ struct direct_channel {
 
 /* Check a message copied out of the provider ring (len bytes at m): DIRECT_OK or DIRECT_ERR_*. */
 int direct_msg_check(const struct pykvm_direct_msg *m, uint32_t len);
+
+/* A block request over a direct channel, checked (pykvm_abi.h "block over a direct channel"). */
+struct direct_blk {
+    uint32_t op;
+    uint64_t sector;
+    uint32_t count;                /* READ / WRITE only */
+    uint32_t offset, length;       /* bytes of the data buffer: offset + length <= data_bytes */
+};
+/* Check the payload of a block request (len bytes, already copied out of the ring)
+ * against the channel's rules and a disk of `sectors` sectors: PYKVM_BUS_OK with *out
+ * filled, the PYKVM_BUS_E_* status to answer (E_INVALID, E_READ_ONLY, E_LIMIT), or
+ * DIRECT_BLK_BROKEN for a payload too short to be a request (close the channel). */
+int direct_blk_check(const void *payload, uint32_t len, uint32_t data_bytes, uint32_t max_transfer,
+                     uint32_t rules, uint64_t sectors, struct direct_blk *out);
 /* Attach the rings a checked PYKVM_DIRECT_OPEN names: DIRECT_OK or DIRECT_ERR_RING. */
 int direct_attach(struct direct_channel *c, const struct pykvm_direct_msg *m);
 /* Next packet (copied into pkt, descriptor first): its length, 0 if none, or < 0:

@@ -33,6 +33,8 @@ class Channel:
         self.state = "offered"          # offered -> open -> offered (closed) ...; rescinded at the end
         self.version = None
         self.gpadl_id = None
+        self.data_gpadl_id = None       # the data buffer's GPADL (offer flag DATA_BUFFER), while open
+        self.data_view = None
         self.inbound_offset = 0
         self.reader: RingReader | None = None     # guest -> host
         self.writer: RingWriter | None = None     # host -> guest
@@ -49,7 +51,7 @@ class Channel:
         self.released = False           # the guest released the relid after a rescind
 
     # ---------------------------------------------------------------- open / close
-    def open(self, view, inbound_offset: int, irq, version: int, xfer=None) -> None:
+    def open(self, view, inbound_offset: int, irq, version: int, xfer=None, data_view=None) -> None:
         """Bind the rings in `view` and start a session at `version` (raises RingError on bad rings)."""
         pages = view.size // 4096
         if not 2 <= inbound_offset <= pages - 2:
@@ -63,6 +65,7 @@ class Channel:
             raise
         self.reader, self.writer = reader, writer
         self.view = view                # a direct session maps the same pages elsewhere
+        self.data_view = data_view
         self.inbound_offset = inbound_offset
         self.irq = irq
         self.xfer = xfer
@@ -85,7 +88,8 @@ class Channel:
             if ring is not None:
                 ring.close()
         self.reader = self.writer = None
-        self.view = None
+        self.view = self.data_view = None
+        self.data_gpadl_id = None
         self.backlog.clear()
         self.irq = None
         if self.xfer is not None:        # the guest loses the transfer pages with the channel
@@ -177,7 +181,7 @@ class Channel:
     def snapshot(self) -> dict:
         """The channel's state as plain data (stats, cores)."""
         out = {"relid": self.relid, "service": self.service.name, "state": self.state,
-               "version": self.version, "gpadl": self.gpadl_id, "opens": self.opens,
+               "version": self.version, "gpadl": self.gpadl_id, "data_gpadl": self.data_gpadl_id, "opens": self.opens,
                "packets_in": self.packets_in, "packets_out": self.packets_out,
                "signals_out": self.signals_out, "wakes": self.wakes, "backlog": len(self.backlog),
                "closed_reason": self.closed_reason}

@@ -48,6 +48,8 @@ class ChannelManager:
             self.channels[relid] = Channel(self, relid, svc, (relid, int.from_bytes(os.urandom(8), "little")))
         self._next_relid = len(self.channels) + 1     # never reused: a late message names one channel only
         self._retired: list[int] = []       # rescinded relids a re-offer superseded, oldest first
+        self._held: dict[int, int] = {}     # GPADL id -> holds: pages another partition's guest may still map
+        self._deferred: set[int] = set()    # held GPADLs the guest tore down: TORNDOWN waits for the release
         self._handlers = {M.RequestOffers: self._offers, M.GpadlHeader: self._gpadl_header,
                           M.GpadlBody: self._gpadl_body, M.GpadlTeardown: self._gpadl_teardown,
                           M.OpenChannel: self._open, M.CloseChannel: self._close,
@@ -68,6 +70,27 @@ class ChannelManager:
         for gid in list(self.gpadls):
             self.gpadls.pop(gid).close()
         self._pending.clear()
+        self._deferred.clear()              # no guest is left to answer; holds end with their sessions
+
+    # ---------------------------------------------------------------- GPADLs another partition maps
+    def hold(self, gid: int) -> None:
+        """Another partition's guest may map GPADL gid's pages: its teardown is answered only after release()."""
+        self._held[gid] = self._held.get(gid, 0) + 1
+
+    def release(self, gid: int) -> None:
+        """That mapping is gone (under the bus lock): a teardown the guest asked for meanwhile completes now."""
+        n = self._held.get(gid, 0) - 1
+        if n > 0:
+            self._held[gid] = n
+            return
+        self._held.pop(gid, None)
+        if gid in self._deferred:
+            self._deferred.discard(gid)
+            view = self.gpadls.pop(gid, None)
+            if view is not None:
+                view.close()
+            if self.conn.state == "contact":
+                self.conn.send(M.gpadl_result("gpadl_torndown", gid, abi.PYKVM_BUS_OK))
 
     # ---------------------------------------------------------------- data channels (bus thread)
     def on_doorbell(self, relid: int, _count: int) -> None:
@@ -95,7 +118,8 @@ class ChannelManager:
         send = self.conn.send
         for ch in self.channels.values():
             if ch.state != "rescinded":
-                send(M.offer(ch.relid, ch.service.interface, ch.instance, ch.service.versions))
+                send(M.offer(ch.relid, ch.service.interface, ch.instance, ch.service.versions,
+                             getattr(ch.service, "offer_flags", 0)))
         send(M.simple("all_offers_delivered"))
 
     # ---------------------------------------------------------------- GPADLs
@@ -153,10 +177,15 @@ class ChannelManager:
         if view is None:
             conn.violation(f"teardown of unknown GPADL {gid}")
             return conn.send(M.gpadl_result("gpadl_torndown", gid, abi.PYKVM_BUS_E_NOT_FOUND))
+        if gid in self._deferred:
+            return conn.violation(f"teardown of GPADL {gid}, which is being torn down")
         for ch in self.channels.values():
-            if ch.is_open and ch.gpadl_id == gid:   # its rings go with it: close that channel first
+            if ch.is_open and gid in (ch.gpadl_id, ch.data_gpadl_id):   # its rings go with it: close it first
                 self._unregister(ch)
-                ch.close(f"its ring GPADL {gid} was torn down while open")
+                ch.close(f"its GPADL {gid} was torn down while open")
+        if gid in self._held:           # a direct channel's pages: answered once the service side unmapped them
+            self._deferred.add(gid)
+            return
         self.gpadls.pop(gid).close()
         conn.send(M.gpadl_result("gpadl_torndown", gid, abi.PYKVM_BUS_OK))
 
@@ -176,7 +205,16 @@ class ChannelManager:
             conn.refuse(f"channel {ch.relid} ({svc.name}): {why}")
             return conn.send(M.open_result(msg.relid, abi.PYKVM_BUS_E_VERSION, 0, svc.versions))
         view = self.gpadls.get(msg.ring_gpadl)
-        if view is None or any(c.is_open and c.gpadl_id == msg.ring_gpadl for c in self.channels.values()):
+        in_use = {g for c in self.channels.values() if c.is_open for g in (c.gpadl_id, c.data_gpadl_id)} | self._deferred
+        data_view = None
+        if msg.data_gpadl:
+            data_view = self.gpadls.get(msg.data_gpadl)
+            if (data_view is None or msg.data_gpadl in in_use or msg.data_gpadl == msg.ring_gpadl
+                    or not getattr(svc, "offer_flags", 0) & abi.PYKVM_BUS_OFFER_FLAG_DATA_BUFFER):
+                conn.violation(f"open of channel {msg.relid} with data GPADL {msg.data_gpadl}: unknown, in use, "
+                               "or the offer takes no data buffer")
+                return conn.send(M.open_result(msg.relid, abi.PYKVM_BUS_E_INVALID))
+        if view is None or msg.ring_gpadl in in_use:
             conn.violation(f"open of channel {msg.relid} with GPADL {msg.ring_gpadl}, unknown or in use")
             return conn.send(M.open_result(msg.relid, abi.PYKVM_BUS_E_INVALID))
         xfer = None
@@ -185,8 +223,9 @@ class ChannelManager:
             if svc.transfer_pages and self.memslots is not None:
                 xfer = TransferPageSet(self.memslots, abi.PYKVM_BUS_XFER_BASE + ch.relid * abi.PYKVM_BUS_XFER_STRIDE,
                                        svc.transfer_pages)
-            ch.open(view, msg.inbound_offset, irq, version, xfer)
             ch.gpadl_id = msg.ring_gpadl
+            ch.data_gpadl_id = msg.data_gpadl or None
+            ch.open(view, msg.inbound_offset, irq, version, xfer, data_view)
             if not getattr(ch.session, "direct", False):    # a direct channel's doorbell is the service VM's irqfd
                 self.doorbells.add(ch.relid, self.on_doorbell)
         except (RingError, ValueError, OSError) as e:
@@ -250,7 +289,8 @@ class ChannelManager:
             while len(self._retired) > MAX_RETIRED:
                 self.channels.pop(self._retired.pop(0), None)
         if self.conn.state == "contact":
-            self.conn.send(M.offer(new, ch.service.interface, ch.instance, ch.service.versions))
+            self.conn.send(M.offer(new, ch.service.interface, ch.instance, ch.service.versions,
+                                   getattr(ch.service, "offer_flags", 0)))
         return new
 
     def session(self, service_name: str):

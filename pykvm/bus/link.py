@@ -49,6 +49,8 @@ class PartitionLink:
         self._tags = itertools.count(1)
         self._pending: dict[int, object] = {}     # tag -> callback(resp, data), client side
         self._direct: dict[int, object] = {}      # tag -> callback(ok, reason, fd) of a direct open, client side
+        self._closing: dict[int, tuple] = {}      # tag -> (service, callback()) of a direct channel closed here
+        #   whose pages the service side has not yet said it unmapped
         self.provider = None                      # ProviderSession while the guest serves
         # service -> the versions its provider's guest registered (welcome, then STATUS frames)
         self.service_versions: dict[str, tuple[int, ...]] = {}
@@ -131,7 +133,8 @@ class PartitionLink:
 
     def open_direct(self, index: int, desc: dict, fds, callback) -> int:
         """Ask for a direct channel to the service at `index` (fds: memfds then the doorbell eventfd, sent, not
-        closed); callback(ok, reason, service eventfd or -1) later, on the link thread under the bus lock."""
+        closed); callback(ok, reason, service eventfd or -1[, unmapped=False when nobody can tell whether the
+        service side mapped it]) later, on the link thread under the bus lock."""
         tag = next(self._tags)
         self._direct[tag] = callback
         if not self._send(wire.json_frame(wire.DIRECT, dict(desc, op="open", tag=tag, index=index), len(fds)), fds):
@@ -139,10 +142,18 @@ class PartitionLink:
             callback(False, "the broker is gone", -1)
         return tag
 
-    def close_direct(self, tag: int) -> None:
-        """This partition closed direct channel `tag`: the service partition unmaps its pages."""
+    def close_direct(self, tag: int, service: str, unmapped) -> None:
+        """This partition closed direct channel `tag`: the service partition unmaps its pages; unmapped() runs
+        once it said so, or once its provider is known down (link thread, bus lock held), never before."""
         self._direct.pop(tag, None)
+        self._closing[tag] = (service, unmapped)
         self._send(wire.json_frame(wire.DIRECT, {"op": "close", "tag": tag}))
+
+    def _unmapped(self, tags) -> None:
+        for tag in tags:
+            entry = self._closing.pop(tag, None)
+            if entry is not None:
+                entry[1]()
 
     def direct_ready(self, tag: int, ok: bool, reason: str | None, fd: int = -1) -> None:
         """The provider's answer to direct open `tag` (fd: its doorbell eventfd, sent, not closed)."""
@@ -288,6 +299,11 @@ class PartitionLink:
                 wire.close_fds(fds)
                 if self.provider is not None:
                     self.provider.direct_close(tag, obj.get("reason") if isinstance(obj.get("reason"), str) else None)
+                # no provider session: its close removed every mapping already
+                self._send(wire.json_frame(wire.DIRECT, {"op": "closed", "tag": tag}))
+            elif op == "closed":
+                wire.close_fds(fds)
+                self._unmapped([tag])
             else:
                 wire.close_fds(fds)
                 raise wire.WireError(f"direct frame with op {op!r}")
@@ -312,6 +328,8 @@ class PartitionLink:
                     self.log(f"{service}: served again; offered as channel {new}")
             except ValueError as e:
                 self.log(f"{service}: {e}")
+        if state == "down":     # its VM, or at least its provider session, is gone with every mapping it had
+            self._unmapped([t for t, (svc, _cb) in self._closing.items() if svc == service])
 
     def _direct_open(self) -> list:
         """The direct channels of this partition's guest, from its bus (relid, service, state)."""
@@ -333,8 +351,8 @@ class PartitionLink:
             for cb in pending.values():
                 cb((abi.PYKVM_BUS_E_IO, 0, 0, 0, 0), b"")     # not None: no copy path is left either
             opening, self._direct = self._direct, {}
-            for cb in opening.values():
-                cb(False, "the broker is gone", -1)
+            for cb in opening.values():      # sent: the service side may have mapped it; nobody can say now
+                cb(False, "the broker is gone", -1, unmapped=False)
             for ch in bus.channels.values():
                 if ch.service.name == "provider" and ch.state != "rescinded":
                     try:

@@ -74,6 +74,7 @@ class OpenChannel:
     inbound_offset: int
     target_vcpu: int
     versions: tuple[int, ...]
+    data_gpadl: int = 0            # 0: none (a data buffer only for offers flagged DATA_BUFFER)
 
 
 @record(frozen=True)
@@ -153,8 +154,9 @@ def parse(payload: bytes):
     if kind == MSG["gpadl_teardown"]:
         return GpadlTeardown(_U32x2.unpack(body)[0])
     if kind == MSG["open"]:
-        relid, gpadl, inbound, vcpu, count, _r, *vs = _OPEN.unpack(body)
-        return OpenChannel(relid, gpadl, inbound, vcpu, _versions(count, vs, MAX_SERVICE_VERSIONS, "open channel"))
+        relid, gpadl, inbound, vcpu, count, data_gpadl, *vs = _OPEN.unpack(body)
+        return OpenChannel(relid, gpadl, inbound, vcpu, _versions(count, vs, MAX_SERVICE_VERSIONS, "open channel"),
+                           data_gpadl)
     relid = _U32x2.unpack(body)[0]
     return CloseChannel(relid) if kind == MSG["close"] else RelidReleased(relid)
 

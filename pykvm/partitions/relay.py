@@ -71,6 +71,8 @@ class Relay:
         self.interfaces: dict[str, str] = {}               # service -> the interface its provider registered
         self.direct_ok: dict[str, bool] = {}               # service -> its provider's guest serves direct channels
         self.direct: dict[int, tuple] = {}                 # broker tag -> (service, client conn, client tag, state)
+        self.direct_closing: dict[int, tuple] = {}         # broker tag -> (service, client conn, client tag):
+        #   closed, its provider not yet said the pages are unmapped (the client's guest may not reuse them)
         self.tags = itertools.count(1)
         self.counts = {"relayed": 0, "replies": 0, "failed": 0, "rescinds": 0, "restarts": 0, "refused": 0,
                        "remapped": 0, "remap_declined": 0, "timeouts": 0, "policy_refused": 0,
@@ -260,25 +262,34 @@ class Relay:
             return f"the guest serving {service} does not speak direct channels"
         return None
 
-    def _direct_rules(self, p) -> tuple[int, int]:
-        """(PYKVM_DIRECT_RULE_* flags, max message bytes) the service guest enforces for client p."""
+    def _direct_rules(self, p) -> tuple[int, int, int]:
+        """(PYKVM_DIRECT_RULE_* flags, max message bytes, max transfer bytes) the service guest enforces for client p."""
         flags = 0 if p.rules.write else abi.PYKVM_DIRECT_RULE_READ_ONLY
-        return flags, min(64 << 10, p.rules.max_request_sectors * abi.PYKVM_BLK_SECTOR + 64)
+        transfer = min(p.rules.max_request_sectors, abi.PYKVM_BLK_MAX_SECTORS) * abi.PYKVM_BLK_SECTOR
+        return flags, min(64 << 10, p.rules.max_request_sectors * abi.PYKVM_BLK_SECTOR + 64), transfer
 
     def _on_direct(self, c: Conn, body: bytes, fds) -> None:
         """A direct channel's open or close from a client, or a provider's answer; descriptors pass through, closed here."""
         try:
             obj = wire.parse_json(body)
             op, tag = obj.get("op"), obj.get("tag")
-            if type(tag) is not int or op not in ("open", "close", "ready"):
-                raise wire.WireError(f"direct frame {obj!r} from {c.name}: expected op open/close/ready and a tag")
+            if type(tag) is not int or op not in ("open", "close", "ready", "closed"):
+                raise wire.WireError(f"direct frame {obj!r} from {c.name}: expected op open/close/ready/closed "
+                                     "and a tag")
             if op == "ready":
                 return self._direct_ready(c, tag, obj, fds)
+            if op == "closed":
+                return self._direct_closed(c, tag)
             p = self.topo.by_name(c.name)
             if op == "close":
+                found = False
                 for bt, (svc, client, ctag, _st) in list(self.direct.items()):
                     if client is c and ctag == tag:
+                        found = True
                         self._direct_close(bt, "the client closed it")
+                if not found and not any(e[1] is c and e[2] == tag for e in self.direct_closing.values()):
+                    # refused, never forwarded, or its provider died since: nothing of it is mapped anywhere
+                    self._send(c, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": tag}))
                 return
             index = obj.get("index")
             if type(index) is not int or index < 0:
@@ -297,9 +308,12 @@ class Relay:
                 return
             btag = next(self.tags)
             self.direct[btag] = (g.service, c, tag, "opening")
-            flags, max_message = self._direct_rules(p)
+            flags, max_message, max_transfer = self._direct_rules(p)
             fwd = {k: obj.get(k) for k in ("runs", "inbound_offset", "version")}
-            fwd.update(op="open", tag=btag, client=p.name, rules=flags, max_message=max_message)
+            if "data_runs" in obj:           # checked by the provider as the ring's runs are
+                fwd["data_runs"] = obj.get("data_runs")
+            fwd.update(op="open", tag=btag, client=p.name, rules=flags, max_message=max_message,
+                       max_transfer=max_transfer)
             self.counts["fds_relayed"] += len(fds)
             self._send(prov, wire.json_frame(wire.DIRECT, fwd, len(fds)), fds)
         finally:
@@ -324,12 +338,25 @@ class Relay:
                                                              "reason": reason[:200]}))
 
     def _direct_close(self, btag: int, why: str) -> None:
-        """Forget direct channel btag and tell its provider to unmap it."""
-        service, _client, _ctag, _st = self.direct.pop(btag)
+        """Forget direct channel btag and tell its provider to unmap it; its client hears when that is done."""
+        service, client, ctag, _st = self.direct.pop(btag)
         self.counts["direct_closed"] += 1
         prov = self.providers.get(service)
         if prov is not None:
+            self.direct_closing[btag] = (service, client, ctag)
             self._send(prov, wire.json_frame(wire.DIRECT, {"op": "close", "tag": btag, "reason": why}))
+        elif not client.closed:
+            self._send(client, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": ctag}))
+
+    def _direct_closed(self, c: Conn, btag: int) -> None:
+        """The provider removed direct channel btag's mappings: its client's guest may reuse the pages."""
+        entry = self.direct_closing.get(btag)
+        if entry is None or self.providers.get(entry[0]) is not c:
+            return
+        del self.direct_closing[btag]
+        _service, client, ctag = entry
+        if not client.closed:
+            self._send(client, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": ctag}))
 
     def _on_reply(self, c: Conn, body: bytes, _fds) -> None:
         p = self.topo.by_name(c.name)
@@ -441,6 +468,10 @@ class Relay:
         for bt in [bt for bt, e in self.direct.items() if e[0] == service]:
             del self.direct[bt]               # its mappings died with it; the clients' rescinds close their ends
             self.counts["direct_closed"] += 1
+        for bt in [bt for bt, e in self.direct_closing.items() if e[0] == service]:
+            _s, client, ctag = self.direct_closing.pop(bt)     # known dead: nothing of it is mapped any more
+            if not client.closed:
+                self._send(client, wire.json_frame(wire.DIRECT, {"op": "closed", "tag": ctag}))
         self._tell_clients(service, "down")
         lost = sorted((t, e) for t, e in self.inflight.items() if e[0] == service)
         for t, (_s, c, ctag, _body, g) in lost:
@@ -472,6 +503,8 @@ class Relay:
         for bt, entry in list(self.direct.items()):
             if entry[1] is c:                 # the provider unmaps the gone client's pages now
                 self._direct_close(bt, "the client partition went away")
+        for bt in [bt for bt, e in self.direct_closing.items() if e[1] is c]:
+            del self.direct_closing[bt]
         for g in c.grants:                    # its queued requests go with it; answers to the rest are dropped
             self.grants[g.service].remove(g)
             g.queue.clear()

@@ -10,6 +10,17 @@ its bus thread is not registered for the channel's doorbell at all (BusHost skip
 sessions marked `direct`). A refusal (policy, the service side could not map) closes the
 channel with the reason; the broker decided at welcome which services go direct, so a
 refusal here means the situation changed (or a policy the broker enforces again).
+
+Block offers carry the DATA_BUFFER flag: the guest's open names a second GPADL, its data
+buffer, whose pages go to the service partition with the ring's, so requests name byte
+ranges in it and the data is never copied by a host (pykvm_abi.h "block over a direct
+channel").
+
+Teardown is strict: from the open until the service VMM said it removed its mappings
+(the broker relays that "closed" acknowledgement) or its provider is known down, this
+VMM holds the channel's GPADLs (ChannelManager.hold): the guest's GPADL_TEARDOWN is
+answered only then, so it cannot reuse pages another partition's guest may still map.
+When the broker itself is gone nothing can confirm the unmap: the GPADLs stay held.
 """
 
 from __future__ import annotations
@@ -37,18 +48,26 @@ class DirectSession(Session):
         self.state = "opening"
         self.reason = None
         self.tag = None
+        self.held: list[int] = []
         host = channel.host
         self.end = direct.ClientEnd(host.doorbells.vm, channel.relid, channel.irq)
         try:
             runs, fds = direct.describe(host.memory, channel.view.pfns)
-        except direct.DirectError:
+            desc = {"runs": runs, "inbound_offset": channel.inbound_offset, "version": version}
+            if channel.data_view is not None:
+                desc["data_runs"], fds = direct.describe(host.memory, channel.data_view.pfns, fds,
+                                                         abi.PYKVM_DIRECT_DATA_MAX_PAGES, "data buffer")
+        except direct.DirectError as e:
             self.end.close()
-            raise ValueError("the ring pages are not guest RAM") from None
-        desc = {"runs": runs, "inbound_offset": channel.inbound_offset, "version": version}
+            raise ValueError(str(e)) from None
+        for gid in (channel.gpadl_id, channel.data_gpadl_id):
+            if gid is not None:
+                host.hold(gid)
+                self.held.append(gid)
         self.tag = service.link.open_direct(service.index, desc, list(fds) + [self.end.efd], self._ready)
 
-    def _ready(self, ok: bool, reason: str | None, fd: int) -> None:
-        """The broker's answer (link thread, bus lock held)."""
+    def _ready(self, ok: bool, reason: str | None, fd: int, unmapped: bool = True) -> None:
+        """The broker's answer (link thread, bus lock held); unmapped: False when the service side may map it."""
         if self.state != "opening":
             if fd >= 0:
                 os.close(fd)
@@ -62,6 +81,8 @@ class DirectSession(Session):
                 reason = str(e)
         self.state = "refused"
         self.reason = reason or "refused"
+        if unmapped:                      # nothing was mapped (or the service side undid it before refusing)
+            self._unmapped()
         ch = self.channel
         if ch.is_open and ch.session is self:
             ch.host.channel_violation(ch, f"no direct channel to {self.service.target}: {self.reason}")
@@ -69,15 +90,26 @@ class DirectSession(Session):
     def on_packet(self, pkt) -> None:
         """Never called: the service partition's guest reads this channel's ring."""
 
+    def _unmapped(self) -> None:
+        """No other partition maps this channel's pages any more: the guest's teardown may complete."""
+        held, self.held = self.held, []
+        for gid in held:
+            self.channel.host.release(gid)
+        if held and self.state == "closed":
+            self.service.link.log(f"{self.service.name}: channel {self.channel.relid}: the service side no longer "
+                                  f"maps its pages; GPADLs {', '.join(map(str, held))} released to the guest")
+
     def stats(self) -> dict:
         return {"direct": self.state, "served_by": self.service.target, "reason": self.reason,
-                "doorbells_wired": self.end.wired, "version": f"{self.version >> 16}.{self.version & 0xFFFF}"}
+                "doorbells_wired": self.end.wired, "version": f"{self.version >> 16}.{self.version & 0xFFFF}",
+                "data_buffer": self.channel.data_gpadl_id is not None, "gpadls_held": list(self.held)}
 
     def close(self) -> None:
         was, self.state = self.state, "closed"
         self.end.close()                  # first: the service's doorbell no longer reaches this guest
         if was in ("opening", "direct") and self.tag is not None:
-            self.service.link.close_direct(self.tag)
+            self.service.link.close_direct(self.tag, self.service.target, self._unmapped)
+        # refused: released then, or held for good when the broker went away with the open unanswered
 
 
 class DirectProxyService(BlockProxyService):
@@ -86,6 +118,7 @@ class DirectProxyService(BlockProxyService):
     def __init__(self, link, index: int, target: str, ledger, interface: str):
         super().__init__(link, index, target, ledger)
         self.kind = interface
+        self.offer_flags = abi.PYKVM_BUS_OFFER_FLAG_DATA_BUFFER if interface == "block" else 0
         self.interface = INTERFACES[interface]
         self.default_versions = DEFAULT_VERSIONS[interface]
         self.name = f"{interface}@{target} (direct)"

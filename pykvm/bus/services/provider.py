@@ -111,16 +111,17 @@ class ProviderSession(Session):
         try:
             if self.closed or not self.can_direct or self.registered is None:
                 raise direct.DirectError("this partition's guest does not serve direct channels")
-            runs, pages, inbound, version, flags, max_message = direct.parse_open(obj, len(fds))
-            if version not in self.registered[1]:
-                raise direct.DirectError(f"version {version:#x} is not one the guest registered")
+            o = direct.parse_open(obj, len(fds))
+            if o.version not in self.registered[1]:
+                raise direct.DirectError(f"version {o.version:#x} is not one the guest registered")
             used = {e.slot for e, _c in self.directs.values()}
             slot = next((i for i in range(abi.PYKVM_DIRECT_MAX) if i not in used), None)
             if slot is None:
                 raise direct.DirectError(f"{abi.PYKVM_DIRECT_MAX} direct channels are open")
-            end = direct.ServiceEnd(self.channel.host, slot, fds[:-1], runs, os.dup(fds[-1]))
-            self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_OPEN, slot, end.gpa, pages, inbound,
-                                                      end.doorbell, version, flags, max_message))
+            end = direct.ServiceEnd(self.channel.host, slot, fds[:-1], o.runs, os.dup(fds[-1]), o.data_runs)
+            self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_OPEN, slot, end.gpa, o.pages, o.inbound,
+                                                      end.doorbell, o.version, o.flags, o.max_message,
+                                                      end.data_gpa, o.data_pages, o.max_transfer))
         except (direct.DirectError, OSError) as e:
             if end is not None:
                 end.close()
@@ -134,7 +135,10 @@ class ProviderSession(Session):
         self.link.direct_ready(tag, True, None, end.efd)
 
     def direct_close(self, tag: int, reason: str | None = None) -> None:
-        """A direct channel's client closed it or went away: this guest loses its pages now (bus lock held)."""
+        """A direct channel's client closed it or went away: this guest loses its pages now (bus lock held).
+
+        The caller acknowledges the close to the client's side afterwards (its guest may reuse the pages then).
+        """
         entry = self.directs.pop(tag, None)
         if entry is None:
             return
@@ -142,7 +146,7 @@ class ProviderSession(Session):
         end.close()                              # first: no page of the client stays mapped a moment longer
         self.direct_counts["closed"] += 1
         if self.channel.writer is not None:
-            self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_CLOSE, end.slot, 0, 0, 0, 0, 0, 0, 0))
+            self.channel.send(INBAND, direct.MSG.pack(abi.PYKVM_DIRECT_CLOSE, end.slot, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
 
     def submit(self, tag: int, blk: tuple, data: bytes) -> None:
         """Queue a relayed request for the guest (bus lock held)."""
@@ -216,7 +220,8 @@ class ProviderSession(Session):
     def stats(self) -> dict:
         return dict(self.counts, registered=self.registered[0] if self.registered else None, served=self.served,
                     direct_channels=dict(self.direct_counts),
-                    direct={str(t): {"slot": e.slot, "client": c, "gpa": hex(e.gpa), "mapped": e.mapped}
+                    direct={str(t): {"slot": e.slot, "client": c, "gpa": hex(e.gpa), "mapped": e.mapped,
+                                     "data_gpa": hex(e.data_gpa)}
                             for t, (e, c) in self.directs.items()},
                     queued=len(self.queue), inflight=self.inflight is not None, window_mapped=self.window is not None,
                     version=self.version)
