@@ -157,9 +157,7 @@ static RT_NORETURN void crash(const char *what, uint64_t n)
 static void provider_msg(const uint8_t *p, uint32_t len)
 {
     struct pykvm_direct_msg m;
-    memset(&m, 0, sizeof(m));
-    memcpy(&m, p, len < sizeof(m) ? len : sizeof(m));
-    int r = direct_msg_check(&m, len);
+    int r = direct_msg_read(p, len, &m);
     if (r) {
         printf("blocksvc: a malformed direct message from the root (%d), ignored\n", r);
         return;

@@ -2,6 +2,13 @@
 #include "rt.h"
 #include "direct.h"
 
+int direct_msg_read(const void *p, uint32_t len, struct pykvm_direct_msg *m)
+{
+    memset(m, 0, sizeof(*m));
+    memcpy(m, p, len < sizeof(*m) ? len : sizeof(*m));
+    return direct_msg_check(m, len);
+}
+
 int direct_attach(struct direct_channel *c, const struct pykvm_direct_msg *m)
 {
     uint8_t *base = (uint8_t *)(uintptr_t)m->gpa;

@@ -53,6 +53,9 @@ struct direct_blk {
  * DIRECT_BLK_BROKEN for a payload too short to be a request (close the channel). */
 int direct_blk_check(const void *payload, uint32_t len, uint32_t data_bytes, uint32_t max_transfer,
                      uint32_t rules, uint64_t sectors, struct direct_blk *out);
+/* Copy a message of len bytes at p (the provider ring's packet) into *m, zero-filled, and
+ * check it: direct_msg_check()'s result. */
+int direct_msg_read(const void *p, uint32_t len, struct pykvm_direct_msg *m);
 /* Attach the rings a checked PYKVM_DIRECT_OPEN names: DIRECT_OK or DIRECT_ERR_RING. */
 int direct_attach(struct direct_channel *c, const struct pykvm_direct_msg *m);
 /* Next packet (copied into pkt, descriptor first): its length, 0 if none, or < 0:
