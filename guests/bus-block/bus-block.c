@@ -12,7 +12,10 @@
  *                     alternating between the patterns of seed and seed + 1,
  *                     until the host stops the VM (run it with --timeout)
  *   reopen_ms=N       how long to wait for the block service to be offered again
- *                     after a rescind (default 60000, about; at most 8 reopens)
+ *                     after a rescind (default 60000, about; at most 8 reopens);
+ *                     given, also how long to wait for a block offer missing at
+ *                     connect (the service is between a crash and its restart):
+ *                     "block: no block offer yet, waiting\n"
  *   versions=1.1,1.0  the block versions to open with, newest first (default 1.0)
  *   rounds=R          write, flush and read back R times, with seeds seed .. seed + R - 1
  *                     (default 1); then "block: R rounds done, K reopens\n"
@@ -488,7 +491,8 @@ void kmain(struct pykvm_boot_info *bi)
     uint32_t rcount = (uint32_t)arg_u64(cmd, "rcount", 8), wcount = (uint32_t)arg_u64(cmd, "wcount", 24);
     uint32_t seed = (uint32_t)arg_u64(cmd, "seed", 1);
     uint32_t crash = (uint32_t)arg_u64(cmd, "crash", 0);
-    reopen_ms = (uint32_t)arg_u64(cmd, "reopen_ms", 60000);
+    uint64_t wait_ms = arg_u64(cmd, "reopen_ms", ~0ull);   /* given: a partition that outlives restarts */
+    reopen_ms = wait_ms == ~0ull ? 60000 : (uint32_t)wait_ms;
     nwant = arg_versions(cmd, "versions", want, PYKVM_BUS_MAX_SERVICE_VERSIONS);
     char hostile[16] = "";
     arg_str(cmd, "hostile", hostile, sizeof(hostile));
@@ -514,6 +518,10 @@ void kmain(struct pykvm_boot_info *bi)
     if (arg_u64(cmd, "probe", 0))
         probe(want, nwant);
     ch = bus_find(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI);
+    if (!ch && wait_ms != ~0ull) {
+        printf("block: no block offer yet, waiting\n");
+        ch = bus_wait_offer(PYKVM_BUS_IF_BLOCK_LO, PYKVM_BUS_IF_BLOCK_HI, reopen_ms);
+    }
     if (!ch) {
         printf("block: no block offer (run with --disk FILE)\n");
         exit_code(3);

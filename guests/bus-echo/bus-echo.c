@@ -16,7 +16,10 @@
  *   reopen=1     when the channel is rescinded mid-run (its service partition
  *                stopped), wait for the new offer, open it and send again every
  *                message not yet echoed: "echo: channel rescinded, waiting for a
- *                new offer\n", "echo: reopened, version V\n"
+ *                new offer\n", "echo: reopened, version V\n"; and when there
+ *                is no echo offer at connect (the service is between a crash
+ *                and its restart), wait for one: "echo: no echo offer yet,
+ *                waiting\n"
  *
  * Serial output on success, e.g. for the defaults:
  *   "bus: connected, version 1.0, 4 offers\n"
@@ -93,7 +96,12 @@ void kmain(struct pykvm_boot_info *bi)
     }
     printf("bus: connected, version %s, %d offers\n", bus_version_text(bus_version, vb), offers);
 
+    int reopen = arg_u64(cmd, "reopen", 0) != 0;
     struct bus_channel *ch = bus_find(PYKVM_BUS_IF_ECHO_LO, PYKVM_BUS_IF_ECHO_HI);
+    if (!ch && reopen) {
+        printf("echo: no echo offer yet, waiting\n");
+        ch = bus_wait_offer(PYKVM_BUS_IF_ECHO_LO, PYKVM_BUS_IF_ECHO_HI, 120000);
+    }
     if (!ch) {
         printf("echo: no echo offer\n");
         exit_code(3);
@@ -121,7 +129,6 @@ void kmain(struct pykvm_boot_info *bi)
     printf("echo: open, version %s\n", bus_version_text(ch->version, vb));
 
     uint32_t sent = 0, done = 0, reopens = 0;
-    int reopen = arg_u64(cmd, "reopen", 0) != 0;
     while (done < n) {
         int gone = 0;
         while (sent < n && sent - done < window) {
