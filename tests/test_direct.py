@@ -464,6 +464,37 @@ def test_open_with_a_data_buffer_and_teardown_waits_for_the_service_side(tmp_pat
         g.send(enc_msg(M.CloseChannel(2)))
         g.send(enc_msg(M.GpadlTeardown(3)))
         assert g.reply("gpadl_torndown", 3) == (3, 0)
+
+        # UNLOAD with a direct channel open: its answer says every GPADL is gone, so it waits for the unmap
+        g.send(enc_msg(M.GpadlHeader(5, 4, tuple(range(240, 244)))))
+        assert g.reply("gpadl_created", 5) == (5, abi.PYKVM_BUS_OK)
+        g.send(enc_msg(M.OpenChannel(1, 5, 2, 0, (abi.PYKVM_ECHO_V1_1,), 0)))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_OK)
+        g.replies.clear()
+        g.send(enc_msg(M.Unload()))
+        assert g.reply("unload_response") is None and g.host.state == "unloading"
+        assert not g.host.channels[1].is_open and 5 not in g.host.gpadls   # closed, the host's view gone
+        before = g.host.violations
+        g.send(enc_msg(M.RequestOffers()))                                  # nothing more is served
+        assert g.reply("offer") is None and g.host.violations == before + 1
+        with g.host.lock:
+            held.unmapped(g.host.channel_mgmt)
+        assert g.reply("unload_response") is not None and g.host.state == "idle"
+
+        # the host cuts the connection with a direct channel open: no new connection until the unmap
+        assert g.connect() == abi.PYKVM_BUS_STATE_CONNECTED
+        g.send(enc_msg(M.InitiateContact((V11, V10), 0)))
+        g.send(enc_msg(M.RequestOffers()))
+        g.send(enc_msg(M.GpadlHeader(1, 4, tuple(range(200, 204)))))
+        assert g.reply("gpadl_created", 1) == (1, abi.PYKVM_BUS_OK)
+        g.send(enc_msg(M.OpenChannel(1, 1, 2, 0, (abi.PYKVM_ECHO_V1_1,), 0)))
+        assert g.reply("open_result", 1)[:2] == (1, abi.PYKVM_BUS_OK)
+        g.host.disconnect("a broken ring")
+        assert g.connect() == abi.PYKVM_BUS_STATE_REFUSED
+        assert "still mapped by another partition's guest" in g.host.refusals[-1]
+        with g.host.lock:
+            held.unmapped(g.host.channel_mgmt)
+        assert g.connect() == abi.PYKVM_BUS_STATE_CONNECTED
     finally:
         g.close()
         mem.close()

@@ -56,6 +56,7 @@ class ChannelManager:
                           M.RelidReleased: self._released}
         conn.handle_channel_message = self.handle
         conn.on_disconnect = self.teardown
+        conn.peer_held = lambda: len(self._held)
 
     def handle(self, msg) -> None:
         """One management message about offers, GPADLs or channels (the guest has made contact)."""
@@ -70,7 +71,9 @@ class ChannelManager:
         for gid in list(self.gpadls):
             self.gpadls.pop(gid).close()
         self._pending.clear()
-        self._deferred.clear()              # no guest is left to answer; holds end with their sessions
+        # no guest is left to answer a teardown; the holds stay until the service side unmapped: till then
+        # the connection answers no UNLOAD and takes no new connect (Connection.peer_held)
+        self._deferred.clear()
 
     # ---------------------------------------------------------------- GPADLs another partition maps
     def hold(self, gid: int) -> None:
@@ -84,6 +87,9 @@ class ChannelManager:
             self._held[gid] = n
             return
         self._held.pop(gid, None)
+        if not self._held and self.conn.state == "unloading":
+            self.conn.finish_unload()
+            return
         if gid in self._deferred:
             self._deferred.discard(gid)
             view = self.gpadls.pop(gid, None)

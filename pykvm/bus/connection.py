@@ -21,7 +21,8 @@ SUPPORTED_VERSIONS = (abi.PYKVM_BUS_VERSION_1_0,)   # newest first
 
 
 class Connection:
-    """One guest's management connection: idle -> connected -> contact (version agreed) -> idle."""
+    """One guest's management connection: idle -> connected -> contact (version agreed) -> idle, by way
+    of unloading when an UNLOAD waits for another partition to unmap the guest's pages."""
 
     def __init__(self, memory, doorbells, interrupts, limits, log, lock):
         self.memory = memory
@@ -32,6 +33,7 @@ class Connection:
         self.lock = lock                    # the bus's one lock (see BusHost)
         self.handle_channel_message = None  # ChannelManager.handle: every message after contact but Unload
         self.on_disconnect = None           # ChannelManager.teardown(reason): channels and GPADLs go first
+        self.peer_held = lambda: 0          # ChannelManager: GPADLs another partition's guest may still map
         self.state = "idle"
         self.version = None
         self.target_vcpu = 0
@@ -54,6 +56,13 @@ class Connection:
         with self.lock:
             if self.state != "idle":
                 self.refuse(f"connect while {self.state}: disconnect first")
+                return abi.PYKVM_BUS_STATE_REFUSED
+            held = self.peer_held()
+            if held:
+                # the last connection ended (the host cut it) before a service partition unmapped its pages:
+                # a new connection would let the guest reuse them as free while they are still shared
+                self.refuse(f"connect while {held} GPADLs of the last connection are still mapped by another "
+                            "partition's guest; try again once its VMM has unmapped them")
                 return abi.PYKVM_BUS_STATE_REFUSED
             if gpa % PAGE:
                 self.refuse(f"management area {gpa:#x} is not page aligned")
@@ -196,12 +205,27 @@ class Connection:
     def _handle(self, msg) -> None:
         if isinstance(msg, M.InitiateContact):
             return self._initiate(msg)
+        if self.state == "unloading":
+            return self.violation(f"{type(msg).__name__} after UNLOAD")
         if self.state != "contact":
             return self.violation(f"{type(msg).__name__} before version negotiation")
         if isinstance(msg, M.Unload):
+            if self.peer_held():
+                # UNLOAD_RESPONSE tells the guest every GPADL is gone: a direct channel's pages are not until
+                # the service partition's VMM unmapped them, so the answer waits (finish_unload)
+                self.on_disconnect(None)
+                if self.peer_held():          # closing may have released them already (the link is gone)
+                    self.state = "unloading"
+                    return None
             self.send(M.simple("unload_response"))
             return self.disconnect()
         self.handle_channel_message(msg)
+
+    def finish_unload(self) -> None:
+        """The last page another partition mapped was released: answer the UNLOAD that waited (bus lock held)."""
+        if self.state == "unloading":
+            self.send(M.simple("unload_response"))
+            self.disconnect()
 
     def _initiate(self, msg: M.InitiateContact) -> None:
         if self.state == "contact":

@@ -57,7 +57,7 @@ class BusHost:
         self.channel_mgmt = ChannelManager(self.connection, services, memslots)
 
     # ---------------------------------------------------------------- what other layers and tests read
-    state = property(lambda self: self.connection.state, doc="idle, connected or contact (version agreed)")
+    state = property(lambda self: self.connection.state, doc="idle, connected, contact (version agreed) or unloading")
     version = property(lambda self: self.connection.version, doc="The agreed bus version, or None.")
     target_vcpu = property(lambda self: self.connection.target_vcpu, doc="The vCPU management interrupts go to.")
     violations = property(lambda self: self.connection.violations, doc="Protocol violations over the VM's life.")
