@@ -711,7 +711,7 @@ uses = ["echo0"]
 [[partition]]
 name = "client2"
 kernel = "bus-echo"
-cmdline = "n=5"
+cmdline = "n=5 reopen=1"
 trust = "untrusted"
 uses = ["echo0"]
 

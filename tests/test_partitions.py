@@ -24,13 +24,13 @@ restarts = 2
 [[partition]]
 name = "client1"
 kernel = "bus-block"
-cmdline = "wsec=100 wcount=40 seed=3"
+cmdline = "wsec=100 wcount=40 seed=3 reopen_ms=60000"
 uses = ["disk0"]
 
 [[partition]]
 name = "client2"
 kernel = "bus-block"
-cmdline = "wsec=300 wcount=8 seed=5"
+cmdline = "wsec=300 wcount=8 seed=5 reopen_ms=60000"
 trust = "untrusted"
 uses = ["disk0"]
 """
@@ -511,7 +511,7 @@ request_timeout = 2
 [[partition]]
 name = "client1"
 kernel = "bus-block"
-cmdline = "wsec=100 wcount=40 seed=3"
+cmdline = "wsec=100 wcount=40 seed=3 reopen_ms=60000"
 uses = ["disk0"]
 
 [[partition]]
@@ -563,7 +563,7 @@ provides = "disk0"
 [[partition]]
 name = "client1"
 kernel = "bus-block"
-cmdline = "wsec=100 wcount=40 seed=3"
+cmdline = "wsec=100 wcount=40 seed=3 reopen_ms=60000"
 uses = ["disk0"]
 
 [[partition]]
