@@ -198,7 +198,8 @@ def restore(state_file, serial, timeout, crash_dir, no_dump, control_path, sandb
               help="Where crash cores and the inputs that caused them are written.")
 @click.option("--no-dump", is_flag=True, help="Write no cores.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="With --input: seconds before the run counts as a hang (under AFL, afl-fuzz -t decides).")
+              help="With --input (or one input from stdin under afl-showmap): seconds before the run counts "
+                   "as a hang (under afl-fuzz, afl-fuzz -t decides).")
 @click.option("--boot-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds the guest has to reach its \"snapshot here\" call.")
 @click.option("--sandbox", type=click.Choice(["on", "off"]), default="on", show_default=True,
@@ -227,7 +228,7 @@ def fuzz(kernel, input_file, mem, cpus, cmdline, crash_dir, no_dump, timeout, bo
         if input_file is not None:
             status = driver.reproduce(kernel, input_file, timeout, **opts)
         else:
-            status = driver.under_afl(kernel, **opts)
+            status = driver.under_afl(kernel, timeout=timeout, **opts)
         _leave(status)
 
     _guard(go, debug)

@@ -194,6 +194,48 @@ def test_two_afl_instances_share_a_sync_dir(tmp_path):
         assert (sync / name / "queue").is_dir()
 
 
+def _showmap(showmap: str, tmp_path: Path, out: Path, *args: str, stdin=None):
+    cmd = [showmap, "-q", "-o", str(out), "-t", "60000", *args, "--", sys.executable, "-m", "pykvm", "fuzz",
+           "fuzz-target", "--mem", "64M", "--crash-dir", str(tmp_path / "crashes")]
+    return subprocess.run(cmd, env=_afl_env(), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=300)
+
+
+def _tuples(path: Path) -> dict:
+    return dict(line.split(":") for line in path.read_text().split())
+
+
+def test_afl_showmap_on_one_file_runs_that_input_without_a_forkserver(tmp_path):
+    """afl-showmap on one file execs the target with the input on stdin and no forkserver: pykvm
+    runs that input once, its coverage as afl-showmap sees it through the forkserver, and a crash
+    ends the process by the signal a native crash would (afl-showmap's status 2)."""
+    showmap = require_tool("afl-showmap")
+    ins = tmp_path / "in"
+    ins.mkdir()
+    (ins / "benign").write_bytes(BENIGN)
+    r = _showmap(showmap, tmp_path, tmp_path / "maps", "-i", str(ins))         # the forkserver's view
+    assert r.returncode == 0, r.stdout[-3000:]
+    want = _tuples(tmp_path / "maps" / "benign")
+    assert len(want) > 10
+    with open(ins / "benign", "rb") as f:
+        r = _showmap(showmap, tmp_path, tmp_path / "file.map", stdin=f)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert _tuples(tmp_path / "file.map") == want
+    feed = subprocess.Popen(["cat", str(ins / "benign")], stdout=subprocess.PIPE)     # stdin a pipe: no pread
+    r = _showmap(showmap, tmp_path, tmp_path / "pipe.map", stdin=feed.stdout)
+    feed.wait()
+    assert r.returncode == 0 and _tuples(tmp_path / "pipe.map") == want, r.stdout[-3000:]
+    (tmp_path / "empty").write_bytes(b"")
+    with open(tmp_path / "empty", "rb") as f:
+        _showmap(showmap, tmp_path, tmp_path / "empty.map", stdin=f)
+    assert len(_tuples(tmp_path / "empty.map")) < len(want)               # an input, not the boot, is measured
+    (tmp_path / "bug").write_bytes(BUG_CHAIN)
+    with open(tmp_path / "bug", "rb") as f:
+        r = _showmap(showmap, tmp_path, tmp_path / "bug.map", stdin=f)
+    assert r.returncode == 2, r.stdout[-3000:]                             # "the target crashed"
+    assert list((tmp_path / "crashes").glob("*.core"))
+
+
 # ---------------------------------------------------------------- the fast reset between inputs
 def _phys_u64(m, gpa: int) -> int:
     r = m.memory.region_of(gpa, 8)

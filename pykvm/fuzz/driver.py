@@ -1,14 +1,18 @@
-"""`pykvm fuzz`: under afl-fuzz (the forkserver protocol), or one input as a reproducer (--input)."""
+"""`pykvm fuzz`: under afl-fuzz (the forkserver protocol), one input from stdin for AFL's tools that run a
+target without a forkserver (afl-showmap on one file), or one input as a reproducer (--input)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import sys
+import threading
 
 from ..errors import EXIT_OK, UsageError
 from . import dictionary
 from .coverage import CoverageMap
-from .forkserver import FORKSRV_FD, ProtocolError, Sentinels, ShmInput, serve
+from .forkserver import FORKSRV_FD, MAX_FILE, ProtocolError, Sentinels, ShmInput, serve
 from .target import FuzzTarget
 
 
@@ -23,12 +27,43 @@ def reproduce(kernel, input_file, timeout: float, *, sandbox: bool = False, **op
             data = f.read(1 << 20)
     except OSError as e:
         raise UsageError(f"--input {input_file}: {e.strerror}") from None
-    cov = CoverageMap()
+    return _run_one(kernel, data, CoverageMap(), timeout, sandbox, opts).exit_status
+
+
+def single_run(kernel, shm_id: int, timeout: float, *, sandbox: bool = False, **opts) -> int:
+    """One input from stdin with its coverage in AFL's map, as AFL's tools run a target without a
+    forkserver (afl-showmap on one file); a crash ends the process by the signal a native one would."""
+    try:
+        data = os.read(0, MAX_FILE) if _is_file(0) else sys.stdin.buffer.read(MAX_FILE)
+        if _is_file(0):              # a regular file may hold more than one read returns
+            while len(data) < MAX_FILE and (more := os.read(0, MAX_FILE - len(data))):
+                data += more
+    except (OSError, AttributeError) as e:
+        raise UsageError(f"pykvm fuzz: cannot read the input from stdin: {e}") from None
+    result = _run_one(kernel, data, CoverageMap(shm_id), timeout, sandbox, opts)
+    if result.kind == "crash":
+        sig = result.wait_status
+        sys.stderr.flush()
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_kill(threading.get_ident(), sig)      # tgkill on ourselves: the sandbox allows it
+    return result.exit_status
+
+
+def _is_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _run_one(kernel, data: bytes, cov: CoverageMap, timeout: float, sandbox: bool, opts: dict):
+    """Boot to the snapshot, run data once, say how it ended (and its core); the RunResult."""
     target = None
     try:
         target = FuzzTarget(kernel, cov, console=2, **opts)
         if sandbox:
             _sandbox(opts.get("crash_dir"))
+        cov.clear()                  # the boot's coverage is not the input's (afl-fuzz clears it per run too)
         result = target.run(data, timeout=timeout)
         target.settle()
         edges = cov.edges()
@@ -45,15 +80,19 @@ def reproduce(kernel, input_file, timeout: float, *, sandbox: bool = False, **op
             _say(f"core: {result.core} (input beside it: {result.input_file}); pykvm inspect {result.core}")
         elif result.core_error:
             _say(f"no core: {result.core_error}")
-    return result.exit_status
+    return result
 
 
-def under_afl(kernel, *, sandbox: bool = False, **opts) -> int:
-    """Serve afl-fuzz's forkserver protocol until it is done with us."""
+def under_afl(kernel, *, timeout: float = 10.0, sandbox: bool = False, **opts) -> int:
+    """Serve afl-fuzz's forkserver protocol until it is done with us (or, given AFL's coverage map but
+    no forkserver, as afl-showmap does for one file: single_run)."""
     try:
         os.fstat(FORKSRV_FD)
         os.fstat(FORKSRV_FD + 1)
     except OSError:
+        shm_id = _env_int("__AFL_SHM_ID")
+        if shm_id is not None:
+            return single_run(kernel, shm_id, timeout, sandbox=sandbox, **opts)
         raise UsageError("pykvm fuzz: not started by afl-fuzz (no forkserver descriptors 198/199); run it as "
                          "`afl-fuzz -i SEEDS -o OUT -- pykvm fuzz KERNEL`, or give --input FILE") from None
     shm_id = _env_int("__AFL_SHM_ID")
