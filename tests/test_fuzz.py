@@ -316,7 +316,8 @@ def test_staged_registers_are_what_kvm_runs_with():
             # MSRs (the kernel GS base, SYSENTER stack, PAT) and the LAPIC's TPR change too
             msrs = b"".join(b"M" + struct.pack("<IQ", msr, rng.getrandbits(32) << 4)
                             for msr in (0xC0000102, 0x175)) + b"M" + struct.pack("<IQ", 0x277, 0x0007040600070406)
-            target.run(msrs + b"T" + bytes([i + 1]) + _hostile_input(rng) + b"N", timeout=3)
+            # (a timeout loose enough for a loaded host: the MSR records must have run before it)
+            target.run(msrs + b"T" + bytes([i + 1]) + _hostile_input(rng) + b"N", timeout=10)
             target.settle()
 
             def reset_then_enter():

@@ -156,3 +156,27 @@ def test_many_resets_hold_memory_and_descriptors():
         assert _fds() == fds
         assert _rss_kib() - rss < 16 << 10
         vm.resume()
+
+
+def test_reset_puts_the_bus_back_and_refuses_a_snapshot_with_a_channel_open():
+    """The partition bus's host side goes back with the guest: a guest reset to before it connected
+    connects, opens and echoes again (before, the host still held the old connection and refused
+    it). A channel's host side cannot be rewound, so a snapshot with one open is refused."""
+    with VM("bus-echo", cmdline="n=3 rescind=1 hold=1", bus=True, timeout=300) as vm:
+        vm.expect(b"echo: waiting for a key\n", timeout=120)
+        vm.pause()
+        snap = vm.snapshot()            # the guest has not connected
+        assert vm.machine.bus.state == "idle"
+        for round_ in range(3):
+            if round_:
+                vm.pause()
+                assert vm.machine.bus.state == "contact"
+                vm.reset(snap)
+                assert vm.machine.bus.state == "idle" and not vm.machine.bus.gpadls
+            vm.resume()
+            vm.send(b"x")
+            vm.expect(b"echo: open, version 1.1\necho: 3 messages of 64 bytes ok\necho: host counted 3\n", timeout=120)
+        vm.pause()                      # the guest waits for a rescind with its channel open
+        with pytest.raises(VMError, match=r"bus channel \d+ \(echo\) is open at the snapshot"):
+            vm.snapshot()
+        assert vm.machine.bus.violations == 0

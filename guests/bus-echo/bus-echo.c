@@ -7,6 +7,8 @@
  *   window=W     messages in flight before waiting for replies (default 1)
  *   versions=new speak echo 1.1 and 1.0 (default); old: 1.0 only; major2: 2.0 only
  *   bus=2        propose bus protocol 2.0 only (the host refuses it)
+ *   hold=1       before connecting, print "echo: waiting for a key\n" and wait for
+ *                a byte on the serial line (a test snapshots the VM there)
  *   irq=1        wait for replies with the bus interrupt instead of polling
  *   rescind=1    after the messages, wait until the host rescinds the channel
  *   hostile=scribble  after the messages, write a broken write index into the
@@ -84,6 +86,10 @@ void kmain(struct pykvm_boot_info *bi)
         window = 1;
     if (arg_u64(cmd, "irq", 0))
         bus_use_irq();
+    if (arg_u64(cmd, "hold", 0)) {
+        printf("echo: waiting for a key\n");
+        serial_getc();
+    }
 
     uint32_t busv[1] = { arg_u64(cmd, "bus", 1) == 2 ? 0x20000u : PYKVM_BUS_VERSION_1_0 };
     char vb[12];

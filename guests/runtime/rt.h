@@ -37,6 +37,7 @@ void kmain32(uint32_t eax, uint32_t ebx);
 void serial_putc(char c);
 void serial_write(const char *s, size_t n);
 void serial_puts(const char *s);            /* no newline appended */
+int serial_getc(void);                      /* waits for a received byte (polls, with pauses) */
 
 /* ---- formatted output ----
  * Conversions: %d %i %u %x %X %c %s %p %%; length modifiers hh h l ll z;

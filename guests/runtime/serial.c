@@ -2,7 +2,9 @@
 #include "rt.h"
 
 #define UART_THR 0
+#define UART_RBR 0
 #define UART_LSR 5
+#define UART_LSR_DR 0x01
 #define UART_LSR_THRE 0x20
 
 void serial_putc(char c)
@@ -24,4 +26,14 @@ void serial_puts(const char *s)
 {
     while (*s)
         serial_putc(*s++);
+}
+
+int serial_getc(void)
+{
+    for (;;) {
+        if (inb(PYKVM_PORT_COM1 + UART_LSR) & UART_LSR_DR)
+            return inb(PYKVM_PORT_COM1 + UART_RBR);
+        for (int i = 0; i < 1000; i++)       /* each LSR read is an exit: poll now and then */
+            __asm__ volatile("pause");
+    }
 }

@@ -314,6 +314,49 @@ class ChannelManager:
             "channels": [ch.snapshot() for ch in self.channels.values()],
         }
 
+    # ---------------------------------------------------------------- snapshot and reset (snapshot/reset.py)
+    def rewind_point(self) -> tuple:
+        """What a reset needs to put the channels back: each GPADL's pages and the offers. ValueError
+        while a channel is open or a GPADL is being built or held: their host side cannot be rewound."""
+        self._check_quiet("at the snapshot")
+        return ({gid: v.pfns for gid, v in self.gpadls.items()}, self._offers_now())
+
+    def check_rewind(self, point: tuple) -> None:
+        """ValueError when the channels cannot be put back to `point` (nothing is changed)."""
+        if self._held:
+            raise ValueError(f"GPADLs {sorted(self._held)} are still mapped by another partition's guest (a "
+                             "direct channel opened since the snapshot); reset once its VMM has unmapped them")
+        if self._offers_now() != point[1]:
+            raise ValueError("the bus offers changed since the snapshot (a rescind or a re-offer)")
+
+    def rewind(self, point: tuple) -> None:
+        """Put channels and GPADLs back to `point`, host side only: the guest, reset with its RAM, believes
+        it never opened what was opened since (check_rewind first)."""
+        for ch in self.channels.values():
+            if ch.is_open:
+                self._unregister(ch)
+                ch.close("the VM was reset to a snapshot")
+        self._pending.clear()
+        self._deferred.clear()
+        gpadls = point[0]
+        for gid in list(self.gpadls):
+            if gpadls.get(gid) != self.gpadls[gid].pfns:
+                self.gpadls.pop(gid).close()
+        for gid, pfns in gpadls.items():
+            if gid not in self.gpadls:        # torn down since: the snapshot's guest still has it
+                self.gpadls[gid] = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+
+    def _check_quiet(self, when: str) -> None:
+        for ch in self.channels.values():
+            if ch.is_open:
+                raise ValueError(f"bus channel {ch.relid} ({ch.service.name}) is open {when}: a reset cannot "
+                                 "rewind its host side (close the guest's channels before the snapshot)")
+        if self._pending or self._held or self._deferred:
+            raise ValueError(f"a GPADL is being built or torn down {when}")
+
+    def _offers_now(self) -> tuple:
+        return tuple((relid, ch.state == "rescinded") for relid, ch in self.channels.items())
+
     def close_services(self) -> None:
         """Close every channel's service (the bus is going away)."""
         for ch in self.channels.values():

@@ -126,6 +126,38 @@ class Connection:
             self.state = "idle"
             self.version = None
 
+    # ---------------------------------------------------------------- snapshot and reset (snapshot/reset.py)
+    def rewind_point(self) -> tuple:
+        """What a reset needs to put the connection back: its state, version, vCPU and management pages."""
+        if self.state == "unloading":
+            raise ValueError("the guest's bus is unloading at the snapshot")
+        pfns = self._mgmt_view.pfns if self._mgmt_view is not None else None
+        return (self.state, self.version, self.target_vcpu, pfns)
+
+    def rewind(self, point: tuple) -> None:
+        """Put the connection back to `point` with guest RAM already reset: the management rings are
+        attached again to what the guest's RAM now holds. Host side only: the guest is told nothing."""
+        state, version, target, pfns = point
+        if self.state != "idle":
+            if abi.PYKVM_BUS_MGMT_RELID in self.doorbells:
+                self.doorbells.remove(abi.PYKVM_BUS_MGMT_RELID)
+            self._drop_mgmt(self._mgmt_view)
+            self._mgmt_view = None
+        self.state, self.version = "idle", None
+        if state == "idle":
+            return
+        view = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+        try:
+            self._mgmt_in = RingReader.from_view(view, 0, MGMT_RING_PAGES)
+            self._mgmt_out = RingWriter.from_view(view, MGMT_RING_PAGES, MGMT_RING_PAGES)
+            self._mgmt_irq = self.irq_for(target)
+            self.doorbells.add(abi.PYKVM_BUS_MGMT_RELID, self.on_doorbell)
+        except BaseException:
+            self._drop_mgmt(view)
+            raise
+        self._mgmt_view = view
+        self.state, self.version, self.target_vcpu = state, version, target
+
     # ---------------------------------------------------------------- management ring (bus thread)
     def on_doorbell(self, _relid: int, _count: int) -> None:
         """The guest rang relid 0: serve the management ring until it runs dry."""

@@ -82,6 +82,21 @@ class BusHost:
         """A data channel broke its protocol: close it alone and tell the guest."""
         self.channel_mgmt.channel_violation(ch, reason)
 
+    # ---------------------------------------------------------------- snapshot and reset
+    def rewind_point(self):
+        """The bus's part of a snapshot (ValueError while a channel is open: close them first)."""
+        with self.lock:
+            return self.connection.rewind_point(), self.channel_mgmt.rewind_point()
+
+    def check_rewind(self, point) -> None:
+        """ValueError when a reset cannot put the bus back to `point`; call under the lock, before changing RAM."""
+        self.channel_mgmt.check_rewind(point[1])
+
+    def rewind(self, point) -> None:
+        """Put the bus back to `point` after guest RAM was reset (under the lock, after check_rewind)."""
+        self.channel_mgmt.rewind(point[1])
+        self.connection.rewind(point[0])
+
     # ---------------------------------------------------------------- host-initiated
     def rescind(self, relid: int) -> None:
         """Withdraw a channel: the guest is told and must stop using it."""

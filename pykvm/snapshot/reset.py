@@ -10,7 +10,8 @@ differ: the pages KVM's dirty log says the guest wrote (every RAM memslot is re-
 KVM_MEM_LOG_DIRTY_PAGES when the first snapshot is taken), plus every range the host handed out
 through GuestMemory.view() (device DMA, the API's write_phys, a fuzz input): KVM does not log
 writes the VMM itself makes. Views of RAM held across runs (partition bus rings) are not
-tracked, which is why channels must be closed at the snapshot.
+tracked, which is why channels must be closed at the snapshot; the bus's host side (connection,
+GPADLs, offers) is recorded by BusHost.rewind_point() and put back after RAM by BusHost.rewind().
 
 Several snapshots of one machine may coexist: each keeps the set of pages changed since it was
 taken, fed by every collection of the dirty log.
@@ -204,6 +205,7 @@ class Snapshot:
         self.pristine: list[mmap.mmap] = []
         self.devices: list[tuple] = []
         self.policy: dict | None = None
+        self.bus = None                     # BusHost.rewind_point(): connection, GPADLs and offers
         self.changed: list[set] = [set() for _ in tracker.slots]
         self.compare_all = False
         self.extents: list[list] = []      # per region, (offset, length) the pristine copy holds data in
@@ -231,9 +233,16 @@ class Snapshot:
 def take(machine) -> Snapshot:
     """Snapshot a paused (or not yet started) machine."""
     _check(machine)
+    bus = None
+    if machine.bus is not None:
+        try:
+            bus = machine.bus.rewind_point()
+        except ValueError as e:
+            raise ResetRefused(str(e)) from None
     tracker = tracker_of(machine)
     tracker.feed()       # what was written before now belongs to the snapshot, not to a later reset
     snap = Snapshot(machine, tracker)
+    snap.bus = bus
     msr_indices = machine.kvm.msr_index_list()
     for vcpu in machine.vcpus:
         st = capture_vcpu_structs(vcpu, msr_indices)
@@ -342,6 +351,24 @@ def restore(machine, snap: Snapshot, ran: bool = False) -> int:
     ran: the caller knows every vCPU last left KVM_RUN on an exit it handled while executing guest
     code (and KVM completed it), so each is runnable: the MP state needs no load when the snapshot's
     is runnable too."""
+    bus = machine.bus
+    if bus is None or snap.bus is None:
+        if bus is not None or snap.bus is not None:
+            raise ResetRefused("the partition bus came or went since the snapshot")
+        return _restore(machine, snap, ran)
+    # the bus's host side goes back with guest RAM (the management rings live there), under its lock
+    # so that no doorbell is served between the two
+    with bus.lock:
+        try:
+            bus.check_rewind(snap.bus)
+        except ValueError as e:
+            raise ResetRefused(str(e)) from None
+        copied = _restore(machine, snap, ran)
+        bus.rewind(snap.bus)
+    return copied
+
+
+def _restore(machine, snap: Snapshot, ran: bool) -> int:
     _check(machine)
     if snap._machine() is not machine:
         raise ResetRefused("this snapshot was taken of another VM")
