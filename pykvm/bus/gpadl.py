@@ -11,6 +11,7 @@ reach guest memory again, and reports the host bug.
 
 from __future__ import annotations
 
+import functools
 import mmap
 
 from ..memory.region import PAGE_SIZE
@@ -64,6 +65,17 @@ def _runs(memory, pfns, max_pages):
     return runs
 
 
+def _ranges(pfns) -> list[tuple[int, int]]:
+    """(gpa, length) of each run of consecutive pfns."""
+    out: list[list[int]] = []
+    for pfn in pfns:
+        if out and out[-1][0] + out[-1][1] == pfn:
+            out[-1][1] += 1
+        else:
+            out.append([pfn, 1])
+    return [(pfn * PAGE_SIZE, n * PAGE_SIZE) for pfn, n in out]
+
+
 class GpadlView:
     """The host's mapping of one GPADL's pages, in GPADL order; use it through its methods."""
 
@@ -73,12 +85,18 @@ class GpadlView:
         self.pfns = pfns
         self.size = len(pfns) * PAGE_SIZE
         self.runs = runs   # how many mmaps built it (one per run of consecutive pages)
+        self._release = None   # GuestMemory.release_map for this view's pages (create())
 
     @classmethod
     def create(cls, memory, pfns, max_pages: int = DEFAULT_MAX_PAGES) -> "GpadlView":
         """Validate `pfns` against `memory` (a GuestMemory) and map exactly those pages, in order."""
         runs = _runs(memory, pfns, max_pages)
-        return cls.from_fd_runs([(region.fd, off, n) for region, off, n in runs], tuple(pfns))
+        view = cls.from_fd_runs([(region.fd, off, n) for region, off, n in runs], tuple(pfns))
+        # the host writes guest RAM through this view, unseen by KVM's dirty log: a reset must know
+        hold = getattr(memory, "hold_map", None)
+        if hold is not None:
+            view._release = functools.partial(memory.release_map, hold(_ranges(pfns)))
+        return view
 
     @classmethod
     def from_fd_runs(cls, runs, pfns=()) -> "GpadlView":
@@ -146,6 +164,9 @@ class GpadlView:
         mm, self._mm = self._mm, None
         if mm is None:
             return
+        release, self._release = self._release, None
+        if release is not None:
+            release()
         try:
             mm.close()
         except BufferError:

@@ -44,6 +44,11 @@ class GuestMemory:
         # since host writes to RAM are not in KVM's dirty log; past HOST_WRITES_MAX entries, overflow.
         self.host_writes: list | None = None
         self.host_writes_overflow = False
+        # Mappings the host keeps across runs and writes at any time (the partition bus's GPADL views):
+        # token -> [(gpa, length)]; a tracker counts them written at every collection, and a released
+        # one once more (hold_map / release_map)
+        self.held_maps: dict[int, list] = {}
+        self._next_map = 0
 
     @classmethod
     def create(cls, size: int, hole_start: int) -> "GuestMemory":
@@ -117,6 +122,22 @@ class GuestMemory:
             else:
                 self.host_writes_overflow = True
         return r.view[off:off + length]
+
+    def hold_map(self, ranges: list) -> int:
+        """The host maps [(gpa, length)] writable outside view() until release_map(token); the token."""
+        self._next_map += 1
+        self.held_maps[self._next_map] = list(ranges)
+        return self._next_map
+
+    def release_map(self, token: int) -> None:
+        """That mapping is gone: what it wrote since the last collection is logged as one last host write."""
+        ranges = self.held_maps.pop(token, None)
+        hw = self.host_writes
+        if ranges and hw is not None:
+            if len(hw) + len(ranges) <= HOST_WRITES_MAX:
+                hw.extend(ranges)
+            else:
+                self.host_writes_overflow = True
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy `length` bytes of guest RAM at `gpa`."""

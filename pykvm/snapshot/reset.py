@@ -131,9 +131,11 @@ class Tracker:
                 self._protect_again(s, pages)
             out.append(pages)
         mem = self.machine.memory
-        if mem.host_writes or mem.host_writes_overflow:
+        if mem.host_writes or mem.host_writes_overflow or mem.held_maps:
             writes, mem.host_writes = mem.host_writes, []
             overflow, mem.host_writes_overflow = mem.host_writes_overflow, False
+            for ranges in mem.held_maps.values():        # written at any time: every collection
+                writes.extend(ranges)
             for gpa, length in writes:
                 for i, s in enumerate(self.slots):
                     r = s.region
