@@ -93,7 +93,7 @@ def test_topology_disk_is_checked_and_made_absolute(tmp_path, monkeypatch):
             load_text(tmp_path, GOOD.replace('memory = "16M"', f'memory = "16M"\ndisk = {value}'))
         assert needle in str(e.value) and "storage.disk" in str(e.value) and "\n" not in str(e.value)
     two = GOOD.replace('memory = "16M"', 'memory = "16M"\ndisk = "store.img"').replace(
-        'seed=3"', f'seed=3"\ndisk = "{img}"')
+        'seed=3 reopen_ms=60000"', f'seed=3 reopen_ms=60000"\ndisk = "{img}"')
     with pytest.raises(errors.TopologyError, match="client1.disk: .* is also the disk of storage"):
         load_text(tmp_path, two)
 
