@@ -127,3 +127,17 @@ def test_what_cannot_be_rewound_is_refused_before_anything_changes(guest):
     with pytest.raises(ValueError, match="offers changed since the snapshot"):
         g.host.check_rewind(point)
     assert set(g.host.gpadls) == {1} and g.host.state == "contact"
+
+
+def test_rings_the_guest_had_broken_by_the_snapshot_end_the_connection_at_reset(guest):
+    g = guest
+    _contact(g)
+    g.scribble(MGMT_PFN * PAGE + 4, (0xFFFFFFF3).to_bytes(4, "little"))    # its ring's read_index: garbage
+    point = g.host.rewind_point()
+    ram = g.mem.read(0, RAM)
+    with g.host.lock:
+        g.host.check_rewind(point)
+        g.mem.write(0, ram)
+        g.host.rewind(point)             # no exception out of the reset: the host disconnects, as at run time
+    assert g.host.state == "idle" and "management rings at the snapshot are broken" in g.logs[-1]
+    assert g.connect() == abi.PYKVM_BUS_STATE_CONNECTED

@@ -344,7 +344,10 @@ class ChannelManager:
                 self.gpadls.pop(gid).close()
         for gid, pfns in gpadls.items():
             if gid not in self.gpadls:        # torn down since: the snapshot's guest still has it
-                self.gpadls[gid] = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+                try:
+                    self.gpadls[gid] = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+                except (GpadlError, OSError) as e:     # its opens will be refused as for an unknown GPADL
+                    self.conn.refuse(f"GPADL {gid} cannot be mapped again after the reset: {e}")
 
     def _check_quiet(self, when: str) -> None:
         for ch in self.channels.values():

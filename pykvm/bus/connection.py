@@ -146,15 +146,19 @@ class Connection:
         self.state, self.version = "idle", None
         if state == "idle":
             return
-        view = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+        view = None
         try:
+            view = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
             self._mgmt_in = RingReader.from_view(view, 0, MGMT_RING_PAGES)
             self._mgmt_out = RingWriter.from_view(view, MGMT_RING_PAGES, MGMT_RING_PAGES)
             self._mgmt_irq = self.irq_for(target)
             self.doorbells.add(abi.PYKVM_BUS_MGMT_RELID, self.on_doorbell)
-        except BaseException:
+        except (GpadlError, RingError, ValueError, OSError) as e:
+            # the guest had broken its rings by the snapshot: the host ends the connection, as it would have
             self._drop_mgmt(view)
-            raise
+            self.disconnects += 1
+            self.log(f"disconnecting the guest: its management rings at the snapshot are broken: {e}")
+            return
         self._mgmt_view = view
         self.state, self.version, self.target_vcpu = state, version, target
 
