@@ -277,9 +277,10 @@ static void msi_nobody(void)
     /* now a LAPIC that takes them: both timers must still be running */
     idt_set_handler(PIT_VECTOR, pit_entry);
     idt_set_handler(RTC_VECTOR, rtc_entry);
-    lapic_software(1);
+    /* routes first: a tick the old route sends once the LAPIC is enabled would be taken at vector 0x40 */
     ioapic_route(2, PIT_VECTOR, 0);
     ioapic_route(8, RTC_VECTOR, 0);
+    lapic_software(1);
     outb(0x70, 0x0c);
     (void)inb(0x71);
     sti();
