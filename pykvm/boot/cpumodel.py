@@ -10,6 +10,7 @@ is an error rather than a silent drop: a user asking for it wants to know.
 from __future__ import annotations
 
 from ..errors import UsageError
+from ..kvm.constants import cpuid_entry
 from ..record import field, record
 
 # name -> (leaf, subleaf, register, bit). Only leaves whose bits are plain feature flags.
@@ -121,18 +122,11 @@ def parse_cpu(text: str) -> CpuModel:
     return CpuModel("host", frozenset(add), frozenset(remove))
 
 
-def _entry(entries, leaf: int, subleaf: int):
-    for e in entries:
-        if e.function == leaf and (e.index == subleaf or not e.flags & 1):   # flags bit 0: SIGNIFICANT_INDEX
-            return e
-    return None
-
-
 def check_available(model: CpuModel, entries) -> None:
     """UsageError when the model asks (+feat) for a feature the host's KVM does not offer."""
     for name in sorted(model.add):
         leaf, sub, reg, bit = FEATURES[name]
-        e = _entry(entries, leaf, sub)
+        e = cpuid_entry(entries, leaf, sub)
         if e is None or not getattr(e, reg) >> bit & 1:
             raise UsageError(f"--cpu: +{name}: this host's KVM does not offer {name}")
 
@@ -141,7 +135,7 @@ def apply_model(model: CpuModel, entries) -> None:
     """Clear the hidden features' bits in KVM cpuid entries (edited in place)."""
     for name in model.hidden():
         leaf, sub, reg, bit = FEATURES[name]
-        e = _entry(entries, leaf, sub)
+        e = cpuid_entry(entries, leaf, sub)
         if e is not None:
             setattr(e, reg, getattr(e, reg) & ~(1 << bit))
     if "xsave" in model.hidden():
@@ -157,5 +151,5 @@ def has(model: CpuModel, entries, name: str) -> bool:
     if name in model.hidden():
         return False
     leaf, sub, reg, bit = FEATURES[name]
-    e = _entry(entries, leaf, sub)
+    e = cpuid_entry(entries, leaf, sub)
     return e is not None and bool(getattr(e, reg) >> bit & 1)

@@ -121,19 +121,24 @@ _SHDR = {32: struct.Struct("<IIIIIIIIII"), 64: struct.Struct("<IIQQQQIIQQ")}
 _SYM = {32: struct.Struct("<IIIBBH"), 64: struct.Struct("<IBBHQQ")}
 
 
+def _section_headers(blob) -> tuple[int, list[tuple], int]:
+    """(32 or 64, every section header as unpacked, the index of the name table) of an ELF file;
+    ElfError when the headers lie outside it."""
+    bits = parse(blob).bits
+    fields = _HDR[bits].unpack_from(blob, 16)
+    shoff, shentsize, shnum, shstrndx = fields[5], fields[10], fields[11], fields[12]
+    sh = _SHDR[bits]
+    if not shnum:
+        return bits, [], 0
+    if shentsize < sh.size or shnum > 65535 or shoff + shnum * shentsize > len(blob):
+        raise ElfError("section headers lie outside the file")
+    return bits, [sh.unpack_from(blob, shoff + i * shentsize) for i in range(shnum)], shstrndx
+
+
 def symbol_table(blob, kinds=(SHT_SYMTAB, SHT_DYNSYM)) -> list[tuple[str, int, int, int, int]]:
     """(name, value, size, STT_* type, section index) of each symbol in the first table of the first of
     `kinds` the file has (.symtab before .dynsym by default); [] when it has none."""
-    hdr = parse(blob)
-    bits = hdr.bits
-    fields = _HDR[bits].unpack_from(blob, 16)
-    shoff, shentsize, shnum = fields[5], fields[10], fields[11]
-    sh = _SHDR[bits]
-    if not shnum:
-        return []
-    if shentsize < sh.size or shnum > 65535 or shoff + shnum * shentsize > len(blob):
-        raise ElfError("section headers lie outside the file")
-    sections = [sh.unpack_from(blob, shoff + i * shentsize) for i in range(shnum)]
+    bits, sections, _names = _section_headers(blob)
     table = next((s for kind in kinds for s in sections if s[1] == kind), None)
     if table is None:
         return []
@@ -172,16 +177,11 @@ def symbols(blob: bytes, names) -> dict[str, int]:
 def section(blob, name: str) -> bytes | None:
     """The bytes of the file's section called `name` (the first of that name), or None when it has none;
     a section whose headers or bytes lie outside the file raises ElfError."""
-    hdr = parse(blob)
-    bits = hdr.bits
-    fields = _HDR[bits].unpack_from(blob, 16)
-    shoff, shentsize, shnum, shstrndx = fields[5], fields[10], fields[11], fields[12]
-    sh = _SHDR[bits]
-    if not shnum:
+    _bits, sections, shstrndx = _section_headers(blob)
+    if not sections:
         return None
-    if shentsize < sh.size or shoff + shnum * shentsize > len(blob) or shstrndx >= shnum:
+    if shstrndx >= len(sections):
         raise ElfError("section headers lie outside the file")
-    sections = [sh.unpack_from(blob, shoff + i * shentsize) for i in range(shnum)]
     stroff, strsize = sections[shstrndx][4], sections[shstrndx][5]
     if stroff + strsize > len(blob):
         raise ElfError("the section name table lies outside the file")

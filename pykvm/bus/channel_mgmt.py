@@ -318,7 +318,12 @@ class ChannelManager:
     def rewind_point(self) -> tuple:
         """What a reset needs to put the channels back: each GPADL's pages and the offers. ValueError
         while a channel is open or a GPADL is being built or held: their host side cannot be rewound."""
-        self._check_quiet("at the snapshot")
+        for ch in self.channels.values():
+            if ch.is_open:
+                raise ValueError(f"bus channel {ch.relid} ({ch.service.name}) is open at the snapshot: a reset "
+                                 "cannot rewind its host side (close the guest's channels before the snapshot)")
+        if self._pending or self._held or self._deferred:
+            raise ValueError("a GPADL is being built or torn down at the snapshot")
         return ({gid: v.pfns for gid, v in self.gpadls.items()}, self._offers_now())
 
     def check_rewind(self, point: tuple) -> None:
@@ -348,14 +353,6 @@ class ChannelManager:
                     self.gpadls[gid] = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
                 except (GpadlError, OSError) as e:     # its opens will be refused as for an unknown GPADL
                     self.conn.refuse(f"GPADL {gid} cannot be mapped again after the reset: {e}")
-
-    def _check_quiet(self, when: str) -> None:
-        for ch in self.channels.values():
-            if ch.is_open:
-                raise ValueError(f"bus channel {ch.relid} ({ch.service.name}) is open {when}: a reset cannot "
-                                 "rewind its host side (close the guest's channels before the snapshot)")
-        if self._pending or self._held or self._deferred:
-            raise ValueError(f"a GPADL is being built or torn down {when}")
 
     def _offers_now(self) -> tuple:
         return tuple((relid, ch.state == "rescinded") for relid, ch in self.channels.items())

@@ -67,23 +67,14 @@ class Connection:
             if gpa % PAGE:
                 self.refuse(f"management area {gpa:#x} is not page aligned")
                 return abi.PYKVM_BUS_STATE_REFUSED
-            pfns = [gpa // PAGE + i for i in range(2 * MGMT_RING_PAGES)]
             try:
-                view = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+                self._attach([gpa // PAGE + i for i in range(2 * MGMT_RING_PAGES)], target_vcpu)
             except GpadlError as e:
                 self.refuse(f"management area {gpa:#x}: {e.reason}")
                 return abi.PYKVM_BUS_STATE_REFUSED
-            try:
-                self._mgmt_in = RingReader.from_view(view, 0, MGMT_RING_PAGES)
-                self._mgmt_out = RingWriter.from_view(view, MGMT_RING_PAGES, MGMT_RING_PAGES)
-                self._mgmt_irq = self.irq_for(target_vcpu)
-                self.doorbells.add(abi.PYKVM_BUS_MGMT_RELID, self.on_doorbell)
             except (RingError, ValueError, OSError) as e:
-                self._drop_mgmt(view)
                 self.refuse(f"management rings at {gpa:#x}: {e}")
                 return abi.PYKVM_BUS_STATE_REFUSED
-            self._mgmt_view = view
-            self.target_vcpu = target_vcpu
             self.state = "connected"
             self.connects += 1
             self._conn_violations = 0    # a reconnected guest starts with a clean record
@@ -98,6 +89,21 @@ class Connection:
             irq = self.interrupts.allocate(abi.PYKVM_BUS_VECTOR, vcpu)
             self._irqs[vcpu] = irq
         return irq
+
+    def _attach(self, pfns: list, target_vcpu: int) -> None:
+        """Map the management rings on those pages as the guest's RAM holds them, their interrupt and
+        doorbell; GpadlError, RingError, ValueError or OSError with nothing left mapped."""
+        view = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
+        try:
+            self._mgmt_in = RingReader.from_view(view, 0, MGMT_RING_PAGES)
+            self._mgmt_out = RingWriter.from_view(view, MGMT_RING_PAGES, MGMT_RING_PAGES)
+            self._mgmt_irq = self.irq_for(target_vcpu)
+            self.doorbells.add(abi.PYKVM_BUS_MGMT_RELID, self.on_doorbell)
+        except BaseException:
+            self._drop_mgmt(view)
+            raise
+        self._mgmt_view = view
+        self.target_vcpu = target_vcpu
 
     def _drop_mgmt(self, view) -> None:
         for ring in (self._mgmt_in, self._mgmt_out):
@@ -146,21 +152,14 @@ class Connection:
         self.state, self.version = "idle", None
         if state == "idle":
             return
-        view = None
         try:
-            view = GpadlView.create(self.memory, pfns, max_pages=len(pfns))
-            self._mgmt_in = RingReader.from_view(view, 0, MGMT_RING_PAGES)
-            self._mgmt_out = RingWriter.from_view(view, MGMT_RING_PAGES, MGMT_RING_PAGES)
-            self._mgmt_irq = self.irq_for(target)
-            self.doorbells.add(abi.PYKVM_BUS_MGMT_RELID, self.on_doorbell)
+            self._attach(pfns, target)
         except (GpadlError, RingError, ValueError, OSError) as e:
             # the guest had broken its rings by the snapshot: the host ends the connection, as it would have
-            self._drop_mgmt(view)
             self.disconnects += 1
             self.log(f"disconnecting the guest: its management rings at the snapshot are broken: {e}")
             return
-        self._mgmt_view = view
-        self.state, self.version, self.target_vcpu = state, version, target
+        self.state, self.version = state, version
 
     # ---------------------------------------------------------------- management ring (bus thread)
     def on_doorbell(self, _relid: int, _count: int) -> None:

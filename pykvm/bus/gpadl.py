@@ -65,17 +65,6 @@ def _runs(memory, pfns, max_pages):
     return runs
 
 
-def _ranges(pfns) -> list[tuple[int, int]]:
-    """(gpa, length) of each run of consecutive pfns."""
-    out: list[list[int]] = []
-    for pfn in pfns:
-        if out and out[-1][0] + out[-1][1] == pfn:
-            out[-1][1] += 1
-        else:
-            out.append([pfn, 1])
-    return [(pfn * PAGE_SIZE, n * PAGE_SIZE) for pfn, n in out]
-
-
 class GpadlView:
     """The host's mapping of one GPADL's pages, in GPADL order; use it through its methods."""
 
@@ -93,9 +82,8 @@ class GpadlView:
         runs = _runs(memory, pfns, max_pages)
         view = cls.from_fd_runs([(region.fd, off, n) for region, off, n in runs], tuple(pfns))
         # the host writes guest RAM through this view, unseen by KVM's dirty log: a reset must know
-        hold = getattr(memory, "hold_map", None)
-        if hold is not None:
-            view._release = functools.partial(memory.release_map, hold(_ranges(pfns)))
+        token = memory.hold_map([(region.gpa + off, n * PAGE_SIZE) for region, off, n in runs])
+        view._release = functools.partial(memory.release_map, token)
         return view
 
     @classmethod

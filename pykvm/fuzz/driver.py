@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import sys
 import threading
 
@@ -24,7 +23,7 @@ def reproduce(kernel, input_file, timeout: float, *, sandbox: bool = False, **op
     """Run one input from the snapshot; print how it ended (and its core); the exit status."""
     try:
         with open(input_file, "rb") as f:
-            data = f.read(1 << 20)
+            data = f.read(MAX_FILE)
     except OSError as e:
         raise UsageError(f"--input {input_file}: {e.strerror}") from None
     return _run_one(kernel, data, CoverageMap(), timeout, sandbox, opts).exit_status
@@ -34,10 +33,7 @@ def single_run(kernel, shm_id: int, timeout: float, *, sandbox: bool = False, **
     """One input from stdin with its coverage in AFL's map, as AFL's tools run a target without a
     forkserver (afl-showmap on one file); a crash ends the process by the signal a native one would."""
     try:
-        data = os.read(0, MAX_FILE) if _is_file(0) else sys.stdin.buffer.read(MAX_FILE)
-        if _is_file(0):              # a regular file may hold more than one read returns
-            while len(data) < MAX_FILE and (more := os.read(0, MAX_FILE - len(data))):
-                data += more
+        data = sys.stdin.buffer.read(MAX_FILE)          # a file or a pipe, to its end
     except (OSError, AttributeError) as e:
         raise UsageError(f"pykvm fuzz: cannot read the input from stdin: {e}") from None
     result = _run_one(kernel, data, CoverageMap(shm_id), timeout, sandbox, opts)
@@ -47,13 +43,6 @@ def single_run(kernel, shm_id: int, timeout: float, *, sandbox: bool = False, **
         signal.signal(sig, signal.SIG_DFL)
         signal.pthread_kill(threading.get_ident(), sig)      # tgkill on ourselves: the sandbox allows it
     return result.exit_status
-
-
-def _is_file(fd: int) -> bool:
-    try:
-        return stat.S_ISREG(os.fstat(fd).st_mode)
-    except OSError:
-        return False
 
 
 def _run_one(kernel, data: bytes, cov: CoverageMap, timeout: float, sandbox: bool, opts: dict):

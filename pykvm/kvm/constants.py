@@ -200,6 +200,8 @@ KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
 KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1
 KVM_SYNC_X86_EVENTS = 1 << 2
+KVM_SYNC_X86_ALL = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS   # what pykvm stages
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0      # (the kernel header spells it so) kvm_cpuid_entry2.flags
 
 # ---- clock ----
 KVM_CLOCK_TSC_STABLE = 2
@@ -235,4 +237,12 @@ def exit_reason_name(reason):
 def capability_name(cap):
     """Name of a capability number, e.g. 0 -> "KVM_CAP_IRQCHIP"."""
     return CAPABILITY_NAMES.get(cap, f"KVM_CAP_{cap}")
-KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0      # (the kernel header spells it so) kvm_cpuid_entry2.flags
+
+
+def cpuid_entry(entries, function: int, index: int):
+    """The kvm_cpuid_entry2 of `entries` for that leaf and subleaf (its index counts only where the
+    entry's flags say so), or None."""
+    for e in entries:
+        if e.function == function and (e.index == index or not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+            return e
+    return None

@@ -21,7 +21,6 @@ _run_lib = _run_ffi.dlopen(None)
 
 _plain_ioctl = lib.ioctl
 _SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
-_SYNC_ALL = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
 _EINTR = errno.EINTR
 _EAGAIN = errno.EAGAIN
 
@@ -93,7 +92,7 @@ class Vcpu(FdOwner):
         loads what is staged first, so a reader never sees the state from before."""
         run = self.run_ptr
         ffi.memmove(ffi.addressof(run.s, "regs"), sync, _SYNC_SIZE)
-        run.kvm_dirty_regs |= _SYNC_ALL
+        run.kvm_dirty_regs |= C.KVM_SYNC_X86_ALL
 
     def report_sregs(self, on: bool = True) -> bool:
         """Have KVM write the special registers into kvm_run's sync area at every exit (kvm_valid_regs), so
@@ -130,8 +129,7 @@ class Vcpu(FdOwner):
     def ioctl_plan(self, plan) -> list[int]:
         """Issue prebuilt (request, cdata pointer, name) ioctls in order, returning their results: one
         call for a sequence a caller repeats (a reset), without a wrapper per ioctl."""
-        if self.run_ptr.kvm_dirty_regs:
-            self._load_staged()
+        self.load_staged()
         fd = self.fd
         raw = _plain_ioctl
         out = []
@@ -274,10 +272,8 @@ class Vcpu(FdOwner):
         cpuid = self.cpuid
         if cpuid is None:
             return None
-        for e in cpuid.entries[0:cpuid.nent]:
-            if e.function == function and (e.index == index or not e.flags & C.KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
-                return bool(getattr(e, register) >> bit & 1)
-        return False
+        e = C.cpuid_entry(cpuid.entries[0:cpuid.nent], function, index)
+        return e is not None and bool(getattr(e, register) >> bit & 1)
 
     def _msr_batch(self, request, name, items):
         """One KVM_GET/SET_MSRS over [(index, value)]; returns (entries, how many KVM processed)."""

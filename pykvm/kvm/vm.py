@@ -67,16 +67,10 @@ class Vm(FdOwner):
             "memory_size": size, "userspace_addr": host_addr})
         ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
-    def get_dirty_log(self, slot, bitmap):
-        """KVM_GET_DIRTY_LOG: fill ``bitmap`` (a cdata array, one bit per page of the slot) with the
-        pages written since the last call, and start logging afresh (the slot needs
-        KVM_MEM_LOG_DIRTY_PAGES)."""
-        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
-        log.dirty_bitmap = ffi.cast("void *", bitmap)
-        ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
-
     def dirty_log_request(self, slot, bitmap):
-        """A prebuilt 'struct kvm_dirty_log *' for fetch_dirty_log (a caller that asks every few microseconds)."""
+        """A prebuilt 'struct kvm_dirty_log *' for fetch_dirty_log: ``bitmap`` (a cdata array, one bit per
+        page of the slot, which needs KVM_MEM_LOG_DIRTY_PAGES) receives the pages written since the last
+        fetch."""
         log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
         log.dirty_bitmap = ffi.cast("void *", bitmap)
         return log
@@ -86,7 +80,7 @@ class Vm(FdOwner):
         ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log, "KVM_GET_DIRTY_LOG")
 
     def manual_dirty_protect(self) -> bool:
-        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (get_dirty_log then neither clears nor write-protects:
+        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (fetch_dirty_log then neither clears nor write-protects:
         clear_dirty_log does, for the pages it names); False where KVM lacks it (nothing changes)."""
         try:
             if not self.check_extension(C.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
@@ -244,7 +238,7 @@ class Vm(FdOwner):
     # ---- vCPUs ----
     def _sync_fields(self) -> int:
         """The kvm_run sync-area fields KVM_RUN loads (KVM_CAP_SYNC_REGS: regs, sregs, events), 0 if none."""
-        want = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS
+        want = C.KVM_SYNC_X86_ALL
         try:
             have = self.check_extension(C.KVM_CAP_SYNC_REGS)
         except KvmError:

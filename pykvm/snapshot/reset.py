@@ -353,7 +353,7 @@ def restore(machine, snap: Snapshot, ran: bool = False) -> int:
     ran: the caller knows every vCPU last left KVM_RUN on an exit it handled while executing guest
     code (and KVM completed it), so each is runnable: the MP state needs no load when the snapshot's
     is runnable too."""
-    _check(machine)                          # an ended VM has no bus left: say that, not the bus
+    _check(machine)                          # first: an ended VM has no bus left either
     bus = machine.bus
     if bus is None or snap.bus is None:
         if bus is not None or snap.bus is not None:
@@ -372,7 +372,6 @@ def restore(machine, snap: Snapshot, ran: bool = False) -> int:
 
 
 def _restore(machine, snap: Snapshot, ran: bool) -> int:
-    _check(machine)
     if snap._machine() is not machine:
         raise ResetRefused("this snapshot was taken of another VM")
     if not snap.pristine:
