@@ -200,7 +200,6 @@ KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x00000020
 KVM_SYNC_X86_REGS = 1 << 0
 KVM_SYNC_X86_SREGS = 1 << 1
 KVM_SYNC_X86_EVENTS = 1 << 2
-KVM_SYNC_X86_ALL = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS   # what pykvm stages
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0      # (the kernel header spells it so) kvm_cpuid_entry2.flags
 
 # ---- clock ----

@@ -21,6 +21,7 @@ _run_lib = _run_ffi.dlopen(None)
 
 _plain_ioctl = lib.ioctl
 _SYNC_SIZE = ffi.sizeof("struct kvm_sync_regs")
+SYNC_ALL = C.KVM_SYNC_X86_REGS | C.KVM_SYNC_X86_SREGS | C.KVM_SYNC_X86_EVENTS   # what a reset stages
 _EINTR = errno.EINTR
 _EAGAIN = errno.EAGAIN
 
@@ -92,7 +93,7 @@ class Vcpu(FdOwner):
         loads what is staged first, so a reader never sees the state from before."""
         run = self.run_ptr
         ffi.memmove(ffi.addressof(run.s, "regs"), sync, _SYNC_SIZE)
-        run.kvm_dirty_regs |= C.KVM_SYNC_X86_ALL
+        run.kvm_dirty_regs |= SYNC_ALL
 
     def report_sregs(self, on: bool = True) -> bool:
         """Have KVM write the special registers into kvm_run's sync area at every exit (kvm_valid_regs), so

@@ -9,7 +9,7 @@ from ._sys import FdOwner, ioctl
 from .abi import ffi
 from .errors import KvmError
 from .routing import as_route
-from .vcpu import Vcpu
+from .vcpu import SYNC_ALL, Vcpu
 
 
 class Vm(FdOwner):
@@ -238,7 +238,7 @@ class Vm(FdOwner):
     # ---- vCPUs ----
     def _sync_fields(self) -> int:
         """The kvm_run sync-area fields KVM_RUN loads (KVM_CAP_SYNC_REGS: regs, sregs, events), 0 if none."""
-        want = C.KVM_SYNC_X86_ALL
+        want = SYNC_ALL
         try:
             have = self.check_extension(C.KVM_CAP_SYNC_REGS)
         except KvmError:
